@@ -1,0 +1,368 @@
+"""Pair and triplet selectors for online mining inside a batch.
+
+Every selector looks at a batch of embeddings ``(B, D)`` with their labels ``(B,)`` and returns
+index tensors into that batch: pairs ``(P, 2)`` or triplets ``(T, 3)`` of ``(anchor, positive,
+negative)``, as ``torch.long`` on the embeddings' device. All the work happens on the squared
+distance matrix ``pdist(embeddings)`` with boolean masks; nothing loops over pairs or triplets in
+Python, and the cubic cases are built in chunks so memory stays bounded.
+
+Conventions shared by all selectors:
+
+* a positive pair ``(a, p)`` has ``labels[a] == labels[p]`` and ``a != p``; a negative ``n`` of
+  anchor ``a`` has ``labels[n] != labels[a]``;
+* pair selectors return unordered pairs ``(i, j)`` with ``i < j``;
+* triplet selectors use every *ordered* anchor-positive pair ``(a, p)``;
+* with ``D`` the squared distances, a triplet has a non-zero loss when ``D[a, n] < D[a, p] + margin``
+  (the loss is ``relu((D[a, p] + margin) - D[a, n])``, computed so that this test is exact), and the
+  hardest negative of ``a`` is its closest one;
+* nothing qualifying gives an empty ``(0, 2)`` / ``(0, 3)`` tensor, never a stand-in triplet.
+"""
+
+import numbers
+
+import torch
+
+# Largest number of elements a (rows x B) or (anchors x B x B) work tensor may hold; chunks are
+# sized from it so that B = 1024 mining stays within a few hundred MB.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def pdist(vectors):
+    """Squared Euclidean distance matrix.
+
+    Takes ``vectors (B, D)`` and returns ``(B, B)`` with ``out[i, j] = |v_i - v_j|^2``: symmetric,
+    clamped at 0 and with an exactly zero diagonal. Differentiable (no square root, so no NaN
+    gradient at zero distance). Rows are centred first: distances do not change, and the
+    ``|x|^2 + |y|^2 - 2 x.y`` expansion loses far less precision for embeddings far from the origin.
+    """
+    _check_embeddings(vectors)
+    centred = vectors - vectors.mean(dim=0, keepdim=True)
+    squared_norms = centred.pow(2).sum(dim=1)
+    distances = squared_norms.unsqueeze(0) + squared_norms.unsqueeze(1) - 2.0 * centred @ centred.t()
+    distances = distances.clamp(min=0.0)
+    diagonal = torch.eye(len(vectors), dtype=torch.bool, device=vectors.device)
+    return distances.masked_fill(diagonal, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_embeddings(embeddings):
+    if not isinstance(embeddings, torch.Tensor):
+        raise TypeError(f"embeddings must be a torch.Tensor of shape (B, D), got {type(embeddings).__name__}")
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must have shape (B, D), got shape {tuple(embeddings.shape)}")
+    if not embeddings.is_floating_point():
+        raise TypeError(f"embeddings must be a floating point tensor, got dtype {embeddings.dtype}; "
+                        "call .float() on them first")
+
+
+def _as_labels(labels, embeddings):
+    """Checks ``labels`` against ``embeddings (B, D)`` and returns them as a ``(B,)`` tensor on the
+    embeddings' device."""
+    _check_embeddings(embeddings)
+    labels = torch.as_tensor(labels).to(embeddings.device)
+    if labels.dim() != 1:
+        raise ValueError(f"labels must have shape (B,), got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
+    if len(labels) != len(embeddings):
+        raise ValueError(f"got {len(labels)} labels for {len(embeddings)} embeddings; "
+                         "pass one label per embedding")
+    return labels
+
+
+def _check_margin(margin):
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
+        raise TypeError(f"margin must be a real number, got {type(margin).__name__}")
+    if not margin >= 0:  # also rejects NaN
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    return float(margin)
+
+
+def _check_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
+def _uniform(shape, generator, device, dtype=torch.float32):
+    """Uniform [0, 1) noise of ``shape`` on ``device``, drawn from ``generator`` (on its own device)
+    or from torch's global RNG."""
+    if generator is None:
+        return torch.rand(shape, device=device, dtype=dtype)
+    return torch.rand(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def _random_permutation(n, generator, device):
+    if generator is None:
+        return torch.randperm(n, device=device)
+    return torch.randperm(n, generator=generator, device=generator.device).to(device)
+
+
+def _empty_pairs(device):
+    return torch.empty((0, 2), dtype=torch.long, device=device)
+
+
+def _empty_triplets(device):
+    return torch.empty((0, 3), dtype=torch.long, device=device)
+
+
+def _label_masks(labels):
+    """``(same_class, positives, negatives)``, each ``(B, B)`` bool: ``positives`` excludes the
+    diagonal, ``negatives`` is the complement of ``same_class``."""
+    same_class = labels.unsqueeze(0) == labels.unsqueeze(1)
+    diagonal = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return same_class, same_class & ~diagonal, ~same_class
+
+
+def _padded_columns(mask):
+    """For each row of ``mask (B, B)`` bool, the columns where it is True, ascending, left-aligned
+    and padded: returns ``(columns (B, K), valid (B, K))`` with ``K`` the largest row count and
+    padding columns set to 0 (and ``valid`` False). Built by one cumsum and one scatter, no sort."""
+    counts = mask.sum(dim=1)
+    width = int(counts.max()) if len(mask) else 0
+    slot = torch.where(mask, mask.cumsum(dim=1) - 1, width)  # column ``width`` collects the rest
+    columns = torch.zeros((len(mask), width + 1), dtype=torch.long, device=mask.device)
+    column_ids = torch.arange(mask.shape[1], device=mask.device).expand_as(slot)
+    columns.scatter_(1, slot, torch.where(mask, column_ids, 0))
+    valid = torch.arange(width, device=mask.device) < counts.unsqueeze(1)
+    return columns[:, :width], valid
+
+
+# --------------------------------------------------------------------------------------------
+# pair selectors
+
+
+class PairSelector:
+    """Base class. ``get_pairs(embeddings (B, D), labels (B,))`` returns
+    ``(positive_pairs (P, 2), negative_pairs (N, 2))`` of unordered index pairs ``i < j``."""
+
+    def get_pairs(self, embeddings, labels):
+        raise NotImplementedError
+
+
+def _all_pairs(labels):
+    """All unordered positive and negative pairs ``(i, j), i < j`` in lexicographic order."""
+    same_class = labels.unsqueeze(0) == labels.unsqueeze(1)
+    upper = torch.ones_like(same_class).triu(diagonal=1)
+    return (same_class & upper).nonzero(), (~same_class & upper).nonzero()
+
+
+class AllPositivePairSelector(PairSelector):
+    """Every positive pair; every negative pair, or with ``balance=True`` (default) a uniformly
+    random subset of them as large as the positives (fewer if there are not that many).
+
+    ``generator``: optional ``torch.Generator`` for the balancing draw.
+    """
+
+    def __init__(self, balance=True, generator=None):
+        self.balance = bool(balance)
+        self.generator = _check_generator(generator)
+
+    def get_pairs(self, embeddings, labels):
+        labels = _as_labels(labels, embeddings)
+        positive_pairs, negative_pairs = _all_pairs(labels)
+        if self.balance:
+            keep = _random_permutation(len(negative_pairs), self.generator, labels.device)
+            negative_pairs = negative_pairs[keep[:len(positive_pairs)]]
+        return positive_pairs, negative_pairs
+
+
+class HardNegativePairSelector(PairSelector):
+    """Every positive pair, and as many negative pairs as positives (fewer if there are not that
+    many): the closest ones, ties broken by ``(i, j)``, in increasing distance.
+
+    ``cpu`` is accepted for compatibility with the classic code and ignored: selection runs on the
+    embeddings' device.
+    """
+
+    def __init__(self, cpu=False):
+        self.cpu = cpu
+
+    def get_pairs(self, embeddings, labels):
+        labels = _as_labels(labels, embeddings)
+        positive_pairs, negative_pairs = _all_pairs(labels)
+        distances = pdist(embeddings.detach())[negative_pairs[:, 0], negative_pairs[:, 1]]
+        return positive_pairs, negative_pairs[_smallest_stable(distances, len(positive_pairs))]
+
+
+def _smallest_stable(values, k):
+    """Positions of the ``k`` smallest of ``values (N,)`` (all of them if ``k >= N``), ties going to
+    the lower position, ordered by value then position. Costs O(N) plus a sort of the ``k`` kept."""
+    if k < len(values):
+        kth = values.kthvalue(k).values if k > 0 else values.new_tensor(float("-inf"))
+        below = values < kth
+        at_kth = values == kth
+        keep = below | (at_kth & (at_kth.cumsum(0) <= k - below.sum()))
+        positions = keep.nonzero().squeeze(1)
+    else:
+        positions = torch.arange(len(values), device=values.device)
+    return positions[torch.sort(values[positions], stable=True).indices]
+
+
+# --------------------------------------------------------------------------------------------
+# triplet selectors
+
+
+class TripletSelector:
+    """Base class. ``get_triplets(embeddings (B, D), labels (B,))`` returns ``(T, 3)`` long
+    triplets ``(anchor, positive, negative)``."""
+
+    def get_triplets(self, embeddings, labels):
+        raise NotImplementedError
+
+
+class AllTripletSelector(TripletSelector):
+    """Every triplet of the batch: all ordered positive pairs ``(a, p)`` times all negatives of
+    ``a``, in lexicographic order. The output has ``sum_a positives(a) * negatives(a)`` rows (about
+    ``B^3`` for few classes); it is written chunk by chunk into one preallocated tensor, so the peak
+    memory stays close to the output's own size."""
+
+    def get_triplets(self, embeddings, labels):
+        labels = _as_labels(labels, embeddings)
+        _, positives, negatives = _label_masks(labels)
+        positive_columns, positive_valid = _padded_columns(positives)
+        negative_columns, negative_valid = _padded_columns(negatives)
+        n_positive, n_negative = positive_columns.shape[1], negative_columns.shape[1]
+        per_anchor = positives.sum(1) * negatives.sum(1)
+        triplets = torch.empty((int(per_anchor.sum()), 3), dtype=torch.long, device=labels.device)
+        anchors_per_chunk = max(1, CHUNK_ELEMENTS // max(1, n_positive * n_negative))
+        written = 0
+        for start in range(0, len(labels), anchors_per_chunk):
+            rows = slice(start, start + anchors_per_chunk)
+            valid = positive_valid[rows, :, None] & negative_valid[rows, None, :]
+            anchors = torch.arange(start, start + len(valid), device=labels.device)[:, None, None]
+            positive = positive_columns[rows, :, None]
+            negative = negative_columns[rows, None, :]
+            n_valid = int(per_anchor[rows].sum())
+            if n_valid == valid.numel():  # every slot is a triplet (balanced batches): write in place
+                out = triplets[written:written + n_valid].view(*valid.shape, 3)
+                out[..., 0], out[..., 1], out[..., 2] = anchors, positive, negative
+            else:
+                shape = valid.shape
+                triplets[written:written + n_valid] = torch.stack(
+                    [anchors.expand(shape), positive.expand(shape), negative.expand(shape)], dim=-1)[valid]
+            written += n_valid
+        return triplets
+
+
+# Negative selection functions. Each sees, for every anchor, the distances to its negatives sorted
+# in increasing order, and the distances to its positives; it returns, for every (anchor, positive)
+# slot, the rank of the chosen negative in that sorted row, or -1 to skip the pair. Working on
+# sorted rows turns "all negatives closer than D[a, p] + margin" into one binary search per pair.
+
+
+def hardest_negative(negative_distances, positive_distances, margin, generator=None):
+    """The closest negative (the first in index order on ties), if it is closer than
+    ``D[a, p] + margin``.
+
+    Takes ``negative_distances (A, N)`` (each row sorted, ``inf`` padded), ``positive_distances
+    (A, K)``, the margin and an unused generator; returns ranks ``(A, K)`` long (0 or -1).
+    """
+    has_hard = negative_distances[:, :1] < positive_distances + margin
+    return torch.where(has_hard, 0, -1)
+
+
+def _uniform_rank(low, high, generator):
+    """A uniformly random integer in ``[low, high)`` per entry, -1 where the range is empty."""
+    noise = _uniform(low.shape, generator, low.device, dtype=torch.float64)
+    rank = low + (noise * (high - low)).long()
+    return torch.where(high > low, torch.minimum(rank, high - 1), -1)
+
+
+def random_hard_negative(negative_distances, positive_distances, margin, generator=None):
+    """A uniformly random negative among those closer than ``D[a, p] + margin`` (a non-zero loss).
+
+    Takes ``negative_distances (A, N)`` (each row sorted, ``inf`` padded), ``positive_distances
+    (A, K)``, the margin and an optional ``torch.Generator``; returns ranks ``(A, K)`` long or -1.
+    """
+    n_hard = torch.searchsorted(negative_distances, positive_distances + margin)
+    return _uniform_rank(torch.zeros_like(n_hard), n_hard, generator)
+
+
+def semihard_negative(negative_distances, positive_distances, margin, generator=None):
+    """A uniformly random semi-hard negative: farther than the positive but within the margin,
+    ``D[a, p] < D[a, n] < D[a, p] + margin``.
+
+    Takes ``negative_distances (A, N)`` (each row sorted, ``inf`` padded), ``positive_distances
+    (A, K)``, the margin and an optional ``torch.Generator``; returns ranks ``(A, K)`` long or -1.
+    """
+    n_not_farther = torch.searchsorted(negative_distances, positive_distances, right=True)
+    n_hard = torch.searchsorted(negative_distances, positive_distances + margin)
+    return _uniform_rank(n_not_farther, n_hard, generator)
+
+
+class FunctionNegativeTripletSelector(TripletSelector):
+    """For every ordered positive pair ``(a, p)``, at most one negative, chosen by
+    ``negative_selection_fn``.
+
+    ``negative_selection_fn(negative_distances (A, N), positive_distances (A, K), margin,
+    generator) -> ranks (A, K)`` sees, for each anchor, its negatives' squared distances sorted in
+    increasing order (padded with ``inf``) and its positives' squared distances, and returns for
+    each (anchor, positive) the rank of the chosen negative in the sorted row, or -1 to skip the
+    pair. :func:`hardest_negative`, :func:`random_hard_negative` and :func:`semihard_negative` are
+    the library's choices. (The classic code called a numpy function once per pair; this is the
+    vectorised counterpart.) ``generator`` is handed to the function for its random draws; ``cpu``
+    is accepted for compatibility with the classic code and ignored. Returns triplets ``(T, 3)`` in
+    ``(a, p)`` order.
+    """
+
+    def __init__(self, margin, negative_selection_fn, cpu=False, generator=None):
+        self.margin = _check_margin(margin)
+        if not callable(negative_selection_fn):
+            raise TypeError("negative_selection_fn must be callable as fn(negative_distances, "
+                            "positive_distances, margin, generator) -> ranks")
+        self.negative_selection_fn = negative_selection_fn
+        self.cpu = cpu
+        self.generator = _check_generator(generator)
+
+    def get_triplets(self, embeddings, labels):
+        labels = _as_labels(labels, embeddings)
+        distances = pdist(embeddings.detach())
+        _, positives, negatives = _label_masks(labels)
+        # Stable sort: among equally distant negatives the lowest index comes first.
+        negative_distances, negative_order = distances.masked_fill(~negatives, float("inf")).sort(dim=1, stable=True)
+        positive_columns, positive_valid = _padded_columns(positives)
+        positive_distances = distances.gather(1, positive_columns)
+        ranks = self.negative_selection_fn(negative_distances, positive_distances, self.margin, self.generator)
+        keep = positive_valid & (ranks >= 0)
+        anchors = torch.arange(len(labels), device=labels.device)[:, None].expand_as(keep)
+        chosen = negative_order.gather(1, ranks.clamp(min=0))
+        return torch.stack([anchors[keep], positive_columns[keep], chosen[keep]], dim=1)
+
+
+def HardestNegativeTripletSelector(margin, cpu=False):
+    """For every ordered positive pair, the negative with the largest positive loss value (the
+    hardest); pairs whose hardest negative is already beyond the margin are skipped."""
+    return FunctionNegativeTripletSelector(margin, hardest_negative, cpu=cpu)
+
+
+def RandomNegativeTripletSelector(margin, cpu=False, generator=None):
+    """For every ordered positive pair, a random negative among those with a positive loss value
+    ("random hard"); pairs without one are skipped."""
+    return FunctionNegativeTripletSelector(margin, random_hard_negative, cpu=cpu, generator=generator)
+
+
+def SemihardNegativeTripletSelector(margin, cpu=False, generator=None):
+    """For every ordered positive pair, a random semi-hard negative, farther than the positive but
+    within the margin (``D[a, p] < D[a, n] < D[a, p] + margin``); pairs without one are skipped."""
+    return FunctionNegativeTripletSelector(margin, semihard_negative, cpu=cpu, generator=generator)
+
+
+class BatchHardTripletSelector(TripletSelector):
+    """Batch-hard mining (Hermans, Beyer and Leibe, 2017): for every anchor that has a positive and
+    a negative in the batch, its farthest positive and its closest negative (the first on ties).
+    Returns one triplet per such anchor, in anchor order, whatever its loss."""
+
+    def get_triplets(self, embeddings, labels):
+        labels = _as_labels(labels, embeddings)
+        if len(labels) == 0:
+            return _empty_triplets(labels.device)
+        distances = pdist(embeddings.detach())
+        _, positives, negatives = _label_masks(labels)
+        hardest_positive = distances.masked_fill(~positives, float("-inf")).argmax(dim=1)
+        hardest_negative_ = distances.masked_fill(~negatives, float("inf")).argmin(dim=1)
+        anchors = (positives.any(dim=1) & negatives.any(dim=1)).nonzero().squeeze(1)
+        return torch.stack([anchors, hardest_positive[anchors], hardest_negative_[anchors]], dim=1)
