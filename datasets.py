@@ -1,0 +1,406 @@
+"""Datasets and samplers for siamese and triplet training.
+
+- InMemoryDataset: a normalised (N, C, H, W) float image tensor with (N,) labels, for fast CPU training.
+- SiameseMNIST: wraps a labelled dataset and yields ((img1, img2), target), target 1 = same class.
+- TripletMNIST: wraps a labelled dataset and yields ((anchor, positive, negative), []).
+- BalancedBatchSampler: batches of n_classes classes x n_samples items, for online pair/triplet mining.
+
+SiameseMNIST and TripletMNIST accept three kinds of dataset:
+- an InMemoryDataset (fast path: images are rows of its tensor, no PIL, batches are gathered at once);
+- an MNIST-like torchvision dataset with uint8 `.data` and `.targets`: each image is turned into a PIL
+  image ('L' for (H, W), 'RGB' for (H, W, 3)) and the dataset's `transform` is applied to it;
+- any other dataset plus one label per item (`labels=`, or the dataset's `.targets` as in ImageFolder):
+  the image is `dataset[i][0]`, so the dataset applies its own transform.
+"""
+
+import numbers
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+
+class InMemoryDataset(Dataset):
+    """Images held in one float tensor, so a batch is a single gather instead of N PIL conversions.
+
+    Args:
+        data: (N, C, H, W) float tensor, already normalised.
+        targets: (N,) integer class ids (tensor, numpy array or list).
+        train: whether this is a training split (read by SiameseMNIST / TripletMNIST).
+        transform: optional callable applied to each (C, H, W) image tensor.
+        target_transform: optional callable applied to each int target.
+        classes: class names; defaults to str(class id) for each distinct id, in increasing order.
+    Items are (image (C, H, W), target int).
+    """
+
+    def __init__(self, data, targets, train=True, transform=None, target_transform=None, classes=None):
+        if not torch.is_tensor(data) or not data.is_floating_point() or data.ndim != 4:
+            raise TypeError("data must be a (N, C, H, W) float tensor; use InMemoryDataset.from_dataset "
+                            "to convert a torchvision dataset with uint8 images")
+        targets = _as_tensor(targets)
+        if targets.ndim != 1 or len(targets) != len(data) or targets.is_floating_point():
+            raise ValueError(f"targets must be {len(data)} integer class ids (one per image), "
+                             f"got shape {tuple(targets.shape)} and dtype {targets.dtype}")
+        self.data = data
+        self.targets = targets.long()
+        self.train = train
+        self.transform = transform
+        self.target_transform = target_transform
+        self.classes = list(classes) if classes is not None else [str(c) for c in self.targets.unique().tolist()]
+
+    @classmethod
+    def from_dataset(cls, dataset, mean=None, std=None):
+        """Convert a torchvision MNIST/CIFAR-like dataset into an InMemoryDataset.
+
+        Reads `dataset.data` (uint8, (N, H, W) or channels-last (N, H, W, C), tensor or numpy),
+        `.targets`, `.train` and `.classes`. Pixels are scaled to [0, 1] and normalised per channel
+        by `mean`/`std` (numbers or one per channel; computed from the data when None). The result
+        stores them as `.mean` and `.std` tuples, ready for transforms.Normalize. The source dataset's
+        own (PIL) transforms are not carried over.
+        """
+        images = _as_tensor(dataset.data)
+        if images.dtype != torch.uint8 or images.ndim not in (3, 4):
+            raise TypeError(f"dataset.data must be uint8 images of shape (N, H, W) or (N, H, W, C), got "
+                            f"{images.dtype} {tuple(images.shape)}; build an InMemoryDataset directly instead")
+        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+        data = images.contiguous().float().div_(255)
+        n_channels = data.shape[1]
+        if mean is None or std is None:
+            data_std, data_mean = torch.std_mean(data, dim=(0, 2, 3), correction=0)
+        mean = data_mean if mean is None else _per_channel(mean, n_channels, "mean")
+        std = data_std if std is None else _per_channel(std, n_channels, "std")
+        if (std <= 0).any():
+            raise ValueError(f"std must be positive in every channel, got {std.tolist()}")
+        data.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+        memory = cls(data, dataset.targets, train=getattr(dataset, "train", True),
+                     classes=getattr(dataset, "classes", None))
+        memory.mean, memory.std = tuple(mean.tolist()), tuple(std.tolist())
+        return memory
+
+    def __len__(self):
+        return len(self.data)
+
+    def _sample(self, image, target):
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+    def __getitem__(self, index):
+        return self._sample(self.data[index], int(self.targets[index]))
+
+    def __getitems__(self, indices):
+        """List of (image, target) samples for a batch of indices, gathered with one index op.
+
+        torch's DataLoader calls this with all the indices of a batch when a dataset defines it.
+        """
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images = self.data[index]
+        return [self._sample(image, target) for image, target in zip(images, self.targets[index].tolist())]
+
+
+def _as_tensor(values):
+    # numpy arrays may be negatively strided views (e.g. labels[::-1]), which torch cannot wrap
+    return torch.as_tensor(np.ascontiguousarray(values) if isinstance(values, np.ndarray) else values)
+
+
+def _per_channel(value, n_channels, name):
+    value = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+    if value.numel() == 1:
+        value = value.expand(n_channels)
+    if value.numel() != n_channels:
+        raise ValueError(f"{name} needs 1 or {n_channels} values (one per channel), got {value.numel()}")
+    return value
+
+
+class _ClassBlocks:
+    """Item indices sorted by label, with each item's class block start and size.
+
+    This is the one place partners are drawn, for both wrappers in both modes: with the block layout,
+    a uniform draw among "same class except me" or "any other class" is arithmetic, not a retry loop.
+    """
+
+    def __init__(self, labels):
+        _, class_of, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        self.n_items, self.n_classes = len(labels), len(counts)
+        self.order = torch.argsort(class_of, stable=True)  # item indices grouped by class
+        self.rank = torch.empty_like(self.order)
+        self.rank[self.order] = torch.arange(self.n_items)  # position of each item in `order`
+        self.start = (counts.cumsum(0) - counts)[class_of]  # (N,) start of each item's class block
+        self.size = counts[class_of]  # (N,) number of items in each item's class
+
+    def draw(self, anchors, same_class, uniforms):
+        """Partner index for each anchor: a different item of its class where same_class, else an item
+        of another class; uniform given uniforms in [0, 1).
+
+        anchors (B,) long, same_class (B,) bool, uniforms (B,) float64 -> (B,) long.
+        A singleton class's only same-class item is the anchor itself, which is what a same-class draw
+        returns then. A different-class draw in a one-class dataset is meaningless: callers avoid it.
+        """
+        start, size = self.start[anchors], self.size[anchors]
+        own_rank = self.rank[anchors] - start
+        # same class: r in [0, size - 1), then skip the anchor's own rank inside its block;
+        # other class: r in [0, N - size), then skip the anchor's whole block
+        span = torch.where(same_class, size - 1, self.n_items - size)
+        r = (uniforms * span).long()
+        skip_from = torch.where(same_class, own_rank, start)
+        skip_by = torch.where(same_class, 1, size)
+        r = r + torch.where((r >= skip_from) & (span > 0), skip_by, 0)
+        return self.order[torch.where(same_class, start, 0) + r]
+
+
+class _LabelledWrapper(Dataset):
+    """Shared plumbing of SiameseMNIST and TripletMNIST: pairing labels, modes, image loading."""
+
+    def __init__(self, dataset, labels, train, seed):
+        self.dataset = dataset
+        self.labels = _pairing_labels(dataset, labels)
+        self.train = bool(getattr(dataset, "train", True) if train is None else train)
+        self.seed = seed
+        if len(self.labels) < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 items, got {len(self.labels)}")
+        self._blocks = _ClassBlocks(self.labels)
+        if isinstance(dataset, InMemoryDataset):
+            self._kind = "memory"
+        elif hasattr(dataset, "data") and hasattr(dataset, "targets"):
+            self._kind = "pil"
+        else:
+            self._kind = "generic"
+
+    def __len__(self):
+        return len(self.labels)
+
+    def _uniforms(self, n, generator=None):
+        # Train mode draws from torch's global RNG: torch.manual_seed reproduces it and DataLoader seeds
+        # every worker differently. (The classic code used numpy's global RNG, whose state is copied
+        # into each forked worker, so all workers produced the same "random" pairs.)
+        # One (n, 2) draw consumes the RNG exactly like n draws of (1, 2), so a batch fetched through
+        # __getitems__ gets the same partners as fetching its items one by one.
+        return torch.rand(n, 2, dtype=torch.float64, generator=generator)
+
+    def _image(self, index):
+        if self._kind == "generic":
+            return self.dataset[index][0]
+        image = self.dataset.data[index]
+        if self._kind == "pil":
+            image = Image.fromarray(np.asarray(image))  # (H, W) uint8 -> 'L', (H, W, 3) uint8 -> 'RGB'
+        transform = self.dataset.transform
+        return image if transform is None else transform(image)
+
+    def _images(self, indices):
+        """List of images for (K,) item indices; one gather on the InMemoryDataset path."""
+        if self._kind != "memory":
+            return [self._image(i) for i in indices.tolist()]
+        images = self.dataset.data[indices]
+        transform = self.dataset.transform
+        return list(images) if transform is None else [transform(image) for image in images]
+
+    def __getitem__(self, index):
+        return self.__getitems__([index])[0]
+
+
+def _pairing_labels(dataset, labels):
+    """(N,) long class ids used for pairing: `labels` or `dataset.targets`, mapped by the dataset's
+    target_transform when it has one."""
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
+        if labels is None:
+            raise TypeError(f"{type(dataset).__name__} has no .targets: pass labels= (one class id per item)")
+    labels = _as_tensor(labels)
+    if labels.ndim != 1 or labels.is_floating_point():
+        raise ValueError(f"labels must be a 1-D sequence of integer class ids, got shape "
+                         f"{tuple(labels.shape)} and dtype {labels.dtype}")
+    if hasattr(dataset, "__len__") and len(labels) != len(dataset):
+        raise ValueError(f"got {len(labels)} labels for a dataset of {len(dataset)} items; pass one per item")
+    target_transform = getattr(dataset, "target_transform", None)
+    if target_transform is not None:
+        labels = torch.tensor([int(target_transform(t)) for t in labels.tolist()])
+    return labels.long()
+
+
+class SiameseMNIST(_LabelledWrapper):
+    """Pairs of images with target 1 (same class) or 0 (different class).
+
+    Args:
+        dataset: an InMemoryDataset, an MNIST-like dataset (`.data`, `.targets`) or any dataset whose
+            items are (image, ...) together with `labels` (see the module docstring).
+        labels: class id per item; defaults to `dataset.targets`. Pairing uses the labels after the
+            dataset's `target_transform` (if any), so a target_transform merging classes makes their
+            items positive pairs.
+        train: defaults to `dataset.train`, else True.
+        seed: seeds the fixed pairs of test mode.
+
+    Train mode: each access pairs item i with a fresh random partner, positive or negative with
+    probability 1/2, drawn from torch's global RNG. Test mode: fixed pairs (`test_pairs`, (N, 3) rows
+    of (i, partner, target)) drawn once from torch.Generator().manual_seed(seed): positive for even i,
+    negative for odd i. An item never pairs with itself. An item whose class has no other member gets
+    a negative pair instead, and in a one-class dataset every pair is positive.
+    Items are ((img1, img2), target int).
+    """
+
+    def __init__(self, dataset, labels=None, train=None, seed=29):
+        super().__init__(dataset, labels, train, seed)
+        if not self.train:
+            anchors = torch.arange(len(self))
+            uniforms = self._uniforms(len(self), torch.Generator().manual_seed(seed))
+            # column 0 (the train-mode coin) is unused: parity decides, so the test set is half positive
+            partners, targets = self._pairs(anchors, anchors % 2 == 0, uniforms[:, 1])
+            self.test_pairs = torch.stack([anchors, partners, targets], dim=1)
+
+    def _pairs(self, anchors, want_positive, uniforms):
+        size = self._blocks.size[anchors]
+        positive = (want_positive & (size > 1)) | (size == self._blocks.n_items)
+        return self._blocks.draw(anchors, positive, uniforms), positive.long()
+
+    def __getitems__(self, indices):
+        """List of ((img1, img2), target) samples, with vectorised partner draws for the whole batch."""
+        anchors = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if self.train:
+            uniforms = self._uniforms(len(anchors))
+            partners, targets = self._pairs(anchors, uniforms[:, 0] < 0.5, uniforms[:, 1])
+        else:
+            _, partners, targets = self.test_pairs[anchors].unbind(1)
+        images = self._images(torch.cat([anchors, partners]))
+        n = len(anchors)
+        return [((images[k], images[n + k]), target) for k, target in enumerate(targets.tolist())]
+
+
+class TripletMNIST(_LabelledWrapper):
+    """Triplets (anchor, positive, negative) of images.
+
+    Same arguments and dataset kinds as SiameseMNIST (pairing labels go through the dataset's
+    target_transform). The positive shares the anchor's class and is a different item, except when
+    the anchor's class has a single item: then the anchor is its own positive. The negative has
+    another class; a dataset with a single class raises ValueError. Train mode draws fresh triplets
+    from torch's global RNG; test mode uses fixed `test_triplets` ((N, 3) item indices) drawn once
+    from torch.Generator().manual_seed(seed).
+    Items are ((anchor, positive, negative), []) -- the empty target keeps the classic trainer interface.
+    """
+
+    def __init__(self, dataset, labels=None, train=None, seed=29):
+        super().__init__(dataset, labels, train, seed)
+        if self._blocks.n_classes < 2:
+            raise ValueError("TripletMNIST needs at least 2 classes to draw negatives, but every label is "
+                             f"{int(self.labels[0])}; use SiameseMNIST or add other classes")
+        if not self.train:
+            uniforms = self._uniforms(len(self), torch.Generator().manual_seed(seed))
+            self.test_triplets = self._triplets(torch.arange(len(self)), uniforms)
+
+    def _triplets(self, anchors, uniforms):
+        same = torch.ones_like(anchors, dtype=torch.bool)
+        positives = self._blocks.draw(anchors, same, uniforms[:, 0])
+        negatives = self._blocks.draw(anchors, ~same, uniforms[:, 1])
+        return torch.stack([anchors, positives, negatives], dim=1)
+
+    def __getitems__(self, indices):
+        """List of ((anchor, positive, negative), []) samples, with vectorised draws for the whole batch."""
+        anchors = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if self.train:
+            triplets = self._triplets(anchors, self._uniforms(len(anchors)))
+        else:
+            triplets = self.test_triplets[anchors]
+        images = self._images(triplets.T.reshape(-1))  # all anchors, then all positives, then all negatives
+        n = len(anchors)
+        return [((images[k], images[n + k], images[2 * n + k]), []) for k in range(n)]
+
+
+class BalancedBatchSampler(Sampler):
+    """Batches of n_classes * n_samples item indices: n_samples items from each of n_classes distinct classes.
+
+    Args:
+        labels: (N,) class id per item (tensor, numpy array or list).
+        n_classes: classes per batch; n_samples: items per class per batch.
+        seed: with a seed, epoch e is drawn from a generator seeded from (seed, e); without one each
+            epoch draws its seed from torch's global RNG (so torch.manual_seed reproduces it).
+
+    Yields len(self) = N // (n_classes * n_samples) lists of int indices per epoch. An epoch covers
+    the dataset once as nearly as the batch shape allows: each class hands out its items from a
+    shuffled queue; classes are chosen without replacement with probability proportional to their
+    items not yet used this epoch (plus a tiny weight so every class stays eligible), except that a
+    class whose unused items need every remaining batch is always chosen -- so a balanced label set
+    whose counts the batch shape divides is covered exactly once. A class whose queue runs short
+    continues with a fresh permutation, never repeating an index inside one batch.
+    Call set_epoch(e) to replay epoch e (e.g. when resuming); otherwise every iteration advances the
+    epoch counter.
+    """
+
+    def __init__(self, labels, n_classes, n_samples, seed=None):
+        super().__init__()
+        for name, value in (("n_classes", n_classes), ("n_samples", n_samples)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        labels = _as_tensor(labels)
+        if labels.ndim != 1:
+            raise ValueError(f"labels must be 1-D (one class id per item), got shape {tuple(labels.shape)}")
+        self.labels = labels.long()
+        self.n_classes, self.n_samples, self.seed = int(n_classes), int(n_samples), seed
+        self.batch_size = self.n_classes * self.n_samples
+        if len(self.labels) < self.batch_size:
+            raise ValueError(f"labels has {len(self.labels)} items, fewer than one batch of n_classes * n_samples "
+                             f"= {self.batch_size}; lower n_classes or n_samples")
+        self.labels_set, counts = torch.unique(self.labels, return_counts=True)
+        if self.n_classes > len(self.labels_set):
+            raise ValueError(f"n_classes={self.n_classes} but labels hold only {len(self.labels_set)} classes; "
+                             "lower n_classes")
+        short = (counts < self.n_samples).nonzero().flatten().tolist()
+        if short:
+            listing = ", ".join(f"class {int(self.labels_set[k])} ({int(counts[k])} items)" for k in short)
+            raise ValueError(f"every class needs at least n_samples={self.n_samples} items, but: {listing}; "
+                             "lower n_samples or filter those classes out")
+        order = torch.argsort(self.labels, stable=True)
+        self.label_to_indices = dict(zip(self.labels_set.tolist(), torch.split(order, counts.tolist())))
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        """Make the next iteration yield the batches of `epoch`."""
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.labels) // self.batch_size
+
+    def __iter__(self):
+        epoch = self.epoch
+        self.epoch += 1
+        if self.seed is None:
+            epoch_seed = int(torch.randint(2**63 - 1, ()))
+        else:
+            epoch_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0])
+        return self._batches(torch.Generator().manual_seed(epoch_seed))
+
+    def _batches(self, generator):
+        class_indices = list(self.label_to_indices.values())
+        queues = [ids[torch.randperm(len(ids), generator=generator)].tolist() for ids in class_indices]
+        heads = [0] * len(queues)  # next position in each queue
+        sizes = torch.tensor([len(ids) for ids in class_indices], dtype=torch.float64)
+        handed_out = torch.zeros_like(sizes)
+        for batches_left in range(len(self), 0, -1):
+            unused = (sizes - handed_out).clamp(min=0)
+            urgent = torch.ceil(unused / self.n_samples) >= batches_left
+            batch = []
+            for k in self._choose_classes(unused + 1e-6, urgent, generator).tolist():
+                if heads[k] + self.n_samples > len(queues[k]):
+                    rest = queues[k][heads[k]:]
+                    fresh = class_indices[k][torch.randperm(len(class_indices[k]), generator=generator)].tolist()
+                    # items already in this batch go to the back of the new pass, so the batch has no repeats
+                    in_batch = set(rest)
+                    queues[k] = rest + [i for i in fresh if i not in in_batch] + [i for i in fresh if i in in_batch]
+                    heads[k] = 0
+                batch += queues[k][heads[k]:heads[k] + self.n_samples]
+                heads[k] += self.n_samples
+                handed_out[k] += self.n_samples
+            yield batch
+
+    def _choose_classes(self, weights, urgent, generator):
+        """n_classes distinct class positions: urgent ones first, the rest drawn in proportion to weights."""
+        urgent_ids = urgent.nonzero().flatten()
+        if len(urgent_ids) >= self.n_classes:
+            return urgent_ids[torch.multinomial(weights[urgent_ids], self.n_classes, generator=generator)]
+        others = (~urgent).nonzero().flatten()
+        n_more = self.n_classes - len(urgent_ids)
+        return torch.cat([urgent_ids, others[torch.multinomial(weights[others], n_more, generator=generator)]])

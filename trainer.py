@@ -1,0 +1,443 @@
+"""Training loop for siamese, triplet and classification networks.
+
+`fit` keeps the classic call shape
+`fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, cuda, log_interval,
+metrics, start_epoch)` and its data conventions:
+
+- a batch is `(data, target)`; `data` is a tensor or a tuple/list of tensors and the model is
+  called as `model(*data)`;
+- `target` is a tensor, a tuple/list of tensors spread into separate loss arguments, or an empty
+  tuple/list (e.g. TripletMNIST) meaning no target;
+- the loss is called as `loss_fn(*outputs, *targets)` with the model outputs wrapped in a tuple;
+  when it returns a tuple (e.g. OnlineTripletLoss -> (loss, n_triplets)) its first element is the
+  loss that is minimised;
+- metrics are called as `metric(outputs, targets, loss_outputs)`, with `targets` None when the
+  batch has no target.
+
+On top of that it chooses the device, steps the scheduler after the epoch's optimizer steps, shows
+a tqdm progress bar, stops on a non-finite loss, and writes atomic checkpoints it can resume from
+bit for bit. `run_epoch` is the single loop behind both training and validation epochs.
+"""
+
+import contextlib
+import math
+import os
+import random
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from metrics import Metric
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def resolve_device(device=None, cuda=None):
+    """Pick the torch.device to train on.
+
+    An explicit `device` (str or torch.device) wins; otherwise `cuda=True` means 'cuda' and
+    `cuda=False` means 'cpu'; otherwise the best available of cuda, mps, cpu.
+    Raises ValueError for an unknown device string or an accelerator that is not available.
+    """
+    if device is not None:
+        if not isinstance(device, (str, torch.device)):
+            raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0' or a torch.device, "
+                            f"got {type(device).__name__}")
+        try:
+            device = torch.device(device)
+        except RuntimeError as error:
+            raise ValueError(f"unknown device {device!r}; use e.g. 'cpu', 'cuda', 'cuda:1' "
+                             f"or 'mps'") from error
+    elif cuda is not None:
+        if not isinstance(cuda, bool):
+            raise TypeError(f"cuda must be True, False or None (auto), got {cuda!r}")
+        device = torch.device("cuda" if cuda else "cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was requested but torch.cuda.is_available() is False; "
+                         "pass device='cpu' (or cuda=None to choose automatically)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("MPS was requested but torch.backends.mps.is_available() is False; "
+                         "pass device='cpu' (or leave device=None to choose automatically)")
+    return device
+
+
+def metric_key(metric):
+    """History key stem of a metric: its name() lower-cased with spaces -> underscores."""
+    return str(metric.name()).strip().lower().replace(" ", "_")
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        # non_blocking only overlaps copies with compute for pinned host memory -> CUDA.
+        return value.to(device, non_blocking=device.type == "cuda")
+    return value
+
+
+def _number_of_batches(loader):
+    try:
+        return len(loader)
+    except TypeError:  # e.g. a DataLoader over an IterableDataset without __len__
+        return None
+
+
+def _format_metrics(metric_values):
+    return "".join(f", {key} {value:.2f}" for key, value in metric_values.items())
+
+
+def run_epoch(loader, model, loss_fn, device, metrics=(), optimizer=None, *, epoch=1,
+              n_epochs=None, progress=False, log_interval=100):
+    """Run one pass over `loader`: a training epoch when `optimizer` is given, else evaluation.
+
+    Training puts the model in train mode and steps the optimizer after every batch; evaluation
+    puts it in eval mode and runs under torch.no_grad(). Metrics are reset first, then updated
+    after every batch. `epoch` / `n_epochs` (1-based) only label the progress bar, the log lines
+    and errors. With `progress=False` a line is printed every `log_interval` batches.
+    Returns (mean of the per-batch losses as a float, {metric key: value as a float}).
+    Raises FloatingPointError on a NaN/inf loss, before the optimizer step of that batch.
+    """
+    training = optimizer is not None
+    phase = "train" if training else "val"
+    model.train(training)
+    for metric in metrics:
+        metric.reset()
+    n_batches = _number_of_batches(loader)
+    epoch_label = f"epoch {epoch}" + (f"/{n_epochs}" if n_epochs is not None else "")
+    total_loss = 0.0
+    batch_count = 0
+
+    def current_metric_values():
+        return {metric_key(metric): float(metric.value()) for metric in metrics}
+
+    bar = tqdm(loader, total=n_batches, desc=f"{epoch_label} {phase}", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        with torch.set_grad_enabled(training):
+            for batch in bar:
+                if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                    raise TypeError(f"each {phase} batch must be a (data, target) pair, "
+                                    f"got {type(batch).__name__}")
+                data, target = batch
+                data = tuple(data) if isinstance(data, (tuple, list)) else (data,)
+                data = tuple(_to_device(item, device) for item in data)
+                targets = tuple(target) if isinstance(target, (tuple, list)) else (target,)
+                targets = tuple(_to_device(item, device) for item in targets)
+
+                outputs = model(*data)
+                outputs = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+                loss_outputs = loss_fn(*outputs, *targets)
+                loss = loss_outputs[0] if isinstance(loss_outputs, (tuple, list)) else loss_outputs
+                if not isinstance(loss, torch.Tensor):
+                    raise TypeError("loss_fn must return a tensor, or a tuple whose first element "
+                                    f"is a tensor, got {type(loss).__name__}")
+                loss_value = loss.item()  # the one host sync per batch: logging and NaN check
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"{phase} loss is {loss_value} at {epoch_label}, batch {batch_count + 1}; "
+                        "training stopped before the optimizer step (the last checkpoint on disk "
+                        "is unchanged). Lower the learning rate or check the data.")
+                if training:
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+
+                total_loss += loss_value
+                batch_count += 1
+                with torch.no_grad():
+                    for metric in metrics:
+                        metric(outputs, targets if targets else None, loss_outputs)
+
+                if progress:
+                    postfix = {"loss": f"{total_loss / batch_count:.4f}"}
+                    postfix.update({key: f"{value:.2f}"
+                                    for key, value in current_metric_values().items()})
+                    bar.set_postfix(postfix, refresh=False)
+                elif batch_count % log_interval == 0:
+                    of_total = f"/{n_batches}" if n_batches is not None else ""
+                    print(f"{phase} {epoch_label} [batch {batch_count}{of_total}]: "
+                          f"loss {total_loss / batch_count:.6f}"
+                          f"{_format_metrics(current_metric_values())}", flush=True)
+    finally:
+        bar.close()
+    if batch_count == 0:
+        raise ValueError(f"the {phase} loader yielded no batches; check its dataset and batch size")
+    return total_loss / batch_count, current_metric_values()
+
+
+def train_epoch(train_loader, model, loss_fn, optimizer, cuda, log_interval, metrics):
+    """Classic entry point: one training epoch on `cuda` (True/False/None = auto).
+
+    Returns (mean batch loss, metrics) like the classic function; read values with metric.value().
+    """
+    device = resolve_device(cuda=cuda)
+    model.to(device)
+    loss, _ = run_epoch(train_loader, model, loss_fn, device, metrics, optimizer,
+                        progress=False, log_interval=log_interval)
+    return loss, metrics
+
+
+def test_epoch(val_loader, model, loss_fn, cuda, metrics):
+    """Classic entry point: one evaluation epoch. Returns (mean batch loss, metrics)."""
+    device = resolve_device(cuda=cuda)
+    model.to(device)
+    loss, _ = run_epoch(val_loader, model, loss_fn, device, metrics, progress=False)
+    return loss, metrics
+
+
+test_epoch.__test__ = False  # a library function, not a test, even when a test module imports it
+
+
+def _set_epoch(loader, epoch_index):
+    """Tell epoch-aware samplers (BalancedBatchSampler, DistributedSampler) which epoch runs."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(loader, "sampler", None)
+    for candidate in (batch_sampler, None if sampler is batch_sampler else sampler):
+        if callable(getattr(candidate, "set_epoch", None)):
+            candidate.set_epoch(epoch_index)
+
+
+def _rng_state():
+    numpy_state = np.random.get_state(legacy=False)
+    # The numpy key is stored as a tensor so the checkpoint loads with weights_only=True.
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": numpy_state,
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = dict(numpy_state["state"])
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy_state)
+    python_state = state["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+
+
+def _save_checkpoint(checkpoint_dir, checkpoint):
+    """Write checkpoint_dir/checkpoint.pt atomically: a temp file in the same dir, then os.replace,
+    so a crash mid-write never leaves a truncated checkpoint behind."""
+    file_descriptor, temp_path = tempfile.mkstemp(dir=checkpoint_dir, prefix=".checkpoint-",
+                                                  suffix=".tmp")
+    try:
+        with os.fdopen(file_descriptor, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_path, os.path.join(checkpoint_dir, CHECKPOINT_NAME))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp_path)
+        raise
+
+
+def _check_loader(loader, what):
+    if not isinstance(loader, Iterable):
+        raise TypeError(f"{what} must be an iterable of (data, target) batches such as a "
+                        f"DataLoader, got {type(loader).__name__}")
+    if isinstance(loader, Iterator):
+        raise TypeError(f"{what} is a one-shot iterator that would be empty after the first "
+                        "epoch; pass a re-iterable object such as a DataLoader or a list")
+
+
+def _check_int(value, what, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+
+
+def _check_path(value, what):
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}")
+    return os.fspath(value)
+
+
+def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, cuda=None,
+        log_interval=100, metrics=(), start_epoch=0, *, device=None, progress=True,
+        checkpoint_dir=None, resume=False):
+    """Train `model` for epochs start_epoch+1 .. n_epochs, validating after each epoch.
+
+    Takes loaders of (data, target) batches (`val_loader` may be None), an nn.Module, a loss
+    callable, an optimizer over the model's parameters, an optional LR scheduler, `n_epochs` =
+    total number of epochs, and a list of `Metric` instances. The scheduler is stepped once after
+    each epoch's optimizer steps (never per batch); ReduceLROnPlateau gets the validation loss, or
+    the training loss without a validation loader. `start_epoch` = epochs already done: the
+    scheduler is fast-forwarded that many steps.
+
+    Device: explicit `device` wins, else `cuda` True/False, else auto (cuda, mps, cpu).
+    `progress=False` replaces the tqdm bars by a printed line every `log_interval` batches and
+    one per epoch.
+
+    `checkpoint_dir`: after every epoch, atomically writes checkpoint_dir/checkpoint.pt holding the
+    model, optimizer and scheduler states, the epoch count, the history and the torch (CPU and
+    CUDA), numpy and python RNG states. `resume=True` continues from checkpoint_dir/checkpoint.pt
+    when it exists (otherwise starts normally); `resume=<path>` continues from that file (or that
+    directory's checkpoint.pt). The checkpoint's epoch count then replaces `start_epoch`. A resumed
+    run replays exactly the batches and updates of an uninterrupted one, provided the loaders draw
+    their randomness from the global RNGs or from samplers with set_epoch (called with the 0-based
+    epoch index before every epoch).
+
+    Returns the history: a dict of per-epoch lists, 'epoch' (1-based), 'train_loss', 'val_loss'
+    (None without val_loader), 'lr' (of the first param group, as used during the epoch),
+    'seconds', and 'train_<metric>' / 'val_<metric>' per metric. A resumed run returns the full
+    history, including the epochs before the checkpoint.
+    Raises FloatingPointError on a NaN/inf loss (before that batch's optimizer step).
+    """
+    _check_loader(train_loader, "train_loader")
+    if val_loader is not None:
+        _check_loader(val_loader, "val_loader")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if not hasattr(optimizer, "param_groups") or not all(
+            callable(getattr(optimizer, method, None))
+            for method in ("step", "zero_grad", "state_dict", "load_state_dict")):
+        raise TypeError("optimizer must be a torch.optim.Optimizer (built on the model's "
+                        f"parameters), got {type(optimizer).__name__}")
+    if scheduler is not None:
+        if not all(callable(getattr(scheduler, method, None))
+                   for method in ("step", "state_dict", "load_state_dict")):
+            raise TypeError("scheduler must be a torch.optim.lr_scheduler scheduler or None, "
+                            f"got {type(scheduler).__name__}")
+        if getattr(scheduler, "optimizer", optimizer) is not optimizer:
+            raise ValueError("scheduler was built for a different optimizer; build it on the "
+                             "optimizer passed to fit")
+    _check_int(n_epochs, "n_epochs", 0)
+    _check_int(log_interval, "log_interval", 1)
+    _check_int(start_epoch, "start_epoch", 0)
+    if start_epoch > n_epochs:
+        raise ValueError(f"start_epoch ({start_epoch}) is larger than n_epochs ({n_epochs}); "
+                         "n_epochs is the total number of epochs, not the number still to run")
+    if metrics is None:
+        metrics = ()
+    if isinstance(metrics, Metric) or not isinstance(metrics, (list, tuple)):
+        raise TypeError("metrics must be a list of Metric instances (wrap a single metric in a "
+                        f"list), got {type(metrics).__name__}")
+    for metric in metrics:
+        if not isinstance(metric, Metric):
+            raise TypeError("every metric must be a metrics.Metric instance (e.g. "
+                            f"AccumulatedAccuracyMetric()), got {type(metric).__name__}")
+    keys = [metric_key(metric) for metric in metrics]
+    if len(set(keys)) != len(keys) or "loss" in keys:
+        raise ValueError(f"metric names must be distinct and not 'loss', got {keys}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
+    if checkpoint_dir is not None:
+        checkpoint_dir = _check_path(checkpoint_dir, "checkpoint_dir")
+        if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+            raise ValueError(f"checkpoint_dir {checkpoint_dir!r} exists and is not a directory")
+    if isinstance(resume, bool):
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir (or pass resume=<checkpoint path>)")
+        resume_path = os.path.join(checkpoint_dir, CHECKPOINT_NAME) if resume else None
+        if resume_path is not None and not os.path.exists(resume_path):
+            resume_path = None  # first run of a restartable job: nothing to resume yet
+    else:
+        resume_path = _check_path(resume, "resume")
+        if os.path.isdir(resume_path):
+            resume_path = os.path.join(resume_path, CHECKPOINT_NAME)
+        if not os.path.isfile(resume_path):
+            raise FileNotFoundError(f"resume checkpoint {resume_path!r} does not exist")
+    device = resolve_device(device, cuda)
+
+    model.to(device)
+    history = {"epoch": [], "train_loss": [], "val_loss": [], "lr": [], "seconds": []}
+    for key in keys:
+        history[f"train_{key}"] = []
+        history[f"val_{key}"] = []
+    is_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+    if resume_path is not None:
+        checkpoint = torch.load(resume_path, map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, dict) or not {"epoch", "model", "optimizer", "scheduler",
+                                                    "history", "rng"} <= checkpoint.keys():
+            raise ValueError(f"{resume_path!r} is not a checkpoint written by trainer.fit")
+        if checkpoint["history"].keys() != history.keys():
+            raise ValueError(f"the checkpoint was written with history keys "
+                             f"{sorted(checkpoint['history'])}; resume with the same metrics "
+                             f"(got {sorted(history)})")
+        if (checkpoint["scheduler"] is None) != (scheduler is None):
+            written = "without" if scheduler is not None else "with"
+            raise ValueError(f"the checkpoint was written {written} a scheduler; resume with the "
+                             "same kind of scheduler")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        history = checkpoint["history"]
+        start_epoch = checkpoint["epoch"]
+        _set_rng_state(checkpoint["rng"])
+    elif start_epoch > 0 and scheduler is not None and not is_plateau:
+        # Classic behaviour: replay the schedule of the epochs done elsewhere. No optimizer step
+        # precedes these scheduler steps on purpose, so PyTorch's order warning does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            for _ in range(start_epoch):
+                scheduler.step()
+    if checkpoint_dir is not None:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+
+    for epoch_index in range(start_epoch, n_epochs):
+        epoch = epoch_index + 1
+        started = time.perf_counter()
+        lr = float(optimizer.param_groups[0]["lr"])
+        _set_epoch(train_loader, epoch_index)
+        train_loss, train_metrics = run_epoch(
+            train_loader, model, loss_fn, device, metrics, optimizer, epoch=epoch,
+            n_epochs=n_epochs, progress=progress, log_interval=log_interval)
+        val_loss, val_metrics = None, dict.fromkeys(keys)
+        if val_loader is not None:
+            _set_epoch(val_loader, epoch_index)
+            val_loss, val_metrics = run_epoch(
+                val_loader, model, loss_fn, device, metrics, epoch=epoch, n_epochs=n_epochs,
+                progress=progress, log_interval=log_interval)
+        if scheduler is not None:
+            if is_plateau:
+                scheduler.step(val_loss if val_loss is not None else train_loss)
+            else:
+                scheduler.step()
+        seconds = time.perf_counter() - started
+
+        history["epoch"].append(epoch)
+        history["train_loss"].append(train_loss)
+        history["val_loss"].append(val_loss)
+        history["lr"].append(lr)
+        history["seconds"].append(seconds)
+        for key in keys:
+            history[f"train_{key}"].append(train_metrics[key])
+            history[f"val_{key}"].append(val_metrics[key])
+        if not progress:
+            line = f"Epoch {epoch}/{n_epochs}: train loss {train_loss:.4f}"
+            line += _format_metrics(train_metrics)
+            if val_loss is not None:
+                line += f" | val loss {val_loss:.4f}{_format_metrics(val_metrics)}"
+            print(f"{line} | lr {lr:.3g} | {seconds:.1f} s", flush=True)
+        if checkpoint_dir is not None:
+            _save_checkpoint(checkpoint_dir, {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "history": history,
+                "rng": _rng_state(),
+            })
+    return history
