@@ -1,17 +1,38 @@
-# Two entry points: `make test` (this library's tests) and, with the experiments, the main job.
-# Each builds its own virtual environment on a fresh machine first.
+# Two entry points, each building its own environment (.venv) on a fresh machine first:
+#   make experiments   the main job: train and evaluate every method on Fashion-MNIST, print the table
+#   make test          the test suite (what CI runs)
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+DATASET ?= fashion-mnist
+EPOCHS ?= 20
+EMBEDDING_DIM ?= 2
+METHODS ?= all
+SELECTORS ?= all
+SYSTEM_FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: test bench clean
+.PHONY: test experiments data bench clean
 
 test: $(VENV)/installed
 	$(BIN)/python -m pytest -q tests
 
+experiments: $(VENV)/installed data
+	$(BIN)/python experiments.py --dataset $(DATASET) --methods $(METHODS) --selectors $(SELECTORS) \
+		--epochs $(EPOCHS) --embedding-dim $(EMBEDDING_DIM) --download
+
+# Fashion-MNIST from the operating system's package where the system has one and we may install
+# it (Debian's dataset-fashion-mnist); otherwise experiments.py falls back to torchvision's download.
+data:
+	@if [ "$(DATASET)" = fashion-mnist ] && [ ! -d $(SYSTEM_FASHION_MNIST) ] \
+		&& command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist \
+		|| echo "apt-get could not install dataset-fashion-mnist; torchvision will download it"; \
+	fi
+
 bench: $(VENV)/installed
 	$(BIN)/python benchmarks/bench_selectors.py
+	$(BIN)/python benchmarks/bench_epoch.py
 
 $(VENV)/installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

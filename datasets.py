@@ -11,14 +11,29 @@ SiameseMNIST and TripletMNIST accept three kinds of dataset:
   image ('L' for (H, W), 'RGB' for (H, W, 3)) and the dataset's `transform` is applied to it;
 - any other dataset plus one label per item (`labels=`, or the dataset's `.targets` as in ImageFolder):
   the image is `dataset[i][0]`, so the dataset applies its own transform.
+
+Loading MNIST and Fashion-MNIST from their IDX files:
+- read_idx: reads one IDX file (the MNIST file format, gzipped or plain) into a tensor, checking it.
+- IDXImageDataset: a torchvision-MNIST-compatible dataset built from a folder holding the IDX files.
+- load_dataset("mnist" | "fashion-mnist", root, train, ...): looks for the files in `root`, then in the
+  operating system's dataset folders (SYSTEM_DATA_DIRS), then (download=True) lets torchvision
+  download them into `root`; optionally returns an InMemoryDataset. NORMALIZATION and CLASS_NAMES
+  hold each dataset's (mean, std) and class names.
 """
 
+import gzip
+import math
 import numbers
+import os
+import struct
+import zlib
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
+from torchvision import transforms
 
 
 class InMemoryDataset(Dataset):
@@ -404,3 +419,265 @@ class BalancedBatchSampler(Sampler):
         others = (~urgent).nonzero().flatten()
         n_more = self.n_classes - len(urgent_ids)
         return torch.cat([urgent_ids, others[torch.multinomial(weights[others], n_more, generator=generator)]])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading MNIST-like data from IDX files
+
+# (mean, std) of the training pixels scaled to [0, 1]: the constants for transforms.Normalize.
+NORMALIZATION = {
+    "mnist": (0.1307, 0.3081),
+    "fashion-mnist": (0.2860, 0.3530),
+}
+
+CLASS_NAMES = {
+    "mnist": [str(digit) for digit in range(10)],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                      "Bag", "Ankle boot"],
+}
+
+# Folders where an operating system package installs the four IDX files (Debian's and Ubuntu's
+# dataset-fashion-mnist installs the .gz files in /usr/share/datasets/fashion-mnist). load_dataset
+# reads this dict at call time, so adding a folder to it is enough to have it searched.
+SYSTEM_DATA_DIRS = {
+    "mnist": ["/usr/share/datasets/mnist"],
+    "fashion-mnist": ["/usr/share/datasets/fashion-mnist"],
+}
+
+# torchvision.datasets class of each dataset: its download and its folder layout root/<class>/raw.
+TORCHVISION_CLASS_NAMES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+_DISPLAY_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+
+# IDX type byte -> numpy dtype; IDX stores multi-byte numbers big-endian
+_IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path):
+    """Read one IDX file (the MNIST file format), gzipped or plain, into a tensor.
+
+    Args:
+        path: str or os.PathLike of the file. Gzip is recognised by the file's content, not its name.
+    Returns:
+        a tensor of the shape in the file's header ((N, H, W) for images, (N,) for labels) and the
+        dtype of its type byte (uint8, int8, int16, int32, float32 or float64), in native byte order.
+    Raises FileNotFoundError if there is no such file, and ValueError if the file is not IDX (wrong
+    magic number or type byte, no dimensions), is truncated, has bytes after the data, or is a damaged
+    gzip file.
+    """
+    with open(path, "rb") as file:
+        raw = file.read()
+    if raw[:2] == b"\x1f\x8b":  # the gzip magic; an IDX file always starts with two zero bytes
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as error:
+            raise ValueError(f"{path} is a damaged gzip file ({error}); download it again") from error
+    if len(raw) < 4:
+        raise ValueError(f"{path} is truncated: {len(raw)} bytes, shorter than the 4-byte IDX magic number; "
+                         "download it again")
+    type_byte, n_dims = raw[2], raw[3]
+    if raw[:2] != b"\x00\x00" or type_byte not in _IDX_DTYPES or n_dims == 0:
+        magic = int.from_bytes(raw[:4], "big")
+        raise ValueError(f"{path} is not an IDX file: magic number 0x{magic:08x}, expected 0x0000TTDD with type "
+                         "TT in 08, 09, 0b, 0c, 0d, 0e and DD >= 1 dimensions; check that it is an MNIST-format file")
+    header_size = 4 + 4 * n_dims
+    if len(raw) < header_size:
+        raise ValueError(f"{path} is truncated: its header announces {n_dims} dimensions but the file ends "
+                         f"after {len(raw)} bytes; download it again")
+    shape = struct.unpack(f">{n_dims}I", raw[4:header_size])
+    dtype = _IDX_DTYPES[type_byte]
+    n_items = math.prod(shape)
+    expected_bytes, data_bytes = n_items * dtype.itemsize, len(raw) - header_size
+    if data_bytes < expected_bytes:
+        raise ValueError(f"{path} is truncated: shape {shape} of {dtype.name} needs {expected_bytes} data bytes, "
+                         f"the file has {data_bytes}; download it again")
+    if data_bytes > expected_bytes:
+        raise ValueError(f"{path} has {data_bytes - expected_bytes} bytes after the {expected_bytes} that shape "
+                         f"{shape} of {dtype.name} needs, so its header is wrong; download it again")
+    values = np.frombuffer(raw, dtype=dtype, count=n_items, offset=header_size).reshape(shape)
+    # astype copies into native byte order, and the copy is writable (torch warns on read-only buffers)
+    return torch.from_numpy(values.astype(dtype.newbyteorder("=")))
+
+
+def idx_file_names(train):
+    """(images, labels) IDX file names of the train (True) or test (False) split, without '.gz'."""
+    split = "train" if train else "t10k"
+    return f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
+
+
+def find_idx_files(folder, train):
+    """(images path, labels path) of the split's two IDX files in `folder`, or None if one is missing.
+
+    Each file may be plain or end in '.gz'; when both exist the plain one is used (torchvision's
+    download leaves both, and the plain one needs no decompression).
+    """
+    found = []
+    for name in idx_file_names(train):
+        path = next((p for p in (os.path.join(folder, name), os.path.join(folder, name + ".gz"))
+                     if os.path.isfile(p)), None)
+        if path is None:
+            return None
+        found.append(path)
+    return tuple(found)
+
+
+class IDXImageDataset(Dataset):
+    """An MNIST-like dataset read from IDX files, interchangeable with torchvision.datasets.MNIST.
+
+    Args:
+        root: folder holding the split's two IDX files (`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`
+            or `t10k-...` for the test split), each plain or '.gz'.
+        train: True for the train files, False for the t10k (test) files.
+        transform: optional callable applied to each PIL 'L' image.
+        target_transform: optional callable applied to each int target.
+        classes: class names, class id k being classes[k]; defaults to '0', '1', ... up to the largest label.
+
+    Attributes as in torchvision: `.data` (N, H, W) uint8 tensor, `.targets` (N,) long tensor, `.classes`,
+    `.class_to_idx`, `.train`, `.transform`, `.target_transform`, `.root`; also `.images_file` and
+    `.labels_file`, the paths read. Items are (transform(PIL 'L' image), target_transform(int target)).
+    Raises FileNotFoundError when a file is missing, ValueError when the files are malformed or disagree.
+    """
+
+    def __init__(self, root, train=True, transform=None, target_transform=None, classes=None):
+        self.root = os.fspath(root)
+        self.train = bool(train)
+        self.transform = transform
+        self.target_transform = target_transform
+        files = find_idx_files(self.root, self.train)
+        if files is None:
+            wanted = " and ".join(f"{name}[.gz]" for name in idx_file_names(self.train))
+            raise FileNotFoundError(f"{self.root} does not hold {wanted}; put the IDX files there or use "
+                                    "load_dataset, which also searches other places and can download them")
+        self.images_file, self.labels_file = files
+        images, labels = read_idx(self.images_file), read_idx(self.labels_file)
+        if images.dtype != torch.uint8 or images.ndim != 3:
+            raise ValueError(f"{self.images_file} holds {images.dtype} of shape {tuple(images.shape)}, expected "
+                             "uint8 images (N, H, W); check that this is an images file")
+        if labels.dtype != torch.uint8 or labels.ndim != 1:
+            raise ValueError(f"{self.labels_file} holds {labels.dtype} of shape {tuple(labels.shape)}, expected "
+                             "uint8 labels (N,); check that this is a labels file")
+        if len(images) != len(labels):
+            raise ValueError(f"{self.images_file} has {len(images)} images but {self.labels_file} has "
+                             f"{len(labels)} labels; the two files must come from the same split")
+        self.data, self.targets = images, labels.long()
+        n_classes = int(self.targets.max()) + 1 if len(self.targets) else 0
+        self.classes = [str(k) for k in range(n_classes)] if classes is None else list(classes)
+        if n_classes > len(self.classes):
+            raise ValueError(f"{self.labels_file} has label {n_classes - 1} but only {len(self.classes)} class "
+                             "names were given; pass one name per class id")
+
+    @property
+    def class_to_idx(self):
+        return {name: k for k, name in enumerate(self.classes)}
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        image = Image.fromarray(self.data[index].numpy())  # (H, W) uint8 -> mode 'L', as torchvision's MNIST
+        target = int(self.targets[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+    def __repr__(self):
+        split = "train" if self.train else "test"
+        return f"{type(self).__name__}({len(self)} {split} images from {self.root})"
+
+
+def canonical_dataset_name(name):
+    """'mnist' or 'fashion-mnist' for any usual spelling ('MNIST', 'fashion_mnist', 'FashionMNIST', ...).
+
+    Raises TypeError for a non-string and ValueError, listing the valid names, for an unknown one.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string such as 'mnist' or 'fashion-mnist', got {type(name).__name__}")
+    key = name.lower().replace("-", "").replace("_", "").replace(" ", "")
+    canonical = {"mnist": "mnist", "fashionmnist": "fashion-mnist"}.get(key)
+    if canonical is None:
+        raise ValueError(f"unknown dataset {name!r}; valid names are 'mnist' and 'fashion-mnist' (also spelled "
+                         "'MNIST', 'fashion_mnist', 'FashionMNIST')")
+    return canonical
+
+
+def dataset_search_paths(name, root="data"):
+    """Folders load_dataset searches for `name`'s IDX files, in order (name as canonical_dataset_name gives).
+
+    Returns [root/<torchvision class>/raw (torchvision's layout), root, root/<name>] followed by
+    SYSTEM_DATA_DIRS[name].
+    """
+    root = os.fspath(root)
+    return [os.path.join(root, TORCHVISION_CLASS_NAMES[name], "raw"), root, os.path.join(root, name),
+            *SYSTEM_DATA_DIRS.get(name, [])]
+
+
+def load_dataset(name, root="data", train=True, transform=None, target_transform=None, download=False,
+                 in_memory=False):
+    """Load MNIST or Fashion-MNIST, from local files if any, else by torchvision's download.
+
+    Args:
+        name: 'mnist' or 'fashion-mnist' ('MNIST', 'fashion_mnist', 'FashionMNIST' are accepted too).
+        root: folder of the data (str or os.PathLike). Searched first, in this order:
+            root/MNIST/raw or root/FashionMNIST/raw (torchvision's layout), root itself, root/<name>
+            (root/mnist or root/fashion-mnist). A folder counts when it holds the split's two IDX files,
+            plain or '.gz'. Then each folder of SYSTEM_DATA_DIRS[name] is searched.
+        train: the train split (True) or the test split (False).
+        transform: callable applied to each PIL image; None means ToTensor then Normalize with
+            NORMALIZATION[name] (for raw PIL images, set `dataset.transform = None` afterwards). With
+            in_memory, it is applied to each normalised (1, 28, 28) tensor instead, and None means none.
+        target_transform: callable applied to each int target.
+        download: when no folder holds the files, download them with torchvision.datasets.MNIST or
+            FashionMNIST into root/<that class>/raw (needs internet access) and read them from there.
+        in_memory: return InMemoryDataset.from_dataset(dataset, *NORMALIZATION[name]): one float tensor
+            (N, 1, 28, 28), equal to what the default transform gives, with the same `.classes`.
+    Returns:
+        an IDXImageDataset (`.data` (N, 28, 28) uint8, `.targets` (N,) long, `.classes` from CLASS_NAMES),
+        or an InMemoryDataset when in_memory.
+    Raises ValueError for an unknown name or malformed files (a malformed file is reported, not skipped),
+    and FileNotFoundError, naming every folder tried and how to get the data, when nothing was found.
+    """
+    name = canonical_dataset_name(name)
+    mean, std = NORMALIZATION[name]
+    searched = dataset_search_paths(name, root)
+    folder = next((path for path in searched if find_idx_files(path, train) is not None), None)
+    download_error = None
+    if folder is None and download:
+        torchvision_class = getattr(torchvision.datasets, TORCHVISION_CLASS_NAMES[name])
+        try:
+            torchvision_class(os.fspath(root), train=train, download=True)
+            folder = searched[0]
+        except (RuntimeError, OSError) as error:  # what torchvision raises when every mirror fails
+            download_error = error
+    if folder is None:
+        message = _not_found_message(name, os.fspath(root), train, searched, download, download_error)
+        raise FileNotFoundError(message) from download_error
+    if in_memory:
+        dataset = IDXImageDataset(folder, train, classes=CLASS_NAMES[name])
+        memory = InMemoryDataset.from_dataset(dataset, mean, std)
+        memory.transform, memory.target_transform = transform, target_transform
+        return memory
+    if transform is None:
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+    return IDXImageDataset(folder, train, transform, target_transform, classes=CLASS_NAMES[name])
+
+
+def _not_found_message(name, root, train, searched, download, download_error):
+    display = _DISPLAY_NAMES[name]
+    wanted = " and ".join(f"{file}[.gz]" for file in idx_file_names(train))
+    lines = [f"{display} ({'train' if train else 'test'} split) not found: looked for {wanted} in"]
+    lines += [f"  {path}" for path in searched]
+    download_folder = os.path.join(root, TORCHVISION_CLASS_NAMES[name], "raw")
+    if download:
+        lines.append(f"and downloading with torchvision.datasets.{TORCHVISION_CLASS_NAMES[name]} into "
+                     f"{download_folder} failed: {str(download_error).strip()}")
+    lines.append("To get the data, do one of:")
+    lines.append(f"  - pass download=True with internet access (torchvision downloads into {download_folder});")
+    if name == "fashion-mnist":
+        lines.append("  - on Debian/Ubuntu: apt-get install dataset-fashion-mnist "
+                     "(installs the files in /usr/share/datasets/fashion-mnist);")
+    four = ", ".join(idx_file_names(True) + idx_file_names(False))
+    lines.append(f"  - put the four IDX files ({four}; each plain or .gz) in {root}.")
+    return "\n".join(lines)

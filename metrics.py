@@ -7,10 +7,20 @@ Two kinds live here:
   `AccumulatedAccuracyMetric` and `AverageNonzeroTripletsMetric`.
 - Evaluation functions for a trained embedding: `extract_embeddings` turns a loader into an
   (N, D) embedding matrix with (N,) labels, and `knn_predict` / `knn_accuracy` score it by
-  nearest-neighbour classification. Further evaluation metrics (recall@k, mAP, ...) belong here too.
+  nearest-neighbour classification.
+- Embedding-quality metrics: `retrieval_metrics` (precision@1, R-precision and MAP@R of the set
+  queried against itself, Musgrave, Belongie and Lim, "A Metric Learning Reality Check", 2020),
+  `nmi_score` (k-means clustering against the labels), `verification_roc_auc` (same/different
+  pairs scored by distance) and `evaluate_embeddings`, which gathers all of them for a train/test
+  split.
+
+Distances are Euclidean and computed in chunks of queries, so memory stays O(chunk x N): a 60k x
+10k or 10k x 10k evaluation never holds a full distance matrix.
 """
 
 import torch
+from sklearn.cluster import KMeans
+from sklearn.metrics import normalized_mutual_info_score, roc_auc_score
 from torch import nn
 
 
@@ -157,20 +167,33 @@ def extract_embeddings(loader, model, device=None):
 
 
 def _check_embeddings_and_labels(embeddings, labels, what):
+    # `what` names the argument pair in messages: "query" -> query_embeddings / query_labels,
+    # "" -> embeddings / labels.
+    prefix = f"{what}_" if what else ""
     if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 \
             or not embeddings.is_floating_point():
-        raise TypeError(f"{what}_embeddings must be a 2-D floating tensor (N, D)")
+        raise TypeError(f"{prefix}embeddings must be a 2-D floating tensor (N, D)")
     labels = torch.as_tensor(labels)
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"{what}_labels must have shape ({embeddings.shape[0]},), "
+        raise ValueError(f"{prefix}labels must have shape ({embeddings.shape[0]},), "
                          f"got {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"{what}_labels must be integers")
+        raise TypeError(f"{prefix}labels must be integers")
     if embeddings.shape[0] == 0:
-        raise ValueError(f"{what}_embeddings is empty")
+        raise ValueError(f"{prefix}embeddings is empty")
     if not torch.isfinite(embeddings).all():
-        raise ValueError(f"{what}_embeddings contains NaN or inf")
+        raise ValueError(f"{prefix}embeddings contains NaN or inf")
     return labels
+
+
+def _squared_distances(queries, gallery, gallery_squared_norms):
+    """Squared Euclidean distances (C, G) between queries (C, D) and gallery (G, D), clamped at 0.
+
+    |q|^2 + |g|^2 - 2 q.g with one fused matmul and in-place updates: the (C, G) matrix is the
+    memory traffic that dominates, so it is written as few times as possible.
+    """
+    distances = torch.addmm(gallery_squared_norms, queries, gallery.T, alpha=-2.0)
+    return distances.add_(queries.pow(2).sum(dim=1, keepdim=True)).clamp_min_(0)
 
 
 def _nearest_neighbours(distances, k):
@@ -242,10 +265,7 @@ def knn_predict(query_embeddings, gallery_embeddings, gallery_labels, k=1, exclu
     predicted_ids = []
     for start in range(0, n_query, chunk_size):
         queries = query_embeddings[start:start + chunk_size].to(device, gallery_embeddings.dtype)
-        # |q|^2 + |g|^2 - 2 q.g with one fused matmul and in-place updates: the (C, G) matrix
-        # is the memory traffic that dominates, so it is written as few times as possible.
-        distances = torch.addmm(gallery_squared_norms, queries, gallery_embeddings.T, alpha=-2.0)
-        distances.add_(queries.pow(2).sum(dim=1, keepdim=True)).clamp_min_(0)
+        distances = _squared_distances(queries, gallery_embeddings, gallery_squared_norms)
         if exclude_self:
             rows = torch.arange(queries.shape[0], device=device)
             distances[rows, rows + start] = float("inf")
@@ -271,3 +291,230 @@ def knn_accuracy(query_embeddings, query_labels, gallery_embeddings, gallery_lab
     predictions = knn_predict(query_embeddings, gallery_embeddings, gallery_labels, k=k,
                               exclude_self=exclude_self, chunk_size=chunk_size)
     return (predictions == query_labels.to(predictions.device)).float().mean().item()
+
+
+# ---------------------------------------------------------------- embedding-quality metrics
+
+def _check_int(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_distances_fit(embeddings, squared_norms):
+    # A squared distance is at most 4 * the largest squared norm; if that overflows the dtype,
+    # distances become inf and ties (or NaN) appear that the embeddings do not have.
+    if not torch.isfinite(4 * squared_norms.max()):
+        raise ValueError(f"embeddings are too large for squared distances in {embeddings.dtype}: "
+                         f"rescale them (e.g. L2-normalise) or convert them to float64")
+
+
+def retrieval_metrics(embeddings, labels, chunk_size=1024):
+    """Precision@1, R-precision and MAP@R of a labelled embedding set queried against itself.
+
+    Takes embeddings (N, D) floating and labels (N,) integers (a tensor or a list). Each item
+    queries all the others (itself left out). For a query, R is the number of other items with
+    its label, and its neighbours are ranked by Euclidean distance, equal distances by lower index
+    (the order a stable sort gives). Distances are compared as computed (squared, by the matmul
+    expansion in the embeddings' dtype), so integer-valued embeddings tie exactly. Per query:
+
+    - precision@1: 1 if the nearest neighbour has the query's label, else 0;
+    - R-precision: the fraction of same-label items among the R nearest neighbours;
+    - MAP@R: (1/R) * sum over the positions i <= R that hold a same-label item of precision@i
+      (Musgrave, Belongie and Lim, "A Metric Learning Reality Check", 2020).
+
+    Each metric is the mean over the queries with R >= 1; a query whose label occurs only once
+    (a singleton class) has nothing to retrieve and is left out of all three means.
+    Queries are processed `chunk_size` at a time and only the max-R nearest neighbours of a chunk
+    are selected (topk, not a full sort), so memory stays O(chunk_size * (N + max R)).
+    Returns {'precision_at_1': float, 'r_precision': float, 'map_at_r': float}, each in [0, 1].
+    Raises ValueError when no label occurs twice.
+    """
+    labels = _check_embeddings_and_labels(embeddings, labels, "")
+    _check_int(chunk_size, "chunk_size", 1)
+    embeddings = embeddings.detach()  # an evaluation: no autograd graph over the chunks
+    device = embeddings.device
+    _, label_ids, label_counts = torch.unique(labels.to(device), return_inverse=True,
+                                              return_counts=True)
+    n_relevant = label_counts[label_ids] - 1  # R of every item as a query
+    query_indices = (n_relevant > 0).nonzero().squeeze(1)
+    if query_indices.numel() == 0:
+        raise ValueError("retrieval_metrics needs a label that occurs at least twice: every "
+                         "label is unique, so no query has anything to retrieve")
+    squared_norms = embeddings.pow(2).sum(dim=1)
+    _check_distances_fit(embeddings, squared_norms)
+    # Per-query scores are exact ratios of small integers; float64 keeps them so (MPS has none).
+    score_dtype = torch.float32 if device.type == "mps" else torch.float64
+
+    precision_at_1, r_precision, map_at_r = [], [], []
+    for start in range(0, query_indices.numel(), chunk_size):
+        queries = query_indices[start:start + chunk_size]
+        distances = _squared_distances(embeddings[queries], embeddings, squared_norms)
+        rows = torch.arange(queries.numel(), device=device)
+        distances[rows, queries] = float("inf")  # the query itself; every real distance is finite
+        chunk_relevant = n_relevant[queries]
+        k = int(chunk_relevant.max())
+        # Neighbours ordered by (distance, index); the first R of a query's list are its R nearest.
+        neighbours = _nearest_neighbours(distances, k)  # (C, k)
+        within_r = torch.arange(k, device=device) < chunk_relevant[:, None]
+        relevant = (label_ids[neighbours] == label_ids[queries, None]) & within_r
+        hits = relevant.cumsum(dim=1)  # hits[:, i] = relevant items among the first i + 1
+        ranks = torch.arange(1, k + 1, device=device, dtype=score_dtype)
+        precision_at_hits = torch.where(relevant, hits.to(score_dtype) / ranks, 0.0)
+        r = chunk_relevant.to(score_dtype)
+        precision_at_1.append(relevant[:, 0].to(score_dtype))
+        r_precision.append(hits[:, -1].to(score_dtype) / r)
+        map_at_r.append(precision_at_hits.sum(dim=1) / r)
+    return {"precision_at_1": torch.cat(precision_at_1).mean().item(),
+            "r_precision": torch.cat(r_precision).mean().item(),
+            "map_at_r": torch.cat(map_at_r).mean().item()}
+
+
+def nmi_score(embeddings, labels, n_clusters=None, seed=0, *, n_init=10):
+    """Normalised mutual information between a k-means clustering of the embeddings and the labels.
+
+    Takes embeddings (N, D) floating and labels (N,) integers. Runs scikit-learn's KMeans with
+    `n_clusters` clusters (default: the number of distinct labels), `n_init` restarts and
+    random_state=seed on a float64 CPU copy of the embeddings (scikit-learn works on NumPy
+    arrays), then scores the cluster assignment with `normalized_mutual_info_score`
+    (arithmetic normalisation). Returns a Python float in [0, 1]; 1 means the clusters are the
+    classes up to renaming.
+    """
+    labels = _check_embeddings_and_labels(embeddings, labels, "")
+    n_items = embeddings.shape[0]
+    if n_clusters is None:
+        n_clusters = int(torch.unique(labels).numel())
+    else:
+        _check_int(n_clusters, "n_clusters", 1)
+        if n_clusters > n_items:
+            raise ValueError(f"n_clusters must be at most the number of embeddings ({n_items}), "
+                             f"got {n_clusters}")
+    _check_int(seed, "seed", 0)
+    _check_int(n_init, "n_init", 1)
+    points = embeddings.detach().to("cpu", torch.float64).numpy()
+    clusters = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit_predict(points)
+    return float(normalized_mutual_info_score(labels.cpu().numpy(), clusters))
+
+
+def _all_pairs_after(first_partner, n_partners):
+    """Every pair (p, first_partner[p] + o) for 0 <= o < n_partners[p], as two (P,) tensors."""
+    positions = torch.arange(first_partner.numel())
+    firsts = positions.repeat_interleave(n_partners)
+    group_starts = (n_partners.cumsum(0) - n_partners).repeat_interleave(n_partners)
+    offsets = torch.arange(firsts.numel()) - group_starts
+    return firsts, first_partner[firsts] + offsets
+
+
+def _uniform_below(bounds, generator):
+    """One uniform random integer in [0, bounds[i]) for every entry of bounds (M,) (all >= 1)."""
+    draws = torch.rand(bounds.shape, generator=generator, dtype=torch.float64)
+    return (draws * bounds).long().clamp_max_(bounds - 1)
+
+
+def _verification_pairs(labels, n_per_kind, generator):
+    """Same-label and different-label pairs (i, j), i != j, of labels (N,) integers (CPU).
+
+    For each kind: every unordered pair of that kind when there are at most n_per_kind of them,
+    else n_per_kind ordered pairs drawn uniformly, with replacement, from `generator`.
+    Returns (first (P,), second (P,), same (P,) bool).
+    """
+    _, label_ids, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    n_items = labels.numel()
+    n_positive = int((counts * (counts - 1) // 2).sum())
+    n_negative = n_items * (n_items - 1) // 2 - n_positive
+    if n_positive == 0:
+        raise ValueError("verification_roc_auc needs same-label pairs: every label occurs once, "
+                         "give it at least one class with two or more items")
+    if n_negative == 0:
+        raise ValueError("verification_roc_auc needs different-label pairs: all items have the "
+                         "same label, give it at least two classes")
+    # Work on positions in label-sorted order, where every class is one contiguous run.
+    order = torch.argsort(label_ids, stable=True)
+    class_ends = counts.cumsum(0)
+    size = counts[label_ids[order]]
+    end = class_ends[label_ids[order]]
+    start = end - size
+    positions = torch.arange(n_items)
+
+    if n_positive <= n_per_kind:
+        positive_first, positive_second = _all_pairs_after(positions + 1, end - 1 - positions)
+    else:
+        # Anchor p with probability proportional to its n_c - 1 partners, then one of them
+        # uniformly: every ordered same-label pair is equally likely.
+        positive_first = torch.multinomial((size - 1).double(), n_per_kind, replacement=True,
+                                           generator=generator)
+        class_size = size[positive_first]
+        step = 1 + _uniform_below(class_size - 1, generator)
+        class_start = start[positive_first]
+        positive_second = class_start + (positive_first - class_start + step) % class_size
+    if n_negative <= n_per_kind:
+        negative_first, negative_second = _all_pairs_after(end, n_items - end)
+    else:
+        negative_first = torch.multinomial((n_items - size).double(), n_per_kind,
+                                           replacement=True, generator=generator)
+        # A uniform position among the n - n_c outside the anchor's class run [start, end).
+        outside = _uniform_below(n_items - size[negative_first], generator)
+        negative_second = torch.where(outside < start[negative_first], outside,
+                                      outside + size[negative_first])
+    first = order[torch.cat([positive_first, negative_first])]
+    second = order[torch.cat([positive_second, negative_second])]
+    same = torch.cat([torch.ones(positive_first.numel(), dtype=torch.bool),
+                      torch.zeros(negative_first.numel(), dtype=torch.bool)])
+    return first, second, same
+
+
+def verification_roc_auc(embeddings, labels, n_pairs=100_000, seed=0):
+    """ROC-AUC of telling same-label pairs from different-label pairs by Euclidean distance.
+
+    Takes embeddings (N, D) floating and labels (N,) integers. Pairs (i, j), i != j, are scored
+    by the negative Euclidean distance (higher = same label). n_pairs // 2 same-label and
+    n_pairs // 2 different-label pairs are drawn uniformly (with replacement) from a
+    torch.Generator seeded with `seed`; a kind with no more than n_pairs // 2 pairs in the set is
+    used whole (each unordered pair once). The pairs are drawn on the CPU from the labels alone,
+    so the same seed picks the same pairs on any device. AUC by sklearn's `roc_auc_score` (equal
+    scores count one half). Returns a Python float in [0, 1]: 1 when every same-label pair is
+    closer than every different-label pair, 0 when every one is farther.
+    Raises ValueError when there is no same-label or no different-label pair.
+    """
+    labels = _check_embeddings_and_labels(embeddings, labels, "")
+    _check_int(n_pairs, "n_pairs", 2)
+    _check_int(seed, "seed", 0)
+    embeddings = embeddings.detach()
+    squared_norms = embeddings.pow(2).sum(dim=1)
+    _check_distances_fit(embeddings, squared_norms)
+    generator = torch.Generator().manual_seed(seed)
+    first, second, same = _verification_pairs(labels.cpu(), n_pairs // 2, generator)
+    first, second = first.to(embeddings.device), second.to(embeddings.device)
+    scores = []
+    pair_chunk = 65536  # bounds the (pairs, D) difference buffer
+    for start in range(0, first.numel(), pair_chunk):
+        differences = (embeddings[first[start:start + pair_chunk]]
+                       - embeddings[second[start:start + pair_chunk]])
+        scores.append(-differences.pow(2).sum(dim=1).sqrt())
+    scores = torch.cat(scores).cpu().double().numpy()
+    return float(roc_auc_score(same.numpy(), scores))
+
+
+def evaluate_embeddings(train_embeddings, train_labels, test_embeddings, test_labels, k=5,
+                        seed=0):
+    """Every embedding-quality metric of this module for one train/test split.
+
+    Takes train_embeddings (N, D), train_labels (N,), test_embeddings (M, D), test_labels (M,).
+    Returns a dict of Python floats, each in [0, 1]:
+    'precision_at_1', 'r_precision', 'map_at_r' (`retrieval_metrics` of the test set against
+    itself), 'knn_accuracy' (`knn_accuracy` of the test queries against the train gallery with
+    k neighbours), 'nmi' (`nmi_score` of the test set) and 'roc_auc' (`verification_roc_auc` of
+    the test set); `seed` seeds k-means and the pair sampling.
+    """
+    _check_embeddings_and_labels(train_embeddings, train_labels, "train")
+    test_labels = _check_embeddings_and_labels(test_embeddings, test_labels, "test")
+    if train_embeddings.shape[1] != test_embeddings.shape[1]:
+        raise ValueError(f"train and test embeddings must have the same width D, got "
+                         f"{train_embeddings.shape[1]} and {test_embeddings.shape[1]}")
+    results = retrieval_metrics(test_embeddings, test_labels)
+    results["knn_accuracy"] = knn_accuracy(test_embeddings, test_labels, train_embeddings,
+                                           train_labels, k=k)
+    results["nmi"] = nmi_score(test_embeddings, test_labels, seed=seed)
+    results["roc_auc"] = verification_roc_auc(test_embeddings, test_labels, seed=seed)
+    return {name: float(value) for name, value in results.items()}
