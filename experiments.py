@@ -148,6 +148,9 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
     Returns the row: a dict of the evaluation metrics, seconds per epoch, epochs and settings.
     """
     _check_choice(dataset, DATASETS, "dataset")
+    _check_choice(method, METHODS, "method")
+    if method == "online-triplet":
+        _check_choice(selector, tuple(SELECTORS), "selector")
     if quick:  # smoke runs never overwrite the committed plots and tables
         epochs = QUICK_EPOCHS
         images_dir = None if images_dir is None else os.path.join(images_dir, "quick")
@@ -175,12 +178,11 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
     row["final_val_loss"] = history["val_loss"][-1]
 
     if images_dir is not None:
-        stem = _image_stem(dataset, label, embedding_dim)
         for split, embeddings, labels in (("train", train_embeddings, train_labels),
                                           ("test", test_embeddings, test_labels)):
             plot_embeddings(embeddings, labels, train_set.classes,
                             f"{dataset} {label} ({split}, {embedding_dim}-D)",
-                            os.path.join(images_dir, f"{stem}_{split}.png"))
+                            image_path(dataset, label, split, embedding_dim, images_dir))
     if results_dir is not None:
         record_result(row, results_dir)
     return row
@@ -189,6 +191,12 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
 def _image_stem(dataset, label, embedding_dim):
     suffix = "" if embedding_dim == 2 else f"_{embedding_dim}d"
     return f"{dataset}_{label.replace('/', '-')}{suffix}"
+
+
+def image_path(dataset, label, split, embedding_dim=2, images_dir="images"):
+    """Where ``run_method`` saves the plot of a method's ``split`` ("train" or "test") embeddings,
+    e.g. ``images/fashion-mnist_online-triplet-semi-hard_test.png``."""
+    return os.path.join(images_dir, f"{_image_stem(dataset, label, embedding_dim)}_{split}.png")
 
 
 def _project_2d(embeddings):
@@ -203,13 +211,14 @@ def _project_2d(embeddings):
 def plot_embeddings(embeddings, labels, class_names, title, path):
     """Scatter plot of ``embeddings (N, D)`` coloured by ``labels (N,)`` with a legend of class
     names (a principal-component projection above 2-D), saved to ``path``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no backend switch, so a notebook's own plots keep working.
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     points = _project_2d(embeddings.float()).numpy()
-    figure, axes = plt.subplots(figsize=(8, 8))
-    colours = plt.get_cmap("tab10")
+    figure = Figure(figsize=(8, 8))
+    axes = figure.subplots()
+    colours = colormaps["tab10"]
     for class_id, name in enumerate(class_names):
         chosen = (labels == class_id).numpy()
         axes.scatter(points[chosen, 0], points[chosen, 1], s=2, alpha=0.5, color=colours(class_id % 10),
@@ -220,32 +229,28 @@ def plot_embeddings(embeddings, labels, class_names, title, path):
     if directory:
         os.makedirs(directory, exist_ok=True)
     figure.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(figure)
     return path
 
 
 def plot_comparison(dataset, pairs, embedding_dim=2, images_dir="images"):
     """Side-by-side figures of random (offline) against online mining, from the rows' saved test
     plots: one PNG per pair, e.g. ``images/fashion-mnist_siamese_vs_online-contrastive.png``."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.image as mpimg
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     written = []
     for left, right in pairs:
-        paths = [os.path.join(images_dir, f"{_image_stem(dataset, label, embedding_dim)}_test.png")
-                 for label in (left, right)]
+        paths = [image_path(dataset, label, "test", embedding_dim, images_dir) for label in (left, right)]
         if not all(os.path.exists(path) for path in paths):
             continue
-        figure, axes = plt.subplots(1, 2, figsize=(16, 8))
+        figure = Figure(figsize=(16, 8))
+        axes = figure.subplots(1, 2)
         for axis, path in zip(axes, paths):
             axis.imshow(mpimg.imread(path))
             axis.axis("off")
         out = os.path.join(images_dir, f"{_image_stem(dataset, left, embedding_dim)}_vs_"
                                        f"{right.replace('/', '-')}.png")
         figure.savefig(out, dpi=90, bbox_inches="tight")
-        plt.close(figure)
         written.append(out)
     return written
 

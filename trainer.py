@@ -78,10 +78,13 @@ def metric_key(metric):
     return str(metric.name()).strip().lower().replace(" ", "_")
 
 
-def _to_device(value, device):
+def _to_device(value, device, channels_last=False):
     if isinstance(value, torch.Tensor):
         # non_blocking only overlaps copies with compute for pinned host memory -> CUDA.
-        return value.to(device, non_blocking=device.type == "cuda")
+        non_blocking = device.type == "cuda"
+        if channels_last and value.dim() == 4:
+            return value.to(device, non_blocking=non_blocking, memory_format=torch.channels_last)
+        return value.to(device, non_blocking=non_blocking)
     return value
 
 
@@ -97,13 +100,14 @@ def _format_metrics(metric_values):
 
 
 def run_epoch(loader, model, loss_fn, device, metrics=(), optimizer=None, *, epoch=1,
-              n_epochs=None, progress=False, log_interval=100):
+              n_epochs=None, progress=False, log_interval=100, channels_last=False):
     """Run one pass over `loader`: a training epoch when `optimizer` is given, else evaluation.
 
     Training puts the model in train mode and steps the optimizer after every batch; evaluation
     puts it in eval mode and runs under torch.no_grad(). Metrics are reset first, then updated
     after every batch. `epoch` / `n_epochs` (1-based) only label the progress bar, the log lines
     and errors. With `progress=False` a line is printed every `log_interval` batches.
+    `channels_last` hands 4-D inputs to the model in channels-last memory format.
     Returns (mean of the per-batch losses as a float, {metric key: value as a float}).
     Raises FloatingPointError on a NaN/inf loss, before the optimizer step of that batch.
     """
@@ -130,7 +134,7 @@ def run_epoch(loader, model, loss_fn, device, metrics=(), optimizer=None, *, epo
                                     f"got {type(batch).__name__}")
                 data, target = batch
                 data = tuple(data) if isinstance(data, (tuple, list)) else (data,)
-                data = tuple(_to_device(item, device) for item in data)
+                data = tuple(_to_device(item, device, channels_last) for item in data)
                 targets = tuple(target) if isinstance(target, (tuple, list)) else (target,)
                 targets = tuple(_to_device(item, device) for item in targets)
 
@@ -272,7 +276,7 @@ def _check_path(value, what):
 
 def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, cuda=None,
         log_interval=100, metrics=(), start_epoch=0, *, device=None, progress=True,
-        checkpoint_dir=None, resume=False):
+        checkpoint_dir=None, resume=False, channels_last=False):
     """Train `model` for epochs start_epoch+1 .. n_epochs, validating after each epoch.
 
     Takes loaders of (data, target) batches (`val_loader` may be None), an nn.Module, a loss
@@ -284,7 +288,9 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
 
     Device: explicit `device` wins, else `cuda` True/False, else auto (cuda, mps, cpu).
     `progress=False` replaces the tqdm bars by a printed line every `log_interval` batches and
-    one per epoch.
+    one per epoch. `channels_last=True` puts the model's weights and the 4-D inputs in
+    channels-last memory format, which convolutions and pooling run faster in on CPUs with oneDNN
+    (same results up to float rounding; see benchmarks/bench_epoch.py).
 
     `checkpoint_dir`: after every epoch, atomically writes checkpoint_dir/checkpoint.pt holding the
     model, optimizer and scheduler states, the epoch count, the history and the torch (CPU and
@@ -339,6 +345,8 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     keys = [metric_key(metric) for metric in metrics]
     if len(set(keys)) != len(keys) or "loss" in keys:
         raise ValueError(f"metric names must be distinct and not 'loss', got {keys}")
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be True or False, got {channels_last!r}")
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be True or False, got {progress!r}")
     if checkpoint_dir is not None:
@@ -360,6 +368,8 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     device = resolve_device(device, cuda)
 
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     history = {"epoch": [], "train_loss": [], "val_loss": [], "lr": [], "seconds": []}
     for key in keys:
         history[f"train_{key}"] = []
@@ -403,13 +413,14 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
         _set_epoch(train_loader, epoch_index)
         train_loss, train_metrics = run_epoch(
             train_loader, model, loss_fn, device, metrics, optimizer, epoch=epoch,
-            n_epochs=n_epochs, progress=progress, log_interval=log_interval)
+            n_epochs=n_epochs, progress=progress, log_interval=log_interval,
+            channels_last=channels_last)
         val_loss, val_metrics = None, dict.fromkeys(keys)
         if val_loader is not None:
             _set_epoch(val_loader, epoch_index)
             val_loss, val_metrics = run_epoch(
                 val_loader, model, loss_fn, device, metrics, epoch=epoch, n_epochs=n_epochs,
-                progress=progress, log_interval=log_interval)
+                progress=progress, log_interval=log_interval, channels_last=channels_last)
         if scheduler is not None:
             if is_plateau:
                 scheduler.step(val_loss if val_loss is not None else train_loss)

@@ -799,3 +799,29 @@ def test_batch_and_loss_errors():
 def test_metric_key_naming():
     assert trainer.metric_key(AccumulatedAccuracyMetric()) == "accuracy"
     assert trainer.metric_key(AverageNonzeroTripletsMetric()) == "average_nonzero_triplets"
+
+
+def test_channels_last_trains_the_same_model_up_to_rounding():
+    from networks import EmbeddingNet
+
+    def train(channels_last):
+        torch.manual_seed(0)
+        images, labels = torch.randn(64, 1, 28, 28), torch.arange(64) % 4
+        model = nn.Sequential(EmbeddingNet(embedding_dim=4), nn.Linear(4, 4), nn.LogSoftmax(dim=1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=16)
+        history = trainer.fit(loader, loader, model, nn.NLLLoss(), optimizer, None, 2, progress=False,
+                      device="cpu", channels_last=channels_last)
+        return model, history
+
+    plain, plain_history = train(False)
+    fast, fast_history = train(True)
+    conv = fast[0].convnet[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(plain.parameters(), fast.parameters()):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert plain_history["train_loss"] == pytest.approx(fast_history["train_loss"], rel=1e-4)
+    loader = DataLoader(TensorDataset(torch.randn(4, 1, 28, 28), torch.arange(4)), batch_size=2)
+    with pytest.raises(TypeError, match="channels_last must be True or False"):
+        trainer.fit(loader, None, plain, nn.NLLLoss(), torch.optim.SGD(plain.parameters(), lr=0.1), None, 1,
+            progress=False, channels_last="yes")

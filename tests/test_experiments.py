@@ -1,0 +1,307 @@
+"""experiments.py end to end on the IDX fixture: every method trains (quick mode), its metrics are
+finite and in [0, 1], its plots and result rows are written under the working directory's
+images/quick and results/quick; the command line; bad names; plots; the results table."""
+
+import json
+import math
+import os
+import shutil
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+import experiments
+from datasets import CLASS_NAMES
+from fixtures import write_idx_fixture
+
+METRICS = ["precision_at_1", "r_precision", "map_at_r", "knn_accuracy", "nmi", "roc_auc"]
+# every method once, and three of the five selectors (the command-line test runs the other two),
+# in the order record_result sorts the rows
+RUNS = [("softmax", None), ("siamese", None), ("triplet", None), ("online-contrastive", None),
+        ("online-triplet", "all"), ("online-triplet", "random-hard"), ("online-triplet", "semi-hard")]
+LABELS = [experiments.method_label(method, selector) for method, selector in RUNS]
+PER_CLASS = 25  # BalancedBatchSampler's 10 x 25 batches need 25 items per class in each split
+
+
+def stem(dataset, label, suffix=""):
+    return f"{dataset}_{label.replace('/', '-')}{suffix}"
+
+
+def is_png(path):
+    with open(path, "rb") as file:
+        return file.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """(working directory, {label: row}): each of RUNS trained in quick mode on MNIST-format
+    fixture files in <working directory>/data, with the working directory as cwd."""
+    work = tmp_path_factory.mktemp("study")
+    write_idx_fixture(work / "data", PER_CLASS, PER_CLASS)
+    rows = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        for method, selector in RUNS:
+            row = experiments.run_method("mnist", method, selector=selector, quick=True, root="data",
+                                         progress=False)
+            rows[row["method"]] = row
+    return work, rows
+
+
+@pytest.fixture(scope="module")
+def splits(study):
+    work, _ = study
+    return experiments.load_splits("mnist", work / "data", quick=True)
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_run_method_gives_finite_metrics_in_unit_interval(study, label):
+    row = study[1][label]
+    assert (row["dataset"], row["method"], row["embedding_dim"], row["seed"]) == ("mnist", label, 2, 0)
+    assert row["quick"] is True and row["epochs"] == 1  # quick forces one epoch over the default 20
+    for metric in METRICS:
+        assert 0 <= row[metric] <= 1, metric
+    assert ("classifier_accuracy" in row) == (label == "softmax")
+    if label == "softmax":
+        assert 0 <= row["classifier_accuracy"] <= 1
+    assert row["seconds_per_epoch"] > 0
+    for key in ("seconds_per_epoch", "final_train_loss", "final_val_loss"):
+        assert math.isfinite(row[key]), key
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_run_method_plots_train_and_test_embeddings(study, label):
+    work, _ = study
+    for split in ("train", "test"):
+        path = work / "images" / "quick" / f"{stem('mnist', label)}_{split}.png"
+        assert is_png(path)
+        assert matplotlib.image.imread(path).shape[:2] > (100, 100)
+
+
+def test_quick_runs_write_only_under_the_quick_folders(study):
+    work, _ = study
+    assert os.listdir(work / "images") == ["quick"]
+    assert os.listdir(work / "results") == ["quick"]
+    assert sorted(os.listdir(work / "results" / "quick")) == ["mnist.json", "mnist.md"]
+
+
+def test_results_files_hold_one_row_per_method(study):
+    work, rows = study
+    with open(work / "results" / "quick" / "mnist.json") as file:
+        saved = json.load(file)
+    assert [row["method"] for row in saved] == LABELS
+    assert saved == [rows[label] for label in LABELS]
+    with open(work / "results" / "quick" / "mnist.md") as file:
+        assert file.read() == experiments.results_table(saved)
+
+
+def copy_study(study, destination):
+    """A copy of the study's data and results in `destination`, to run more methods into."""
+    work, _ = study
+    shutil.copytree(work / "data", destination / "data")
+    shutil.copytree(work / "results", destination / "results")
+
+
+def test_rerun_replaces_its_row(study, tmp_path, monkeypatch):
+    copy_study(study, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    row = experiments.run_method("mnist", "online-contrastive", seed=1, quick=True, root="data", progress=False)
+    with open(tmp_path / "results" / "quick" / "mnist.json") as file:
+        saved = json.load(file)
+    assert [old["method"] for old in saved] == LABELS
+    assert saved[LABELS.index("online-contrastive")] == row and row["seed"] == 1
+    assert [old for old in saved if old["method"] != "online-contrastive"] == \
+        [study[1][label] for label in LABELS if label != "online-contrastive"]
+
+
+def test_other_embedding_size_gets_its_own_row_and_plots(study, tmp_path, monkeypatch):
+    copy_study(study, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    row = experiments.run_method("mnist", "online-contrastive", embedding_dim=64, quick=True, root="data",
+                                 progress=False)
+    assert row["embedding_dim"] == 64 and all(0 <= row[metric] <= 1 for metric in METRICS)
+    with open(tmp_path / "results" / "quick" / "mnist.json") as file:
+        saved = json.load(file)
+    assert [(old["method"], old["embedding_dim"]) for old in saved] == \
+        [(label, 2) for label in LABELS] + [("online-contrastive", 64)]
+    for split in ("train", "test"):
+        assert is_png(tmp_path / "images" / "quick" / f"{stem('mnist', 'online-contrastive', '_64d')}_{split}.png")
+
+
+def test_command_line_runs_the_chosen_methods_and_selectors(tmp_path, monkeypatch, capsys):
+    write_idx_fixture(tmp_path / "fixture", PER_CLASS, PER_CLASS, seed=5)
+    monkeypatch.chdir(tmp_path)
+    rows = experiments.main(["--dataset", "fashion-mnist", "--quick", "--epochs", "7", "--root", "fixture",
+                             "--methods", "online-contrastive,online-triplet",
+                             "--selectors", "hardest,batch-hard", "--no-progress"])
+    labels = ["online-contrastive", "online-triplet/hardest", "online-triplet/batch-hard"]
+    assert [row["method"] for row in rows] == labels
+    assert all(row["dataset"] == "fashion-mnist" and row["epochs"] == 1 for row in rows)
+    assert all(0 <= row[metric] <= 1 for row in rows for metric in METRICS)
+
+    printed = capsys.readouterr().out
+    assert experiments.results_table(rows) in printed
+    assert "results/quick/fashion-mnist.md" in printed
+    with open(tmp_path / "results" / "quick" / "fashion-mnist.json") as file:
+        assert [row["method"] for row in json.load(file)] == labels
+    # the plots of each run, and no comparison: siamese and triplet, the random sides, did not run
+    assert sorted(os.listdir(tmp_path / "images" / "quick")) == sorted(
+        f"{stem('fashion-mnist', label)}_{split}.png" for label in labels for split in ("train", "test"))
+    assert sorted(os.listdir(tmp_path)) == ["fixture", "images", "results"]
+
+
+def test_plot_comparison_sets_random_beside_online_mining(study, tmp_path):
+    work, _ = study
+    images = tmp_path / "images"
+    shutil.copytree(work / "images" / "quick", images)
+    pairs = [("siamese", "online-contrastive"), ("triplet", "online-triplet/semi-hard"),
+             ("triplet", "online-triplet/hardest")]  # the study trained no hardest selector
+    written = experiments.plot_comparison("mnist", pairs, images_dir=str(images))
+    assert written == [str(images / "mnist_siamese_vs_online-contrastive.png"),
+                       str(images / "mnist_triplet_vs_online-triplet-semi-hard.png")]
+    assert all(is_png(path) for path in written)
+    height, width = matplotlib.image.imread(written[0]).shape[:2]
+    assert width > 1.5 * height  # two plots side by side
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "softmax,bogus"], "unknown method 'bogus'"),
+    (["--methods", "online-triplet", "--selectors", "semi-hard,bogus"], "unknown selector 'bogus'"),
+])
+def test_command_line_rejects_unknown_names(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        experiments.main(["--quick", *argv])
+    assert os.listdir(tmp_path) == []
+
+
+def test_command_line_rejects_unknown_dataset(capsys):
+    with pytest.raises(SystemExit):  # argparse's choices
+        experiments.main(["--quick", "--dataset", "cifar10"])
+    assert "invalid choice: 'cifar10'" in capsys.readouterr().err
+
+
+def test_run_method_rejects_unknown_names(splits, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset 'cifar10'"):
+        experiments.run_method("cifar10", "softmax", quick=True)
+    with pytest.raises(ValueError, match="unknown method 'bogus'"):
+        experiments.run_method("mnist", "bogus", quick=True, splits=splits)
+    with pytest.raises(ValueError, match="unknown selector 'bogus'"):
+        experiments.run_method("mnist", "online-triplet", selector="bogus", quick=True, splits=splits)
+    with pytest.raises(ValueError, match="unknown method 'bogus'"):
+        experiments.build_training("bogus", *splits)
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_splits_quick_keeps_the_first_items(tmp_path):
+    # 2050 train and 1010 test items, a little more than the quick sizes
+    write_idx_fixture(tmp_path, train_per_class=205, test_per_class=101)
+    full = experiments.load_splits("fashion-mnist", tmp_path)
+    quick = experiments.load_splits("fashion-mnist", tmp_path, quick=True)
+    for whole, part, size in zip(full, quick, experiments.QUICK_SIZES):
+        assert len(whole) > size and len(part) == size
+        assert torch.equal(part.data, whole.data[:size]) and torch.equal(part.targets, whole.targets[:size])
+        assert part.classes == CLASS_NAMES["fashion-mnist"]
+        assert (part.mean, part.std) == (whole.mean, whole.std)
+    assert [split.train for split in quick] == [True, False]
+
+
+def capture_figures(monkeypatch):
+    """The figures plot_embeddings saves, kept for inspection."""
+    figures = []
+    save = Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        figures.append(figure)
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+def distances(points):
+    """(N, N) Euclidean distances, by explicit differences (exact zeros on the diagonal)."""
+    return (points[:, None] - points[None]).norm(dim=-1)
+
+
+def plotted_points(figure, n_classes):
+    axes = figure.axes[0]
+    return [torch.as_tensor(np.asarray(axes.collections[k].get_offsets()), dtype=torch.float32) for k in range(n_classes)]
+
+
+def test_plot_embeddings_draws_2d_embeddings_as_they_are(tmp_path, monkeypatch):
+    figures = capture_figures(monkeypatch)
+    generator = torch.Generator().manual_seed(0)
+    embeddings, labels = torch.randn(300, 2, generator=generator), torch.arange(300) % 3
+    path = tmp_path / "nested" / "folder" / "plot.png"
+    assert experiments.plot_embeddings(embeddings, labels, ["a", "b", "c"], "two dims", str(path)) == str(path)
+    assert is_png(path)
+    axes = figures[0].axes[0]
+    assert axes.get_title() == "two dims"
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["a", "b", "c"]
+    for class_id, points in enumerate(plotted_points(figures[0], 3)):
+        assert torch.equal(points, embeddings[labels == class_id])
+
+
+def test_plot_embeddings_projects_64d_embeddings_on_their_principal_plane(tmp_path, monkeypatch):
+    figures = capture_figures(monkeypatch)
+    generator = torch.Generator().manual_seed(0)
+    # 64-D points that lie on a plane: the projection must keep all their distances
+    flat = torch.randn(400, 2, generator=generator) * torch.tensor([3.0, 1.0])
+    axes_64d, _ = torch.linalg.qr(torch.randn(64, 2, generator=generator))
+    embeddings = flat @ axes_64d.T + torch.randn(64, generator=generator)
+    labels = torch.arange(400) % 10
+    path = tmp_path / "plot64.png"
+    experiments.plot_embeddings(embeddings, labels, CLASS_NAMES["mnist"], "sixty-four dims", str(path))
+    assert is_png(path)
+    assert figures[0].axes[0].get_title() == "sixty-four dims - PCA projection"
+    projected = torch.cat(plotted_points(figures[0], 10))
+    original = torch.cat([flat[labels == class_id] for class_id in range(10)])
+    assert torch.allclose(distances(projected), distances(original), atol=1e-4)
+
+
+def test_plot_comparison_skips_pairs_without_plots(tmp_path):
+    assert experiments.plot_comparison("mnist", [("siamese", "online-contrastive")], images_dir=str(tmp_path)) == []
+    assert os.listdir(tmp_path) == []
+
+
+HEADER = ("| method | dim | P@1 | R-Prec | MAP@R | kNN acc | NMI | ROC-AUC | clf acc | s/epoch | epochs |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def test_results_table_formats_each_column():
+    rows = [
+        {"method": "softmax", "embedding_dim": 2, "precision_at_1": 0.98765, "r_precision": 0.5,
+         "map_at_r": 0.12345, "knn_accuracy": 1.0, "nmi": 0.0, "roc_auc": 0.99996,
+         "classifier_accuracy": 0.9712, "seconds_per_epoch": 12.34, "epochs": 20, "seed": 0},
+        {"method": "online-triplet/semi-hard", "embedding_dim": 64, "precision_at_1": 0.25,
+         "r_precision": 0.0625, "map_at_r": 0.03125, "knn_accuracy": 0.5, "nmi": 0.75, "roc_auc": 0.875,
+         "classifier_accuracy": None, "seconds_per_epoch": 3.0, "epochs": 1},
+    ]
+    assert experiments.results_table(rows) == HEADER + (
+        "| softmax | 2 | 0.988 | 0.500 | 0.123 | 1.000 | 0.000 | 1.000 | 0.971 | 12.3 | 20 |\n"
+        "| online-triplet/semi-hard | 64 | 0.250 | 0.062 | 0.031 | 0.500 | 0.750 | 0.875 |  | 3.0 | 1 |\n")
+    assert experiments.results_table([]) == HEADER
+
+
+def test_record_result_keeps_one_sorted_row_per_method_and_size(tmp_path):
+    def row(method, dim, value, dataset="mnist"):
+        return {"dataset": dataset, "method": method, "embedding_dim": dim, "nmi": value}
+
+    for new in (row("online-triplet/batch-hard", 2, 0.1), row("softmax", 64, 0.2), row("triplet", 2, 0.3),
+                row("online-triplet/all", 2, 0.4), row("softmax", 2, 0.5), row("triplet", 2, 0.6),
+                row("softmax", 2, 0.7, dataset="fashion-mnist")):
+        experiments.record_result(new, str(tmp_path))
+    with open(tmp_path / "mnist.json") as file:
+        saved = json.load(file)
+    assert [(old["method"], old["embedding_dim"], old["nmi"]) for old in saved] == [
+        ("softmax", 2, 0.5), ("triplet", 2, 0.6), ("online-triplet/all", 2, 0.4),
+        ("online-triplet/batch-hard", 2, 0.1), ("softmax", 64, 0.2)]
+    with open(tmp_path / "mnist.md") as file:
+        assert file.read() == experiments.results_table(saved)
+    with open(tmp_path / "fashion-mnist.json") as file:
+        assert [old["nmi"] for old in json.load(file)] == [0.7]
