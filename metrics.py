@@ -13,6 +13,10 @@ Two kinds live here:
   `nmi_score` (k-means clustering against the labels), `verification_roc_auc` (same/different
   pairs scored by distance) and `evaluate_embeddings`, which gathers all of them for a train/test
   split.
+- One-shot learning: `best_threshold` (the verification threshold that maximises accuracy),
+  `sample_episodes` / `episode_accuracies` / `few_shot_accuracy` / `n_way_k_shot_accuracy`
+  (seeded N-way K-shot episodes on classes never seen in training, prototype or nearest-neighbour
+  rule, with a 95% confidence interval) and `one_shot_run_errors` (Lake et al.'s 20 runs).
 
 Distances are Euclidean and computed in chunks of queries, so memory stays O(chunk x N): a 60k x
 10k or 10k x 10k evaluation never holds a full distance matrix.
@@ -22,6 +26,7 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score, roc_auc_score
 from torch import nn
+from torch.utils.data import DataLoader
 
 
 class Metric:
@@ -518,3 +523,237 @@ def evaluate_embeddings(train_embeddings, train_labels, test_embeddings, test_la
     results["nmi"] = nmi_score(test_embeddings, test_labels, seed=seed)
     results["roc_auc"] = verification_roc_auc(test_embeddings, test_labels, seed=seed)
     return {name: float(value) for name, value in results.items()}
+
+
+# ---------------------------------------------------------------- one-shot learning
+
+def best_threshold(scores, same):
+    """The decision threshold on similarity scores that maximises verification accuracy.
+
+    Takes scores (N,) floating (higher = more alike, e.g. SiameseNetwork.similarity) and same (N,)
+    bool (True for a same-class pair). A pair is declared "same" when its score >= threshold. Every
+    distinct split of the sorted scores is tried with one sort and cumulative sums: the threshold is
+    the midpoint between the two scores on either side of the split, the lowest score when all pairs
+    are declared same, and the next float above the highest score when none are. On equal accuracy
+    the highest threshold wins.
+    Returns (threshold, accuracy), two Python floats; accuracy in [0, 1].
+    """
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or not scores.is_floating_point():
+        raise TypeError("scores must be a 1-D floating tensor (N,) of similarity scores")
+    same = torch.as_tensor(same, device=scores.device)
+    if same.dtype != torch.bool or same.shape != scores.shape:
+        raise ValueError(f"same must be a bool tensor of shape {tuple(scores.shape)} (True = same class), "
+                         f"got {same.dtype} {tuple(same.shape)}")
+    if scores.numel() == 0:
+        raise ValueError("best_threshold needs at least one scored pair")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contains NaN or inf")
+    scores = scores.detach().double()
+    ordered, order = torch.sort(scores, descending=True, stable=True)
+    same_sorted = same[order]
+    n = scores.numel()
+    n_different = n - int(same.sum())
+    # Declaring the first i + 1 sorted pairs "same": true positives + the different pairs left below.
+    true_positives = same_sorted.cumsum(0)
+    declared = torch.arange(1, n + 1, device=scores.device)
+    correct = true_positives + (n_different - (declared - true_positives))
+    # Only splits between two different scores can be made by a threshold.
+    valid = torch.ones(n, dtype=torch.bool, device=scores.device)
+    valid[:-1] = ordered[:-1] > ordered[1:]
+    correct = torch.where(valid, correct, -1)
+    best = int(torch.argmax(correct))  # first maximum: the highest threshold
+    if n_different >= int(correct[best]):  # declaring nothing "same" is at least as good
+        return float(torch.nextafter(ordered[0], ordered.new_tensor(float("inf")))), n_different / n
+    if best == n - 1:
+        return float(ordered[-1]), int(correct[best]) / n
+    above, below = ordered[best], ordered[best + 1]
+    midpoint = (above + below) / 2
+    threshold = midpoint if midpoint > below else above  # rounding may land on `below`
+    return float(threshold), int(correct[best]) / n
+
+
+def _check_choice_of(value, choices, name):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, groups=None, seed=0):
+    """Item indices of seeded N-way K-shot episodes.
+
+    Takes labels (N,) integers (one class per item) and optionally groups (N,) integers (e.g. the
+    alphabet of each Omniglot character; constant within a class). An episode draws n_way distinct
+    classes uniformly among the classes with at least k_shot + n_query items (with groups: first a
+    group, uniformly among the groups having n_way such classes, then the classes inside it), then
+    k_shot + n_query distinct items of each class uniformly: the first k_shot are the support, the
+    others the queries, so the two never overlap. Draws come from torch.Generator().manual_seed(seed)
+    on the CPU, in chunks of episodes so memory stays bounded for classes of thousands of items.
+    Returns (support (E, n_way, k_shot), query (E, n_way, n_query)) long tensors of item indices, row
+    w of an episode holding its w-th class.
+    """
+    labels = torch.as_tensor(labels).cpu()
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        raise TypeError("labels must be a 1-D integer tensor (N,)")
+    _check_int(n_way, "n_way", 2)
+    _check_int(k_shot, "k_shot", 1)
+    _check_int(n_query, "n_query", 1)
+    _check_int(n_episodes, "n_episodes", 1)
+    _check_int(seed, "seed", 0)
+    per_class = k_shot + n_query
+    classes, class_of, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    eligible = counts >= per_class
+    if groups is None:
+        class_groups = torch.zeros(len(classes), dtype=torch.long)
+    else:
+        groups = torch.as_tensor(groups).cpu()
+        if groups.shape != labels.shape or groups.is_floating_point():
+            raise ValueError(f"groups must be {len(labels)} integers (one per item), got {tuple(groups.shape)}")
+        _, groups = torch.unique(groups, return_inverse=True)
+        class_groups = torch.zeros(len(classes), dtype=torch.long).scatter_(0, class_of, groups)
+        if (class_groups[class_of] != groups).any():
+            raise ValueError("every class must lie in one group (e.g. a character in one alphabet)")
+    n_groups = int(class_groups.max()) + 1
+    eligible_per_group = torch.zeros(n_groups, dtype=torch.long).index_add_(0, class_groups, eligible.long())
+    usable_groups = (eligible_per_group >= n_way).nonzero().squeeze(1)
+    if usable_groups.numel() == 0:
+        where = "in any group" if groups is not None else "in the data"
+        raise ValueError(f"{n_way}-way episodes need {n_way} classes with >= {per_class} items (k_shot + "
+                         f"n_query) {where}; there are at most {int(eligible_per_group.max())}")
+    # members[c] lists class c's items, padded with -1, so item draws are one masked top-k
+    order = torch.argsort(class_of, stable=True)
+    starts = counts.cumsum(0) - counts
+    width = int(counts.max())
+    members = torch.full((len(classes), width), -1, dtype=torch.long)
+    position = torch.arange(len(labels)) - starts[class_of[order]]
+    members[class_of[order], position] = order
+
+    generator = torch.Generator().manual_seed(seed)
+    chunk = max(1, (1 << 22) // max(n_way * width, len(classes)))
+    supports, queries = [], []
+    for start in range(0, n_episodes, chunk):
+        size = min(chunk, n_episodes - start)
+        episode_groups = usable_groups[torch.randint(len(usable_groups), (size,), generator=generator)]
+        class_keys = torch.rand(size, len(classes), generator=generator)
+        allowed = eligible[None, :] & (class_groups[None, :] == episode_groups[:, None])
+        class_keys = torch.where(allowed, class_keys, 2.0)  # never among the n_way smallest
+        chosen = torch.topk(class_keys, n_way, dim=1, largest=False).indices  # (size, n_way), random order
+        item_keys = torch.rand(size, n_way, width, generator=generator)
+        rows = members[chosen]  # (size, n_way, width)
+        item_keys = torch.where(rows >= 0, item_keys, 2.0)
+        picked = torch.topk(item_keys, per_class, dim=2, largest=False).indices
+        items = rows.gather(2, picked)
+        supports.append(items[:, :, :k_shot])
+        queries.append(items[:, :, k_shot:])
+    return torch.cat(supports), torch.cat(queries)
+
+
+def _episode_distances(queries, references):
+    """Squared distances (E, Q, R) between queries (E, Q, D) and references (E, R, D)."""
+    distances = torch.baddbmm(references.pow(2).sum(-1).unsqueeze(1), queries, references.transpose(1, 2),
+                              alpha=-2.0)
+    return distances.add_(queries.pow(2).sum(-1, keepdim=True)).clamp_min_(0)
+
+
+def episode_accuracies(embeddings, support, query, rule="prototype"):
+    """Accuracy of each episode given embeddings (N, D) and episode indices support (E, W, K) and
+    query (E, W, Q) (as sample_episodes returns them: row w is class w).
+
+    rule 'prototype': a query gets the class whose mean support embedding is nearest (Snell et al.,
+    2017); 'nearest': the class of its nearest support embedding. Euclidean distance; equal
+    distances go to the lower class row. Returns (E,) float accuracies in [0, 1] on the embeddings'
+    device.
+    """
+    _check_choice_of(rule, ("prototype", "nearest"), "rule")
+    if support.dim() != 3 or query.dim() != 3 or support.shape[:2] != query.shape[:2]:
+        raise ValueError(f"support (E, W, K) and query (E, W, Q) must share E and W, got "
+                         f"{tuple(support.shape)} and {tuple(query.shape)}")
+    n_episodes, n_way, k_shot = support.shape
+    n_query = query.shape[2]
+    device = embeddings.device
+    truth = torch.arange(n_way, device=device).repeat_interleave(n_query)
+    accuracies = []
+    chunk = max(1, (1 << 22) // (n_way * max(k_shot, n_query) * embeddings.shape[1]))
+    for start in range(0, n_episodes, chunk):
+        support_embeddings = embeddings[support[start:start + chunk].to(device)]  # (e, W, K, D)
+        query_embeddings = embeddings[query[start:start + chunk].to(device)].flatten(1, 2)  # (e, W*Q, D)
+        if rule == "prototype":
+            predicted = _episode_distances(query_embeddings, support_embeddings.mean(2)).argmin(2)
+        else:
+            nearest = _episode_distances(query_embeddings, support_embeddings.flatten(1, 2)).argmin(2)
+            predicted = torch.div(nearest, k_shot, rounding_mode="floor")
+        accuracies.append((predicted == truth).float().mean(1))
+    return torch.cat(accuracies)
+
+
+def few_shot_accuracy(embeddings, labels, n_way=5, k_shot=1, n_episodes=1000, groups=None, seed=0, n_query=1,
+                      rule="prototype"):
+    """Mean N-way K-shot accuracy of an embedding over seeded episodes, with a 95% confidence interval.
+
+    Takes embeddings (N, D) and labels (N,) (and groups (N,) for episodes inside one group, e.g. one
+    alphabet); episodes as in sample_episodes, scored as in episode_accuracies.
+    Returns {'accuracy', 'ci95' (1.96 standard errors of the episode mean, NaN for one episode),
+    'n_episodes', 'n_way', 'k_shot', 'n_query', 'rule'}.
+    """
+    labels = _check_embeddings_and_labels(embeddings, labels, "")
+    support, query = sample_episodes(labels, n_way, k_shot, n_query, n_episodes, groups, seed)
+    accuracies = episode_accuracies(embeddings.detach(), support, query, rule).double()
+    ci95 = 1.96 * accuracies.std() / n_episodes ** 0.5 if n_episodes > 1 else torch.tensor(float("nan"))
+    return {"accuracy": float(accuracies.mean()), "ci95": float(ci95), "n_episodes": n_episodes,
+            "n_way": n_way, "k_shot": k_shot, "n_query": n_query, "rule": rule}
+
+
+def n_way_k_shot_accuracy(model, dataset, n_way=5, k_shot=1, n_episodes=1000, within_alphabet=False, seed=0,
+                          n_query=1, rule="prototype", batch_size=512, device=None):
+    """N-way K-shot accuracy of `model` on the classes of `dataset` (pass classes it never saw).
+
+    Every image of the dataset (items (image, label), e.g. an OmniglotAlphabets or InMemoryDataset
+    without augmentation) is embedded once with model.get_embedding; each episode is then index
+    operations on those embeddings (see few_shot_accuracy). within_alphabet draws each episode's
+    classes from one alphabet (`dataset.alphabets`, (N,)), the harder Omniglot protocol; alphabets
+    with fewer than n_way usable characters are skipped.
+    Returns {'accuracy', 'ci95', 'n_episodes', 'n_way', 'k_shot', 'n_query', 'rule', 'within_alphabet'}.
+    """
+    if not isinstance(within_alphabet, bool):
+        raise TypeError(f"within_alphabet must be True or False, got {within_alphabet!r}")
+    groups = None
+    if within_alphabet:
+        groups = getattr(dataset, "alphabets", None)
+        if groups is None:
+            raise TypeError(f"within_alphabet=True needs a dataset with .alphabets (one per image), such as "
+                            f"OmniglotAlphabets; {type(dataset).__name__} has none")
+    embeddings, labels = extract_embeddings(DataLoader(dataset, batch_size=batch_size), model, device)
+    result = few_shot_accuracy(embeddings, labels, n_way, k_shot, n_episodes, groups, seed, n_query, rule)
+    result["within_alphabet"] = within_alphabet
+    return result
+
+
+def one_shot_run_errors(model, runs, device=None):
+    """Error of `model` on Lake et al.'s one-shot classification runs (datasets.OneShotRuns).
+
+    In each run every test item is assigned to the training image nearest in embedding distance
+    (model.get_embedding, eval mode, no gradients); the run's error is the fraction assigned to the
+    wrong one. Returns {'names': [run names], 'errors': [per-run errors in [0, 1]], 'mean_error':
+    their mean}.
+    """
+    if not isinstance(model, nn.Module) or not callable(getattr(model, "get_embedding", None)):
+        raise TypeError("one_shot_run_errors needs an nn.Module with a get_embedding method")
+    if device is None:
+        first_parameter = next(model.parameters(), None)
+        device = first_parameter.device if first_parameter is not None else torch.device("cpu")
+    names, errors = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for run in runs:
+                n_training = len(run.training_images)
+                images = torch.cat([run.training_images, run.test_images]).to(device)
+                embeddings = model.get_embedding(images)
+                distances = _episode_distances(embeddings[None, n_training:], embeddings[None, :n_training])[0]
+                wrong = distances.argmin(1) != run.answers.to(device)
+                names.append(run.name)
+                errors.append(float(wrong.double().mean()))
+    finally:
+        model.train(was_training)
+    if not errors:
+        raise ValueError("one_shot_run_errors got no runs")
+    return {"names": names, "errors": errors, "mean_error": sum(errors) / len(errors)}

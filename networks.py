@@ -4,8 +4,20 @@
 them on the unit sphere; ``ClassificationNet`` adds a softmax classifier (the baseline);
 ``SiameseNet`` and ``TripletNet`` run one shared embedding net on two or three inputs. Every model
 has ``get_embedding(x)`` returning ``(B, D)``.
+
+``SiameseNetwork`` is the one-shot model (Koch, Zemel and Salakhutdinov, 2015 style): one
+convolutional encoder shared by both inputs, a similarity score in (0, 1] and a verify decision.
+
+``Autoencoder`` and ``VAE`` (built from ``MLPEncoder``/``MLPDecoder`` for feature vectors ``(B, D)`` or
+``ConvEncoder``/``ConvDecoder`` for images ``(B, C, S, S)``, or by ``make_autoencoder``) return an
+``AutoencoderOutput`` (latent, reconstruction, mean, log_var); ``SiameseAutoencoder`` and
+``TripletAutoencoder`` share one of them across two or three inputs.
 """
 
+import numbers
+from typing import NamedTuple, Optional
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -117,3 +129,387 @@ class TripletNet(nn.Module):
 
     def get_embedding(self, x):
         return self.embedding_net(x)
+
+
+class SiameseNetwork(nn.Module):
+    """A siamese network for one-shot learning: one encoder, shared by both inputs.
+
+    The encoder is ``n_blocks`` blocks of conv 3x3 (``channels``) -> BatchNorm -> ReLU -> max-pool 2,
+    then a linear layer to ``embedding_dim`` (optionally L2-normalised). It is built for square images
+    ``(B, in_channels, image_size, image_size)``: 105 (Omniglot's own size), or resized characters
+    such as 28 or 56; ``image_size`` must be at least ``2 ** n_blocks``.
+
+    - ``forward_one(x)`` / ``get_embedding(x)``: images ``(B, C, S, S)`` -> embeddings ``(B, D)``;
+    - ``forward(input1, input2) -> (output1, output2)``: both batches through the same encoder (in one
+      call, so BatchNorm sees them together), ready for ``ContrastiveLoss(margin)(output1, output2,
+      label)`` with label 1 for a same-class pair; ``forward(x)`` alone returns ``forward_one(x)``, so
+      the online losses (``OnlineTripletLoss`` on ``BalancedBatchSampler`` batches) train it as well;
+    - ``similarity(input1, input2)``: ``(B,)`` scores ``1 / (1 + d)`` in (0, 1], d the Euclidean
+      distance of the embeddings: 1 for identical embeddings, decreasing with the distance;
+    - ``verify(input1, input2, threshold)``: ``(B,)`` bool, ``similarity >= threshold`` (same class).
+    """
+
+    def __init__(self, image_size=105, embedding_dim=64, in_channels=1, channels=64, n_blocks=4,
+                 normalize=False):
+        super().__init__()
+        self.image_size = _positive_int(image_size, "image_size")
+        self.embedding_dim = _positive_int(embedding_dim, "embedding_dim")
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.channels = _positive_int(channels, "channels")
+        self.n_blocks = _positive_int(n_blocks, "n_blocks")
+        self.normalize = bool(normalize)
+        feature_size = image_size // 2 ** n_blocks
+        if feature_size < 1:
+            raise ValueError(f"image_size must be >= {2 ** n_blocks} for {n_blocks} 2x2 poolings, got "
+                             f"{image_size}; lower n_blocks or resize the images")
+        layers = []
+        for block in range(n_blocks):
+            layers += [nn.Conv2d(in_channels if block == 0 else channels, channels, 3, padding=1),
+                       nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2)]
+        self.encoder = nn.Sequential(*layers, nn.Flatten(),
+                                     nn.Linear(channels * feature_size * feature_size, embedding_dim))
+
+    def config(self):
+        """The constructor arguments, e.g. to save next to the weights and rebuild the network."""
+        return {"image_size": self.image_size, "embedding_dim": self.embedding_dim,
+                "in_channels": self.in_channels, "channels": self.channels, "n_blocks": self.n_blocks,
+                "normalize": self.normalize}
+
+    def forward_one(self, x):
+        """Embeddings ``(B, embedding_dim)`` of images ``(B, in_channels, image_size, image_size)``."""
+        if x.dim() != 4 or x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
+            raise ValueError(f"expected images of shape (B, {self.in_channels}, {self.image_size}, "
+                             f"{self.image_size}), got {tuple(x.shape)}; resize them to image_size")
+        embeddings = self.encoder(x)
+        return F.normalize(embeddings, dim=1) if self.normalize else embeddings
+
+    def forward(self, input1, input2=None):
+        if input2 is None:  # one batch: its embeddings, so online (batch-mined) losses train it too
+            return self.forward_one(input1)
+        embeddings = self.forward_one(torch.cat([input1, input2]))
+        return embeddings[:len(input1)], embeddings[len(input1):]
+
+    def get_embedding(self, x):
+        return self.forward_one(x)
+
+    @staticmethod
+    def embedding_similarity(embeddings1, embeddings2):
+        """``1 / (1 + |e1 - e2|)`` row by row, for embeddings ``(B, D)`` each: ``(B,)`` in (0, 1]."""
+        if embeddings1.shape != embeddings2.shape or embeddings1.dim() != 2:
+            raise ValueError(f"expected two (B, D) embedding batches of one shape, got "
+                             f"{tuple(embeddings1.shape)} and {tuple(embeddings2.shape)}")
+        # vector_norm's gradient at a zero difference is 0, where sqrt of a squared distance gives NaN
+        return 1 / (1 + torch.linalg.vector_norm(embeddings1 - embeddings2, dim=1))
+
+    def similarity(self, input1, input2):
+        """Scores ``(B,)`` in (0, 1] of image pairs ``(B, C, S, S)`` x 2: high for the same class."""
+        if input1.shape != input2.shape:
+            raise ValueError(f"input1 and input2 must have one shape, got {tuple(input1.shape)} and "
+                             f"{tuple(input2.shape)}")
+        return self.embedding_similarity(*self.forward(input1, input2))
+
+    def verify(self, input1, input2, threshold):
+        """``(B,)`` bool: True where ``similarity(input1, input2) >= threshold`` (the same class).
+        Runs without gradients; call ``eval()`` first for BatchNorm's running statistics."""
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+            raise TypeError(f"threshold must be a number in (0, 1], got {type(threshold).__name__}")
+        with torch.no_grad():
+            return self.similarity(input1, input2) >= threshold
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autoencoders and VAEs for siamese / triplet autoencoding: encoder bodies, decoders, the two models
+# and the wrappers that share one model across two or three inputs.
+
+
+def _check_dropout(dropout):
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"dropout must be a probability in [0, 1), got {type(dropout).__name__}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return float(dropout)
+
+
+def _check_hidden_dims(hidden_dims):
+    if isinstance(hidden_dims, int) and not isinstance(hidden_dims, bool):
+        hidden_dims = (hidden_dims,)
+    if not isinstance(hidden_dims, (list, tuple)) or not hidden_dims:
+        raise TypeError(f"hidden_dims must be a non-empty sequence of layer sizes such as (512, 256), "
+                        f"got {hidden_dims!r}")
+    return tuple(_positive_int(size, "every hidden size") for size in hidden_dims)
+
+
+def _dense_stack(sizes, dropout):
+    """linear -> PReLU -> dropout for each step of ``sizes`` (input size first)."""
+    layers = []
+    for size_in, size_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(size_in, size_out), nn.PReLU(), nn.Dropout(dropout)]
+    return layers
+
+
+def _check_feature_batch(x, width, what):
+    if x.dim() != 2 or x.shape[1] != width:
+        raise ValueError(f"{what} expects feature vectors of shape (B, {width}), got {tuple(x.shape)}")
+
+
+class MLPEncoder(nn.Module):
+    """Encoder body for flat feature vectors: ``(B, input_dim) -> (B, output_dim)``.
+
+    Each size of ``hidden_dims`` is a layer linear -> PReLU -> dropout(``dropout``); ``output_dim`` is
+    ``hidden_dims[-1]``. The latent heads (``Autoencoder``'s code, ``VAE``'s mean and log-variance)
+    sit on top of it.
+    """
+
+    def __init__(self, input_dim, hidden_dims=(512, 256), dropout=0.2):
+        super().__init__()
+        self.input_dim = _positive_int(input_dim, "input_dim")
+        self.hidden_dims = _check_hidden_dims(hidden_dims)
+        self.dropout = _check_dropout(dropout)
+        self.output_dim = self.hidden_dims[-1]
+        self.layers = nn.Sequential(*_dense_stack((self.input_dim, *self.hidden_dims), self.dropout))
+
+    def forward(self, x):
+        _check_feature_batch(x, self.input_dim, type(self).__name__)
+        return self.layers(x)
+
+
+class MLPDecoder(nn.Module):
+    """Decoder for flat feature vectors: latent codes ``(B, latent_dim) -> (B, output_dim)``.
+
+    Hidden layers linear -> PReLU -> dropout, one per size of ``hidden_dims`` (the encoder's sizes in
+    reverse order mirror it), then a linear output layer without activation: the values themselves
+    for an MSE reconstruction, logits for a BCE one.
+    """
+
+    def __init__(self, latent_dim, output_dim, hidden_dims=(256, 512), dropout=0.2):
+        super().__init__()
+        self.latent_dim = _positive_int(latent_dim, "latent_dim")
+        self.output_dim = _positive_int(output_dim, "output_dim")
+        self.hidden_dims = _check_hidden_dims(hidden_dims)
+        self.dropout = _check_dropout(dropout)
+        self.layers = nn.Sequential(*_dense_stack((self.latent_dim, *self.hidden_dims), self.dropout),
+                                    nn.Linear(self.hidden_dims[-1], self.output_dim))
+
+    def forward(self, z):
+        _check_feature_batch(z, self.latent_dim, type(self).__name__)
+        return self.layers(z)
+
+
+def _check_image_geometry(in_channels, image_size):
+    _positive_int(in_channels, "in_channels")
+    _positive_int(image_size, "image_size")
+    if image_size % 4 or image_size < 8:
+        raise ValueError(f"image_size must be a multiple of 4 and at least 8 (two stride-2 layers halve it "
+                         f"exactly), got {image_size}; 28 for MNIST, 32 for CIFAR-10")
+
+
+class ConvEncoder(nn.Module):
+    """Encoder body for images: ``(B, in_channels, image_size, image_size) -> (B, output_dim)``.
+
+    conv 4x4 stride 2 (32) -> PReLU -> conv 4x4 stride 2 (64) -> PReLU -> flatten -> linear
+    ``output_dim`` -> PReLU -> dropout. Each convolution halves the side, so ``image_size`` must be a
+    multiple of 4: 28 x 28 x 1 (MNIST, Fashion-MNIST) and 32 x 32 x 3 (CIFAR-10) both work.
+    """
+
+    def __init__(self, in_channels=1, image_size=28, dropout=0.2, output_dim=256):
+        super().__init__()
+        _check_image_geometry(in_channels, image_size)
+        self.in_channels, self.image_size = in_channels, image_size
+        self.dropout = _check_dropout(dropout)
+        self.output_dim = _positive_int(output_dim, "output_dim")
+        side = image_size // 4
+        self.convnet = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 4, stride=2, padding=1), nn.PReLU(),
+            nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.PReLU(),
+        )
+        self.fc = nn.Sequential(nn.Linear(64 * side * side, self.output_dim), nn.PReLU(), nn.Dropout(self.dropout))
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
+            raise ValueError(f"ConvEncoder expects images of shape (B, {self.in_channels}, {self.image_size}, "
+                             f"{self.image_size}), got {tuple(x.shape)}")
+        return self.fc(self.convnet(x).flatten(1))
+
+
+class ConvDecoder(nn.Module):
+    """Decoder for images, the mirror of ``ConvEncoder``: ``(B, latent_dim) -> (B, out_channels,
+    image_size, image_size)``.
+
+    linear ``hidden_dim`` -> PReLU -> dropout -> linear 64 x (image_size / 4)^2 -> PReLU -> transposed
+    conv 4x4 stride 2 (32) -> PReLU -> transposed conv 4x4 stride 2 (``out_channels``), no output
+    activation (values for MSE, logits for BCE).
+    """
+
+    def __init__(self, latent_dim, out_channels=1, image_size=28, dropout=0.2, hidden_dim=256):
+        super().__init__()
+        _check_image_geometry(out_channels, image_size)
+        self.latent_dim = _positive_int(latent_dim, "latent_dim")
+        self.out_channels, self.image_size = out_channels, image_size
+        self.dropout = _check_dropout(dropout)
+        self.side = image_size // 4
+        self.fc = nn.Sequential(
+            nn.Linear(self.latent_dim, _positive_int(hidden_dim, "hidden_dim")), nn.PReLU(), nn.Dropout(self.dropout),
+            nn.Linear(hidden_dim, 64 * self.side * self.side), nn.PReLU(),
+        )
+        self.deconvnet = nn.Sequential(
+            nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.PReLU(),
+            nn.ConvTranspose2d(32, out_channels, 4, stride=2, padding=1),
+        )
+
+    def forward(self, z):
+        _check_feature_batch(z, self.latent_dim, type(self).__name__)
+        return self.deconvnet(self.fc(z).view(len(z), 64, self.side, self.side))
+
+
+class AutoencoderOutput(NamedTuple):
+    """What ``Autoencoder`` and ``VAE`` return for a batch of ``B`` inputs.
+
+    - ``latent (B, L)``: the code the decoder read (for a VAE in training mode, a sample);
+    - ``reconstruction``: the decoder's output, shaped like the input;
+    - ``mean (B, L)``: the embedding (the code itself for a plain autoencoder, the posterior mean for
+      a VAE); metric losses and ``get_embedding`` use it;
+    - ``log_var (B, L)``: the VAE posterior's log-variance; None for a plain autoencoder.
+    """
+
+    latent: torch.Tensor
+    reconstruction: torch.Tensor
+    mean: torch.Tensor
+    log_var: Optional[torch.Tensor] = None
+
+
+def _check_encoder_decoder(encoder, decoder, latent_dim):
+    latent_dim = _positive_int(latent_dim, "latent_dim")
+    if not isinstance(encoder, nn.Module) or not isinstance(getattr(encoder, "output_dim", None), int):
+        raise TypeError("encoder must be an nn.Module with an int output_dim (its feature size), "
+                        "e.g. MLPEncoder or ConvEncoder")
+    if not isinstance(decoder, nn.Module):
+        raise TypeError("decoder must be an nn.Module, e.g. MLPDecoder or ConvDecoder")
+    if getattr(decoder, "latent_dim", latent_dim) != latent_dim:
+        raise ValueError(f"decoder reads codes of size {decoder.latent_dim} but latent_dim is {latent_dim}; "
+                         "build both with the same latent_dim")
+    return latent_dim
+
+
+class Autoencoder(nn.Module):
+    """A plain (deterministic) autoencoder: encoder body -> linear code ``(B, latent_dim)`` -> decoder.
+
+    ``forward(x) -> AutoencoderOutput(latent, reconstruction, mean=latent, log_var=None)`` for inputs
+    ``(B, D)`` (with ``MLPEncoder``/``MLPDecoder``) or ``(B, C, H, W)`` (``ConvEncoder``/``ConvDecoder``);
+    the reconstruction has the input's shape. ``get_embedding(x)`` returns the code ``(B, latent_dim)``.
+    """
+
+    variational = False
+
+    def __init__(self, encoder, decoder, latent_dim):
+        super().__init__()
+        self.latent_dim = _check_encoder_decoder(encoder, decoder, latent_dim)
+        self.encoder, self.decoder = encoder, decoder
+        self.to_latent = nn.Linear(encoder.output_dim, self.latent_dim)
+
+    def encode(self, x):
+        """Codes ``(B, latent_dim)`` of inputs ``x``."""
+        return self.to_latent(self.encoder(x))
+
+    def forward(self, x):
+        latent = self.encode(x)
+        return AutoencoderOutput(latent, self.decoder(latent), latent, None)
+
+    def get_embedding(self, x):
+        return self.encode(x)
+
+
+class VAE(nn.Module):
+    """A variational autoencoder with a diagonal Gaussian posterior (Kingma and Welling, 2014).
+
+    The encoder body feeds two linear heads, the posterior mean and log-variance ``(B, latent_dim)``
+    each. ``forward(x) -> AutoencoderOutput(latent, reconstruction, mean, log_var)``: in training mode
+    ``latent = mean + exp(log_var / 2) * eps`` with ``eps ~ N(0, I)`` from torch's global RNG (the
+    reparameterisation trick, so gradients reach both heads); in eval mode ``latent = mean``, so
+    evaluation is deterministic. ``get_embedding(x)`` returns the mean ``(B, latent_dim)`` in both modes.
+    """
+
+    variational = True
+
+    def __init__(self, encoder, decoder, latent_dim):
+        super().__init__()
+        self.latent_dim = _check_encoder_decoder(encoder, decoder, latent_dim)
+        self.encoder, self.decoder = encoder, decoder
+        self.to_mean = nn.Linear(encoder.output_dim, self.latent_dim)
+        self.to_log_var = nn.Linear(encoder.output_dim, self.latent_dim)
+
+    def encode(self, x):
+        """``(mean, log_var)`` of the posterior, ``(B, latent_dim)`` each."""
+        features = self.encoder(x)
+        return self.to_mean(features), self.to_log_var(features)
+
+    @staticmethod
+    def reparameterize(mean, log_var):
+        """A sample ``(B, L)`` of ``N(mean, diag(exp(log_var)))`` that is differentiable in both."""
+        return mean + (0.5 * log_var).exp() * torch.randn_like(mean)
+
+    def forward(self, x):
+        mean, log_var = self.encode(x)
+        latent = self.reparameterize(mean, log_var) if self.training else mean
+        return AutoencoderOutput(latent, self.decoder(latent), mean, log_var)
+
+    def get_embedding(self, x):
+        return self.encode(x)[0]
+
+
+def make_autoencoder(input_shape, latent_dim, variational=False, hidden_dims=(512, 256), dropout=0.2):
+    """An ``Autoencoder`` (or with ``variational=True`` a ``VAE``) for inputs of ``input_shape``.
+
+    ``input_shape`` is one item's shape: ``(D,)`` for feature vectors gives ``MLPEncoder(D, hidden_dims)``
+    and the mirrored ``MLPDecoder``; ``(C, S, S)`` for images gives ``ConvEncoder``/``ConvDecoder``
+    (``hidden_dims`` unused). ``dropout`` goes after every hidden layer.
+    """
+    input_shape = tuple(input_shape)
+    if len(input_shape) == 1:
+        hidden_dims = _check_hidden_dims(hidden_dims)
+        encoder = MLPEncoder(input_shape[0], hidden_dims, dropout)
+        decoder = MLPDecoder(latent_dim, input_shape[0], hidden_dims[::-1], dropout)
+    elif len(input_shape) == 3 and input_shape[1] == input_shape[2]:
+        channels, size = input_shape[0], input_shape[1]
+        encoder = ConvEncoder(channels, size, dropout)
+        decoder = ConvDecoder(latent_dim, channels, size, dropout)
+    else:
+        raise ValueError(f"input_shape must be (D,) for feature vectors or (C, S, S) for square images, "
+                         f"got {input_shape}")
+    return (VAE if variational else Autoencoder)(encoder, decoder, latent_dim)
+
+
+class SiameseAutoencoder(nn.Module):
+    """One ``Autoencoder`` or ``VAE`` shared by both inputs of a pair.
+
+    ``forward(x1, x2) -> (output1, output2)``, two ``AutoencoderOutput`` s (latents, reconstructions,
+    means, log-variances of each input, ``(B, L)`` and input-shaped); ``get_embedding(x) -> (B, L)``.
+    Pair it with ``losses.PairwiseAutoencoderLoss.on_pairs``.
+    """
+
+    def __init__(self, autoencoder):
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, x1, x2):
+        return self.autoencoder(x1), self.autoencoder(x2)
+
+    def get_embedding(self, x):
+        return self.autoencoder.get_embedding(x)
+
+
+class TripletAutoencoder(nn.Module):
+    """One ``Autoencoder`` or ``VAE`` shared by anchor, positive and negative.
+
+    ``forward(x1, x2, x3) -> (output1, output2, output3)``, three ``AutoencoderOutput`` s;
+    ``get_embedding(x) -> (B, L)``. Pair it with ``losses.TripletAutoencoderLoss.on_triplets``.
+    """
+
+    def __init__(self, autoencoder):
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, x1, x2, x3):
+        return self.autoencoder(x1), self.autoencoder(x2), self.autoencoder(x3)
+
+    def get_embedding(self, x):
+        return self.autoencoder.get_embedding(x)

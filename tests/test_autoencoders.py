@@ -1,0 +1,622 @@
+"""Siamese / triplet autoencoders and VAEs: networks, losses, feature extractors, data and the experiment.
+
+The KL formulas are checked against torch.distributions, the combined losses against the plain
+metric and reconstruction losses they reduce to at M = 1 and M = 0, the extractors against
+scikit-image and a hand-built ResNet-50, and run_experiment end to end on tiny data sets written here
+(IDX, CIFAR's python pickles, an ImageFolder).
+"""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from skimage.feature import hog
+from torch.distributions import Independent, Normal, kl_divergence
+from torch.utils.data import TensorDataset
+
+import autoencoders
+import features
+from fixtures import write_idx_fixture
+from losses import (ContrastiveLoss, OnlineTripletLoss, PairwiseAutoencoderLoss, TripletAutoencoderLoss,
+                    TripletLoss, gaussian_kl, kl_to_standard_normal, symmetric_gaussian_kl)
+from networks import (Autoencoder, AutoencoderOutput, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder,
+                      SiameseAutoencoder, TripletAutoencoder, VAE, make_autoencoder)
+from utils import AllPositivePairSelector, AllTripletSelector, HardNegativePairSelector
+
+SHAPES = [(20,), (1, 28, 28), (3, 32, 32)]
+EPS = 1e-9  # losses.EPS, under the square root of the contrastive hinge
+
+
+def batch(shape, n=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand((n, *shape), generator=generator)
+
+
+def labels_of(n=8, n_classes=3):
+    return torch.arange(n) % n_classes
+
+
+# ---------------------------------------------------------------------------------------------------
+# networks
+
+
+def test_encoder_and_decoder_shapes():
+    assert MLPEncoder(20, (16, 8))(torch.rand(5, 20)).shape == (5, 8)
+    assert MLPDecoder(3, 20, (8, 16))(torch.rand(5, 3)).shape == (5, 20)
+    assert ConvEncoder(1, 28)(torch.rand(5, 1, 28, 28)).shape == (5, 256)
+    assert ConvEncoder(3, 32, output_dim=64)(torch.rand(5, 3, 32, 32)).shape == (5, 64)
+    assert ConvDecoder(4, 1, 28)(torch.rand(5, 4)).shape == (5, 1, 28, 28)
+    assert ConvDecoder(4, 3, 32)(torch.rand(5, 4)).shape == (5, 3, 32, 32)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("variational", [False, True])
+def test_autoencoder_output_shapes_and_embedding(shape, variational):
+    torch.manual_seed(0)
+    model = make_autoencoder(shape, 3, variational, hidden_dims=(16, 8))
+    assert isinstance(model, VAE if variational else Autoencoder)
+    x = batch(shape, n=6)
+    output = model(x)
+    assert isinstance(output, AutoencoderOutput)
+    assert output.latent.shape == output.mean.shape == (6, 3)
+    assert output.reconstruction.shape == x.shape
+    if variational:
+        assert output.log_var.shape == (6, 3)
+        assert not torch.equal(output.latent, output.mean)  # a sample in training mode
+        model.eval()
+        evaluated = model(x)
+        assert torch.equal(evaluated.latent, evaluated.mean)  # eval decodes the mean
+        assert torch.equal(model.get_embedding(x), evaluated.mean)
+        assert torch.equal(model.get_embedding(x), model.get_embedding(x))
+    else:
+        assert output.log_var is None and output.latent is output.mean
+        model.eval()
+        assert torch.equal(model.get_embedding(x), model(x).mean)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("variational", [False, True])
+def test_every_parameter_gets_a_gradient(shape, variational):
+    torch.manual_seed(0)
+    model = make_autoencoder(shape, 2, variational, hidden_dims=(16, 8), dropout=0.0)
+    x = batch(shape)
+    loss = PairwiseAutoencoderLoss(0.5, pair_selector=AllPositivePairSelector(balance=False))(model(x), x, labels_of())
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+def test_vae_reparameterisation_is_differentiable_and_distributed_right():
+    torch.manual_seed(0)
+    mean = torch.full((20000, 2), 3.0, requires_grad=True)
+    log_var = torch.full((20000, 2), np.log(0.25), requires_grad=True)
+    sample = VAE.reparameterize(mean, log_var)
+    assert abs(sample.mean().item() - 3.0) < 0.02 and abs(sample.std().item() - 0.5) < 0.02
+    sample.sum().backward()
+    assert torch.equal(mean.grad, torch.ones_like(mean)) and log_var.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variational", [False, True])
+def test_siamese_and_triplet_wrappers_share_one_model(variational):
+    torch.manual_seed(0)
+    model = make_autoencoder((1, 28, 28), 2, variational).eval()
+    x1, x2, x3 = (batch((1, 28, 28), n=4, seed=seed) for seed in range(3))
+    siamese, triplet = SiameseAutoencoder(model), TripletAutoencoder(model)
+    assert list(siamese.parameters()) == list(model.parameters()) == list(triplet.parameters())
+    for wrapper, inputs in ((siamese, (x1, x2)), (triplet, (x1, x2, x3))):
+        outputs = wrapper(*inputs)
+        assert len(outputs) == len(inputs)
+        for output, x in zip(outputs, inputs):
+            expected = model(x)
+            assert torch.equal(output.mean, expected.mean)
+            assert torch.equal(output.reconstruction, expected.reconstruction)
+        assert torch.equal(wrapper.get_embedding(x1), model.get_embedding(x1))
+    # both branches train the same weights: the gradient is the sum of the two branches' gradients
+    first = model.to_mean if variational else model.to_latent
+    output1, output2 = siamese(x1, x2)
+    (output1.mean.sum() + output2.mean.sum()).backward()
+    both = first.weight.grad.clone()
+    model.zero_grad()
+    model(x1).mean.sum().backward()
+    model(x2).mean.sum().backward()
+    assert torch.allclose(both, first.weight.grad)
+
+
+def test_network_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"\(B, 20\)"):
+        MLPEncoder(20)(torch.rand(3, 21))
+    with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
+        ConvEncoder(1, 28)(torch.rand(3, 1, 32, 32))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ConvEncoder(1, 30)
+    with pytest.raises(ValueError, match="dropout"):
+        MLPEncoder(20, dropout=1.0)
+    with pytest.raises(TypeError, match="hidden_dims"):
+        MLPEncoder(20, hidden_dims=())
+    with pytest.raises(ValueError, match="latent_dim"):
+        Autoencoder(MLPEncoder(20), MLPDecoder(3, 20), latent_dim=2)
+    with pytest.raises(TypeError, match="output_dim"):
+        VAE(torch.nn.Linear(20, 8), MLPDecoder(2, 20), latent_dim=2)
+    with pytest.raises(ValueError, match="input_shape"):
+        make_autoencoder((1, 28, 32), 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# KL divergences
+
+
+def gaussian(mean, log_var):
+    return Independent(Normal(mean, (0.5 * log_var).exp()), 1)
+
+
+def random_gaussians(seed, n=7, dim=5):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, dim, generator=generator, dtype=torch.float64) * scale for scale in (2.0, 1.5, 2.0, 1.5)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gaussian_kl_matches_torch_distributions(seed):
+    mean1, log_var1, mean2, log_var2 = random_gaussians(seed)
+    expected = kl_divergence(gaussian(mean1, log_var1), gaussian(mean2, log_var2))
+    torch.testing.assert_close(gaussian_kl(mean1, log_var1, mean2, log_var2), expected, rtol=1e-12, atol=1e-12)
+    backwards = kl_divergence(gaussian(mean2, log_var2), gaussian(mean1, log_var1))
+    torch.testing.assert_close(symmetric_gaussian_kl(mean1, log_var1, mean2, log_var2), (expected + backwards) / 2,
+                               rtol=1e-12, atol=1e-12)
+    prior = gaussian(torch.zeros_like(mean1), torch.zeros_like(log_var1))
+    torch.testing.assert_close(kl_to_standard_normal(mean1, log_var1), kl_divergence(gaussian(mean1, log_var1), prior),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_kl_is_zero_for_identical_gaussians_and_has_exact_gradients():
+    mean, log_var, other_mean, other_log_var = random_gaussians(9, n=3, dim=2)
+    assert torch.equal(gaussian_kl(mean, log_var, mean, log_var), torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(symmetric_gaussian_kl(mean, log_var, other_mean, other_log_var),
+                       symmetric_gaussian_kl(other_mean, other_log_var, mean, log_var))
+    inputs = [t.clone().requires_grad_() for t in (mean, log_var, other_mean, other_log_var)]
+    assert torch.autograd.gradcheck(gaussian_kl, inputs)
+    assert torch.autograd.gradcheck(kl_to_standard_normal, inputs[:2])
+    with pytest.raises(ValueError, match="one shape"):
+        gaussian_kl(mean, log_var, other_mean[:2], other_log_var)
+
+
+# ---------------------------------------------------------------------------------------------------
+# combined losses
+
+
+def model_output(variational, shape=(20,), n=8, seed=0):
+    torch.manual_seed(seed)
+    model = make_autoencoder(shape, 3, variational, hidden_dims=(16, 8))
+    x = batch(shape, n=n, seed=seed)
+    return model, model(x), x
+
+
+@pytest.mark.parametrize("variational", [False, True])
+def test_pairwise_loss_at_m1_is_the_contrastive_loss(variational):
+    _, output, x = model_output(variational)
+    labels = labels_of()
+    loss = PairwiseAutoencoderLoss(1.0, margin=2.0, pair_selector=HardNegativePairSelector())(output, x, labels)
+    positives, negatives = HardNegativePairSelector().get_pairs(output.mean, labels)
+    pairs = torch.cat([positives, negatives])
+    target = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))])
+    expected = ContrastiveLoss(2.0)(output.mean[pairs[:, 0]], output.mean[pairs[:, 1]], target)
+    assert torch.equal(loss, expected)
+
+
+@pytest.mark.parametrize("variational", [False, True])
+def test_triplet_loss_at_m1_is_the_triplet_loss(variational):
+    _, output, x = model_output(variational)
+    labels = labels_of()
+    loss = TripletAutoencoderLoss(1.0, margin=0.5, triplet_selector=AllTripletSelector())(output, x, labels)
+    anchors, positives, negatives = AllTripletSelector().get_triplets(output.mean, labels).unbind(1)
+    expected = TripletLoss(0.5)(output.mean[anchors], output.mean[positives], output.mean[negatives])
+    assert torch.equal(loss, expected)
+    online, _ = OnlineTripletLoss(0.5, AllTripletSelector())(output.mean, labels)
+    torch.testing.assert_close(loss, online)
+
+
+@pytest.mark.parametrize("loss_class, selector", [(PairwiseAutoencoderLoss, HardNegativePairSelector()),
+                                                  (TripletAutoencoderLoss, AllTripletSelector())])
+@pytest.mark.parametrize("variational", [False, True])
+def test_loss_at_m0_is_the_autoencoder_loss(loss_class, selector, variational):
+    _, output, x = model_output(variational)
+    loss = loss_class(0.0, 1.0, selector, beta=0.7)(output, x, labels_of())
+    expected = F.mse_loss(output.reconstruction, x)
+    if variational:
+        expected = expected + 0.7 * (kl_to_standard_normal(output.mean, output.log_var).mean() / x[0].numel())
+    assert torch.equal(loss, expected)
+    bce = loss_class(0.0, 1.0, selector, beta=0.7, reconstruction="bce")(output, x, labels_of())
+    expected = F.binary_cross_entropy_with_logits(output.reconstruction, x)
+    if variational:
+        expected = expected + 0.7 * (kl_to_standard_normal(output.mean, output.log_var).mean() / x[0].numel())
+    assert torch.equal(bce, expected)
+
+
+@pytest.mark.parametrize("weight", [0.25, 0.5, 0.9])
+def test_loss_in_between_is_the_weighted_sum(weight):
+    _, output, x = model_output(True)
+    terms = TripletAutoencoderLoss(weight, 1.0, AllTripletSelector(), beta=2.0).terms(output, x, labels_of())
+    metric = TripletAutoencoderLoss(1.0, 1.0, AllTripletSelector())(output, x, labels_of())
+    autoencoder = TripletAutoencoderLoss(0.0, 1.0, AllTripletSelector(), beta=2.0)(output, x, labels_of())
+    torch.testing.assert_close(terms["total"], weight * metric + (1 - weight) * autoencoder)
+    assert torch.equal(terms["metric"], metric)
+    assert terms["n_selected"] == len(AllTripletSelector().get_triplets(output.mean, labels_of()))
+
+
+def test_kl_distance_uses_the_symmetrised_posterior_kl():
+    _, output, x = model_output(True)
+    labels = labels_of()
+    pair_loss = PairwiseAutoencoderLoss(1.0, 3.0, AllPositivePairSelector(balance=False), distance="kl")
+    positives, negatives = AllPositivePairSelector(balance=False).get_pairs(output.mean, labels)
+    pairs = torch.cat([positives, negatives])
+    target = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))])
+    d = symmetric_gaussian_kl(output.mean[pairs[:, 0]], output.log_var[pairs[:, 0]],
+                              output.mean[pairs[:, 1]], output.log_var[pairs[:, 1]])
+    expected = (0.5 * (target * d + (1 - target) * F.relu(3.0 - (d + EPS).sqrt()).pow(2))).mean()
+    torch.testing.assert_close(pair_loss(output, x, labels), expected)
+
+    a, p, n = AllTripletSelector().get_triplets(output.mean, labels).unbind(1)
+    d_ap = symmetric_gaussian_kl(output.mean[a], output.log_var[a], output.mean[p], output.log_var[p])
+    d_an = symmetric_gaussian_kl(output.mean[a], output.log_var[a], output.mean[n], output.log_var[n])
+    triplet_loss = TripletAutoencoderLoss(1.0, 3.0, AllTripletSelector(), distance="kl")
+    torch.testing.assert_close(triplet_loss(output, x, labels), F.relu(d_ap - d_an + 3.0).mean())
+
+
+@pytest.mark.parametrize("variational", [False, True])
+def test_given_pairs_and_triplets(variational):
+    torch.manual_seed(0)
+    model = make_autoencoder((20,), 2, variational, hidden_dims=(16,))
+    x1, x2, x3 = (batch((20,), n=5, seed=seed) for seed in range(3))
+    target = torch.tensor([1, 0, 1, 0, 0])
+    outputs = SiameseAutoencoder(model)(x1, x2)
+    loss = PairwiseAutoencoderLoss(0.3, beta=0.5).on_pairs(*outputs, x1, x2, target)
+    metric = ContrastiveLoss(1.0)(outputs[0].mean, outputs[1].mean, target)
+    autoencoder = F.mse_loss(torch.cat([o.reconstruction for o in outputs]), torch.cat([x1, x2]))
+    if variational:
+        kl = kl_to_standard_normal(torch.cat([o.mean for o in outputs]), torch.cat([o.log_var for o in outputs]))
+        autoencoder = autoencoder + 0.5 * kl.mean() / 20
+    torch.testing.assert_close(loss, 0.3 * metric + 0.7 * autoencoder)
+
+    outputs = TripletAutoencoder(model)(x1, x2, x3)
+    loss = TripletAutoencoderLoss(1.0).on_triplets(*outputs, x1, x2, x3)
+    assert torch.equal(loss, TripletLoss(1.0)(*(o.mean for o in outputs)))
+    loss = TripletAutoencoderLoss(0.0, beta=0.0).on_triplets(*outputs, x1, x2, x3)
+    assert torch.equal(loss, F.mse_loss(torch.cat([o.reconstruction for o in outputs]), torch.cat([x1, x2, x3])))
+
+
+def test_metric_only_loss_leaves_the_decoder_untouched_and_empty_selections_backpropagate():
+    model, output, x = model_output(True)
+    PairwiseAutoencoderLoss(1.0, pair_selector=HardNegativePairSelector())(output, x, labels_of()).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.decoder.parameters())
+    assert model.to_mean.weight.grad.abs().sum() > 0
+
+    model, output, x = model_output(False)
+    distinct = torch.arange(8)  # no positive pair, so no triplet and no (balanced) pair at all
+    for loss in (PairwiseAutoencoderLoss(0.5, pair_selector=HardNegativePairSelector()),
+                 TripletAutoencoderLoss(0.5, triplet_selector=AllTripletSelector())):
+        terms = loss.terms(output, x, distinct)
+        assert terms["metric"].item() == 0 and terms["n_selected"] == 0
+        assert torch.equal(terms["total"], 0.5 * terms["metric"] + 0.5 * terms["reconstruction"])
+        terms["total"].backward(retain_graph=True)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_loss_arguments_are_checked():
+    _, ae_output, x = model_output(False)
+    with pytest.raises(ValueError, match=r"weight must be in \[0, 1\]"):
+        PairwiseAutoencoderLoss(1.5)
+    with pytest.raises(TypeError, match="weight"):
+        TripletAutoencoderLoss("0.5")
+    with pytest.raises(TypeError, match="weight"):
+        TripletAutoencoderLoss(True)
+    with pytest.raises(ValueError, match="beta"):
+        PairwiseAutoencoderLoss(0.5, beta=-1)
+    with pytest.raises(ValueError, match="margin"):
+        PairwiseAutoencoderLoss(0.5, margin=-1)
+    with pytest.raises(ValueError, match="distance"):
+        PairwiseAutoencoderLoss(0.5, distance="cosine")
+    with pytest.raises(ValueError, match="reconstruction"):
+        TripletAutoencoderLoss(0.5, reconstruction="l1")
+    with pytest.raises(TypeError, match="get_pairs"):
+        PairwiseAutoencoderLoss(0.5, pair_selector=AllTripletSelector())
+    with pytest.raises(TypeError, match="get_triplets"):
+        TripletAutoencoderLoss(0.5, triplet_selector=HardNegativePairSelector())
+    with pytest.raises(ValueError, match="pair_selector"):
+        PairwiseAutoencoderLoss(0.5)(ae_output, x, labels_of())
+    with pytest.raises(ValueError, match="triplet_selector"):
+        TripletAutoencoderLoss(0.5)(ae_output, x, labels_of())
+    with pytest.raises(ValueError, match="VAE"):
+        TripletAutoencoderLoss(0.5, triplet_selector=AllTripletSelector(), distance="kl")(ae_output, x, labels_of())
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        PairwiseAutoencoderLoss(0.5, pair_selector=HardNegativePairSelector(), reconstruction="bce")(
+            ae_output, x * 2 - 1, labels_of())
+    with pytest.raises(ValueError, match="reconstruction has shape"):
+        PairwiseAutoencoderLoss(0.5, pair_selector=HardNegativePairSelector())(ae_output, x[:4], labels_of())
+    with pytest.raises(ValueError, match="labels"):
+        PairwiseAutoencoderLoss(0.5, pair_selector=HardNegativePairSelector())(ae_output, x, labels_of(5))
+    with pytest.raises(TypeError, match="AutoencoderOutput"):
+        PairwiseAutoencoderLoss(0.5, pair_selector=HardNegativePairSelector())(ae_output.mean, x, labels_of())
+    with pytest.raises(ValueError, match="target"):
+        PairwiseAutoencoderLoss(0.5).on_pairs(ae_output, ae_output, x, x, torch.ones(3))
+
+
+# ---------------------------------------------------------------------------------------------------
+# feature extractors
+
+
+def small_images(n=4, shape=(28, 28), seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8))
+
+
+def test_pixel_features_of_every_kind_of_image():
+    grey = small_images()
+    assert torch.equal(features.pixel_features(grey), grey.reshape(4, -1).float() / 255)
+    colour = small_images(shape=(32, 32, 3))
+    expected = colour.permute(0, 3, 1, 2).reshape(4, -1).float() / 255
+    assert torch.equal(features.pixel_features(colour), expected)
+    assert torch.equal(features.pixel_features(colour.numpy()), expected)
+    as_float = colour.permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(features.pixel_features(as_float), expected)
+    assert torch.equal(features.pixel_features(TensorDataset(as_float, torch.zeros(4))), expected)
+    with pytest.raises(ValueError, match="uint8"):
+        features.pixel_features(torch.zeros(4, 28, 28, dtype=torch.int64))
+
+
+def test_hog_features_are_scikit_images():
+    grey = small_images()
+    result = features.hog_features(grey)
+    assert result.shape == (4, 324) and result.dtype == torch.float32
+    for image, row in zip(grey.numpy(), result):
+        expected = hog(image / 255.0, orientations=9, pixels_per_cell=(7, 7), cells_per_block=(2, 2),
+                       block_norm="L2-Hys")
+        np.testing.assert_allclose(row.numpy(), expected, rtol=1e-5, atol=1e-6)
+    colour = small_images(n=2, shape=(32, 32, 3))
+    result = features.extract_features("hog", colour, orientations=6, pixels_per_cell=(16, 16), cells_per_block=1)
+    expected = hog(colour[1].numpy() / 255.0, orientations=6, pixels_per_cell=(16, 16), cells_per_block=(1, 1),
+                   block_norm="L2-Hys", channel_axis=-1)
+    assert result.shape == (2, 24)
+    np.testing.assert_allclose(result[1].numpy(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pixels, hog, resnet"):
+        features.extract_features("sift", grey)
+    with pytest.raises(TypeError, match="orientations"):
+        features.extract_features("hog", grey, bins=9)
+
+
+def test_missing_resnet_weights_say_how_to_provide_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    expected_file = os.path.join(str(tmp_path / "hub"), "checkpoints",
+                                 os.path.basename(torchvision.models.ResNet50_Weights.DEFAULT.url))
+    with pytest.raises(FileNotFoundError) as error:
+        features.resnet_features(small_images(n=1))
+    message = str(error.value)
+    assert expected_file in message and "weights=" in message and "never downloaded" in message
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        features.resnet_features(small_images(n=1), weights=tmp_path / "nothing.pth")
+    wrong = tmp_path / "linear.pth"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), wrong)
+    with pytest.raises(ValueError, match="not a state_dict of torchvision.models.resnet50"):
+        features.resnet_features(small_images(n=1), weights=wrong)
+
+
+@pytest.fixture(scope="module")
+def resnet_weights(tmp_path_factory):
+    """A ResNet-50 state_dict with seeded random values, saved as torchvision's file would be."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("resnet") / "resnet50-random.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    return path
+
+
+def test_resnet_features_load_the_given_weights(resnet_weights, tmp_path, monkeypatch):
+    images = small_images(n=2, shape=(16, 16, 3))
+    result = features.resnet_features(images, weights=resnet_weights, image_size=32)
+    assert result.shape == (2, 2048)
+
+    reference = torchvision.models.resnet50()
+    reference.load_state_dict(torch.load(resnet_weights, weights_only=True))
+    reference.fc = torch.nn.Identity()
+    pixels = F.interpolate(images.permute(0, 3, 1, 2).float() / 255, size=(32, 32), mode="bilinear",
+                           align_corners=False, antialias=True)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    with torch.no_grad():
+        expected = reference.eval()((pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+    torch.testing.assert_close(result, expected)
+
+    # the same file found in torchvision's cache, and a grey image made RGB
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    os.symlink(resnet_weights, checkpoints / os.path.basename(torchvision.models.ResNet50_Weights.DEFAULT.url))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    torch.testing.assert_close(features.resnet_features(images, image_size=32), result)
+    grey = small_images(n=1, shape=(16, 16))
+    coloured = grey.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
+    # (equal up to float rounding: the expanded and the copied batch take different kernels)
+    torch.testing.assert_close(features.resnet_features(grey, image_size=32),
+                               features.resnet_features(coloured, image_size=32), rtol=1e-3, atol=1e-4)
+
+
+def test_features_are_cached_once_per_split_and_parameters(tmp_path, monkeypatch):
+    calls = []
+    original = features.extract_features
+
+    def counting(name, images, progress=False, **params):
+        calls.append((name, params))
+        return original(name, images, progress=progress, **params)
+
+    monkeypatch.setattr(features, "extract_features", counting)
+    images = small_images(n=3)
+    first = features.cached_features("hog", images, "toy", "train", tmp_path)
+    again = features.cached_features("hog", images, "toy", "train", tmp_path)
+    assert torch.equal(first, again) and len(calls) == 1
+    assert os.listdir(tmp_path / "toy")[0].startswith("train-hog-")
+    features.cached_features("hog", images, "toy", "train", tmp_path, orientations=4)
+    features.cached_features("hog", small_images(n=3, seed=1), "toy", "train", tmp_path)
+    features.cached_features("hog", images, "toy", "test", tmp_path)
+    assert len(calls) == 4 and len(os.listdir(tmp_path / "toy")) == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# data
+
+
+def write_cifar_fixture(root, per_class=3, seed=0):
+    """CIFAR-10's python version in miniature: five train batches and a test batch of random images,
+    each class ``per_class`` times per batch, and batches.meta."""
+    folder = root / autoencoders.CIFAR10_FOLDER
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        labels = rng.permutation(np.repeat(np.arange(10), per_class)).tolist()
+        data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as file:
+            pickle.dump({"batch_label": name, "labels": labels, "data": data,
+                         "filenames": [f"{i}.png" for i in range(len(labels))]}, file)
+        written[name] = (data, labels)
+    with open(folder / "batches.meta", "wb") as file:
+        pickle.dump({"label_names": autoencoders.CIFAR10_CLASSES, "num_cases_per_batch": 10 * per_class,
+                     "num_vis": 3072}, file)
+    return written
+
+
+def test_cifar10_is_read_from_the_python_pickles(tmp_path):
+    written = write_cifar_fixture(tmp_path)
+    train, test = autoencoders.load_image_splits("cifar10", tmp_path, download=False)
+    assert train.images.shape == (150, 32, 32, 3) and test.images.shape == (30, 32, 32, 3)
+    data, labels = written["data_batch_2"]
+    first = torch.from_numpy(data[0].reshape(3, 32, 32).transpose(1, 2, 0).copy())
+    assert torch.equal(train.images[30], first) and train.labels[30] == labels[0]
+    assert test.labels.tolist() == written["test_batch"][1]
+    assert train.classes == autoencoders.CIFAR10_CLASSES
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        autoencoders.load_cifar10(tmp_path / "elsewhere", download=False)
+
+
+def test_labels_can_be_merged_and_named():
+    labels = torch.tensor([0, 1, 2, 3, 2])
+    merged = autoencoders.relabel(labels, {0: 0, 2: 0})
+    assert merged.tolist() == [0, 1, 0, 3, 0]
+    assert autoencoders.label_names(["a", "b", "c", "d"], merged, {0: 0, 2: 0}) == {0: "a+c", 1: "b", 3: "d"}
+    assert autoencoders.label_names(["a", "b", "c", "d"], merged, {0: 0, 2: 0}, keys=["x", "y", "z", "w"]) == \
+        {0: "x", 1: "y", 3: "w"}
+    with pytest.raises(ValueError, match="keys"):
+        autoencoders.label_names(["a"], merged, keys={0: "x"})
+    with pytest.raises(TypeError, match="composite_labels"):
+        autoencoders.relabel(labels, [0, 0])
+    assert autoencoders.balanced_batch_shape(torch.arange(100) % 10, 64) == (10, 6)
+    assert autoencoders.balanced_batch_shape(torch.arange(100) % 10, 8) == (4, 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the experiment
+
+
+RESULT_FIELDS = {"knn_accuracy", "precision_at_1", "r_precision", "map_at_r", "nmi", "roc_auc",
+                 "reconstruction_mse", "final_total_loss", "train_seconds", "weight", "latent_dim"}
+
+
+def test_run_experiment_end_to_end(tmp_path):
+    write_idx_fixture(tmp_path / "data")
+    results, images = tmp_path / "results", tmp_path / "images"
+    arguments = dict(num_iters=3, batch_size=16, root=tmp_path / "data", download=False, max_train=120,
+                     max_test=60, progress=False)
+    rows = autoencoders.run_experiment("triplet", "vae", "fashion-mnist", [0, 1], [2, 3], results_dir=results,
+                                       images_dir=images, **arguments)
+    assert [(row["latent_dim"], row["weight"]) for row in rows] == [(2, 0.0), (2, 1.0), (3, 0.0), (3, 1.0)]
+    for row in rows:
+        assert RESULT_FIELDS <= row.keys()
+        assert row["features"] == "images" and row["n_train"] == 120 and row["batch_size"] == 16
+        assert all(0 <= row[key] <= 1 for key in ("knn_accuracy", "map_at_r", "nmi", "roc_auc"))
+        assert os.path.isfile(row["latent_plot"]) and os.path.isfile(row["reconstruction_plot"])
+    assert os.path.isfile(images / "autoencoders" / "fashion-mnist_triplet_vae_images_tradeoff.png")
+    with open(results / "autoencoders-fashion-mnist.json") as file:
+        assert json.load(file) == json.loads(json.dumps(rows))
+    table = (results / "autoencoders-fashion-mnist.md").read_text()
+    assert table.count("| triplet | vae | images |") == 4
+
+    # a second sweep adds its rows; the same seed reproduces a model exactly
+    again = autoencoders.run_experiment("pairwise", "embenc", "fashion-mnist", [0.5], [2], results_dir=results,
+                                        images_dir=None, feature_extractor="pixels", **arguments)
+    repeated = autoencoders.run_experiment("pairwise", "embenc", "fashion-mnist", [0.5], [2], results_dir=None,
+                                           images_dir=None, feature_extractor="pixels", **arguments)
+    assert {k: v for k, v in again[0].items() if k != "train_seconds"} == \
+        {k: v for k, v in repeated[0].items() if k != "train_seconds"}
+    with open(results / "autoencoders-fashion-mnist.json") as file:
+        assert len(json.load(file)) == 5
+
+
+def test_run_experiment_with_features_and_merged_classes(tmp_path):
+    write_idx_fixture(tmp_path / "data")
+    rows = autoencoders.run_experiment(
+        "pairwise", "vae", "fashion-mnist", [0.5], [2], num_iters=3, batch_size=8, root=tmp_path / "data",
+        download=False, max_train=60, max_test=40, feature_extractor="hog", distance="kl",
+        composite_labels={k: k % 2 for k in range(10)}, keys=["even", "odd"], results_dir=None,
+        images_dir=tmp_path / "images", progress=False)
+    assert rows[0]["features"] == "hog" and rows[0]["distance"] == "kl"
+    assert rows[0]["reconstruction_plot"] is None  # HOG features are not images
+    assert json.loads(rows[0]["composite_labels"])["3"] == 1
+    assert os.listdir(tmp_path / "data" / "feature-cache" / "fashion-mnist")
+
+
+def test_run_experiment_on_cifar10_and_an_image_folder(tmp_path):
+    write_cifar_fixture(tmp_path / "cifar")
+    rows = autoencoders.run_experiment("triplet", "embenc", "cifar10", [0.5], [2], num_iters=2, batch_size=8,
+                                       root=tmp_path / "cifar", download=False, max_train=60, results_dir=None,
+                                       images_dir=tmp_path / "images", progress=False)
+    assert rows[0]["n_train"] == 60 and rows[0]["n_test"] == 30
+    assert os.path.isfile(rows[0]["reconstruction_plot"])
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("cat", "dog", "fox"):
+            folder = tmp_path / "folder" / "imagenet" / split / name
+            folder.mkdir(parents=True)
+            for item in range(4):
+                pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{item}.png")
+    train, test = autoencoders.load_image_splits("imagenet", tmp_path / "folder")
+    assert train.classes == ["cat", "dog", "fox"] and len(test.labels) == 12
+    assert next(features.image_batches(train.images)).shape == (12, 3, 32, 32)
+    rows = autoencoders.run_experiment("pairwise", "embenc", "imagenet", [1.0], [2], num_iters=2, batch_size=6,
+                                       root=tmp_path / "folder", feature_extractor="pixels", results_dir=None,
+                                       images_dir=None, progress=False)
+    assert rows[0]["n_train"] == 12
+
+
+def test_run_experiment_arguments_are_checked(tmp_path):
+    arguments = ("fashion-mnist", [0.5], [2])
+    with pytest.raises(ValueError, match="constraint_type"):
+        autoencoders.run_experiment("quadruplet", "vae", *arguments)
+    with pytest.raises(ValueError, match="encoder_type"):
+        autoencoders.run_experiment("pairwise", "gan", *arguments)
+    with pytest.raises(ValueError, match="VAE posteriors"):
+        autoencoders.run_experiment("pairwise", "embenc", *arguments, distance="kl")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        autoencoders.run_experiment("pairwise", "vae", "fashion-mnist", [0.5, 2], [2])
+    with pytest.raises(ValueError, match="normalize=False"):
+        autoencoders.run_experiment("pairwise", "vae", *arguments, reconstruction="bce")
+    with pytest.raises(ValueError, match="feature_extractor"):
+        autoencoders.run_experiment("pairwise", "vae", *arguments, feature_extractor="sift")
+    with pytest.raises(ValueError, match="dataset"):
+        autoencoders.run_experiment("pairwise", "vae", "svhn", [0.5], [2])
+    with pytest.raises(FileNotFoundError, match="ImageNet"):
+        autoencoders.run_experiment("pairwise", "vae", "imagenet", [0.5], [2], root=tmp_path)
+
+
+def test_command_line_quick_run(tmp_path, monkeypatch, capsys):
+    write_idx_fixture(tmp_path / "data", train_per_class=10, test_per_class=5)
+    monkeypatch.chdir(tmp_path)
+    rows = autoencoders.main(["--dataset", "mnist", "--constraint", "pairwise", "--encoder", "embenc,vae",
+                              "--weights", "0,1", "--iters", "2", "--batch-size", "8", "--root", "data",
+                              "--no-download", "--quick", "--no-progress"])
+    assert [(row["encoder"], row["weight"]) for row in rows] == [("embenc", 0.0), ("embenc", 1.0), ("vae", 0.0),
+                                                                 ("vae", 1.0)]
+    assert all(row["quick"] and row["num_iters"] == 2 for row in rows)
+    assert (tmp_path / "results" / "quick" / "autoencoders-mnist.md").is_file()
+    assert "| pairwise | vae | images | 1 | 2 |" in capsys.readouterr().out

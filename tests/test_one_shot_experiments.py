@@ -1,0 +1,136 @@
+"""experiments.py's one-shot parts: held-out classes (--train-classes) on the IDX fixture, and the Omniglot
+commands (training in quick mode, saved weights, Lake's one-shot runs) on small Omniglot-format fixtures."""
+
+import re
+
+import pytest
+import torch
+
+import experiments
+from fixtures import write_idx_fixture
+from networks import SiameseNetwork
+from omniglot_fixtures import write_alphabets, write_runs, zip_folder
+
+
+@pytest.mark.parametrize("spec, expected", [("0-4", [0, 1, 2, 3, 4]), ("0,1,2,3,4", [0, 1, 2, 3, 4]),
+                                            ("7, 0-2", [0, 1, 2, 7]), ("3", [3]), ([5, 1, 1], [1, 5])])
+def test_parse_classes(spec, expected):
+    assert experiments.parse_classes(spec, 10) == expected
+
+
+@pytest.mark.parametrize("spec, message", [("0-10", "ids in 0..9"), ("a-b", "cannot read"), ("", "ids in 0..9"),
+                                           ("0-8", "leave at least 2"), ("-1", "cannot read")])
+def test_parse_classes_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        experiments.parse_classes(spec, 10)
+
+
+def test_class_subset_relabels_in_the_given_order():
+    dataset = experiments.InMemoryDataset(torch.arange(12.0).view(12, 1, 1, 1), torch.arange(12) % 4,
+                                          classes=["a", "b", "c", "d"])
+    subset = experiments.class_subset(dataset, [3, 1])
+    assert subset.classes == ["d", "b"]
+    assert subset.targets.tolist() == [1, 0, 1, 0, 1, 0]
+    assert subset.data.flatten().tolist() == [1, 3, 5, 7, 9, 11]
+
+
+def test_held_out_run_on_the_idx_fixture(tmp_path, monkeypatch):
+    write_idx_fixture(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    row = experiments.run_method("fashion-mnist", "online-triplet", quick=True, root=str(tmp_path / "data"),
+                                 train_classes="0-4", progress=False)
+    assert row["train_classes"] == "0-4" and row["held_out_n_way"] == 5
+    assert 0 <= row["held_out_one_shot"] <= 1 and row["held_out_one_shot_ci95"] > 0
+    assert 0 <= row["held_out_roc_auc"] <= 1
+    table = (tmp_path / "results" / "quick" / "train-classes-0-4" / "fashion-mnist.md").read_text()
+    assert "| held-out 1-shot acc |" in table
+    assert (tmp_path / "images" / "quick" / "train-classes-0-4").is_dir()
+    assert not (tmp_path / "results" / "quick" / "fashion-mnist.md").exists()  # the usual table is untouched
+    plain = {"method": "x", "embedding_dim": 2}
+    assert "held-out" not in experiments.results_table([plain])
+
+
+def test_held_out_splits_never_train_on_held_out_classes(tmp_path):
+    write_idx_fixture(tmp_path)
+    train_set, test_set = experiments.load_splits("fashion-mnist", str(tmp_path), quick=True)
+    (seen_train, seen_test), held_out, tag = experiments.held_out_splits(train_set, test_set, "0,1,2,3,4")
+    assert tag == "0-4" and seen_train.classes == train_set.classes[:5] and held_out.classes == train_set.classes[5:]
+    assert len(seen_train) == int((train_set.targets < 5).sum()) and set(seen_train.targets.tolist()) == set(range(5))
+    assert len(held_out) == int((test_set.targets >= 5).sum())
+    assert experiments.held_out_splits(train_set, test_set, "0,2,4")[2] == "0,2,4"
+
+
+@pytest.fixture
+def omniglot_root(tmp_path):
+    root = tmp_path / "omniglot"
+    write_alphabets(root / "small1", alphabets={"Alpha": 3, "Beta": 2}, drawers=6, size=28)
+    write_alphabets(root / "small2", top="images_background_small2", alphabets={"Beta": 2, "Gamma": 20, "Delta": 5},
+                    drawers=6, size=28)
+    zip_folder(root / "small1", root / "images_background_small1.zip")
+    zip_folder(root / "small2", root / "images_background_small2.zip")
+    return root
+
+
+def test_load_omniglot_evaluates_only_new_alphabets(omniglot_root):
+    train_set, eval_set = experiments.load_omniglot(omniglot_root, image_size=28, quarter_turns=(0, 1),
+                                                    augment={"degrees": 5.0})
+    assert train_set.alphabet_names == ["Alpha", "Beta"] and len(train_set.classes) == 10
+    assert train_set.augmentation.degrees == 5.0 and eval_set.augmentation is None and not eval_set.train
+    assert eval_set.alphabet_names == ["Delta", "Gamma"]
+    with pytest.raises(ValueError, match="no alphabet that"):
+        experiments.load_omniglot(omniglot_root, evaluation="images_background_small1")
+    with pytest.raises(FileNotFoundError, match="--omniglot-root"):
+        experiments.load_omniglot(omniglot_root / "nowhere")
+
+
+def test_omniglot_quick_command(omniglot_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "weights.pt"
+    result = experiments.main(["--dataset", "omniglot", "--quick", "--no-progress", "--omniglot-root",
+                               str(omniglot_root), "--weights", str(weights)])
+    assert result["recipe"]["epochs"] == 1 and result["quick"]
+    tasks = [row["task"] for row in result["evaluation"]["episodes"]]
+    assert tasks == ["20-way 1-shot, within alphabet", "5-way 1-shot, within alphabet", "20-way 1-shot, across alphabets"]
+    assert result["evaluation"]["episodes"][0]["alphabets"] == ["Gamma"]
+    assert all(row["n_episodes"] == 100 for row in result["evaluation"]["episodes"])
+    assert result["evaluation"]["verification"]["validation_drawers"] == [1, 2, 3]
+    assert "| 20-way 1-shot, within alphabet | Gamma | 100 |" in (tmp_path / "results" / "quick" / "omniglot.md").read_text()
+    assert not weights.exists()  # a quick run saves no weights
+    assert "Results in results/quick/omniglot.md" in capsys.readouterr().out
+
+
+def test_train_save_load_and_one_shot_runs_command(omniglot_root, tmp_path, capsys):
+    train_set, eval_set = experiments.load_omniglot(omniglot_root, image_size=28)
+    model, history = experiments.train_omniglot(train_set, method="siamese", epochs=1, embedding_dim=8, channels=8,
+                                                progress=False)
+    assert len(history["train_loss"]) == 1 and not model.training
+    path = experiments.save_omniglot_model(model, str(tmp_path / "saved" / "model.pt"), command="test")
+    loaded = experiments.load_omniglot_model(path)
+    assert isinstance(loaded, SiameseNetwork) and loaded.config() == model.config()
+    images = eval_set.data[:4]
+    assert torch.equal(loaded.forward_one(images), model.forward_one(images))
+    runs = write_runs(tmp_path / "runs", n_runs=3, size=28)
+    capsys.readouterr()
+    result = experiments.main(["--dataset", "omniglot", "--one-shot-runs", str(tmp_path / "runs"), "--weights", path])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[:3] == [f"{name}: error {100 * error:.1f}%" for name, error in zip(result["names"], result["errors"])]
+    assert result["names"] == sorted(runs)
+    assert re.fullmatch(r"mean error: \d+\.\d%", lines[-1])
+    assert lines[-1] == f"mean error: {100 * result['mean_error']:.1f}%"
+    with pytest.raises(FileNotFoundError, match="--weights"):
+        experiments.load_omniglot_model(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("method", ["online-contrastive", "online-triplet"])
+def test_online_methods_train_the_siamese_network(omniglot_root, method):
+    train_set, _ = experiments.load_omniglot(omniglot_root, image_size=28)
+    model, history = experiments.train_omniglot(train_set, method=method, epochs=1, embedding_dim=8, channels=8,
+                                                batch_classes=5, batch_samples=3, progress=False)
+    assert len(history["train_loss"]) == 1 and isinstance(model, SiameseNetwork)
+    with pytest.raises(ValueError, match="unknown Omniglot method"):
+        experiments.train_omniglot(train_set, method="softmax")
+
+
+def test_run_omniglot_rejects_unknown_settings():
+    with pytest.raises(ValueError, match="unknown Omniglot recipe settings"):
+        experiments.run_omniglot(epoch=3)
