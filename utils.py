@@ -23,8 +23,8 @@ import numbers
 import numpy as np
 import torch
 
-# Largest number of elements a (rows x B) or (anchors x B x B) work tensor may hold; chunks are
-# sized from it so that B = 1024 mining stays within a few hundred MB.
+# Largest number of (anchor, positive, negative) slots the all-triplets selector fills per chunk;
+# it bounds the work tensors beside the output (a few hundred MB at B = 1024).
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -104,10 +104,6 @@ def _random_permutation(n, generator, device):
     if generator is None:
         return torch.randperm(n, device=device)
     return torch.randperm(n, generator=generator, device=generator.device).to(device)
-
-
-def _empty_pairs(device):
-    return torch.empty((0, 2), dtype=torch.long, device=device)
 
 
 def _empty_triplets(device):

@@ -1,6 +1,6 @@
 """Brute-force reference implementations of the selectors and losses, for tests and benchmarks.
 
-Everything here is written straight from the spec (/tmp/spec.md, "utils.py" and "losses.py"):
+Everything here is written straight from the definitions in the docstrings of utils.py and losses.py:
 explicit Python loops over anchors, positives and negatives on plain Python lists, no
 vectorisation, so each function can be checked by reading it. They are slow.
 
@@ -8,7 +8,7 @@ The selection references take the distance matrix D (B, B) as input instead of c
 test can hand them exactly the matrix the library sees (`utils.pdist(embeddings)`) and a
 disagreement can only come from the selection logic, never from two distance formulas rounding
 differently. A negative n of the pair (a, p) is "hard" when D[a, n] < D[a, p] + margin, with the
-threshold D[a, p] + margin rounded in D's dtype as the spec fixes it, using numpy scalars, which
+threshold D[a, p] + margin rounded in D's dtype as utils.py fixes it, using numpy scalars, which
 round exactly like torch's elementwise float32/float64 arithmetic. D given as a plain list (for
 example `ref_pdist` output) is taken as float32: pass such lists only when their values are exact
 in float32.

@@ -2,7 +2,7 @@
 
 Every selector is compared with the loop implementations of tests/reference.py over many random
 batches (hypothesis, plus seeded loops at larger shapes), on hand-picked edge cases, and on every
-error path of the spec. The references are handed the library's own distance matrix
+error path. The references are handed the library's own distance matrix
 (`utils.pdist`), so only the selection logic is compared; `utils.pdist` itself is checked
 separately against a direct loop.
 """
