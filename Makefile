@@ -19,7 +19,7 @@ test: $(VENV)/installed
 
 experiments: $(VENV)/installed data
 	$(BIN)/python experiments.py --dataset $(DATASET) --methods $(METHODS) --selectors $(SELECTORS) \
-		--epochs $(EPOCHS) --embedding-dim $(EMBEDDING_DIM) --download
+		--epochs $(EPOCHS) --embedding-dim $(EMBEDDING_DIM) --channels-last --download
 
 # Fashion-MNIST from the operating system's package where the system has one and we may install
 # it (Debian's dataset-fashion-mnist); otherwise experiments.py falls back to torchvision's download.

@@ -295,6 +295,8 @@ def train_model(model, loss_fn, inputs, labels, sampler, num_iters, learning_rat
     NaN or infinite loss, before that step is taken.
     """
     device = torch.device(device or "cpu")
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormal floats slow CPU training down (see trainer.fit)
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     window = {key: [] for key in ("total", "metric", "reconstruction", "kl", "n_selected")}

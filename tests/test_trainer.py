@@ -825,3 +825,26 @@ def test_channels_last_trains_the_same_model_up_to_rounding():
     with pytest.raises(TypeError, match="channels_last must be True or False"):
         trainer.fit(loader, None, plain, nn.NLLLoss(), torch.optim.SGD(plain.parameters(), lr=0.1), None, 1,
             progress=False, channels_last="yes")
+
+
+def _denormal_survives():
+    """True when the CPU keeps denormal floats (flush-to-zero off): 1e-39 is below float32's smallest
+    normal number, 1.18e-38."""
+    return bool((torch.full((64,), 1e-39) * 1.0 != 0).all())
+
+
+def test_flush_denormal_turns_flush_to_zero_on_for_cpu_training_and_false_leaves_it_alone():
+    try:
+        torch.set_flush_denormal(False)
+        assert _denormal_survives()
+        model, optimizer, scheduler = make_training()
+        quiet_fit(make_loader(), None, model, nn.NLLLoss(), optimizer, scheduler, 1, device="cpu",
+                  flush_denormal=False)
+        assert _denormal_survives()
+        quiet_fit(make_loader(), None, model, nn.NLLLoss(), optimizer, scheduler, 2, start_epoch=1,
+                  device="cpu")
+        assert not _denormal_survives()
+        with pytest.raises(TypeError, match="flush_denormal must be True or False"):
+            quiet_fit(make_loader(), None, model, nn.NLLLoss(), optimizer, None, 1, flush_denormal=1)
+    finally:
+        torch.set_flush_denormal(False)
