@@ -42,7 +42,7 @@ from losses import AUTOENCODER_DISTANCES, RECONSTRUCTION_LOSSES, PairwiseAutoenc
 from metrics import evaluate_embeddings
 from networks import make_autoencoder
 from utils import (AllPositivePairSelector, AllTripletSelector, HardNegativePairSelector,
-                   RandomNegativeTripletSelector)
+                   RandomNegativeTripletSelector, check_int)
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagenet")
 CONSTRAINTS = ("pairwise", "triplet")
@@ -506,14 +506,6 @@ def record_results(new_rows, dataset, results_dir="results"):
 # the experiment
 
 
-def _check_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_weights(list_of_weights):
     weights = [list_of_weights] if isinstance(list_of_weights, (int, float)) else list(list_of_weights)
     if not weights:
@@ -586,9 +578,9 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
     latent_dims = [list_of_latent_dims] if isinstance(list_of_latent_dims, int) else list(list_of_latent_dims)
     if not latent_dims:
         raise ValueError("list_of_latent_dims is empty; give latent sizes, e.g. [2, 16]")
-    latent_dims = [_check_int(dim, "every latent size", 1) for dim in latent_dims]
-    num_iters = _check_int(num_iters, "num_iters", 1)
-    batch_size = _check_int(batch_size, "batch_size", 4)
+    latent_dims = [check_int(dim, "every latent size", 1) for dim in latent_dims]
+    num_iters = check_int(num_iters, "num_iters", 1)
+    batch_size = check_int(batch_size, "batch_size", 4)
     if quick:
         num_iters = min(num_iters, QUICK_ITERS)
         max_train = min(max_train or QUICK_SIZES[0], QUICK_SIZES[0])

@@ -28,6 +28,8 @@ from sklearn.metrics import normalized_mutual_info_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader
 
+from utils import check_int
+
 
 class Metric:
     """Base class of the running metrics that `trainer.fit` updates after every batch.
@@ -250,10 +252,7 @@ def knn_predict(query_embeddings, gallery_embeddings, gallery_labels, k=1, exclu
         raise ValueError("query_embeddings contains NaN or inf")
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_int(chunk_size, "chunk_size", 1)
     n_query, n_gallery = query_embeddings.shape[0], gallery_embeddings.shape[0]
     if exclude_self and n_query != n_gallery:
         raise ValueError("exclude_self=True needs the queries to be the gallery (Q == G), "
@@ -300,13 +299,6 @@ def knn_accuracy(query_embeddings, query_labels, gallery_embeddings, gallery_lab
 
 # ---------------------------------------------------------------- embedding-quality metrics
 
-def _check_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 def _check_distances_fit(embeddings, squared_norms):
     # A squared distance is at most 4 * the largest squared norm; if that overflows the dtype,
     # distances become inf and ties (or NaN) appear that the embeddings do not have.
@@ -337,7 +329,7 @@ def retrieval_metrics(embeddings, labels, chunk_size=1024):
     Raises ValueError when no label occurs twice.
     """
     labels = _check_embeddings_and_labels(embeddings, labels, "")
-    _check_int(chunk_size, "chunk_size", 1)
+    check_int(chunk_size, "chunk_size", 1)
     embeddings = embeddings.detach()  # an evaluation: no autograd graph over the chunks
     device = embeddings.device
     _, label_ids, label_counts = torch.unique(labels.to(device), return_inverse=True,
@@ -391,12 +383,12 @@ def nmi_score(embeddings, labels, n_clusters=None, seed=0, *, n_init=10):
     if n_clusters is None:
         n_clusters = int(torch.unique(labels).numel())
     else:
-        _check_int(n_clusters, "n_clusters", 1)
+        check_int(n_clusters, "n_clusters", 1)
         if n_clusters > n_items:
             raise ValueError(f"n_clusters must be at most the number of embeddings ({n_items}), "
                              f"got {n_clusters}")
-    _check_int(seed, "seed", 0)
-    _check_int(n_init, "n_init", 1)
+    check_int(seed, "seed", 0)
+    check_int(n_init, "n_init", 1)
     points = embeddings.detach().to("cpu", torch.float64).numpy()
     clusters = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit_predict(points)
     return float(normalized_mutual_info_score(labels.cpu().numpy(), clusters))
@@ -483,8 +475,8 @@ def verification_roc_auc(embeddings, labels, n_pairs=100_000, seed=0):
     Raises ValueError when there is no same-label or no different-label pair.
     """
     labels = _check_embeddings_and_labels(embeddings, labels, "")
-    _check_int(n_pairs, "n_pairs", 2)
-    _check_int(seed, "seed", 0)
+    check_int(n_pairs, "n_pairs", 2)
+    check_int(seed, "seed", 0)
     embeddings = embeddings.detach()
     squared_norms = embeddings.pow(2).sum(dim=1)
     _check_distances_fit(embeddings, squared_norms)
@@ -593,11 +585,11 @@ def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, groups=None, see
     labels = torch.as_tensor(labels).cpu()
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
         raise TypeError("labels must be a 1-D integer tensor (N,)")
-    _check_int(n_way, "n_way", 2)
-    _check_int(k_shot, "k_shot", 1)
-    _check_int(n_query, "n_query", 1)
-    _check_int(n_episodes, "n_episodes", 1)
-    _check_int(seed, "seed", 0)
+    check_int(n_way, "n_way", 2)
+    check_int(k_shot, "k_shot", 1)
+    check_int(n_query, "n_query", 1)
+    check_int(n_episodes, "n_episodes", 1)
+    check_int(seed, "seed", 0)
     per_class = k_shot + n_query
     classes, class_of, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     eligible = counts >= per_class

@@ -21,13 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+from utils import check_int
 
 
 class EmbeddingNet(nn.Module):
@@ -42,9 +36,9 @@ class EmbeddingNet(nn.Module):
 
     def __init__(self, embedding_dim=2, in_channels=1, image_size=28):
         super().__init__()
-        self.embedding_dim = _positive_int(embedding_dim, "embedding_dim")
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        self.image_size = _positive_int(image_size, "image_size")
+        self.embedding_dim = check_int(embedding_dim, "embedding_dim", 1)
+        self.in_channels = check_int(in_channels, "in_channels", 1)
+        self.image_size = check_int(image_size, "image_size", 1)
         feature_size = ((image_size - 4) // 2 - 4) // 2
         if feature_size < 1:
             raise ValueError(f"image_size must be >= 16 for two 5x5 convolutions and two 2x2 "
@@ -90,7 +84,7 @@ class ClassificationNet(nn.Module):
     def __init__(self, embedding_net, n_classes):
         super().__init__()
         self.embedding_net = embedding_net
-        self.n_classes = _positive_int(n_classes, "n_classes")
+        self.n_classes = check_int(n_classes, "n_classes", 1)
         self.nonlinear = nn.PReLU()
         embedding_dim = getattr(embedding_net, "embedding_dim", None)
         self.fc1 = nn.Linear(embedding_dim, n_classes) if embedding_dim else nn.LazyLinear(n_classes)
@@ -152,11 +146,11 @@ class SiameseNetwork(nn.Module):
     def __init__(self, image_size=105, embedding_dim=64, in_channels=1, channels=64, n_blocks=4,
                  normalize=False):
         super().__init__()
-        self.image_size = _positive_int(image_size, "image_size")
-        self.embedding_dim = _positive_int(embedding_dim, "embedding_dim")
-        self.in_channels = _positive_int(in_channels, "in_channels")
-        self.channels = _positive_int(channels, "channels")
-        self.n_blocks = _positive_int(n_blocks, "n_blocks")
+        self.image_size = check_int(image_size, "image_size", 1)
+        self.embedding_dim = check_int(embedding_dim, "embedding_dim", 1)
+        self.in_channels = check_int(in_channels, "in_channels", 1)
+        self.channels = check_int(channels, "channels", 1)
+        self.n_blocks = check_int(n_blocks, "n_blocks", 1)
         self.normalize = bool(normalize)
         feature_size = image_size // 2 ** n_blocks
         if feature_size < 1:
@@ -236,7 +230,7 @@ def _check_hidden_dims(hidden_dims):
     if not isinstance(hidden_dims, (list, tuple)) or not hidden_dims:
         raise TypeError(f"hidden_dims must be a non-empty sequence of layer sizes such as (512, 256), "
                         f"got {hidden_dims!r}")
-    return tuple(_positive_int(size, "every hidden size") for size in hidden_dims)
+    return tuple(check_int(size, "every hidden size", 1) for size in hidden_dims)
 
 
 def _dense_stack(sizes, dropout):
@@ -262,7 +256,7 @@ class MLPEncoder(nn.Module):
 
     def __init__(self, input_dim, hidden_dims=(512, 256), dropout=0.2):
         super().__init__()
-        self.input_dim = _positive_int(input_dim, "input_dim")
+        self.input_dim = check_int(input_dim, "input_dim", 1)
         self.hidden_dims = _check_hidden_dims(hidden_dims)
         self.dropout = _check_dropout(dropout)
         self.output_dim = self.hidden_dims[-1]
@@ -283,8 +277,8 @@ class MLPDecoder(nn.Module):
 
     def __init__(self, latent_dim, output_dim, hidden_dims=(256, 512), dropout=0.2):
         super().__init__()
-        self.latent_dim = _positive_int(latent_dim, "latent_dim")
-        self.output_dim = _positive_int(output_dim, "output_dim")
+        self.latent_dim = check_int(latent_dim, "latent_dim", 1)
+        self.output_dim = check_int(output_dim, "output_dim", 1)
         self.hidden_dims = _check_hidden_dims(hidden_dims)
         self.dropout = _check_dropout(dropout)
         self.layers = nn.Sequential(*_dense_stack((self.latent_dim, *self.hidden_dims), self.dropout),
@@ -296,8 +290,8 @@ class MLPDecoder(nn.Module):
 
 
 def _check_image_geometry(in_channels, image_size):
-    _positive_int(in_channels, "in_channels")
-    _positive_int(image_size, "image_size")
+    check_int(in_channels, "in_channels", 1)
+    check_int(image_size, "image_size", 1)
     if image_size % 4 or image_size < 8:
         raise ValueError(f"image_size must be a multiple of 4 and at least 8 (two stride-2 layers halve it "
                          f"exactly), got {image_size}; 28 for MNIST, 32 for CIFAR-10")
@@ -316,7 +310,7 @@ class ConvEncoder(nn.Module):
         _check_image_geometry(in_channels, image_size)
         self.in_channels, self.image_size = in_channels, image_size
         self.dropout = _check_dropout(dropout)
-        self.output_dim = _positive_int(output_dim, "output_dim")
+        self.output_dim = check_int(output_dim, "output_dim", 1)
         side = image_size // 4
         self.convnet = nn.Sequential(
             nn.Conv2d(in_channels, 32, 4, stride=2, padding=1), nn.PReLU(),
@@ -343,12 +337,12 @@ class ConvDecoder(nn.Module):
     def __init__(self, latent_dim, out_channels=1, image_size=28, dropout=0.2, hidden_dim=256):
         super().__init__()
         _check_image_geometry(out_channels, image_size)
-        self.latent_dim = _positive_int(latent_dim, "latent_dim")
+        self.latent_dim = check_int(latent_dim, "latent_dim", 1)
         self.out_channels, self.image_size = out_channels, image_size
         self.dropout = _check_dropout(dropout)
         self.side = image_size // 4
         self.fc = nn.Sequential(
-            nn.Linear(self.latent_dim, _positive_int(hidden_dim, "hidden_dim")), nn.PReLU(), nn.Dropout(self.dropout),
+            nn.Linear(self.latent_dim, check_int(hidden_dim, "hidden_dim", 1)), nn.PReLU(), nn.Dropout(self.dropout),
             nn.Linear(hidden_dim, 64 * self.side * self.side), nn.PReLU(),
         )
         self.deconvnet = nn.Sequential(
@@ -378,7 +372,7 @@ class AutoencoderOutput(NamedTuple):
 
 
 def _check_encoder_decoder(encoder, decoder, latent_dim):
-    latent_dim = _positive_int(latent_dim, "latent_dim")
+    latent_dim = check_int(latent_dim, "latent_dim", 1)
     if not isinstance(encoder, nn.Module) or not isinstance(getattr(encoder, "output_dim", None), int):
         raise TypeError("encoder must be an nn.Module with an int output_dim (its feature size), "
                         "e.g. MLPEncoder or ConvEncoder")

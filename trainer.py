@@ -34,6 +34,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from metrics import Metric
+from utils import check_int
+
+# Flush-to-zero (see fit's flush_denormal) is a per-thread CPU mode that a thread copies from its
+# creator. Set here, at import, it reaches torch's worker threads, which start at the first parallel
+# operation; fit sets it again for the calling thread.
+torch.set_flush_denormal(True)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -261,13 +267,6 @@ def _check_loader(loader, what):
                         "epoch; pass a re-iterable object such as a DataLoader or a list")
 
 
-def _check_int(value, what, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-
-
 def _check_path(value, what):
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}")
@@ -291,11 +290,14 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     one per epoch. `channels_last=True` puts the model's weights and the 4-D inputs in
     channels-last memory format, which convolutions and pooling run faster in on CPUs with oneDNN
     (same results up to float rounding; see benchmarks/bench_epoch.py).
-    `flush_denormal=True` (training on a CPU) turns on flush-to-zero for the process
-    (`torch.set_flush_denormal(True)`, left on): as weights settle, activations and gradients
-    below 1.2e-38 appear, and every operation on such denormal floats costs the CPU many cycles.
-    Measured here, EmbeddingNet epochs on Fashion-MNIST slowed from 14 s to 30 s over 20 epochs
-    without it and stayed at 14 s with it, at the same accuracy. False leaves the mode alone.
+    `flush_denormal=True` (training on a CPU) turns on flush-to-zero for the calling thread
+    (`torch.set_flush_denormal(True)`, left on); importing this module already turned it on before
+    torch started its worker threads, which copy the mode only when they start. As weights settle,
+    activations and gradients below 1.2e-38 appear, and every operation on such denormal floats
+    costs the CPU many cycles: measured here, EmbeddingNet epochs on Fashion-MNIST slowed from
+    14 s to 30 s over 20 epochs without it and stayed at 14 s with it, at the same accuracy.
+    False leaves the mode as it is. To keep denormals everywhere, call
+    `torch.set_flush_denormal(False)` before torch's first parallel operation and pass False.
 
     `checkpoint_dir`: after every epoch, atomically writes checkpoint_dir/checkpoint.pt holding the
     model, optimizer and scheduler states, the epoch count, the history and the torch (CPU and
@@ -332,9 +334,9 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
         if getattr(scheduler, "optimizer", optimizer) is not optimizer:
             raise ValueError("scheduler was built for a different optimizer; build it on the "
                              "optimizer passed to fit")
-    _check_int(n_epochs, "n_epochs", 0)
-    _check_int(log_interval, "log_interval", 1)
-    _check_int(start_epoch, "start_epoch", 0)
+    check_int(n_epochs, "n_epochs", 0)
+    check_int(log_interval, "log_interval", 1)
+    check_int(start_epoch, "start_epoch", 0)
     if start_epoch > n_epochs:
         raise ValueError(f"start_epoch ({start_epoch}) is larger than n_epochs ({n_epochs}); "
                          "n_epochs is the total number of epochs, not the number still to run")

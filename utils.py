@@ -16,6 +16,8 @@ Conventions shared by all selectors:
   (the loss is ``relu((D[a, p] + margin) - D[a, n])``, computed so that this test is exact), and the
   hardest negative of ``a`` is its closest one;
 * nothing qualifying gives an empty ``(0, 2)`` / ``(0, 3)`` tensor, never a stand-in triplet.
+
+``check_int`` is the integer-argument check every module of the library uses.
 """
 
 import numbers
@@ -26,6 +28,16 @@ import torch
 # Largest number of (anchor, positive, negative) slots the all-triplets selector fills per chunk;
 # it bounds the work tensors beside the output (a few hundred MB at B = 1024).
 CHUNK_ELEMENTS = 1 << 22
+
+
+def check_int(value, name, minimum=0):
+    """``value`` as an int (Python or numpy integer, not bool) of at least ``minimum``; raises
+    TypeError or ValueError naming the argument ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def pdist(vectors):

@@ -1,16 +1,15 @@
 """The autoencoder notebook: committed clean, parameters read from the environment, and a quick run
 executes end to end (nbclient, this interpreter's kernel) on the IDX fixture in a temporary folder.
-Kernel and execution helpers are those of test_notebooks.py."""
+Kernel and execution helpers: tests/notebook_helpers.py."""
 
-import asyncio
 import json
 import os
 
-import nbformat
 import pytest
 
 from fixtures import write_idx_fixture
-from test_notebooks import REPO, code_cells, execute, outputs_of
+from notebook_helpers import (check_committed_clean, code_cells, kernel_environment, outputs_of,
+                              parameter_values, read_notebook, run_notebook)
 
 NOTEBOOK = "Experiments_Autoencoders.ipynb"
 PARAMETER_VARIABLES = ["ST_DATASET", "ST_ITERS", "ST_LATENT_DIMS", "ST_QUICK", "ST_DATA_ROOT", "ST_DOWNLOAD"]
@@ -19,32 +18,13 @@ SWEEPS = [(constraint, encoder) for constraint in ("pairwise", "triplet") for en
 WEIGHTS = [0, 0.25, 0.5, 0.75, 1]
 
 
-def read_notebook():
-    return nbformat.read(os.path.join(REPO, NOTEBOOK), as_version=4)
-
-
 def parameters(monkeypatch, environment):
     """The variables the first code cell defines when the ST_ variables are those of `environment`."""
-    for variable in PARAMETER_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
-    for variable, value in environment.items():
-        monkeypatch.setenv(variable, value)
-    namespace = {}
-    exec(compile(code_cells(read_notebook())[0].source, NOTEBOOK, "exec"), namespace)
-    return {name: namespace[name] for name in PARAMETERS}
+    return parameter_values(NOTEBOOK, monkeypatch, PARAMETER_VARIABLES, environment, PARAMETERS)
 
 
 def test_notebook_is_committed_clean():
-    notebook = read_notebook()
-    nbformat.validate(notebook)
-    assert notebook.metadata.kernelspec.name == "python3"
-    assert notebook.metadata.kernelspec.language == "python"
-    for cell in code_cells(notebook):
-        assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
-    first_code = code_cells(notebook)[0]
-    assert "parameters" in first_code.metadata.get("tags", [])
-    for variable in PARAMETER_VARIABLES:
-        assert variable in first_code.source  # documented in the cell
+    check_committed_clean(NOTEBOOK, PARAMETER_VARIABLES)
 
 
 def test_parameters_default_to_a_full_run_and_follow_the_environment(monkeypatch):
@@ -62,14 +42,9 @@ def test_quick_run_executes_end_to_end(tmp_path):
     data_root, work = tmp_path / "data", tmp_path / "work"
     write_idx_fixture(data_root, train_per_class=10, test_per_class=10)
     work.mkdir()
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("ST_")}
-    environment.update(ST_QUICK="1", ST_ITERS="3", ST_DATA_ROOT=str(data_root), ST_DOWNLOAD="0",
-                       PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-                       IPYTHONDIR=str(tmp_path / "ipython"),  # no user IPython profile or startup files
-                       OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    with pytest.MonkeyPatch.context() as patch:  # connection files in tmp, not in a home that may be read-only
-        patch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
-        notebook = asyncio.run(execute(read_notebook(), work, environment))
+    environment = kernel_environment(tmp_path, ST_QUICK="1", ST_ITERS="3", ST_DATA_ROOT=str(data_root),
+                                     ST_DOWNLOAD="0")
+    notebook = run_notebook(read_notebook(NOTEBOOK), work, environment, tmp_path)
 
     final = code_cells(notebook)[-1]
     table = "".join(outputs_of(final, "text/markdown"))

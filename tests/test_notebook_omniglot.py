@@ -1,46 +1,26 @@
 """The Omniglot notebook: committed clean, parameters read from the environment, and a quick run
-executes end to end on small Omniglot-format zips written by the test (kernel and execution helpers
-shared with tests/test_notebooks.py)."""
+executes end to end on small Omniglot-format zips written by the test (kernel and execution helpers:
+tests/notebook_helpers.py)."""
 
-import asyncio
-import inspect
 import os
 
-import nbformat
 import pytest
 
-import test_notebooks as notebooks  # module access only: its tests are not collected a second time here
+from notebook_helpers import (check_committed_clean, code_cells, kernel_environment, outputs_of,
+                              parameter_values, read_notebook, run_notebook)
 from omniglot_fixtures import write_alphabets, zip_folder
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = "Experiments_Omniglot.ipynb"
 PARAMETER_VARIABLES = ["ST_QUICK", "ST_EPOCHS", "ST_OMNIGLOT_ROOT", "ST_TRAIN"]
 
 
-def read_notebook():
-    return nbformat.read(os.path.join(REPO, NOTEBOOK), as_version=4)
-
-
 def parameters(monkeypatch, environment):
-    for variable in PARAMETER_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
-    for variable, value in environment.items():
-        monkeypatch.setenv(variable, value)
-    namespace = {}
-    exec(compile(notebooks.code_cells(read_notebook())[0].source, NOTEBOOK, "exec"), namespace)
-    return {name: namespace[name] for name in ("QUICK", "EPOCHS", "OMNIGLOT_ROOT", "TRAIN")}
+    return parameter_values(NOTEBOOK, monkeypatch, PARAMETER_VARIABLES, environment,
+                            ("QUICK", "EPOCHS", "OMNIGLOT_ROOT", "TRAIN"))
 
 
 def test_notebook_is_committed_clean():
-    notebook = read_notebook()
-    nbformat.validate(notebook)
-    assert notebook.metadata.kernelspec.name == "python3" and notebook.metadata.kernelspec.language == "python"
-    for cell in notebooks.code_cells(notebook):
-        assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
-    first_code = notebooks.code_cells(notebook)[0]
-    assert "parameters" in first_code.metadata.get("tags", [])
-    for variable in PARAMETER_VARIABLES:
-        assert variable in first_code.source
+    check_committed_clean(NOTEBOOK, PARAMETER_VARIABLES)
 
 
 def test_parameters_default_and_follow_the_environment(monkeypatch):
@@ -67,27 +47,22 @@ def test_quick_run_executes_end_to_end(tmp_path):
     data_root.mkdir()
     write_omniglot_root(data_root)
     work.mkdir()
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("ST_")}
-    environment.update(ST_QUICK="1", ST_OMNIGLOT_ROOT=str(data_root),
-                       PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-                       IPYTHONDIR=str(tmp_path / "ipython"))
-    notebook = notebooks.execute(read_notebook(), work, environment)
-    if inspect.isawaitable(notebook):  # the shared helper may be a coroutine (it runs notebooks concurrently)
-        notebook = asyncio.run(notebook)
+    environment = kernel_environment(tmp_path, ST_QUICK="1", ST_OMNIGLOT_ROOT=str(data_root))
+    notebook = run_notebook(read_notebook(NOTEBOOK), work, environment, tmp_path)
 
-    cells = notebooks.code_cells(notebook)
+    cells = code_cells(notebook)
     data_cell = cells[1]
     text = "".join(output.get("text", "") for output in data_cell.outputs)
     assert "20 classes (5 characters x 4 rotations) of Alpha, Beta" in text
     assert "evaluation: 150 images, 25 characters of Delta, Gamma" in text
-    assert len(notebooks.outputs_of(data_cell, "image/png")) == 2
+    assert len(outputs_of(data_cell, "image/png")) == 2
     training = "".join(output.get("text", "") for output in cells[2].outputs)
     assert "training for 1 epochs" in training
     verification_cell = next(cell for cell in cells if "best_threshold(" in cell.source)
-    assert len(notebooks.outputs_of(verification_cell, "image/png")) == 1
+    assert len(outputs_of(verification_cell, "image/png")) == 1
     episodes_cell = next(cell for cell in cells if "sample_episodes(" in cell.source)
-    assert len(notebooks.outputs_of(episodes_cell, "image/png")) == 2
-    tables = "".join(notebooks.outputs_of(cells[-1], "text/markdown"))
+    assert len(outputs_of(episodes_cell, "image/png")) == 2
+    tables = "".join(outputs_of(cells[-1], "text/markdown"))
     for task in ("20-way 1-shot, within alphabet | Gamma | 100 |", "5-way 1-shot, within alphabet | Delta, Gamma | 100 |",
                  "20-way 1-shot, across alphabets", "verification", "20-way 5-shot, within alphabet"):
         assert task in tables

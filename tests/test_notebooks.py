@@ -3,26 +3,18 @@ quick run of each executes end to end (nbclient) on the IDX fixture in a tempora
 
 The two quick runs execute concurrently, each kernel on one thread: on a 2-core machine that takes
 about a third of the time of running them one after the other with two threads each.
-
-The kernel is always this test's own interpreter, through ipykernel's built-in kernel spec: the
-kernel spec manager is given no folders to search, so no kernel registered on the machine (a user's
-`python3` pointing at another Python, say) is picked up, and nothing has to be registered.
 """
 
-import asyncio
 import json
 import os
 import sys
 
-import nbformat
 import pytest
-from jupyter_client import AsyncKernelManager
-from jupyter_client.kernelspec import KernelSpecManager
-from nbclient import NotebookClient
 
 from fixtures import write_idx_fixture
+from notebook_helpers import (check_committed_clean, code_cells, kernel_environment, kernel_manager,
+                              outputs_of, parameter_values, read_notebook, run_notebooks)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = {"mnist": "Experiments_MNIST.ipynb", "fashion-mnist": "Experiments_FashionMNIST.ipynb"}
 # What each notebook trains, in the order of its sections; the final table must name them all.
 LABELS = ["softmax", "siamese", "triplet", "online-contrastive", "online-triplet/random-hard",
@@ -30,57 +22,17 @@ LABELS = ["softmax", "siamese", "triplet", "online-contrastive", "online-triplet
 COMPARISONS = ["siamese_vs_online-contrastive", "triplet_vs_online-triplet-random-hard",
                "triplet_vs_online-triplet-semi-hard"]
 PARAMETER_VARIABLES = ["ST_DATASET", "ST_EPOCHS", "ST_QUICK", "ST_DATA_ROOT", "ST_DOWNLOAD"]
-CELL_TIMEOUT = 300  # seconds; a quick-mode cell takes a few
-
-
-def read_notebook(dataset):
-    return nbformat.read(os.path.join(REPO, NOTEBOOKS[dataset]), as_version=4)
-
-
-def code_cells(notebook):
-    return [cell for cell in notebook.cells if cell.cell_type == "code"]
 
 
 def parameters(dataset, monkeypatch, environment):
     """The variables the first code cell defines when the ST_ variables are those of `environment`."""
-    for variable in PARAMETER_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
-    for variable, value in environment.items():
-        monkeypatch.setenv(variable, value)
-    namespace = {}
-    exec(compile(code_cells(read_notebook(dataset))[0].source, NOTEBOOKS[dataset], "exec"), namespace)
-    return {name: namespace[name] for name in ("DATASET", "EPOCHS", "QUICK", "DATA_ROOT", "DOWNLOAD")}
-
-
-def kernel_manager():
-    """A kernel manager that starts ipykernel on sys.executable (see the module docstring)."""
-    return AsyncKernelManager(kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[]))
-
-
-async def execute(notebook, cwd, environment):
-    """Run every cell of `notebook` in a fresh kernel started in `cwd` with `environment`; the
-    outputs are stored in `notebook`. A failing cell raises nbclient's CellExecutionError."""
-    client = NotebookClient(notebook, km=kernel_manager(), timeout=CELL_TIMEOUT)
-    await client.async_execute(cwd=os.fspath(cwd), env=environment, cleanup_kc=True)
-    return notebook
-
-
-def outputs_of(cell, mime):
-    return [output["data"][mime] for output in cell.outputs if mime in output.get("data", {})]
+    return parameter_values(NOTEBOOKS[dataset], monkeypatch, PARAMETER_VARIABLES, environment,
+                            ("DATASET", "EPOCHS", "QUICK", "DATA_ROOT", "DOWNLOAD"))
 
 
 @pytest.mark.parametrize("dataset", NOTEBOOKS)
 def test_notebook_is_committed_clean(dataset):
-    notebook = read_notebook(dataset)
-    nbformat.validate(notebook)
-    assert notebook.metadata.kernelspec.name == "python3"
-    assert notebook.metadata.kernelspec.language == "python"
-    for cell in code_cells(notebook):
-        assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
-    first_code = code_cells(notebook)[0]
-    assert "parameters" in first_code.metadata.get("tags", [])
-    for variable in PARAMETER_VARIABLES:
-        assert variable in first_code.source  # documented in the cell
+    check_committed_clean(NOTEBOOKS[dataset], PARAMETER_VARIABLES)
 
 
 @pytest.mark.parametrize("dataset", NOTEBOOKS)
@@ -117,22 +69,12 @@ def quick_runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("notebooks")
     data_root = tmp_path / "data"
     write_idx_fixture(data_root, train_per_class=25, test_per_class=25)  # the least 10 x 25 batches allow
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("ST_")}
-    environment.update(ST_QUICK="1", ST_DATA_ROOT=str(data_root), ST_DOWNLOAD="0",
-                       PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-                       IPYTHONDIR=str(tmp_path / "ipython"),  # no user IPython profile or startup files
-                       OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    environment = kernel_environment(tmp_path, ST_QUICK="1", ST_DATA_ROOT=str(data_root), ST_DOWNLOAD="0")
     works = {dataset: tmp_path / dataset for dataset in NOTEBOOKS}
     for work in works.values():
         work.mkdir()
-
-    async def run_all():
-        return await asyncio.gather(*(execute(read_notebook(dataset), works[dataset], environment)
-                                      for dataset in NOTEBOOKS), return_exceptions=True)
-
-    with pytest.MonkeyPatch.context() as patch:  # connection files in tmp, not in a home that may be read-only
-        patch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
-        outcomes = asyncio.run(run_all())
+    outcomes = run_notebooks([(read_notebook(NOTEBOOKS[dataset]), works[dataset], environment)
+                              for dataset in NOTEBOOKS], tmp_path)
     return {dataset: (outcome, works[dataset]) for dataset, outcome in zip(NOTEBOOKS, outcomes)}
 
 
