@@ -138,7 +138,6 @@ def warm_up(model, batch_shapes, n_inputs):
 
 
 def main():
-    torch.set_flush_denormal(True)  # as trainer.fit does on a CPU
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="fashion-mnist", choices=experiments.DATASETS)
     parser.add_argument("--methods", default=",".join(METHODS))
