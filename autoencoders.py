@@ -44,6 +44,9 @@ from networks import make_autoencoder
 from utils import (AllPositivePairSelector, AllTripletSelector, HardNegativePairSelector,
                    RandomNegativeTripletSelector, check_int)
 
+# Flush-to-zero for denormal floats, set at import so torch's worker threads inherit it (see trainer.py).
+torch.set_flush_denormal(True)
+
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagenet")
 CONSTRAINTS = ("pairwise", "triplet")
 ENCODERS = ("embenc", "vae")  # plain autoencoder, variational autoencoder
@@ -296,7 +299,7 @@ def train_model(model, loss_fn, inputs, labels, sampler, num_iters, learning_rat
     """
     device = torch.device(device or "cpu")
     if device.type == "cpu":
-        torch.set_flush_denormal(True)  # denormal floats slow CPU training down (see trainer.fit)
+        torch.set_flush_denormal(True)  # for this thread too: denormal floats slow CPU training (trainer.fit)
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     window = {key: [] for key in ("total", "metric", "reconstruction", "kl", "n_selected")}
