@@ -25,7 +25,8 @@ the result row; ``run_methods(...)`` runs several and writes the table. Command 
 Held-out classes: ``--train-classes 0-4`` (``run_method(..., train_classes="0-4")``) trains on those
 classes only, scores the usual metrics on them and adds one-shot accuracy (5-way 1-shot episodes) and
 verification ROC-AUC on the test images of the other classes, which the model never saw; the
-results go to ``results/train-classes-0-4/`` and ``images/train-classes-0-4/``.
+results go to ``results/train-classes-0-4/`` and ``images/train-classes-0-4/``, beside two reference
+rows scored the same way (``held_out_baselines``: raw pixels and the untrained network).
 
 Omniglot (one-shot learning on alphabets never seen in training)::
 
@@ -343,6 +344,9 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
                                    epochs=epochs, seed=seed, quick=quick, device=device, splits=splits,
                                    images_dir=images_dir, results_dir=results_dir, progress=progress,
                                    channels_last=channels_last, train_classes=train_classes))
+    if train_classes is not None:  # what the held-out scores mean needs these two references
+        baselines_dir = None if results_dir is None else os.path.join(results_dir, "quick") if quick else results_dir
+        rows += held_out_baselines(dataset, *splits, train_classes, embedding_dim, seed, baselines_dir)
     if images_dir is not None:
         comparison_dir = os.path.join(images_dir, "quick") if quick else images_dir
         if train_classes is not None:  # where run_method put the plots
@@ -488,6 +492,47 @@ def held_out_splits(train_set, test_set, train_classes):
     unseen = [k for k in range(len(train_set.classes)) if k not in seen]
     tag = ",".join(str(k) for k in seen) if seen != list(range(seen[0], seen[-1] + 1)) else f"{seen[0]}-{seen[-1]}"
     return ((class_subset(train_set, seen), class_subset(test_set, seen)), class_subset(test_set, unseen), tag)
+
+
+class PixelEmbedding(nn.Module):
+    """The no-learning reference embedding: images ``(B, C, H, W)`` -> their pixels ``(B, C*H*W)``."""
+
+    def forward(self, x):
+        return x.flatten(1)
+
+    def get_embedding(self, x):
+        return self(x)
+
+
+HELD_OUT_BASELINES = ("pixels", "untrained network")
+
+
+def held_out_baselines(dataset, train_set, test_set, train_classes, embedding_dim=2, seed=0,
+                       results_dir="results"):
+    """Reference rows for a held-out-class run, scored exactly as ``run_method`` scores a trained model:
+    'pixels' (the normalised images as vectors, ``PixelEmbedding``) and 'untrained network' (the
+    ``EmbeddingNet`` every method starts from: same ``embedding_dim`` and seed, no training). A trained
+    embedding should beat both on its own classes; on the held-out ones it may not (see the README).
+    Takes the full ``(train_set, test_set)`` and the ``train_classes`` spec; records the rows under
+    ``results_dir/train-classes-<tag>/`` (skipped when None) and returns them."""
+    (seen_train, seen_test), held_out, classes_tag = held_out_splits(train_set, test_set, train_classes)
+    in_channels, image_size = seen_train.data.shape[1], seen_train.data.shape[-1]
+    rows = []
+    for name in HELD_OUT_BASELINES:
+        torch.manual_seed(seed)  # run_method's seed before it builds the network: the same initial weights
+        model = (PixelEmbedding() if name == "pixels" else
+                 EmbeddingNet(embedding_dim, in_channels=in_channels, image_size=image_size))
+        embedded = [extract_embeddings(DataLoader(split, batch_size=EVALUATION_BATCH), model)
+                    for split in (seen_train, seen_test)]
+        dimension = embedded[0][0].shape[1]
+        row = {"dataset": dataset, "method": name, "embedding_dim": dimension, "epochs": 0, "seed": seed,
+               "train_classes": classes_tag}
+        row.update(evaluate_embeddings(*embedded[0], *embedded[1], seed=seed))
+        row.update(evaluate_held_out(model, held_out, seed))
+        if results_dir is not None:
+            record_result(row, os.path.join(results_dir, f"train-classes-{classes_tag}"))
+        rows.append(row)
+    return rows
 
 
 def evaluate_held_out(model, held_out, seed=0, n_episodes=HELD_OUT_EPISODES):

@@ -50,6 +50,36 @@ def test_held_out_run_on_the_idx_fixture(tmp_path, monkeypatch):
     assert "held-out" not in experiments.results_table([plain])
 
 
+def test_held_out_baselines_score_pixels_and_the_untrained_network(tmp_path):
+    write_idx_fixture(tmp_path / "data")
+    train_set, test_set = experiments.load_splits("fashion-mnist", str(tmp_path / "data"), quick=True)
+    rows = experiments.held_out_baselines("fashion-mnist", train_set, test_set, "0-4", embedding_dim=3, seed=1,
+                                          results_dir=str(tmp_path / "results"))
+    pixels, untrained = rows
+    assert (pixels["method"], pixels["embedding_dim"]) == ("pixels", 28 * 28)
+    assert (untrained["method"], untrained["embedding_dim"], untrained["epochs"]) == ("untrained network", 3, 0)
+    _, held_out, _ = experiments.held_out_splits(train_set, test_set, "0-4")
+    images = torch.stack([held_out[i][0] for i in range(len(held_out))]).flatten(1)
+    direct = experiments.few_shot_accuracy(images, held_out.targets, 5, 1, experiments.HELD_OUT_EPISODES, seed=1)
+    assert pixels["held_out_one_shot"] == pytest.approx(direct["accuracy"])
+    torch.manual_seed(1)  # the network run_method(seed=1) would start training from
+    start = experiments.EmbeddingNet(3)
+    assert untrained["held_out_one_shot"] == pytest.approx(
+        experiments.evaluate_held_out(start, held_out, seed=1)["held_out_one_shot"])
+    table = (tmp_path / "results" / "train-classes-0-4" / "fashion-mnist.md").read_text()
+    assert "| pixels | 784 |" in table and "| untrained network | 3 |" in table
+
+
+def test_command_line_held_out_run_adds_the_baselines(tmp_path, monkeypatch):
+    write_idx_fixture(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    rows = experiments.main(["--quick", "--methods", "online-contrastive", "--train-classes", "0-4",
+                             "--root", str(tmp_path / "data"), "--no-progress"])
+    assert [row["method"] for row in rows] == ["online-contrastive", "pixels", "untrained network"]
+    table = (tmp_path / "results" / "quick" / "train-classes-0-4" / "fashion-mnist.md").read_text()
+    assert "| online-contrastive | 2 |" in table and "| pixels | 784 |" in table
+
+
 def test_held_out_splits_never_train_on_held_out_classes(tmp_path):
     write_idx_fixture(tmp_path)
     train_set, test_set = experiments.load_splits("fashion-mnist", str(tmp_path), quick=True)
