@@ -744,9 +744,12 @@ def main(argv=None):
                 distance=args.distance, reconstruction=args.reconstruction, root=args.root,
                 download=not args.no_download, splits=splits, quick=args.quick, device=args.device,
                 progress=not args.no_progress)
+    where = "quick/" if args.quick else ""
+    if len(constraints) * len(encoders) > 1:  # every model of the sweep in one trade-off figure
+        plot_tradeoff(rows, os.path.join("images", where, "autoencoders", f"{args.dataset}_tradeoff.png"),
+                      f"{args.dataset}: retrieval against reconstruction")
     print()
     print(results_table(rows))
-    where = "quick/" if args.quick else ""
     print(f"Total {time.perf_counter() - started:.0f} s. Results in results/{where}autoencoders-{args.dataset}.md, "
           f"plots in images/{where}autoencoders/.")
     return rows

@@ -338,6 +338,10 @@ class BalancedBatchSampler(Sampler):
         n_classes: classes per batch; n_samples: items per class per batch.
         seed: with a seed, epoch e is drawn from a generator seeded from (seed, e); without one each
             epoch draws its seed from torch's global RNG (so torch.manual_seed reproduces it).
+        groups: optional (N,) group id per item (e.g. Omniglot's alphabet), every class inside one
+            group and every group holding at least n_classes classes: then all the classes of a batch
+            come from one group, so its negatives are the hard, same-group kind that a within-group
+            test (20-way within one alphabet) asks to tell apart.
 
     Yields len(self) = N // (n_classes * n_samples) lists of int indices per epoch. An epoch covers
     the dataset once as nearly as the batch shape allows: each class hands out its items from a
@@ -345,12 +349,15 @@ class BalancedBatchSampler(Sampler):
     items not yet used this epoch (plus a tiny weight so every class stays eligible), except that a
     class whose unused items need every remaining batch is always chosen -- so a balanced label set
     whose counts the batch shape divides is covered exactly once. A class whose queue runs short
-    continues with a fresh permutation, never repeating an index inside one batch.
+    continues with a fresh permutation, never repeating an index inside one batch. With groups, each
+    batch first draws its group in proportion to the group's unused items, then its classes inside
+    that group as above; an epoch then covers the data approximately (a class may repeat before
+    another is used up).
     Call set_epoch(e) to replay epoch e (e.g. when resuming); otherwise every iteration advances the
     epoch counter.
     """
 
-    def __init__(self, labels, n_classes, n_samples, seed=None):
+    def __init__(self, labels, n_classes, n_samples, seed=None, groups=None):
         super().__init__()
         for name, value in (("n_classes", n_classes), ("n_samples", n_samples)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -379,7 +386,25 @@ class BalancedBatchSampler(Sampler):
                              "lower n_samples or filter those classes out")
         order = torch.argsort(self.labels, stable=True)
         self.label_to_indices = dict(zip(self.labels_set.tolist(), torch.split(order, counts.tolist())))
+        self.class_groups = None if groups is None else self._class_groups(groups)
         self.epoch = 0
+
+    def _class_groups(self, groups):
+        """(C,) group position of each class (in labels_set order), checked against the batch shape."""
+        groups = _as_tensor(groups)
+        if groups.shape != self.labels.shape or groups.is_floating_point():
+            raise ValueError(f"groups must hold one integer group id per item ({len(self.labels)}), got "
+                             f"{groups.dtype} of shape {tuple(groups.shape)}")
+        _, groups = torch.unique(groups, return_inverse=True)
+        class_position = torch.searchsorted(self.labels_set, self.labels)
+        class_groups = torch.zeros(len(self.labels_set), dtype=torch.long).scatter_(0, class_position, groups)
+        if (class_groups[class_position] != groups).any():
+            raise ValueError("every class must lie inside one group (e.g. a character inside one alphabet)")
+        classes_per_group = torch.bincount(class_groups)
+        if int(classes_per_group.min()) < self.n_classes:
+            raise ValueError(f"with groups, every group needs at least n_classes={self.n_classes} classes, but one "
+                             f"has only {int(classes_per_group.min())}; lower n_classes or merge small groups")
+        return class_groups
 
     def set_epoch(self, epoch):
         """Make the next iteration yield the batches of `epoch`."""
@@ -406,8 +431,16 @@ class BalancedBatchSampler(Sampler):
         for batches_left in range(len(self), 0, -1):
             unused = (sizes - handed_out).clamp(min=0)
             urgent = torch.ceil(unused / self.n_samples) >= batches_left
+            if self.class_groups is None:
+                chosen = self._choose_classes(unused + 1e-6, urgent, generator)
+            else:
+                group_unused = torch.zeros(int(self.class_groups.max()) + 1, dtype=torch.float64)
+                group_unused.index_add_(0, self.class_groups, unused)
+                group = torch.multinomial(group_unused + 1e-6, 1, generator=generator)
+                members = (self.class_groups == group).nonzero().flatten()
+                chosen = members[self._choose_classes(unused[members] + 1e-6, urgent[members], generator)]
             batch = []
-            for k in self._choose_classes(unused + 1e-6, urgent, generator).tolist():
+            for k in chosen.tolist():
                 if heads[k] + self.n_samples > len(queues[k]):
                     rest = queues[k][heads[k]:]
                     fresh = class_indices[k][torch.randperm(len(class_indices[k]), generator=generator)].tolist()

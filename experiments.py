@@ -566,7 +566,7 @@ OMNIGLOT_RECIPE = {
     "image_size": 48, "embedding_dim": 64, "channels": 64,
     "quarter_turns": (0, 1, 2, 3),  # each character turned by k * 90 degrees counts as a class of its own
     "augment": {"degrees": 10.0, "shear": 10.0, "scale": (0.85, 1.15), "translate": 0.1},
-    "epochs": 40, "batch_classes": 32, "batch_samples": 5, "pair_batch": 128,
+    "epochs": 40, "batch_classes": 32, "batch_samples": 5, "pair_batch": 128, "alphabet_batches": False,
     "learning_rate": 1e-3, "weight_decay": 0.0,  # Adam, cosine decay to zero over the epochs
 }
 CONTRASTIVE_MARGIN = 2.0  # the siamese method's ContrastiveLoss margin
@@ -603,13 +603,15 @@ def load_omniglot(root=None, image_size=28, quarter_turns=(0,), augment=None, ba
 
 
 def train_omniglot(train_set, method="online-triplet", selector="random-hard", margin=1.0, embedding_dim=64,
-                   channels=64, epochs=40, batch_classes=32, batch_samples=5, pair_batch=128,
+                   channels=64, epochs=40, batch_classes=32, batch_samples=5, pair_batch=128, alphabet_batches=False,
                    learning_rate=1e-3, weight_decay=0.0, seed=0, device=None, progress=True, **data_settings):
     """Train a SiameseNetwork on ``train_set`` (an OmniglotAlphabets) with one of the library's losses.
 
     ``method``: 'siamese' (SiameseMNIST pairs, ContrastiveLoss(CONTRASTIVE_MARGIN)), 'online-contrastive'
     (BalancedBatchSampler batches of batch_classes x batch_samples, OnlineContrastiveLoss with hard negative
-    pairs) or 'online-triplet' (same batches, OnlineTripletLoss with ``selector``, see SELECTORS). Adam with
+    pairs) or 'online-triplet' (same batches, OnlineTripletLoss with ``selector``, see SELECTORS);
+    ``alphabet_batches`` draws all the characters of a batch from one alphabet (BalancedBatchSampler's
+    groups), so that training negatives are as alike as the within-alphabet test's. Adam with
     cosine learning-rate decay over ``epochs``. The recipe's data settings (image_size, quarter_turns,
     augment) are accepted and ignored, so ``train_omniglot(train_set, **OMNIGLOT_RECIPE)`` works: they shaped
     ``train_set`` already. Returns ``(model in eval mode, history)``, ``history`` as ``fit`` returns it.
@@ -630,7 +632,8 @@ def train_omniglot(train_set, method="online-triplet", selector="random-hard", m
             loss_fn = OnlineTripletLoss(margin, SELECTORS[selector](margin, generator))
             metrics = [AverageNonzeroTripletsMetric()]
         train_loader = DataLoader(train_set, batch_sampler=BalancedBatchSampler(
-            train_set.targets, min(batch_classes, len(train_set.classes)), batch_samples, seed=seed))
+            train_set.targets, min(batch_classes, len(train_set.classes)), batch_samples, seed=seed,
+            groups=train_set.alphabets if alphabet_batches else None))
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs, 1))
     history = fit(train_loader, None, model, loss_fn, optimizer, scheduler, epochs, metrics=metrics,

@@ -619,4 +619,5 @@ def test_command_line_quick_run(tmp_path, monkeypatch, capsys):
                                                                  ("vae", 1.0)]
     assert all(row["quick"] and row["num_iters"] == 2 for row in rows)
     assert (tmp_path / "results" / "quick" / "autoencoders-mnist.md").is_file()
+    assert (tmp_path / "images" / "quick" / "autoencoders" / "mnist_tradeoff.png").is_file()  # all four models
     assert "| pairwise | vae | images | 1 | 2 |" in capsys.readouterr().out

@@ -579,6 +579,36 @@ def test_sampler_drives_a_dataloader():
         assert (targets.unique(return_counts=True)[1] == 4).all()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_grouped_sampler_draws_each_batch_inside_one_group(seed):
+    generator = torch.Generator().manual_seed(seed)
+    n_groups = 3
+    class_sizes = torch.randint(4, 12, (12,), generator=generator)
+    labels = torch.arange(12).repeat_interleave(class_sizes)
+    class_group = torch.arange(12) % n_groups  # classes 0, 3, 6, 9 in group 0, ...
+    groups = (class_group[labels] + 10).numpy()  # any integer ids
+    sampler = BalancedBatchSampler(labels, n_classes=3, n_samples=4, seed=seed, groups=groups)
+    batches = list(sampler)
+    check_batches(batches, labels, 3, 4)
+    for batch in batches:
+        assert len(set(class_group[labels[torch.tensor(batch)]].tolist())) == 1
+    used_groups = {int(class_group[labels[batch[0]]]) for epoch in range(4) for batch in sampler}
+    assert used_groups == set(range(n_groups))  # every group gets batches
+    assert batches == list(BalancedBatchSampler(labels, 3, 4, seed=seed, groups=groups))  # seeded
+
+
+def test_grouped_sampler_errors():
+    labels = [0, 0, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(ValueError, match="one integer group id per item"):
+        BalancedBatchSampler(labels, 2, 2, groups=[0, 1])
+    with pytest.raises(ValueError, match="one integer group id per item"):
+        BalancedBatchSampler(labels, 2, 2, groups=[0.0] * 8)
+    with pytest.raises(ValueError, match="every class must lie inside one group"):
+        BalancedBatchSampler(labels, 2, 2, groups=[0, 1, 0, 0, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="at least n_classes=3 classes, but one has only 2; lower n_classes"):
+        BalancedBatchSampler(labels, 3, 2, groups=[0, 0, 0, 0, 1, 1, 1, 1])
+
+
 def test_sampler_errors():
     labels = [0, 0, 0, 1, 1, 1, 2, 2]
     with pytest.raises(TypeError, match="n_classes must be an int"):

@@ -161,6 +161,15 @@ def test_online_methods_train_the_siamese_network(omniglot_root, method):
         experiments.train_omniglot(train_set, method="softmax")
 
 
+def test_alphabet_batches_group_the_sampler_by_alphabet(omniglot_root):
+    train_set, _ = experiments.load_omniglot(omniglot_root, image_size=28)  # Alpha: 3 characters, Beta: 2
+    model, history = experiments.train_omniglot(train_set, epochs=1, embedding_dim=8, channels=8, batch_classes=2,
+                                                batch_samples=3, alphabet_batches=True, progress=False)
+    assert len(history["train_loss"]) == 1
+    with pytest.raises(ValueError, match="every group needs at least n_classes=3 classes, but one has only 2"):
+        experiments.train_omniglot(train_set, epochs=1, batch_classes=3, alphabet_batches=True, progress=False)
+
+
 def test_run_omniglot_rejects_unknown_settings():
     with pytest.raises(ValueError, match="unknown Omniglot recipe settings"):
         experiments.run_omniglot(epoch=3)
