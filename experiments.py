@@ -49,7 +49,7 @@ from datasets import (BalancedBatchSampler, BatchRandomAffine, InMemoryDataset, 
 from losses import ContrastiveLoss, OnlineContrastiveLoss, OnlineTripletLoss, TripletLoss
 from metrics import (AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, best_threshold, evaluate_embeddings,
                      extract_embeddings, few_shot_accuracy, one_shot_run_errors, verification_roc_auc)
-from networks import ClassificationNet, EmbeddingNet, SiameseNet, SiameseNetwork, TripletNet
+from networks import ClassificationNet, EmbeddingNet, ShiftAveragedEmbedding, SiameseNet, SiameseNetwork, TripletNet
 from trainer import fit
 from autoencoders import run_experiment  # noqa: F401  (the autoencoder experiments' API)
 from utils import (AllTripletSelector, BatchHardTripletSelector, HardestNegativeTripletSelector,
@@ -435,7 +435,7 @@ def omniglot_main(args):
     result = run_omniglot(args.omniglot_root, weights, quick=args.quick, seed=args.seed, device=args.device,
                           progress=not args.no_progress, **recipe)
     print()
-    print(omniglot_table(result["evaluation"]))
+    print(omniglot_table(result["evaluation"], result["evaluation_shift_averaged"]))
     saved = "" if args.quick else f"; weights in {weights}"
     print(f"Training {result['seconds']:.0f} s. Results in results/{'quick/' if args.quick else ''}omniglot.md{saved}.")
     return result
@@ -571,6 +571,7 @@ OMNIGLOT_RECIPE = {
 }
 CONTRASTIVE_MARGIN = 2.0  # the siamese method's ContrastiveLoss margin
 OMNIGLOT_EPISODES = 1000
+OMNIGLOT_TEST_SHIFT = 2  # run_omniglot also reports test-time shift averaging over -2, 0, +2 px
 OMNIGLOT_QUICK = {"epochs": 1, "n_episodes": 100}
 
 
@@ -657,15 +658,20 @@ def drawer_halves(dataset):
     return drawers[:len(drawers) // 2], drawers[len(drawers) // 2:]
 
 
-def evaluate_omniglot(model, eval_set, n_episodes=OMNIGLOT_EPISODES, seed=0, device=None):
+def evaluate_omniglot(model, eval_set, n_episodes=OMNIGLOT_EPISODES, seed=0, device=None, test_shift=0):
     """One-shot accuracy and verification of ``model`` on ``eval_set`` (alphabets it never saw).
 
     Episodes (1 query per class, prototype rule, seeded): 20-way 1-shot within one alphabet (alphabets
     with >= 20 characters), 5-way 1-shot within one alphabet, 20-way 1-shot across all the alphabets.
     Verification: the similarity threshold is chosen (best_threshold) on pairs of the first half of the
     drawers (1-10 of 20) and its accuracy measured on pairs of the others; ROC-AUC on pairs of all images.
-    Returns {'episodes': [rows with 'task', 'alphabets', 'accuracy', 'ci95', ...], 'verification': {...}}.
+    ``test_shift`` > 0: test-time augmentation, every image embedded as the mean over its copies shifted
+    by -test_shift, 0, +test_shift pixels in each direction (``ShiftAveragedEmbedding``).
+    Returns {'episodes': [rows with 'task', 'alphabets', 'accuracy', 'ci95', ...], 'verification': {...},
+    'test_shift'}.
     """
+    if test_shift:
+        model = ShiftAveragedEmbedding(model, test_shift)
     embeddings, labels = extract_embeddings(DataLoader(eval_set, batch_size=EVALUATION_BATCH), model, device)
     characters = torch.bincount(eval_set.class_alphabets, minlength=len(eval_set.alphabet_names))
     rows = []
@@ -686,22 +692,26 @@ def evaluate_omniglot(model, eval_set, n_episodes=OMNIGLOT_EPISODES, seed=0, dev
     verification = {"threshold": threshold, "validation_accuracy": validation_accuracy,
                     "validation_drawers": validation_drawers, "test_drawers": test_drawers,
                     "test_accuracy": test_accuracy, "roc_auc": verification_roc_auc(embeddings, labels, seed=seed)}
-    return {"episodes": rows, "verification": verification}
+    return {"episodes": rows, "verification": verification, "test_shift": test_shift}
 
 
-def omniglot_table(result):
-    """Markdown table of evaluate_omniglot's result (accuracies in percent with their 95% intervals)."""
+def omniglot_table(*results):
+    """Markdown table of one or more of evaluate_omniglot's results (accuracies in percent with their 95%
+    intervals); the rows of a shift-averaged evaluation say so."""
     lines = ["| task | alphabets | episodes | accuracy | error |", "|---|---|---|---|---|"]
-    for row in result["episodes"]:
-        accuracy, ci95 = 100 * row["accuracy"], 100 * row["ci95"]
-        lines.append(f"| {row['task']} | {', '.join(row['alphabets'])} | {row['n_episodes']} | "
-                     f"{accuracy:.1f}% +- {ci95:.1f} | {100 - accuracy:.1f}% |")
-    verification = result["verification"]
-    validation, test = verification["validation_drawers"], verification["test_drawers"]
-    lines.append(f"| verification (threshold {verification['threshold']:.3f} from drawers {validation[0]}-{validation[-1]}) | "
-                 f"drawers {test[0]}-{test[-1]} | "
-                 f"pairs | {100 * verification['test_accuracy']:.1f}% (ROC-AUC {verification['roc_auc']:.3f}) | "
-                 f"{100 - 100 * verification['test_accuracy']:.1f}% |")
+    for result in results:
+        shift = result.get("test_shift", 0)
+        suffix = f", shift-averaged (+-{shift} px)" if shift else ""
+        for row in result["episodes"]:
+            accuracy, ci95 = 100 * row["accuracy"], 100 * row["ci95"]
+            lines.append(f"| {row['task']}{suffix} | {', '.join(row['alphabets'])} | {row['n_episodes']} | "
+                         f"{accuracy:.1f}% +- {ci95:.1f} | {100 - accuracy:.1f}% |")
+        verification = result["verification"]
+        validation, test = verification["validation_drawers"], verification["test_drawers"]
+        lines.append(f"| verification (threshold {verification['threshold']:.3f} from drawers "
+                     f"{validation[0]}-{validation[-1]}){suffix} | drawers {test[0]}-{test[-1]} | "
+                     f"pairs | {100 * verification['test_accuracy']:.1f}% (ROC-AUC {verification['roc_auc']:.3f}) | "
+                     f"{100 - 100 * verification['test_accuracy']:.1f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -732,7 +742,8 @@ def run_omniglot(root=None, weights=OMNIGLOT_WEIGHTS, results_dir="results", qui
     ``weights`` (skipped when None), evaluate on the new alphabets and write results/omniglot.md and .json.
 
     ``quick``: OMNIGLOT_QUICK's epochs and episodes, no weights saved, results under results/quick/.
-    Returns {'recipe', 'seconds', 'train_alphabets', 'evaluation' (evaluate_omniglot's result)}.
+    Returns {'recipe', 'seconds', 'train_alphabets', 'evaluation' (evaluate_omniglot's result) and
+    'evaluation_shift_averaged' (the same with test_shift=OMNIGLOT_TEST_SHIFT)}.
     """
     settings = {**OMNIGLOT_RECIPE, **recipe}
     unknown = sorted(set(recipe) - set(OMNIGLOT_RECIPE))
@@ -748,8 +759,10 @@ def run_omniglot(root=None, weights=OMNIGLOT_WEIGHTS, results_dir="results", qui
     model, history = train_omniglot(train_set, seed=seed, device=device, progress=progress, **settings)
     seconds = time.perf_counter() - started
     evaluation = evaluate_omniglot(model, eval_set, n_episodes, seed)
+    shift_averaged = evaluate_omniglot(model, eval_set, n_episodes, seed, test_shift=OMNIGLOT_TEST_SHIFT)
     result = {"recipe": {**settings, "seed": seed}, "seconds": seconds, "quick": quick,
-              "train_alphabets": train_set.alphabet_names, "evaluation": evaluation}
+              "train_alphabets": train_set.alphabet_names, "evaluation": evaluation,
+              "evaluation_shift_averaged": shift_averaged}
     if weights is not None:
         save_omniglot_model(model, weights, command="python experiments.py --dataset omniglot", **result)
     if results_dir is not None:
@@ -757,7 +770,7 @@ def run_omniglot(root=None, weights=OMNIGLOT_WEIGHTS, results_dir="results", qui
         with open(os.path.join(results_dir, "omniglot.json"), "w") as file:
             json.dump(result, file, indent=1)
         with open(os.path.join(results_dir, "omniglot.md"), "w") as file:
-            file.write(omniglot_table(evaluation))
+            file.write(omniglot_table(evaluation, shift_averaged))
     return result
 
 

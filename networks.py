@@ -7,6 +7,7 @@ has ``get_embedding(x)`` returning ``(B, D)``.
 
 ``SiameseNetwork`` is the one-shot model (Koch, Zemel and Salakhutdinov, 2015 style): one
 convolutional encoder shared by both inputs, a similarity score in (0, 1] and a verify decision.
+``ShiftAveragedEmbedding`` wraps any of them for test-time augmentation (mean over shifted copies).
 
 ``Autoencoder`` and ``VAE`` (built from ``MLPEncoder``/``MLPDecoder`` for feature vectors ``(B, D)`` or
 ``ConvEncoder``/``ConvDecoder`` for images ``(B, C, S, S)``, or by ``make_autoencoder``) return an
@@ -209,6 +210,35 @@ class SiameseNetwork(nn.Module):
             raise TypeError(f"threshold must be a number in (0, 1], got {type(threshold).__name__}")
         with torch.no_grad():
             return self.similarity(input1, input2) >= threshold
+
+
+class ShiftAveragedEmbedding(nn.Module):
+    """Test-time augmentation for any embedding model: the mean embedding of an image shifted by
+    every ``(dy, dx)`` in ``{-shift, 0, shift}^2`` pixels (9 views; ``shift=0`` is the model itself).
+
+    ``get_embedding(x)`` / ``forward(x)``: images ``(B, C, H, W)`` -> ``(B, D)``. Shifts wrap around
+    (``torch.roll``), which is harmless for images with a blank border such as Omniglot characters.
+    Wrap a trained model for evaluation (``n_way_k_shot_accuracy``, ``one_shot_run_errors``, ...); it
+    has no parameters of its own and forwards ``train()``/``eval()`` to the model.
+    """
+
+    def __init__(self, embedding_net, shift=2):
+        super().__init__()
+        if not callable(getattr(embedding_net, "get_embedding", None)):
+            raise TypeError(f"embedding_net must have a get_embedding method, got {type(embedding_net).__name__}")
+        self.embedding_net = embedding_net
+        self.shift = check_int(shift, "shift", 0)
+
+    def get_embedding(self, x):
+        if x.dim() != 4:
+            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        offsets = (-self.shift, 0, self.shift) if self.shift else (0,)
+        views = [self.embedding_net.get_embedding(torch.roll(x, (dy, dx), dims=(2, 3)))
+                 for dy in offsets for dx in offsets]  # one view at a time: 9x the batch would not fit
+        return torch.stack(views).mean(0)
+
+    def forward(self, x):
+        return self.get_embedding(x)
 
 
 # ---------------------------------------------------------------------------------------------------

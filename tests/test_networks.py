@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from networks import ClassificationNet, EmbeddingNet, EmbeddingNetL2, SiameseNet, TripletNet
+from networks import ClassificationNet, EmbeddingNet, EmbeddingNetL2, ShiftAveragedEmbedding, SiameseNet, TripletNet
 
 
 def test_embedding_net_is_the_classic_architecture():
@@ -93,3 +93,39 @@ def test_siamese_and_triplet_nets_share_one_embedding_net():
     assert torch.equal(SiameseNet(embedding_net).get_embedding(x1), embedding_net(x1))
     assert torch.equal(TripletNet(embedding_net).get_embedding(x1), embedding_net(x1))
     assert len(list(SiameseNet(embedding_net).parameters())) == len(list(embedding_net.parameters()))
+
+
+def shifted_by_index(images, dy, dx):
+    """images moved down dy and right dx pixels, wrapping around, by explicit index arithmetic."""
+    height, width = images.shape[-2:]
+    rows = [(i - dy) % height for i in range(height)]
+    columns = [(j - dx) % width for j in range(width)]
+    return images[:, :, rows][:, :, :, columns]
+
+
+@pytest.mark.parametrize("shift", [0, 1, 2, 5])
+def test_shift_averaged_embedding_is_the_mean_over_the_shifted_views(shift):
+    torch.manual_seed(shift)
+    model = EmbeddingNet(3).eval()
+    images = torch.randn(4, 1, 28, 28)
+    wrapped = ShiftAveragedEmbedding(model, shift=shift)
+    offsets = sorted({-shift, 0, shift})
+    expected = torch.stack([model.get_embedding(shifted_by_index(images, dy, dx))
+                            for dy in offsets for dx in offsets]).mean(0)
+    with torch.no_grad():
+        assert torch.allclose(wrapped(images), expected, atol=1e-5)
+        assert wrapped.get_embedding(images).shape == (4, 3)
+    if shift == 0:
+        assert torch.equal(wrapped(images), model(images))
+
+
+def test_shift_averaged_embedding_wraps_modes_and_checks_arguments():
+    model = EmbeddingNet(2)
+    wrapped = ShiftAveragedEmbedding(model).eval()
+    assert not model.training and list(wrapped.parameters()) == list(model.parameters())
+    with pytest.raises(TypeError, match="get_embedding"):
+        ShiftAveragedEmbedding(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="shift must be"):
+        ShiftAveragedEmbedding(model, shift=-1)
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        wrapped(torch.randn(28, 28))

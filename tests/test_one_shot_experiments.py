@@ -8,6 +8,7 @@ import torch
 
 import experiments
 from fixtures import write_idx_fixture
+from metrics import n_way_k_shot_accuracy
 from networks import SiameseNetwork
 from omniglot_fixtures import write_alphabets, write_runs, zip_folder
 
@@ -124,7 +125,10 @@ def test_omniglot_quick_command(omniglot_root, tmp_path, monkeypatch, capsys):
     assert result["evaluation"]["episodes"][0]["alphabets"] == ["Gamma"]
     assert all(row["n_episodes"] == 100 for row in result["evaluation"]["episodes"])
     assert result["evaluation"]["verification"]["validation_drawers"] == [1, 2, 3]
-    assert "| 20-way 1-shot, within alphabet | Gamma | 100 |" in (tmp_path / "results" / "quick" / "omniglot.md").read_text()
+    table = (tmp_path / "results" / "quick" / "omniglot.md").read_text()
+    assert "| 20-way 1-shot, within alphabet | Gamma | 100 |" in table
+    assert "| 20-way 1-shot, within alphabet, shift-averaged (+-2 px) | Gamma | 100 |" in table
+    assert result["evaluation_shift_averaged"]["test_shift"] == 2
     assert not weights.exists()  # a quick run saves no weights
     assert "Results in results/quick/omniglot.md" in capsys.readouterr().out
 
@@ -168,6 +172,18 @@ def test_alphabet_batches_group_the_sampler_by_alphabet(omniglot_root):
     assert len(history["train_loss"]) == 1
     with pytest.raises(ValueError, match="every group needs at least n_classes=3 classes, but one has only 2"):
         experiments.train_omniglot(train_set, epochs=1, batch_classes=3, alphabet_batches=True, progress=False)
+
+
+def test_evaluate_omniglot_with_test_shift_embeds_the_shift_average(omniglot_root):
+    train_set, eval_set = experiments.load_omniglot(omniglot_root, image_size=28)
+    model = SiameseNetwork(28, 8, channels=8).eval()
+    plain = experiments.evaluate_omniglot(model, eval_set, n_episodes=50)
+    shifted = experiments.evaluate_omniglot(model, eval_set, n_episodes=50, test_shift=1)
+    averaged = experiments.ShiftAveragedEmbedding(model, 1)
+    direct = n_way_k_shot_accuracy(averaged, eval_set, 5, 1, 50, within_alphabet=True)
+    assert shifted["episodes"][1]["accuracy"] == pytest.approx(direct["accuracy"])
+    assert (plain["test_shift"], shifted["test_shift"]) == (0, 1)
+    assert plain["verification"]["roc_auc"] != shifted["verification"]["roc_auc"]
 
 
 def test_run_omniglot_rejects_unknown_settings():
