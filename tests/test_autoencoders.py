@@ -25,7 +25,7 @@ import features
 from fixtures import write_idx_fixture
 from losses import (ContrastiveLoss, OnlineTripletLoss, PairwiseAutoencoderLoss, TripletAutoencoderLoss,
                     TripletLoss, gaussian_kl, kl_to_standard_normal, symmetric_gaussian_kl)
-from networks import (Autoencoder, AutoencoderOutput, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder,
+from networks import (LOG_VAR_RANGE, Autoencoder, AutoencoderOutput, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder,
                       SiameseAutoencoder, TripletAutoencoder, VAE, make_autoencoder)
 from utils import AllPositivePairSelector, AllTripletSelector, HardNegativePairSelector
 
@@ -78,6 +78,20 @@ def test_autoencoder_output_shapes_and_embedding(shape, variational):
         assert output.log_var is None and output.latent is output.mean
         model.eval()
         assert torch.equal(model.get_embedding(x), model(x).mean)
+
+
+def test_vae_log_variance_is_bounded_and_stops_drifting_past_the_bound():
+    torch.manual_seed(0)
+    model = make_autoencoder((4,), 2, variational=True, hidden_dims=(8,), dropout=0.0)
+    with torch.no_grad():
+        model.to_log_var.bias.copy_(torch.tensor([-500.0, 500.0]))  # as if it had drifted far each way
+    x = torch.randn(5, 4, requires_grad=True)
+    output = model(x)
+    assert (output.log_var[:, 0] == LOG_VAR_RANGE[0]).all() and (output.log_var[:, 1] == LOG_VAR_RANGE[1]).all()
+    assert torch.isfinite(output.latent).all() and torch.isfinite(kl_to_standard_normal(output.mean, output.log_var)).all()
+    kl_to_standard_normal(output.mean, output.log_var).sum().backward()
+    assert torch.equal(model.to_log_var.weight.grad, torch.zeros_like(model.to_log_var.weight))  # no more drift
+    assert torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize("shape", SHAPES)
