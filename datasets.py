@@ -899,14 +899,17 @@ class OmniglotAlphabets(InMemoryDataset):
         quarter_turns: which rotations by k * 90 degrees (counter-clockwise) of every character to include,
             each as a class of its own (named 'Alphabet/characterNN@90' etc.): (0,) is the characters as
             drawn, (0, 1, 2, 3) quadruples the classes, a common way to train on more characters.
+        mirror: True adds the left-right mirror image of every (turned) character as a class of its own
+            (named '...~mirrored'), doubling the classes again; a mirrored character is as valid a
+            character as a turned one.
     Attributes (N images, C classes): `.data` (N, 1, S, S) float in [0, 1], `.targets` (N,) long class ids,
     `.classes` (C,) names 'Alphabet/characterNN', `.alphabet_names` (sorted), `.alphabets` (N,) long index
     into alphabet_names, `.characters` (N,) long character number (NN of characterNN), `.drawers` (N,) long
     drawer number (-1 when the file name has none), `.class_alphabets` (C,) long, `.files` (N,) paths read,
     `.augmentation` (the BatchRandomAffine or None), `.transform` (what the wrappers apply per image:
-    augmentation then transform), `.turns` (N,) long quarter turns of each image. Items are (image (1, S, S),
-    target int). Classes are numbered in (quarter turn, alphabet, character) order; images in (class, file
-    name) order. A batch fetched through __getitems__
+    augmentation then transform), `.turns` (N,) long quarter turns of each image, `.mirrored` (N,) bool.
+    Items are (image (1, S, S), target int). Classes are numbered in (mirrored, quarter turn, alphabet,
+    character) order; images in (class, file name) order. A batch fetched through __getitems__
     (DataLoader) is augmented in one batched call. Works with SiameseMNIST, TripletMNIST and
     BalancedBatchSampler like any InMemoryDataset.
     Raises FileNotFoundError when the root holds no Omniglot images, ValueError for unknown alphabets or an
@@ -914,8 +917,10 @@ class OmniglotAlphabets(InMemoryDataset):
     """
 
     def __init__(self, root, alphabets=None, image_size=None, invert=True, transform=None, target_transform=None,
-                 augment=False, train=True, subset=None, quarter_turns=(0,)):
+                 augment=False, train=True, subset=None, quarter_turns=(0,), mirror=False):
         _check_image_size(image_size)
+        if not isinstance(mirror, bool):
+            raise TypeError(f"mirror must be True or False, got {mirror!r}")
         if isinstance(alphabets, str):
             raise TypeError(f"alphabets must be a list of names, e.g. [{alphabets!r}], not a string")
         quarter_turns = tuple(quarter_turns) if isinstance(quarter_turns, (tuple, list)) else None
@@ -950,13 +955,21 @@ class OmniglotAlphabets(InMemoryDataset):
         images = torch.cat([torch.rot90(images, turn, dims=(2, 3)) for turn in quarter_turns])
         targets = torch.cat([targets + k * n_classes for k in range(n_turns)])
         classes = [name + (f"@{90 * turn}" if turn else "") for turn in quarter_turns for name in classes]
+        n_copies = n_turns * (2 if mirror else 1)
+        if mirror:
+            images = torch.cat([images, images.flip(-1)])
+            targets = torch.cat([targets, targets + len(classes)])
+            classes = classes + [name + "~mirrored" for name in classes]
         super().__init__(images, targets, train=train, transform=None, target_transform=target_transform,
                          classes=classes)
-        self.files = files * n_turns
-        self.alphabets, self.characters, self.drawers = (alphabets.repeat(n_turns), characters.repeat(n_turns),
-                                                         drawers.repeat(n_turns))
+        self.files = files * n_copies
+        self.alphabets, self.characters, self.drawers = (alphabets.repeat(n_copies), characters.repeat(n_copies),
+                                                         drawers.repeat(n_copies))
         self.turns = torch.tensor(quarter_turns, dtype=torch.long).repeat_interleave(len(files))
-        self.class_alphabets = class_alphabets.repeat(n_turns)
+        self.turns = self.turns.repeat(n_copies // n_turns)
+        self.mirrored = torch.arange(n_copies).repeat_interleave(len(files)) >= n_turns
+        self.class_alphabets = class_alphabets.repeat(n_copies)
+        self.mirror = mirror
         self.quarter_turns = quarter_turns
         self.image_size = images.shape[-1]
         self.invert = bool(invert)

@@ -450,7 +450,8 @@ class VAE(nn.Module):
     """A variational autoencoder with a diagonal Gaussian posterior (Kingma and Welling, 2014).
 
     The encoder body feeds two linear heads, the posterior mean and log-variance ``(B, latent_dim)``
-    each (the log-variance clamped to ``LOG_VAR_RANGE``, so that ``exp`` never overflows). ``forward(x) -> AutoencoderOutput(latent, reconstruction, mean, log_var)``: in training mode
+    each (the log-variance clamped to ``LOG_VAR_RANGE``, so that ``exp`` never overflows).
+    ``forward(x) -> AutoencoderOutput(latent, reconstruction, mean, log_var)``: in training mode
     ``latent = mean + exp(log_var / 2) * eps`` with ``eps ~ N(0, I)`` from torch's global RNG (the
     reparameterisation trick, so gradients reach both heads); in eval mode ``latent = mean``, so
     evaluation is deterministic. ``get_embedding(x)`` returns the mean ``(B, latent_dim)`` in both modes.

@@ -667,6 +667,28 @@ def test_quarter_turns_add_rotated_classes(omniglot):
             OmniglotAlphabets(omniglot["zip"], quarter_turns=bad)
 
 
+def test_mirror_adds_mirrored_classes_after_the_turned_ones(omniglot):
+    turned = OmniglotAlphabets(omniglot["zip"], quarter_turns=(0, 1))
+    mirrored = OmniglotAlphabets(omniglot["zip"], quarter_turns=(0, 1), mirror=True)
+    n, n_classes = len(turned), len(turned.classes)
+    assert len(mirrored) == 2 * n and len(mirrored.classes) == 2 * n_classes
+    assert mirrored.classes[:n_classes] == turned.classes
+    assert mirrored.classes[n_classes] == "Alpha/character01~mirrored"
+    assert mirrored.classes[-1] == "Beta/character02@90~mirrored"
+    assert torch.equal(mirrored.data[:n], turned.data)
+    for i in range(0, n, 7):  # column j of a mirrored image is column S - 1 - j of the original
+        assert torch.equal(mirrored.data[n + i][..., 0], turned.data[i][..., -1])
+        assert torch.equal(mirrored.data[n + i], turned.data[i][..., torch.arange(turned.image_size - 1, -1, -1)])
+    assert torch.equal(mirrored.targets, torch.cat([turned.targets, turned.targets + n_classes]))
+    for name in ("alphabets", "drawers", "turns", "characters"):
+        assert torch.equal(getattr(mirrored, name), getattr(turned, name).repeat(2))
+    assert torch.equal(mirrored.class_alphabets, turned.class_alphabets.repeat(2))
+    assert mirrored.mirrored.tolist() == [False] * n + [True] * n and not turned.mirrored.any()
+    assert len(mirrored.files) == 2 * n
+    with pytest.raises(TypeError, match="mirror must be True or False"):
+        OmniglotAlphabets(omniglot["zip"], mirror=1)
+
+
 def test_alphabet_names_in(omniglot):
     assert OmniglotAlphabets.alphabet_names_in(omniglot["zip"]) == ["Alpha", "Beta"]
     assert OmniglotAlphabets.alphabet_names_in(omniglot["folder"]) == ["Alpha", "Beta"]
