@@ -53,7 +53,7 @@ def test_quick_run_executes_end_to_end(tmp_path):
     cells = code_cells(notebook)
     data_cell = cells[1]
     text = "".join(output.get("text", "") for output in data_cell.outputs)
-    assert "20 classes (5 characters x 4 rotations) of Alpha, Beta" in text
+    assert "40 classes (5 characters x 4 rotations x 2 mirror images) of Alpha, Beta" in text
     assert "evaluation: 150 images, 25 characters of Delta, Gamma" in text
     assert len(outputs_of(data_cell, "image/png")) == 2
     training = "".join(output.get("text", "") for output in cells[2].outputs)
@@ -64,6 +64,7 @@ def test_quick_run_executes_end_to_end(tmp_path):
     assert len(outputs_of(episodes_cell, "image/png")) == 2
     tables = "".join(outputs_of(cells[-1], "text/markdown"))
     for task in ("20-way 1-shot, within alphabet | Gamma | 100 |", "5-way 1-shot, within alphabet | Delta, Gamma | 100 |",
-                 "20-way 1-shot, across alphabets", "verification", "20-way 5-shot, within alphabet"):
+                 "20-way 1-shot, across alphabets", "verification", "20-way 5-shot, within alphabet",
+                 "20-way 1-shot, within alphabet, shift-averaged (+-2 px) | Gamma | 100 |"):
         assert task in tables
     assert os.listdir(work) == []  # the notebook writes no file
