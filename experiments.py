@@ -345,7 +345,9 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
                                    images_dir=images_dir, results_dir=results_dir, progress=progress,
                                    channels_last=channels_last, train_classes=train_classes))
     if train_classes is not None:  # what the held-out scores mean needs these two references
-        baselines_dir = None if results_dir is None else os.path.join(results_dir, "quick") if quick else results_dir
+        baselines_dir = results_dir
+        if quick and results_dir is not None:  # where run_method put a quick run's table
+            baselines_dir = os.path.join(results_dir, "quick")
         rows += held_out_baselines(dataset, *splits, train_classes, embedding_dim, seed, baselines_dir)
     if images_dir is not None:
         comparison_dir = os.path.join(images_dir, "quick") if quick else images_dir
@@ -618,7 +620,7 @@ def train_omniglot(train_set, method="online-triplet", selector="random-hard", m
     ``alphabet_batches`` draws all the characters of a batch from one alphabet (BalancedBatchSampler's
     groups), so that training negatives are as alike as the within-alphabet test's. Adam with
     cosine learning-rate decay over ``epochs``. The recipe's data settings (image_size, quarter_turns,
-    augment) are accepted and ignored, so ``train_omniglot(train_set, **OMNIGLOT_RECIPE)`` works: they shaped
+    mirror, augment) are accepted and ignored, so ``train_omniglot(train_set, **OMNIGLOT_RECIPE)`` works: they shaped
     ``train_set`` already. Returns ``(model in eval mode, history)``, ``history`` as ``fit`` returns it.
     """
     _check_choice(method, OMNIGLOT_METHODS, "Omniglot method")
