@@ -44,6 +44,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 
+from utils import groups_of_classes
+
 
 class InMemoryDataset(Dataset):
     """Images held in one float tensor, so a batch is a single gather instead of N PIL conversions.
@@ -391,15 +393,8 @@ class BalancedBatchSampler(Sampler):
 
     def _class_groups(self, groups):
         """(C,) group position of each class (in labels_set order), checked against the batch shape."""
-        groups = _as_tensor(groups)
-        if groups.shape != self.labels.shape or groups.is_floating_point():
-            raise ValueError(f"groups must hold one integer group id per item ({len(self.labels)}), got "
-                             f"{groups.dtype} of shape {tuple(groups.shape)}")
-        _, groups = torch.unique(groups, return_inverse=True)
         class_position = torch.searchsorted(self.labels_set, self.labels)
-        class_groups = torch.zeros(len(self.labels_set), dtype=torch.long).scatter_(0, class_position, groups)
-        if (class_groups[class_position] != groups).any():
-            raise ValueError("every class must lie inside one group (e.g. a character inside one alphabet)")
+        class_groups = groups_of_classes(class_position, len(self.labels_set), _as_tensor(groups))
         classes_per_group = torch.bincount(class_groups)
         if int(classes_per_group.min()) < self.n_classes:
             raise ValueError(f"with groups, every group needs at least n_classes={self.n_classes} classes, but one "
@@ -965,8 +960,8 @@ class OmniglotAlphabets(InMemoryDataset):
         self.files = files * n_copies
         self.alphabets, self.characters, self.drawers = (alphabets.repeat(n_copies), characters.repeat(n_copies),
                                                          drawers.repeat(n_copies))
-        self.turns = torch.tensor(quarter_turns, dtype=torch.long).repeat_interleave(len(files))
-        self.turns = self.turns.repeat(n_copies // n_turns)
+        self.turns = (torch.tensor(quarter_turns, dtype=torch.long).repeat_interleave(len(files))
+                      .repeat(n_copies // n_turns))
         self.mirrored = torch.arange(n_copies).repeat_interleave(len(files)) >= n_turns
         self.class_alphabets = class_alphabets.repeat(n_copies)
         self.mirror = mirror

@@ -28,7 +28,7 @@ from sklearn.metrics import normalized_mutual_info_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader
 
-from utils import check_int
+from utils import check_int, groups_of_classes
 
 
 class Metric:
@@ -596,13 +596,7 @@ def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, groups=None, see
     if groups is None:
         class_groups = torch.zeros(len(classes), dtype=torch.long)
     else:
-        groups = torch.as_tensor(groups).cpu()
-        if groups.shape != labels.shape or groups.is_floating_point():
-            raise ValueError(f"groups must be {len(labels)} integers (one per item), got {tuple(groups.shape)}")
-        _, groups = torch.unique(groups, return_inverse=True)
-        class_groups = torch.zeros(len(classes), dtype=torch.long).scatter_(0, class_of, groups)
-        if (class_groups[class_of] != groups).any():
-            raise ValueError("every class must lie in one group (e.g. a character in one alphabet)")
+        class_groups = groups_of_classes(class_of, len(classes), groups)
     n_groups = int(class_groups.max()) + 1
     eligible_per_group = torch.zeros(n_groups, dtype=torch.long).index_add_(0, class_groups, eligible.long())
     usable_groups = (eligible_per_group >= n_way).nonzero().squeeze(1)

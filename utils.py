@@ -17,7 +17,8 @@ Conventions shared by all selectors:
   hardest negative of ``a`` is its closest one;
 * nothing qualifying gives an empty ``(0, 2)`` / ``(0, 3)`` tensor, never a stand-in triplet.
 
-``check_int`` is the integer-argument check every module of the library uses.
+``check_int`` is the integer-argument check every module of the library uses; ``groups_of_classes`` maps
+per-item group ids to per-class ones for the group-by-group samplers (datasets, metrics).
 """
 
 import numbers
@@ -38,6 +39,26 @@ def check_int(value, name, minimum=0):
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def groups_of_classes(class_of, n_classes, groups):
+    """The group of each class, for samplers that draw classes group by group (e.g. Omniglot's
+    characters alphabet by alphabet).
+
+    Takes class_of (N,) the class position (0 .. n_classes - 1) of each item and groups (N,) any
+    integer group id per item (tensor, numpy array or list). Returns (n_classes,) long group
+    positions 0, 1, ... on class_of's device. Raises ValueError unless groups holds one integer per
+    item and every class lies inside one group.
+    """
+    groups = torch.as_tensor(groups).to(class_of.device)
+    if groups.shape != class_of.shape or groups.is_floating_point() or groups.is_complex():
+        raise ValueError(f"groups must hold one integer group id per item ({len(class_of)}), got "
+                         f"{groups.dtype} of shape {tuple(groups.shape)}")
+    _, groups = torch.unique(groups, return_inverse=True)
+    group_of_class = torch.zeros(n_classes, dtype=torch.long, device=class_of.device).scatter_(0, class_of, groups)
+    if (group_of_class[class_of] != groups).any():
+        raise ValueError("every class must lie inside one group (e.g. a character inside one alphabet)")
+    return group_of_class
 
 
 def pdist(vectors):
