@@ -6,9 +6,9 @@ network, M = 0 a plain autoencoder or VAE, and the values between trade retrieva
 reconstruction. Pairs and triplets are mined online in class-stratified batches
 (``datasets.BalancedBatchSampler`` and the selectors of ``utils.py``).
 
-- ``load_image_splits(dataset, root, download)``: train and test images of "mnist", "fashion-mnist"
-  (``datasets.load_dataset``), "cifar10" (``load_cifar10``: CIFAR's python-pickle batches, downloaded by
-  torchvision when missing) or "imagenet" (``load_imagenet``: ``train/`` and ``val/`` ImageFolders);
+- the data: ``datasets.load_image_splits(dataset, root, download)`` gives the train and test images
+  in [0, 1] of any dataset of ``datasets.KNOWN_DATASETS`` ("mnist", "fashion-mnist", "cifar10",
+  "imagenet"), as ``InMemoryDataset`` s;
 - ``run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list_of_latent_dims, ...)``:
   one model per (M, latent size) on raw images (convolutional autoencoder) or on features from
   ``features.py`` (MLP autoencoder), each scored on the test split with ``metrics.evaluate_embeddings``
@@ -16,49 +16,45 @@ reconstruction. Pairs and triplets are mined online in class-stratified batches
   reconstruction error, its test latents plotted (t-SNE above 2-D) and the table written to
   ``results/autoencoders-<dataset>.md`` and ``.json``;
 - ``plot_tradeoff(rows)``: retrieval quality and reconstruction error against M;
+- every model is trained by ``trainer.fit``, the library's one training loop: an iteration budget is a
+  number of epochs of a fixed number of batches (``training_epochs``);
 - ``main(argv)``: the command line, e.g.
   ``python autoencoders.py --dataset fashion-mnist --constraint pairwise,triplet --encoder embenc,vae
   --weights 0,0.25,0.5,0.75,1 --latent-dims 2``.
 """
 
 import argparse
-import copy
+import itertools
 import json
+import math
 import os
-import pickle
 import sys
 import time
-from typing import NamedTuple
 
 import numpy as np
 import torch
-import torchvision
-from torchvision import transforms
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset
 
-from datasets import BalancedBatchSampler, load_dataset
-from features import EXTRACTORS, cached_features, image_batches
+from datasets import (BalancedBatchSampler, IMAGENET_SIZE, KNOWN_DATASETS, load_cifar10, load_image_splits,  # noqa: F401
+                      load_imagenet, random_subset, read_cifar10)
+from experiments import markdown_table, merge_results, save_figure
+from features import EXTRACTORS, cached_features
 from losses import AUTOENCODER_DISTANCES, RECONSTRUCTION_LOSSES, PairwiseAutoencoderLoss, TripletAutoencoderLoss
-from metrics import evaluate_embeddings
+from metrics import Metric, evaluate_embeddings
 from networks import make_autoencoder
+from trainer import fit
 from utils import (AllPositivePairSelector, AllTripletSelector, HardNegativePairSelector,
-                   RandomNegativeTripletSelector, check_int)
+                   RandomNegativeTripletSelector, check_choice, check_int)
 
-# Flush-to-zero for denormal floats, set at import so torch's worker threads inherit it (see trainer.py).
-torch.set_flush_denormal(True)
-
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "imagenet")
+DATASETS = tuple(KNOWN_DATASETS)  # (load_cifar10, read_cifar10, load_imagenet: imported for their old path here)
 CONSTRAINTS = ("pairwise", "triplet")
 ENCODERS = ("embenc", "vae")  # plain autoencoder, variational autoencoder
-CIFAR10_FOLDER = "cifar-10-batches-py"  # what torchvision's download extracts into root
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-IMAGENET_SIZE = 32  # side of ImageNet images for the convolutional, pixel and HOG paths (ResNet: 224)
 
 LEARNING_RATE = 1e-3
 HIDDEN_DIMS = (512, 256)  # MLP autoencoder on feature vectors
 EVALUATION_BATCH = 1024
 PLOT_POINTS = 2000  # test points in a latent plot (t-SNE time grows fast with the count)
-LOSS_WINDOW = 100  # iterations averaged for the reported final losses
+LOSS_TERMS = ("total", "metric", "reconstruction", "kl", "n_selected")
 
 # quick=True: a smoke run on small random subsets, written under results/quick and images/quick
 QUICK_SIZES = (2000, 1000)
@@ -66,116 +62,7 @@ QUICK_ITERS = 200
 
 
 # ---------------------------------------------------------------------------------------------------
-# data
-
-
-class ImageSplit(NamedTuple):
-    """One split of a data set: ``images`` (a uint8 tensor (N, H, W) or (N, H, W, C), or an
-    ImageFolder-like dataset of (float image (C, H, W), label) items), ``labels (N,)`` long and the
-    class names ``classes`` (class id k is ``classes[k]``)."""
-
-    images: object
-    labels: torch.Tensor
-    classes: list
-
-
-def read_cifar10(folder, train=True):
-    """The train (``data_batch_1`` .. ``5``) or test (``test_batch``) split of CIFAR-10 from ``folder``,
-    the extracted python version (pickled dicts with ``data`` (N, 3072) uint8 rows, R then G then B
-    planes, and ``labels``; class names from ``batches.meta`` when present).
-    Returns an ``ImageSplit`` with images (N, 32, 32, 3) uint8."""
-    names = [f"data_batch_{k}" for k in range(1, 6)] if train else ["test_batch"]
-    rows, labels = [], []
-    for name in names:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"CIFAR-10 file {path} is missing; the folder must hold data_batch_1 .. "
-                                    "data_batch_5, test_batch and batches.meta (the python version)")
-        with open(path, "rb") as file:
-            batch = pickle.load(file, encoding="latin1")
-        rows.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(int(label) for label in batch["labels"])
-    classes = CIFAR10_CLASSES
-    meta = os.path.join(folder, "batches.meta")
-    if os.path.isfile(meta):
-        with open(meta, "rb") as file:
-            classes = list(pickle.load(file, encoding="latin1")["label_names"])
-    images = torch.from_numpy(np.ascontiguousarray(np.concatenate(rows).transpose(0, 2, 3, 1)))
-    return ImageSplit(images, torch.tensor(labels, dtype=torch.long), classes)
-
-
-def load_cifar10(root="data", train=True, download=True):
-    """CIFAR-10 from ``root/cifar-10-batches-py``; when that folder is missing and ``download``,
-    ``torchvision.datasets.CIFAR10(root, download=True)`` fetches and extracts it there first.
-    Returns an ``ImageSplit`` (see ``read_cifar10``). Raises FileNotFoundError saying how to get it."""
-    folder = os.path.join(os.fspath(root), CIFAR10_FOLDER)
-    problem = ""
-    if not os.path.isdir(folder) and download:
-        try:
-            torchvision.datasets.CIFAR10(os.fspath(root), train=train, download=True)
-        except (RuntimeError, OSError) as error:  # OSError covers urllib's URLError
-            problem = f" Downloading it with torchvision failed: {error}."
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"CIFAR-10 not found: there is no {folder}.{problem} Pass download=True on a "
-                                "machine with internet access, or extract the python version "
-                                f"(cifar-10-python.tar.gz) into {root}.")
-    return read_cifar10(folder, train)
-
-
-def load_imagenet(root="data", train=True, image_size=IMAGENET_SIZE):
-    """ImageNet (or any data set in its layout) as an ImageFolder: ``root/imagenet/train`` or
-    ``root/train`` (``val`` for the test split), one sub-folder of images per class. Images are resized
-    (shorter side) and centre-cropped to ``image_size``, then made float tensors in [0, 1].
-    Returns an ``ImageSplit`` whose images are the (lazy) ImageFolder."""
-    split = "train" if train else "val"
-    candidates = [os.path.join(os.fspath(root), "imagenet", split), os.path.join(os.fspath(root), split)]
-    folder = next((path for path in candidates if os.path.isdir(path)), None)
-    if folder is None:
-        raise FileNotFoundError(f"ImageNet {split} split not found: looked for {' and '.join(candidates)}; "
-                                "put one folder of images per class under train/ and val/")
-    transform = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
-                                    transforms.ToTensor()])
-    folder_dataset = torchvision.datasets.ImageFolder(folder, transform=transform)
-    return ImageSplit(folder_dataset, torch.tensor(folder_dataset.targets, dtype=torch.long),
-                      list(folder_dataset.classes))
-
-
-def load_image_splits(dataset, root="data", download=True, image_size=IMAGENET_SIZE):
-    """``(train, test)`` ``ImageSplit`` s of ``dataset``: "mnist" / "fashion-mnist" (by
-    ``datasets.load_dataset``, which also finds the system's copy, e.g. /usr/share/datasets/fashion-mnist),
-    "cifar10" (``load_cifar10``) or "imagenet" (``load_imagenet`` at ``image_size``)."""
-    _check_choice(dataset, DATASETS, "dataset")
-    if dataset == "cifar10":
-        return load_cifar10(root, True, download), load_cifar10(root, False, download)
-    if dataset == "imagenet":
-        return load_imagenet(root, True, image_size), load_imagenet(root, False, image_size)
-    splits = []
-    for train in (True, False):
-        mnist_like = load_dataset(dataset, root=root, train=train, download=download)
-        splits.append(ImageSplit(mnist_like.data, mnist_like.targets.long(), list(mnist_like.classes)))
-    return tuple(splits)
-
-
-def subset_split(split, size, generator):
-    """A uniformly random subset of ``size`` items of ``split`` (kept in their original order); the
-    split itself when it is not larger."""
-    if size is None or size >= len(split.labels):
-        return split
-    chosen = torch.randperm(len(split.labels), generator=generator)[:size].sort().values
-    images = split.images
-    if torch.is_tensor(images):
-        images = images[chosen]
-    else:  # an ImageFolder: keep the chosen files only
-        images = _folder_subset(images, chosen.tolist())
-    return ImageSplit(images, split.labels[chosen], split.classes)
-
-
-def _folder_subset(folder_dataset, chosen):
-    subset = copy.copy(folder_dataset)
-    subset.samples = [folder_dataset.samples[i] for i in chosen]
-    subset.imgs = subset.samples
-    subset.targets = [label for _, label in subset.samples]
-    return subset
+# labels
 
 
 def relabel(labels, composite_labels):
@@ -212,25 +99,16 @@ def label_names(classes, labels, composite_labels=None, keys=None):
     return {label: "+".join(members[label]) or str(label) for label in present}
 
 
-def _check_choice(value, choices, what):
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(map(str, choices))}")
-
-
 # ---------------------------------------------------------------------------------------------------
 # inputs: images or features, standardised
-
-
-def _image_tensor(images):
-    """All of ``images`` as one float tensor (N, C, H, W) in [0, 1]."""
-    return torch.cat(list(image_batches(images)))
 
 
 def prepare_inputs(train, test, dataset, feature_extractor=None, feature_params=None, normalize=True,
                    cache_dir="data/feature-cache", progress=True):
     """Model inputs of both splits: ``(train_inputs, test_inputs, mean, std, image_shape)``.
 
-    Without ``feature_extractor`` the inputs are the images (N, C, H, W) in [0, 1]; with one
+    Takes the train and test ``InMemoryDataset`` s of images (N, C, H, W) in [0, 1]
+    (``datasets.load_image_splits``). Without ``feature_extractor`` the inputs are the images; with one
     ("pixels", "hog" or "resnet", called with ``feature_params``) they are its features (N, F),
     computed once per split and cached under ``cache_dir``. With ``normalize`` both splits are
     standardised with the train split's mean and standard deviation (per channel for images, per
@@ -239,17 +117,17 @@ def prepare_inputs(train, test, dataset, feature_extractor=None, feature_params=
     pixels), else None.
     """
     if feature_extractor is None:
-        train_inputs, test_inputs = _image_tensor(train.images), _image_tensor(test.images)
+        train_inputs, test_inputs = train.data, test.data
         image_shape, dims = tuple(train_inputs.shape[1:]), (0, 2, 3)
     else:
-        _check_choice(feature_extractor, EXTRACTORS, "feature extractor")
+        check_choice(feature_extractor, EXTRACTORS, "feature_extractor")
         params = dict(feature_params or {})
-        train_inputs, test_inputs = (cached_features(feature_extractor, split.images, dataset, name, cache_dir,
+        train_inputs, test_inputs = (cached_features(feature_extractor, split.data, dataset, name, cache_dir,
                                                      progress=progress, **params)
                                      for name, split in (("train", train), ("test", test)))
         image_shape, dims = None, (0,)
         if feature_extractor == "pixels":
-            image_shape = tuple(next(image_batches(train.images, 1)).shape[1:])
+            image_shape = tuple(train.data.shape[1:])
     if normalize:
         std, mean = torch.std_mean(train_inputs, dim=dims, keepdim=True)
         std = torch.where(std > 1e-6, std, torch.ones_like(std))
@@ -288,55 +166,124 @@ def build_loss(constraint_type, weight, margin, beta, distance, reconstruction, 
     return TripletAutoencoderLoss(weight, margin, selector, beta, distance, reconstruction)
 
 
+def training_epochs(num_iters, batches_per_pass):
+    """``(epochs, batches per epoch)`` of an iteration budget: an epoch is one pass of the batch sampler
+    (``batches_per_pass`` batches), or ``num_iters`` batches when that is fewer; when the budget is not a
+    whole number of epochs, the last epoch is the shorter remainder (``EpochOfBatches``)."""
+    batches = min(check_int(num_iters, "num_iters", 1), check_int(batches_per_pass, "batches_per_pass", 1))
+    return math.ceil(num_iters / batches), batches
+
+
+class EpochOfBatches:
+    """Epochs of ``n_batches`` batches of ``batch_sampler`` (one pass each, through its ``set_epoch``), the
+    last one cut so that all epochs together hold ``total`` batches (default: no cut). This is the plain
+    loop "``total`` batches, pass after pass" in ``trainer.fit``'s epochs."""
+
+    def __init__(self, batch_sampler, n_batches, total=None):
+        self.batch_sampler, self.n_batches = batch_sampler, check_int(n_batches, "n_batches", 1)
+        self.total = None if total is None else check_int(total, "total", 1)
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self):
+        length = min(self.n_batches, len(self.batch_sampler))
+        if self.total is not None:
+            length = max(0, min(length, self.total - self.epoch * self.n_batches))
+        return length
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batch_sampler), len(self))
+
+
+class ReconstructionSet(Dataset):
+    """Inputs ``(N, ...)`` with labels ``(N,)`` served whole batches at a time as ``(inputs, (inputs,
+    labels))``: the model sees the inputs, the loss gets them back as the reconstruction target."""
+
+    def __init__(self, inputs, labels):
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self):
+        return len(self.inputs)
+
+    def __getitems__(self, indices):
+        index = torch.as_tensor(indices, dtype=torch.long)
+        batch = self.inputs[index]
+        return batch, (batch, self.labels[index])
+
+
+def _whole_batch(batch):  # ReconstructionSet already hands out whole batches
+    return batch
+
+
+class AutoencoderObjective:
+    """``loss_fn`` for ``trainer.fit``: ``(output, inputs, labels) -> (total loss, terms)``, the terms
+    being ``PairwiseAutoencoderLoss.terms`` / ``TripletAutoencoderLoss.terms`` (read by ``LossTerm``)."""
+
+    def __init__(self, loss):
+        self.loss = loss
+
+    def __call__(self, output, inputs, labels):
+        terms = self.loss.terms(output, inputs, labels)
+        return terms["total"], terms
+
+
+class LossTerm(Metric):
+    """The mean over an epoch's batches of one of the terms ``AutoencoderObjective`` returns."""
+
+    def __init__(self, term):
+        self.term = term
+        self.reset()
+
+    def __call__(self, outputs, target, loss):
+        value = loss[1][self.term]
+        self.sum = self.sum + (value.detach() if torch.is_tensor(value) else value)
+        self.count += 1
+        return self.value()
+
+    def reset(self):
+        self.sum, self.count = 0.0, 0
+
+    def value(self):
+        return float(self.sum) / self.count if self.count else float("nan")
+
+    def name(self):
+        return self.term
+
+
 def train_model(model, loss_fn, inputs, labels, sampler, num_iters, learning_rate=LEARNING_RATE, device=None,
-                progress=True, description="training"):
-    """Train ``model`` for ``num_iters`` Adam steps on batches of ``inputs (N, ...)`` / ``labels (N,)``
-    drawn by ``sampler`` (index lists, one per batch; re-iterated as often as needed).
+                progress=True, checkpoint_dir=None):
+    """Train ``model`` with Adam on ``loss_fn`` (a ``PairwiseAutoencoderLoss`` / ``TripletAutoencoderLoss``)
+    for the budget of ``num_iters`` batches of ``inputs (N, ...)`` / ``labels (N,)`` drawn by ``sampler``
+    (a ``BalancedBatchSampler``), through ``trainer.fit`` in ``training_epochs`` epochs. ``device``: as
+    ``fit`` (default: the best available); ``checkpoint_dir``: ``fit``'s checkpoints, resumed when present.
 
-    Returns the loss terms averaged over the last ``LOSS_WINDOW`` iterations: a dict of floats
-    ``total``, ``metric``, ``reconstruction``, ``kl``, ``n_selected``. Raises FloatingPointError on a
-    NaN or infinite loss, before that step is taken.
+    Returns the loss terms of the last epoch, averaged over its batches: a dict of floats ``total``,
+    ``metric``, ``reconstruction``, ``kl``, ``n_selected``, and ``num_iters``, the batches trained on.
+    Raises FloatingPointError on a NaN or infinite loss, before that step is taken (``fit``).
     """
-    device = torch.device(device or "cpu")
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # for this thread too: denormal floats slow CPU training (trainer.fit)
-    model.to(device).train()
+    epochs, batches = training_epochs(num_iters, len(sampler))
+    # A generator of its own: DataLoader draws a worker seed per epoch from it, not from torch's global RNG,
+    # which the model's dropout and VAE noise draw from.
+    loader = DataLoader(ReconstructionSet(inputs, labels), batch_sampler=EpochOfBatches(sampler, batches, num_iters),
+                        collate_fn=_whole_batch, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    window = {key: [] for key in ("total", "metric", "reconstruction", "kl", "n_selected")}
-    bar = tqdm(total=num_iters, desc=description, disable=not progress, leave=False)
-    iteration = 0
-    while iteration < num_iters:
-        for batch in sampler:
-            index = torch.as_tensor(batch, dtype=torch.long)
-            batch_inputs, batch_labels = inputs[index].to(device), labels[index].to(device)
-            terms = loss_fn.terms(model(batch_inputs), batch_inputs, batch_labels)
-            if not torch.isfinite(terms["total"]):
-                raise FloatingPointError(f"the loss became {terms['total'].item()} at iteration {iteration + 1}; "
-                                         "lower the learning rate or check the inputs")
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
-            iteration += 1
-            if iteration > num_iters - LOSS_WINDOW:
-                for key in window:
-                    value = terms[key]
-                    window[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
-            bar.update()
-            if progress and iteration % 50 == 0:
-                bar.set_postfix(loss=f"{terms['total'].item():.4f}", metric=f"{terms['metric'].item():.4f}",
-                                reconstruction=f"{terms['reconstruction'].item():.4f}")
-            if iteration == num_iters:
-                break
-    bar.close()
-    return {key: sum(values) / len(values) for key, values in window.items()}
+    history = fit(loader, None, model, AutoencoderObjective(loss_fn), optimizer, None, epochs, device=device,
+                  progress=progress, log_interval=max(batches, 1), metrics=[LossTerm(term) for term in LOSS_TERMS],
+                  checkpoint_dir=checkpoint_dir, resume=checkpoint_dir is not None)
+    final = {term: history[f"train_{term}"][-1] for term in LOSS_TERMS}
+    final["num_iters"] = num_iters
+    return final
 
 
-def embed(model, inputs, reconstruction="mse", device=None, batch_size=EVALUATION_BATCH):
+def embed(model, inputs, reconstruction="mse", batch_size=EVALUATION_BATCH):
     """Embeddings (means) ``(N, L)`` of ``inputs`` and the mean squared reconstruction error over all
     values (in the inputs' units; with a BCE model the decoder's logits go through a sigmoid first),
-    in eval mode: dropout off, a VAE decodes its mean."""
-    device = torch.device(device or "cpu")
-    model.to(device).eval()
+    in eval mode (dropout off, a VAE decodes its mean), on the device of the model's weights."""
+    device = next(model.parameters()).device
+    model.eval()
     embeddings, squared_error = [], 0.0
     with torch.no_grad():
         for start in range(0, len(inputs), batch_size):
@@ -356,14 +303,6 @@ def _figure(width, height):
     from matplotlib.figure import Figure  # no pyplot: no global backend state, safe in notebooks
 
     return Figure(figsize=(width, height))
-
-
-def _save(figure, path):
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    figure.savefig(path, dpi=90, bbox_inches="tight")
-    return path
 
 
 def latent_points(embeddings, seed=0, max_points=PLOT_POINTS):
@@ -402,7 +341,7 @@ def plot_latents(embeddings, labels, names, title, path, seed=0, max_points=PLOT
     projection = " (t-SNE)" if embeddings.shape[1] > 2 else ""
     axes.set_title(title + projection)
     axes.legend(markerscale=4, fontsize=7, loc="best")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_reconstructions(inputs, reconstructions, mean, std, image_shape, path, title=""):
@@ -427,7 +366,7 @@ def plot_reconstructions(inputs, reconstructions, mean, std, image_shape, path, 
     axes[1, 0].set_ylabel("rebuilt", fontsize=8)
     if title:
         figure.suptitle(title, fontsize=9)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_tradeoff(rows, path=None, title="retrieval against reconstruction"):
@@ -455,7 +394,7 @@ def plot_tradeoff(rows, path=None, title="retrieval against reconstruction"):
     error_axes.legend(fontsize=7)
     figure.suptitle(title)
     if path is not None:
-        _save(figure, path)
+        save_figure(figure, path)
     return figure
 
 
@@ -473,36 +412,21 @@ COLUMNS = [("constraint", "constraint", "{}"), ("encoder", "encoder", "{}"), ("f
 
 def results_table(rows):
     """Markdown table of result rows, one line per model."""
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        lines.append("| " + " | ".join(fmt.format(row[key]) if row.get(key) is not None else ""
-                                        for key, _, fmt in COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, COLUMNS)
 
 
 def record_results(new_rows, dataset, results_dir="results"):
     """Merge ``new_rows`` into ``<results_dir>/autoencoders-<dataset>.json`` (a row with the same
     constraint, encoder, features, distance, label map, latent size and M replaces the old one) and
     rewrite ``autoencoders-<dataset>.md``. Returns all the rows."""
-    os.makedirs(results_dir, exist_ok=True)
-    stem = os.path.join(results_dir, f"autoencoders-{dataset}")
-    rows = []
-    if os.path.exists(stem + ".json"):
-        with open(stem + ".json") as file:
-            rows = json.load(file)
-    fresh = {tuple(row[key] for key in RESULT_KEY) for row in new_rows}
-    rows = [row for row in rows if tuple(row.get(key) for key in RESULT_KEY) not in fresh] + list(new_rows)
-    rows.sort(key=lambda r: (r["constraint"], r["encoder"], r["features"], str(r["distance"]),
-                             str(r["composite_labels"]), r["latent_dim"], r["weight"]))
-    with open(stem + ".json", "w") as file:
-        json.dump(rows, file, indent=1)
-    with open(stem + ".md", "w") as file:
-        file.write(f"# Siamese / triplet autoencoders on {dataset}\n\n"
-                   "M weighs the metric loss against the autoencoder loss (1: metric only, 0: reconstruction "
-                   "only). Test split; kNN acc: 5-NN with the train split as gallery; recon MSE: mean squared "
-                   "reconstruction error of the (standardised) inputs. Written by autoencoders.run_experiment.\n\n")
-        file.write(results_table(rows))
-    return rows
+    header = (f"# Siamese / triplet autoencoders on {dataset}\n\n"
+              "M weighs the metric loss against the autoencoder loss (1: metric only, 0: reconstruction "
+              "only). Test split; kNN acc: 5-NN with the train split as gallery; recon MSE: mean squared "
+              "reconstruction error of the (standardised) inputs. Written by autoencoders.run_experiment.\n\n")
+    return merge_results(os.path.join(results_dir, f"autoencoders-{dataset}"), new_rows, RESULT_KEY,
+                         lambda r: (r["constraint"], r["encoder"], r["features"], str(r["distance"]),
+                                    str(r["composite_labels"]), r["latent_dim"], r["weight"]),
+                         results_table, header)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -541,7 +465,7 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
         encoder_type: "embenc" (plain autoencoder) or "vae".
         dataset: "mnist", "fashion-mnist", "cifar10" or "imagenet" (see ``load_image_splits``; ``root`` is
             the data folder, ``download`` allows torchvision's download). With ``splits`` (a pair of
-            ``ImageSplit``) the data is taken from there and ``dataset`` only names the outputs.
+            ``InMemoryDataset`` of images in [0, 1], as ``load_image_splits`` gives) the data is taken from there and ``dataset`` only names the outputs.
         list_of_weights: the values of M in [0, 1]; list_of_latent_dims: the latent sizes.
         num_iters: Adam steps per model (learning rate ``learning_rate``).
         batch_size: items per class-stratified batch (``balanced_batch_shape``: e.g. 64 with 10 classes
@@ -566,17 +490,17 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
     final training losses, ``train_seconds`` and the plot paths. The rows are merged into
     ``<results_dir>/autoencoders-<dataset>.json`` / ``.md``; plots go to ``<images_dir>/autoencoders/``.
     """
-    _check_choice(constraint_type, CONSTRAINTS, "constraint_type")
-    _check_choice(encoder_type, ENCODERS, "encoder_type")
-    _check_choice(distance, AUTOENCODER_DISTANCES, "distance")
-    _check_choice(reconstruction, RECONSTRUCTION_LOSSES, "reconstruction")
+    check_choice(constraint_type, CONSTRAINTS, "constraint_type")
+    check_choice(encoder_type, ENCODERS, "encoder_type")
+    check_choice(distance, AUTOENCODER_DISTANCES, "distance")
+    check_choice(reconstruction, RECONSTRUCTION_LOSSES, "reconstruction")
     if distance == "kl" and encoder_type != "vae":
         raise ValueError("distance='kl' compares VAE posteriors; use encoder_type='vae' or distance='euclidean'")
     if reconstruction == "bce" and normalize:
         raise ValueError("reconstruction='bce' needs inputs in [0, 1], which standardised inputs are not; "
                          "pass normalize=False with it")
     if feature_extractor is not None:
-        _check_choice(feature_extractor, EXTRACTORS, "feature_extractor")
+        check_choice(feature_extractor, EXTRACTORS, "feature_extractor")
     weights = _check_weights(list_of_weights)
     latent_dims = [list_of_latent_dims] if isinstance(list_of_latent_dims, int) else list(list_of_latent_dims)
     if not latent_dims:
@@ -597,20 +521,22 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
         image_size = (feature_params or {}).get("image_size", 224) if feature_extractor == "resnet" else IMAGENET_SIZE
         splits = load_image_splits(dataset, root, download, image_size)
     generator = torch.Generator().manual_seed(seed)
-    train, test = subset_split(splits[0], max_train, generator), subset_split(splits[1], max_test, generator)
-    train_labels, test_labels = relabel(train.labels, composite_labels), relabel(test.labels, composite_labels)
-    names = label_names(train.classes, torch.cat([train_labels, test_labels]), composite_labels, keys)
+    train, test = random_subset(splits[0], max_train, generator), random_subset(splits[1], max_test, generator)
+    train_labels, test_labels = relabel(train.targets, composite_labels), relabel(test.targets, composite_labels)
     n_classes, n_samples = balanced_batch_shape(train_labels, batch_size)
     features = feature_extractor or "images"
     train_inputs, test_inputs, mean, std, image_shape = prepare_inputs(
         train, test, dataset, feature_extractor, feature_params, normalize, cache_dir, progress)
-    # one test item of each class (the first), for the reconstruction figures
-    shown = torch.stack([(test_labels == label).nonzero()[0, 0] for label in sorted(names)
-                         if (test_labels == label).any()])[:12]
-
+    data = {"train": (train_inputs, train_labels), "test": (test_inputs, test_labels), "mean": mean, "std": std,
+            "image_shape": image_shape,
+            "names": label_names(train.classes, torch.cat([train_labels, test_labels]), composite_labels, keys)}
     label = run_label(constraint_type, encoder_type, features, distance)
-    composite = None if composite_labels is None else json.dumps({str(k): int(v) for k, v in
-                                                                   sorted(composite_labels.items())})
+    settings = {"dataset": dataset, "constraint": constraint_type, "encoder": encoder_type, "features": features,
+                "distance": distance, "composite_labels": None if composite_labels is None else json.dumps(
+                    {str(k): int(v) for k, v in sorted(composite_labels.items())}),
+                "batch_size": n_classes * n_samples, "margin": float(margin), "beta": float(beta),
+                "dropout": float(dropout_val), "normalize": bool(normalize), "reconstruction": reconstruction,
+                "seed": seed, "quick": bool(quick), "n_train": len(train_labels), "n_test": len(test_labels)}
     rows = []
     for latent_dim in latent_dims:
         for weight in weights:
@@ -620,45 +546,21 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
                                      dropout_val)
             loss_fn = build_loss(constraint_type, weight, margin, beta, distance, reconstruction, mining_generator)
             sampler = BalancedBatchSampler(train_labels, n_classes, n_samples, seed=seed)
-            description = f"{dataset} {label} M={weight:g} {latent_dim}-D"
-            print(f"== {description}: {num_iters} iterations, batches of {n_classes} classes x {n_samples}",
-                  flush=True)
+            print(f"== {dataset} {label} M={weight:g} {latent_dim}-D: {num_iters} iterations, batches of "
+                  f"{n_classes} classes x {n_samples}", flush=True)
             started = time.perf_counter()
             final = train_model(model, loss_fn, train_inputs, train_labels, sampler, num_iters, learning_rate,
-                                device, progress, description)
-            train_seconds = time.perf_counter() - started
-            train_embeddings, _ = embed(model, train_inputs, reconstruction, device)
-            test_embeddings, reconstruction_mse = embed(model, test_inputs, reconstruction, device)
-
-            row = {"dataset": dataset, "constraint": constraint_type, "encoder": encoder_type,
-                   "features": features, "distance": distance, "composite_labels": composite,
-                   "weight": weight, "latent_dim": latent_dim, "num_iters": num_iters,
-                   "batch_size": n_classes * n_samples, "margin": float(margin), "beta": float(beta),
-                   "dropout": float(dropout_val), "normalize": bool(normalize), "reconstruction": reconstruction,
-                   "seed": seed, "quick": bool(quick), "n_train": len(train_labels), "n_test": len(test_labels)}
-            row.update(evaluate_embeddings(train_embeddings, train_labels, test_embeddings, test_labels, k=5,
-                                           seed=seed))
-            row["reconstruction_mse"] = reconstruction_mse
-            row.update({f"final_{key}_loss": value for key, value in final.items() if key != "n_selected"})
-            row["final_n_selected"] = final["n_selected"]
-            row["train_seconds"] = train_seconds
-            row["latent_plot"] = row["reconstruction_plot"] = None
+                                device, progress)
+            row = dict(settings, weight=weight, latent_dim=latent_dim, train_seconds=time.perf_counter() - started)
+            scores, test_embeddings = _score_model(model, data, reconstruction, final, seed)
+            row.update(scores, latent_plot=None, reconstruction_plot=None)
             if images_dir is not None:
-                stem = os.path.join(images_dir, "autoencoders", f"{dataset}_{label}_M{weight:g}_{latent_dim}d")
-                row["latent_plot"] = plot_latents(test_embeddings, test_labels, names,
-                                                  f"{dataset} {label}, M = {weight:g}, {latent_dim}-D (test)",
-                                                  stem + "_latent.png", seed)
-                if image_shape is not None:
-                    with torch.no_grad():
-                        output = model.eval()(test_inputs[shown].to(device or "cpu"))
-                    rebuilt = output.reconstruction.cpu()
-                    if reconstruction == "bce":
-                        rebuilt = rebuilt.sigmoid()
-                    row["reconstruction_plot"] = plot_reconstructions(
-                        test_inputs[shown], rebuilt, mean, std, image_shape, stem + "_reconstructions.png",
-                        f"{label}, M = {weight:g}, {latent_dim}-D")
+                title = f"{label}, M = {weight:g}, {latent_dim}-D"
+                row.update(_plot_model(model, data, test_embeddings, reconstruction, seed, title, f"{dataset} {title}",
+                                       os.path.join(images_dir, "autoencoders",
+                                                    f"{dataset}_{label}_M{weight:g}_{latent_dim}d")))
             print(f"   kNN acc {row['knn_accuracy']:.3f}, MAP@R {row['map_at_r']:.3f}, reconstruction MSE "
-                  f"{reconstruction_mse:.4f}, {train_seconds:.0f} s", flush=True)
+                  f"{row['reconstruction_mse']:.4f}, {row['train_seconds']:.0f} s", flush=True)
             rows.append(row)
     if images_dir is not None:
         plot_tradeoff(rows, os.path.join(images_dir, "autoencoders", f"{dataset}_{label}_tradeoff.png"),
@@ -666,6 +568,39 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
     if results_dir is not None:
         record_results(rows, dataset, results_dir)
     return rows
+
+
+def _score_model(model, data, reconstruction, final, seed):
+    """A trained model's part of its row: ``metrics.evaluate_embeddings`` of the test means against the
+    train ones (k = 5), the test reconstruction MSE and ``train_model``'s final losses. Returns
+    ``(scores, test embeddings (M, L))``."""
+    (train_inputs, train_labels), (test_inputs, test_labels) = data["train"], data["test"]
+    train_embeddings, _ = embed(model, train_inputs, reconstruction)
+    test_embeddings, reconstruction_mse = embed(model, test_inputs, reconstruction)
+    scores = evaluate_embeddings(train_embeddings, train_labels, test_embeddings, test_labels, k=5, seed=seed)
+    scores["reconstruction_mse"] = reconstruction_mse
+    scores.update({f"final_{key}_loss": final[key] for key in LOSS_TERMS if key != "n_selected"})
+    scores["final_n_selected"], scores["num_iters"] = final["n_selected"], final["num_iters"]
+    return scores, test_embeddings
+
+
+def _plot_model(model, data, test_embeddings, reconstruction, seed, title, latent_title, stem):
+    """A trained model's latent plot (its ``test_embeddings`` (M, L)) and, for inputs that are images, its
+    reconstructions of one test item per class; returns ``{'latent_plot', 'reconstruction_plot'}`` (paths,
+    or None)."""
+    test_inputs, test_labels = data["test"]
+    plots = {"latent_plot": plot_latents(test_embeddings, test_labels, data["names"], f"{latent_title} (test)",
+                                         stem + "_latent.png", seed), "reconstruction_plot": None}
+    if data["image_shape"] is not None:
+        shown = torch.stack([(test_labels == name).nonzero()[0, 0] for name in sorted(data["names"])
+                             if (test_labels == name).any()])[:12]  # the first test item of each class
+        with torch.no_grad():
+            rebuilt = model.eval()(test_inputs[shown].to(next(model.parameters()).device)).reconstruction.cpu()
+        if reconstruction == "bce":
+            rebuilt = rebuilt.sigmoid()
+        plots["reconstruction_plot"] = plot_reconstructions(test_inputs[shown], rebuilt, data["mean"], data["std"],
+                                                            data["image_shape"], stem + "_reconstructions.png", title)
+    return plots
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -755,5 +690,6 @@ def main(argv=None):
     return rows
 
 
-if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+if __name__ == "__main__":  # through experiments.main, the one command line that sets up the process
+    from experiments import main as experiments_main
+    sys.exit(0 if experiments_main(["autoencoders", *sys.argv[1:]]) else 1)

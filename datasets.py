@@ -20,21 +20,21 @@ Loading MNIST and Fashion-MNIST from their IDX files:
   download them into `root`; optionally returns an InMemoryDataset. NORMALIZATION and CLASS_NAMES
   hold each dataset's (mean, std) and class names.
 
-Omniglot (Lake, Salakhutdinov and Tenenbaum, 2015), read from its .zip files or folders:
-- OmniglotAlphabets: characters of chosen alphabets as an InMemoryDataset (one class per character,
-  per-image alphabet and drawer), optionally resized and augmented (BatchRandomAffine, batched).
-- OneShotRuns: Lake's one-shot classification benchmark (run01 .. run20, 20-way 1-shot each).
+BatchRandomAffine: random rotation, shear, zoom and shift of a whole batch of image tensors at once.
+
+Omniglot's readers (OmniglotAlphabets, OneShotRuns) live in omniglot.py; ``datasets.OmniglotAlphabets``
+and the other old names still resolve to them.
 """
 
 import gzip
-import io
+import importlib
 import math
 import numbers
 import os
-import re
+import pickle
 import struct
-import zipfile
 import zlib
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 
-from utils import groups_of_classes
+from utils import check_choice, groups_of_classes
 
 
 class InMemoryDataset(Dataset):
@@ -106,6 +106,15 @@ class InMemoryDataset(Dataset):
 
     def __len__(self):
         return len(self.data)
+
+    def subset(self, index):
+        """The items at ``index`` (a (K,) index or bool tensor, or a slice) as a new InMemoryDataset with
+        the same split flag, transforms, class names and recorded ``mean`` / ``std``."""
+        subset = InMemoryDataset(self.data[index], self.targets[index], train=self.train, transform=self.transform,
+                                 target_transform=self.target_transform, classes=self.classes)
+        if hasattr(self, "mean"):
+            subset.mean, subset.std = self.mean, self.std
+        return subset
 
     def _sample(self, image, target):
         if self.transform is not None:
@@ -459,19 +468,52 @@ class BalancedBatchSampler(Sampler):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loading MNIST-like data from IDX files
+# The known datasets: one table, from which every list of dataset names in the library is derived
 
-# (mean, std) of the training pixels scaled to [0, 1]: the constants for transforms.Normalize.
-NORMALIZATION = {
-    "mnist": (0.1307, 0.3081),
-    "fashion-mnist": (0.2860, 0.3530),
+
+class KnownDataset(NamedTuple):
+    """What the library knows of a dataset it can load by name.
+
+    ``display``: its usual spelling; ``format``: ``"idx"`` (MNIST's four IDX files, ``load_dataset``),
+    ``"cifar"`` (CIFAR's python-pickle batches, ``load_cifar10``) or ``"folder"`` (one folder of images
+    per class under ``train/`` and ``val/``, ``load_imagenet``); ``files``: the folder or files it is
+    read from; ``torchvision_class``: the torchvision.datasets class that downloads it (None: no
+    download); ``normalization``: ``(mean, std)`` of its training pixels scaled to [0, 1] (a number
+    each for grey images, one per channel for colour), the constants for transforms.Normalize;
+    ``classes``: class names by class id (None: read from the files).
+    """
+
+    display: str
+    format: str
+    files: tuple
+    torchvision_class: Optional[str]
+    normalization: tuple
+    classes: Optional[list]
+
+
+KNOWN_DATASETS = {
+    "mnist": KnownDataset("MNIST", "idx", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                           "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+                          "MNIST", (0.1307, 0.3081), [str(digit) for digit in range(10)]),
+    "fashion-mnist": KnownDataset("Fashion-MNIST", "idx", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                                           "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+                                  "FashionMNIST", (0.2860, 0.3530),
+                                  ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                   "Sneaker", "Bag", "Ankle boot"]),
+    "cifar10": KnownDataset("CIFAR-10", "cifar", ("cifar-10-batches-py",), "CIFAR10",
+                            ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+                            ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                             "truck"]),
+    "imagenet": KnownDataset("ImageNet", "folder", ("train", "val"), None,
+                             ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), None),
 }
 
-CLASS_NAMES = {
-    "mnist": [str(digit) for digit in range(10)],
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                      "Bag", "Ankle boot"],
-}
+# Derived views of the table, by format and by field (the names older code and notebooks import).
+IDX_DATASETS = tuple(name for name, known in KNOWN_DATASETS.items() if known.format == "idx")
+NORMALIZATION = {name: KNOWN_DATASETS[name].normalization for name in IDX_DATASETS}
+CLASS_NAMES = {name: known.classes for name, known in KNOWN_DATASETS.items() if known.classes is not None}
+TORCHVISION_CLASS_NAMES = {name: known.torchvision_class for name, known in KNOWN_DATASETS.items()
+                           if known.torchvision_class is not None}
 
 # Folders where an operating system package installs the four IDX files (Debian's and Ubuntu's
 # dataset-fashion-mnist installs the .gz files in /usr/share/datasets/fashion-mnist). load_dataset
@@ -481,10 +523,9 @@ SYSTEM_DATA_DIRS = {
     "fashion-mnist": ["/usr/share/datasets/fashion-mnist"],
 }
 
-# torchvision.datasets class of each dataset: its download and its folder layout root/<class>/raw.
-TORCHVISION_CLASS_NAMES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
-_DISPLAY_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+# ---------------------------------------------------------------------------------------------------
+# Loading MNIST-like data from IDX files
 
 # IDX type byte -> numpy dtype; IDX stores multi-byte numbers big-endian
 _IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -537,10 +578,11 @@ def read_idx(path):
     return torch.from_numpy(values.astype(dtype.newbyteorder("=")))
 
 
-def idx_file_names(train):
-    """(images, labels) IDX file names of the train (True) or test (False) split, without '.gz'."""
-    split = "train" if train else "t10k"
-    return f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
+def idx_file_names(train, name="mnist"):
+    """(images, labels) IDX file names of the train (True) or test (False) split of dataset ``name``
+    (KNOWN_DATASETS; the same for MNIST and Fashion-MNIST), without '.gz'."""
+    files = KNOWN_DATASETS[name].files
+    return files[:2] if train else files[2:]
 
 
 def find_idx_files(folder, train):
@@ -625,6 +667,10 @@ class IDXImageDataset(Dataset):
         return f"{type(self).__name__}({len(self)} {split} images from {self.root})"
 
 
+def _spelling_key(name):
+    return name.lower().replace("-", "").replace("_", "").replace(" ", "")
+
+
 def canonical_dataset_name(name):
     """'mnist' or 'fashion-mnist' for any usual spelling ('MNIST', 'fashion_mnist', 'FashionMNIST', ...).
 
@@ -632,11 +678,10 @@ def canonical_dataset_name(name):
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a string such as 'mnist' or 'fashion-mnist', got {type(name).__name__}")
-    key = name.lower().replace("-", "").replace("_", "").replace(" ", "")
-    canonical = {"mnist": "mnist", "fashionmnist": "fashion-mnist"}.get(key)
+    canonical = {_spelling_key(known): known for known in IDX_DATASETS}.get(_spelling_key(name))
     if canonical is None:
-        raise ValueError(f"unknown dataset {name!r}; valid names are 'mnist' and 'fashion-mnist' (also spelled "
-                         "'MNIST', 'fashion_mnist', 'FashionMNIST')")
+        raise ValueError(f"unknown dataset {name!r}; valid names are {' and '.join(map(repr, IDX_DATASETS))} "
+                         "(also spelled 'MNIST', 'fashion_mnist', 'FashionMNIST')")
     return canonical
 
 
@@ -702,7 +747,7 @@ def load_dataset(name, root="data", train=True, transform=None, target_transform
 
 
 def _not_found_message(name, root, train, searched, download, download_error):
-    display = _DISPLAY_NAMES[name]
+    display = KNOWN_DATASETS[name].display
     wanted = " and ".join(f"{file}[.gz]" for file in idx_file_names(train))
     lines = [f"{display} ({'train' if train else 'test'} split) not found: looked for {wanted} in"]
     lines += [f"  {path}" for path in searched]
@@ -721,10 +766,109 @@ def _not_found_message(name, root, train, searched, download, download_error):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Omniglot (Lake, Salakhutdinov and Tenenbaum, 2015): 1623 handwritten characters of 50 alphabets,
-# each drawn once by 20 people, as 105 x 105 1-bit PNG files Alphabet/characterNN/<id>_<drawer>.png.
+# Raw images in [0, 1] of the known datasets (the autoencoder experiments standardise them themselves)
 
-OMNIGLOT_IMAGE_SIZE = 105
+
+def unnormalized(dataset):
+    """An MNIST-like dataset (uint8 ``.data`` (N, H, W) or (N, H, W, C), ``.targets``, ``.classes``) as
+    an ``InMemoryDataset`` of pixels in [0, 1], ``(N, C, H, W)``, with mean 0 and std 1 recorded."""
+    return InMemoryDataset.from_dataset(dataset, mean=0.0, std=1.0)
+
+
+def read_cifar10(folder, train=True):
+    """The train (``data_batch_1`` .. ``5``) or test (``test_batch``) split of CIFAR-10 from ``folder``,
+    the extracted python version (pickled dicts with ``data`` (N, 3072) uint8 rows, R then G then B
+    planes, and ``labels``; class names from ``batches.meta`` when present).
+    Returns an ``InMemoryDataset`` of images (N, 3, 32, 32) in [0, 1]."""
+    names = [f"data_batch_{k}" for k in range(1, 6)] if train else ["test_batch"]
+    rows, labels = [], []
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CIFAR-10 file {path} is missing; the folder must hold data_batch_1 .. "
+                                    "data_batch_5, test_batch and batches.meta (the python version)")
+        with open(path, "rb") as file:
+            batch = pickle.load(file, encoding="latin1")
+        rows.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(int(label) for label in batch["labels"])
+    classes = KNOWN_DATASETS["cifar10"].classes
+    meta = os.path.join(folder, "batches.meta")
+    if os.path.isfile(meta):
+        with open(meta, "rb") as file:
+            classes = list(pickle.load(file, encoding="latin1")["label_names"])
+    images = torch.from_numpy(np.concatenate(rows)).float().div_(255)
+    split = InMemoryDataset(images, torch.tensor(labels, dtype=torch.long), train=train, classes=classes)
+    split.mean, split.std = (0.0,) * 3, (1.0,) * 3
+    return split
+
+
+def load_cifar10(root="data", train=True, download=True):
+    """CIFAR-10 from ``root/cifar-10-batches-py``; when that folder is missing and ``download``,
+    ``torchvision.datasets.CIFAR10(root, download=True)`` fetches and extracts it there first.
+    Returns an ``InMemoryDataset`` (see ``read_cifar10``). Raises FileNotFoundError saying how to get it."""
+    known = KNOWN_DATASETS["cifar10"]
+    folder = os.path.join(os.fspath(root), known.files[0])
+    problem = ""
+    if not os.path.isdir(folder) and download:
+        try:
+            getattr(torchvision.datasets, known.torchvision_class)(os.fspath(root), train=train, download=True)
+        except (RuntimeError, OSError) as error:  # OSError covers urllib's URLError
+            problem = f" Downloading it with torchvision failed: {error}."
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"CIFAR-10 not found: there is no {folder}.{problem} Pass download=True on a "
+                                "machine with internet access, or extract the python version "
+                                f"(cifar-10-python.tar.gz) into {root}.")
+    return read_cifar10(folder, train)
+
+
+IMAGENET_SIZE = 32  # side of ImageNet images for the convolutional, pixel and HOG paths (ResNet: 224)
+
+
+def load_imagenet(root="data", train=True, image_size=IMAGENET_SIZE, batch_size=256):
+    """ImageNet (or any data set in its layout) read into memory: ``root/imagenet/train`` or ``root/train``
+    (``val`` for the test split), one sub-folder of images per class. Images are resized (shorter side)
+    and centre-cropped to ``image_size``. Returns an ``InMemoryDataset`` (N, 3, image_size, image_size) in
+    [0, 1] with the folder names as classes."""
+    split = "train" if train else "val"
+    candidates = [os.path.join(os.fspath(root), "imagenet", split), os.path.join(os.fspath(root), split)]
+    folder = next((path for path in candidates if os.path.isdir(path)), None)
+    if folder is None:
+        raise FileNotFoundError(f"ImageNet {split} split not found: looked for {' and '.join(candidates)}; "
+                                "put one folder of images per class under train/ and val/")
+    transform = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
+                                    transforms.ToTensor()])
+    images = torchvision.datasets.ImageFolder(folder, transform=transform)
+    data = torch.cat([batch for batch, _ in torch.utils.data.DataLoader(images, batch_size=batch_size)])
+    loaded = InMemoryDataset(data, images.targets, train=train, classes=images.classes)
+    loaded.mean, loaded.std = (0.0,) * 3, (1.0,) * 3
+    return loaded
+
+
+def load_image_splits(dataset, root="data", download=True, image_size=IMAGENET_SIZE):
+    """``(train, test)`` ``InMemoryDataset`` s of raw pixels in [0, 1] of a known dataset (KNOWN_DATASETS):
+    "mnist" / "fashion-mnist" (by ``load_dataset``, which also finds the system's copy, e.g.
+    /usr/share/datasets/fashion-mnist), "cifar10" (``load_cifar10``) or "imagenet" (``load_imagenet`` at
+    ``image_size``)."""
+    check_choice(dataset, tuple(KNOWN_DATASETS), "dataset")
+    known = KNOWN_DATASETS[dataset]
+    if known.format == "cifar":
+        return load_cifar10(root, True, download), load_cifar10(root, False, download)
+    if known.format == "folder":
+        return load_imagenet(root, True, image_size), load_imagenet(root, False, image_size)
+    return tuple(unnormalized(load_dataset(dataset, root=root, train=train, download=download))
+                 for train in (True, False))
+
+
+def random_subset(dataset, size, generator):
+    """A uniformly random subset of ``size`` items of an ``InMemoryDataset`` (kept in their original
+    order), drawn with ``generator``; the dataset itself when it is not larger."""
+    if size is None or size >= len(dataset):
+        return dataset
+    return dataset.subset(torch.randperm(len(dataset), generator=generator)[:size].sort().values)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Augmentation of whole batches (Omniglot's training set uses it, omniglot.OmniglotAlphabets)
 
 
 class BatchRandomAffine:
@@ -790,327 +934,15 @@ class BatchRandomAffine:
         return warped.squeeze(0) if images.ndim == 3 else warped
 
 
-class _FileTree:
-    """Read-only view of a folder or a .zip file: `names` (relative paths with '/' separators, files only,
-    sorted) and `read(name) -> bytes`. A zip is read in place, never extracted. Use as a context manager."""
+# ---------------------------------------------------------------------------------------------------
+# Names that live elsewhere now: Omniglot's readers moved to omniglot.py. Old scripts import them from
+# here; they are imported on first use (PEP 562), as omniglot imports this module.
 
-    def __init__(self, root):
-        self.root = os.fspath(root)
-        self._zip = None
-        if os.path.isdir(self.root):
-            names = []
-            for folder, subfolders, files in os.walk(self.root):
-                subfolders.sort()
-                relative = os.path.relpath(folder, self.root)
-                prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
-                names += [prefix + name for name in files]
-        elif os.path.isfile(self.root):
-            if not zipfile.is_zipfile(self.root):
-                raise ValueError(f"{self.root} is neither a folder nor a .zip file")
-            self._zip = zipfile.ZipFile(self.root)
-            names = [info.filename for info in self._zip.infolist() if not info.is_dir()]
-        else:
-            raise FileNotFoundError(f"{self.root} does not exist: pass a folder or a .zip file")
-        # macOS archives carry __MACOSX/ copies and ._ resource files that are not images
-        self.names = sorted(name for name in names
-                            if not name.startswith("__MACOSX/") and not name.rsplit("/", 1)[-1].startswith("."))
-
-    def read(self, name):
-        if self._zip is not None:
-            return self._zip.read(name)
-        with open(os.path.join(self.root, *name.split("/")), "rb") as file:
-            return file.read()
-
-    def close(self):
-        if self._zip is not None:
-            self._zip.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
+_MOVED = {name: "omniglot" for name in ("OMNIGLOT_IMAGE_SIZE", "OmniglotAlphabets", "OneShotRun", "OneShotRuns")}
 
 
-def _decode_images(tree, names, image_size, invert, what):
-    """(N, 1, S, S) float tensor in [0, 1] of the PNG files `names` of `tree`: ink 1 on 0 when `invert`
-    (the raw files draw black ink on white), resized to image_size (antialiased) when given."""
-    arrays = []
-    for name in names:
-        with Image.open(io.BytesIO(tree.read(name))) as image:
-            arrays.append(np.array(image.convert("L"), dtype=np.uint8))  # a writable copy for torch
-    sizes = sorted({array.shape for array in arrays})
-    if len(sizes) > 1 and image_size is None:
-        raise ValueError(f"{what} holds images of several sizes {sizes}; pass image_size= to resize them all")
-    if image_size is None:
-        image_size = sizes[0][0] if sizes else OMNIGLOT_IMAGE_SIZE
-    images = torch.empty(len(arrays), 1, image_size, image_size)
-    chunk = 1024  # bounds the float copy at full resolution
-    for start in range(0, len(arrays), chunk):
-        pixels = [torch.from_numpy(array) for array in arrays[start:start + chunk]]
-        for size in {tuple(p.shape) for p in pixels}:
-            positions = [k for k, p in enumerate(pixels) if tuple(p.shape) == size]
-            block = torch.stack([pixels[k] for k in positions]).unsqueeze(1).float().div_(255)
-            if invert:
-                block = 1 - block
-            if size != (image_size, image_size):
-                block = F.interpolate(block, size=(image_size, image_size), mode="bilinear", antialias=True,
-                                      align_corners=False).clamp_(0, 1)
-            images[[start + k for k in positions]] = block
-    return images
-
-
-def _last_number(text, default):
-    match = re.search(r"(\d+)$", text)
-    return int(match.group(1)) if match else default
-
-
-def _check_image_size(image_size):
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral)
-                                   or image_size < 1):
-        raise ValueError(f"image_size must be a positive int (e.g. 28 or 105) or None (keep the files' size), "
-                         f"got {image_size!r}")
-
-
-class OmniglotAlphabets(InMemoryDataset):
-    """Omniglot characters held in memory: one class per (alphabet, character).
-
-    Args:
-        root: a .zip file or a folder holding Lake et al.'s layout Alphabet/characterNN/<id>_<drawer>.png,
-            under any top folders: images_background_small1.zip (with its top folder), an extracted copy of
-            it, or the root torchvision's Omniglot downloads into (root/omniglot-py/images_background/...).
-            A zip is read in place.
-        alphabets: names of the alphabets to keep (e.g. ['Greek', 'Latin']); None keeps all.
-        image_size: side S of the square images after resizing (antialiased bilinear), e.g. 28 or 56;
-            None keeps the files' 105 x 105.
-        invert: True makes ink 1 and background 0 (like MNIST); False keeps the files' polarity (ink 0).
-        transform: optional callable applied to each (1, S, S) image tensor (after the augmentation).
-        target_transform: optional callable applied to each int target.
-        augment: True distorts the images with a BatchRandomAffine (background-filled) at every access;
-            a BatchRandomAffine instance to choose its ranges; False for none. For training sets only.
-        train: the `.train` flag the pair/triplet wrappers read (train mode draws fresh partners).
-        subset: when the root holds several collections of alphabets (torchvision's images_background and
-            images_evaluation), the folder name of the one to read, e.g. 'images_background'.
-        quarter_turns: which rotations by k * 90 degrees (counter-clockwise) of every character to include,
-            each as a class of its own (named 'Alphabet/characterNN@90' etc.): (0,) is the characters as
-            drawn, (0, 1, 2, 3) quadruples the classes, a common way to train on more characters.
-        mirror: True adds the left-right mirror image of every (turned) character as a class of its own
-            (named '...~mirrored'), doubling the classes again; a mirrored character is as valid a
-            character as a turned one.
-    Attributes (N images, C classes): `.data` (N, 1, S, S) float in [0, 1], `.targets` (N,) long class ids,
-    `.classes` (C,) names 'Alphabet/characterNN', `.alphabet_names` (sorted), `.alphabets` (N,) long index
-    into alphabet_names, `.characters` (N,) long character number (NN of characterNN), `.drawers` (N,) long
-    drawer number (-1 when the file name has none), `.class_alphabets` (C,) long, `.files` (N,) paths read,
-    `.augmentation` (the BatchRandomAffine or None), `.transform` (what the wrappers apply per image:
-    augmentation then transform), `.turns` (N,) long quarter turns of each image, `.mirrored` (N,) bool.
-    Items are (image (1, S, S), target int). Classes are numbered in (mirrored, quarter turn, alphabet,
-    character) order; images in (class, file name) order. A batch fetched through __getitems__
-    (DataLoader) is augmented in one batched call. Works with SiameseMNIST, TripletMNIST and
-    BalancedBatchSampler like any InMemoryDataset.
-    Raises FileNotFoundError when the root holds no Omniglot images, ValueError for unknown alphabets or an
-    ambiguous root.
-    """
-
-    def __init__(self, root, alphabets=None, image_size=None, invert=True, transform=None, target_transform=None,
-                 augment=False, train=True, subset=None, quarter_turns=(0,), mirror=False):
-        _check_image_size(image_size)
-        if not isinstance(mirror, bool):
-            raise TypeError(f"mirror must be True or False, got {mirror!r}")
-        if isinstance(alphabets, str):
-            raise TypeError(f"alphabets must be a list of names, e.g. [{alphabets!r}], not a string")
-        quarter_turns = tuple(quarter_turns) if isinstance(quarter_turns, (tuple, list)) else None
-        if (not quarter_turns or len(set(quarter_turns)) != len(quarter_turns)
-                or not all(turn in (0, 1, 2, 3) and not isinstance(turn, bool) for turn in quarter_turns)):
-            raise ValueError("quarter_turns must be a tuple of distinct ints among 0, 1, 2, 3 (rotations by "
-                             "k * 90 degrees), e.g. (0,) or (0, 1, 2, 3)")
-        self.root = os.fspath(root)
-        with _FileTree(self.root) as tree:
-            prefix, files = self._find_files(tree.names, subset)
-            available = sorted({name.split("/")[-3] for name in files})
-            if alphabets is not None:
-                unknown = sorted(set(alphabets) - set(available))
-                if unknown:
-                    raise ValueError(f"unknown alphabets {unknown} in {self.root}; it holds {available}")
-                files = [name for name in files if name.split("/")[-3] in set(alphabets)]
-            files.sort(key=lambda name: name.split("/")[-3:])
-            images = _decode_images(tree, files, image_size, invert, self.root)
-        self.subset = prefix
-        parts = [name.split("/")[-3:] for name in files]
-        class_names = [f"{alphabet}/{character}" for alphabet, character, _ in parts]
-        self.alphabet_names = sorted({alphabet for alphabet, _, _ in parts})
-        classes = sorted(set(class_names), key=lambda name: name.split("/"))
-        class_index = {name: k for k, name in enumerate(classes)}
-        alphabet_index = {name: k for k, name in enumerate(self.alphabet_names)}
-        targets = torch.tensor([class_index[name] for name in class_names], dtype=torch.long)
-        alphabets = torch.tensor([alphabet_index[alphabet] for alphabet, _, _ in parts], dtype=torch.long)
-        characters = torch.tensor([_last_number(character, -1) for _, character, _ in parts], dtype=torch.long)
-        drawers = torch.tensor([_last_number(os.path.splitext(file)[0], -1) for _, _, file in parts], dtype=torch.long)
-        class_alphabets = torch.tensor([alphabet_index[name.split("/")[0]] for name in classes], dtype=torch.long)
-        n_turns, n_classes = len(quarter_turns), len(classes)
-        images = torch.cat([torch.rot90(images, turn, dims=(2, 3)) for turn in quarter_turns])
-        targets = torch.cat([targets + k * n_classes for k in range(n_turns)])
-        classes = [name + (f"@{90 * turn}" if turn else "") for turn in quarter_turns for name in classes]
-        n_copies = n_turns * (2 if mirror else 1)
-        if mirror:
-            images = torch.cat([images, images.flip(-1)])
-            targets = torch.cat([targets, targets + len(classes)])
-            classes = classes + [name + "~mirrored" for name in classes]
-        super().__init__(images, targets, train=train, transform=None, target_transform=target_transform,
-                         classes=classes)
-        self.files = files * n_copies
-        self.alphabets, self.characters, self.drawers = (alphabets.repeat(n_copies), characters.repeat(n_copies),
-                                                         drawers.repeat(n_copies))
-        self.turns = (torch.tensor(quarter_turns, dtype=torch.long).repeat_interleave(len(files))
-                      .repeat(n_copies // n_turns))
-        self.mirrored = torch.arange(n_copies).repeat_interleave(len(files)) >= n_turns
-        self.class_alphabets = class_alphabets.repeat(n_copies)
-        self.mirror = mirror
-        self.quarter_turns = quarter_turns
-        self.image_size = images.shape[-1]
-        self.invert = bool(invert)
-        if augment is True:
-            augment = BatchRandomAffine(fill=0.0 if invert else 1.0)
-        if augment is not False and augment is not None and not callable(augment):
-            raise TypeError(f"augment must be True, False or a BatchRandomAffine, got {type(augment).__name__}")
-        self.augmentation = augment or None
-        self.user_transform = transform
-        if self.augmentation is None:
-            self.transform = transform
-        else:
-            self.transform = (self.augmentation if transform is None
-                              else transforms.Compose([self.augmentation, transform]))
-
-    @staticmethod
-    def alphabet_names_in(root, subset=None):
-        """Sorted names of the alphabets in `root` (as OmniglotAlphabets takes it), without decoding images."""
-        with _FileTree(root) as tree:
-            _, files = OmniglotAlphabets._find_files(tree.names, subset)
-        return sorted({name.split("/")[-3] for name in files})
-
-    @staticmethod
-    def _find_files(names, subset):
-        """(collection prefix, PNG paths) of the one collection of alphabets in `names`."""
-        collections = {}
-        for name in names:
-            parts = name.split("/")
-            if len(parts) >= 3 and name.lower().endswith(".png"):
-                collections.setdefault("/".join(parts[:-3]), []).append(name)
-        if subset is not None:
-            collections = {prefix: files for prefix, files in collections.items()
-                           if prefix == subset or prefix.endswith("/" + subset)}
-        if not collections:
-            wanted = f" in a folder named {subset!r}" if subset is not None else ""
-            raise FileNotFoundError(f"no Omniglot images (Alphabet/characterNN/<id>_<drawer>.png){wanted} found")
-        if len(collections) > 1:
-            listing = ", ".join(repr(prefix) for prefix in sorted(collections))
-            raise ValueError(f"found several collections of alphabets ({listing}); pass subset= with the folder "
-                             "name of the one to read, e.g. subset='images_background'")
-        return next(iter(collections.items()))
-
-    def __getitems__(self, indices):
-        """List of (image, target) samples for a batch of indices: one gather, one augmentation call."""
-        if self.augmentation is None:
-            return super().__getitems__(indices)
-        index = torch.as_tensor(indices, dtype=torch.long)
-        images = self.augmentation(self.data[index])
-        samples = []
-        for image, target in zip(images, self.targets[index].tolist()):
-            if self.user_transform is not None:
-                image = self.user_transform(image)
-            if self.target_transform is not None:
-                target = self.target_transform(target)
-            samples.append((image, target))
-        return samples
-
-    def __repr__(self):
-        return (f"{type(self).__name__}({len(self)} images, {len(self.classes)} characters of "
-                f"{len(self.alphabet_names)} alphabets, {self.image_size} px, from {self.root})")
-
-
-class OneShotRun:
-    """One run of Lake et al.'s one-shot classification benchmark.
-
-    Attributes: `name` ('run01'), `training_images` (T, 1, S, S) one image per candidate class,
-    `test_images` (Q, 1, S, S), `answers` (Q,) long: the position in training_images of each test item's
-    class, `training_files` and `test_files` (the paths, relative to the folder holding the runs).
-    """
-
-    def __init__(self, name, training_images, test_images, answers, training_files, test_files):
-        self.name = name
-        self.training_images, self.test_images, self.answers = training_images, test_images, answers
-        self.training_files, self.test_files = training_files, test_files
-
-    def __repr__(self):
-        return f"OneShotRun({self.name}: {len(self.test_images)} test items, {len(self.training_images)} classes)"
-
-
-class OneShotRuns:
-    """Reader for Lake et al.'s one-shot classification benchmark (20 runs of 20-way 1-shot).
-
-    Args:
-        root: a folder or .zip holding run01 .. run20 (under any top folders); each run has
-            training/class01.png .. class20.png, test/item01.png .. item20.png and class_labels.txt with one
-            line per test item: `runNN/test/itemYY.png runNN/training/classZZ.png` (paths relative to the
-            folder holding the runs).
-        image_size: side of the images after resizing (None keeps the files' size); use the model's.
-        invert: True makes ink 1 on a 0 background, as OmniglotAlphabets does.
-    A sequence of OneShotRun (len, indexing, iteration), in run-name order; `.names` lists them.
-    metrics.one_shot_run_errors scores a model on them.
-    Raises FileNotFoundError when no run is found and ValueError when class_labels.txt names a missing
-    file, misses a test item or is malformed.
-    """
-
-    def __init__(self, root, image_size=None, invert=True):
-        _check_image_size(image_size)
-        self.root = os.fspath(root)
-        self.image_size, self.invert = image_size, bool(invert)
-        with _FileTree(self.root) as tree:
-            label_files = [name for name in tree.names if re.fullmatch(r"(.*/)?run\d+/class_labels\.txt", name)]
-            prefixes = sorted({name[:-len("class_labels.txt")].rstrip("/").rpartition("/")[0] for name in label_files})
-            if not label_files:
-                raise FileNotFoundError(f"{self.root} holds no runNN/class_labels.txt: expected Lake's one-shot "
-                                        "classification layout (run01 .. run20 with training/, test/, class_labels.txt)")
-            if len(prefixes) > 1:
-                raise ValueError(f"{self.root} holds runs in several folders {prefixes}; pass one of them")
-            base = prefixes[0] + "/" if prefixes[0] else ""
-            self.runs = [self._read_run(tree, base, name) for name in label_files]
-        self.names = [run.name for run in self.runs]
-
-    def _read_run(self, tree, base, label_file):
-        run = label_file.split("/")[-2]
-        in_run = base + run + "/"
-        training = [name[len(base):] for name in tree.names
-                    if name.startswith(in_run + "training/") and name.lower().endswith(".png")]
-        test = [name[len(base):] for name in tree.names
-                if name.startswith(in_run + "test/") and name.lower().endswith(".png")]
-        lines = [line.split() for line in tree.read(label_file).decode("utf-8").splitlines() if line.strip()]
-        if any(len(line) != 2 for line in lines):
-            raise ValueError(f"{label_file}: every line must be 'runNN/test/itemYY.png runNN/training/classZZ.png'")
-        answer_of = {}
-        for test_file, training_file in lines:
-            test_file, training_file = test_file.replace("\\", "/"), training_file.replace("\\", "/")
-            for path, listing in ((test_file, test), (training_file, training)):
-                if path not in listing:
-                    raise ValueError(f"{label_file} names {path}, which is not in {run}")
-            if test_file in answer_of:
-                raise ValueError(f"{label_file} lists {test_file} twice")
-            answer_of[test_file] = training.index(training_file)
-        missing = [path for path in test if path not in answer_of]
-        if missing:
-            raise ValueError(f"{label_file} gives no class for {missing}")
-        images = _decode_images(tree, [base + path for path in training + test], self.image_size,
-                                self.invert, run)
-        return OneShotRun(run, images[:len(training)], images[len(training):],
-                          torch.tensor([answer_of[path] for path in test], dtype=torch.long), training, test)
-
-    def __len__(self):
-        return len(self.runs)
-
-    def __getitem__(self, index):
-        return self.runs[index]
-
-    def __iter__(self):
-        return iter(self.runs)
-
-    def __repr__(self):
-        return f"OneShotRuns({len(self)} runs from {self.root})"
+def __getattr__(name):
+    """``datasets.<name>`` for a name in ``_MOVED``: the object from its module now."""
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_MOVED[name]), name)

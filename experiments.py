@@ -28,33 +28,37 @@ verification ROC-AUC on the test images of the other classes, which the model ne
 results go to ``results/train-classes-0-4/`` and ``images/train-classes-0-4/``, beside two reference
 rows scored the same way (``held_out_baselines``: raw pixels and the untrained network).
 
-Omniglot (one-shot learning on alphabets never seen in training)::
+Omniglot (one-shot learning on alphabets never seen in training) lives in ``omniglot.py``; this command
+line runs it too (``omniglot.omniglot_main``), and its old names here (``experiments.run_omniglot``,
+``experiments.OMNIGLOT_RECIPE``, ...) still resolve to omniglot's::
 
     python experiments.py --dataset omniglot       # train the recipe (OMNIGLOT_RECIPE), save weights/omniglot_siamese.pt
     python experiments.py --dataset omniglot --one-shot-runs PATH [--weights FILE]   # Lake's 20 runs
 """
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from datasets import (BalancedBatchSampler, BatchRandomAffine, InMemoryDataset, OmniglotAlphabets, OneShotRuns,
-                      SiameseMNIST, TripletMNIST, load_dataset)
+from datasets import BalancedBatchSampler, SiameseMNIST, TripletMNIST, load_dataset
 from losses import ContrastiveLoss, OnlineContrastiveLoss, OnlineTripletLoss, TripletLoss
-from metrics import (AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, best_threshold, evaluate_embeddings,
-                     extract_embeddings, few_shot_accuracy, one_shot_run_errors, verification_roc_auc)
-from networks import ClassificationNet, EmbeddingNet, ShiftAveragedEmbedding, SiameseNet, SiameseNetwork, TripletNet
-from trainer import fit
-from autoencoders import run_experiment  # noqa: F401  (the autoencoder experiments' API)
+from metrics import (AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, evaluate_embeddings, extract_embeddings,
+                     few_shot_accuracy, verification_roc_auc)
+from networks import ClassificationNet, EmbeddingNet, SiameseNet, SiameseNetwork, TripletNet
+from trainer import CHECKPOINT_NAME, fit, flush_denormal_everywhere
 from utils import (AllTripletSelector, BatchHardTripletSelector, HardestNegativeTripletSelector,
                    HardNegativePairSelector, RandomNegativeTripletSelector,
-                   SemihardNegativeTripletSelector)
+                   SemihardNegativeTripletSelector, check_choice, check_int)
 
 METHODS = ("softmax", "siamese", "triplet", "online-contrastive", "online-triplet")
 SELECTORS = {
@@ -76,6 +80,8 @@ WEIGHT_DECAY = {"online-triplet": 1e-4}
 STEP_SIZE, GAMMA = 8, 0.1
 EVALUATION_BATCH = 1000
 
+RUN_DIR = "checkpoints"  # run_methods' per-method checkpoints and finished rows (resumable)
+
 # --quick: a smoke run on small subsets of the data, one epoch.
 QUICK_SIZES = (2000, 1000)  # train, test items
 QUICK_EPOCHS = 1
@@ -86,134 +92,235 @@ def method_label(method, selector=None):
     return f"{method}/{selector}" if method == "online-triplet" else method
 
 
-def _check_choice(value, choices, what):
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
-
-
 def load_splits(dataset, root="data", download=False, quick=False):
     """``(train, test)`` ``InMemoryDataset`` s of ``dataset`` ("mnist" or "fashion-mnist"),
     normalised as usual; with ``quick``, the first ``QUICK_SIZES`` items of each."""
     splits = [load_dataset(dataset, root=root, train=train, download=download, in_memory=True)
               for train in (True, False)]
     if quick:
-        splits = [_subset(split, size) for split, size in zip(splits, QUICK_SIZES)]
+        splits = [split.subset(slice(0, size)) for split, size in zip(splits, QUICK_SIZES)]
     return tuple(splits)
 
 
-def _subset(dataset, size):
-    subset = InMemoryDataset(dataset.data[:size], dataset.targets[:size], train=dataset.train,
-                             classes=dataset.classes)
-    subset.mean, subset.std = dataset.mean, dataset.std
-    return subset
 
 
-def build_training(method, train_set, test_set, selector="random-hard", embedding_dim=2, seed=0):
-    """Everything ``fit`` needs for one method: ``(model, loss_fn, train_loader, val_loader,
-    metrics, learning_rate, weight_decay)``, with the classic study's settings."""
-    _check_choice(method, METHODS, "method")
-    n_classes = len(train_set.classes)
-    in_channels, image_size = train_set.data.shape[1], train_set.data.shape[-1]
-    embedding_net = EmbeddingNet(embedding_dim, in_channels=in_channels, image_size=image_size)
+def build_method(method, embedding_net, train_set, test_set=None, *, selector="random-hard", margin=MARGIN,
+                 batch_size=128, batch_classes=BALANCED_BATCH[0], batch_samples=BALANCED_BATCH[1], seed=0,
+                 groups=None):
+    """The one place a method is put together, for the Fashion-MNIST study and for Omniglot alike.
+
+    Takes the method (see ``METHODS``), the embedding network it trains (images ``(B, C, H, W)`` ->
+    ``(B, D)``), the training set (an ``InMemoryDataset``-like set with ``.targets (N,)`` and
+    ``.classes``) and optionally a test set for validation. ``softmax`` adds a ``ClassificationNet`` head
+    (NLL loss); ``siamese`` / ``triplet`` draw random pairs / triplets (``SiameseMNIST`` / ``TripletMNIST``,
+    batches of ``batch_size``) with ``ContrastiveLoss(margin)`` / ``TripletLoss(margin)``; the online
+    methods mine ``BalancedBatchSampler`` batches of ``batch_classes x batch_samples`` (``groups``: one id
+    per item, to draw each batch inside one group) with ``OnlineContrastiveLoss(margin,
+    HardNegativePairSelector())`` or ``OnlineTripletLoss(margin, <selector>)``. Random draws (shuffling,
+    the random selectors) come from generators seeded with ``seed``; the network's own initial weights
+    are the caller's (seed torch before building it).
+    Returns ``(model, loss_fn, train_loader, val_loader, metrics)``; ``val_loader`` is None without
+    ``test_set``.
+    """
+    check_choice(method, METHODS, "method")
     generator = torch.Generator().manual_seed(seed)
+    offline_loader = {"batch_size": batch_size, "shuffle": True, "generator": generator}
     metrics = []
     if method == "softmax":
-        model = ClassificationNet(embedding_net, n_classes)
-        loss_fn = nn.NLLLoss()
-        train_loader = DataLoader(train_set, batch_size=BATCH_SIZE[method], shuffle=True, generator=generator)
-        val_loader = DataLoader(test_set, batch_size=EVALUATION_BATCH)
+        model, loss_fn = ClassificationNet(embedding_net, len(train_set.classes)), nn.NLLLoss()
+        train_loader, validation = DataLoader(train_set, **offline_loader), test_set
         metrics = [AccumulatedAccuracyMetric()]
     elif method in ("siamese", "triplet"):
-        wrapper, model, loss_fn = ((SiameseMNIST, SiameseNet(embedding_net), ContrastiveLoss(MARGIN))
-                                   if method == "siamese" else
-                                   (TripletMNIST, TripletNet(embedding_net), TripletLoss(MARGIN)))
-        train_loader = DataLoader(wrapper(train_set), batch_size=BATCH_SIZE[method], shuffle=True,
-                                  generator=generator)
-        val_loader = DataLoader(wrapper(test_set), batch_size=EVALUATION_BATCH)
+        wrapper, loss_fn = ((SiameseMNIST, ContrastiveLoss(margin)) if method == "siamese" else
+                            (TripletMNIST, TripletLoss(margin)))
+        # SiameseNetwork embeds both members of a pair in one call (one BatchNorm batch): it is its own pair model
+        pair_model = embedding_net if isinstance(embedding_net, SiameseNetwork) else SiameseNet(embedding_net)
+        model = pair_model if method == "siamese" else TripletNet(embedding_net)
+        train_loader = DataLoader(wrapper(train_set), **offline_loader)
+        validation = None if test_set is None else wrapper(test_set)
     else:
         model = embedding_net
         if method == "online-contrastive":
-            loss_fn = OnlineContrastiveLoss(MARGIN, HardNegativePairSelector())
+            loss_fn = OnlineContrastiveLoss(margin, HardNegativePairSelector())
         else:
-            _check_choice(selector, tuple(SELECTORS), "selector")
-            loss_fn = OnlineTripletLoss(MARGIN, SELECTORS[selector](MARGIN, generator))
+            check_choice(selector, tuple(SELECTORS), "selector")
+            loss_fn = OnlineTripletLoss(margin, SELECTORS[selector](margin, generator))
             metrics = [AverageNonzeroTripletsMetric()]
-        n_batch_classes = min(BALANCED_BATCH[0], n_classes)
+        n_batch_classes = min(batch_classes, len(train_set.classes))
         train_loader = DataLoader(train_set, batch_sampler=BalancedBatchSampler(
-            train_set.targets, n_batch_classes, BALANCED_BATCH[1], seed=seed))
-        val_loader = DataLoader(test_set, batch_sampler=BalancedBatchSampler(
-            test_set.targets, n_batch_classes, BALANCED_BATCH[1], seed=seed + 1))
+            train_set.targets, n_batch_classes, batch_samples, seed=seed, groups=groups))
+        validation = None
+        if test_set is not None:
+            return model, loss_fn, train_loader, DataLoader(test_set, batch_sampler=BalancedBatchSampler(
+                test_set.targets, n_batch_classes, batch_samples, seed=seed + 1)), metrics
+    val_loader = None if validation is None else DataLoader(validation, batch_size=EVALUATION_BATCH)
+    return model, loss_fn, train_loader, val_loader, metrics
+
+
+def build_training(method, train_set, test_set, selector="random-hard", embedding_dim=2, seed=0):
+    """Everything ``fit`` needs for one method of the study: ``(model, loss_fn, train_loader, val_loader,
+    metrics, learning_rate, weight_decay)``, with the classic study's settings (``build_method`` on an
+    ``EmbeddingNet`` of ``embedding_dim``)."""
+    check_choice(method, METHODS, "method")
+    in_channels, image_size = train_set.data.shape[1], train_set.data.shape[-1]
+    embedding_net = EmbeddingNet(embedding_dim, in_channels=in_channels, image_size=image_size)
+    model, loss_fn, train_loader, val_loader, metrics = build_method(
+        method, embedding_net, train_set, test_set, selector=selector, margin=MARGIN,
+        batch_size=BATCH_SIZE.get(method, BATCH_SIZE["siamese"]), seed=seed)
     return (model, loss_fn, train_loader, val_loader, metrics,
             LEARNING_RATE.get(method, DEFAULT_LEARNING_RATE), WEIGHT_DECAY.get(method, 0.0))
 
 
-def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epochs=20, seed=0,
+def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epochs=None, seed=0,
                quick=False, root="data", download=False, device=None, splits=None,
                images_dir="images", results_dir="results", progress=True, channels_last=False,
-               train_classes=None):
+               train_classes=None, run_dir=None, fresh=False):
     """Train one method on ``dataset``, evaluate and plot its embeddings, and record the result.
 
     Takes the dataset name, the method (see ``METHODS``), for ``online-triplet`` the selector
-    name, the embedding size, the number of epochs (``quick`` forces one epoch on small subsets)
-    and a seed; ``splits`` may hand in preloaded ``(train, test)`` datasets; ``channels_last``
-    trains in channels-last memory format (faster on CPUs, see ``trainer.fit``). Writes
-    ``images/<dataset>_<method>[_<dim>d]_{train,test}.png`` and merges the result row into
-    ``results/<dataset>.json`` and ``.md`` (skipped when the directory is None; a quick run writes
-    under ``images/quick/`` and ``results/quick/`` instead).
+    name, the embedding size, the number of epochs (default 20; ``quick`` means small subsets and
+    ``QUICK_EPOCHS`` whatever ``epochs`` says) and a seed; ``splits`` may hand in preloaded ``(train, test)``
+    datasets; ``channels_last`` trains in channels-last memory format (faster on CPUs, see
+    ``trainer.fit``). Writes ``images/<dataset>_<method>[_<dim>d]_{train,test}.png`` and merges the
+    result row into ``results/<dataset>.json`` and ``.md`` (skipped when the directory is None; a
+    quick run writes under ``images/quick/`` and ``results/quick/`` instead).
     ``train_classes`` (e.g. ``"0-4"``, see ``parse_classes``): train and score on those classes only,
     add the one-shot accuracy and ROC-AUC of the other classes' test images (``evaluate_held_out``) and
     write under ``images/train-classes-<tag>/`` and ``results/train-classes-<tag>/``.
-    Returns the row: a dict of the evaluation metrics, seconds per epoch, epochs and settings.
+    ``run_dir``: a folder of this method's run (see ``method_run_dir``) that survives interruptions: a
+    checkpoint after every epoch, and the finished row. Run again with the same settings, a finished
+    method is not retrained (its row is read back) and an interrupted one resumes from its last epoch,
+    giving the row an uninterrupted run gives (up to the timings); ``fresh=True`` deletes the folder
+    first. Returns the row: a dict of the evaluation metrics, seconds per epoch, epochs and settings.
     """
-    _check_choice(dataset, DATASETS, "dataset")
-    _check_choice(method, METHODS, "method")
+    check_choice(dataset, DATASETS, "dataset")
+    check_choice(method, METHODS, "method")
     if method == "online-triplet":
-        _check_choice(selector, tuple(SELECTORS), "selector")
+        check_choice(selector, tuple(SELECTORS), "selector")
+    epochs = QUICK_EPOCHS if quick else 20 if epochs is None else check_int(epochs, "epochs", 1)
     if quick:  # smoke runs never overwrite the committed plots and tables
-        epochs = QUICK_EPOCHS
         images_dir = None if images_dir is None else os.path.join(images_dir, "quick")
         results_dir = None if results_dir is None else os.path.join(results_dir, "quick")
+    label = method_label(method, selector)
+    settings = {"dataset": dataset, "method": label, "embedding_dim": embedding_dim, "epochs": epochs,
+                "seed": seed, "quick": quick, "channels_last": channels_last, "train_classes": train_classes}
+    finished = _open_run(run_dir, settings, fresh)
+    if finished is not None:
+        print(f"== {dataset}: {label}, {embedding_dim}-D: finished before, row read from {run_dir}", flush=True)
+        if results_dir is not None:
+            record_result(finished, _held_out_dir(results_dir, finished.get("train_classes")))
+        return finished
     train_set, test_set = splits if splits is not None else load_splits(dataset, root, download, quick)
-    held_out = None
+    held_out = classes_tag = None
     if train_classes is not None:
         (train_set, test_set), held_out, classes_tag = held_out_splits(train_set, test_set, train_classes)
-        images_dir = None if images_dir is None else os.path.join(images_dir, f"train-classes-{classes_tag}")
-        results_dir = None if results_dir is None else os.path.join(results_dir, f"train-classes-{classes_tag}")
+        images_dir, results_dir = _held_out_dir(images_dir, classes_tag), _held_out_dir(results_dir, classes_tag)
     torch.manual_seed(seed)
     model, loss_fn, train_loader, val_loader, metrics, learning_rate, weight_decay = build_training(
         method, train_set, test_set, selector, embedding_dim, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, STEP_SIZE, gamma=GAMMA)
-    label = method_label(method, selector)
-    print(f"== {dataset}: {label}, {embedding_dim}-D, {epochs} epochs", flush=True)
+    resuming = run_dir is not None and os.path.exists(os.path.join(run_dir, CHECKPOINT_NAME))
+    print(f"== {dataset}: {label}, {embedding_dim}-D, {epochs} epochs"
+          + (f", resuming from {run_dir}" if resuming else ""), flush=True)
     history = fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, epochs,
                   metrics=metrics, device=device, progress=progress, log_interval=50,
-                  channels_last=channels_last)
+                  channels_last=channels_last, checkpoint_dir=run_dir, resume=run_dir is not None)
 
-    train_embeddings, train_labels = extract_embeddings(DataLoader(train_set, batch_size=EVALUATION_BATCH), model)
-    test_embeddings, test_labels = extract_embeddings(DataLoader(test_set, batch_size=EVALUATION_BATCH), model)
-    row = {"dataset": dataset, "method": label, "embedding_dim": embedding_dim, "epochs": epochs,
-           "seed": seed, "quick": quick}
-    row.update(evaluate_embeddings(train_embeddings, train_labels, test_embeddings, test_labels, seed=seed))
+    row = dict(settings, train_classes=classes_tag)
+    embedded = _embed_splits(model, train_set, test_set)
+    row.update(evaluate_embeddings(*embedded["train"], *embedded["test"], seed=seed))
     if method == "softmax":
         row["classifier_accuracy"] = history["val_accuracy"][-1] / 100
     row["seconds_per_epoch"] = sum(history["seconds"]) / len(history["seconds"])
-    row["channels_last"] = channels_last
     row["final_train_loss"] = history["train_loss"][-1]
     row["final_val_loss"] = history["val_loss"][-1]
-    if held_out is not None:
-        row["train_classes"] = classes_tag
+    if held_out is None:
+        del row["train_classes"]
+    else:
         row.update(evaluate_held_out(model, held_out, seed))
-
     if images_dir is not None:
-        for split, embeddings, labels in (("train", train_embeddings, train_labels),
-                                          ("test", test_embeddings, test_labels)):
+        for split, (embeddings, labels) in embedded.items():
             plot_embeddings(embeddings, labels, train_set.classes,
                             f"{dataset} {label} ({split}, {embedding_dim}-D)",
                             image_path(dataset, label, split, embedding_dim, images_dir))
     if results_dir is not None:
         record_result(row, results_dir)
+    if run_dir is not None:  # last, so a finished row means every output above was written
+        write_json(os.path.join(run_dir, RUN_ROW), row)
     return row
+
+
+RUN_SETTINGS, RUN_ROW = "settings.json", "row.json"
+
+
+def method_run_dir(run_dir, dataset, label, embedding_dim=2, seed=0, quick=False, train_classes=None):
+    """The folder of one method's run under ``run_dir``, e.g.
+    ``checkpoints/fashion-mnist/online-triplet-random-hard_2d_seed0`` (``fashion-mnist-quick`` for quick
+    runs, ``.../train-classes-0-4/...`` for held-out runs)."""
+    folder = os.path.join(run_dir, dataset + ("-quick" if quick else ""))
+    if train_classes is not None:
+        folder = os.path.join(folder, "train-classes-" + str(train_classes).replace(",", "_"))
+    return os.path.join(folder, f"{label.replace('/', '-')}_{embedding_dim}d_seed{seed}")
+
+
+def _open_run(run_dir, settings, fresh):
+    """Prepare a method's run folder: None when there is none or nothing finished yet, else the
+    finished row. Raises ValueError when the folder holds a run with other settings."""
+    if run_dir is None:
+        return None
+    if fresh and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    settings_path = os.path.join(run_dir, RUN_SETTINGS)
+    if os.path.exists(settings_path):
+        with open(settings_path) as file:
+            started = json.load(file)
+        if started != json.loads(json.dumps(settings)):
+            changed = sorted(key for key in settings if started.get(key) != settings[key])
+            raise ValueError(f"{run_dir} holds a run started with other settings ({', '.join(changed)}: "
+                             f"{[started.get(key) for key in changed]}); run with --fresh to start over, "
+                             "or give another --run-dir")
+    else:
+        write_json(settings_path, settings)
+    row_path = os.path.join(run_dir, RUN_ROW)
+    if not os.path.exists(row_path):
+        return None
+    with open(row_path) as file:
+        return json.load(file)
+
+
+def _held_out_dir(folder, classes_tag):
+    if folder is None or classes_tag is None:
+        return folder
+    return os.path.join(folder, f"train-classes-{classes_tag}")
+
+
+def _embed_splits(model, train_set, test_set):
+    """{'train': (embeddings (N, D), labels (N,)), 'test': (...)} of a trained model."""
+    return {split: extract_embeddings(DataLoader(data, batch_size=EVALUATION_BATCH), model)
+            for split, data in (("train", train_set), ("test", test_set))}
+
+
+def write_json(path, value):
+    """Write ``value`` as JSON to ``path`` atomically (a temporary file in the same folder, then
+    os.replace), so an interrupted run never leaves half a file behind. Returns the path."""
+    return write_text(path, json.dumps(value, indent=1))
+
+
+def write_text(path, text):
+    """Write ``text`` to ``path`` atomically (folders created). Returns the path."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+    return path
 
 
 def _image_stem(dataset, label, embedding_dim):
@@ -253,6 +360,12 @@ def plot_embeddings(embeddings, labels, class_names, title, path):
                      label=name)
     axes.set_title(title + ("" if embeddings.shape[1] <= 2 else " - PCA projection"))
     axes.legend(markerscale=6, loc="best", fontsize=8)
+    return save_figure(figure, path)
+
+
+def save_figure(figure, path):
+    """Save a matplotlib Figure to ``path`` (folders created) at the library's plot resolution.
+    Returns the path."""
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
@@ -276,10 +389,8 @@ def plot_comparison(dataset, pairs, embedding_dim=2, images_dir="images"):
         for axis, path in zip(axes, paths):
             axis.imshow(mpimg.imread(path))
             axis.axis("off")
-        out = os.path.join(images_dir, f"{_image_stem(dataset, left, embedding_dim)}_vs_"
-                                       f"{right.replace('/', '-')}.png")
-        figure.savefig(out, dpi=90, bbox_inches="tight")
-        written.append(out)
+        written.append(save_figure(figure, os.path.join(
+            images_dir, f"{_image_stem(dataset, left, embedding_dim)}_vs_{right.replace('/', '-')}.png")))
     return written
 
 
@@ -296,21 +407,25 @@ COLUMNS = [("method", "method", "{}"), ("embedding_dim", "dim", "{}"),
 def record_result(row, results_dir="results"):
     """Merge ``row`` into ``results/<dataset>.json`` (one row per method and embedding size; a
     new run replaces the old row) and rewrite ``results/<dataset>.md``. Returns the rows."""
-    os.makedirs(results_dir, exist_ok=True)
-    stem = os.path.join(results_dir, row["dataset"])
+    order = {label: position for position, label in enumerate(_all_labels())}
+    return merge_results(os.path.join(results_dir, row["dataset"]), [row], ("method", "embedding_dim"),
+                         lambda r: (r["embedding_dim"], order.get(r["method"], len(order)), r["method"]),
+                         results_table)
+
+
+def merge_results(stem, new_rows, key_fields, sort_key, table, header=""):
+    """The one results writer: merge ``new_rows`` (dicts) into ``<stem>.json``, a row replacing the
+    old row with the same values of ``key_fields``, sort the rows by ``sort_key(row)`` and rewrite
+    ``<stem>.md`` as ``header + table(rows)``. Both files are written atomically. Returns the rows."""
     rows = []
     if os.path.exists(stem + ".json"):
         with open(stem + ".json") as file:
             rows = json.load(file)
-    rows = [old for old in rows
-            if (old["method"], old["embedding_dim"]) != (row["method"], row["embedding_dim"])]
-    rows.append(row)
-    order = {label: position for position, label in enumerate(_all_labels())}
-    rows.sort(key=lambda r: (r["embedding_dim"], order.get(r["method"], len(order)), r["method"]))
-    with open(stem + ".json", "w") as file:
-        json.dump(rows, file, indent=1)
-    with open(stem + ".md", "w") as file:
-        file.write(results_table(rows))
+    fresh = {tuple(row.get(key) for key in key_fields) for row in new_rows}
+    rows = [row for row in rows if tuple(row.get(key) for key in key_fields) not in fresh] + list(new_rows)
+    rows.sort(key=sort_key)
+    write_json(stem + ".json", rows)
+    write_text(stem + ".md", header + table(rows))
     return rows
 
 
@@ -322,28 +437,39 @@ def _all_labels():
 def results_table(rows):
     """Markdown table of result rows (one line per method and embedding size)."""
     columns = COLUMNS + [column for column in HELD_OUT_COLUMNS if any(column[0] in row for row in rows)]
-    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
-             "|" + "---|" * len(columns)]
+    return markdown_table(rows, columns)
+
+
+def markdown_table(rows, columns):
+    """A Markdown table of ``rows`` (dicts): ``columns`` is a list of ``(key, title, format)``; a
+    missing or None value leaves its cell empty."""
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [fmt.format(row[key]) if row.get(key) is not None else "" for key, _, fmt in columns]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(fmt.format(row[key]) if row.get(key) is not None else ""
+                                        for key, _, fmt in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
-def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_dim=2, epochs=20,
+def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_dim=2, epochs=None,
                 seed=0, quick=False, root="data", download=False, device=None,
                 images_dir="images", results_dir="results", progress=True, channels_last=False,
-                train_classes=None):
+                train_classes=None, run_dir=RUN_DIR, fresh=False):
     """Run several methods on one dataset (the data is loaded once), write the comparison figures
-    and return the result rows. ``train_classes``: see ``run_method``."""
+    and return the result rows. ``train_classes``: see ``run_method``. Each method runs in its own
+    folder under ``run_dir`` (``method_run_dir``; None: no checkpoints), so that the same call after an
+    interruption skips the finished methods and resumes the interrupted one; ``fresh`` starts over."""
     splits = load_splits(dataset, root, download, quick)
     rows = []
     for method in methods:
         for selector in (selectors if method == "online-triplet" else [None]):
+            label = method_label(method, selector)
+            method_dir = (None if run_dir is None else
+                          method_run_dir(run_dir, dataset, label, embedding_dim, seed, quick, train_classes))
             rows.append(run_method(dataset, method, selector=selector, embedding_dim=embedding_dim,
                                    epochs=epochs, seed=seed, quick=quick, device=device, splits=splits,
                                    images_dir=images_dir, results_dir=results_dir, progress=progress,
-                                   channels_last=channels_last, train_classes=train_classes))
+                                   channels_last=channels_last, train_classes=train_classes,
+                                   run_dir=method_dir, fresh=fresh))
     if train_classes is not None:  # what the held-out scores mean needs these two references
         baselines_dir = results_dir
         if quick and results_dir is not None:  # where run_method put a quick run's table
@@ -360,10 +486,15 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
 
 
 def main(argv=None):
+    """The command line (see the module docstring): ``argv`` (default ``sys.argv[1:]``) -> the result rows
+    (``--dataset omniglot``: omniglot.omniglot_main's result; ``autoencoders ...``: autoencoders.main's).
+    First turns flush-to-zero on for the whole process (``trainer.flush_denormal_everywhere``)."""
+    flush_denormal_everywhere()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["autoencoders"]:  # python experiments.py autoencoders --dataset ... (autoencoders.main)
         import autoencoders
         return autoencoders.main(argv[1:])
+    import omniglot  # here, not at the top: omniglot imports this module
     parser = argparse.ArgumentParser(description="Train and evaluate siamese/triplet embeddings.")
     parser.add_argument("--dataset", default="fashion-mnist", choices=DATASETS + ("omniglot",))
     parser.add_argument("--methods", default="all",
@@ -387,29 +518,33 @@ def main(argv=None):
     parser.add_argument("--train-classes", default=None,
                         help="train on these classes only (e.g. 0-4 or 0,1,2,3,4) and measure one-shot "
                              "accuracy and verification on the others")
+    parser.add_argument("--run-dir", default=RUN_DIR,
+                        help="checkpoints of every method, so that the same command resumes after an "
+                             f"interruption (default {RUN_DIR}/)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start every method over instead of resuming or reusing finished ones")
     parser.add_argument("--omniglot-root", default=None,
                         help="folder holding images_background_small1/2 (.zip or extracted); default "
                              "../shared/data/omniglot next to the repository")
     parser.add_argument("--one-shot-runs", default=None,
                         help="omniglot: score saved weights on Lake's one-shot runs (folder or .zip of run01..run20)")
-    parser.add_argument("--weights", default=None, help=f"omniglot weights file (default {OMNIGLOT_WEIGHTS})")
+    parser.add_argument("--weights", default=None, help=f"omniglot weights file (default {omniglot.OMNIGLOT_WEIGHTS})")
     args = parser.parse_args(argv)
     if args.dataset == "omniglot":
-        return omniglot_main(args)
-    args.epochs = 20 if args.epochs is None else args.epochs
+        return omniglot.omniglot_main(args)
     args.embedding_dim = 2 if args.embedding_dim is None else args.embedding_dim
 
     methods = METHODS if args.methods == "all" else tuple(args.methods.split(","))
     selectors = tuple(SELECTORS) if args.selectors == "all" else tuple(args.selectors.split(","))
     for method in methods:
-        _check_choice(method, METHODS, "method")
+        check_choice(method, METHODS, "method")
     for selector in selectors:
-        _check_choice(selector, tuple(SELECTORS), "selector")
+        check_choice(selector, tuple(SELECTORS), "selector")
     started = time.perf_counter()
     rows = run_methods(args.dataset, methods, selectors, args.embedding_dim, args.epochs, args.seed,
                        args.quick, args.root, args.download, args.device,
                        progress=not args.no_progress, channels_last=args.channels_last,
-                       train_classes=args.train_classes)
+                       train_classes=args.train_classes, run_dir=args.run_dir, fresh=args.fresh)
     print()
     print(results_table(rows))
     where = "quick/" if args.quick else ""
@@ -418,29 +553,6 @@ def main(argv=None):
     print(f"Total {time.perf_counter() - started:.0f} s. Results in results/{where}{args.dataset}.md, "
           f"plots in images/{where}.")
     return rows
-
-
-def omniglot_main(args):
-    """The command line's ``--dataset omniglot``: score saved weights on one-shot runs, or train and evaluate."""
-    weights = OMNIGLOT_WEIGHTS if args.weights is None else args.weights
-    if args.one_shot_runs is not None:
-        return run_one_shot_runs(args.one_shot_runs, weights, args.device or "cpu")
-    recipe = {}
-    if args.methods != "all":
-        recipe["method"] = args.methods
-    if args.selectors != "random-hard":
-        recipe["selector"] = args.selectors
-    if args.epochs is not None:
-        recipe["epochs"] = args.epochs
-    if args.embedding_dim is not None:
-        recipe["embedding_dim"] = args.embedding_dim
-    result = run_omniglot(args.omniglot_root, weights, quick=args.quick, seed=args.seed, device=args.device,
-                          progress=not args.no_progress, **recipe)
-    print()
-    print(omniglot_table(result["evaluation"], result["evaluation_shift_averaged"]))
-    saved = "" if args.quick else f"; weights in {weights}"
-    print(f"Training {result['seconds']:.0f} s. Results in results/{'quick/' if args.quick else ''}omniglot.md{saved}.")
-    return result
 
 
 # ----------------------------------------------------------------------------- held-out classes
@@ -477,13 +589,10 @@ def parse_classes(spec, n_classes):
 def class_subset(dataset, class_ids):
     """InMemoryDataset of the items of ``dataset`` whose class is in ``class_ids``, relabelled 0, 1, ...
     in the order of class_ids, with their names (and the dataset's mean and std when it has them)."""
-    keep = torch.isin(dataset.targets, torch.as_tensor(class_ids))
     relabel = torch.full((int(dataset.targets.max()) + 1,), -1, dtype=torch.long)
     relabel[torch.as_tensor(class_ids)] = torch.arange(len(class_ids))
-    subset = InMemoryDataset(dataset.data[keep], relabel[dataset.targets[keep]], train=dataset.train,
-                             transform=dataset.transform, classes=[dataset.classes[k] for k in class_ids])
-    if hasattr(dataset, "mean"):
-        subset.mean, subset.std = dataset.mean, dataset.std
+    subset = dataset.subset(torch.isin(dataset.targets, torch.as_tensor(class_ids)))
+    subset.targets, subset.classes = relabel[subset.targets], [dataset.classes[k] for k in class_ids]
     return subset
 
 
@@ -548,248 +657,26 @@ def evaluate_held_out(model, held_out, seed=0, n_episodes=HELD_OUT_EPISODES):
             "held_out_n_way": n_way, "held_out_roc_auc": verification_roc_auc(embeddings, labels, seed=seed)}
 
 
-# -------------------------------------------------------------------------------------- Omniglot
-# One-shot learning on characters of alphabets never seen in training: a SiameseNetwork trained on
-# the background alphabets of images_background_small1, evaluated by N-way K-shot episodes and pair
-# verification on the alphabets of images_background_small2 that small1 lacks.
 
-OMNIGLOT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "shared", "data", "omniglot")
-OMNIGLOT_BACKGROUND = "images_background_small1"  # .zip or extracted folder: 5 alphabets, 136 characters
-OMNIGLOT_EVALUATION = "images_background_small2"  # its alphabets that the background lacks are evaluated
-OMNIGLOT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "omniglot_siamese.pt")
-OMNIGLOT_METHODS = ("siamese", "online-contrastive", "online-triplet")
-# The recipe `python experiments.py --dataset omniglot` trains (its measured accuracy: results/omniglot.md).
-# Chosen by trials (20-way 1-shot within-alphabet accuracy of the plain embedding, seed 0): larger images
-# help up to about 40 px (40 epochs: 28 px 77.5%, 40 px 81.4%, 48 px 80.2%), the rotated copies as extra
-# classes gave about 8 points (28 px: 69.3% -> 77.5%), mirrored copies as further classes 1.4 more at equal
-# compute (40 px: 82.8% in 20 epochs against 81.4% in 40 without them); random-hard triplets beat semi-hard
-# ones, batch-hard (collapses with squared distances), online contrastive pairs, a softmax classifier and a
-# prototypical loss (78.1%); batches drawn inside one alphabet (alphabet_batches) gave 81.0% against 81.4%.
-OMNIGLOT_RECIPE = {
-    "method": "online-triplet", "selector": "random-hard", "margin": 1.0,
-    "image_size": 40, "embedding_dim": 64, "channels": 64,
-    "quarter_turns": (0, 1, 2, 3),  # each character turned by k * 90 degrees counts as a class of its own
-    "mirror": True,  # and so does each one's mirror image
-    "augment": {"degrees": 10.0, "shear": 10.0, "scale": (0.85, 1.15), "translate": 0.1},
-    "epochs": 20, "batch_classes": 32, "batch_samples": 5, "pair_batch": 128, "alphabet_batches": False,
-    "learning_rate": 1e-3, "weight_decay": 0.0,  # Adam, cosine decay to zero over the epochs
-}
-CONTRASTIVE_MARGIN = 2.0  # the siamese method's ContrastiveLoss margin
-OMNIGLOT_EPISODES = 1000
-OMNIGLOT_TEST_SHIFT = 2  # run_omniglot also reports test-time shift averaging over -2, 0, +2 px
-OMNIGLOT_QUICK = {"epochs": 1, "n_episodes": 100}
+# ----------------------------------------------------------------------- names that live elsewhere now
+# Old scripts import these from here: the Omniglot study moved to omniglot.py, and run_experiment is the
+# autoencoder experiments' (autoencoders.py). They are imported on first use (PEP 562), so that importing
+# this module loads neither autoencoders (and its feature extractors) nor omniglot, which imports this one.
+
+_MOVED = {name: "omniglot" for name in (
+    "OMNIGLOT_ROOT", "OMNIGLOT_BACKGROUND", "OMNIGLOT_EVALUATION", "OMNIGLOT_WEIGHTS", "OMNIGLOT_METHODS",
+    "OMNIGLOT_RECIPE", "CONTRASTIVE_MARGIN", "OMNIGLOT_EPISODES", "OMNIGLOT_TEST_SHIFT", "OMNIGLOT_QUICK",
+    "load_omniglot", "train_omniglot", "omniglot_pairs", "drawer_halves", "evaluate_omniglot", "omniglot_table",
+    "save_omniglot_model", "load_omniglot_model", "run_omniglot", "run_one_shot_runs", "omniglot_main",
+    "OmniglotAlphabets", "OneShotRuns", "one_shot_run_errors")}
+_MOVED["run_experiment"] = "autoencoders"
 
 
-def _omniglot_source(root, name):
-    for candidate in (os.path.join(root, name + ".zip"), os.path.join(root, name)):
-        if os.path.exists(candidate):
-            return candidate
-    raise FileNotFoundError(f"neither {name}.zip nor a folder {name} is in {os.path.abspath(root)}; pass the "
-                            "folder holding Omniglot's images_background_small1/2 (--omniglot-root)")
-
-
-def load_omniglot(root=None, image_size=28, quarter_turns=(0,), augment=None, background=OMNIGLOT_BACKGROUND,
-                  evaluation=OMNIGLOT_EVALUATION, mirror=False):
-    """``(train_set, eval_set)`` OmniglotAlphabets: every alphabet of ``background`` (augmented with a
-    BatchRandomAffine built from the ``augment`` dict, none when None; characters turned by each of
-    ``quarter_turns`` x 90 degrees, and with ``mirror`` their mirror images, as extra classes) and the
-    alphabets of ``evaluation`` that
-    ``background`` lacks (never augmented), both resized to ``image_size``. ``root`` (default
-    OMNIGLOT_ROOT, ../shared/data/omniglot next to the repository) holds both as .zip or folders."""
-    root = OMNIGLOT_ROOT if root is None else root
-    affine = None if augment is None else BatchRandomAffine(**augment)
-    train_set = OmniglotAlphabets(_omniglot_source(root, background), image_size=image_size,
-                                  quarter_turns=quarter_turns, augment=affine or False, mirror=mirror)
-    evaluation_source = _omniglot_source(root, evaluation)
-    new_alphabets = [name for name in OmniglotAlphabets.alphabet_names_in(evaluation_source)
-                     if name not in train_set.alphabet_names]
-    if not new_alphabets:
-        raise ValueError(f"{evaluation_source} has no alphabet that {background} lacks: nothing to evaluate")
-    eval_set = OmniglotAlphabets(evaluation_source, alphabets=new_alphabets, image_size=image_size, train=False)
-    return train_set, eval_set
-
-
-def train_omniglot(train_set, method="online-triplet", selector="random-hard", margin=1.0, embedding_dim=64,
-                   channels=64, epochs=40, batch_classes=32, batch_samples=5, pair_batch=128, alphabet_batches=False,
-                   learning_rate=1e-3, weight_decay=0.0, seed=0, device=None, progress=True, **data_settings):
-    """Train a SiameseNetwork on ``train_set`` (an OmniglotAlphabets) with one of the library's losses.
-
-    ``method``: 'siamese' (SiameseMNIST pairs, ContrastiveLoss(CONTRASTIVE_MARGIN)), 'online-contrastive'
-    (BalancedBatchSampler batches of batch_classes x batch_samples, OnlineContrastiveLoss with hard negative
-    pairs) or 'online-triplet' (same batches, OnlineTripletLoss with ``selector``, see SELECTORS);
-    ``alphabet_batches`` draws all the characters of a batch from one alphabet (BalancedBatchSampler's
-    groups), so that training negatives are as alike as the within-alphabet test's. Adam with
-    cosine learning-rate decay over ``epochs``. The recipe's data settings (image_size, quarter_turns,
-    mirror, augment) are accepted and ignored, so ``train_omniglot(train_set, **OMNIGLOT_RECIPE)`` works: they shaped
-    ``train_set`` already. Returns ``(model in eval mode, history)``, ``history`` as ``fit`` returns it.
-    """
-    _check_choice(method, OMNIGLOT_METHODS, "Omniglot method")
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model = SiameseNetwork(train_set.image_size, embedding_dim, channels=channels)
-    metrics = []
-    if method == "siamese":
-        loss_fn = ContrastiveLoss(CONTRASTIVE_MARGIN)
-        train_loader = DataLoader(SiameseMNIST(train_set), batch_size=pair_batch, shuffle=True, generator=generator)
-    else:
-        if method == "online-contrastive":
-            loss_fn = OnlineContrastiveLoss(margin, HardNegativePairSelector())
-        else:
-            _check_choice(selector, tuple(SELECTORS), "selector")
-            loss_fn = OnlineTripletLoss(margin, SELECTORS[selector](margin, generator))
-            metrics = [AverageNonzeroTripletsMetric()]
-        train_loader = DataLoader(train_set, batch_sampler=BalancedBatchSampler(
-            train_set.targets, min(batch_classes, len(train_set.classes)), batch_samples, seed=seed,
-            groups=train_set.alphabets if alphabet_batches else None))
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs, 1))
-    history = fit(train_loader, None, model, loss_fn, optimizer, scheduler, epochs, metrics=metrics,
-                  device=device, progress=progress, log_interval=50)
-    return model.eval(), history
-
-
-def omniglot_pairs(dataset, drawers, seed=0):
-    """Seeded verification pairs among the images of ``dataset`` drawn by ``drawers`` (a list of drawer
-    numbers): SiameseMNIST's fixed test pairs, half same-character. Returns (first (P,), second (P,),
-    same (P,) bool) indices into ``dataset``."""
-    chosen = torch.isin(dataset.drawers, torch.as_tensor(drawers)).nonzero().squeeze(1)
-    pairs = SiameseMNIST(InMemoryDataset(dataset.data[chosen], dataset.targets[chosen], train=False),
-                         seed=seed).test_pairs
-    return chosen[pairs[:, 0]], chosen[pairs[:, 1]], pairs[:, 2].bool()
-
-
-def drawer_halves(dataset):
-    """(first half, second half) of the sorted drawer numbers of ``dataset`` (1-10 and 11-20 for Omniglot)."""
-    drawers = torch.unique(dataset.drawers).tolist()
-    return drawers[:len(drawers) // 2], drawers[len(drawers) // 2:]
-
-
-def evaluate_omniglot(model, eval_set, n_episodes=OMNIGLOT_EPISODES, seed=0, device=None, test_shift=0):
-    """One-shot accuracy and verification of ``model`` on ``eval_set`` (alphabets it never saw).
-
-    Episodes (1 query per class, prototype rule, seeded): 20-way 1-shot within one alphabet (alphabets
-    with >= 20 characters), 5-way 1-shot within one alphabet, 20-way 1-shot across all the alphabets.
-    Verification: the similarity threshold is chosen (best_threshold) on pairs of the first half of the
-    drawers (1-10 of 20) and its accuracy measured on pairs of the others; ROC-AUC on pairs of all images.
-    ``test_shift`` > 0: test-time augmentation, every image embedded as the mean over its copies shifted
-    by -test_shift, 0, +test_shift pixels in each direction (``ShiftAveragedEmbedding``).
-    Returns {'episodes': [rows with 'task', 'alphabets', 'accuracy', 'ci95', ...], 'verification': {...},
-    'test_shift'}.
-    """
-    if test_shift:
-        model = ShiftAveragedEmbedding(model, test_shift)
-    embeddings, labels = extract_embeddings(DataLoader(eval_set, batch_size=EVALUATION_BATCH), model, device)
-    characters = torch.bincount(eval_set.class_alphabets, minlength=len(eval_set.alphabet_names))
-    rows = []
-    for task, n_way, within in (("20-way 1-shot, within alphabet", 20, True),
-                                ("5-way 1-shot, within alphabet", 5, True),
-                                ("20-way 1-shot, across alphabets", 20, False)):
-        alphabets = [name for name, count in zip(eval_set.alphabet_names, characters.tolist())
-                     if count >= n_way or not within]
-        row = few_shot_accuracy(embeddings, labels, n_way, 1, n_episodes, eval_set.alphabets if within else None,
-                                seed=seed)
-        rows.append({"task": task, "alphabets": alphabets, **row})
-    similarity = SiameseNetwork.embedding_similarity
-    validation_drawers, test_drawers = drawer_halves(eval_set)
-    first, second, same = omniglot_pairs(eval_set, validation_drawers, seed)
-    threshold, validation_accuracy = best_threshold(similarity(embeddings[first], embeddings[second]), same)
-    first, second, same = omniglot_pairs(eval_set, test_drawers, seed + 1)
-    test_accuracy = float(((similarity(embeddings[first], embeddings[second]) >= threshold) == same).double().mean())
-    verification = {"threshold": threshold, "validation_accuracy": validation_accuracy,
-                    "validation_drawers": validation_drawers, "test_drawers": test_drawers,
-                    "test_accuracy": test_accuracy, "roc_auc": verification_roc_auc(embeddings, labels, seed=seed)}
-    return {"episodes": rows, "verification": verification, "test_shift": test_shift}
-
-
-def omniglot_table(*results):
-    """Markdown table of one or more of evaluate_omniglot's results (accuracies in percent with their 95%
-    intervals); the rows of a shift-averaged evaluation say so."""
-    lines = ["| task | alphabets | episodes | accuracy | error |", "|---|---|---|---|---|"]
-    for result in results:
-        shift = result.get("test_shift", 0)
-        suffix = f", shift-averaged (+-{shift} px)" if shift else ""
-        for row in result["episodes"]:
-            accuracy, ci95 = 100 * row["accuracy"], 100 * row["ci95"]
-            lines.append(f"| {row['task']}{suffix} | {', '.join(row['alphabets'])} | {row['n_episodes']} | "
-                         f"{accuracy:.1f}% +- {ci95:.1f} | {100 - accuracy:.1f}% |")
-        verification = result["verification"]
-        validation, test = verification["validation_drawers"], verification["test_drawers"]
-        lines.append(f"| verification (threshold {verification['threshold']:.3f} from drawers "
-                     f"{validation[0]}-{validation[-1]}){suffix} | drawers {test[0]}-{test[-1]} | "
-                     f"pairs | {100 * verification['test_accuracy']:.1f}% (ROC-AUC {verification['roc_auc']:.3f}) | "
-                     f"{100 - 100 * verification['test_accuracy']:.1f}% |")
-    return "\n".join(lines) + "\n"
-
-
-def save_omniglot_model(model, path, **information):
-    """Save ``model``'s config and weights (plus any JSON-able ``information``: recipe, command, results)
-    to ``path`` (folders created). Returns the path."""
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    torch.save({"config": model.config(), "state_dict": model.state_dict(), **information}, path)
-    return path
-
-
-def load_omniglot_model(path=OMNIGLOT_WEIGHTS, device="cpu"):
-    """The SiameseNetwork saved by save_omniglot_model at ``path``, in eval mode."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no weights at {path}: train them with `python experiments.py --dataset omniglot` "
-                                "or pass --weights")
-    saved = torch.load(path, map_location=device, weights_only=True)
-    model = SiameseNetwork(**saved["config"])
-    model.load_state_dict(saved["state_dict"])
-    return model.to(device).eval()
-
-
-def run_omniglot(root=None, weights=OMNIGLOT_WEIGHTS, results_dir="results", quick=False, seed=0, device=None,
-                 progress=True, n_episodes=OMNIGLOT_EPISODES, **recipe):
-    """Train the Omniglot recipe (OMNIGLOT_RECIPE, any key overridden by ``recipe``), save the weights to
-    ``weights`` (skipped when None), evaluate on the new alphabets and write results/omniglot.md and .json.
-
-    ``quick``: OMNIGLOT_QUICK's epochs and episodes, no weights saved, results under results/quick/.
-    Returns {'recipe', 'seconds', 'train_alphabets', 'evaluation' (evaluate_omniglot's result) and
-    'evaluation_shift_averaged' (the same with test_shift=OMNIGLOT_TEST_SHIFT)}.
-    """
-    settings = {**OMNIGLOT_RECIPE, **recipe}
-    unknown = sorted(set(recipe) - set(OMNIGLOT_RECIPE))
-    if unknown:
-        raise ValueError(f"unknown Omniglot recipe settings {unknown}; the settings are {sorted(OMNIGLOT_RECIPE)}")
-    if quick:
-        settings["epochs"], n_episodes, weights = OMNIGLOT_QUICK["epochs"], OMNIGLOT_QUICK["n_episodes"], None
-        results_dir = None if results_dir is None else os.path.join(results_dir, "quick")
-    train_set, eval_set = load_omniglot(root, settings["image_size"], settings["quarter_turns"], settings["augment"],
-                                        mirror=settings["mirror"])
-    print(f"== omniglot: training on {len(train_set.classes)} classes of {', '.join(train_set.alphabet_names)}; "
-          f"evaluating on {', '.join(eval_set.alphabet_names)}", flush=True)
-    started = time.perf_counter()
-    model, history = train_omniglot(train_set, seed=seed, device=device, progress=progress, **settings)
-    seconds = time.perf_counter() - started
-    evaluation = evaluate_omniglot(model, eval_set, n_episodes, seed)
-    shift_averaged = evaluate_omniglot(model, eval_set, n_episodes, seed, test_shift=OMNIGLOT_TEST_SHIFT)
-    result = {"recipe": {**settings, "seed": seed}, "seconds": seconds, "quick": quick,
-              "train_alphabets": train_set.alphabet_names, "evaluation": evaluation,
-              "evaluation_shift_averaged": shift_averaged}
-    if weights is not None:
-        save_omniglot_model(model, weights, command="python experiments.py --dataset omniglot", **result)
-    if results_dir is not None:
-        os.makedirs(results_dir, exist_ok=True)
-        with open(os.path.join(results_dir, "omniglot.json"), "w") as file:
-            json.dump(result, file, indent=1)
-        with open(os.path.join(results_dir, "omniglot.md"), "w") as file:
-            file.write(omniglot_table(evaluation, shift_averaged))
-    return result
-
-
-def run_one_shot_runs(path, weights=OMNIGLOT_WEIGHTS, device="cpu"):
-    """Score the saved model on Lake et al.'s one-shot runs at ``path`` (folder or .zip; datasets.OneShotRuns):
-    prints each run's error, then ``mean error: X.X%`` as the last line. Returns one_shot_run_errors' dict."""
-    model = load_omniglot_model(weights, device)
-    result = one_shot_run_errors(model, OneShotRuns(path, image_size=model.image_size), device)
-    for name, error in zip(result["names"], result["errors"]):
-        print(f"{name}: error {100 * error:.1f}%")
-    print(f"mean error: {100 * result['mean_error']:.1f}%")
-    return result
+def __getattr__(name):
+    """``experiments.<name>`` for a name in ``_MOVED``: the object from its module now."""
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_MOVED[name]), name)
 
 
 if __name__ == "__main__":

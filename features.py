@@ -34,7 +34,6 @@ EXTRACTORS = ("pixels", "hog", "resnet")
 # torchvision's current ImageNet weights for ResNet-50: their file name in torch.hub's cache and the
 # normalisation they were trained with.
 RESNET50_WEIGHTS = torchvision.models.ResNet50_Weights.DEFAULT
-RESNET50_FEATURE_DIM = 2048
 
 
 # ---------------------------------------------------------------------------------------------------

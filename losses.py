@@ -1,9 +1,19 @@
 """Contrastive and triplet losses, offline (pairs/triplets given) and online (mined in the batch).
 
-All distances are squared Euclidean distances, as in the classic design. Where a plain distance is
-needed (the contrastive hinge), the square root is taken of ``d + 1e-9`` so its gradient stays
-finite when two embeddings coincide. An online loss whose selector finds nothing returns a zero
-that is still connected to the embeddings, so ``loss.backward()`` works and gives zero gradients.
+All distances are squared Euclidean distances (``utils.pdist`` / ``utils.paired_squared_distances``),
+as in the classic design. Each per-pair and per-triplet formula is written once, in
+``contrastive_terms`` and ``triplet_terms``, and every loss here is built from them. The contrastive
+losses differ only by a constant factor, an explicit ``scale`` argument: 0.5 for ``ContrastiveLoss``
+and the autoencoder losses (the classic offline formula), 1 for ``OnlineContrastiveLoss`` (the
+classic online code had none). Where a plain distance is needed (the contrastive hinge), the square
+root is taken of ``d + 1e-9`` so its gradient stays finite when two embeddings coincide.
+
+Online losses (``OnlineContrastiveLoss``, ``OnlineTripletLoss`` and the mined forms of the
+autoencoder losses) add ``(0 * embeddings).sum()`` to their mean: zero, with zero gradients, for
+finite embeddings, so a selector that finds nothing still gives a zero loss that backpropagates;
+but NaN as soon as any embedding of the batch is NaN or infinite, selected or not, so a training
+loop's non-finite-loss check stops it instead of seeing a silent 0 (a NaN embedding makes every
+distance comparison false, and the hard-negative selectors then select nothing).
 
 ``PairwiseAutoencoderLoss`` and ``TripletAutoencoderLoss`` train siamese / triplet autoencoders and VAEs:
 ``weight * metric loss + (1 - weight) * (reconstruction + beta * KL to the prior)``, the metric loss
@@ -17,25 +27,75 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import _as_labels, _check_margin, pdist
+from utils import _as_labels, _check_margin, check_choice, paired_squared_distances, pdist
 
 # Added under the square root of a squared distance: sqrt'(0) is infinite, sqrt'(EPS) is not.
 EPS = 1e-9
 
 
-def _hinge_on_distance(margin, squared_distances):
-    """``relu(margin - sqrt(d))^2`` for squared distances ``d``, with a finite gradient at 0."""
-    return F.relu(margin - (squared_distances + EPS).sqrt()).pow(2)
+def contrastive_terms(squared_distances, target, margin):
+    """Per-pair contrastive terms (Hadsell, Chopra and LeCun, 2006), without any constant factor.
+
+    Takes squared distances ``d (P,)``, ``target (P,)`` (1 for a same-class pair, 0 otherwise; any
+    numeric dtype) and the margin. Returns ``(P,)``: ``target * d + (1 - target) *
+    relu(margin - sqrt(d))^2``, the square root taken of ``d + EPS`` so that the gradient stays
+    finite at ``d = 0``.
+    """
+    target = target.to(squared_distances.dtype)
+    hinge = F.relu(margin - (squared_distances + EPS).sqrt()).pow(2)
+    return target * squared_distances + (1 - target) * hinge
+
+
+def triplet_terms(positive_distances, negative_distances, margin):
+    """Per-triplet terms ``relu((d_ap + margin) - d_an)`` (Schroff, Kalenichenko and Philbin, 2015).
+
+    Takes ``d_ap (T,)`` and ``d_an (T,)``, the anchor-positive and anchor-negative distances, and
+    the margin; returns ``(T,)``. Added in this order, a term is non-zero exactly when ``d_an <
+    d_ap + margin`` rounds true, the test the selectors of ``utils`` apply.
+    """
+    return F.relu((positive_distances + margin) - negative_distances)
 
 
 def _reduce(losses, size_average):
     return losses.mean() if size_average else losses.sum()
 
 
-def _zero_loss(embeddings):
-    """A zero scalar that backpropagates (zero gradients) into ``embeddings``. Summing an empty
-    slice gives exactly +0.0 even when the embeddings hold inf or NaN, unlike ``0 * sum``."""
-    return embeddings[:0].sum()
+def _online_mean(terms, embeddings):
+    """The mean of the selected ``terms (S,)`` plus ``(0 * embeddings).sum()``: 0 with zero gradients
+    when nothing was selected, and NaN when any of ``embeddings`` is NaN or infinite (see the module
+    docstring). Adding a zero leaves every finite mean as it is."""
+    guard = (embeddings * 0).sum()
+    return terms.mean() + guard if len(terms) else guard
+
+
+def _check_scale(scale):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    if not scale > 0:  # also rejects NaN
+        raise ValueError(f"scale must be > 0, got {scale}")
+    return float(scale)
+
+
+# The method each kind of selector must have, and an example of one, for the error message.
+_SELECTOR_METHODS = {"pair_selector": ("get_pairs", "utils.HardNegativePairSelector()"),
+                     "triplet_selector": ("get_triplets", "utils.RandomNegativeTripletSelector(margin)")}
+
+
+def _check_selector(selector, name):
+    method, example = _SELECTOR_METHODS[name]
+    if not hasattr(selector, method):
+        raise TypeError(f"{name} must have a {method}(embeddings, labels) method, e.g. {example}")
+    return selector
+
+
+def _mined_pairs(pair_selector, embeddings, labels):
+    """The pairs ``(P, 2)`` that ``pair_selector`` mines in a batch, positives first, and their
+    targets ``(P,)`` (1 for a positive pair, 0 for a negative one)."""
+    positive_pairs, negative_pairs = pair_selector.get_pairs(embeddings, labels)
+    pairs = torch.cat([positive_pairs, negative_pairs])
+    target = torch.cat([torch.ones(len(positive_pairs), device=pairs.device),
+                        torch.zeros(len(negative_pairs), device=pairs.device)])
+    return pairs, target
 
 
 def _check_same_shape(**tensors):
@@ -49,13 +109,16 @@ class ContrastiveLoss(nn.Module):
 
     ``forward(output1 (B, D), output2 (B, D), target (B,), size_average=True)``: with
     ``d = |output1 - output2|^2`` and ``target`` 1 for a same-class pair, 0 otherwise, each pair
-    costs ``0.5 * (target * d + (1 - target) * relu(margin - sqrt(d))^2)``. Returns the mean over the
-    batch, or the sum with ``size_average=False``.
+    costs ``scale * (target * d + (1 - target) * relu(margin - sqrt(d))^2)`` (``contrastive_terms``).
+    ``scale`` defaults to the classic 0.5; ``ContrastiveLoss(margin, scale=1.0)`` gives what
+    :class:`OnlineContrastiveLoss` gives on the same pairs. Returns the mean over the batch, or the
+    sum with ``size_average=False``.
     """
 
-    def __init__(self, margin):
+    def __init__(self, margin, scale=0.5):
         super().__init__()
         self.margin = _check_margin(margin)
+        self.scale = _check_scale(scale)
         self.eps = EPS
 
     def forward(self, output1, output2, target, size_average=True):
@@ -63,18 +126,16 @@ class ContrastiveLoss(nn.Module):
         target = torch.as_tensor(target, device=output1.device)
         if target.shape != (len(output1),):
             raise ValueError(f"target must have shape ({len(output1)},), got {tuple(target.shape)}")
-        target = target.to(output1.dtype)
-        distances = (output2 - output1).pow(2).sum(1)
-        losses = 0.5 * (target * distances + (1 - target) * _hinge_on_distance(self.margin, distances))
-        return _reduce(losses, size_average)
+        distances = paired_squared_distances(output1, output2)
+        return _reduce(self.scale * contrastive_terms(distances, target, self.margin), size_average)
 
 
 class TripletLoss(nn.Module):
     """Triplet loss on given triplets (Schroff, Kalenichenko and Philbin, 2015).
 
     ``forward(anchor (B, D), positive (B, D), negative (B, D), size_average=True)``: each triplet
-    costs ``relu(|anchor - positive|^2 - |anchor - negative|^2 + margin)``. Returns the mean, or the
-    sum with ``size_average=False``.
+    costs ``relu((|anchor - positive|^2 + margin) - |anchor - negative|^2)`` (``triplet_terms``).
+    Returns the mean, or the sum with ``size_average=False``.
     """
 
     def __init__(self, margin):
@@ -83,67 +144,57 @@ class TripletLoss(nn.Module):
 
     def forward(self, anchor, positive, negative, size_average=True):
         _check_same_shape(anchor=anchor, positive=positive, negative=negative)
-        distance_positive = (anchor - positive).pow(2).sum(1)
-        distance_negative = (anchor - negative).pow(2).sum(1)
-        losses = F.relu(distance_positive - distance_negative + self.margin)
+        losses = triplet_terms(paired_squared_distances(anchor, positive),
+                               paired_squared_distances(anchor, negative), self.margin)
         return _reduce(losses, size_average)
 
 
 class OnlineContrastiveLoss(nn.Module):
     """Contrastive loss over the pairs a :class:`utils.PairSelector` mines in the batch.
 
-    ``forward(embeddings (B, D), target (B,))`` returns a scalar: the mean, over the selected
-    positive pairs' ``d`` and negative pairs' ``relu(margin - sqrt(d))^2`` taken together, with
-    ``d`` the squared distance (the classic formula: no 0.5 factor here, unlike
-    :class:`ContrastiveLoss`). No pair selected gives a zero loss that still backpropagates.
+    ``forward(embeddings (B, D), target (B,))`` returns a scalar: the mean over the selected
+    positive and negative pairs of ``scale * contrastive_terms``, with ``d`` the squared distances
+    ``utils.pdist(embeddings)``. ``scale`` defaults to the classic online formula's 1 (no 0.5
+    factor, unlike :class:`ContrastiveLoss`'s default). No pair selected gives a zero loss that
+    still backpropagates; a non-finite embedding gives a non-finite loss (see the module docstring).
     """
 
-    def __init__(self, margin, pair_selector):
+    def __init__(self, margin, pair_selector, scale=1.0):
         super().__init__()
         self.margin = _check_margin(margin)
-        if not hasattr(pair_selector, "get_pairs"):
-            raise TypeError("pair_selector must have a get_pairs(embeddings, labels) method, "
-                            "e.g. utils.HardNegativePairSelector()")
-        self.pair_selector = pair_selector
+        self.pair_selector = _check_selector(pair_selector, "pair_selector")
+        self.scale = _check_scale(scale)
 
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
-        positive_pairs, negative_pairs = self.pair_selector.get_pairs(embeddings, target)
-        if len(positive_pairs) + len(negative_pairs) == 0:
-            return _zero_loss(embeddings)
-        distances = pdist(embeddings)
-        positive_loss = distances[positive_pairs[:, 0], positive_pairs[:, 1]]
-        negative_loss = _hinge_on_distance(self.margin, distances[negative_pairs[:, 0], negative_pairs[:, 1]])
-        return torch.cat([positive_loss, negative_loss]).mean()
+        pairs, pair_target = _mined_pairs(self.pair_selector, embeddings, target)
+        distances = pdist(embeddings)[pairs[:, 0], pairs[:, 1]]
+        return _online_mean(self.scale * contrastive_terms(distances, pair_target, self.margin), embeddings)
 
 
 class OnlineTripletLoss(nn.Module):
     """Triplet loss over the triplets a :class:`utils.TripletSelector` mines in the batch.
 
     ``forward(embeddings (B, D), target (B,))`` returns ``(loss, n_triplets)``: the mean over the
-    selected triplets of ``relu((D[a, p] + margin) - D[a, n])`` with ``D`` the squared distances
-    (in that order, so a triplet's loss is non-zero exactly when the selectors call it hard), and
-    the number of selected triplets whose loss is non-zero (a Python int; the classic code counted
-    all selected triplets). No triplet selected gives ``(zero loss that still backpropagates, 0)``.
+    selected triplets of ``triplet_terms(D[a, p], D[a, n], margin)`` with ``D`` the squared
+    distances ``utils.pdist(embeddings)`` (non-zero exactly when the selectors call the triplet
+    hard), and the number of selected triplets whose loss is non-zero (a Python int; the classic
+    code counted all selected triplets). No triplet selected gives ``(zero loss that still
+    backpropagates, 0)``; a non-finite embedding gives a non-finite loss (see the module docstring).
     """
 
     def __init__(self, margin, triplet_selector):
         super().__init__()
         self.margin = _check_margin(margin)
-        if not hasattr(triplet_selector, "get_triplets"):
-            raise TypeError("triplet_selector must have a get_triplets(embeddings, labels) method, "
-                            "e.g. utils.RandomNegativeTripletSelector(margin)")
-        self.triplet_selector = triplet_selector
+        self.triplet_selector = _check_selector(triplet_selector, "triplet_selector")
 
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
         triplets = self.triplet_selector.get_triplets(embeddings, target)
-        if len(triplets) == 0:
-            return _zero_loss(embeddings), 0
         distances = pdist(embeddings)
         anchors, positives, negatives = triplets.unbind(1)
-        losses = F.relu((distances[anchors, positives] + self.margin) - distances[anchors, negatives])
-        return losses.mean(), int((losses > 0).sum())
+        losses = triplet_terms(distances[anchors, positives], distances[anchors, negatives], self.margin)
+        return _online_mean(losses, embeddings), int((losses > 0).sum())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,10 +232,15 @@ RECONSTRUCTION_LOSSES = ("mse", "bce")
 
 
 class _AutoencoderLoss(nn.Module):
-    """What the pairwise and triplet autoencoder losses share: arguments, reconstruction and KL terms,
-    and the weighted sum."""
+    """What the pairwise and triplet autoencoder losses share: arguments, the mined (``forward``,
+    ``terms``) and given (``_on_given``) forms, latent distances, reconstruction and KL terms and the
+    weighted sum. A subclass names the attribute holding its selector (``selector_name``) and says
+    how to mine (``_mine``) and score (``_metric_terms``) its index tuples, pairs ``(P, 2)`` or
+    triplets ``(T, 3)``."""
 
-    def __init__(self, weight, margin, beta, distance, reconstruction):
+    selector_name = None
+
+    def __init__(self, weight, margin, beta, distance, reconstruction, selector):
         super().__init__()
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
             raise TypeError(f"weight must be a number in [0, 1], got {type(weight).__name__}")
@@ -195,14 +251,39 @@ class _AutoencoderLoss(nn.Module):
             raise TypeError(f"beta must be a number >= 0, got {type(beta).__name__}")
         if not beta >= 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
-        if distance not in AUTOENCODER_DISTANCES:
-            raise ValueError(f"distance must be one of {', '.join(AUTOENCODER_DISTANCES)}, got {distance!r}")
-        if reconstruction not in RECONSTRUCTION_LOSSES:
-            raise ValueError(f"reconstruction must be one of {', '.join(RECONSTRUCTION_LOSSES)}, "
-                             f"got {reconstruction!r}")
         self.weight, self.beta = float(weight), float(beta)
         self.margin = _check_margin(margin)
-        self.distance, self.reconstruction = distance, reconstruction
+        self.distance = check_choice(distance, AUTOENCODER_DISTANCES, "distance")
+        self.reconstruction = check_choice(reconstruction, RECONSTRUCTION_LOSSES, "reconstruction")
+        if selector is not None:
+            _check_selector(selector, self.selector_name)
+        setattr(self, self.selector_name, selector)
+
+    def forward(self, output, inputs, labels):
+        return self.terms(output, inputs, labels)["total"]
+
+    def terms(self, output, inputs, labels):
+        """The loss and its parts for a batch, its pairs or triplets mined on the means by the
+        selector: a dict of scalar tensors ``total``, ``metric``, ``reconstruction``, ``kl`` and the
+        int ``n_selected`` (pairs or triplets)."""
+        selector = getattr(self, self.selector_name)
+        if selector is None:
+            kind = self.selector_name.split("_")[0]
+            raise ValueError(f"mining {kind}s in a batch needs a {self.selector_name} (e.g. "
+                             f"{_SELECTOR_METHODS[self.selector_name][1]}); for given {kind}s use on_{kind}s")
+        self._check(output, inputs)
+        labels = _as_labels(labels, output.mean)
+        indices, target = self._mine(selector, output.mean.detach(), labels)
+        return self._terms(output, inputs, indices, target)
+
+    def _on_given(self, outputs, inputs, target=None):
+        """The loss (scalar) of given pairs or triplets: ``outputs`` and ``inputs`` hold each member's
+        ``B`` items, item ``i`` of every member forming tuple ``i``; every member is reconstructed."""
+        output, joined = _concatenate_outputs(outputs), torch.cat(inputs)
+        self._check(output, joined)
+        n = len(inputs[0])
+        indices = torch.arange(len(inputs) * n, device=joined.device).view(len(inputs), n).T
+        return self._terms(output, joined, indices, target)["total"]
 
     def _check(self, output, inputs):
         if not all(hasattr(output, field) for field in ("mean", "log_var", "reconstruction")):
@@ -222,14 +303,17 @@ class _AutoencoderLoss(nn.Module):
         """``(P,)`` latent distances of items ``first`` and ``second`` (``(P,)`` index tensors): squared
         Euclidean between the means, or the symmetrised KL between the posteriors."""
         if self.distance == "euclidean":
-            return (output.mean[first] - output.mean[second]).pow(2).sum(1)
+            return paired_squared_distances(output.mean[first], output.mean[second])
         return symmetric_gaussian_kl(output.mean[first], output.log_var[first],
                                      output.mean[second], output.log_var[second])
 
-    def _terms(self, output, inputs, metric, n_selected):
-        """Reconstruction (mean over all input values) and prior KL (per item, divided by the number of
-        values of one input, so ``beta = 1`` weighs it as in the ELBO) and their weighted sum with
-        ``metric``."""
+    def _terms(self, output, inputs, indices, target):
+        """The parts of the loss: the metric loss, the mean of ``_metric_terms`` over ``indices``
+        (guarded as an online loss's: zero when empty, non-finite with any non-finite mean), the
+        reconstruction (mean over all input values), the prior KL (per item, divided by the number
+        of values of one input, so ``beta = 1`` weighs it as in the ELBO) and their weighted sum."""
+        metric = _online_mean(self._metric_terms(output, indices, target), output.mean)
+        n_selected = len(indices)
         if self.reconstruction == "mse":
             reconstruction = F.mse_loss(output.reconstruction, inputs)
         else:
@@ -263,120 +347,79 @@ class PairwiseAutoencoderLoss(_AutoencoderLoss):
             divergence between the two diagonal Gaussian posteriors; VAE only).
         reconstruction: ``"mse"`` or ``"bce"`` (decoder outputs are logits; inputs must lie in [0, 1]).
 
-    The contrastive part is ``ContrastiveLoss``'s: with ``d`` the distance, a pair costs
-    ``0.5 * (t * d + (1 - t) * relu(margin - sqrt(d))^2)`` (t = 1 for a same-class pair), averaged
-    over the pairs; with ``distance="euclidean"`` it is computed by ``ContrastiveLoss`` itself. The
-    reconstruction is the mean over all input values; the KL term is the mean over items of
-    ``KL(posterior || N(0, I))`` divided by the number of values of one input.
+    The contrastive part is ``ContrastiveLoss``'s with its classic factor 0.5: with ``d`` the
+    distance, a pair costs ``0.5 * contrastive_terms(d, t, margin)`` = ``0.5 * (t * d + (1 - t) *
+    relu(margin - sqrt(d))^2)`` (t = 1 for a same-class pair), averaged over the pairs; so with
+    ``distance="euclidean"`` it equals ``ContrastiveLoss(margin)`` on the mined pairs, and half of
+    ``OnlineContrastiveLoss`` (up to its distance matrix's rounding). The reconstruction is the mean
+    over all input values; the KL term is the mean over items of ``KL(posterior || N(0, I))``
+    divided by the number of values of one input.
 
     ``forward(output, inputs, labels) -> loss``: ``output`` is the model's ``AutoencoderOutput`` for
     the batch ``inputs`` ((B, D) or (B, C, H, W)) with ``labels (B,)``; the pairs are mined with
     ``pair_selector`` on the means; every item is reconstructed once. ``terms(...)`` returns the parts
     as a dict (total, metric, reconstruction, kl, n_selected). ``on_pairs(...)`` scores given pairs.
-    No pair selected gives a metric term of zero that still backpropagates.
+    No pair selected gives a metric term of zero that still backpropagates; a non-finite mean gives
+    a non-finite metric term, as in the online losses.
     """
+
+    selector_name = "pair_selector"
+    # ContrastiveLoss's classic factor; OnlineContrastiveLoss's classic one is 1.
+    contrastive_scale = 0.5
 
     def __init__(self, weight, margin=1.0, pair_selector=None, beta=1.0, distance="euclidean",
                  reconstruction="mse"):
-        super().__init__(weight, margin, beta, distance, reconstruction)
-        if pair_selector is not None and not hasattr(pair_selector, "get_pairs"):
-            raise TypeError("pair_selector must have a get_pairs(embeddings, labels) method, "
-                            "e.g. utils.HardNegativePairSelector()")
-        self.pair_selector = pair_selector
-        self.contrastive = ContrastiveLoss(self.margin)
-
-    def forward(self, output, inputs, labels):
-        return self.terms(output, inputs, labels)["total"]
-
-    def terms(self, output, inputs, labels):
-        """The loss and its parts for a batch, pairs mined by ``pair_selector``: a dict of scalar
-        tensors ``total``, ``metric``, ``reconstruction``, ``kl`` and the int ``n_selected`` (pairs)."""
-        if self.pair_selector is None:
-            raise ValueError("mining pairs in a batch needs a pair_selector (e.g. utils.HardNegativePairSelector()); "
-                             "for given pairs use on_pairs")
-        self._check(output, inputs)
-        labels = _as_labels(labels, output.mean)
-        positive_pairs, negative_pairs = self.pair_selector.get_pairs(output.mean.detach(), labels)
-        pairs = torch.cat([positive_pairs, negative_pairs])
-        target = torch.cat([torch.ones(len(positive_pairs), device=pairs.device),
-                            torch.zeros(len(negative_pairs), device=pairs.device)])
-        return self._terms(output, inputs, self._contrastive(output, pairs, target), len(pairs))
+        super().__init__(weight, margin, beta, distance, reconstruction, pair_selector)
 
     def on_pairs(self, output1, output2, input1, input2, target):
         """The loss of given pairs, as ``SiameseAutoencoder`` returns them: outputs and inputs of the
         first and second members (B items each) and ``target (B,)``, 1 for a same-class pair. Both
         members are reconstructed. Returns a scalar."""
-        output, inputs = _concatenate_outputs([output1, output2]), torch.cat([input1, input2])
-        self._check(output, inputs)
-        n = len(input1)
-        target = torch.as_tensor(target, device=inputs.device)
-        if target.shape != (n,):
-            raise ValueError(f"target must have shape ({n},), got {tuple(target.shape)}")
-        pairs = torch.stack([torch.arange(n), torch.arange(n, 2 * n)], dim=1).to(inputs.device)
-        return self._terms(output, inputs, self._contrastive(output, pairs, target), n)["total"]
+        target = torch.as_tensor(target, device=input1.device)
+        if target.shape != (len(input1),):
+            raise ValueError(f"target must have shape ({len(input1)},), got {tuple(target.shape)}")
+        return self._on_given((output1, output2), (input1, input2), target)
 
-    def _contrastive(self, output, pairs, target):
-        if len(pairs) == 0:
-            return _zero_loss(output.mean)
-        first, second = pairs.unbind(1)
-        if self.distance == "euclidean":
-            return self.contrastive(output.mean[first], output.mean[second], target)
-        distances = self._distances(output, first, second)
-        target = target.to(distances.dtype)
-        return (0.5 * (target * distances + (1 - target) * _hinge_on_distance(self.margin, distances))).mean()
+    @staticmethod
+    def _mine(pair_selector, embeddings, labels):
+        return _mined_pairs(pair_selector, embeddings, labels)
+
+    def _metric_terms(self, output, pairs, target):
+        distances = self._distances(output, *pairs.unbind(1))
+        return self.contrastive_scale * contrastive_terms(distances, target, self.margin)
 
 
 class TripletAutoencoderLoss(_AutoencoderLoss):
     """Triplet autoencoder loss: ``weight * triplet + (1 - weight) * (reconstruction + beta * KL)``.
 
     Arguments as ``PairwiseAutoencoderLoss``, with a ``triplet_selector`` (a ``utils.TripletSelector``)
-    instead of a pair selector. The triplet part is ``TripletLoss``'s: ``relu(d(a, p) - d(a, n) +
-    margin)`` averaged over the triplets, ``d`` the squared Euclidean distance between the means
-    (computed by ``TripletLoss`` itself) or the symmetrised KL divergence between the posteriors.
+    instead of a pair selector. The triplet part is ``TripletLoss``'s: ``triplet_terms(d(a, p),
+    d(a, n), margin)`` = ``relu((d(a, p) + margin) - d(a, n))`` averaged over the triplets, ``d`` the
+    squared Euclidean distance between the means (so it equals ``TripletLoss(margin)`` on the mined
+    triplets) or the symmetrised KL divergence between the posteriors.
 
     ``forward(output, inputs, labels) -> loss`` mines triplets in the batch; ``terms(...)`` returns
-    the parts; ``on_triplets(...)`` scores given triplets (``TripletAutoencoder``'s outputs).
+    the parts; ``on_triplets(...)`` scores given triplets (``TripletAutoencoder``'s outputs). No
+    triplet selected gives a metric term of zero that still backpropagates; a non-finite mean gives
+    a non-finite metric term, as in the online losses.
     """
+
+    selector_name = "triplet_selector"
 
     def __init__(self, weight, margin=1.0, triplet_selector=None, beta=1.0, distance="euclidean",
                  reconstruction="mse"):
-        super().__init__(weight, margin, beta, distance, reconstruction)
-        if triplet_selector is not None and not hasattr(triplet_selector, "get_triplets"):
-            raise TypeError("triplet_selector must have a get_triplets(embeddings, labels) method, "
-                            "e.g. utils.RandomNegativeTripletSelector(margin)")
-        self.triplet_selector = triplet_selector
-        self.triplet = TripletLoss(self.margin)
-
-    def forward(self, output, inputs, labels):
-        return self.terms(output, inputs, labels)["total"]
-
-    def terms(self, output, inputs, labels):
-        """The loss and its parts for a batch, triplets mined by ``triplet_selector``: a dict of scalar
-        tensors ``total``, ``metric``, ``reconstruction``, ``kl`` and the int ``n_selected`` (triplets)."""
-        if self.triplet_selector is None:
-            raise ValueError("mining triplets in a batch needs a triplet_selector (e.g. "
-                             "utils.RandomNegativeTripletSelector(margin)); for given triplets use on_triplets")
-        self._check(output, inputs)
-        labels = _as_labels(labels, output.mean)
-        triplets = self.triplet_selector.get_triplets(output.mean.detach(), labels)
-        return self._terms(output, inputs, self._triplet(output, triplets), len(triplets))
+        super().__init__(weight, margin, beta, distance, reconstruction, triplet_selector)
 
     def on_triplets(self, output1, output2, output3, input1, input2, input3):
         """The loss of given (anchor, positive, negative) triplets, as ``TripletAutoencoder`` returns
         them (B items each); all three are reconstructed. Returns a scalar."""
-        output = _concatenate_outputs([output1, output2, output3])
-        inputs = torch.cat([input1, input2, input3])
-        self._check(output, inputs)
-        n = len(input1)
-        triplets = torch.arange(3 * n, device=inputs.device).view(3, n).T
-        return self._terms(output, inputs, self._triplet(output, triplets), n)["total"]
+        return self._on_given((output1, output2, output3), (input1, input2, input3))
 
-    def _triplet(self, output, triplets):
-        if len(triplets) == 0:
-            return _zero_loss(output.mean)
+    @staticmethod
+    def _mine(triplet_selector, embeddings, labels):
+        return triplet_selector.get_triplets(embeddings, labels), None
+
+    def _metric_terms(self, output, triplets, target=None):
         anchors, positives, negatives = triplets.unbind(1)
-        if self.distance == "euclidean":
-            return self.triplet(output.mean[anchors], output.mean[positives], output.mean[negatives])
-        losses = F.relu(self._distances(output, anchors, positives) - self._distances(output, anchors, negatives)
-                        + self.margin)
-        return losses.mean()
+        return triplet_terms(self._distances(output, anchors, positives),
+                             self._distances(output, anchors, negatives), self.margin)

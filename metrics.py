@@ -16,19 +16,19 @@ Two kinds live here:
 - One-shot learning: `best_threshold` (the verification threshold that maximises accuracy),
   `sample_episodes` / `episode_accuracies` / `few_shot_accuracy` / `n_way_k_shot_accuracy`
   (seeded N-way K-shot episodes on classes never seen in training, prototype or nearest-neighbour
-  rule, with a 95% confidence interval) and `one_shot_run_errors` (Lake et al.'s 20 runs).
+  rule, with a 95% confidence interval; Omniglot's protocols and Lake et al.'s 20 runs are in omniglot.py).
 
 Distances are Euclidean and computed in chunks of queries, so memory stays O(chunk x N): a 60k x
 10k or 10k x 10k evaluation never holds a full distance matrix.
 """
 
+import importlib
+
 import torch
-from sklearn.cluster import KMeans
-from sklearn.metrics import normalized_mutual_info_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader
 
-from utils import check_int, groups_of_classes
+from utils import check_choice, check_int, groups_of_classes, paired_squared_distances, squared_distances
 
 
 class Metric:
@@ -54,20 +54,57 @@ class Metric:
         raise NotImplementedError
 
 
-class AccumulatedAccuracyMetric(Metric):
+class RatioOfSumsMetric(Metric):
+    """A running metric whose value is `scale * sum(numerators) / sum(denominators)` over an epoch.
+
+    Subclasses implement `batch_terms(outputs, target, loss) -> (numerator, denominator)` for one
+    batch. Numerators may be 0-d tensors: they are summed on their device and read back only in
+    `value()`, so a batch costs no host transfer. `value()` is NaN before the first batch.
+    """
+
+    scale = 1.0
+
+    def __init__(self):
+        self.reset()
+
+    def batch_terms(self, outputs, target, loss):
+        raise NotImplementedError
+
+    def __call__(self, outputs, target, loss):
+        numerator, denominator = self.batch_terms(outputs, target, loss)
+        self.numerator = self.numerator + numerator
+        self.denominator += denominator
+        return self.value()
+
+    def reset(self):
+        self.numerator = 0
+        self.denominator = 0
+
+    def value(self):
+        if self.denominator == 0:
+            return float("nan")
+        return self.scale * float(self.numerator) / self.denominator
+
+
+class AccumulatedAccuracyMetric(RatioOfSumsMetric):
     """Classification accuracy in percent, accumulated over an epoch.
 
     The prediction is argmax(outputs[0], dim=1) for scores outputs[0] of shape (B, C); the truth
-    is target[0] of shape (B,). The correct count stays a tensor on the device of the scores, so
-    a batch costs no host transfer beyond the scalar that `value()` reads.
-    `value()` is NaN before the first batch.
+    is target[0] of shape (B,). `correct` (a tensor on the device of the scores) and `total` are
+    the counts so far; `value()` is NaN before the first batch.
     """
 
-    def __init__(self):
-        self.correct = 0
-        self.total = 0
+    scale = 100.0
 
-    def __call__(self, outputs, target, loss):
+    @property
+    def correct(self):
+        return self.numerator
+
+    @property
+    def total(self):
+        return self.denominator
+
+    def batch_terms(self, outputs, target, loss):
         if target is None or len(target) == 0:
             raise TypeError("AccumulatedAccuracyMetric needs class labels: use a dataset that "
                             "yields (data, labels)")
@@ -77,54 +114,36 @@ class AccumulatedAccuracyMetric(Metric):
             raise ValueError(f"AccumulatedAccuracyMetric expects scores (B, C) and labels (B,), "
                              f"got {tuple(scores.shape)} and {tuple(labels.shape)}")
         predictions = scores.detach().argmax(dim=1)
-        self.correct = self.correct + (predictions == labels.to(predictions.device)).sum()
-        self.total += labels.numel()
-        return self.value()
-
-    def reset(self):
-        self.correct = 0
-        self.total = 0
-
-    def value(self):
-        if self.total == 0:
-            return float("nan")
-        return 100.0 * float(self.correct) / self.total
+        return (predictions == labels.to(predictions.device)).sum(), labels.numel()
 
     def name(self):
         return "Accuracy"
 
 
-class AverageNonzeroTripletsMetric(Metric):
+class AverageNonzeroTripletsMetric(RatioOfSumsMetric):
     """Mean, over the batches of an epoch, of the number of triplets with a non-zero loss.
 
     Reads loss[1] from a loss that returns (loss, n_triplets), such as `OnlineTripletLoss`;
     n_triplets may be a Python int or a 0-d tensor (kept on its device until `value()`).
-    `value()` is NaN before the first batch.
+    `sum` and `count` are the triplets and batches so far; `value()` is NaN before the first batch.
     """
 
-    def __init__(self):
-        self.sum = 0
-        self.count = 0
+    @property
+    def sum(self):
+        return self.numerator
 
-    def __call__(self, outputs, target, loss):
+    @property
+    def count(self):
+        return self.denominator
+
+    def batch_terms(self, outputs, target, loss):
         if not isinstance(loss, (tuple, list)) or len(loss) < 2:
             raise TypeError("AverageNonzeroTripletsMetric needs a loss that returns "
                             "(loss, n_triplets), e.g. OnlineTripletLoss")
         n_triplets = loss[1]
         if isinstance(n_triplets, torch.Tensor):
             n_triplets = n_triplets.detach()
-        self.sum = self.sum + n_triplets
-        self.count += 1
-        return self.value()
-
-    def reset(self):
-        self.sum = 0
-        self.count = 0
-
-    def value(self):
-        if self.count == 0:
-            return float("nan")
-        return float(self.sum) / self.count
+        return n_triplets, 1
 
     def name(self):
         return "Average nonzero triplets"
@@ -193,16 +212,6 @@ def _check_embeddings_and_labels(embeddings, labels, what):
     return labels
 
 
-def _squared_distances(queries, gallery, gallery_squared_norms):
-    """Squared Euclidean distances (C, G) between queries (C, D) and gallery (G, D), clamped at 0.
-
-    |q|^2 + |g|^2 - 2 q.g with one fused matmul and in-place updates: the (C, G) matrix is the
-    memory traffic that dominates, so it is written as few times as possible.
-    """
-    distances = torch.addmm(gallery_squared_norms, queries, gallery.T, alpha=-2.0)
-    return distances.add_(queries.pow(2).sum(dim=1, keepdim=True)).clamp_min_(0)
-
-
 def _nearest_neighbours(distances, k):
     """Indices (C, k) of the k smallest entries of each row of distances (C, G).
 
@@ -269,7 +278,7 @@ def knn_predict(query_embeddings, gallery_embeddings, gallery_labels, k=1, exclu
     predicted_ids = []
     for start in range(0, n_query, chunk_size):
         queries = query_embeddings[start:start + chunk_size].to(device, gallery_embeddings.dtype)
-        distances = _squared_distances(queries, gallery_embeddings, gallery_squared_norms)
+        distances = squared_distances(queries, gallery_embeddings, gallery_squared_norms)
         if exclude_self:
             rows = torch.arange(queries.shape[0], device=device)
             distances[rows, rows + start] = float("inf")
@@ -347,7 +356,7 @@ def retrieval_metrics(embeddings, labels, chunk_size=1024):
     precision_at_1, r_precision, map_at_r = [], [], []
     for start in range(0, query_indices.numel(), chunk_size):
         queries = query_indices[start:start + chunk_size]
-        distances = _squared_distances(embeddings[queries], embeddings, squared_norms)
+        distances = squared_distances(embeddings[queries], embeddings, squared_norms)
         rows = torch.arange(queries.numel(), device=device)
         distances[rows, queries] = float("inf")  # the query itself; every real distance is finite
         chunk_relevant = n_relevant[queries]
@@ -389,6 +398,10 @@ def nmi_score(embeddings, labels, n_clusters=None, seed=0, *, n_init=10):
                              f"got {n_clusters}")
     check_int(seed, "seed", 0)
     check_int(n_init, "n_init", 1)
+    # Imported here so that importing this module (and trainer) does not load scikit-learn.
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+
     points = embeddings.detach().to("cpu", torch.float64).numpy()
     clusters = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit_predict(points)
     return float(normalized_mutual_info_score(labels.cpu().numpy(), clusters))
@@ -486,10 +499,11 @@ def verification_roc_auc(embeddings, labels, n_pairs=100_000, seed=0):
     scores = []
     pair_chunk = 65536  # bounds the (pairs, D) difference buffer
     for start in range(0, first.numel(), pair_chunk):
-        differences = (embeddings[first[start:start + pair_chunk]]
-                       - embeddings[second[start:start + pair_chunk]])
-        scores.append(-differences.pow(2).sum(dim=1).sqrt())
+        scores.append(-paired_squared_distances(embeddings[first[start:start + pair_chunk]],
+                                                embeddings[second[start:start + pair_chunk]]).sqrt())
     scores = torch.cat(scores).cpu().double().numpy()
+    from sklearn.metrics import roc_auc_score  # here, not at the top: see nmi_score
+
     return float(roc_auc_score(same.numpy(), scores))
 
 
@@ -564,11 +578,6 @@ def best_threshold(scores, same):
     return float(threshold), int(correct[best]) / n
 
 
-def _check_choice_of(value, choices, name):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
 def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, groups=None, seed=0):
     """Item indices of seeded N-way K-shot episodes.
 
@@ -633,10 +642,9 @@ def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, groups=None, see
 
 
 def _episode_distances(queries, references):
-    """Squared distances (E, Q, R) between queries (E, Q, D) and references (E, R, D)."""
-    distances = torch.baddbmm(references.pow(2).sum(-1).unsqueeze(1), queries, references.transpose(1, 2),
-                              alpha=-2.0)
-    return distances.add_(queries.pow(2).sum(-1, keepdim=True)).clamp_min_(0)
+    """Squared distances (E, Q, R) between queries (E, Q, D) and references (E, R, D): the batched
+    form of utils.squared_distances."""
+    return squared_distances(queries, references)
 
 
 def episode_accuracies(embeddings, support, query, rule="prototype"):
@@ -648,7 +656,7 @@ def episode_accuracies(embeddings, support, query, rule="prototype"):
     distances go to the lower class row. Returns (E,) float accuracies in [0, 1] on the embeddings'
     device.
     """
-    _check_choice_of(rule, ("prototype", "nearest"), "rule")
+    check_choice(rule, ("prototype", "nearest"), "rule")
     if support.dim() != 3 or query.dim() != 3 or support.shape[:2] != query.shape[:2]:
         raise ValueError(f"support (E, W, K) and query (E, W, Q) must share E and W, got "
                          f"{tuple(support.shape)} and {tuple(query.shape)}")
@@ -687,59 +695,30 @@ def few_shot_accuracy(embeddings, labels, n_way=5, k_shot=1, n_episodes=1000, gr
             "n_way": n_way, "k_shot": k_shot, "n_query": n_query, "rule": rule}
 
 
-def n_way_k_shot_accuracy(model, dataset, n_way=5, k_shot=1, n_episodes=1000, within_alphabet=False, seed=0,
-                          n_query=1, rule="prototype", batch_size=512, device=None):
+def n_way_k_shot_accuracy(model, dataset, n_way=5, k_shot=1, n_episodes=1000, groups=None, seed=0, n_query=1,
+                          rule="prototype", batch_size=512, device=None):
     """N-way K-shot accuracy of `model` on the classes of `dataset` (pass classes it never saw).
 
-    Every image of the dataset (items (image, label), e.g. an OmniglotAlphabets or InMemoryDataset
-    without augmentation) is embedded once with model.get_embedding; each episode is then index
-    operations on those embeddings (see few_shot_accuracy). within_alphabet draws each episode's
-    classes from one alphabet (`dataset.alphabets`, (N,)), the harder Omniglot protocol; alphabets
-    with fewer than n_way usable characters are skipped.
-    Returns {'accuracy', 'ci95', 'n_episodes', 'n_way', 'k_shot', 'n_query', 'rule', 'within_alphabet'}.
+    Every image of the dataset (items (image, label), e.g. an InMemoryDataset without augmentation) is
+    embedded once with model.get_embedding; each episode is then index operations on those embeddings
+    (see few_shot_accuracy, which takes the other arguments). groups (N,): one group id per item, to
+    draw each episode's classes inside one group (e.g. one Omniglot alphabet, `dataset.alphabets`);
+    groups with fewer than n_way usable classes are skipped. None: classes from the whole dataset.
+    Returns {'accuracy', 'ci95', 'n_episodes', 'n_way', 'k_shot', 'n_query', 'rule'}.
     """
-    if not isinstance(within_alphabet, bool):
-        raise TypeError(f"within_alphabet must be True or False, got {within_alphabet!r}")
-    groups = None
-    if within_alphabet:
-        groups = getattr(dataset, "alphabets", None)
-        if groups is None:
-            raise TypeError(f"within_alphabet=True needs a dataset with .alphabets (one per image), such as "
-                            f"OmniglotAlphabets; {type(dataset).__name__} has none")
     embeddings, labels = extract_embeddings(DataLoader(dataset, batch_size=batch_size), model, device)
-    result = few_shot_accuracy(embeddings, labels, n_way, k_shot, n_episodes, groups, seed, n_query, rule)
-    result["within_alphabet"] = within_alphabet
-    return result
+    return few_shot_accuracy(embeddings, labels, n_way, k_shot, n_episodes, groups, seed, n_query, rule)
 
 
-def one_shot_run_errors(model, runs, device=None):
-    """Error of `model` on Lake et al.'s one-shot classification runs (datasets.OneShotRuns).
+# ---------------------------------------------------------------- names that live elsewhere now
+# one_shot_run_errors (Lake's one-shot runs) moved to omniglot.py with the rest of Omniglot. Old scripts
+# import it from here; it is imported on first use (PEP 562), as omniglot imports this module.
 
-    In each run every test item is assigned to the training image nearest in embedding distance
-    (model.get_embedding, eval mode, no gradients); the run's error is the fraction assigned to the
-    wrong one. Returns {'names': [run names], 'errors': [per-run errors in [0, 1]], 'mean_error':
-    their mean}.
-    """
-    if not isinstance(model, nn.Module) or not callable(getattr(model, "get_embedding", None)):
-        raise TypeError("one_shot_run_errors needs an nn.Module with a get_embedding method")
-    if device is None:
-        first_parameter = next(model.parameters(), None)
-        device = first_parameter.device if first_parameter is not None else torch.device("cpu")
-    names, errors = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for run in runs:
-                n_training = len(run.training_images)
-                images = torch.cat([run.training_images, run.test_images]).to(device)
-                embeddings = model.get_embedding(images)
-                distances = _episode_distances(embeddings[None, n_training:], embeddings[None, :n_training])[0]
-                wrong = distances.argmin(1) != run.answers.to(device)
-                names.append(run.name)
-                errors.append(float(wrong.double().mean()))
-    finally:
-        model.train(was_training)
-    if not errors:
-        raise ValueError("one_shot_run_errors got no runs")
-    return {"names": names, "errors": errors, "mean_error": sum(errors) / len(errors)}
+_MOVED = {"one_shot_run_errors": "omniglot"}
+
+
+def __getattr__(name):
+    """``metrics.<name>`` for a name in ``_MOVED``: the object from its module now."""
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_MOVED[name]), name)

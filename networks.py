@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import check_int
+from utils import check_int, paired_squared_distances
 
 
 class EmbeddingNet(nn.Module):
@@ -97,33 +97,48 @@ class ClassificationNet(nn.Module):
         return self.nonlinear(self.embedding_net(x))
 
 
-class SiameseNet(nn.Module):
-    """One embedding net applied to both inputs: ``forward(x1, x2) -> (e1 (B, D), e2 (B, D))``."""
+class _SharedAcrossInputs(nn.Module):
+    """One module applied to each of ``n_inputs`` inputs: ``forward(x1, ..., xn)`` returns the tuple
+    of its outputs, in order. The module is kept under the attribute ``shared_name`` (so state dicts
+    keep their keys, e.g. ``embedding_net.*``); ``get_embedding(x)`` is its own ``get_embedding``, or
+    its output when it has none."""
 
-    def __init__(self, embedding_net):
+    n_inputs = None
+    shared_name = None
+
+    def __init__(self, module):
         super().__init__()
-        self.embedding_net = embedding_net
+        setattr(self, self.shared_name, module)
 
-    def forward(self, x1, x2):
-        return self.embedding_net(x1), self.embedding_net(x2)
+    def forward(self, *inputs):
+        if len(inputs) != self.n_inputs:
+            raise TypeError(f"{type(self).__name__} takes {self.n_inputs} inputs, got {len(inputs)}")
+        shared = getattr(self, self.shared_name)
+        return tuple(shared(x) for x in inputs)
 
     def get_embedding(self, x):
-        return self.embedding_net(x)
+        shared = getattr(self, self.shared_name)
+        return shared.get_embedding(x) if hasattr(shared, "get_embedding") else shared(x)
 
 
-class TripletNet(nn.Module):
+class SiameseNet(_SharedAcrossInputs):
+    """One embedding net applied to both inputs: ``forward(x1, x2) -> (e1 (B, D), e2 (B, D))``;
+    ``get_embedding(x) -> (B, D)``."""
+
+    n_inputs, shared_name = 2, "embedding_net"
+
+    def __init__(self, embedding_net):
+        super().__init__(embedding_net)
+
+
+class TripletNet(_SharedAcrossInputs):
     """One embedding net applied to anchor, positive and negative:
-    ``forward(x1, x2, x3) -> (e1, e2, e3)``, each ``(B, D)``."""
+    ``forward(x1, x2, x3) -> (e1, e2, e3)``, each ``(B, D)``; ``get_embedding(x) -> (B, D)``."""
+
+    n_inputs, shared_name = 3, "embedding_net"
 
     def __init__(self, embedding_net):
-        super().__init__()
-        self.embedding_net = embedding_net
-
-    def forward(self, x1, x2, x3):
-        return self.embedding_net(x1), self.embedding_net(x2), self.embedding_net(x3)
-
-    def get_embedding(self, x):
-        return self.embedding_net(x)
+        super().__init__(embedding_net)
 
 
 class SiameseNetwork(nn.Module):
@@ -193,8 +208,13 @@ class SiameseNetwork(nn.Module):
         if embeddings1.shape != embeddings2.shape or embeddings1.dim() != 2:
             raise ValueError(f"expected two (B, D) embedding batches of one shape, got "
                              f"{tuple(embeddings1.shape)} and {tuple(embeddings2.shape)}")
-        # vector_norm's gradient at a zero difference is 0, where sqrt of a squared distance gives NaN
-        return 1 / (1 + torch.linalg.vector_norm(embeddings1 - embeddings2, dim=1))
+        squared = paired_squared_distances(embeddings1, embeddings2)
+        # sqrt'(0) is infinite and 0 * inf is NaN: rows at zero distance take the root of a stand-in
+        # 1 and are then replaced by 0, so their gradient is 0 (as |e1 - e2|'s subgradient) and finite.
+        # (Testing == 0, not > 0, lets a NaN distance through to a NaN score.)
+        zero = squared == 0
+        distances = torch.where(zero, 0.0, torch.where(zero, 1.0, squared).sqrt())
+        return 1 / (1 + distances)
 
     def similarity(self, input1, input2):
         """Scores ``(B,)`` in (0, 1] of image pairs ``(B, C, S, S)`` x 2: high for the same class."""
@@ -511,7 +531,7 @@ def make_autoencoder(input_shape, latent_dim, variational=False, hidden_dims=(51
     return (VAE if variational else Autoencoder)(encoder, decoder, latent_dim)
 
 
-class SiameseAutoencoder(nn.Module):
+class SiameseAutoencoder(_SharedAcrossInputs):
     """One ``Autoencoder`` or ``VAE`` shared by both inputs of a pair.
 
     ``forward(x1, x2) -> (output1, output2)``, two ``AutoencoderOutput`` s (latents, reconstructions,
@@ -519,30 +539,20 @@ class SiameseAutoencoder(nn.Module):
     Pair it with ``losses.PairwiseAutoencoderLoss.on_pairs``.
     """
 
+    n_inputs, shared_name = 2, "autoencoder"
+
     def __init__(self, autoencoder):
-        super().__init__()
-        self.autoencoder = autoencoder
-
-    def forward(self, x1, x2):
-        return self.autoencoder(x1), self.autoencoder(x2)
-
-    def get_embedding(self, x):
-        return self.autoencoder.get_embedding(x)
+        super().__init__(autoencoder)
 
 
-class TripletAutoencoder(nn.Module):
+class TripletAutoencoder(_SharedAcrossInputs):
     """One ``Autoencoder`` or ``VAE`` shared by anchor, positive and negative.
 
     ``forward(x1, x2, x3) -> (output1, output2, output3)``, three ``AutoencoderOutput`` s;
     ``get_embedding(x) -> (B, L)``. Pair it with ``losses.TripletAutoencoderLoss.on_triplets``.
     """
 
+    n_inputs, shared_name = 3, "autoencoder"
+
     def __init__(self, autoencoder):
-        super().__init__()
-        self.autoencoder = autoencoder
-
-    def forward(self, x1, x2, x3):
-        return self.autoencoder(x1), self.autoencoder(x2), self.autoencoder(x3)
-
-    def get_embedding(self, x):
-        return self.autoencoder.get_embedding(x)
+        super().__init__(autoencoder)

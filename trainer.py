@@ -8,23 +8,35 @@ metrics, start_epoch)` and its data conventions:
   called as `model(*data)`;
 - `target` is a tensor, a tuple/list of tensors spread into separate loss arguments, or an empty
   tuple/list (e.g. TripletMNIST) meaning no target;
-- the loss is called as `loss_fn(*outputs, *targets)` with the model outputs wrapped in a tuple;
-  when it returns a tuple (e.g. OnlineTripletLoss -> (loss, n_triplets)) its first element is the
-  loss that is minimised;
-- metrics are called as `metric(outputs, targets, loss_outputs)`, with `targets` None when the
-  batch has no target.
+- the loss is called as `loss_fn(*outputs, *targets)` with the model outputs wrapped in a tuple:
+  a plain tuple or list of outputs is spread into separate arguments, anything else (a tensor, a
+  NamedTuple such as networks.AutoencoderOutput) is passed as one argument; when the loss returns
+  a tuple (e.g. OnlineTripletLoss -> (loss, n_triplets)) its first element is the loss that is
+  minimised;
+- metrics are called as `metric(outputs, targets, loss_outputs)` with the same `outputs` tuple,
+  and `targets` None when the batch has no target.
 
 On top of that it chooses the device, steps the scheduler after the epoch's optimizer steps, shows
 a tqdm progress bar, stops on a non-finite loss, and writes atomic checkpoints it can resume from
 bit for bit. `run_epoch` is the single loop behind both training and validation epochs.
+
+Importing this module changes no process-wide state. CPU flush-to-zero of denormal floats is a
+per-thread mode: `fit` turns it on for the thread that calls it (`flush_denormal=True`, the
+default; `flush_denormal=False` leaves the mode alone), and torch's worker threads copy it only when
+they start, at torch's first parallel operation. So the one place that sets it for the whole
+process is `flush_denormal_everywhere`, which the command lines (experiments.py, and omniglot.py and
+autoencoders.py through it) call before any work; setting the environment variable
+SIAMESE_TRIPLET_KEEP_DENORMALS=1 turns that off.
 """
 
+import collections
 import contextlib
 import math
 import os
 import random
 import tempfile
 import time
+import types
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -36,12 +48,29 @@ from tqdm.auto import tqdm
 from metrics import Metric
 from utils import check_int
 
-# Flush-to-zero (see fit's flush_denormal) is a per-thread CPU mode that a thread copies from its
-# creator. Set here, at import, it reaches torch's worker threads, which start at the first parallel
-# operation; fit sets it again for the calling thread.
-torch.set_flush_denormal(True)
-
 CHECKPOINT_NAME = "checkpoint.pt"
+KEEP_DENORMALS = "SIAMESE_TRIPLET_KEEP_DENORMALS"  # =1: flush_denormal_everywhere leaves the mode alone
+# Keys a checkpoint written by fit must hold; "generators" is optional (older checkpoints lack it).
+CHECKPOINT_KEYS = frozenset({"epoch", "model", "optimizer", "scheduler", "history", "rng"})
+# How far below train_loader / val_loader / loss_fn the search for private torch.Generators goes
+# (loader.batch_sampler.sampler.generator is 3 deep), and the largest list/tuple/dict it looks
+# into: a dataset's index lists can hold millions of items and no generator.
+GENERATOR_SEARCH_DEPTH = 4
+GENERATOR_SEARCH_MAX_ITEMS = 256
+
+
+def flush_denormal_everywhere():
+    """Turn CPU flush-to-zero of denormal floats on for this thread and for every worker thread torch
+    starts after this call, unless the environment variable SIAMESE_TRIPLET_KEEP_DENORMALS is 1.
+
+    Call it first thing in a program (the command lines do): torch's intra-op threads copy the mode
+    when they start, at the first parallel operation, and keep it, so `fit`, which sets it for its
+    own thread, cannot reach them (benchmarks/bench_denormal.py measures what they then cost).
+    Returns True when the mode was turned on (False when opted out or the CPU lacks the mode).
+    """
+    if os.environ.get(KEEP_DENORMALS, "0") not in ("", "0"):
+        return False
+    return torch.set_flush_denormal(True)
 
 
 def resolve_device(device=None, cuda=None):
@@ -105,6 +134,52 @@ def _format_metrics(metric_values):
     return "".join(f", {key} {value:.2f}" for key, value in metric_values.items())
 
 
+def _batch_on_device(batch, phase, device, channels_last):
+    """Split a (data, target) batch into (model inputs, loss targets), tuples of values on device.
+
+    A tuple/list `data` holds several model inputs and a tuple/list `target` several loss
+    arguments (empty: no target); anything else is one of each.
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"each {phase} batch must be a (data, target) pair, "
+                        f"got {type(batch).__name__}")
+    data, target = batch
+    data = tuple(data) if isinstance(data, (tuple, list)) else (data,)
+    targets = tuple(target) if isinstance(target, (tuple, list)) else (target,)
+    return (tuple(_to_device(item, device, channels_last) for item in data),
+            tuple(_to_device(item, device) for item in targets))
+
+
+def _as_outputs(outputs):
+    """The model's outputs as the tuple spread into the loss and handed to the metrics.
+
+    Only a plain tuple or list is spread: a NamedTuple (e.g. networks.AutoencoderOutput) is one
+    structured output that the loss takes as a single argument, so it is wrapped like a tensor.
+    """
+    return tuple(outputs) if type(outputs) in (tuple, list) else (outputs,)
+
+
+def _finite_value(loss, what, epoch_label, batch_number):
+    """The loss as a float (the one host sync per batch, for logging and this check); raises
+    FloatingPointError naming `what`, the epoch and the batch when it is NaN or infinite."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"{what} is {value} at {epoch_label}, batch {batch_number}; training stopped before "
+            "the optimizer step (the last checkpoint on disk is unchanged). Lower the learning "
+            "rate or check the data.")
+    return value
+
+
+def _minimised_loss(loss_outputs):
+    """The tensor to minimise: the loss itself, or the first element of a tuple/list it returned."""
+    loss = loss_outputs[0] if isinstance(loss_outputs, (tuple, list)) else loss_outputs
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError("loss_fn must return a tensor, or a tuple whose first element "
+                        f"is a tensor, got {type(loss).__name__}")
+    return loss
+
+
 def run_epoch(loader, model, loss_fn, device, metrics=(), optimizer=None, *, epoch=1,
               n_epochs=None, progress=False, log_interval=100, channels_last=False):
     """Run one pass over `loader`: a training epoch when `optimizer` is given, else evaluation.
@@ -130,33 +205,19 @@ def run_epoch(loader, model, loss_fn, device, metrics=(), optimizer=None, *, epo
     def current_metric_values():
         return {metric_key(metric): float(metric.value()) for metric in metrics}
 
-    bar = tqdm(loader, total=n_batches, desc=f"{epoch_label} {phase}", disable=not progress,
+    # tqdm.auto's bar calls iter() on what it is given when it is built, and again when it is looped
+    # over: handed the loader itself, every epoch would start (and discard) a second DataLoader
+    # iterator, which advances the sampler's epoch, draws a seed from the RNG and starts the workers.
+    bar = tqdm(iter(loader), total=n_batches, desc=f"{epoch_label} {phase}", disable=not progress,
                dynamic_ncols=True)
     try:
         with torch.set_grad_enabled(training):
             for batch in bar:
-                if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                    raise TypeError(f"each {phase} batch must be a (data, target) pair, "
-                                    f"got {type(batch).__name__}")
-                data, target = batch
-                data = tuple(data) if isinstance(data, (tuple, list)) else (data,)
-                data = tuple(_to_device(item, device, channels_last) for item in data)
-                targets = tuple(target) if isinstance(target, (tuple, list)) else (target,)
-                targets = tuple(_to_device(item, device) for item in targets)
-
-                outputs = model(*data)
-                outputs = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+                data, targets = _batch_on_device(batch, phase, device, channels_last)
+                outputs = _as_outputs(model(*data))
                 loss_outputs = loss_fn(*outputs, *targets)
-                loss = loss_outputs[0] if isinstance(loss_outputs, (tuple, list)) else loss_outputs
-                if not isinstance(loss, torch.Tensor):
-                    raise TypeError("loss_fn must return a tensor, or a tuple whose first element "
-                                    f"is a tensor, got {type(loss).__name__}")
-                loss_value = loss.item()  # the one host sync per batch: logging and NaN check
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(
-                        f"{phase} loss is {loss_value} at {epoch_label}, batch {batch_count + 1}; "
-                        "training stopped before the optimizer step (the last checkpoint on disk "
-                        "is unchanged). Lower the learning rate or check the data.")
+                loss = _minimised_loss(loss_outputs)
+                loss_value = _finite_value(loss, f"{phase} loss", epoch_label, batch_count + 1)
                 if training:
                     optimizer.zero_grad()
                     loss.backward()
@@ -241,6 +302,84 @@ def _set_rng_state(state):
     random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
 
 
+# Values the generator search never looks inside: they cannot hold a torch.Generator, or (tensors,
+# arrays, sets) looking inside would be slow or in no fixed order.
+_SEARCH_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, np.ndarray,
+                  np.generic, torch.device, torch.dtype, type, set, frozenset, types.ModuleType,
+                  types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+
+
+def _default_generators():
+    """The global generators whose states _rng_state already saves."""
+    defaults = [torch.default_generator]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        defaults.extend(torch.cuda.default_generators)
+    return defaults
+
+
+def _search_children(value):
+    """(name, child) pairs the generator search looks at below `value`, in a fixed order."""
+    if isinstance(value, (dict, list, tuple)) and len(value) > GENERATOR_SEARCH_MAX_ITEMS:
+        return []
+    if isinstance(value, dict):
+        return [(str(key), child) for key, child in value.items()]
+    if isinstance(value, (list, tuple)):
+        return [(str(index), child) for index, child in enumerate(value)]
+    try:
+        attributes = vars(value)
+    except TypeError:  # no __dict__ (e.g. __slots__ or a C type)
+        return []
+    if isinstance(value, nn.Module):
+        # Submodules live in _modules; the other private entries are parameters, buffers, hooks.
+        return list(value.named_children()) + [
+            (name, child) for name, child in attributes.items() if not name.startswith("_")]
+    return list(attributes.items())
+
+
+def find_generators(roots):
+    """Every private torch.Generator reachable from the values of `roots`, a {name: object} dict.
+
+    Walks breadth-first, in attribute order, through instance attributes (vars()), nn.Module
+    submodules and the items of small lists, tuples and dicts, at most GENERATOR_SEARCH_DEPTH
+    steps below a root, visiting every object once. Skips iterators (e.g. a DataLoader's running
+    iterator, which exists only while an epoch runs) and torch's default generators (saved with
+    the global RNG state). Returns {dotted path of the first, shortest path found: generator},
+    e.g. {'train_loader.generator': g, 'loss_fn.triplet_selector.generator': h}; objects built
+    the same way give the same paths.
+    """
+    defaults = _default_generators()
+    found, seen = {}, set()
+    queue = collections.deque((name, root, 0) for name, root in roots.items())
+    while queue:
+        path, value, depth = queue.popleft()
+        if id(value) in seen or isinstance(value, _SEARCH_LEAVES):
+            continue
+        seen.add(id(value))
+        if isinstance(value, torch.Generator):
+            if not any(value is default for default in defaults):
+                found[path] = value
+        elif depth < GENERATOR_SEARCH_DEPTH and not isinstance(value, Iterator):
+            queue.extend((f"{path}.{name}", child, depth + 1)
+                         for name, child in _search_children(value))
+    return found
+
+
+def _generator_states(generators):
+    return {path: generator.get_state() for path, generator in generators.items()}
+
+
+def _check_generator_paths(states, generators, path):
+    """Raise ValueError unless a checkpoint's generator states (read from `path`) are for exactly
+    the private generators of this run."""
+    if states.keys() != generators.keys():
+        raise ValueError(
+            f"checkpoint {path!r} holds the states of private torch.Generators at "
+            f"{sorted(states) or 'no paths'}, but this run's loaders and loss hold them at "
+            f"{sorted(generators) or 'no paths'}: the run was built differently. Build the "
+            "loaders, samplers and loss as the run that wrote the checkpoint did (each with or "
+            "without its own generator), or pass resume=False to start over")
+
+
 def _save_checkpoint(checkpoint_dir, checkpoint):
     """Write checkpoint_dir/checkpoint.pt atomically: a temp file in the same dir, then os.replace,
     so a crash mid-write never leaves a truncated checkpoint behind."""
@@ -258,6 +397,73 @@ def _save_checkpoint(checkpoint_dir, checkpoint):
         raise
 
 
+def _checkpoint(checkpoint_dir, epoch, model, optimizer, scheduler, history, generators):
+    """Save everything a resumed run needs after `epoch` (1-based) epochs: see fit."""
+    _save_checkpoint(checkpoint_dir, {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "history": history,
+        "rng": _rng_state(),
+        "generators": _generator_states(generators),
+    })
+
+
+def _load_checkpoint(path, history_keys, scheduler):
+    """Read a checkpoint written by fit from `path` and check that it suits this run.
+
+    Takes the history keys of this run (its metrics) and its scheduler (or None). Returns the
+    checkpoint dict. Raises ValueError when the file is not a readable checkpoint written by fit
+    (truncated, garbage, another kind of file) or was written with other metrics or scheduler.
+    """
+    # Opened here so that a file we may not read fails as itself (PermissionError, ...), while
+    # anything torch.load raises is about the bytes in it.
+    with open(path, "rb") as file:
+        try:
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        except MemoryError:
+            raise
+        except Exception as error:
+            # torch reports a truncated file as "PytorchStreamReader failed reading zip archive"
+            # or an OSError, other bytes as EOFError, UnpicklingError, IndexError, ...: none names
+            # the file or says what to do.
+            said = (str(error).splitlines() or [type(error).__name__])[0][:200]
+            raise ValueError(
+                f"{path!r} is not a readable checkpoint written by trainer.fit (it may be "
+                "truncated or corrupt); delete it, or pass resume=False (experiments.py: --fresh) "
+                f"to start over. torch.load said: {said}") from error
+    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
+        raise ValueError(f"{path!r} is not a checkpoint written by trainer.fit")
+    if checkpoint["history"].keys() != history_keys:
+        raise ValueError(f"the checkpoint was written with history keys "
+                         f"{sorted(checkpoint['history'])}; resume with the same metrics "
+                         f"(got {sorted(history_keys)})")
+    if (checkpoint["scheduler"] is None) != (scheduler is None):
+        written = "without" if scheduler is not None else "with"
+        raise ValueError(f"the checkpoint was written {written} a scheduler; resume with the "
+                         "same kind of scheduler")
+    return checkpoint
+
+
+def _restore(checkpoint, path, model, optimizer, scheduler, generators):
+    """Put the model, optimizer, scheduler, global RNGs and private generators in the states of
+    `checkpoint` (read from `path`). Returns (history so far, epochs done)."""
+    states = checkpoint.get("generators")
+    if states is None:  # written before fit saved private generators: restore none
+        states = {}
+    else:  # checked before anything changes, so a mismatch leaves the run's objects untouched
+        _check_generator_paths(states, generators, path)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    _set_rng_state(checkpoint["rng"])
+    for name, state in states.items():
+        generators[name].set_state(state)
+    return checkpoint["history"], checkpoint["epoch"]
+
+
 def _check_loader(loader, what):
     if not isinstance(loader, Iterable):
         raise TypeError(f"{what} must be an iterable of (data, target) batches such as a "
@@ -273,47 +479,9 @@ def _check_path(value, what):
     return os.fspath(value)
 
 
-def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, cuda=None,
-        log_interval=100, metrics=(), start_epoch=0, *, device=None, progress=True,
-        checkpoint_dir=None, resume=False, channels_last=False, flush_denormal=True):
-    """Train `model` for epochs start_epoch+1 .. n_epochs, validating after each epoch.
-
-    Takes loaders of (data, target) batches (`val_loader` may be None), an nn.Module, a loss
-    callable, an optimizer over the model's parameters, an optional LR scheduler, `n_epochs` =
-    total number of epochs, and a list of `Metric` instances. The scheduler is stepped once after
-    each epoch's optimizer steps (never per batch); ReduceLROnPlateau gets the validation loss, or
-    the training loss without a validation loader. `start_epoch` = epochs already done: the
-    scheduler is fast-forwarded that many steps.
-
-    Device: explicit `device` wins, else `cuda` True/False, else auto (cuda, mps, cpu).
-    `progress=False` replaces the tqdm bars by a printed line every `log_interval` batches and
-    one per epoch. `channels_last=True` puts the model's weights and the 4-D inputs in
-    channels-last memory format, which convolutions and pooling run faster in on CPUs with oneDNN
-    (same results up to float rounding; see benchmarks/bench_epoch.py).
-    `flush_denormal=True` (training on a CPU) turns on flush-to-zero for the calling thread
-    (`torch.set_flush_denormal(True)`, left on); importing this module already turned it on before
-    torch started its worker threads, which copy the mode only when they start. As weights settle,
-    activations and gradients below 1.2e-38 appear, and every operation on such denormal floats
-    costs the CPU many cycles: measured here, EmbeddingNet epochs on Fashion-MNIST slowed from
-    14 s to 30 s over 20 epochs without it and stayed at 14 s with it, at the same accuracy.
-    False leaves the mode as it is. To keep denormals everywhere, call
-    `torch.set_flush_denormal(False)` before torch's first parallel operation and pass False.
-
-    `checkpoint_dir`: after every epoch, atomically writes checkpoint_dir/checkpoint.pt holding the
-    model, optimizer and scheduler states, the epoch count, the history and the torch (CPU and
-    CUDA), numpy and python RNG states. `resume=True` continues from checkpoint_dir/checkpoint.pt
-    when it exists (otherwise starts normally); `resume=<path>` continues from that file (or that
-    directory's checkpoint.pt). The checkpoint's epoch count then replaces `start_epoch`. A resumed
-    run replays exactly the batches and updates of an uninterrupted one, provided the loaders draw
-    their randomness from the global RNGs or from samplers with set_epoch (called with the 0-based
-    epoch index before every epoch).
-
-    Returns the history: a dict of per-epoch lists, 'epoch' (1-based), 'train_loss', 'val_loss'
-    (None without val_loader), 'lr' (of the first param group, as used during the epoch),
-    'seconds', and 'train_<metric>' / 'val_<metric>' per metric. A resumed run returns the full
-    history, including the epochs before the checkpoint.
-    Raises FloatingPointError on a NaN/inf loss (before that batch's optimizer step).
-    """
+def _check_training_objects(train_loader, val_loader, model, loss_fn, optimizer, scheduler):
+    """Raise TypeError/ValueError unless fit's loaders, model, loss, optimizer and scheduler have
+    the right kinds (duck-typed where the library accepts look-alikes)."""
     _check_loader(train_loader, "train_loader")
     if val_loader is not None:
         _check_loader(val_loader, "val_loader")
@@ -334,12 +502,10 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
         if getattr(scheduler, "optimizer", optimizer) is not optimizer:
             raise ValueError("scheduler was built for a different optimizer; build it on the "
                              "optimizer passed to fit")
-    check_int(n_epochs, "n_epochs", 0)
-    check_int(log_interval, "log_interval", 1)
-    check_int(start_epoch, "start_epoch", 0)
-    if start_epoch > n_epochs:
-        raise ValueError(f"start_epoch ({start_epoch}) is larger than n_epochs ({n_epochs}); "
-                         "n_epochs is the total number of epochs, not the number still to run")
+
+
+def _check_metrics(metrics):
+    """fit's `metrics` (None or a list/tuple of Metric) -> (tuple of them, their history keys)."""
     if metrics is None:
         metrics = ()
     if isinstance(metrics, Metric) or not isinstance(metrics, (list, tuple)):
@@ -352,28 +518,153 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     keys = [metric_key(metric) for metric in metrics]
     if len(set(keys)) != len(keys) or "loss" in keys:
         raise ValueError(f"metric names must be distinct and not 'loss', got {keys}")
-    if not isinstance(channels_last, bool):
-        raise TypeError(f"channels_last must be True or False, got {channels_last!r}")
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be True or False, got {progress!r}")
-    if not isinstance(flush_denormal, bool):
-        raise TypeError(f"flush_denormal must be True or False, got {flush_denormal!r}")
+    return tuple(metrics), keys
+
+
+def _check_fit_arguments(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs,
+                         log_interval, metrics, start_epoch, flags, checkpoint_dir):
+    """Check fit's arguments, in the order of its signature, raising TypeError/ValueError naming
+    the argument. `flags` maps the names of fit's boolean options to their values.
+    Returns (metrics as a tuple, their history keys, checkpoint_dir as a str or None)."""
+    _check_training_objects(train_loader, val_loader, model, loss_fn, optimizer, scheduler)
+    check_int(n_epochs, "n_epochs", 0)
+    check_int(log_interval, "log_interval", 1)
+    check_int(start_epoch, "start_epoch", 0)
+    if start_epoch > n_epochs:
+        raise ValueError(f"start_epoch ({start_epoch}) is larger than n_epochs ({n_epochs}); "
+                         "n_epochs is the total number of epochs, not the number still to run")
+    metrics, keys = _check_metrics(metrics)
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
     if checkpoint_dir is not None:
         checkpoint_dir = _check_path(checkpoint_dir, "checkpoint_dir")
         if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
             raise ValueError(f"checkpoint_dir {checkpoint_dir!r} exists and is not a directory")
+    return metrics, keys, checkpoint_dir
+
+
+def _resume_path(checkpoint_dir, resume):
+    """The checkpoint file fit resumes from, or None to start afresh.
+
+    `resume=False`: None. `resume=True`: checkpoint_dir/checkpoint.pt when it exists, else None
+    (the first run of a restartable job); ValueError without checkpoint_dir. A path: that file, or
+    that directory's checkpoint.pt; FileNotFoundError when it does not exist.
+    """
     if isinstance(resume, bool):
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir (or pass resume=<checkpoint path>)")
         resume_path = os.path.join(checkpoint_dir, CHECKPOINT_NAME) if resume else None
-        if resume_path is not None and not os.path.exists(resume_path):
-            resume_path = None  # first run of a restartable job: nothing to resume yet
-    else:
-        resume_path = _check_path(resume, "resume")
-        if os.path.isdir(resume_path):
-            resume_path = os.path.join(resume_path, CHECKPOINT_NAME)
-        if not os.path.isfile(resume_path):
-            raise FileNotFoundError(f"resume checkpoint {resume_path!r} does not exist")
+        return resume_path if resume_path is not None and os.path.exists(resume_path) else None
+    resume_path = _check_path(resume, "resume")
+    if os.path.isdir(resume_path):
+        resume_path = os.path.join(resume_path, CHECKPOINT_NAME)
+    if not os.path.isfile(resume_path):
+        raise FileNotFoundError(f"resume checkpoint {resume_path!r} does not exist")
+    return resume_path
+
+
+def _fast_forward(scheduler, start_epoch):
+    """Classic behaviour of start_epoch: replay the schedule of the epochs done elsewhere."""
+    # No optimizer step precedes these scheduler steps on purpose, so PyTorch's order warning
+    # does not apply.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        for _ in range(start_epoch):
+            scheduler.step()
+
+
+def _step_scheduler(scheduler, monitored_loss):
+    """One scheduler step after an epoch; ReduceLROnPlateau watches `monitored_loss`."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(monitored_loss)
+    elif scheduler is not None:
+        scheduler.step()
+
+
+def _empty_history(keys):
+    history = {"epoch": [], "train_loss": [], "val_loss": [], "lr": [], "seconds": []}
+    for key in keys:
+        history[f"train_{key}"] = []
+        history[f"val_{key}"] = []
+    return history
+
+
+def _record_epoch(history, epoch, n_epochs, train, val, lr, seconds, progress):
+    """Append one epoch to `history` and, without progress bars, print its summary line.
+    `train` and `val` are run_epoch's (loss, {metric key: value}); val's loss may be None."""
+    (train_loss, train_metrics), (val_loss, val_metrics) = train, val
+    history["epoch"].append(epoch)
+    history["train_loss"].append(train_loss)
+    history["val_loss"].append(val_loss)
+    history["lr"].append(lr)
+    history["seconds"].append(seconds)
+    for key, value in train_metrics.items():
+        history[f"train_{key}"].append(value)
+        history[f"val_{key}"].append(val_metrics[key])
+    if not progress:
+        line = f"Epoch {epoch}/{n_epochs}: train loss {train_loss:.4f}"
+        line += _format_metrics(train_metrics)
+        if val_loss is not None:
+            line += f" | val loss {val_loss:.4f}{_format_metrics(val_metrics)}"
+        print(f"{line} | lr {lr:.3g} | {seconds:.1f} s", flush=True)
+
+
+def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, cuda=None,
+        log_interval=100, metrics=(), start_epoch=0, *, device=None, progress=True,
+        checkpoint_dir=None, resume=False, channels_last=False, flush_denormal=True):
+    """Train `model` for epochs start_epoch+1 .. n_epochs, validating after each epoch.
+
+    Takes loaders of (data, target) batches (`val_loader` may be None), an nn.Module, a loss
+    callable, an optimizer over the model's parameters, an optional LR scheduler, `n_epochs` =
+    total number of epochs, and a list of `Metric` instances. The scheduler is stepped once after
+    each epoch's optimizer steps (never per batch); ReduceLROnPlateau gets the validation loss, or
+    the training loss without a validation loader. `start_epoch` = epochs already done: the
+    scheduler is fast-forwarded that many steps.
+
+    Device: explicit `device` wins, else `cuda` True/False, else auto (cuda, mps, cpu).
+    `progress=False` replaces the tqdm bars by a printed line every `log_interval` batches and
+    one per epoch. `channels_last=True` puts the model's weights and the 4-D inputs in
+    channels-last memory format, which convolutions and pooling run faster in on CPUs with oneDNN
+    (same results up to float rounding; see benchmarks/bench_epoch.py).
+    `flush_denormal=True` (training on a CPU) turns on flush-to-zero of denormal floats for the
+    thread that calls fit (`torch.set_flush_denormal(True)`, a per-thread mode, left on when fit
+    returns); importing this module does not touch it. As weights settle, activations and
+    gradients below 1.2e-38 appear, and every operation on such denormal floats costs the CPU many
+    cycles: measured here, EmbeddingNet epochs on Fashion-MNIST slowed from 14 s to 30 s over 20
+    epochs without it and stayed at 14 s with it, at the same accuracy. Worker threads that torch
+    started for its intra-op pool before fit keep their own mode, so the share of an operation
+    they run still pays for denormals (benchmarks/bench_denormal.py measures it); for the full
+    effect a program calls `flush_denormal_everywhere()` before torch's first parallel operation,
+    as the command lines do. `flush_denormal=False` opts out: fit leaves the mode as it is.
+
+    `checkpoint_dir`: after every epoch, atomically writes checkpoint_dir/checkpoint.pt holding the
+    model, optimizer and scheduler states, the epoch count, the history, the torch (CPU and
+    CUDA), numpy and python RNG states, and the state of every private torch.Generator that
+    `find_generators` reaches from train_loader, val_loader and loss_fn (a DataLoader's or
+    sampler's `generator`, a triplet selector's `generator`, ...), keyed by attribute path.
+    `resume=True` continues from checkpoint_dir/checkpoint.pt when it exists (otherwise starts
+    normally); `resume=<path>` continues from that file (or that directory's checkpoint.pt). The
+    checkpoint's epoch count then replaces `start_epoch`. A resumed run replays exactly the
+    batches and updates of an uninterrupted one, provided its loaders and loss are built the same
+    way and draw their randomness from the global RNGs, from generators kept in their attributes,
+    or from samplers with set_epoch (called with the 0-based epoch index before every epoch).
+    Resuming raises ValueError when the file is truncated or not a checkpoint of fit, when it was
+    written with other metrics or another kind of scheduler, or when its private generators are
+    at other attribute paths than this run's (the run was built differently); a checkpoint from
+    before generators were saved resumes with this run's generators as they are.
+
+    Returns the history: a dict of per-epoch lists, 'epoch' (1-based), 'train_loss', 'val_loss'
+    (None without val_loader), 'lr' (of the first param group, as used during the epoch),
+    'seconds', and 'train_<metric>' / 'val_<metric>' per metric. A resumed run returns the full
+    history, including the epochs before the checkpoint.
+    Raises FloatingPointError on a NaN/inf loss (before that batch's optimizer step).
+    """
+    metrics, keys, checkpoint_dir = _check_fit_arguments(
+        train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, log_interval,
+        metrics, start_epoch, {"channels_last": channels_last, "progress": progress,
+                               "flush_denormal": flush_denormal}, checkpoint_dir)
+    resume_path = _resume_path(checkpoint_dir, resume)
     device = resolve_device(device, cuda)
 
     if flush_denormal and device.type == "cpu":
@@ -381,85 +672,34 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    history = {"epoch": [], "train_loss": [], "val_loss": [], "lr": [], "seconds": []}
-    for key in keys:
-        history[f"train_{key}"] = []
-        history[f"val_{key}"] = []
-    is_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-
+    history = _empty_history(keys)
+    generators = find_generators({"train_loader": train_loader, "val_loader": val_loader,
+                                  "loss_fn": loss_fn})
     if resume_path is not None:
-        checkpoint = torch.load(resume_path, map_location="cpu", weights_only=True)
-        if not isinstance(checkpoint, dict) or not {"epoch", "model", "optimizer", "scheduler",
-                                                    "history", "rng"} <= checkpoint.keys():
-            raise ValueError(f"{resume_path!r} is not a checkpoint written by trainer.fit")
-        if checkpoint["history"].keys() != history.keys():
-            raise ValueError(f"the checkpoint was written with history keys "
-                             f"{sorted(checkpoint['history'])}; resume with the same metrics "
-                             f"(got {sorted(history)})")
-        if (checkpoint["scheduler"] is None) != (scheduler is None):
-            written = "without" if scheduler is not None else "with"
-            raise ValueError(f"the checkpoint was written {written} a scheduler; resume with the "
-                             "same kind of scheduler")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        history = checkpoint["history"]
-        start_epoch = checkpoint["epoch"]
-        _set_rng_state(checkpoint["rng"])
-    elif start_epoch > 0 and scheduler is not None and not is_plateau:
-        # Classic behaviour: replay the schedule of the epochs done elsewhere. No optimizer step
-        # precedes these scheduler steps on purpose, so PyTorch's order warning does not apply.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-            for _ in range(start_epoch):
-                scheduler.step()
+        checkpoint = _load_checkpoint(resume_path, history.keys(), scheduler)
+        history, start_epoch = _restore(checkpoint, resume_path, model, optimizer, scheduler,
+                                        generators)
+    elif start_epoch > 0 and scheduler is not None and not isinstance(
+            scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        _fast_forward(scheduler, start_epoch)
     if checkpoint_dir is not None:
         os.makedirs(checkpoint_dir, exist_ok=True)
 
     for epoch_index in range(start_epoch, n_epochs):
-        epoch = epoch_index + 1
         started = time.perf_counter()
         lr = float(optimizer.param_groups[0]["lr"])
+        options = {"epoch": epoch_index + 1, "n_epochs": n_epochs, "progress": progress,
+                  "log_interval": log_interval, "channels_last": channels_last}
         _set_epoch(train_loader, epoch_index)
-        train_loss, train_metrics = run_epoch(
-            train_loader, model, loss_fn, device, metrics, optimizer, epoch=epoch,
-            n_epochs=n_epochs, progress=progress, log_interval=log_interval,
-            channels_last=channels_last)
-        val_loss, val_metrics = None, dict.fromkeys(keys)
+        train = run_epoch(train_loader, model, loss_fn, device, metrics, optimizer, **options)
+        val = (None, dict.fromkeys(keys))
         if val_loader is not None:
             _set_epoch(val_loader, epoch_index)
-            val_loss, val_metrics = run_epoch(
-                val_loader, model, loss_fn, device, metrics, epoch=epoch, n_epochs=n_epochs,
-                progress=progress, log_interval=log_interval, channels_last=channels_last)
-        if scheduler is not None:
-            if is_plateau:
-                scheduler.step(val_loss if val_loss is not None else train_loss)
-            else:
-                scheduler.step()
-        seconds = time.perf_counter() - started
-
-        history["epoch"].append(epoch)
-        history["train_loss"].append(train_loss)
-        history["val_loss"].append(val_loss)
-        history["lr"].append(lr)
-        history["seconds"].append(seconds)
-        for key in keys:
-            history[f"train_{key}"].append(train_metrics[key])
-            history[f"val_{key}"].append(val_metrics[key])
-        if not progress:
-            line = f"Epoch {epoch}/{n_epochs}: train loss {train_loss:.4f}"
-            line += _format_metrics(train_metrics)
-            if val_loss is not None:
-                line += f" | val loss {val_loss:.4f}{_format_metrics(val_metrics)}"
-            print(f"{line} | lr {lr:.3g} | {seconds:.1f} s", flush=True)
+            val = run_epoch(val_loader, model, loss_fn, device, metrics, **options)
+        _step_scheduler(scheduler, val[0] if val[0] is not None else train[0])
+        _record_epoch(history, epoch_index + 1, n_epochs, train, val, lr,
+                      time.perf_counter() - started, progress)
         if checkpoint_dir is not None:
-            _save_checkpoint(checkpoint_dir, {
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "history": history,
-                "rng": _rng_state(),
-            })
+            _checkpoint(checkpoint_dir, epoch_index + 1, model, optimizer, scheduler, history,
+                        generators)
     return history

@@ -1,4 +1,4 @@
-"""Pair and triplet selectors for online mining inside a batch.
+"""Squared Euclidean distances, and the pair and triplet selectors for online mining inside a batch.
 
 Every selector looks at a batch of embeddings ``(B, D)`` with their labels ``(B,)`` and returns
 index tensors into that batch: pairs ``(P, 2)`` or triplets ``(T, 3)`` of ``(anchor, positive,
@@ -17,7 +17,11 @@ Conventions shared by all selectors:
   hardest negative of ``a`` is its closest one;
 * nothing qualifying gives an empty ``(0, 2)`` / ``(0, 3)`` tensor, never a stand-in triplet.
 
-``check_int`` is the integer-argument check every module of the library uses; ``groups_of_classes`` maps
+The library's squared Euclidean distances all come from here: ``pdist`` (the ``(B, B)`` matrix of a
+batch, exactly symmetric with a zero diagonal), ``squared_distances`` (queries against a gallery,
+also batched over episodes) and ``paired_squared_distances`` (row ``i`` against row ``i``).
+
+``check_int`` and ``check_choice`` are the argument checks every module of the library uses; ``groups_of_classes`` maps
 per-item group ids to per-class ones for the group-by-group samplers (datasets, metrics).
 """
 
@@ -41,6 +45,14 @@ def check_int(value, name, minimum=0):
     return int(value)
 
 
+def check_choice(value, choices, name):
+    """``value`` if it is one of ``choices``; raises ValueError naming the argument ``name`` and
+    listing the choices otherwise."""
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
+    return value
+
+
 def groups_of_classes(class_of, n_classes, groups):
     """The group of each class, for samplers that draw classes group by group (e.g. Omniglot's
     characters alphabet by alphabet).
@@ -61,21 +73,50 @@ def groups_of_classes(class_of, n_classes, groups):
     return group_of_class
 
 
+def squared_distances(queries, gallery, gallery_squared_norms=None):
+    """Squared Euclidean distances between every query and every gallery item.
+
+    Takes ``queries (Q, D)`` and ``gallery (G, D)``, or batches of them ``(E, Q, D)`` and
+    ``(E, G, D)`` (e.g. few-shot episodes), and optionally the gallery's squared norms ``(G,)`` /
+    ``(E, G)`` for a caller that reuses them over chunks of queries. Returns ``(Q, G)`` (or
+    ``(E, Q, G)``) with ``out[i, j] = |q_i - g_j|^2``, clamped at 0 (the expansion below can round
+    under zero). Differentiable, with no square root. Computed as ``|q|^2 + |g|^2 - 2 q.g`` by one
+    fused matmul and in-place updates: the ``(Q, G)`` matrix is the memory traffic that dominates,
+    so it is written as few times as possible.
+    """
+    if gallery_squared_norms is None:
+        gallery_squared_norms = gallery.pow(2).sum(-1)
+    if queries.dim() == 2:
+        distances = torch.addmm(gallery_squared_norms, queries, gallery.T, alpha=-2.0)
+    else:
+        distances = torch.baddbmm(gallery_squared_norms.unsqueeze(-2), queries, gallery.transpose(-2, -1),
+                                  alpha=-2.0)
+    # In place: neither addmm's nor clamp's backward needs the values they overwrite.
+    return distances.add_(queries.pow(2).sum(-1, keepdim=True)).clamp_min_(0)
+
+
+def paired_squared_distances(x, y):
+    """Squared Euclidean distances of matching rows: ``x (B, D)`` and ``y (B, D)`` -> ``(B,)``,
+    ``|x_i - y_i|^2``. Summed from the differences, so equal rows give an exact 0 (no cancellation)
+    with a zero gradient; no square root."""
+    return (x - y).pow(2).sum(-1)
+
+
 def pdist(vectors):
     """Squared Euclidean distance matrix.
 
-    Takes ``vectors (B, D)`` and returns ``(B, B)`` with ``out[i, j] = |v_i - v_j|^2``: symmetric,
-    clamped at 0 and with an exactly zero diagonal. Differentiable (no square root, so no NaN
-    gradient at zero distance). Rows are centred first: distances do not change, and the
-    ``|x|^2 + |y|^2 - 2 x.y`` expansion loses far less precision for embeddings far from the origin.
+    Takes ``vectors (B, D)`` and returns ``(B, B)`` with ``out[i, j] = |v_i - v_j|^2``: exactly
+    symmetric, clamped at 0 and with an exactly zero diagonal, whatever matmul kernel or thread
+    count computed it. Differentiable (no square root, so no NaN gradient at zero distance). Rows
+    are centred first: distances do not change, and the ``|x|^2 + |y|^2 - 2 x.y`` expansion of
+    :func:`squared_distances` loses far less precision for embeddings far from the origin.
     """
     _check_embeddings(vectors)
     centred = vectors - vectors.mean(dim=0, keepdim=True)
-    squared_norms = centred.pow(2).sum(dim=1)
-    distances = torch.addmm(squared_norms.unsqueeze(1) + squared_norms, centred, centred.t(), alpha=-2.0)
-    # In place: neither addmm's nor clamp's backward needs these values, and a (B, B) pass saved
-    # counts at the batch sizes mining runs on.
-    distances.clamp_(min=0.0)
+    distances = squared_distances(centred, centred)
+    # A matmul may round (i, j) and (j, i) differently (seen on a 5 x 128 batch), and the selectors'
+    # exact threshold tests need one value per pair: a + b == b + a holds bitwise.
+    distances = (distances + distances.T).mul_(0.5)
     distances.fill_diagonal_(0.0)
     return distances
 
@@ -334,6 +375,11 @@ def _uniform_in_sorted(negative_distances, low_threshold, high_threshold, right,
     ``right=True``; ``right=False`` admits all below ``high_threshold``), per (anchor, slot).
     Thresholds are ``(A, K)``; returns columns ``(A, K)`` long, -1 where there is none."""
     values, columns = _sort_rows(negative_distances)
+    # NaN distances (from a NaN embedding) must admit nothing, as ``NaN < t`` and ``d < NaN`` are
+    # false; but binary search misreads NaN and would pick non-negatives. The sort puts NaN last, so
+    # making them inf keeps the rows sorted, and a NaN threshold becomes -inf.
+    values = values.masked_fill(values.isnan(), float("inf"))
+    high_threshold = high_threshold.masked_fill(high_threshold.isnan(), float("-inf"))
     high = torch.searchsorted(values, high_threshold)
     low = torch.searchsorted(values, low_threshold, right=right) if right else torch.zeros_like(high)
     noise = _uniform(high.shape, generator, high.device, dtype=torch.float64)
@@ -362,7 +408,23 @@ def semihard_negative(negative_distances, positive_distances, margin, generator=
                               right=True, generator=generator)
 
 
-class FunctionNegativeTripletSelector(TripletSelector):
+class _DistanceTripletSelector(TripletSelector):
+    """What the distance-based triplet selectors share: the checks, the empty batch, the distances
+    of the detached embeddings and the label masks. Subclasses implement ``_select(distances
+    (B, B), positives (B, B) bool, negatives (B, B) bool) -> triplets (T, 3)`` for a batch B >= 1."""
+
+    def get_triplets(self, embeddings, labels):
+        labels = _as_labels(labels, embeddings)
+        if len(labels) == 0:
+            return _empty_triplets(labels.device)
+        _, positives, negatives = _label_masks(labels)
+        return self._select(pdist(embeddings.detach()), positives, negatives)
+
+    def _select(self, distances, positives, negatives):
+        raise NotImplementedError
+
+
+class FunctionNegativeTripletSelector(_DistanceTripletSelector):
     """For every ordered positive pair ``(a, p)``, at most one negative, chosen by
     ``negative_selection_fn``.
 
@@ -387,12 +449,7 @@ class FunctionNegativeTripletSelector(TripletSelector):
         self.cpu = cpu
         self.generator = _check_generator(generator)
 
-    def get_triplets(self, embeddings, labels):
-        labels = _as_labels(labels, embeddings)
-        if len(labels) == 0:
-            return _empty_triplets(labels.device)
-        distances = pdist(embeddings.detach())
-        _, positives, negatives = _label_masks(labels)
+    def _select(self, distances, positives, negatives):
         positive_columns, positive_valid = _padded_columns(positives)
         chosen = self.negative_selection_fn(distances.masked_fill(~negatives, float("inf")),
                                             distances.gather(1, positive_columns), self.margin,
@@ -401,7 +458,7 @@ class FunctionNegativeTripletSelector(TripletSelector):
             raise ValueError(f"negative_selection_fn returned shape {tuple(chosen.shape)}, "
                              f"expected {tuple(positive_columns.shape)} (anchors x positives)")
         keep = positive_valid & (chosen >= 0)
-        anchors = torch.arange(len(labels), device=labels.device)[:, None].expand_as(keep)
+        anchors = torch.arange(len(keep), device=keep.device)[:, None].expand_as(keep)
         triplets = torch.stack([anchors[keep], positive_columns[keep], chosen[keep]], dim=1)
         if not negatives[triplets[:, 0], triplets[:, 2]].all():
             raise ValueError("negative_selection_fn chose an item that is not a negative of its "
@@ -427,17 +484,12 @@ def SemihardNegativeTripletSelector(margin, cpu=False, generator=None):
     return FunctionNegativeTripletSelector(margin, semihard_negative, cpu=cpu, generator=generator)
 
 
-class BatchHardTripletSelector(TripletSelector):
+class BatchHardTripletSelector(_DistanceTripletSelector):
     """Batch-hard mining (Hermans, Beyer and Leibe, 2017): for every anchor that has a positive and
     a negative in the batch, its farthest positive and its closest negative (the first on ties).
     Returns one triplet per such anchor, in anchor order, whatever its loss."""
 
-    def get_triplets(self, embeddings, labels):
-        labels = _as_labels(labels, embeddings)
-        if len(labels) == 0:
-            return _empty_triplets(labels.device)
-        distances = pdist(embeddings.detach())
-        _, positives, negatives = _label_masks(labels)
+    def _select(self, distances, positives, negatives):
         hardest_positive = distances.masked_fill(~positives, float("-inf")).argmax(dim=1)
         hardest_negative_ = distances.masked_fill(~negatives, float("inf")).argmin(dim=1)
         anchors = (positives.any(dim=1) & negatives.any(dim=1)).nonzero().squeeze(1)

@@ -21,6 +21,7 @@ from torch.distributions import Independent, Normal, kl_divergence
 from torch.utils.data import TensorDataset
 
 import autoencoders
+import datasets
 import features
 from fixtures import write_idx_fixture
 from losses import (ContrastiveLoss, OnlineTripletLoss, PairwiseAutoencoderLoss, TripletAutoencoderLoss,
@@ -482,7 +483,7 @@ def test_features_are_cached_once_per_split_and_parameters(tmp_path, monkeypatch
 def write_cifar_fixture(root, per_class=3, seed=0):
     """CIFAR-10's python version in miniature: five train batches and a test batch of random images,
     each class ``per_class`` times per batch, and batches.meta."""
-    folder = root / autoencoders.CIFAR10_FOLDER
+    folder = root / datasets.KNOWN_DATASETS["cifar10"].files[0]
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     written = {}
@@ -494,22 +495,39 @@ def write_cifar_fixture(root, per_class=3, seed=0):
                          "filenames": [f"{i}.png" for i in range(len(labels))]}, file)
         written[name] = (data, labels)
     with open(folder / "batches.meta", "wb") as file:
-        pickle.dump({"label_names": autoencoders.CIFAR10_CLASSES, "num_cases_per_batch": 10 * per_class,
+        pickle.dump({"label_names": datasets.KNOWN_DATASETS["cifar10"].classes, "num_cases_per_batch": 10 * per_class,
                      "num_vis": 3072}, file)
     return written
 
 
 def test_cifar10_is_read_from_the_python_pickles(tmp_path):
     written = write_cifar_fixture(tmp_path)
-    train, test = autoencoders.load_image_splits("cifar10", tmp_path, download=False)
-    assert train.images.shape == (150, 32, 32, 3) and test.images.shape == (30, 32, 32, 3)
+    train, test = datasets.load_image_splits("cifar10", tmp_path, download=False)
+    assert isinstance(train, datasets.InMemoryDataset) and train.train and not test.train
+    assert train.data.shape == (150, 3, 32, 32) and test.data.shape == (30, 3, 32, 32)
     data, labels = written["data_batch_2"]
-    first = torch.from_numpy(data[0].reshape(3, 32, 32).transpose(1, 2, 0).copy())
-    assert torch.equal(train.images[30], first) and train.labels[30] == labels[0]
-    assert test.labels.tolist() == written["test_batch"][1]
-    assert train.classes == autoencoders.CIFAR10_CLASSES
+    first = torch.from_numpy(data[0].reshape(3, 32, 32).copy()).float() / 255
+    assert torch.equal(train.data[30], first) and train.targets[30] == labels[0]
+    assert test.targets.tolist() == written["test_batch"][1]
+    assert train.classes == datasets.KNOWN_DATASETS["cifar10"].classes
     with pytest.raises(FileNotFoundError, match="download=True"):
-        autoencoders.load_cifar10(tmp_path / "elsewhere", download=False)
+        datasets.load_cifar10(tmp_path / "elsewhere", download=False)
+    # the old import paths still work
+    assert autoencoders.load_image_splits is datasets.load_image_splits
+    assert autoencoders.load_cifar10 is datasets.load_cifar10 and autoencoders.read_cifar10 is datasets.read_cifar10
+
+
+def test_mnist_like_splits_are_raw_pixels_in_memory(tmp_path):
+    written = write_idx_fixture(tmp_path / "data")
+    train, test = datasets.load_image_splits("mnist", tmp_path / "data", download=False)
+    images, labels = written["train"]
+    assert torch.equal(train.data, torch.from_numpy(images).float().div(255).unsqueeze(1))
+    assert torch.equal(train.targets, torch.from_numpy(labels).long()) and len(test) == len(written["test"][1])
+    generator = torch.Generator().manual_seed(0)
+    subset = datasets.random_subset(train, 7, generator)
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:7].sort().values
+    assert torch.equal(subset.data, train.data[chosen]) and subset.classes == train.classes
+    assert datasets.random_subset(train, None, generator) is train
 
 
 def test_labels_can_be_merged_and_named():
@@ -525,6 +543,67 @@ def test_labels_can_be_merged_and_named():
         autoencoders.relabel(labels, [0, 0])
     assert autoencoders.balanced_batch_shape(torch.arange(100) % 10, 64) == (10, 6)
     assert autoencoders.balanced_batch_shape(torch.arange(100) % 10, 8) == (4, 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# training: through trainer.fit, the library's one loop
+
+
+def test_an_iteration_budget_is_whole_epochs_of_a_fixed_length():
+    assert autoencoders.training_epochs(20000, 1000) == (20, 1000)
+    assert autoencoders.training_epochs(200, 33) == (7, 33)  # 6 epochs of 33 batches and one of 2
+    assert autoencoders.training_epochs(5, 33) == (1, 5)
+    with pytest.raises(ValueError, match="num_iters"):
+        autoencoders.training_epochs(0, 10)
+
+
+def reference_training(model, loss_fn, inputs, labels, sampler, num_iters):
+    """The plain loop: Adam steps on the sampler's batches, pass after pass, until num_iters."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=autoencoders.LEARNING_RATE)
+    model.train()
+    done = 0
+    while done < num_iters:
+        for batch in sampler:
+            index = torch.as_tensor(batch)
+            loss = loss_fn(model(inputs[index]), inputs[index], labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == num_iters:
+                break
+
+
+@pytest.mark.parametrize("num_iters", [2, 4, 9])  # a part of one pass; one pass and a part; three passes
+@pytest.mark.parametrize("constraint", ["pairwise", "triplet"])
+def test_train_model_is_the_plain_loop_through_fit(constraint, num_iters):
+    generator = torch.Generator().manual_seed(0)
+    inputs, labels = torch.randn(30, 6, generator=generator), torch.arange(30) % 3
+    trained = []
+    for train in (autoencoders.train_model, reference_training):
+        torch.manual_seed(0)
+        model = make_autoencoder((6,), 2, variational=True, hidden_dims=(8,))
+        loss_fn = autoencoders.build_loss(constraint, 0.5, 1.0, 1.0, "euclidean", "mse",
+                                          torch.Generator().manual_seed(1))
+        sampler = datasets.BalancedBatchSampler(labels, 3, 3, seed=0)  # 3 batches a pass
+        if train is reference_training:
+            train(model, loss_fn, inputs, labels, sampler, num_iters)
+        else:
+            final = train(model, loss_fn, inputs, labels, sampler, num_iters, device="cpu", progress=False)
+            assert final["num_iters"] == num_iters and set(final) == set(autoencoders.LOSS_TERMS) | {"num_iters"}
+        trained.append(model.state_dict())
+    for key in trained[0]:
+        assert torch.equal(trained[0][key], trained[1][key]), key
+
+
+def test_train_model_stops_on_a_non_finite_loss():
+    inputs, labels = torch.randn(12, 4), torch.arange(12) % 2
+    inputs[3] = float("nan")
+    model = make_autoencoder((4,), 2, hidden_dims=(8,))
+    loss_fn = autoencoders.build_loss("triplet", 0.5, 1.0, 1.0, "euclidean", "mse", None)
+    with pytest.raises(FloatingPointError, match="loss"):
+        autoencoders.train_model(model, loss_fn, inputs, labels, datasets.BalancedBatchSampler(labels, 2, 6, seed=0),
+                                 3, device="cpu", progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -594,9 +673,9 @@ def test_run_experiment_on_cifar10_and_an_image_folder(tmp_path):
             for item in range(4):
                 pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{item}.png")
-    train, test = autoencoders.load_image_splits("imagenet", tmp_path / "folder")
-    assert train.classes == ["cat", "dog", "fox"] and len(test.labels) == 12
-    assert next(features.image_batches(train.images)).shape == (12, 3, 32, 32)
+    train, test = datasets.load_image_splits("imagenet", tmp_path / "folder")
+    assert train.classes == ["cat", "dog", "fox"] and len(test.targets) == 12
+    assert train.data.shape == (12, 3, 32, 32) and 0 <= train.data.min() and train.data.max() <= 1
     rows = autoencoders.run_experiment("pairwise", "embenc", "imagenet", [1.0], [2], num_iters=2, batch_size=6,
                                        root=tmp_path / "folder", feature_extractor="pixels", results_dir=None,
                                        images_dir=None, progress=False)

@@ -150,7 +150,7 @@ def test_command_line_runs_the_chosen_methods_and_selectors(tmp_path, monkeypatc
     # the plots of each run, and no comparison: siamese and triplet, the random sides, did not run
     assert sorted(os.listdir(tmp_path / "images" / "quick")) == sorted(
         f"{stem('fashion-mnist', label)}_{split}.png" for label in labels for split in ("train", "test"))
-    assert sorted(os.listdir(tmp_path)) == ["fixture", "images", "results"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "fixture", "images", "results"]  # checkpoints: --run-dir
 
 
 def test_plot_comparison_sets_random_beside_online_mining(study, tmp_path):
@@ -305,3 +305,11 @@ def test_record_result_keeps_one_sorted_row_per_method_and_size(tmp_path):
         assert file.read() == experiments.results_table(saved)
     with open(tmp_path / "fashion-mnist.json") as file:
         assert [old["nmi"] for old in json.load(file)] == [0.7]
+
+
+def test_the_command_line_turns_flush_to_zero_on_before_any_work(monkeypatch):
+    calls = []
+    monkeypatch.setattr(experiments, "flush_denormal_everywhere", lambda: calls.append("flush"))
+    with pytest.raises(SystemExit):
+        experiments.main(["--help"])
+    assert calls == ["flush"]

@@ -4,7 +4,9 @@ The hand-computed cases use 2-D points with integer coordinates, whose squared d
 read off directly; the online losses are also compared with tests/reference.py on random batches,
 their gradients are checked with `torch.autograd.gradcheck` in float64 (with a fixed selector
 result so the selection cannot change under the finite differences), and every selector/loss
-combination is run on the edge-case batches with a backward pass.
+combination is run on the edge-case batches with a backward pass. The losses built on one formula
+are checked to agree up to their documented scale factors, and a NaN or infinite embedding must
+give a non-finite loss with every selector, so that `trainer.fit` stops.
 """
 
 import math
@@ -14,6 +16,7 @@ import torch
 
 import losses
 import utils
+from networks import AutoencoderOutput
 from reference import (
     ref_contrastive_loss,
     ref_nonzero_triplet_count,
@@ -21,6 +24,7 @@ from reference import (
     ref_online_triplet_loss,
     ref_triplet_loss,
 )
+from trainer import fit
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -486,3 +490,148 @@ def test_online_losses_reject_bad_selectors_and_labels():
         losses.OnlineTripletLoss(1.0, utils.AllTripletSelector())(embeddings, [0, 0, 1, 1, 1])
     with pytest.raises(TypeError, match="floating point"):
         losses.OnlineTripletLoss(1.0, utils.AllTripletSelector())(embeddings.long(), [0, 0, 1, 1])
+
+
+def test_scale_and_choice_arguments_are_checked():
+    for make_loss in (lambda scale: losses.ContrastiveLoss(1.0, scale=scale),
+                      lambda scale: losses.OnlineContrastiveLoss(1.0, utils.HardNegativePairSelector(), scale)):
+        for bad in ("1", None, True):
+            with pytest.raises(TypeError, match="scale must be a real number"):
+                make_loss(bad)
+        for bad in (0, -0.5, float("nan")):
+            with pytest.raises(ValueError, match="scale must be > 0"):
+                make_loss(bad)
+    with pytest.raises(ValueError, match="unknown distance 'cosine'; choose one of euclidean, kl"):
+        losses.PairwiseAutoencoderLoss(0.5, distance="cosine")
+    with pytest.raises(ValueError, match="unknown reconstruction 'l1'; choose one of mse, bce"):
+        losses.TripletAutoencoderLoss(0.5, reconstruction="l1")
+
+
+# ----------------------------------------------------------------------------- one formula, scales
+
+def test_contrastive_loss_has_a_finite_gradient_at_zero_distance():
+    # d = 0 for every pair: the hinge's sqrt(d + EPS) keeps the target-0 gradient finite, and the
+    # target-1 term d has a zero gradient there.
+    points = torch.tensor([[0.5, -1.0], [2.0, 3.0], [0.0, 0.0]], dtype=torch.float64)
+    for target in ([0, 0, 0], [1, 1, 1], [1, 0, 1]):
+        output1, output2 = points.clone().requires_grad_(True), points.clone().requires_grad_(True)
+        loss = losses.ContrastiveLoss(1.5)(output1, output2, torch.tensor(target))
+        gradients = torch.autograd.grad(loss, (output1, output2))
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in gradients)
+        expected = 0.5 * (1.5 - math.sqrt(losses.EPS)) ** 2 * target.count(0) / 3
+        assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_contrastive_losses_agree_on_the_same_pairs_up_to_their_scale():
+    generator = torch.Generator().manual_seed(8)
+    embeddings = torch.randn(10, 4, dtype=torch.float64, generator=generator)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
+    positive_pairs, negative_pairs = utils.AllPositivePairSelector(balance=False).get_pairs(embeddings, labels)
+    pairs = torch.cat([positive_pairs, negative_pairs])
+    target = torch.cat([torch.ones(len(positive_pairs)), torch.zeros(len(negative_pairs))])
+    first, second = embeddings[pairs[:, 0]], embeddings[pairs[:, 1]]
+    fixed = FixedPairs(positive_pairs, negative_pairs)
+    margin = 2.0
+    online = losses.OnlineContrastiveLoss(margin, fixed)(embeddings, labels)
+    unscaled = losses.ContrastiveLoss(margin, scale=1.0)(first, second, target)
+    classic = losses.ContrastiveLoss(margin)(first, second, target)
+    expected = ref_online_contrastive_loss(embeddings, positive_pairs, negative_pairs, margin)
+    assert 0 < expected and online.item() == pytest.approx(expected, rel=1e-12)
+    assert unscaled.item() == pytest.approx(expected, rel=1e-12)  # pdist vs differences: rounding only
+    assert classic.item() == pytest.approx(0.5 * expected, rel=1e-12)
+    assert losses.OnlineContrastiveLoss(margin, fixed, scale=0.5)(embeddings, labels).item() == \
+        pytest.approx(classic.item(), rel=1e-12)
+    # the autoencoder losses use the classic 0.5: at weight 1 they are ContrastiveLoss itself
+    output = AutoencoderOutput(embeddings, embeddings.clone(), embeddings)
+    mined = losses.PairwiseAutoencoderLoss(1.0, margin, fixed).terms(output, embeddings.clone(), labels)
+    assert torch.equal(mined["metric"], classic) and mined["n_selected"] == len(pairs)
+    given = losses.PairwiseAutoencoderLoss(1.0, margin).on_pairs(
+        AutoencoderOutput(first, first, first), AutoencoderOutput(second, second, second), first, second, target)
+    assert torch.equal(given, classic)
+
+
+def test_triplet_losses_agree_on_the_same_triplets():
+    generator = torch.Generator().manual_seed(9)
+    embeddings = torch.randn(8, 3, dtype=torch.float64, generator=generator)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    triplets = utils.AllTripletSelector().get_triplets(embeddings, labels)
+    anchors, positives, negatives = (embeddings[column] for column in triplets.unbind(1))
+    online, _ = losses.OnlineTripletLoss(1.0, FixedTriplets(triplets))(embeddings, labels)
+    offline = losses.TripletLoss(1.0)(anchors, positives, negatives)
+    assert online.item() == pytest.approx(offline.item(), rel=1e-12)
+    assert offline.item() == pytest.approx(ref_triplet_loss(anchors, positives, negatives, 1.0), rel=1e-12)
+    assert torch.equal(losses.triplet_terms(torch.tensor([1.0, 5.0]), torch.tensor([3.0, 3.0]), 1.0),
+                       torch.tensor([0.0, 3.0]))
+
+
+# ----------------------------------------------------------------------------- non-finite embeddings
+
+NON_FINITE_BATCH_LABELS = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+def batch_with(bad, row=0):
+    embeddings = torch.randn(12, 3, generator=torch.Generator().manual_seed(10))
+    embeddings[row, 1] = bad
+    return embeddings.requires_grad_(True)
+
+
+def online_loss_for(selector_name, margin=1.0):
+    """The online loss of the selector: a callable embeddings, labels -> scalar loss."""
+    selector = ALL_SELECTORS[selector_name](margin, 0)
+    if selector_name in TRIPLET_SELECTORS:
+        loss = losses.OnlineTripletLoss(margin, selector)
+        return lambda embeddings, labels: loss(embeddings, labels)[0]
+    return losses.OnlineContrastiveLoss(margin, selector)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("selector_name", list(ALL_SELECTORS))
+def test_a_non_finite_embedding_gives_a_non_finite_online_loss(selector_name, bad):
+    # Hard-negative selectors find nothing in a NaN distance matrix; the loss must still say NaN.
+    embeddings = batch_with(bad)
+    loss = online_loss_for(selector_name)(embeddings, NON_FINITE_BATCH_LABELS)
+    assert loss.dim() == 0 and not torch.isfinite(loss)
+    loss.backward()
+    assert embeddings.grad is not None and embeddings.grad.shape == embeddings.shape
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("make_loss", [
+    lambda: losses.PairwiseAutoencoderLoss(1.0, pair_selector=utils.HardNegativePairSelector()),
+    lambda: losses.PairwiseAutoencoderLoss(0.5, pair_selector=FixedPairs([], [])),
+    lambda: losses.TripletAutoencoderLoss(1.0, triplet_selector=utils.HardestNegativeTripletSelector(1.0)),
+    lambda: losses.TripletAutoencoderLoss(0.5, triplet_selector=FixedTriplets([[1, 2, 3]])),
+], ids=["pairs", "no_pairs", "hardest_triplets", "triplet_without_the_bad_row"])
+def test_a_non_finite_mean_gives_a_non_finite_autoencoder_loss(make_loss, bad):
+    means = batch_with(bad)
+    inputs = torch.rand(12, 5, generator=torch.Generator().manual_seed(11))
+    terms = make_loss().terms(AutoencoderOutput(means, inputs.clone(), means), inputs, NON_FINITE_BATCH_LABELS)
+    assert not torch.isfinite(terms["metric"]) and not torch.isfinite(terms["total"])
+    assert torch.isfinite(terms["reconstruction"])
+
+
+class NaNInRowZero(torch.nn.Module):
+    """A linear embedding whose output row 0 is NaN, as a diverged network gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        embeddings = self.linear(x)
+        is_first = torch.arange(len(x)) == 0
+        return torch.where(is_first[:, None], float("nan"), embeddings)
+
+
+@pytest.mark.parametrize("selector_name", list(ALL_SELECTORS))
+def test_fit_stops_when_an_embedding_is_nan(selector_name):
+    torch.manual_seed(12)
+    model = NaNInRowZero()
+    inputs = torch.randn(12, 4)
+    loader = [(inputs, torch.tensor(NON_FINITE_BATCH_LABELS))]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    with pytest.raises(FloatingPointError):
+        fit(loader, None, model, online_loss_for(selector_name), optimizer, None, n_epochs=1, device="cpu",
+            progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no step was taken

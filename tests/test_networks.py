@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from networks import ClassificationNet, EmbeddingNet, EmbeddingNetL2, ShiftAveragedEmbedding, SiameseNet, TripletNet
+from networks import (ClassificationNet, EmbeddingNet, EmbeddingNetL2, ShiftAveragedEmbedding, SiameseAutoencoder,
+                      SiameseNet, SiameseNetwork, TripletAutoencoder, TripletNet, make_autoencoder)
 
 
 def test_embedding_net_is_the_classic_architecture():
@@ -93,6 +94,35 @@ def test_siamese_and_triplet_nets_share_one_embedding_net():
     assert torch.equal(SiameseNet(embedding_net).get_embedding(x1), embedding_net(x1))
     assert torch.equal(TripletNet(embedding_net).get_embedding(x1), embedding_net(x1))
     assert len(list(SiameseNet(embedding_net).parameters())) == len(list(embedding_net.parameters()))
+
+
+
+@pytest.mark.parametrize("wrapper, n_inputs", [(SiameseNet, 2), (TripletNet, 3)])
+def test_shared_wrappers_keep_their_state_dict_keys_and_count_their_inputs(wrapper, n_inputs):
+    embedding_net = EmbeddingNet()
+    model = wrapper(embedding_net)
+    assert model.embedding_net is embedding_net
+    assert list(model.state_dict()) == [f"embedding_net.{key}" for key in embedding_net.state_dict()]
+    with pytest.raises(TypeError, match=f"takes {n_inputs} inputs"):
+        model(*[torch.randn(1, 1, 28, 28)] * (n_inputs + 1))
+    autoencoder = make_autoencoder((6,), 2)
+    wrapped = {2: SiameseAutoencoder, 3: TripletAutoencoder}[n_inputs](autoencoder)
+    assert list(wrapped.state_dict()) == [f"autoencoder.{key}" for key in autoencoder.state_dict()]
+    assert len(wrapped(*[torch.randn(4, 6)] * n_inputs)) == n_inputs
+
+
+def test_similarity_has_a_finite_gradient_at_zero_distance_and_passes_nan_on():
+    embeddings = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 2.0], [5.0, -1.0, 3.0]], requires_grad=True)
+    others = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [5.0, -1.0, 3.0]])
+    scores = SiameseNetwork.embedding_similarity(embeddings, others)
+    assert scores.tolist() == [1.0, 0.25, 1.0]
+    (gradient,) = torch.autograd.grad(scores.sum(), embeddings)
+    assert torch.isfinite(gradient).all() and torch.equal(gradient[[0, 2]], torch.zeros(2, 3))
+    # d/de 1 / (1 + |e|) = -e / (|e| (1 + |e|)^2) at e = (1, 2, 2), |e| = 3
+    assert torch.allclose(gradient[1], -torch.tensor([1.0, 2.0, 2.0]) / 48)
+    broken = embeddings.detach().clone()
+    broken[1, 0] = float("nan")
+    assert torch.isnan(SiameseNetwork.embedding_similarity(broken, others)[1])
 
 
 def shifted_by_index(images, dy, dx):

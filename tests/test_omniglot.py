@@ -1,6 +1,6 @@
-"""One-shot learning: the Omniglot readers (zip, folder, torchvision layout, Lake's one-shot runs) on
-fixtures written in the exact formats, batched augmentation, the N-way K-shot episode sampler and
-scorer, the verification threshold, and SiameseNetwork."""
+"""One-shot learning: omniglot.py's readers (zip, folder, torchvision layout, Lake's one-shot runs) on
+fixtures written in the exact formats, batched augmentation (datasets.BatchRandomAffine), the N-way
+K-shot episode sampler and scorer (metrics), the verification threshold, and SiameseNetwork."""
 
 import math
 import shutil
@@ -11,12 +11,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from datasets import (BalancedBatchSampler, BatchRandomAffine, InMemoryDataset, OmniglotAlphabets, OneShotRuns,
-                      SiameseMNIST, TripletMNIST)
+from datasets import BalancedBatchSampler, BatchRandomAffine, InMemoryDataset, SiameseMNIST, TripletMNIST
 from losses import ContrastiveLoss
-from metrics import (best_threshold, episode_accuracies, few_shot_accuracy, n_way_k_shot_accuracy,
-                     one_shot_run_errors, sample_episodes)
+from metrics import best_threshold, episode_accuracies, few_shot_accuracy, n_way_k_shot_accuracy, sample_episodes
 from networks import SiameseNetwork
+from omniglot import OmniglotAlphabets, OneShotRuns, one_shot_run_errors
 from omniglot_fixtures import ALPHABETS, DRAWERS, SIZE, write_alphabets, write_runs, zip_folder
 
 N_CLASSES = sum(ALPHABETS.values())
@@ -466,16 +465,49 @@ def test_n_way_k_shot_accuracy_on_a_dataset():
     labels, groups = grouped_labels()
     dataset = InMemoryDataset(labels.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous(), labels)
     result = n_way_k_shot_accuracy(OneHotOfFirstPixel(12), dataset, n_way=5, k_shot=1, n_episodes=100, seed=0)
-    assert result["accuracy"] == 1.0 and result["within_alphabet"] is False and result["n_way"] == 5
-    with pytest.raises(TypeError, match=r"\.alphabets"):
-        n_way_k_shot_accuracy(OneHotOfFirstPixel(12), dataset, within_alphabet=True)
-    dataset.alphabets = groups
-    within = n_way_k_shot_accuracy(OneHotOfFirstPixel(12), dataset, n_way=4, n_episodes=10, within_alphabet=True)
-    assert within["accuracy"] == 1.0 and within["within_alphabet"] is True
+    assert result["accuracy"] == 1.0 and result["n_way"] == 5 and "within_alphabet" not in result
+    within = n_way_k_shot_accuracy(OneHotOfFirstPixel(12), dataset, n_way=4, n_episodes=10, groups=groups)
+    assert within["accuracy"] == 1.0
     with pytest.raises(ValueError, match="5-way episodes need 5 classes"):
-        n_way_k_shot_accuracy(OneHotOfFirstPixel(12), dataset, n_way=5, within_alphabet=True)
+        n_way_k_shot_accuracy(OneHotOfFirstPixel(12), dataset, n_way=5, groups=groups)
+    with pytest.raises(ValueError, match="one integer group id per item"):
+        n_way_k_shot_accuracy(OneHotOfFirstPixel(12), dataset, groups=True)  # the old within_alphabet position
     with pytest.raises(TypeError, match="within_alphabet"):
-        n_way_k_shot_accuracy(OneHotOfFirstPixel(12), dataset, within_alphabet=1)
+        n_way_k_shot_accuracy(OneHotOfFirstPixel(12), dataset, within_alphabet=True)
+
+
+class FixedLinearMap(nn.Module):
+    """An imperfect embedding: a fixed random linear map of the flattened image."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.weight = torch.randn(in_features, out_features, generator=torch.Generator().manual_seed(11))
+
+    def get_embedding(self, x):
+        return x.flatten(1) @ self.weight
+
+
+def test_n_way_k_shot_accuracy_passes_every_argument_to_the_episodes():
+    # 12 classes of 8 noisy vectors each: accuracy well inside (0, 1), so every argument moves it
+    generator = torch.Generator().manual_seed(5)
+    labels = torch.arange(12).repeat_interleave(8)
+    centres = torch.randn(12, 6, generator=generator)
+    images = (centres[labels] + 1.2 * torch.randn(len(labels), 6, generator=generator)).view(-1, 1, 2, 3)
+    groups = labels // 4
+    dataset = InMemoryDataset(images, labels)
+    model = FixedLinearMap(6, 4)
+    embeddings = model.get_embedding(images)
+    arguments = {"n_way": 3, "k_shot": 2, "n_episodes": 300, "groups": groups, "seed": 9, "n_query": 3,
+                 "rule": "nearest"}
+    result = n_way_k_shot_accuracy(model, dataset, batch_size=7, **arguments)
+    expected = few_shot_accuracy(embeddings, labels, **arguments)
+    assert result["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+    assert result == {**expected, "accuracy": result["accuracy"], "ci95": pytest.approx(expected["ci95"])}
+    assert 0.4 < result["accuracy"] < 0.95
+    # a version that dropped any one argument (its default instead) would score otherwise
+    for name, other in (("n_query", 1), ("seed", 0), ("rule", "prototype"), ("groups", None), ("k_shot", 1)):
+        changed = n_way_k_shot_accuracy(model, dataset, **{**arguments, name: other})
+        assert changed["accuracy"] != result["accuracy"], name
 
 
 def test_n_way_k_shot_accuracy_on_omniglot_alphabets(omniglot):
@@ -486,7 +518,7 @@ def test_n_way_k_shot_accuracy_on_omniglot_alphabets(omniglot):
             return x.flatten(1)
 
     # a drawer changes one pixel, a character moves a 5x5 block: pixels are a perfect embedding here
-    result = n_way_k_shot_accuracy(Flatten(), dataset, n_way=3, k_shot=1, n_episodes=50, within_alphabet=True,
+    result = n_way_k_shot_accuracy(Flatten(), dataset, n_way=3, k_shot=1, n_episodes=50, groups=dataset.alphabets,
                                    n_query=3)
     assert result["accuracy"] == 1.0
 

@@ -1,15 +1,24 @@
-"""experiments.py's one-shot parts: held-out classes (--train-classes) on the IDX fixture, and the Omniglot
-commands (training in quick mode, saved weights, Lake's one-shot runs) on small Omniglot-format fixtures."""
+"""The one-shot studies: experiments.py's held-out classes (--train-classes) on the IDX fixture, and
+omniglot.py's study and commands (training in quick mode, saved weights, Lake's one-shot runs, through
+``python omniglot.py`` and ``python experiments.py --dataset omniglot``) on small Omniglot-format fixtures;
+the old import paths of the Omniglot names."""
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import datasets
 import experiments
+import metrics
+import omniglot
+from datasets import InMemoryDataset
 from fixtures import write_idx_fixture
 from metrics import n_way_k_shot_accuracy
-from networks import SiameseNetwork
+from networks import ShiftAveragedEmbedding, SiameseNetwork
 from omniglot_fixtures import write_alphabets, write_runs, zip_folder
 
 
@@ -27,8 +36,8 @@ def test_parse_classes_errors(spec, message):
 
 
 def test_class_subset_relabels_in_the_given_order():
-    dataset = experiments.InMemoryDataset(torch.arange(12.0).view(12, 1, 1, 1), torch.arange(12) % 4,
-                                          classes=["a", "b", "c", "d"])
+    dataset = InMemoryDataset(torch.arange(12.0).view(12, 1, 1, 1), torch.arange(12) % 4,
+                              classes=["a", "b", "c", "d"])
     subset = experiments.class_subset(dataset, [3, 1])
     assert subset.classes == ["d", "b"]
     assert subset.targets.tolist() == [1, 0, 1, 0, 1, 0]
@@ -103,15 +112,15 @@ def omniglot_root(tmp_path):
 
 
 def test_load_omniglot_evaluates_only_new_alphabets(omniglot_root):
-    train_set, eval_set = experiments.load_omniglot(omniglot_root, image_size=28, quarter_turns=(0, 1),
-                                                    augment={"degrees": 5.0})
+    train_set, eval_set = omniglot.load_omniglot(omniglot_root, image_size=28, quarter_turns=(0, 1),
+                                                 augment={"degrees": 5.0})
     assert train_set.alphabet_names == ["Alpha", "Beta"] and len(train_set.classes) == 10
     assert train_set.augmentation.degrees == 5.0 and eval_set.augmentation is None and not eval_set.train
     assert eval_set.alphabet_names == ["Delta", "Gamma"]
     with pytest.raises(ValueError, match="no alphabet that"):
-        experiments.load_omniglot(omniglot_root, evaluation="images_background_small1")
+        omniglot.load_omniglot(omniglot_root, evaluation="images_background_small1")
     with pytest.raises(FileNotFoundError, match="--omniglot-root"):
-        experiments.load_omniglot(omniglot_root / "nowhere")
+        omniglot.load_omniglot(omniglot_root / "nowhere")
 
 
 def test_omniglot_quick_command(omniglot_root, tmp_path, monkeypatch, capsys):
@@ -134,12 +143,12 @@ def test_omniglot_quick_command(omniglot_root, tmp_path, monkeypatch, capsys):
 
 
 def test_train_save_load_and_one_shot_runs_command(omniglot_root, tmp_path, capsys):
-    train_set, eval_set = experiments.load_omniglot(omniglot_root, image_size=28)
-    model, history = experiments.train_omniglot(train_set, method="siamese", epochs=1, embedding_dim=8, channels=8,
-                                                progress=False)
+    train_set, eval_set = omniglot.load_omniglot(omniglot_root, image_size=28)
+    model, history = omniglot.train_omniglot(train_set, method="siamese", epochs=1, embedding_dim=8, channels=8,
+                                             progress=False)
     assert len(history["train_loss"]) == 1 and not model.training
-    path = experiments.save_omniglot_model(model, str(tmp_path / "saved" / "model.pt"), command="test")
-    loaded = experiments.load_omniglot_model(path)
+    path = omniglot.save_omniglot_model(model, str(tmp_path / "saved" / "model.pt"), command="test")
+    loaded = omniglot.load_omniglot_model(path)
     assert isinstance(loaded, SiameseNetwork) and loaded.config() == model.config()
     images = eval_set.data[:4]
     assert torch.equal(loaded.forward_one(images), model.forward_one(images))
@@ -152,35 +161,35 @@ def test_train_save_load_and_one_shot_runs_command(omniglot_root, tmp_path, caps
     assert re.fullmatch(r"mean error: \d+\.\d%", lines[-1])
     assert lines[-1] == f"mean error: {100 * result['mean_error']:.1f}%"
     with pytest.raises(FileNotFoundError, match="--weights"):
-        experiments.load_omniglot_model(str(tmp_path / "missing.pt"))
+        omniglot.load_omniglot_model(str(tmp_path / "missing.pt"))
 
 
 @pytest.mark.parametrize("method", ["online-contrastive", "online-triplet"])
 def test_online_methods_train_the_siamese_network(omniglot_root, method):
-    train_set, _ = experiments.load_omniglot(omniglot_root, image_size=28)
-    model, history = experiments.train_omniglot(train_set, method=method, epochs=1, embedding_dim=8, channels=8,
-                                                batch_classes=5, batch_samples=3, progress=False)
+    train_set, _ = omniglot.load_omniglot(omniglot_root, image_size=28)
+    model, history = omniglot.train_omniglot(train_set, method=method, epochs=1, embedding_dim=8, channels=8,
+                                             batch_classes=5, batch_samples=3, progress=False)
     assert len(history["train_loss"]) == 1 and isinstance(model, SiameseNetwork)
     with pytest.raises(ValueError, match="unknown Omniglot method"):
-        experiments.train_omniglot(train_set, method="softmax")
+        omniglot.train_omniglot(train_set, method="softmax")
 
 
 def test_alphabet_batches_group_the_sampler_by_alphabet(omniglot_root):
-    train_set, _ = experiments.load_omniglot(omniglot_root, image_size=28)  # Alpha: 3 characters, Beta: 2
-    model, history = experiments.train_omniglot(train_set, epochs=1, embedding_dim=8, channels=8, batch_classes=2,
-                                                batch_samples=3, alphabet_batches=True, progress=False)
+    train_set, _ = omniglot.load_omniglot(omniglot_root, image_size=28)  # Alpha: 3 characters, Beta: 2
+    model, history = omniglot.train_omniglot(train_set, epochs=1, embedding_dim=8, channels=8, batch_classes=2,
+                                             batch_samples=3, alphabet_batches=True, progress=False)
     assert len(history["train_loss"]) == 1
     with pytest.raises(ValueError, match="every group needs at least n_classes=3 classes, but one has only 2"):
-        experiments.train_omniglot(train_set, epochs=1, batch_classes=3, alphabet_batches=True, progress=False)
+        omniglot.train_omniglot(train_set, epochs=1, batch_classes=3, alphabet_batches=True, progress=False)
 
 
 def test_evaluate_omniglot_with_test_shift_embeds_the_shift_average(omniglot_root):
-    train_set, eval_set = experiments.load_omniglot(omniglot_root, image_size=28)
+    train_set, eval_set = omniglot.load_omniglot(omniglot_root, image_size=28)
     model = SiameseNetwork(28, 8, channels=8).eval()
-    plain = experiments.evaluate_omniglot(model, eval_set, n_episodes=50)
-    shifted = experiments.evaluate_omniglot(model, eval_set, n_episodes=50, test_shift=1)
-    averaged = experiments.ShiftAveragedEmbedding(model, 1)
-    direct = n_way_k_shot_accuracy(averaged, eval_set, 5, 1, 50, within_alphabet=True)
+    plain = omniglot.evaluate_omniglot(model, eval_set, n_episodes=50)
+    shifted = omniglot.evaluate_omniglot(model, eval_set, n_episodes=50, test_shift=1)
+    averaged = ShiftAveragedEmbedding(model, 1)
+    direct = n_way_k_shot_accuracy(averaged, eval_set, 5, 1, 50, groups=eval_set.alphabets)
     assert shifted["episodes"][1]["accuracy"] == pytest.approx(direct["accuracy"])
     assert (plain["test_shift"], shifted["test_shift"]) == (0, 1)
     assert plain["verification"]["roc_auc"] != shifted["verification"]["roc_auc"]
@@ -188,4 +197,90 @@ def test_evaluate_omniglot_with_test_shift_embeds_the_shift_average(omniglot_roo
 
 def test_run_omniglot_rejects_unknown_settings():
     with pytest.raises(ValueError, match="unknown Omniglot recipe settings"):
-        experiments.run_omniglot(epoch=3)
+        omniglot.run_omniglot(epoch=3)
+
+
+def test_train_omniglot_takes_its_defaults_from_the_recipe(omniglot_root, monkeypatch):
+    train_set, _ = omniglot.load_omniglot(omniglot_root, image_size=28)
+    calls = []
+
+    def record(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, **options):
+        calls.append({"loader": train_loader, "loss_fn": loss_fn, "optimizer": optimizer, "epochs": n_epochs})
+        return {}
+
+    monkeypatch.setattr(omniglot, "fit", record)  # what train_omniglot would train with, without training
+    recipe = omniglot.OMNIGLOT_RECIPE
+    model, _ = omniglot.train_omniglot(train_set, progress=False)
+    online = calls[-1]
+    assert online["epochs"] == recipe["epochs"] and online["loss_fn"].margin == recipe["margin"]
+    assert online["optimizer"].defaults["lr"] == recipe["learning_rate"]
+    sampler = online["loader"].batch_sampler
+    assert (sampler.n_classes, sampler.n_samples) == (len(train_set.classes), recipe["batch_samples"])
+    assert sampler.class_groups is None  # alphabet_batches is False in the recipe
+    assert model.config()["embedding_dim"] == recipe["embedding_dim"]
+    omniglot.train_omniglot(train_set, method="siamese", epochs=2, embedding_dim=8, channels=8, progress=False)
+    siamese = calls[-1]
+    assert siamese["epochs"] == 2 and siamese["loss_fn"].margin == omniglot.CONTRASTIVE_MARGIN
+    assert siamese["loader"].batch_size == recipe["pair_batch"]
+    with pytest.raises(TypeError, match=r"unknown settings \['epoch'\]"):
+        omniglot.train_omniglot(train_set, epoch=1)
+    assert omniglot.omniglot_settings() == recipe and omniglot.omniglot_settings() is not recipe
+    assert omniglot.omniglot_settings(epochs=3, method=None) == {**recipe, "epochs": 3}
+
+
+def test_old_import_paths_resolve_to_the_moved_objects():
+    moved = {datasets: ["OMNIGLOT_IMAGE_SIZE", "OmniglotAlphabets", "OneShotRun", "OneShotRuns"],
+             metrics: ["one_shot_run_errors"],
+             experiments: ["OMNIGLOT_ROOT", "OMNIGLOT_BACKGROUND", "OMNIGLOT_EVALUATION", "OMNIGLOT_WEIGHTS",
+                           "OMNIGLOT_METHODS", "OMNIGLOT_RECIPE", "CONTRASTIVE_MARGIN", "OMNIGLOT_EPISODES",
+                           "OMNIGLOT_TEST_SHIFT", "OMNIGLOT_QUICK", "load_omniglot", "train_omniglot", "omniglot_pairs",
+                           "drawer_halves", "evaluate_omniglot", "omniglot_table", "save_omniglot_model",
+                           "load_omniglot_model", "run_omniglot", "run_one_shot_runs", "omniglot_main",
+                           "OmniglotAlphabets", "OneShotRuns", "one_shot_run_errors"]}
+    for module, names in moved.items():
+        for name in names:
+            assert getattr(module, name) is getattr(omniglot, name), f"{module.__name__}.{name}"
+    from datasets import OmniglotAlphabets
+    from experiments import run_omniglot
+    from metrics import one_shot_run_errors
+    assert (OmniglotAlphabets, run_omniglot, one_shot_run_errors) == (
+        omniglot.OmniglotAlphabets, omniglot.run_omniglot, omniglot.one_shot_run_errors)
+    import autoencoders
+    assert experiments.run_experiment is autoencoders.run_experiment
+    for module in moved:
+        with pytest.raises(AttributeError, match=f"^module '{module.__name__}' has no attribute 'no_such_name'$"):
+            getattr(module, "no_such_name")
+    assert not hasattr(metrics, "within_alphabet") and not hasattr(datasets, "_FileTree")
+
+
+def _python(code_or_arguments, cwd):
+    """Run a fresh interpreter in the repository (``-c code`` or a script with arguments); its stdout."""
+    arguments = ["-c", code_or_arguments] if isinstance(code_or_arguments, str) else code_or_arguments
+    completed = subprocess.run([sys.executable, *arguments], cwd=cwd, capture_output=True, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_importing_experiments_loads_neither_autoencoders_nor_omniglot():
+    # (torchvision.models cannot be checked this way: `import torchvision`, which datasets needs, loads it)
+    loaded = _python("import sys, experiments; "
+                     "print([name for name in ('autoencoders', 'features', 'omniglot') if name in sys.modules])",
+                     REPOSITORY)
+    assert loaded.strip() == "[]"
+
+
+def test_omniglot_command_line_is_the_experiments_one(tmp_path, capsys):
+    model = SiameseNetwork(28, 8, channels=8).eval()
+    weights = omniglot.save_omniglot_model(model, str(tmp_path / "model.pt"))
+    write_runs(tmp_path / "runs", n_runs=2, size=28)
+    arguments = ["--one-shot-runs", str(tmp_path / "runs"), "--weights", weights]
+    result = omniglot.main(arguments)
+    assert result == experiments.main(["--dataset", "omniglot", *arguments])
+    assert omniglot.main([*arguments, "--dataset", "mnist"]) == result  # omniglot.py is always Omniglot
+    printed = _python([os.path.join(REPOSITORY, "omniglot.py"), *arguments], tmp_path)
+    assert printed.strip().splitlines()[-1] == f"mean error: {100 * result['mean_error']:.1f}%"
+

@@ -4,7 +4,10 @@ Every selector is compared with the loop implementations of tests/reference.py o
 batches (hypothesis, plus seeded loops at larger shapes), on hand-picked edge cases, and on every
 error path. The references are handed the library's own distance matrix
 (`utils.pdist`), so only the selection logic is compared; `utils.pdist` itself is checked
-separately against a direct loop.
+separately against a direct loop. The distance functions (`pdist`, `squared_distances`,
+`paired_squared_distances`) are checked against float64 differences within a rounding bound that
+holds for any matmul kernel, and pdist's exact symmetry and zero diagonal at many odd shapes with
+one and two threads.
 """
 
 import math
@@ -12,7 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import utils
@@ -239,19 +242,128 @@ def check_semihard(embeddings, labels, margin, seed=0):
 
 # ----------------------------------------------------------------------------- pdist
 
+def expansion_error_bound(queries, gallery):
+    """A bound (Q, G) float64 on the rounding error of ``|q|^2 + |g|^2 - 2 q.g`` in the inputs'
+    dtype, valid for any summation order, blocking or FMA use of the matmul kernel: each of the
+    two norms and the dot product is off by at most ``gamma_D * (|q|^2 + |g|^2)``, and the few
+    additions after them by a few units of roundoff of the same size. Doubled for the centring and
+    the symmetrising average of ``pdist``, whose effects are smaller still."""
+    unit_roundoff = torch.finfo(queries.dtype).eps / 2
+    dim = queries.shape[-1]
+    norms_q = queries.double().pow(2).sum(-1)
+    norms_g = gallery.double().pow(2).sum(-1)
+    return 2 * (2 * dim + 16) * unit_roundoff * (norms_q[..., :, None] + norms_g[..., None, :]) + 1e-30
+
+
+def brute_force_squared_distances(queries, gallery):
+    """(Q, G) float64 squared distances from the differences, no expansion: the reference."""
+    return (queries.double()[..., :, None, :] - gallery.double()[..., None, :, :]).pow(2).sum(-1)
+
+
+def centred(vectors):
+    """The rows as pdist centres them, in their own dtype (the bound needs the norms it saw)."""
+    return vectors - vectors.mean(dim=0, keepdim=True)
+
+
+def assert_exact_pdist_properties(distances, embeddings):
+    assert distances.shape == (len(embeddings), len(embeddings))
+    assert distances.dtype == embeddings.dtype
+    assert torch.equal(distances, distances.t())
+    assert torch.equal(distances.diagonal(), torch.zeros(len(embeddings), dtype=distances.dtype))
+    assert torch.all(distances >= 0)
+    vectors = centred(embeddings)
+    error = (distances.double() - brute_force_squared_distances(embeddings, embeddings)).abs()
+    assert torch.all(error <= expansion_error_bound(vectors, vectors))
+
+
 @settings(**HYPOTHESIS)
 @given(batches())
 def test_pdist_matches_loop_and_has_exact_properties(batch):
     embeddings, _, _ = batch
     distances = utils.pdist(embeddings)
-    assert distances.shape == (len(embeddings), len(embeddings))
-    assert distances.dtype == embeddings.dtype
-    assert torch.all(distances.diagonal() == 0)
-    assert torch.all(distances >= 0)
-    assert torch.equal(distances, distances.t())
+    assert_exact_pdist_properties(distances, embeddings)
     reference = torch.tensor(ref_pdist(embeddings), dtype=torch.float64)
-    scale = max(1.0, float(reference.max()))
-    assert torch.allclose(distances.double(), reference, rtol=1e-5, atol=1e-5 * scale)
+    vectors = centred(embeddings)
+    assert torch.all((distances.double() - reference).abs() <= expansion_error_bound(vectors, vectors))
+
+
+@st.composite
+def vector_batches(draw, max_rows=70, max_dim=130):
+    """(B, D) float32 or float64 vectors of varied scale and offset, B and D mostly not powers of 2."""
+    rows_, dim = draw(st.integers(1, max_rows)), draw(st.integers(1, max_dim))
+    scale = 10.0 ** draw(st.integers(-4, 4))
+    offset = draw(st.sampled_from([0.0, 1.0, -30.0, 1e3]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float64]))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
+    return (offset + scale * torch.randn(rows_, dim, generator=generator, dtype=torch.float64)).to(dtype)
+
+
+def at_thread_counts(function, *arguments):
+    """function(*arguments) computed with 1 and with 2 torch threads (the setting restored)."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(function(*arguments))
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+@settings(**HYPOTHESIS)
+@given(vector_batches())
+@example(torch.randn(5, 128, generator=torch.Generator().manual_seed(0)))
+@example(torch.randn(5, 128, generator=torch.Generator().manual_seed(1)) * 1e3 + 7)
+def test_pdist_is_exactly_symmetric_with_a_zero_diagonal_at_any_shape(embeddings):
+    # A matmul kernel may round (i, j) and (j, i) differently, and |v_i|^2 - v_i.v_i is rarely an
+    # exact 0 at these sizes: pdist must still be exactly symmetric with an exactly zero diagonal.
+    for distances in at_thread_counts(utils.pdist, embeddings):
+        assert_exact_pdist_properties(distances, embeddings)
+
+
+@settings(**HYPOTHESIS)
+@given(vector_batches(max_rows=40), vector_batches(max_rows=40), st.booleans())
+def test_squared_distances_match_a_float64_brute_force(queries, gallery, batched):
+    gallery = gallery[:, :queries.shape[1]].to(queries.dtype)
+    if gallery.shape[1] < queries.shape[1]:
+        queries = queries[:, :gallery.shape[1]]
+    if batched:  # (E, Q, D) x (E, G, D): three episodes, the second and third ones scaled
+        queries = torch.stack([queries, 2 * queries, -queries])
+        gallery = torch.stack([gallery, 2 * gallery, gallery])
+    for distances in at_thread_counts(utils.squared_distances, queries, gallery):
+        assert distances.shape == (*queries.shape[:-1], gallery.shape[-2]) and distances.dtype == queries.dtype
+        assert torch.all(distances >= 0)
+        error = (distances.double() - brute_force_squared_distances(queries, gallery)).abs()
+        assert torch.all(error <= expansion_error_bound(queries, gallery))
+        # precomputed gallery norms (what chunked callers pass) give the very same values
+        assert torch.equal(utils.squared_distances(queries, gallery, gallery.pow(2).sum(-1)),
+                           utils.squared_distances(queries, gallery))
+
+
+def test_paired_squared_distances_are_exact_for_equal_rows_and_match_the_matrix():
+    generator = torch.Generator().manual_seed(3)
+    x, y = torch.randn(2, 9, 37, generator=generator)
+    paired = utils.paired_squared_distances(x, y)
+    assert paired.shape == (9,)
+    # a sum of 37 float32 squares: within 37 + 1 roundings of the float64 value
+    torch.testing.assert_close(paired.double(), brute_force_squared_distances(x, y).diagonal(),
+                               rtol=38 * torch.finfo(torch.float32).eps, atol=0)
+    assert torch.equal(utils.paired_squared_distances(x, x), torch.zeros(9))
+    x.requires_grad_(True)
+    (gradient,) = torch.autograd.grad(utils.paired_squared_distances(x, x.detach()).sum(), x)
+    assert torch.equal(gradient, torch.zeros_like(x))
+
+
+def test_distances_propagate_non_finite_embeddings():
+    embeddings = torch.randn(6, 3, generator=torch.Generator().manual_seed(4))
+    for bad in (float("nan"), float("inf")):
+        broken = embeddings.clone()
+        broken[2, 1] = bad
+        distances = utils.pdist(broken)
+        assert not torch.isfinite(distances[2, [0, 1, 3, 4, 5]]).any()
+        assert not torch.isfinite(utils.squared_distances(broken, embeddings)[2]).any()
+        assert not torch.isfinite(utils.paired_squared_distances(broken, embeddings)[2])
 
 
 @pytest.mark.parametrize("batch_size", [4, 8, 16, 32])
@@ -682,6 +794,18 @@ def test_identical_embeddings_hardest_and_random_choose_among_all_negatives():
     assert len(hardest) == 6
     random_rows = rows(random_hard(1.0).get_triplets(embeddings, labels))
     assert [(a, p) for a, p, _ in random_rows] == ref_anchor_positive_pairs(labels)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("selector_name", ["hardest", "random_hard", "semihard"])
+def test_hard_negative_selectors_select_nothing_on_non_finite_distances(selector_name, bad):
+    # Every distance is NaN then; D[a, n] < D[a, p] + margin is false, so nothing is hard. (Binary
+    # search misreads NaN: the random selectors used to pick a non-negative and raise.)
+    embeddings, labels = make_batch([4, 4, 4], 3, "gaussian", seed=5)
+    embeddings[0, 1] = bad
+    triplets = ALL_TRIPLET_SELECTORS[selector_name](1.0).get_triplets(embeddings, labels)
+    assert_index_tensor(triplets, 3, embeddings.device)
+    assert len(triplets) == 0
 
 
 def test_selectors_accept_float64_and_non_contiguous_inputs():

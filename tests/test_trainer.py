@@ -1,20 +1,30 @@
 """Tests for trainer.py: batch conventions, scheduler order, history, NaN handling, atomic
 checkpoints, exact resume, device choice and argument checks. Tiny synthetic data only."""
 
+import json
 import os
 import random
+import subprocess
+import sys
 import warnings
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 import trainer
+from losses import OnlineTripletLoss
 from metrics import AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, Metric
-from trainer import fit, resolve_device, run_epoch, train_epoch
+from networks import AutoencoderOutput
+from trainer import find_generators, fit, resolve_device, run_epoch, train_epoch
+from utils import RandomNegativeTripletSelector
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 def make_classification_data(n=32, seed=0):
@@ -208,6 +218,38 @@ def test_tuple_loss_output_minimises_the_first_element_and_feeds_metrics():
     counts = [3 if target[0] == 0 else 5 for _, target in batches]
     assert history["train_average_nonzero_triplets"] == [pytest.approx(np.mean(counts))]
     assert history["val_average_nonzero_triplets"] == [pytest.approx(np.mean(counts))]
+
+
+class AutoencoderLike(nn.Module):
+    """Returns a networks.AutoencoderOutput (a NamedTuple) like Autoencoder does."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder, self.decoder = nn.Linear(4, 2), nn.Linear(2, 4)
+
+    def forward(self, x):
+        latent = self.encoder(x)
+        return AutoencoderOutput(latent, self.decoder(latent), latent)
+
+
+def test_a_named_tuple_output_reaches_the_loss_and_metrics_as_one_argument():
+    seen = []
+
+    def reconstruction_loss(output, labels):  # spread, the output would be 4 arguments
+        seen.append(type(output))
+        return F.mse_loss(output.reconstruction, output.reconstruction.detach() + 1)
+
+    model = AutoencoderLike()
+    metric = RecordingMetric()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    history = quiet_fit(make_loader(), make_loader(), model, reconstruction_loss, optimizer, None,
+                        1, metrics=[metric])
+    assert seen == [AutoencoderOutput] * 8
+    outputs, _, _ = metric.calls[0]
+    assert type(outputs) is tuple and len(outputs) == 1
+    assert isinstance(outputs[0], AutoencoderOutput) and outputs[0].log_var is None
+    assert history["train_loss"][0] == pytest.approx(1.0)
 
 
 def test_fit_equals_a_hand_written_training_loop():
@@ -415,7 +457,9 @@ def test_checkpoint_contents_and_no_temp_files(tmp_path):
                         checkpoint_dir=str(checkpoint_dir), metrics=[AccumulatedAccuracyMetric()])
     assert os.listdir(checkpoint_dir) == ["checkpoint.pt"]
     checkpoint = torch.load(checkpoint_dir / "checkpoint.pt", weights_only=True)
-    assert set(checkpoint) == {"epoch", "model", "optimizer", "scheduler", "history", "rng"}
+    assert set(checkpoint) == {"epoch", "model", "optimizer", "scheduler", "history", "rng",
+                               "generators"}
+    assert checkpoint["generators"] == {}  # the loader draws from the global RNG only
     assert checkpoint["epoch"] == 2
     assert checkpoint["history"] == history
     assert checkpoint["scheduler"]["last_epoch"] == 2
@@ -540,6 +584,103 @@ def test_an_interrupted_run_differs_without_resume(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(straight[0].parameters(), model.parameters()))
 
 
+def build_private_generator_run(seed=0):
+    """A triplet run whose every random draw but dropout comes from a torch.Generator of its own:
+    the train DataLoader's (shuffle order and base seed), the validation RandomSampler's, and the
+    triplet selector's (which negative is mined)."""
+    torch.manual_seed(seed)
+    x = torch.randn(48, 4)
+    labels = torch.arange(48) % 4
+    train_loader = DataLoader(TensorDataset(x, labels), batch_size=12, shuffle=True,
+                              generator=torch.Generator().manual_seed(1))
+    val_set = TensorDataset(x[:24] + 0.1, labels[:24])
+    val_loader = DataLoader(val_set, batch_size=8, sampler=RandomSampler(
+        val_set, generator=torch.Generator().manual_seed(2)))
+    selector = RandomNegativeTripletSelector(1.0, generator=torch.Generator().manual_seed(3))
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return train_loader, val_loader, model, OnlineTripletLoss(1.0, selector), optimizer
+
+
+def fit_private_generator_run(n_epochs, checkpoint_dir=None, resume=False):
+    train_loader, val_loader, model, loss_fn, optimizer = build_private_generator_run()
+    history = quiet_fit(train_loader, val_loader, model, loss_fn, optimizer, None, n_epochs,
+                        metrics=[AverageNonzeroTripletsMetric()], checkpoint_dir=checkpoint_dir,
+                        resume=resume)
+    return model, history
+
+
+def assert_same_weights_and_history(first, second):
+    (model_a, history_a), (model_b, history_b) = first, second
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[name], state_b[name]) for name in state_a)
+    assert {key: value for key, value in history_a.items() if key != "seconds"} == {
+        key: value for key, value in history_b.items() if key != "seconds"}
+
+
+def test_find_generators_reaches_loaders_samplers_and_the_selector_by_attribute_path():
+    train_loader, val_loader, _, loss_fn, _ = build_private_generator_run()
+    found = find_generators({"train_loader": train_loader, "val_loader": val_loader,
+                             "loss_fn": loss_fn})
+    # The train loader's generator is also its RandomSampler's: found once, on the shortest path.
+    assert list(found) == ["train_loader.generator", "val_loader.sampler.generator",
+                           "loss_fn.triplet_selector.generator"]
+    assert found["train_loader.generator"] is train_loader.sampler.generator
+    assert found["loss_fn.triplet_selector.generator"] is loss_fn.triplet_selector.generator
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.itself, holder.default = holder, torch.default_generator  # a cycle; the global RNG
+    holder.items = [{"deep": torch.Generator()}]
+    holder.many = [torch.Generator()] * (trainer.GENERATOR_SEARCH_MAX_ITEMS + 1)
+    assert list(find_generators({"root": holder})) == ["root.items.0.deep"]
+
+
+def test_resume_replays_runs_that_draw_from_private_generators(tmp_path):
+    straight = fit_private_generator_run(4)
+    assert all(count > 0 for count in straight[1]["train_average_nonzero_triplets"])
+    fit_private_generator_run(2, checkpoint_dir=tmp_path)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert sorted(checkpoint["generators"]) == [
+        "loss_fn.triplet_selector.generator", "train_loader.generator",
+        "val_loader.sampler.generator"]
+    torch.rand(3)  # disturb the global RNG: the checkpoint restores it
+    resumed = fit_private_generator_run(4, checkpoint_dir=tmp_path, resume=True)
+    assert resumed[1]["epoch"] == [1, 2, 3, 4]
+    assert_same_weights_and_history(straight, resumed)
+
+    # Guards the equality above: a checkpoint without the generator states (as written before
+    # they were saved) still resumes, but the fresh generators then replay other draws.
+    del checkpoint["generators"]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    restarted_generators = fit_private_generator_run(4, resume=tmp_path / "old.pt")
+    assert restarted_generators[1]["epoch"] == [1, 2, 3, 4]
+    assert not all(torch.equal(a, b) for a, b in zip(straight[0].parameters(),
+                                                     restarted_generators[0].parameters()))
+
+
+def test_resuming_with_private_generators_elsewhere_says_the_run_was_built_differently(tmp_path):
+    fit_private_generator_run(1, checkpoint_dir=tmp_path)
+    train_loader, val_loader, model, loss_fn, optimizer = build_private_generator_run()
+    plain_train_loader = DataLoader(train_loader.dataset, batch_size=12, shuffle=True)
+    before = [parameter.clone() for parameter in model.parameters()]
+    with pytest.raises(ValueError, match="built differently") as caught:
+        quiet_fit(plain_train_loader, val_loader, model, loss_fn, optimizer, None, 2,
+                  metrics=[AverageNonzeroTripletsMetric()], checkpoint_dir=tmp_path, resume=True)
+    assert "train_loader.generator" in str(caught.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    plain_dir = tmp_path / "plain"
+    quiet_fit(plain_train_loader, val_loader, model, loss_fn, optimizer, None, 1,
+              metrics=[AverageNonzeroTripletsMetric()], checkpoint_dir=plain_dir)
+    with pytest.raises(ValueError, match="built differently"):
+        quiet_fit(train_loader, val_loader, model, loss_fn, optimizer, None, 2,
+                  metrics=[AverageNonzeroTripletsMetric()], checkpoint_dir=plain_dir, resume=True)
+
+
 class EpochSeededBatchSampler:
     """Batch sampler whose order depends only on the epoch given to set_epoch."""
 
@@ -595,6 +736,31 @@ def test_set_epoch_reaches_a_plain_sampler_too():
     assert EpochSampler.epochs == [0, 0, 1, 1]  # train and val loader before each epoch
 
 
+class CountingBatchSampler(EpochSeededBatchSampler):
+    """Records the epoch of every iteration started over it."""
+
+    def __init__(self, n, batch_size):
+        super().__init__(n, batch_size)
+        self.iterated = []
+
+    def __iter__(self):
+        self.iterated.append(self.epoch)
+        return super().__iter__()
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_each_epoch_iterates_each_loader_once(progress):
+    """A second iterator per epoch (tqdm.auto's bar builds one eagerly) would start the DataLoader
+    workers twice and, with a sampler that counts its passes, train on the wrong epoch's batches."""
+    x, y = make_classification_data(16)
+    train_sampler, val_sampler = CountingBatchSampler(16, 8), CountingBatchSampler(16, 8)
+    train_loader = DataLoader(TensorDataset(x, y), batch_sampler=train_sampler)
+    val_loader = DataLoader(TensorDataset(x, y), batch_sampler=val_sampler)
+    model, optimizer, _ = make_training()
+    fit(train_loader, val_loader, model, nn.NLLLoss(), optimizer, None, 3, device="cpu", progress=progress)
+    assert train_sampler.iterated == val_sampler.iterated == [0, 1, 2]
+
+
 def test_resume_true_without_a_checkpoint_starts_from_scratch(tmp_path):
     model_a, optimizer_a, scheduler_a = make_training()
     model_b, optimizer_b, scheduler_b = make_training()
@@ -642,6 +808,30 @@ def test_resume_errors(tmp_path):
     torch.save({"weights": torch.zeros(2)}, not_a_checkpoint)
     with pytest.raises(ValueError, match="not a checkpoint written by trainer.fit"):
         quiet_fit(loader, None, model, nn.NLLLoss(), optimizer, None, 1, resume=not_a_checkpoint)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_corrupt_checkpoint_names_the_file_and_leaves_the_run_alone(tmp_path, damage):
+    model, optimizer, scheduler = make_training()
+    quiet_fit(make_loader(), None, model, nn.NLLLoss(), optimizer, scheduler, 1,
+              checkpoint_dir=tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    written = path.read_bytes()
+    damaged = {"truncated": written[:len(written) // 2],
+               "garbage": b"this is not a checkpoint at all\n" * 10, "empty": b""}[damage]
+    path.write_bytes(damaged)
+    fresh_model, fresh_optimizer, fresh_scheduler = make_training(seed=7)
+    before = [parameter.clone() for parameter in fresh_model.parameters()]
+    for resume in (True, path):
+        with pytest.raises(ValueError) as caught:
+            quiet_fit(make_loader(), None, fresh_model, nn.NLLLoss(), fresh_optimizer,
+                      fresh_scheduler, 2, checkpoint_dir=tmp_path, resume=resume)
+        message = str(caught.value)
+        assert str(path) in message
+        assert "not a readable checkpoint written by trainer.fit" in message
+        assert "resume=False" in message
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh_model.parameters()))
+    assert path.read_bytes() == damaged
 
 
 # ---------------------------------------------------------------- device
@@ -848,3 +1038,80 @@ def test_flush_denormal_turns_flush_to_zero_on_for_cpu_training_and_false_leaves
             quiet_fit(make_loader(), None, model, nn.NLLLoss(), optimizer, None, 1, flush_denormal=1)
     finally:
         torch.set_flush_denormal(False)
+
+
+# ---------------------------------------------------------------- no side effects at import
+
+FRESH_PROCESS_PROBE = """
+import json, sys
+import torch
+
+def denormal_survives():
+    return bool((torch.full((64,), 1e-39) * 1.0 != 0).all())
+
+before_import = denormal_survives()
+import trainer
+report = {
+    "before_import": before_import,
+    "after_import": denormal_survives(),
+    "heavy_modules": sorted(name for name in sys.modules
+                            if name.split(".")[0] == "sklearn" or name == "torchvision.models"
+                            or name.startswith("torchvision.models.")),
+}
+x, y = torch.randn(16, 4), torch.arange(16) % 2
+model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.LogSoftmax(dim=1))
+trainer.fit([(x, y)], None, model, torch.nn.NLLLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+            None, 1, device="cpu", progress=False)
+report["after_fit"] = denormal_survives()
+report["flush_supported"] = torch.set_flush_denormal(False)  # True when the CPU has the mode
+print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process_report():
+    """What a new Python process sees around `import trainer` and a CPU fit."""
+    completed = subprocess.run([sys.executable, "-c", FRESH_PROCESS_PROBE], cwd=REPOSITORY,
+                               capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout.splitlines()[-1])
+
+
+def test_importing_trainer_leaves_flush_to_zero_alone_and_fit_turns_it_on(fresh_process_report):
+    assert fresh_process_report["before_import"] is True
+    assert fresh_process_report["after_import"] is True
+    if fresh_process_report["flush_supported"]:
+        assert fresh_process_report["after_fit"] is False
+
+
+def test_importing_trainer_loads_neither_scikit_learn_nor_torchvision_models(fresh_process_report):
+    assert fresh_process_report["heavy_modules"] == []
+
+
+EVERYWHERE_PROBE = """
+import json
+import torch
+import trainer
+
+torch.set_num_threads(2)
+turned_on = trainer.flush_denormal_everywhere()
+# From raw bits (exponent 0), not arithmetic, which flush-to-zero would turn into zeros; large enough
+# for torch to split the product below over its threads.
+denormals = torch.randint(1, 1 << 23, (1 << 22,), dtype=torch.int32).view(torch.float32)
+print(json.dumps({"turned_on": turned_on, "survivors": int((denormals * 1.0 != 0).sum())}))
+"""
+
+
+@pytest.mark.parametrize("keep", [None, "1"])
+def test_flush_denormal_everywhere_reaches_the_worker_threads_unless_opted_out(keep):
+    environment = {key: value for key, value in os.environ.items() if key != trainer.KEEP_DENORMALS}
+    if keep is not None:
+        environment[trainer.KEEP_DENORMALS] = keep
+    completed = subprocess.run([sys.executable, "-c", EVERYWHERE_PROBE], cwd=REPOSITORY, env=environment,
+                               capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout.splitlines()[-1])
+    if keep is not None:
+        assert report == {"turned_on": False, "survivors": 1 << 22}
+    elif report["turned_on"]:  # False only on a CPU without the mode
+        assert report["survivors"] == 0
