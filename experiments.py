@@ -485,6 +485,48 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
     return rows
 
 
+# The command line's on/off switches: flag -> help.
+SWITCHES = {
+    "--download": "download with torchvision when the data is not found locally",
+    "--quick": "smoke run: small subsets, one epoch",
+    "--no-progress": "log lines instead of progress bars",
+    "--channels-last": "train in channels-last memory format (faster convolutions on CPUs)",
+    "--fresh": "start every method over instead of resuming or reusing finished ones",
+}
+
+
+def _parser(omniglot_weights):
+    """The argument parser of ``main``."""
+    parser = argparse.ArgumentParser(description="Train and evaluate siamese/triplet embeddings.")
+    parser.add_argument("--dataset", default="fashion-mnist", choices=DATASETS + ("omniglot",))
+    parser.add_argument("--methods", default="all",
+                        help=f"comma-separated subset of {', '.join(METHODS)}, or 'all'")
+    parser.add_argument("--selectors", default="random-hard",
+                        help=f"online-triplet selectors, comma-separated subset of "
+                             f"{', '.join(SELECTORS)}, or 'all'")
+    for option in ("--epochs", "--embedding-dim"):
+        parser.add_argument(option, type=int, default=None, help="default: 20 epochs and 2-D (MNIST-like), "
+                                                                   "the recipe's (omniglot)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--root", default="data", help="where to look for (and download) the data")
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    for flag, text in SWITCHES.items():
+        parser.add_argument(flag, action="store_true", help=text)
+    parser.add_argument("--train-classes", default=None,
+                        help="train on these classes only (e.g. 0-4 or 0,1,2,3,4) and measure one-shot "
+                             "accuracy and verification on the others")
+    parser.add_argument("--run-dir", default=RUN_DIR,
+                        help="checkpoints of every method, so that the same command resumes after an "
+                             f"interruption (default {RUN_DIR}/)")
+    parser.add_argument("--omniglot-root", default=None,
+                        help="folder holding images_background_small1/2 (.zip or extracted); default "
+                             "../shared/data/omniglot next to the repository")
+    parser.add_argument("--one-shot-runs", default=None,
+                        help="omniglot: score saved weights on Lake's one-shot runs (folder or .zip of run01..run20)")
+    parser.add_argument("--weights", default=None, help=f"omniglot weights file (default {omniglot_weights})")
+    return parser
+
+
 def main(argv=None):
     """The command line (see the module docstring): ``argv`` (default ``sys.argv[1:]``) -> the result rows
     (``--dataset omniglot``: omniglot.omniglot_main's result; ``autoencoders ...``: autoencoders.main's).
@@ -495,41 +537,7 @@ def main(argv=None):
         import autoencoders
         return autoencoders.main(argv[1:])
     import omniglot  # here, not at the top: omniglot imports this module
-    parser = argparse.ArgumentParser(description="Train and evaluate siamese/triplet embeddings.")
-    parser.add_argument("--dataset", default="fashion-mnist", choices=DATASETS + ("omniglot",))
-    parser.add_argument("--methods", default="all",
-                        help=f"comma-separated subset of {', '.join(METHODS)}, or 'all'")
-    parser.add_argument("--selectors", default="random-hard",
-                        help=f"online-triplet selectors, comma-separated subset of "
-                             f"{', '.join(SELECTORS)}, or 'all'")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="default: 20 (MNIST-like), the recipe's (omniglot)")
-    parser.add_argument("--embedding-dim", type=int, default=None,
-                        help="default: 2 (MNIST-like), the recipe's (omniglot)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--root", default="data", help="where to look for (and download) the data")
-    parser.add_argument("--download", action="store_true",
-                        help="download with torchvision when the data is not found locally")
-    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: small subsets, one epoch")
-    parser.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="train in channels-last memory format (faster convolutions on CPUs)")
-    parser.add_argument("--train-classes", default=None,
-                        help="train on these classes only (e.g. 0-4 or 0,1,2,3,4) and measure one-shot "
-                             "accuracy and verification on the others")
-    parser.add_argument("--run-dir", default=RUN_DIR,
-                        help="checkpoints of every method, so that the same command resumes after an "
-                             f"interruption (default {RUN_DIR}/)")
-    parser.add_argument("--fresh", action="store_true",
-                        help="start every method over instead of resuming or reusing finished ones")
-    parser.add_argument("--omniglot-root", default=None,
-                        help="folder holding images_background_small1/2 (.zip or extracted); default "
-                             "../shared/data/omniglot next to the repository")
-    parser.add_argument("--one-shot-runs", default=None,
-                        help="omniglot: score saved weights on Lake's one-shot runs (folder or .zip of run01..run20)")
-    parser.add_argument("--weights", default=None, help=f"omniglot weights file (default {omniglot.OMNIGLOT_WEIGHTS})")
-    args = parser.parse_args(argv)
+    args = _parser(omniglot.OMNIGLOT_WEIGHTS).parse_args(argv)
     if args.dataset == "omniglot":
         return omniglot.omniglot_main(args)
     args.embedding_dim = 2 if args.embedding_dim is None else args.embedding_dim

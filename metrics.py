@@ -96,13 +96,7 @@ class AccumulatedAccuracyMetric(RatioOfSumsMetric):
 
     scale = 100.0
 
-    @property
-    def correct(self):
-        return self.numerator
-
-    @property
-    def total(self):
-        return self.denominator
+    correct, total = property(lambda self: self.numerator), property(lambda self: self.denominator)
 
     def batch_terms(self, outputs, target, loss):
         if target is None or len(target) == 0:
@@ -128,13 +122,7 @@ class AverageNonzeroTripletsMetric(RatioOfSumsMetric):
     `sum` and `count` are the triplets and batches so far; `value()` is NaN before the first batch.
     """
 
-    @property
-    def sum(self):
-        return self.numerator
-
-    @property
-    def count(self):
-        return self.denominator
+    sum, count = property(lambda self: self.numerator), property(lambda self: self.denominator)
 
     def batch_terms(self, outputs, target, loss):
         if not isinstance(loss, (tuple, list)) or len(loss) < 2:

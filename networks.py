@@ -434,7 +434,19 @@ def _check_encoder_decoder(encoder, decoder, latent_dim):
     return latent_dim
 
 
-class Autoencoder(nn.Module):
+class _EncoderDecoder(nn.Module):
+    """What Autoencoder and VAE share: the (checked) encoder body and decoder, and one linear head per
+    name in ``heads`` from the body's features to codes ``(B, latent_dim)``, created in that order."""
+
+    def __init__(self, encoder, decoder, latent_dim, heads):
+        super().__init__()
+        self.latent_dim = _check_encoder_decoder(encoder, decoder, latent_dim)
+        self.encoder, self.decoder = encoder, decoder
+        for head in heads:
+            setattr(self, head, nn.Linear(encoder.output_dim, self.latent_dim))
+
+
+class Autoencoder(_EncoderDecoder):
     """A plain (deterministic) autoencoder: encoder body -> linear code ``(B, latent_dim)`` -> decoder.
 
     ``forward(x) -> AutoencoderOutput(latent, reconstruction, mean=latent, log_var=None)`` for inputs
@@ -445,10 +457,7 @@ class Autoencoder(nn.Module):
     variational = False
 
     def __init__(self, encoder, decoder, latent_dim):
-        super().__init__()
-        self.latent_dim = _check_encoder_decoder(encoder, decoder, latent_dim)
-        self.encoder, self.decoder = encoder, decoder
-        self.to_latent = nn.Linear(encoder.output_dim, self.latent_dim)
+        super().__init__(encoder, decoder, latent_dim, heads=("to_latent",))
 
     def encode(self, x):
         """Codes ``(B, latent_dim)`` of inputs ``x``."""
@@ -466,7 +475,7 @@ class Autoencoder(nn.Module):
 LOG_VAR_RANGE = (-10.0, 10.0)
 
 
-class VAE(nn.Module):
+class VAE(_EncoderDecoder):
     """A variational autoencoder with a diagonal Gaussian posterior (Kingma and Welling, 2014).
 
     The encoder body feeds two linear heads, the posterior mean and log-variance ``(B, latent_dim)``
@@ -480,11 +489,7 @@ class VAE(nn.Module):
     variational = True
 
     def __init__(self, encoder, decoder, latent_dim):
-        super().__init__()
-        self.latent_dim = _check_encoder_decoder(encoder, decoder, latent_dim)
-        self.encoder, self.decoder = encoder, decoder
-        self.to_mean = nn.Linear(encoder.output_dim, self.latent_dim)
-        self.to_log_var = nn.Linear(encoder.output_dim, self.latent_dim)
+        super().__init__(encoder, decoder, latent_dim, heads=("to_mean", "to_log_var"))
 
     def encode(self, x):
         """``(mean, log_var)`` of the posterior, ``(B, latent_dim)`` each; log_var clamped to LOG_VAR_RANGE."""

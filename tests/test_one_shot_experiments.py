@@ -47,11 +47,27 @@ def test_class_subset_relabels_in_the_given_order():
 def test_held_out_run_on_the_idx_fixture(tmp_path, monkeypatch):
     write_idx_fixture(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
+    scored = []  # what run_method hands to evaluate_held_out: the trained model and the held-out set
+    evaluate_held_out = experiments.evaluate_held_out
+    monkeypatch.setattr(experiments, "evaluate_held_out",
+                        lambda model, held_out, seed: scored.append((model, held_out)) or
+                        evaluate_held_out(model, held_out, seed))
     row = experiments.run_method("fashion-mnist", "online-triplet", quick=True, root=str(tmp_path / "data"),
-                                 train_classes="0-4", progress=False)
+                                 train_classes="0-4", progress=False, seed=3)
     assert row["train_classes"] == "0-4" and row["held_out_n_way"] == 5
-    assert 0 <= row["held_out_one_shot"] <= 1 and row["held_out_one_shot_ci95"] > 0
-    assert 0 <= row["held_out_roc_auc"] <= 1
+    (model, held_out), = scored
+    # the held-out set is every test image of classes 5-9, and nothing the model trained on
+    _, test_set = experiments.load_splits("fashion-mnist", str(tmp_path / "data"), quick=True)
+    assert held_out.classes == test_set.classes[5:] and len(held_out) == int((test_set.targets >= 5).sum())
+    # the row's numbers are those of the trained model's embeddings of those images
+    embeddings = model.get_embedding(held_out.data).detach()
+    episodes = experiments.few_shot_accuracy(embeddings, held_out.targets, 5, 1, experiments.HELD_OUT_EPISODES,
+                                             seed=3)
+    assert row["held_out_one_shot"] == pytest.approx(episodes["accuracy"], abs=1e-6)
+    assert row["held_out_one_shot_ci95"] == pytest.approx(episodes["ci95"], abs=1e-6)
+    assert row["held_out_roc_auc"] == pytest.approx(
+        metrics.verification_roc_auc(embeddings, held_out.targets, seed=3), abs=1e-6)
+    assert 0.2 < row["held_out_one_shot"] < 1  # above 5-way chance, not a constant
     table = (tmp_path / "results" / "quick" / "train-classes-0-4" / "fashion-mnist.md").read_text()
     assert "| held-out 1-shot acc |" in table
     assert (tmp_path / "images" / "quick" / "train-classes-0-4").is_dir()
