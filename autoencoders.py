@@ -490,24 +490,9 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
     final training losses, ``train_seconds`` and the plot paths. The rows are merged into
     ``<results_dir>/autoencoders-<dataset>.json`` / ``.md``; plots go to ``<images_dir>/autoencoders/``.
     """
-    check_choice(constraint_type, CONSTRAINTS, "constraint_type")
-    check_choice(encoder_type, ENCODERS, "encoder_type")
-    check_choice(distance, AUTOENCODER_DISTANCES, "distance")
-    check_choice(reconstruction, RECONSTRUCTION_LOSSES, "reconstruction")
-    if distance == "kl" and encoder_type != "vae":
-        raise ValueError("distance='kl' compares VAE posteriors; use encoder_type='vae' or distance='euclidean'")
-    if reconstruction == "bce" and normalize:
-        raise ValueError("reconstruction='bce' needs inputs in [0, 1], which standardised inputs are not; "
-                         "pass normalize=False with it")
-    if feature_extractor is not None:
-        check_choice(feature_extractor, EXTRACTORS, "feature_extractor")
-    weights = _check_weights(list_of_weights)
-    latent_dims = [list_of_latent_dims] if isinstance(list_of_latent_dims, int) else list(list_of_latent_dims)
-    if not latent_dims:
-        raise ValueError("list_of_latent_dims is empty; give latent sizes, e.g. [2, 16]")
-    latent_dims = [check_int(dim, "every latent size", 1) for dim in latent_dims]
-    num_iters = check_int(num_iters, "num_iters", 1)
-    batch_size = check_int(batch_size, "batch_size", 4)
+    weights, latent_dims, num_iters, batch_size = _check_sweep(
+        constraint_type, encoder_type, distance, reconstruction, normalize, feature_extractor, list_of_weights,
+        list_of_latent_dims, num_iters, batch_size)
     if quick:
         num_iters = min(num_iters, QUICK_ITERS)
         max_train = min(max_train or QUICK_SIZES[0], QUICK_SIZES[0])
@@ -516,7 +501,6 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
         images_dir = None if images_dir is None else os.path.join(images_dir, "quick")
     if cache_dir is None:
         cache_dir = os.path.join(os.fspath(root), "feature-cache")
-
     if splits is None:
         image_size = (feature_params or {}).get("image_size", 224) if feature_extractor == "resnet" else IMAGENET_SIZE
         splits = load_image_splits(dataset, root, download, image_size)
@@ -537,28 +521,20 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
                 "batch_size": n_classes * n_samples, "margin": float(margin), "beta": float(beta),
                 "dropout": float(dropout_val), "normalize": bool(normalize), "reconstruction": reconstruction,
                 "seed": seed, "quick": bool(quick), "n_train": len(train_labels), "n_test": len(test_labels)}
+    model_settings = {"encoder_type": encoder_type, "constraint_type": constraint_type, "margin": margin, "beta": beta,
+                      "distance": distance, "reconstruction": reconstruction, "hidden_dims": hidden_dims,
+                      "dropout": dropout_val, "batch_shape": (n_classes, n_samples), "num_iters": num_iters,
+                      "learning_rate": learning_rate, "seed": seed}
     rows = []
     for latent_dim in latent_dims:
         for weight in weights:
-            torch.manual_seed(seed)
-            mining_generator = torch.Generator().manual_seed(seed)
-            model = make_autoencoder(train_inputs.shape[1:], latent_dim, encoder_type == "vae", hidden_dims,
-                                     dropout_val)
-            loss_fn = build_loss(constraint_type, weight, margin, beta, distance, reconstruction, mining_generator)
-            sampler = BalancedBatchSampler(train_labels, n_classes, n_samples, seed=seed)
             print(f"== {dataset} {label} M={weight:g} {latent_dim}-D: {num_iters} iterations, batches of "
                   f"{n_classes} classes x {n_samples}", flush=True)
-            started = time.perf_counter()
-            final = train_model(model, loss_fn, train_inputs, train_labels, sampler, num_iters, learning_rate,
-                                device, progress)
-            row = dict(settings, weight=weight, latent_dim=latent_dim, train_seconds=time.perf_counter() - started)
-            scores, test_embeddings = _score_model(model, data, reconstruction, final, seed)
-            row.update(scores, latent_plot=None, reconstruction_plot=None)
-            if images_dir is not None:
-                title = f"{label}, M = {weight:g}, {latent_dim}-D"
-                row.update(_plot_model(model, data, test_embeddings, reconstruction, seed, title, f"{dataset} {title}",
-                                       os.path.join(images_dir, "autoencoders",
-                                                    f"{dataset}_{label}_M{weight:g}_{latent_dim}d")))
+            plot_stem = None if images_dir is None else os.path.join(
+                images_dir, "autoencoders", f"{dataset}_{label}_M{weight:g}_{latent_dim}d")
+            row = dict(settings, weight=weight, latent_dim=latent_dim)
+            row.update(_train_and_score(data, weight, latent_dim, model_settings, device, progress, plot_stem,
+                                        f"{label}, M = {weight:g}, {latent_dim}-D", dataset))
             print(f"   kNN acc {row['knn_accuracy']:.3f}, MAP@R {row['map_at_r']:.3f}, reconstruction MSE "
                   f"{row['reconstruction_mse']:.4f}, {row['train_seconds']:.0f} s", flush=True)
             rows.append(row)
@@ -568,6 +544,51 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
     if results_dir is not None:
         record_results(rows, dataset, results_dir)
     return rows
+
+
+def _check_sweep(constraint_type, encoder_type, distance, reconstruction, normalize, feature_extractor,
+                 list_of_weights, list_of_latent_dims, num_iters, batch_size):
+    """run_experiment's argument checks; returns ``(weights, latent sizes, num_iters, batch_size)``."""
+    check_choice(constraint_type, CONSTRAINTS, "constraint_type")
+    check_choice(encoder_type, ENCODERS, "encoder_type")
+    check_choice(distance, AUTOENCODER_DISTANCES, "distance")
+    check_choice(reconstruction, RECONSTRUCTION_LOSSES, "reconstruction")
+    if distance == "kl" and encoder_type != "vae":
+        raise ValueError("distance='kl' compares VAE posteriors; use encoder_type='vae' or distance='euclidean'")
+    if reconstruction == "bce" and normalize:
+        raise ValueError("reconstruction='bce' needs inputs in [0, 1], which standardised inputs are not; "
+                         "pass normalize=False with it")
+    if feature_extractor is not None:
+        check_choice(feature_extractor, EXTRACTORS, "feature_extractor")
+    weights = _check_weights(list_of_weights)
+    latent_dims = [list_of_latent_dims] if isinstance(list_of_latent_dims, int) else list(list_of_latent_dims)
+    if not latent_dims:
+        raise ValueError("list_of_latent_dims is empty; give latent sizes, e.g. [2, 16]")
+    latent_dims = [check_int(dim, "every latent size", 1) for dim in latent_dims]
+    return weights, latent_dims, check_int(num_iters, "num_iters", 1), check_int(batch_size, "batch_size", 4)
+
+
+def _train_and_score(data, weight, latent_dim, settings, device, progress, plot_stem, title, dataset):
+    """One model of the sweep, from the sweep's seed: trained, scored and (``plot_stem`` not None) plotted.
+    Returns its part of the row: ``train_seconds``, ``_score_model``'s scores and the plot paths."""
+    train_inputs, train_labels = data["train"]
+    torch.manual_seed(settings["seed"])
+    model = make_autoencoder(train_inputs.shape[1:], latent_dim, settings["encoder_type"] == "vae",
+                             settings["hidden_dims"], settings["dropout"])
+    loss_fn = build_loss(settings["constraint_type"], weight, settings["margin"], settings["beta"],
+                         settings["distance"], settings["reconstruction"],
+                         torch.Generator().manual_seed(settings["seed"]))
+    sampler = BalancedBatchSampler(train_labels, *settings["batch_shape"], seed=settings["seed"])
+    started = time.perf_counter()
+    final = train_model(model, loss_fn, train_inputs, train_labels, sampler, settings["num_iters"],
+                        settings["learning_rate"], device, progress)
+    row = {"train_seconds": time.perf_counter() - started}
+    scores, test_embeddings = _score_model(model, data, settings["reconstruction"], final, settings["seed"])
+    row.update(scores, latent_plot=None, reconstruction_plot=None)
+    if plot_stem is not None:
+        row.update(_plot_model(model, data, test_embeddings, settings["reconstruction"], settings["seed"], title,
+                               f"{dataset} {title}", plot_stem))
+    return row
 
 
 def _score_model(model, data, reconstruction, final, seed):
@@ -622,8 +643,8 @@ def _parse_composite(text):
         raise SystemExit(f"--composite-labels: expected old:new pairs such as 0:0,2:0,6:0, got {text!r}")
 
 
-def main(argv=None):
-    """Command line: one ``run_experiment`` per (constraint, encoder) given; prints the table."""
+def _parser():
+    """The argument parser of ``main``."""
     parser = argparse.ArgumentParser(
         description="Siamese / triplet autoencoders and VAEs: sweep the weight M of the metric loss.")
     parser.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
@@ -648,9 +669,15 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", default="data", help="data folder (also holds the feature cache)")
     parser.add_argument("--no-download", action="store_true", help="never download data")
-    parser.add_argument("--device", default=None, help="cpu (default) or cuda")
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument("--quick", action="store_true", help="smoke run: small subsets, few iterations")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv=None):
+    """Command line: one ``run_experiment`` per (constraint, encoder) given; prints the table."""
+    parser = _parser()
     args = parser.parse_args(argv)
 
     constraints = _parse_list(args.constraint, str, "constraint")

@@ -133,6 +133,21 @@ def _check_image_size(image_size):
                          f"got {image_size!r}")
 
 
+def _check_options(image_size, mirror, alphabets, quarter_turns):
+    """OmniglotAlphabets' argument checks; returns quarter_turns as a tuple."""
+    _check_image_size(image_size)
+    if not isinstance(mirror, bool):
+        raise TypeError(f"mirror must be True or False, got {mirror!r}")
+    if isinstance(alphabets, str):
+        raise TypeError(f"alphabets must be a list of names, e.g. [{alphabets!r}], not a string")
+    quarter_turns = tuple(quarter_turns) if isinstance(quarter_turns, (tuple, list)) else None
+    if (not quarter_turns or len(set(quarter_turns)) != len(quarter_turns)
+            or not all(turn in (0, 1, 2, 3) and not isinstance(turn, bool) for turn in quarter_turns)):
+        raise ValueError("quarter_turns must be a tuple of distinct ints among 0, 1, 2, 3 (rotations by "
+                         "k * 90 degrees), e.g. (0,) or (0, 1, 2, 3)")
+    return quarter_turns
+
+
 class OmniglotAlphabets(InMemoryDataset):
     """Omniglot characters held in memory: one class per (alphabet, character).
 
@@ -174,16 +189,7 @@ class OmniglotAlphabets(InMemoryDataset):
 
     def __init__(self, root, alphabets=None, image_size=None, invert=True, transform=None, target_transform=None,
                  augment=False, train=True, subset=None, quarter_turns=(0,), mirror=False):
-        _check_image_size(image_size)
-        if not isinstance(mirror, bool):
-            raise TypeError(f"mirror must be True or False, got {mirror!r}")
-        if isinstance(alphabets, str):
-            raise TypeError(f"alphabets must be a list of names, e.g. [{alphabets!r}], not a string")
-        quarter_turns = tuple(quarter_turns) if isinstance(quarter_turns, (tuple, list)) else None
-        if (not quarter_turns or len(set(quarter_turns)) != len(quarter_turns)
-                or not all(turn in (0, 1, 2, 3) and not isinstance(turn, bool) for turn in quarter_turns)):
-            raise ValueError("quarter_turns must be a tuple of distinct ints among 0, 1, 2, 3 (rotations by "
-                             "k * 90 degrees), e.g. (0,) or (0, 1, 2, 3)")
+        quarter_turns = _check_options(image_size, mirror, alphabets, quarter_turns)
         self.root = os.fspath(root)
         with _FileTree(self.root) as tree:
             prefix, files = self._find_files(tree.names, subset)
@@ -229,8 +235,13 @@ class OmniglotAlphabets(InMemoryDataset):
         self.quarter_turns = quarter_turns
         self.image_size = images.shape[-1]
         self.invert = bool(invert)
+        self._set_transforms(augment, transform)
+
+    def _set_transforms(self, augment, transform):
+        """``augmentation`` (True: a default ``BatchRandomAffine`` filling with the background) and the
+        ``transform`` applied to batches: the augmentation, then the user's ``transform``."""
         if augment is True:
-            augment = BatchRandomAffine(fill=0.0 if invert else 1.0)
+            augment = BatchRandomAffine(fill=0.0 if self.invert else 1.0)
         if augment is not False and augment is not None and not callable(augment):
             raise TypeError(f"augment must be True, False or a BatchRandomAffine, got {type(augment).__name__}")
         self.augmentation = augment or None
