@@ -20,19 +20,28 @@ Loading MNIST and Fashion-MNIST from their IDX files:
   download them into `root`; optionally returns an InMemoryDataset. NORMALIZATION and CLASS_NAMES
   hold each dataset's (mean, std) and class names.
 
+Your own images (a folder of class folders, group/class folders like Omniglot's, or a CSV of path,label):
+- read_image / list_images / load_image_folder: read them (resized, 1 or 3 channels, pixels in [0, 1]) into an
+  InMemoryDataset, or an ImageFileDataset that reads each file when fetched if they do not fit in memory.
+- channel_statistics / normalized: per-channel mean and std of the training images, and standardising by them.
+- split_per_class (a validation split inside every class) and held_out_class_split (unseen classes).
+
 BatchRandomAffine: random rotation, shear, zoom and shift of a whole batch of image tensors at once.
 
 Omniglot's readers (OmniglotAlphabets, OneShotRuns) live in omniglot.py; ``datasets.OmniglotAlphabets``
 and the other old names still resolve to them.
 """
 
+import csv
 import gzip
 import importlib
 import math
 import numbers
 import os
 import pickle
+import re
 import struct
+import warnings
 import zlib
 from typing import NamedTuple, Optional
 
@@ -43,8 +52,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
+from tqdm.auto import tqdm
 
-from utils import check_choice, groups_of_classes
+from utils import check_choice, check_int, groups_of_classes
 
 
 class InMemoryDataset(Dataset):
@@ -109,11 +119,13 @@ class InMemoryDataset(Dataset):
 
     def subset(self, index):
         """The items at ``index`` (a (K,) index or bool tensor, or a slice) as a new InMemoryDataset with
-        the same split flag, transforms, class names and recorded ``mean`` / ``std``."""
+        the same split flag, transforms, class names and recorded ``mean`` / ``std`` (and, for a dataset
+        from ``load_image_folder``, its ``paths`` and ``groups`` at ``index`` and its other attributes)."""
         subset = InMemoryDataset(self.data[index], self.targets[index], train=self.train, transform=self.transform,
                                  target_transform=self.target_transform, classes=self.classes)
         if hasattr(self, "mean"):
             subset.mean, subset.std = self.mean, self.std
+        _carry_image_attributes(self, subset, index)
         return subset
 
     def _sample(self, image, target):
@@ -932,6 +944,567 @@ class BatchRandomAffine:
         warped = F.grid_sample(batch - self.fill, grid, mode="bilinear", padding_mode="zeros",
                                align_corners=False) + self.fill
         return warped.squeeze(0) if images.ndim == 3 else warped
+
+
+# ---------------------------------------------------------------------------------------------------
+# Your own images: a folder (one sub-folder per class, or group/class like Omniglot) or a CSV file of
+# path,label lines, read into memory (or streamed from disk when too large), normalised and split
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".pgm", ".ppm")
+DEFAULT_MAX_MEMORY_BYTES = 4 * 2 ** 30  # above this, load_image_folder streams the images from disk
+
+# Layouts list_images accepts, quoted by its errors
+_LAYOUTS = ("one sub-folder of images per class (root/<class>/<image>), two levels like Omniglot "
+            "(root/<group>/<class>/<image>), or a CSV file of path,label lines")
+_HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # more than 8 bits per pixel, one channel
+_COLOUR_MODES = {"RGB", "RGBA", "RGBX", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
+# Errors PIL raises for files that are not images, are truncated or are corrupt
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, MemoryError,
+                 Image.DecompressionBombError)
+_MAX_NAMED = 5  # how many paths a warning lists
+
+
+class ImageList(NamedTuple):
+    """The images ``list_images`` found: ``paths`` (list of N str), ``labels`` ((N,) long class ids into
+    ``classes``), ``classes`` (list of class names), ``groups`` ((N,) long ids into ``group_names``, or
+    None) and ``group_names`` (list of str, or None) for the two-level layout."""
+    paths: list
+    labels: torch.Tensor
+    classes: list
+    groups: Optional[torch.Tensor] = None
+    group_names: Optional[list] = None
+
+
+def _cannot_read(path, error):
+    return ValueError(f"cannot read image {path}: {str(error) or type(error).__name__}; "
+                      "remove it or pass --skip-bad-images")
+
+
+def read_image(path, image_size, channels):
+    """One image file (anything PIL reads: PNG, JPEG, BMP, WebP, GIF's first frame, TIFF, PGM, ...) as a
+    ``(channels, image_size, image_size)`` float32 tensor in [0, 1].
+
+    ``channels`` 1 converts to grey ('L'), 3 to 'RGB'; images with transparency (RGBA, LA, PA, or a
+    palette / colour key marked transparent) are composited on white first. 16-bit and 32-bit grey
+    images ('I;16', 'I') are scaled by 1/65535, float ('F') images are clipped to [0, 1]. The image is
+    resized (bilinear, antialiased) to an image_size x image_size square, which does not keep its
+    aspect ratio. Raises ValueError naming ``path`` when the file cannot be read, is truncated or is
+    corrupt (PIL's ImageFile.LOAD_TRUNCATED_IMAGES must stay False for truncated files to fail).
+    """
+    image_size = check_int(image_size, "image_size", minimum=1)
+    check_choice(channels, (1, 3), "channels")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes now, so that truncated and corrupt files fail here
+            pixels = _converted_pixels(image, image_size, channels)
+    except _IMAGE_ERRORS as error:
+        raise _cannot_read(path, error) from error
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def _converted_pixels(image, image_size, channels):
+    """(image_size, image_size, channels) float32 array in [0, 1] of a loaded PIL image."""
+    size = (image_size, image_size)
+    if image.mode in _HIGH_DEPTH_MODES:
+        # converting to 'L' would clip 16-bit values at 255 instead of scaling them
+        values = np.asarray(image, dtype=np.float32)
+        values = values.clip(0, 1) if image.mode == "F" else values.clip(0, 65535) / 65535
+        grey = Image.fromarray(np.ascontiguousarray(values, dtype=np.float32), mode="F")
+        if grey.size != size:
+            grey = grey.resize(size, Image.Resampling.BILINEAR)
+        pixels = np.asarray(grey, dtype=np.float32).clip(0, 1)[:, :, None]
+        return np.repeat(pixels, channels, axis=2) if channels == 3 else np.ascontiguousarray(pixels)
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)  # PIL widens the filter when shrinking
+    pixels = np.asarray(image, dtype=np.float32) / 255
+    return pixels[:, :, None] if channels == 1 else pixels
+
+
+def _image_header(path):
+    """((width, height), mode) of an image file, from its header only (PIL opens lazily)."""
+    try:
+        with Image.open(path) as image:
+            return image.size, image.mode
+    except _IMAGE_ERRORS as error:
+        raise _cannot_read(path, error) from error
+
+
+def _is_image_file(name):
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _folder_entries(folder):
+    """(sorted sub-folder names, sorted image file names) of ``folder``, hidden ones left out."""
+    folders, images = [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                folders.append(entry.name)
+            elif entry.is_file() and _is_image_file(entry.name):
+                images.append(entry.name)
+    return sorted(folders), sorted(images)
+
+
+def _left_out(folder):
+    warnings.warn(f"{folder} holds no images; it is left out", stacklevel=3)
+
+
+def _check_two_classes(classes, where):
+    if len(classes) < 2:
+        found = f"found 1 ({classes[0]!r})" if classes else "found none"
+        raise ValueError(f"metric learning needs at least 2 classes; {found} in {where}")
+
+
+def list_images(root):
+    """The image files under ``root`` and their classes, as an ``ImageList``.
+
+    ``root`` is one of:
+    - a folder in torchvision's ImageFolder layout: one sub-folder per class, its images inside;
+    - a folder of two levels like Omniglot's (``group/class/image``): each leaf folder is a class named
+      "group/class" and the upper level is kept as ``groups`` / ``group_names``;
+    - a CSV file of ``path,label`` lines (paths relative to the CSV's folder unless absolute; an
+      optional header line ``path,label``; labels are class names).
+    Classes are sorted by name (group, then class; CSV labels numerically when they are all integers),
+    files within a class by name. Images are recognised by their extension (IMAGE_EXTENSIONS, any case);
+    other files and hidden files or folders (".name") are ignored.
+
+    Raises FileNotFoundError when ``root`` does not exist; ValueError when a folder holds no class
+    sub-folders or no images, mixes images and sub-folders on one level, or yields fewer than 2 classes,
+    and when a CSV line is malformed or names a missing file. Warns about each class folder (or group
+    folder) that holds no images: it is left out.
+    """
+    root = os.fspath(root)
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"{root} does not exist; pass a folder of images ({_LAYOUTS})")
+    if os.path.isfile(root):
+        if not root.lower().endswith(".csv"):
+            raise ValueError(f"{root} is a file but not a .csv file; pass a folder or a CSV file ({_LAYOUTS})")
+        return _list_csv(root)
+    folders, images = _folder_entries(root)
+    if images and folders:
+        raise ValueError(f"{root} mixes images (e.g. {images[0]}) and class folders (e.g. {folders[0]}); "
+                         f"expected {_LAYOUTS}")
+    if not folders:
+        holds = "holds images but no class sub-folders" if images else "holds no class sub-folders"
+        raise ValueError(f"{root} {holds}; expected {_LAYOUTS}")
+    contents = {name: _folder_entries(os.path.join(root, name)) for name in folders}
+    for name, (sub_folders, sub_images) in contents.items():
+        if sub_folders and sub_images:
+            raise ValueError(f"{os.path.join(root, name)} mixes images and sub-folders; expected {_LAYOUTS}")
+    with_images = [name for name in folders if contents[name][1]]
+    with_folders = [name for name in folders if contents[name][0]]
+    if with_images and with_folders:
+        raise ValueError(f"{root} mixes class folders of images (e.g. {with_images[0]}) and folders of "
+                         f"folders (e.g. {with_folders[0]}); expected {_LAYOUTS}")
+    if not with_images and not with_folders:
+        raise ValueError(f"{root} holds no images in its sub-folders; expected {_LAYOUTS}")
+    two_levels = bool(with_folders)
+    # (group or None, class folder name, folder path, image names), in sorted order
+    leaves = []
+    for name in folders:
+        folder = os.path.join(root, name)
+        sub_folders, sub_images = contents[name]
+        if not two_levels:
+            leaves.append((None, name, folder, sub_images))
+            continue
+        for leaf in sub_folders:
+            leaf_folder = os.path.join(folder, leaf)
+            deeper, leaf_images = _folder_entries(leaf_folder)
+            if deeper:
+                raise ValueError(f"{leaf_folder} holds sub-folders ({deeper[0]}, ...); in the two-level layout "
+                                 "every image lies two levels down (root/<group>/<class>/<image>)")
+            leaves.append((name, leaf, leaf_folder, leaf_images))
+        if not sub_folders:
+            _left_out(folder)
+    paths, labels, groups, classes, group_names = [], [], [], [], []
+    for group, name, folder, names in leaves:
+        if not names:
+            _left_out(folder)
+            continue
+        if group is not None and (not group_names or group_names[-1] != group):
+            group_names.append(group)
+        classes.append(name if group is None else f"{group}/{name}")
+        paths.extend(os.path.join(folder, file) for file in names)
+        labels.extend([len(classes) - 1] * len(names))
+        groups.extend([len(group_names) - 1] * len(names))
+    _check_two_classes(classes, root)
+    labels = torch.tensor(labels, dtype=torch.long)
+    if not two_levels:
+        return ImageList(paths, labels, classes)
+    return ImageList(paths, labels, classes, torch.tensor(groups, dtype=torch.long), group_names)
+
+
+def _list_csv(csv_path):
+    folder = os.path.dirname(csv_path)
+    paths, names = [], []
+    with open(csv_path, newline="", encoding="utf-8-sig") as file:
+        reader = csv.reader(file)
+        for row in reader:
+            line = reader.line_num
+            fields = [field.strip() for field in row]
+            if not fields or fields == [""]:
+                continue  # blank line
+            if len(fields) != 2 or not fields[0] or not fields[1]:
+                raise ValueError(f"{csv_path} line {line}: expected 'path,label', got {','.join(row)!r}")
+            if not paths and [field.lower() for field in fields] == ["path", "label"]:
+                continue  # header
+            path = os.path.normpath(os.path.join(folder, fields[0]))  # an absolute path stays as it is
+            if not os.path.isfile(path):
+                raise ValueError(f"{csv_path} line {line}: image file {path} does not exist; fix the path "
+                                 "(relative paths start from the CSV's folder) or remove the line")
+            paths.append(path)
+            names.append(fields[1])
+    if not paths:
+        raise ValueError(f"{csv_path} lists no images; expected path,label lines")
+    numeric = all(re.fullmatch(r"[+-]?\d+", name) for name in names)
+    classes = sorted(set(names), key=(lambda name: (int(name), name)) if numeric else None)
+    _check_two_classes(classes, csv_path)
+    index = {name: k for k, name in enumerate(classes)}
+    return ImageList(paths, torch.tensor([index[name] for name in names], dtype=torch.long), classes)
+
+
+def _drop_images(listing, bad, where):
+    """``listing`` without the paths in ``bad``, its classes and groups renumbered; warns about each class
+    left with no image (it is left out) and raises ValueError if fewer than 2 classes remain."""
+    if not bad:
+        return listing
+    keep = [k for k, path in enumerate(listing.paths) if path not in bad]
+    labels = listing.labels[keep]
+    present = torch.zeros(len(listing.classes), dtype=torch.bool)
+    present[labels] = True
+    for class_id in (~present).nonzero().flatten().tolist():
+        first = next(path for path, label in zip(listing.paths, listing.labels.tolist()) if label == class_id)
+        warnings.warn(f"{os.path.dirname(first)} (class {listing.classes[class_id]!r}) holds no readable "
+                      "images; it is left out", stacklevel=3)
+    classes = [name for name, kept in zip(listing.classes, present.tolist()) if kept]
+    _check_two_classes(classes, where)
+    labels = (present.long().cumsum(0) - 1)[labels]
+    groups, group_names = None, None
+    if listing.groups is not None:
+        kept_groups, groups = torch.unique(listing.groups[keep], return_inverse=True)
+        group_names = [listing.group_names[g] for g in kept_groups.tolist()]
+    return ImageList([listing.paths[k] for k in keep], labels, classes, groups, group_names)
+
+
+def load_image_folder(root, image_size=None, channels=None, skip_bad_images=False, progress=True,
+                      max_memory_bytes=DEFAULT_MAX_MEMORY_BYTES):
+    """The images under ``root`` (any layout ``list_images`` accepts) as a dataset of pixels in [0, 1],
+    not normalised yet (see ``channel_statistics`` and ``normalized``).
+
+    Args:
+        root: a folder of class folders, a two-level group/class folder, or a CSV file of path,label lines.
+        image_size: side of the square every image is resized to; None takes the images' common size,
+            which needs every image square and of one size (ValueError asking for image_size otherwise).
+        channels: 1 (grey) or 3 (RGB); None gives 3 when any image is in colour (PIL mode RGB, RGBA,
+            P, CMYK, YCbCr, ...; palettes count as colour), else 1.
+        skip_bad_images: leave out files that cannot be read (warning once with their count and the
+            first few paths, listed in ``.skipped``) instead of raising ValueError naming the first one.
+        progress: show tqdm progress bars while the images are read.
+        max_memory_bytes: when the decoded float32 images would take more than this, an
+            ``ImageFileDataset`` that reads each image from disk when it is fetched is returned instead.
+    Returns an ``InMemoryDataset`` with data (N, channels, image_size, image_size) in [0, 1] (recorded
+    mean 0, std 1) or an ``ImageFileDataset``; either has ``.targets`` (N,) long, ``.classes``,
+    ``.paths`` (N str), ``.groups`` (N,) long and ``.group_names`` (None for one-level layouts),
+    ``.image_size``, ``.channels`` and ``.skipped`` (the paths left out). Classes whose images were all
+    left out are dropped with a warning. The streaming path checks every file's header when it
+    reads sizes and modes, and decodes every file once when ``skip_bad_images`` is set.
+    """
+    listing = list_images(root)
+    root = os.fspath(root)
+    if image_size is not None:
+        image_size = check_int(image_size, "image_size", minimum=1)
+    if channels is not None:
+        check_choice(channels, (1, 3), "channels")
+    max_memory_bytes = check_int(max_memory_bytes, "max_memory_bytes", minimum=0)
+    skipped = []
+
+    def read_or_skip(read, path):
+        try:
+            return read(path)
+        except ValueError:
+            if not skip_bad_images:
+                raise
+            skipped.append(path)
+            return None
+
+    headers = {}
+    if image_size is None or channels is None:
+        bar = tqdm(listing.paths, desc="Reading image sizes", disable=not progress, leave=False)
+        headers = {path: header for path in bar if (header := read_or_skip(_image_header, path)) is not None}
+        listing = _drop_images(listing, set(skipped), root)
+    if image_size is None:
+        sizes = {size for size, _ in headers.values()}
+        if len(sizes) != 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
+            examples = {}
+            for path, (size, _) in headers.items():
+                examples.setdefault(size, path)
+            shown = ", ".join(f"{path} is {w}x{h}" for (w, h), path in list(examples.items())[:3])
+            raise ValueError(f"the images in {root} are not all square and of one size ({shown}); pass "
+                             "image_size (--image-size) to resize them all to one square size")
+        image_size = next(iter(sizes))[0]
+    if channels is None:
+        channels = 3 if any(mode in _COLOUR_MODES for _, mode in headers.values()) else 1
+    shape = (channels, image_size, image_size)
+    n_bytes = len(listing.paths) * channels * image_size * image_size * 4
+    if n_bytes > max_memory_bytes:
+        if skip_bad_images:
+            bar = tqdm(listing.paths, desc="Checking images", disable=not progress, leave=False)
+            for path in bar:
+                read_or_skip(lambda p: read_image(p, image_size, channels), path)
+        elif not headers:
+            for path in tqdm(listing.paths, desc="Checking image headers", disable=not progress, leave=False):
+                _image_header(path)
+        listing = _drop_images(listing, set(skipped), root)
+        dataset = ImageFileDataset(listing.paths, listing.labels, image_size, channels, listing.classes)
+    else:
+        data = torch.empty(len(listing.paths), *shape)
+        good = []
+        for k, path in enumerate(tqdm(listing.paths, desc="Reading images", disable=not progress, leave=False)):
+            image = read_or_skip(lambda p: read_image(p, image_size, channels), path)
+            if image is not None:
+                data[len(good)] = image
+                good.append(k)
+        listing = _drop_images(listing, set(skipped), root)
+        data = data if len(good) == len(data) else data[:len(good)].clone()  # frees the skipped rows' room
+        dataset = InMemoryDataset(data, listing.labels, classes=listing.classes)
+        dataset.mean, dataset.std = (0.0,) * channels, (1.0,) * channels
+        dataset.paths, dataset.image_size, dataset.channels = listing.paths, image_size, channels
+    dataset.groups, dataset.group_names, dataset.skipped = listing.groups, listing.group_names, skipped
+    if skipped:
+        named = ", ".join(skipped[:_MAX_NAMED]) + (", ..." if len(skipped) > _MAX_NAMED else "")
+        warnings.warn(f"skipped {len(skipped)} unreadable image file(s) of {root}: {named}", stacklevel=2)
+    return dataset
+
+
+class ImageFileDataset(Dataset):
+    """Images read from their files when fetched, for data sets too large to hold in memory.
+
+    Args:
+        paths: N image file paths.
+        labels: (N,) integer class ids into ``classes``.
+        image_size, channels: every image is read as (channels, image_size, image_size) by ``read_image``.
+        classes: class names.
+        transform: optional callable applied to each (C, H, W) image tensor.
+    Items are (image (C, H, W) float tensor, target int); the dataset pickles, so DataLoader workers
+    can read it. Attributes as ``load_image_folder``'s in-memory result: ``.targets``, ``.classes``,
+    ``.paths``, ``.groups``, ``.group_names``, ``.image_size``, ``.channels``, ``.mean``, ``.std``.
+    """
+
+    def __init__(self, paths, labels, image_size, channels, classes, transform=None):
+        self.paths = [os.fspath(path) for path in paths]
+        self.targets = _as_tensor(labels).long()
+        if self.targets.shape != (len(self.paths),):
+            raise ValueError(f"labels must hold one class id per path ({len(self.paths)}), got shape "
+                             f"{tuple(self.targets.shape)}")
+        self.image_size = check_int(image_size, "image_size", minimum=1)
+        self.channels = check_choice(channels, (1, 3), "channels")
+        self.classes = list(classes)
+        self.transform = transform
+        self.train = True
+        self.groups, self.group_names, self.skipped = None, None, []
+        self.mean, self.std = (0.0,) * channels, (1.0,) * channels
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        image = read_image(self.paths[index], self.image_size, self.channels)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+    def subset(self, index):
+        """The items at ``index`` (a (K,) index or bool tensor, or a slice) as a new ImageFileDataset with
+        the same transform, classes and attributes."""
+        subset = ImageFileDataset(_take(self.paths, index), self.targets[index], self.image_size, self.channels,
+                                  self.classes, transform=self.transform)
+        subset.train, subset.mean, subset.std = self.train, self.mean, self.std
+        _carry_image_attributes(self, subset, index)
+        return subset
+
+
+# Attributes of an image-folder dataset that its subsets keep: per item (indexed) and whole
+_ITEM_ATTRIBUTES = ("paths", "groups")
+_WHOLE_ATTRIBUTES = ("group_names", "image_size", "channels", "skipped")
+
+
+def _take(values, index):
+    """``values`` (a list or a tensor) at ``index`` (a slice, or an index or bool tensor / sequence)."""
+    if torch.is_tensor(values) or isinstance(index, slice):
+        return values[index]
+    index = torch.as_tensor(index)
+    if index.dtype == torch.bool:
+        index = index.nonzero().flatten()
+    return [values[k] for k in index.reshape(-1).tolist()]
+
+
+def _carry_image_attributes(source, target, index):
+    for name in _ITEM_ATTRIBUTES:
+        if hasattr(source, name):
+            value = getattr(source, name)
+            setattr(target, name, None if value is None else _take(value, index))
+    for name in _WHOLE_ATTRIBUTES:
+        if hasattr(source, name):
+            setattr(target, name, getattr(source, name))
+
+
+def channel_statistics(dataset, max_images=2000, seed=0, progress=False):
+    """Per-channel ``(mean tuple, std tuple)`` of a dataset's pixels, as stored (transforms not applied).
+
+    Takes an ``InMemoryDataset`` (all of its data, summed in float64) or an ``ImageFileDataset`` (a
+    sample of at most ``max_images`` images drawn with ``seed``, read from disk with a tqdm bar when
+    ``progress``). The std is the population one (no correction), as ``InMemoryDataset.from_dataset``.
+    """
+    if isinstance(dataset, ImageFileDataset):
+        max_images = check_int(max_images, "max_images", minimum=1)
+        generator = torch.Generator().manual_seed(seed)
+        index = torch.randperm(len(dataset), generator=generator)[:max_images].sort().values.tolist()
+        bar = tqdm(index, desc="Image statistics", disable=not progress, leave=False)
+        chunks = (read_image(dataset.paths[k], dataset.image_size, dataset.channels).unsqueeze(0) for k in bar)
+    elif isinstance(dataset, InMemoryDataset):
+        chunks = dataset.data.split(256)  # bounds the float64 copy
+    else:
+        raise TypeError(f"dataset must be an InMemoryDataset or an ImageFileDataset, got {type(dataset).__name__}")
+    total = squares = None
+    count = 0
+    for chunk in chunks:
+        chunk = chunk.double()
+        total = chunk.sum((0, 2, 3)) + (0 if total is None else total)
+        squares = chunk.square().sum((0, 2, 3)) + (0 if squares is None else squares)
+        count += chunk.numel() // chunk.shape[1]
+    if count == 0:
+        raise ValueError("dataset is empty; channel statistics need at least one image")
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_(min=0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def normalized(dataset, mean, std):
+    """The dataset with every channel standardised, (x - mean) / std; ``mean`` and ``std`` are numbers or
+    one per channel (e.g. ``channel_statistics`` of the training images).
+
+    An ``InMemoryDataset`` comes back as a new one holding the normalised data; an ``ImageFileDataset``
+    as a new one whose transform normalises each image (before its own transform). Either records
+    ``.mean`` and ``.std`` (tuples) and keeps the other attributes. Raises ValueError when a std is not
+    positive (a constant channel) or when the dataset is already normalised.
+    """
+    if not isinstance(dataset, (InMemoryDataset, ImageFileDataset)):
+        raise TypeError(f"dataset must be an InMemoryDataset or an ImageFileDataset, got {type(dataset).__name__}")
+    n_channels = dataset.data.shape[1] if isinstance(dataset, InMemoryDataset) else dataset.channels
+    recorded = (getattr(dataset, "mean", None), getattr(dataset, "std", None))
+    if recorded != (None, None) and (any(recorded[0]) or any(s != 1 for s in recorded[1])):
+        raise ValueError(f"dataset is already normalised (mean {recorded[0]}, std {recorded[1]}); normalise the "
+                         "raw images of load_image_folder instead")
+    mean, std = _per_channel(mean, n_channels, "mean"), _per_channel(std, n_channels, "std")
+    if not (std > 0).all():
+        channel = int((~(std > 0)).nonzero()[0])
+        raise ValueError(f"std must be positive in every channel, got {std.tolist()}: channel {channel} has the "
+                         "same value in every image, so it cannot be standardised")
+    if isinstance(dataset, ImageFileDataset):
+        result = dataset.subset(slice(None))
+        normalize = transforms.Normalize(mean.tolist(), std.tolist())
+        result.transform = normalize if dataset.transform is None else transforms.Compose([normalize,
+                                                                                           dataset.transform])
+    else:
+        data = (dataset.data - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+        result = InMemoryDataset(data, dataset.targets, train=dataset.train, transform=dataset.transform,
+                                 target_transform=dataset.target_transform, classes=dataset.classes)
+        _carry_image_attributes(dataset, result, slice(None))
+    result.mean, result.std = tuple(mean.tolist()), tuple(std.tolist())
+    return result
+
+
+def split_per_class(dataset, val_fraction=0.1, seed=0):
+    """``(train, val)`` subsets of an ``InMemoryDataset`` or ``ImageFileDataset``: from each class,
+    round(val_fraction * n) of its n images go to val (at least 1 when n >= 2, never all of them; none
+    when n == 1), drawn with a torch.Generator seeded by ``seed``. Both keep the items' order, the classes
+    and the other attributes (paths, groups, ...); val has ``train`` False."""
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be a number between 0 and 1 (exclusive), got {val_fraction!r}")
+    generator = torch.Generator().manual_seed(seed)
+    targets = torch.as_tensor(dataset.targets)
+    in_val = torch.zeros(len(targets), dtype=torch.bool)
+    for class_id in targets.unique().tolist():  # sorted, so the draws do not depend on the items' order
+        members = (targets == class_id).nonzero().flatten()
+        n = len(members)
+        n_val = 0 if n < 2 else min(max(math.floor(val_fraction * n + 0.5), 1), n - 1)
+        in_val[members[torch.randperm(n, generator=generator)[:n_val]]] = True
+    train, val = dataset.subset((~in_val).nonzero().flatten()), dataset.subset(in_val.nonzero().flatten())
+    val.train = False
+    return train, val
+
+
+def _held_out_ids(classes, spec, seed):
+    """Sorted class ids that ``spec`` (see held_out_class_split) names."""
+    n_classes = len(classes)
+    fraction = spec if isinstance(spec, float) else None
+    if isinstance(spec, str):
+        tokens = [token.strip() for token in spec.split(",") if token.strip()]
+        if len(tokens) == 1 and tokens[0] not in classes and re.fullmatch(r"0?\.\d+", tokens[0]):
+            fraction = float(tokens[0])
+        spec_items = tokens
+    elif fraction is None:
+        spec_items = [spec] if isinstance(spec, (numbers.Integral, str)) else list(spec)
+    if fraction is not None:
+        if not 0 < fraction < 1:
+            raise ValueError(f"held-out class fraction {spec!r} must lie between 0 and 1 (exclusive)")
+        n_held_out = max(1, math.floor(fraction * n_classes + 0.5))
+        generator = torch.Generator().manual_seed(seed)
+        return sorted(torch.randperm(n_classes, generator=generator)[:n_held_out].tolist())
+    index = {name: k for k, name in enumerate(classes)}
+    ids = set()
+    for item in spec_items:
+        if isinstance(item, str) and item in index:
+            ids.add(index[item])
+        elif (isinstance(item, numbers.Integral) and not isinstance(item, bool)) or (
+                isinstance(item, str) and re.fullmatch(r"\d+", item)):
+            if not 0 <= int(item) < n_classes:
+                raise ValueError(f"held-out classes {spec!r}: class index {item} is out of range 0..{n_classes - 1}")
+            ids.add(int(item))
+        else:
+            shown = ", ".join(classes[:10]) + (", ..." if n_classes > 10 else "")
+            raise ValueError(f"held-out classes {spec!r}: {item!r} is neither a class name nor a class index; "
+                             f"the classes are {shown}")
+    return sorted(ids)
+
+
+def _classes_part(dataset, class_ids):
+    """The items of the classes ``class_ids`` (sorted), relabelled 0 .. len(class_ids) - 1 in that order."""
+    targets = torch.as_tensor(dataset.targets)
+    new_id = torch.full((len(dataset.classes),), -1, dtype=torch.long)
+    new_id[class_ids] = torch.arange(len(class_ids))
+    part = dataset.subset(torch.isin(targets, torch.tensor(class_ids, dtype=torch.long)).nonzero().flatten())
+    part.targets = new_id[torch.as_tensor(part.targets)]
+    part.classes = [dataset.classes[k] for k in class_ids]
+    return part
+
+
+def held_out_class_split(dataset, spec, seed=0):
+    """``(seen, held_out, held_out_class_names)``: the dataset split by class, for testing on classes
+    never seen in training.
+
+    ``spec`` is a fraction in (0, 1) (that share of the classes, rounded, at least 1, drawn with ``seed``),
+    a list of class names or indices, or a string of them separated by commas ("cat,dog", "3,7", "0.2").
+    Both parts (subsets of an ``InMemoryDataset`` or ``ImageFileDataset``) keep their paths and groups and
+    are relabelled 0 .. k - 1 in class order, their ``classes`` listing their own classes. Raises
+    ValueError naming ``spec`` when it names an unknown class or leaves fewer than 2 classes on a side.
+    """
+    if isinstance(spec, bool) or spec is None:
+        raise TypeError(f"held-out classes must be a fraction, class names or indices, got {spec!r}")
+    held_ids = _held_out_ids(list(dataset.classes), spec, seed)
+    seen_ids = [k for k in range(len(dataset.classes)) if k not in set(held_ids)]
+    if len(held_ids) < 2 or len(seen_ids) < 2:
+        raise ValueError(f"held-out classes {spec!r} leave {len(seen_ids)} seen and {len(held_ids)} held-out "
+                         f"classes of {len(dataset.classes)}; metric learning needs at least 2 classes on each side")
+    held_out = _classes_part(dataset, held_ids)
+    return _classes_part(dataset, seen_ids), held_out, list(held_out.classes)
 
 
 # ---------------------------------------------------------------------------------------------------

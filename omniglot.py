@@ -41,7 +41,7 @@ from torchvision import transforms
 from datasets import BatchRandomAffine, InMemoryDataset, SiameseMNIST
 from experiments import EVALUATION_BATCH, build_method, main as experiments_main, markdown_table, write_json, write_text
 from metrics import best_threshold, extract_embeddings, few_shot_accuracy, verification_roc_auc
-from networks import ShiftAveragedEmbedding, SiameseNetwork
+from networks import ShiftAveragedEmbedding, SiameseNetwork, load_model, save_model
 from trainer import fit
 from utils import check_choice, squared_distances
 
@@ -618,24 +618,31 @@ def omniglot_table(*results):
 
 
 def save_omniglot_model(model, path, **information):
-    """Save ``model``'s config and weights (plus any JSON-able ``information``: recipe, command, results)
-    to ``path`` (folders created). Returns the path."""
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    torch.save({"config": model.config(), "state_dict": model.state_dict(), **information}, path)
-    return path
+    """Save the SiameseNetwork ``model`` to ``path`` as a model file (networks.save_model: architecture
+    "siamese-network", its config and weights, folders created, written atomically). ``information``
+    (plain data: command, recipe, results, ...) is kept: ``command`` as the file's command, everything else
+    under its own key, and the verification threshold of ``information["evaluation"]``, when given, as the
+    file's threshold. Returns the path."""
+    evaluation = information.get("evaluation")
+    verification = evaluation.get("verification") if isinstance(evaluation, dict) else None
+    threshold = verification.get("threshold") if isinstance(verification, dict) else None
+    information.setdefault("threshold", threshold)
+    config = model.config()
+    return save_model(path, model, "siamese-network", config, image_size=model.image_size,
+                      channels=config["in_channels"], **information)
 
 
 def load_omniglot_model(path=OMNIGLOT_WEIGHTS, device="cpu"):
-    """The SiameseNetwork saved by save_omniglot_model at ``path``, in eval mode."""
+    """The SiameseNetwork saved by save_omniglot_model at ``path`` (a model file, or the older
+    ``{"config", "state_dict", ...}`` file), in eval mode on ``device``."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no weights at {path}: train them with `python experiments.py --dataset omniglot` "
                                 "or pass --weights")
-    saved = torch.load(path, map_location=device, weights_only=True)
-    model = SiameseNetwork(**saved["config"])
-    model.load_state_dict(saved["state_dict"])
-    return model.to(device).eval()
+    model, info = load_model(path, device)
+    if not isinstance(model, SiameseNetwork):
+        raise ValueError(f"{path} holds a {info['architecture']!r} model, not the Omniglot SiameseNetwork; pass "
+                         "weights saved by save_omniglot_model")
+    return model
 
 
 def run_omniglot(root=None, weights=OMNIGLOT_WEIGHTS, results_dir="results", quick=False, seed=0, device=None,

@@ -1,0 +1,566 @@
+"""Tests for the image-folder section of datasets.py: read_image, list_images, load_image_folder,
+ImageFileDataset, channel_statistics, normalized, split_per_class and held_out_class_split.
+
+Every test writes its own images with PIL under tmp_path (fixed seeds), so nothing depends on the
+machine's data.
+"""
+
+import io
+import os
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile, features
+
+from datasets import (ImageFileDataset, InMemoryDataset, channel_statistics, held_out_class_split, list_images,
+                      load_image_folder, normalized, read_image, split_per_class)
+
+
+def save(path, image, **options):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image.save(path, **options)
+    return str(path)
+
+
+def noise(seed, size, mode="RGB"):
+    """A random PIL image of ``size`` (width, height) in ``mode`` (RGB or L)."""
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def class_folder(root, counts, size=(8, 8), mode="RGB", ext="png"):
+    """root/<class>/<k>.<ext> for each class name -> number of images in ``counts``; returns root."""
+    seed = 0
+    for name, count in counts.items():
+        for k in range(count):
+            seed += 1
+            save(os.path.join(root, name, f"{k}.{ext}"), noise(seed, size, mode))
+    return str(root)
+
+
+def jpeg_bytes(seed=0, size=(32, 32)):
+    buffer = io.BytesIO()
+    noise(seed, size).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def pil_pixels(path, mode, size=None):
+    """Direct PIL conversion of ``path`` to ``mode`` (resized bilinearly to ``size``), (C, H, W) in [0, 1]."""
+    with Image.open(path) as image:
+        image = image.convert(mode)
+        if size is not None:
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.float32) / 255
+    return torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1)).permute(2, 0, 1)
+
+
+def mixed_folder(root):
+    """Three classes of images in modes 1, L, P, RGB, RGBA, LA, in PNG, JPEG, BMP, WebP and GIF, of
+    several sizes."""
+    root = str(root)
+    save(f"{root}/ant/rgb.png", noise(1, (12, 12)))
+    save(f"{root}/ant/photo.JPG", noise(2, (20, 14)), quality=95)
+    rgba = noise(3, (10, 10)).convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.tile(np.array([0, 128, 255, 255, 0], np.uint8), (10, 2))))
+    save(f"{root}/ant/rgba.png", rgba)
+    save(f"{root}/bee/grey.png", noise(4, (16, 16), "L"))
+    save(f"{root}/bee/binary.png", noise(5, (9, 9), "L").convert("1"))
+    save(f"{root}/bee/palette.png", noise(6, (12, 12)).convert("P"))
+    la = Image.merge("LA", [noise(7, (12, 12), "L"), noise(8, (12, 12), "L")])
+    save(f"{root}/bee/la.png", la)
+    save(f"{root}/cow/bitmap.bmp", noise(9, (12, 12)))
+    save(f"{root}/cow/animation.gif", noise(10, (12, 12), "L"))
+    if features.check("webp"):
+        save(f"{root}/cow/web.webp", noise(11, (12, 12)), lossless=True)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------
+# read_image
+
+
+def test_read_image_matches_direct_pil_conversion(tmp_path):
+    root = mixed_folder(tmp_path)
+    for name, mode in [("ant/rgb.png", "RGB"), ("ant/photo.JPG", "RGB"), ("bee/grey.png", "L"),
+                       ("bee/binary.png", "L"), ("bee/palette.png", "RGB"), ("cow/bitmap.bmp", "RGB"),
+                       ("cow/animation.gif", "L")]:
+        path = os.path.join(root, name)
+        channels = 3 if mode == "RGB" else 1
+        with Image.open(path) as image:
+            native = image.size
+        if native[0] == native[1]:  # no resizing: the exact PIL pixels
+            image = read_image(path, native[0], channels)
+            assert image.dtype == torch.float32 and image.shape == (channels, native[0], native[0])
+            torch.testing.assert_close(image, pil_pixels(path, mode))
+        resized = read_image(path, 6, channels)
+        assert resized.shape == (channels, 6, 6)
+        torch.testing.assert_close(resized, pil_pixels(path, mode, 6))
+    # a colour image read as grey is PIL's 'L' conversion; a grey one read as RGB repeats it
+    torch.testing.assert_close(read_image(f"{root}/ant/rgb.png", 12, 1), pil_pixels(f"{root}/ant/rgb.png", "L"))
+    grey = read_image(f"{root}/bee/grey.png", 16, 3)
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[0], grey[2])
+    torch.testing.assert_close(grey[:1], pil_pixels(f"{root}/bee/grey.png", "L"))
+
+
+def test_read_image_composites_transparency_on_white(tmp_path):
+    root = mixed_folder(tmp_path)
+    rgba = read_image(f"{root}/ant/rgba.png", 10, 3)
+    with Image.open(f"{root}/ant/rgba.png") as image:
+        source = np.asarray(image, dtype=np.float32) / 255
+    alpha = torch.from_numpy(source[:, :, 3])
+    colour = torch.from_numpy(source[:, :, :3]).permute(2, 0, 1)
+    expected = colour * alpha + (1 - alpha)  # alpha-weighted mix with white
+    torch.testing.assert_close(rgba, expected, atol=1.5 / 255, rtol=0)
+    assert (rgba[:, alpha == 0] == 1).all() and torch.equal(rgba[:, alpha == 1], colour[:, alpha == 1])
+    la = read_image(f"{root}/bee/la.png", 12, 1)
+    with Image.open(f"{root}/bee/la.png") as image:
+        grey, alpha = (np.asarray(band, dtype=np.float32) / 255 for band in image.split())
+    torch.testing.assert_close(la[0], torch.from_numpy(grey * alpha + 1 - alpha), atol=1.5 / 255, rtol=0)
+    # a palette colour marked transparent comes out white
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    palette.putpixel((0, 0), 1)
+    path = save(f"{tmp_path}/transparent.png", palette, transparency=0)
+    image = read_image(path, 4, 3)
+    assert (image[:, 1:, :] == 1).all() and torch.allclose(image[:, 0, 0], torch.tensor([200, 10, 10]) / 255)
+
+
+def test_read_image_scales_16_bit_grey(tmp_path):
+    values = np.array([[0, 65535], [32768, 1000]], dtype=np.uint16)
+    path = save(f"{tmp_path}/deep.png", Image.fromarray(values))
+    with Image.open(path) as image:
+        assert image.mode.startswith("I")
+    image = read_image(path, 2, 1)
+    torch.testing.assert_close(image[0], torch.from_numpy(values.astype(np.float32) / 65535))
+    assert read_image(path, 1, 3).shape == (3, 1, 1)
+
+
+def test_read_image_errors_name_the_file(tmp_path):
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    truncated_jpeg = tmp_path / "cut.jpg"
+    truncated_jpeg.write_bytes(jpeg_bytes()[:len(jpeg_bytes()) // 2])
+    png = io.BytesIO()
+    noise(0, (32, 32)).save(png, format="PNG")
+    truncated_png = tmp_path / "cut.png"
+    truncated_png.write_bytes(png.getvalue()[:len(png.getvalue()) // 2])
+    for path in (corrupt, truncated_jpeg, truncated_png, tmp_path / "missing.png"):
+        with pytest.raises(ValueError, match=f"cannot read image {path}: .*--skip-bad-images"):
+            read_image(path, 8, 3)
+    good = save(f"{tmp_path}/good.png", noise(0, (4, 4)))
+    with pytest.raises(ValueError, match="image_size"):
+        read_image(good, 0, 3)
+    with pytest.raises(TypeError, match="image_size"):
+        read_image(good, 4.0, 3)
+    with pytest.raises(ValueError, match="channels"):
+        read_image(good, 4, 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# list_images
+
+
+def test_list_images_one_level_folder(tmp_path):
+    root = class_folder(tmp_path / "data", {"zebra": 2, "apple": 3})
+    save(f"{root}/apple/UPPER.PNG", noise(0, (8, 8)))
+    save(f"{root}/apple/.hidden.png", noise(0, (8, 8)))
+    (tmp_path / "data" / "apple" / "notes.txt").write_text("not an image")
+    (tmp_path / "data" / "README.md").write_text("ignored")
+    class_folder(tmp_path / "data" / ".cache", {"x": 1})
+    listing = list_images(root)
+    assert listing.classes == ["apple", "zebra"]
+    assert listing.paths == [os.path.join(root, "apple", name) for name in ("0.png", "1.png", "2.png", "UPPER.PNG")] + [
+        os.path.join(root, "zebra", name) for name in ("0.png", "1.png")]
+    assert listing.labels.tolist() == [0, 0, 0, 0, 1, 1] and listing.labels.dtype == torch.long
+    assert listing.groups is None and listing.group_names is None
+
+
+def test_list_images_two_level_layout(tmp_path):
+    root = str(tmp_path)
+    for group, characters in {"Latin": ["b", "a"], "Greek": ["alpha"], "Latin-2": ["c"]}.items():
+        for character in characters:
+            class_folder(f"{root}/{group}", {character: 2})
+    listing = list_images(root)
+    assert listing.group_names == ["Greek", "Latin", "Latin-2"]
+    assert listing.classes == ["Greek/alpha", "Latin/a", "Latin/b", "Latin-2/c"]  # by group, then class
+    assert listing.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert listing.groups.tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
+    assert listing.paths[2] == os.path.join(root, "Latin", "a", "0.png")
+
+
+def test_list_images_csv(tmp_path):
+    images = class_folder(tmp_path / "images", {"x": 3})
+    absolute = os.path.join(images, "x", "2.png")
+    lines = ["images/x/0.png,10", "", " images/x/1.png , 9 ", f"{absolute},10"]
+    for header in ([], ["path,label"]):
+        csv_path = tmp_path / "list.csv"
+        csv_path.write_text("\n".join(header + lines) + "\n")
+        listing = list_images(csv_path)
+        assert listing.classes == ["9", "10"]  # integer labels sort as numbers
+        assert listing.labels.tolist() == [1, 0, 1]
+        assert listing.paths == [os.path.join(images, "x", "0.png"), os.path.join(images, "x", "1.png"), absolute]
+        assert listing.groups is None
+    (tmp_path / "names.csv").write_text("images/x/0.png,dog\nimages/x/1.png,cat\n")
+    assert list_images(tmp_path / "names.csv").classes == ["cat", "dog"]
+
+
+def test_list_images_csv_errors(tmp_path):
+    class_folder(tmp_path, {"x": 2})
+    cases = {"three.csv": ("x/0.png,a\nx/1.png,b,extra\n", "three.csv line 2: expected 'path,label'"),
+             "blank_label.csv": ("path,label\nx/0.png,\n", "blank_label.csv line 2: expected"),
+             "missing.csv": ("x/0.png,a\n\nx/nope.png,b\n", "missing.csv line 3: image file .*nope.png does not exist"),
+             "empty.csv": ("path,label\n", "empty.csv lists no images"),
+             "one.csv": ("x/0.png,a\nx/1.png,a\n", "at least 2 classes; found 1 \\('a'\\) in .*one.csv")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            list_images(tmp_path / name)
+    (tmp_path / "list.txt").write_text("x/0.png,a\n")
+    with pytest.raises(ValueError, match="list.txt is a file but not a .csv file"):
+        list_images(tmp_path / "list.txt")
+
+
+def test_list_images_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        list_images(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty holds no class sub-folders; expected one sub-folder"):
+        list_images(tmp_path / "empty")
+    flat = tmp_path / "flat"
+    save(f"{flat}/a.png", noise(0, (4, 4)))
+    with pytest.raises(ValueError, match="flat holds images but no class sub-folders"):
+        list_images(flat)
+    mixed = class_folder(tmp_path / "mixed", {"a": 1, "b": 1})
+    save(f"{mixed}/stray.png", noise(0, (4, 4)))
+    with pytest.raises(ValueError, match="mixed mixes images \\(e.g. stray.png\\) and class folders"):
+        list_images(mixed)
+    inner = class_folder(tmp_path / "inner", {"a": 1, "b": 1})
+    save(f"{inner}/a/deeper/x.png", noise(0, (4, 4)))
+    with pytest.raises(ValueError, match=f"{os.path.join(inner, 'a')} mixes images and sub-folders"):
+        list_images(inner)
+    levels = class_folder(tmp_path / "levels", {"a": 1, "g/b": 1})
+    with pytest.raises(ValueError, match="levels mixes class folders of images \\(e.g. a\\) and folders of folders"):
+        list_images(levels)
+    deep = class_folder(tmp_path / "deep", {"g/a": 1, "g/b/c": 1})
+    with pytest.raises(ValueError, match=f"{os.path.join(deep, 'g', 'b')} holds sub-folders"):
+        list_images(deep)
+    (tmp_path / "hollow" / "a").mkdir(parents=True)
+    (tmp_path / "hollow" / "a" / "notes.txt").write_text("")
+    with pytest.raises(ValueError, match="hollow holds no images in its sub-folders"):
+        list_images(tmp_path / "hollow")
+    single = class_folder(tmp_path / "single", {"only": 3})
+    with pytest.raises(ValueError, match="metric learning needs at least 2 classes; found 1 \\('only'\\)"):
+        list_images(single)
+
+
+def test_list_images_warns_about_empty_class_folders(tmp_path):
+    root = class_folder(tmp_path / "one", {"a": 2, "b": 1})
+    (tmp_path / "one" / "empty").mkdir()
+    with pytest.warns(UserWarning, match=f"{os.path.join(root, 'empty')} holds no images; it is left out"):
+        listing = list_images(root)
+    assert listing.classes == ["a", "b"] and listing.labels.tolist() == [0, 0, 1]
+    two = class_folder(tmp_path / "two", {"g/a": 1, "g/b": 1, "h/c": 1})
+    (tmp_path / "two" / "g" / "hollow").mkdir()
+    (tmp_path / "two" / "bare").mkdir()
+    with pytest.warns(UserWarning) as record:
+        listing = list_images(two)
+    messages = sorted(str(warning.message) for warning in record)
+    assert messages == [f"{os.path.join(two, 'bare')} holds no images; it is left out",
+                        f"{os.path.join(two, 'g', 'hollow')} holds no images; it is left out"]
+    assert listing.classes == ["g/a", "g/b", "h/c"] and listing.group_names == ["g", "h"]
+    (tmp_path / "three" / "a").mkdir(parents=True)
+    class_folder(tmp_path / "three", {"b": 1})
+    with pytest.warns(UserWarning, match="holds no images"), pytest.raises(ValueError, match="at least 2 classes"):
+        list_images(tmp_path / "three")
+
+
+# ---------------------------------------------------------------------------------------------------
+# load_image_folder
+
+
+def test_load_image_folder_mixed_modes_and_sizes(tmp_path):
+    root = mixed_folder(tmp_path)
+    with pytest.raises(ValueError, match="not all square and of one size .*pass image_size \\(--image-size\\)"):
+        load_image_folder(root, progress=False)
+    dataset = load_image_folder(root, image_size=8, progress=False)
+    n = 10 if features.check("webp") else 9
+    assert isinstance(dataset, InMemoryDataset)
+    assert dataset.data.shape == (n, 3, 8, 8) and dataset.channels == 3 and dataset.image_size == 8
+    assert dataset.classes == ["ant", "bee", "cow"] and dataset.targets.tolist()[:7] == [0, 0, 0, 1, 1, 1, 1]
+    assert 0 <= dataset.data.min() and dataset.data.max() <= 1
+    assert dataset.mean == (0.0,) * 3 and dataset.std == (1.0,) * 3 and dataset.skipped == []
+    assert dataset.groups is None and dataset.group_names is None and len(dataset.paths) == n
+    for k in (0, 1, 4, n - 1):
+        assert torch.equal(dataset.data[k], read_image(dataset.paths[k], 8, 3))
+        image, target = dataset[k]
+        assert target == dataset.targets[k]
+    torch.testing.assert_close(dataset.data[0], pil_pixels(dataset.paths[0], "RGB", 8))
+    grey = load_image_folder(root, image_size=5, channels=1, progress=False)
+    assert grey.data.shape == (n, 1, 5, 5) and grey.channels == 1
+    torch.testing.assert_close(grey.data[3], pil_pixels(grey.paths[3], "L", 5))
+
+
+def test_load_image_folder_infers_size_and_channels(tmp_path):
+    grey = class_folder(tmp_path / "grey", {"a": 2, "b": 2}, size=(6, 6), mode="L")
+    save(f"{grey}/b/binary.png", noise(0, (6, 6), "L").convert("1"))
+    dataset = load_image_folder(grey, progress=False)
+    assert dataset.data.shape == (5, 1, 6, 6) and dataset.channels == 1 and dataset.image_size == 6
+    save(f"{grey}/a/palette.png", noise(0, (6, 6)).convert("P"))
+    assert load_image_folder(grey, progress=False).channels == 3
+    oblong = class_folder(tmp_path / "oblong", {"a": 1, "b": 1}, size=(6, 4))
+    with pytest.raises(ValueError, match="6x4.*--image-size"):
+        load_image_folder(oblong, progress=False)
+    assert load_image_folder(oblong, image_size=3, progress=False).data.shape == (2, 3, 3, 3)
+    with pytest.raises(ValueError, match="channels"):
+        load_image_folder(grey, channels=4, progress=False)
+    with pytest.raises(ValueError, match="image_size"):
+        load_image_folder(grey, image_size=0, progress=False)
+
+
+def test_load_image_folder_two_levels_and_csv(tmp_path):
+    root = class_folder(tmp_path / "two", {"g/a": 2, "g/b": 1, "h/c": 3})
+    dataset = load_image_folder(root, progress=False)
+    assert dataset.classes == ["g/a", "g/b", "h/c"] and dataset.group_names == ["g", "h"]
+    assert dataset.groups.tolist() == [0, 0, 0, 1, 1, 1]
+    (tmp_path / "list.csv").write_text("path,label\ntwo/h/c/0.png,c\ntwo/g/a/1.png,a\n")
+    listed = load_image_folder(tmp_path / "list.csv", progress=False)
+    assert listed.classes == ["a", "c"] and listed.targets.tolist() == [1, 0]
+    assert torch.equal(listed.data[0], dataset.data[3]) and listed.groups is None
+
+
+def bad_folder(root):
+    """Classes a (3 good, a corrupt .png, a truncated .jpg), b (2 good), c (only a corrupt file)."""
+    root = class_folder(root, {"a": 3, "b": 2})
+    rng = np.random.default_rng(1)
+    root_a = os.path.join(root, "a")
+    with open(os.path.join(root_a, "corrupt.png"), "wb") as file:
+        file.write(rng.integers(0, 256, 300, dtype=np.uint8).tobytes())
+    data = jpeg_bytes(seed=3, size=(8, 8))
+    with open(os.path.join(root_a, "cut.jpg"), "wb") as file:
+        file.write(data[:len(data) // 2])
+    os.makedirs(os.path.join(root, "c"))
+    with open(os.path.join(root, "c", "bad.png"), "wb") as file:
+        file.write(b"\x89PNG not really")
+    return root
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_load_image_folder_bad_images(tmp_path, memory):
+    root = bad_folder(tmp_path)
+    limit = {} if memory else {"max_memory_bytes": 1}
+    with pytest.raises(ValueError, match="cannot read image .*(corrupt.png|cut.jpg|bad.png).*--skip-bad-images"):
+        load_image_folder(root, progress=False, **limit)
+    # image_size and channels given: nothing is probed first, the truncated file fails while decoding
+    with pytest.raises(ValueError, match="cannot read image .*"):
+        load_image_folder(root, image_size=8, channels=3, progress=False, max_memory_bytes=2 ** 30)
+    with pytest.warns(UserWarning) as record:
+        dataset = load_image_folder(root, skip_bad_images=True, progress=False, **limit)
+    messages = [str(warning.message) for warning in record]
+    bad = [os.path.join(root, "a", "corrupt.png"), os.path.join(root, "a", "cut.jpg"),
+           os.path.join(root, "c", "bad.png")]
+    assert sorted(dataset.skipped) == sorted(bad)
+    assert any(f"{os.path.join(root, 'c')} (class 'c') holds no readable images; it is left out" in m for m in messages)
+    skipped = [m for m in messages if m.startswith("skipped")]
+    assert len(skipped) == 1 and skipped[0].startswith("skipped 3 unreadable image file(s)")
+    assert all(path in skipped[0] for path in bad)
+    assert isinstance(dataset, InMemoryDataset if memory else ImageFileDataset)
+    assert dataset.classes == ["a", "b"] and dataset.targets.tolist() == [0, 0, 0, 1, 1] and len(dataset) == 5
+    assert all(not path.endswith(("corrupt.png", "cut.jpg", "bad.png")) for path in dataset.paths)
+    for k in range(5):
+        assert torch.equal(dataset[k][0], read_image(dataset.paths[k], 8, 3))
+
+
+def test_skip_bad_images_warning_lists_the_first_few(tmp_path):
+    root = class_folder(tmp_path, {"a": 1, "b": 1})
+    for k in range(7):
+        (tmp_path / "a" / f"bad{k}.png").write_bytes(b"junk")
+    with pytest.warns(UserWarning, match="skipped 7 unreadable image file\\(s\\)") as record:
+        dataset = load_image_folder(root, skip_bad_images=True, progress=False)
+    message = str(record[0].message)
+    assert len(re.findall(r"bad\d\.png", message)) == 5 and message.endswith(", ...") and len(dataset.skipped) == 7
+    (tmp_path / "b" / "0.png").write_bytes(b"junk")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="at least 2 classes; found 1 \\('a'\\)"):
+        load_image_folder(root, skip_bad_images=True, progress=False)
+
+
+def test_skipped_class_drops_its_group(tmp_path):
+    root = class_folder(tmp_path, {"g/a": 1, "g/b": 2, "h/c": 1, "i/d": 1})
+    (tmp_path / "h" / "c" / "0.png").write_bytes(b"junk")
+    with pytest.warns(UserWarning) as record:
+        dataset = load_image_folder(root, skip_bad_images=True, progress=False)
+    messages = [str(warning.message) for warning in record]
+    assert len(messages) == 2 and messages[1].startswith("skipped 1 unreadable image file(s)")
+    assert messages[0] == f"{os.path.join(root, 'h', 'c')} (class 'h/c') holds no readable images; it is left out"
+    assert dataset.classes == ["g/a", "g/b", "i/d"] and dataset.targets.tolist() == [0, 1, 1, 2]
+    assert dataset.group_names == ["g", "i"] and dataset.groups.tolist() == [0, 0, 0, 1]
+
+
+def test_streaming_checks_headers_and_memory_limit(tmp_path):
+    root = bad_folder(tmp_path)
+    # size and channels given: the streaming path still opens every file's header before returning
+    with pytest.raises(ValueError, match="cannot read image .*(corrupt|bad).png"):
+        load_image_folder(root, image_size=8, channels=3, progress=False, max_memory_bytes=0)
+    for bad in (-1, 1.5):
+        with pytest.raises((TypeError, ValueError), match="max_memory_bytes"):
+            load_image_folder(root, image_size=8, channels=3, progress=False, max_memory_bytes=bad)
+
+
+def test_streaming_dataset_matches_in_memory(tmp_path):
+    root = class_folder(tmp_path, {"g/a": 3, "g/b": 2, "h/c": 2}, size=(7, 7))
+    memory = load_image_folder(root, image_size=5, progress=False)
+    stream = load_image_folder(root, image_size=5, progress=False, max_memory_bytes=memory.data.numel() * 4 - 1)
+    assert isinstance(stream, ImageFileDataset) and len(stream) == len(memory) == 7
+    for name in ("classes", "paths", "group_names", "image_size", "channels", "skipped", "mean", "std"):
+        assert getattr(stream, name) == getattr(memory, name), name
+    assert torch.equal(stream.targets, memory.targets) and torch.equal(stream.groups, memory.groups)
+    for k in range(len(memory)):
+        image, target = stream[k]
+        assert torch.equal(image, memory.data[k]) and target == int(memory.targets[k])
+    copy = pickle.loads(pickle.dumps(stream))  # what DataLoader workers receive
+    assert torch.equal(copy[6][0], memory.data[6])
+    batch, targets = next(iter(torch.utils.data.DataLoader(stream, batch_size=7)))
+    assert torch.equal(batch, memory.data) and torch.equal(targets, memory.targets)
+    part = stream.subset(torch.tensor([6, 0]))
+    assert part.paths == [memory.paths[6], memory.paths[0]] and part.groups.tolist() == [1, 0]
+    with pytest.raises(ValueError, match="labels must hold one class id per path"):
+        ImageFileDataset(memory.paths, [0, 1], 5, 3, memory.classes)
+
+
+def test_in_memory_subset_keeps_image_attributes(tmp_path):
+    dataset = load_image_folder(class_folder(tmp_path, {"g/a": 2, "h/b": 2}), progress=False)
+    part = dataset.subset(torch.tensor([False, True, True, False]))
+    assert part.paths == dataset.paths[1:3] and part.groups.tolist() == [0, 1]
+    assert part.group_names == ["g", "h"] and part.image_size == 8 and part.channels == 3
+    assert dataset.subset(slice(2, None)).paths == dataset.paths[2:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# channel_statistics and normalized
+
+
+def test_channel_statistics_match_float64_brute_force(tmp_path):
+    root = class_folder(tmp_path, {"a": 4, "b": 5}, size=(6, 6))
+    memory = load_image_folder(root, progress=False)
+    mean, std = channel_statistics(memory)
+    pixels = memory.data.double().transpose(0, 1).reshape(3, -1)
+    assert len(mean) == len(std) == 3
+    np.testing.assert_allclose(mean, pixels.mean(1).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(std, pixels.std(1, correction=0).numpy(), rtol=1e-9)
+    stream = load_image_folder(root, progress=False, max_memory_bytes=0)
+    np.testing.assert_allclose(channel_statistics(stream), (mean, std), rtol=1e-9)
+    sample = channel_statistics(stream, max_images=3, seed=1)
+    assert sample == channel_statistics(stream, max_images=3, seed=1) != (mean, std)
+    assert sample != channel_statistics(stream, max_images=3, seed=2)
+    with pytest.raises(TypeError, match="InMemoryDataset or an ImageFileDataset"):
+        channel_statistics([1, 2])
+    with pytest.raises(ValueError, match="empty"):
+        channel_statistics(memory.subset(slice(0, 0)))
+
+
+def test_normalized(tmp_path):
+    root = class_folder(tmp_path, {"a": 3, "b": 3}, size=(6, 6))
+    memory = load_image_folder(root, progress=False)
+    mean, std = channel_statistics(memory)
+    result = normalized(memory, mean, std)
+    expected = (memory.data - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    torch.testing.assert_close(result.data, expected)
+    assert result.mean == pytest.approx(mean) and result.std == pytest.approx(std)
+    assert result.paths == memory.paths and result.classes == memory.classes and result.image_size == 6
+    assert memory.mean == (0.0,) * 3  # the source is left as it was
+    stream = load_image_folder(root, progress=False, max_memory_bytes=0)
+    flip = lambda image: image.flip(-1)  # noqa: E731 - a transform of the dataset's own, applied after
+    stream.transform = flip
+    streamed = normalized(stream, mean, std)
+    assert stream.transform is flip and streamed.mean == result.mean and streamed.paths == stream.paths
+    for k in (0, 5):
+        torch.testing.assert_close(streamed[k][0], result.data[k].flip(-1))
+    torch.testing.assert_close(normalized(memory, 0.5, 0.25).data, (memory.data - 0.5) / 0.25)
+    with pytest.raises(ValueError, match="already normalised"):
+        normalized(result, mean, std)
+    with pytest.raises(ValueError, match="mean needs 1 or 3 values"):
+        normalized(memory, (0.1, 0.2), std)
+    flat = class_folder(tmp_path / "flat", {"a": 1, "b": 1}, size=(4, 4))
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(os.path.join(flat, "a", "0.png"))
+    Image.new("RGB", (4, 4), (10, 25, 30)).save(os.path.join(flat, "b", "0.png"))
+    constant = load_image_folder(flat, progress=False)
+    with pytest.raises(ValueError, match="std must be positive in every channel.*channel 0"):
+        normalized(constant, *channel_statistics(constant))
+    with pytest.raises(TypeError, match="InMemoryDataset or an ImageFileDataset"):
+        normalized([1], 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# split_per_class and held_out_class_split
+
+
+def split_folder(root):
+    return class_folder(root, {"g/a": 10, "g/b": 2, "h/c": 1, "h/d": 5}, size=(4, 4))
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_split_per_class(tmp_path, memory):
+    dataset = load_image_folder(split_folder(tmp_path), progress=False, **({} if memory else {"max_memory_bytes": 0}))
+    train, val = split_per_class(dataset, val_fraction=0.25, seed=0)
+    # round(2.5) -> 3 of 10, at least 1 of 2, none of 1, round(1.25) -> 1 of 5
+    assert torch.bincount(val.targets, minlength=4).tolist() == [3, 1, 0, 1]
+    assert torch.bincount(train.targets, minlength=4).tolist() == [7, 1, 1, 4]
+    assert sorted(train.paths + val.paths) == sorted(dataset.paths) and not set(train.paths) & set(val.paths)
+    assert train.paths == sorted(train.paths, key=dataset.paths.index)  # the items keep their order
+    index = {path: k for k, path in enumerate(dataset.paths)}
+    assert val.groups.tolist() == [int(dataset.groups[index[path]]) for path in val.paths]
+    assert val.targets.tolist() == [int(dataset.targets[index[path]]) for path in val.paths]
+    assert train.classes == val.classes == dataset.classes and val.group_names == ["g", "h"]
+    assert train.train and not val.train
+    if memory:
+        assert torch.equal(val.data[0], dataset.data[index[val.paths[0]]])
+    assert split_per_class(dataset, 0.25, seed=0)[1].paths == val.paths
+    assert any(split_per_class(dataset, 0.25, seed=seed)[1].paths != val.paths for seed in (1, 2, 3))
+    assert torch.bincount(split_per_class(dataset, 0.9)[1].targets, minlength=4).tolist() == [9, 1, 0, 4]
+    for bad in (0, 1, 1.5, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="val_fraction"):
+            split_per_class(dataset, bad)
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_held_out_class_split(tmp_path, memory):
+    root = class_folder(tmp_path, {"g/a": 2, "g/b": 1, "h/c": 3, "h/d": 1, "h/e": 2, "i/f": 1}, size=(4, 4))
+    dataset = load_image_folder(root, progress=False, **({} if memory else {"max_memory_bytes": 0}))
+    seen, held_out, names = held_out_class_split(dataset, ["h/c", "g/a"])
+    assert names == held_out.classes == ["g/a", "h/c"]
+    assert seen.classes == ["g/b", "h/d", "h/e", "i/f"]
+    assert held_out.targets.tolist() == [0, 0, 1, 1, 1] and seen.targets.tolist() == [0, 1, 2, 2, 3]
+    assert held_out.paths == dataset.paths[0:2] + dataset.paths[3:6]
+    assert held_out.groups.tolist() == [0, 0, 1, 1, 1] and seen.groups.tolist() == [0, 1, 1, 1, 2]
+    assert seen.group_names == held_out.group_names == dataset.group_names
+    if memory:
+        assert torch.equal(held_out.data[2], dataset.data[3])
+    for spec in ([0, 2], "g/a, h/c", "0,2", "2,g/a"):
+        assert held_out_class_split(dataset, spec)[2] == ["g/a", "h/c"], spec
+    seen, held_out, names = held_out_class_split(dataset, 0.5, seed=0)
+    assert len(names) == 3 and len(seen.classes) == 3 and not set(names) & set(seen.classes)
+    assert len(seen) + len(held_out) == len(dataset)
+    assert held_out_class_split(dataset, "0.5", seed=0)[2] == names == held_out_class_split(dataset, 0.5, seed=0)[2]
+    assert any(held_out_class_split(dataset, 0.5, seed=seed)[2] != names for seed in (1, 2, 3))
+    assert len(held_out_class_split(dataset, 0.3)[2]) == 2  # round(1.8)
+
+
+def test_held_out_class_split_errors(tmp_path):
+    dataset = load_image_folder(class_folder(tmp_path, {"a": 1, "b": 1, "c": 1, "d": 1}, size=(4, 4)), progress=False)
+    for spec, message in [(["a"], "\\['a'\\] leave 3 seen and 1 held-out classes of 4"),
+                          ("a,b,c", "'a,b,c' leave 1 seen and 3 held-out"),
+                          (0.1, "0.1 leave 3 seen and 1 held-out"),
+                          (["a", "zebra"], "'zebra' is neither a class name nor a class index; the classes are a, b"),
+                          ([0, 4], "class index 4 is out of range 0..3"),
+                          ("1,7", "class index 7 is out of range"),
+                          (1.5, "fraction 1.5 must lie between 0 and 1"),
+                          ([0.5], "0.5 is neither a class name nor a class index")]:
+        with pytest.raises(ValueError, match=f"held-out class.*{message}"):
+            held_out_class_split(dataset, spec)
+    for spec in (None, True):
+        with pytest.raises(TypeError, match="held-out classes must be a fraction"):
+            held_out_class_split(dataset, spec)
