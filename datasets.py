@@ -1475,14 +1475,17 @@ def _held_out_ids(classes, spec, seed):
     return sorted(ids)
 
 
-def _classes_part(dataset, class_ids):
-    """The items of the classes ``class_ids`` (sorted), relabelled 0 .. len(class_ids) - 1 in that order."""
+def class_subset(dataset, class_ids):
+    """The items of ``dataset`` (an ``InMemoryDataset`` or ``ImageFileDataset``) whose class is in
+    ``class_ids``, relabelled 0 .. len(class_ids) - 1 in the order of ``class_ids``, with those classes'
+    names; the other attributes (mean and std, paths, groups, ...) go with the items."""
     targets = torch.as_tensor(dataset.targets)
-    new_id = torch.full((len(dataset.classes),), -1, dtype=torch.long)
+    class_ids = torch.as_tensor(class_ids, dtype=torch.long)
+    new_id = torch.full((max(len(dataset.classes), int(targets.max()) + 1),), -1, dtype=torch.long)
     new_id[class_ids] = torch.arange(len(class_ids))
-    part = dataset.subset(torch.isin(targets, torch.tensor(class_ids, dtype=torch.long)).nonzero().flatten())
+    part = dataset.subset(torch.isin(targets, class_ids).nonzero().flatten())
     part.targets = new_id[torch.as_tensor(part.targets)]
-    part.classes = [dataset.classes[k] for k in class_ids]
+    part.classes = [dataset.classes[k] for k in class_ids.tolist()]
     return part
 
 
@@ -1503,8 +1506,27 @@ def held_out_class_split(dataset, spec, seed=0):
     if len(held_ids) < 2 or len(seen_ids) < 2:
         raise ValueError(f"held-out classes {spec!r} leave {len(seen_ids)} seen and {len(held_ids)} held-out "
                          f"classes of {len(dataset.classes)}; metric learning needs at least 2 classes on each side")
-    held_out = _classes_part(dataset, held_ids)
-    return _classes_part(dataset, seen_ids), held_out, list(held_out.classes)
+    held_out = class_subset(dataset, held_ids)
+    return class_subset(dataset, seen_ids), held_out, list(held_out.classes)
+
+
+def load_folder_splits(root, image_size=None, channels=None, held_out_classes=None, val_fraction=0.1, seed=0,
+                       skip_bad_images=False, progress=True):
+    """A folder of your own images (see ``load_image_folder``) as the splits the study trains on:
+    ``(train, val, held_out)``.
+
+    ``held_out_classes`` (see ``held_out_class_split``; None: none) are set aside whole, as unseen classes
+    (``held_out`` is None without them); of the other classes' images, ``val_fraction`` of each class goes
+    to ``val`` (``split_per_class``). All three are normalised with the per-channel mean and std of the
+    ``train`` images (``channel_statistics``), recorded as their ``.mean`` and ``.std``. Seeded by ``seed``.
+    """
+    images = load_image_folder(root, image_size, channels, skip_bad_images=skip_bad_images, progress=progress)
+    held_out = None
+    if held_out_classes is not None:
+        images, held_out, _ = held_out_class_split(images, held_out_classes, seed)
+    train, val = split_per_class(images, val_fraction, seed)
+    mean, std = channel_statistics(train, seed=seed, progress=progress)
+    return tuple(None if part is None else normalized(part, mean, std) for part in (train, val, held_out))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -50,11 +50,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from datasets import BalancedBatchSampler, SiameseMNIST, TripletMNIST, load_dataset
+from datasets import BalancedBatchSampler, SiameseMNIST, TripletMNIST, class_subset, load_dataset, load_folder_splits
 from losses import ContrastiveLoss, OnlineContrastiveLoss, OnlineTripletLoss, TripletLoss
 from metrics import (AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, evaluate_embeddings, extract_embeddings,
-                     few_shot_accuracy, verification_roc_auc)
-from networks import ClassificationNet, EmbeddingNet, SiameseNet, SiameseNetwork, TripletNet
+                     few_shot_accuracy, verification_roc_auc, verification_threshold)
+from networks import (ClassificationNet, EmbeddingNet, SiameseNet, SiameseNetwork, TripletNet, build_network,
+                      save_model)
 from trainer import CHECKPOINT_NAME, fit, flush_denormal_everywhere
 from utils import (AllTripletSelector, BatchHardTripletSelector, HardestNegativeTripletSelector,
                    HardNegativePairSelector, RandomNegativeTripletSelector,
@@ -68,7 +69,8 @@ SELECTORS = {
     "semi-hard": lambda margin, generator: SemihardNegativeTripletSelector(margin, generator=generator),
     "batch-hard": lambda margin, generator: BatchHardTripletSelector(),
 }
-DATASETS = ("mnist", "fashion-mnist")
+DATASETS = ("mnist", "fashion-mnist")  # by name; any folder of images or CSV of path,label lines by its path
+STUDY_NETWORKS = ("embedding-net", "resnet18")
 
 # The classic study's settings.
 MARGIN = 1.0
@@ -148,22 +150,65 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
             metrics = [AverageNonzeroTripletsMetric()]
         n_batch_classes = min(batch_classes, len(train_set.classes))
         train_loader = DataLoader(train_set, batch_sampler=BalancedBatchSampler(
-            train_set.targets, n_batch_classes, batch_samples, seed=seed, groups=groups))
+            train_set.targets, n_batch_classes, _samples_per_class(train_set, batch_samples, "training"),
+            seed=seed, groups=groups))
         validation = None
-        if test_set is not None:
+        if test_set is not None and _smallest_class(test_set)[1] >= 2:  # else no positive pairs to validate on
             return model, loss_fn, train_loader, DataLoader(test_set, batch_sampler=BalancedBatchSampler(
-                test_set.targets, n_batch_classes, batch_samples, seed=seed + 1)), metrics
+                test_set.targets, n_batch_classes, _samples_per_class(test_set, batch_samples, "validation"),
+                seed=seed + 1)), metrics
     val_loader = None if validation is None else DataLoader(validation, batch_size=EVALUATION_BATCH)
     return model, loss_fn, train_loader, val_loader, metrics
 
 
-def build_training(method, train_set, test_set, selector="random-hard", embedding_dim=2, seed=0):
+def _smallest_class(dataset):
+    """``(name, count)`` of the class of ``dataset`` with the fewest items."""
+    counts = torch.bincount(torch.as_tensor(dataset.targets), minlength=len(dataset.classes))
+    smallest = int(counts.argmin())
+    return dataset.classes[smallest], int(counts[smallest])
+
+
+def _samples_per_class(dataset, batch_samples, what):
+    """Items per class in an online batch: ``batch_samples``, or fewer when a class of ``dataset`` has
+    fewer (your own folders); a class with a single item leaves no positive pair, which is an error."""
+    name, count = _smallest_class(dataset)
+    if count < 2:
+        raise ValueError(f"class {name!r} has {count} {what} image(s); the online methods need at least 2 per "
+                         "class: add images to it, hold it out (--held-out-classes), or use --methods "
+                         "softmax,siamese,triplet")
+    return min(batch_samples, count)
+
+
+def image_shape(dataset):
+    """``(channels, image_size)`` of the square images of ``dataset`` (an ``InMemoryDataset`` or a folder's
+    ``ImageFileDataset``)."""
+    if hasattr(dataset, "data"):
+        return dataset.data.shape[1], dataset.data.shape[-1]
+    return dataset.channels, dataset.image_size
+
+
+def build_embedding_net(network, embedding_dim, train_set, pretrained=None):
+    """The network a study trains: ``"embedding-net"`` (the classic ``EmbeddingNet``, any image size and
+    channel count) or ``"resnet18"`` (``networks.ResNetEmbedding``, ``pretrained`` None, a file or
+    ``"imagenet"``), sized for ``train_set``'s images. Returns ``(network, its constructor arguments)``."""
+    check_choice(network, STUDY_NETWORKS, "network")
+    in_channels, image_size = image_shape(train_set)
+    if network == "embedding-net":
+        if pretrained is not None:
+            raise ValueError("--pretrained needs --network resnet18 (EmbeddingNet has no pretrained weights)")
+        arguments = {"embedding_dim": embedding_dim, "in_channels": in_channels, "image_size": image_size}
+    else:
+        arguments = {"embedding_dim": embedding_dim, "in_channels": in_channels, "pretrained": pretrained}
+    return build_network(network, **arguments), arguments
+
+
+def build_training(method, train_set, test_set, selector="random-hard", embedding_dim=2, seed=0,
+                   network="embedding-net", pretrained=None):
     """Everything ``fit`` needs for one method of the study: ``(model, loss_fn, train_loader, val_loader,
-    metrics, learning_rate, weight_decay)``, with the classic study's settings (``build_method`` on an
-    ``EmbeddingNet`` of ``embedding_dim``)."""
+    metrics, learning_rate, weight_decay)``, with the classic study's settings (``build_method`` on the
+    ``build_embedding_net`` network, by default an ``EmbeddingNet`` of ``embedding_dim``)."""
     check_choice(method, METHODS, "method")
-    in_channels, image_size = train_set.data.shape[1], train_set.data.shape[-1]
-    embedding_net = EmbeddingNet(embedding_dim, in_channels=in_channels, image_size=image_size)
+    embedding_net, _ = build_embedding_net(network, embedding_dim, train_set, pretrained)
     model, loss_fn, train_loader, val_loader, metrics = build_method(
         method, embedding_net, train_set, test_set, selector=selector, margin=MARGIN,
         batch_size=BATCH_SIZE.get(method, BATCH_SIZE["siamese"]), seed=seed)
@@ -174,26 +219,32 @@ def build_training(method, train_set, test_set, selector="random-hard", embeddin
 def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epochs=None, seed=0,
                quick=False, root="data", download=False, device=None, splits=None,
                images_dir="images", results_dir="results", progress=True, channels_last=False,
-               train_classes=None, run_dir=None, fresh=False):
+               train_classes=None, run_dir=None, fresh=False, network="embedding-net", pretrained=None,
+               held_out=None, model_file=None, command=None):
     """Train one method on ``dataset``, evaluate and plot its embeddings, and record the result.
 
-    Takes the dataset name, the method (see ``METHODS``), for ``online-triplet`` the selector
+    Takes the dataset (a name of ``DATASETS``, or the path of a folder of your own images or a CSV, see
+    ``datasets.load_folder_splits``), the method (see ``METHODS``), for ``online-triplet`` the selector
     name, the embedding size, the number of epochs (default 20; ``quick`` means small subsets and
     ``QUICK_EPOCHS`` whatever ``epochs`` says) and a seed; ``splits`` may hand in preloaded ``(train, test)``
     datasets; ``channels_last`` trains in channels-last memory format (faster on CPUs, see
-    ``trainer.fit``). Writes ``images/<dataset>_<method>[_<dim>d]_{train,test}.png`` and merges the
-    result row into ``results/<dataset>.json`` and ``.md`` (skipped when the directory is None; a
-    quick run writes under ``images/quick/`` and ``results/quick/`` instead).
+    ``trainer.fit``); ``network`` / ``pretrained``: see ``build_embedding_net``. Writes
+    ``images/<name>_<method>[_<dim>d]_{train,test}.png`` and merges the result row into
+    ``results/<name>.json`` and ``.md`` (``dataset_name``; skipped when the directory is None; a quick run
+    writes under ``images/quick/`` and ``results/quick/`` instead).
     ``train_classes`` (e.g. ``"0-4"``, see ``parse_classes``): train and score on those classes only,
     add the one-shot accuracy and ROC-AUC of the other classes' test images (``evaluate_held_out``) and
-    write under ``images/train-classes-<tag>/`` and ``results/train-classes-<tag>/``.
+    write under ``images/train-classes-<tag>/`` and ``results/train-classes-<tag>/``; ``held_out``: a
+    ready dataset of classes never trained on, scored the same way (a folder's ``--held-out-classes``).
     ``run_dir``: a folder of this method's run (see ``method_run_dir``) that survives interruptions: a
     checkpoint after every epoch, and the finished row. Run again with the same settings, a finished
     method is not retrained (its row is read back) and an interrupted one resumes from its last epoch,
     giving the row an uninterrupted run gives (up to the timings); ``fresh=True`` deletes the folder
-    first. Returns the row: a dict of the evaluation metrics, seconds per epoch, epochs and settings.
+    first. ``model_file``: also save the trained network as one model file (``save_trained_model``, with
+    ``command``, the command line that trained it, default this process's).
+    Returns the row: a dict of the evaluation metrics, seconds per epoch, epochs and settings.
     """
-    check_choice(dataset, DATASETS, "dataset")
+    name = dataset_name(dataset)
     check_choice(method, METHODS, "method")
     if method == "online-triplet":
         check_choice(selector, tuple(SELECTORS), "selector")
@@ -202,26 +253,31 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
         images_dir = None if images_dir is None else os.path.join(images_dir, "quick")
         results_dir = None if results_dir is None else os.path.join(results_dir, "quick")
     label = method_label(method, selector)
-    settings = {"dataset": dataset, "method": label, "embedding_dim": embedding_dim, "epochs": epochs,
+    settings = {"dataset": name, "method": label, "embedding_dim": embedding_dim, "epochs": epochs,
                 "seed": seed, "quick": quick, "channels_last": channels_last, "train_classes": train_classes}
+    if network != "embedding-net" or pretrained is not None:  # recorded only when not the classic network
+        settings.update(network=network, pretrained=pretrained)
     finished = _open_run(run_dir, settings, fresh)
     if finished is not None:
-        print(f"== {dataset}: {label}, {embedding_dim}-D: finished before, row read from {run_dir}", flush=True)
+        print(f"== {name}: {label}, {embedding_dim}-D: finished before, row read from {run_dir}", flush=True)
         if results_dir is not None:
             record_result(finished, _held_out_dir(results_dir, finished.get("train_classes")))
         return finished
-    train_set, test_set = splits if splits is not None else load_splits(dataset, root, download, quick)
-    held_out = classes_tag = None
+    if splits is None:
+        splits = load_splits(dataset, root, download, quick) if name in DATASETS else load_folder_splits(
+            dataset, seed=seed, progress=progress)[:2]
+    train_set, test_set = splits
+    classes_tag = None
     if train_classes is not None:
         (train_set, test_set), held_out, classes_tag = held_out_splits(train_set, test_set, train_classes)
         images_dir, results_dir = _held_out_dir(images_dir, classes_tag), _held_out_dir(results_dir, classes_tag)
     torch.manual_seed(seed)
     model, loss_fn, train_loader, val_loader, metrics, learning_rate, weight_decay = build_training(
-        method, train_set, test_set, selector, embedding_dim, seed)
+        method, train_set, test_set, selector, embedding_dim, seed, network, pretrained)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, STEP_SIZE, gamma=GAMMA)
     resuming = run_dir is not None and os.path.exists(os.path.join(run_dir, CHECKPOINT_NAME))
-    print(f"== {dataset}: {label}, {embedding_dim}-D, {epochs} epochs"
+    print(f"== {name}: {label}, {embedding_dim}-D, {epochs} epochs"
           + (f", resuming from {run_dir}" if resuming else ""), flush=True)
     history = fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, epochs,
                   metrics=metrics, device=device, progress=progress, log_interval=50,
@@ -229,26 +285,73 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
 
     row = dict(settings, train_classes=classes_tag)
     embedded = _embed_splits(model, train_set, test_set)
-    row.update(evaluate_embeddings(*embedded["train"], *embedded["test"], seed=seed))
-    if method == "softmax":
-        row["classifier_accuracy"] = history["val_accuracy"][-1] / 100
-    row["seconds_per_epoch"] = sum(history["seconds"]) / len(history["seconds"])
-    row["final_train_loss"] = history["train_loss"][-1]
-    row["final_val_loss"] = history["val_loss"][-1]
-    if held_out is None:
+    row.update(_scores(method, model, history, embedded, held_out, seed))
+    if classes_tag is None:
         del row["train_classes"]
-    else:
-        row.update(evaluate_held_out(model, held_out, seed))
     if images_dir is not None:
         for split, (embeddings, labels) in embedded.items():
             plot_embeddings(embeddings, labels, train_set.classes,
-                            f"{dataset} {label} ({split}, {embedding_dim}-D)",
-                            image_path(dataset, label, split, embedding_dim, images_dir))
+                            f"{name} {label} ({split}, {embedding_dim}-D)",
+                            image_path(name, label, split, embedding_dim, images_dir))
+    if model_file is not None:
+        save_trained_model(model_file, model, network, train_set, embedded["test"], row, seed, command)
     if results_dir is not None:
         record_result(row, results_dir)
     if run_dir is not None:  # last, so a finished row means every output above was written
         write_json(os.path.join(run_dir, RUN_ROW), row)
     return row
+
+
+def _scores(method, model, history, embedded, held_out, seed):
+    """A trained method's scores for its row: ``evaluate_embeddings`` of the test embeddings against the
+    train ones, the classifier's accuracy (softmax), the mean epoch time, the final losses and, with a
+    ``held_out`` dataset, ``evaluate_held_out``."""
+    scores = evaluate_embeddings(*embedded["train"], *embedded["test"], seed=seed)
+    if method == "softmax":
+        scores["classifier_accuracy"] = history["val_accuracy"][-1] / 100
+    scores["seconds_per_epoch"] = sum(history["seconds"]) / len(history["seconds"])
+    scores["final_train_loss"] = history["train_loss"][-1]
+    scores["final_val_loss"] = history["val_loss"][-1]
+    if held_out is not None:
+        scores.update(evaluate_held_out(model, held_out, seed))
+    return scores
+
+
+def dataset_name(dataset):
+    """The name a dataset's outputs go by: a name of ``DATASETS`` itself, or for your own images the
+    folder's (or CSV file's) name, e.g. ``flowers`` for ``data/flowers/``. Raises ValueError for a name
+    that is neither, and FileNotFoundError for a path that does not exist."""
+    if not isinstance(dataset, (str, os.PathLike)):
+        raise TypeError(f"dataset must be a name ({', '.join(DATASETS)}) or a folder path, got "
+                        f"{type(dataset).__name__}")
+    if dataset in DATASETS:
+        return dataset
+    path = os.fspath(dataset)
+    if not os.path.exists(path):
+        if os.sep not in path and "." not in path:
+            raise ValueError(f"unknown dataset {path!r}; choose one of {', '.join(DATASETS)}, or give the path "
+                             "of a folder of images (one sub-folder per class) or of a CSV of path,label lines")
+        raise FileNotFoundError(f"dataset folder {path!r} does not exist")
+    return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+
+
+def save_trained_model(path, model, network, train_set, validation, row, seed=0, command=None):
+    """Save the embedding network of a trained ``model`` (the net inside a ``ClassificationNet`` /
+    ``SiameseNet`` / ``TripletNet``, or the model itself) as one model file (``networks.save_model``) with
+    what using it needs: image size, channels, the training images' normalisation, class names, the
+    verification threshold chosen on the validation embeddings ``(embeddings, labels)``
+    (``metrics.verification_threshold``), the ``command`` (default: this process's command line) and the
+    row's metrics. Returns the path."""
+    embedding_net = getattr(model, "embedding_net", model)
+    channels, image_size = image_shape(train_set)
+    threshold, accuracy = verification_threshold(*validation, seed=seed)
+    normalization = ({"mean": list(train_set.mean), "std": list(train_set.std)} if hasattr(train_set, "mean")
+                     else None)
+    metrics = {key: value for key, value in row.items() if isinstance(value, (int, float)) and key != "seed"}
+    metrics["validation_verification_accuracy"] = accuracy
+    return save_model(path, embedding_net, network, embedding_net.config(), image_size=image_size, channels=channels,
+                      normalization=normalization, class_names=list(train_set.classes), threshold=threshold,
+                      command=command or " ".join(sys.argv), metrics=metrics)
 
 
 RUN_SETTINGS, RUN_ROW = "settings.json", "row.json"
@@ -453,35 +556,50 @@ def markdown_table(rows, columns):
 def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_dim=2, epochs=None,
                 seed=0, quick=False, root="data", download=False, device=None,
                 images_dir="images", results_dir="results", progress=True, channels_last=False,
-                train_classes=None, run_dir=RUN_DIR, fresh=False):
+                train_classes=None, run_dir=RUN_DIR, fresh=False, network="embedding-net", pretrained=None,
+                folder=None, model_file=None, command=None):
     """Run several methods on one dataset (the data is loaded once), write the comparison figures
-    and return the result rows. ``train_classes``: see ``run_method``. Each method runs in its own
-    folder under ``run_dir`` (``method_run_dir``; None: no checkpoints), so that the same call after an
-    interruption skips the finished methods and resumes the interrupted one; ``fresh`` starts over."""
-    splits = load_splits(dataset, root, download, quick)
+    and return the result rows. ``train_classes``, ``network``, ``pretrained``: see ``run_method``. Each
+    method runs in its own folder under ``run_dir`` (``method_run_dir``; None: no checkpoints), so that the
+    same call after an interruption skips the finished methods and resumes the interrupted one; ``fresh``
+    starts over. A folder of your own images (``dataset`` a path) is read by
+    ``datasets.load_folder_splits`` with the keyword arguments in ``folder`` (image_size, channels,
+    held_out_classes, val_fraction, skip_bad_images). ``model_file``: save the trained network (one method
+    only; see ``save_trained_model``; ``command``: the command line recorded in it)."""
+    name = dataset_name(dataset)
+    n_runs = sum(len(selectors) if method == "online-triplet" else 1 for method in methods)
+    if model_file is not None and n_runs != 1:
+        raise ValueError(f"--save-model saves one trained model, but {n_runs} methods run; choose one "
+                         "(e.g. --methods online-triplet --selectors random-hard)")
+    held_out = None
+    if name in DATASETS:
+        splits = load_splits(dataset, root, download, quick)
+    else:
+        *splits, held_out = load_folder_splits(dataset, seed=seed, progress=progress, **(folder or {}))
     rows = []
     for method in methods:
         for selector in (selectors if method == "online-triplet" else [None]):
             label = method_label(method, selector)
             method_dir = (None if run_dir is None else
-                          method_run_dir(run_dir, dataset, label, embedding_dim, seed, quick, train_classes))
+                          method_run_dir(run_dir, name, label, embedding_dim, seed, quick, train_classes))
             rows.append(run_method(dataset, method, selector=selector, embedding_dim=embedding_dim,
                                    epochs=epochs, seed=seed, quick=quick, device=device, splits=splits,
                                    images_dir=images_dir, results_dir=results_dir, progress=progress,
                                    channels_last=channels_last, train_classes=train_classes,
-                                   run_dir=method_dir, fresh=fresh))
+                                   run_dir=method_dir, fresh=fresh, network=network, pretrained=pretrained,
+                                   held_out=held_out, model_file=model_file, command=command))
     if train_classes is not None:  # what the held-out scores mean needs these two references
         baselines_dir = results_dir
         if quick and results_dir is not None:  # where run_method put a quick run's table
             baselines_dir = os.path.join(results_dir, "quick")
-        rows += held_out_baselines(dataset, *splits, train_classes, embedding_dim, seed, baselines_dir)
+        rows += held_out_baselines(name, *splits, train_classes, embedding_dim, seed, baselines_dir)
     if images_dir is not None:
         comparison_dir = os.path.join(images_dir, "quick") if quick else images_dir
         if train_classes is not None:  # where run_method put the plots
             comparison_dir = os.path.join(comparison_dir, "train-classes-" + rows[0]["train_classes"])
         offline_online = [("siamese", "online-contrastive")]
         offline_online += [("triplet", method_label("online-triplet", s)) for s in selectors]
-        plot_comparison(dataset, offline_online, embedding_dim, comparison_dir)
+        plot_comparison(name, offline_online, embedding_dim, comparison_dir)
     return rows
 
 
@@ -498,7 +616,10 @@ SWITCHES = {
 def _parser(omniglot_weights):
     """The argument parser of ``main``."""
     parser = argparse.ArgumentParser(description="Train and evaluate siamese/triplet embeddings.")
-    parser.add_argument("--dataset", default="fashion-mnist", choices=DATASETS + ("omniglot",))
+    parser.add_argument("--dataset", default="fashion-mnist",
+                        help=f"{', '.join(DATASETS)}, omniglot, or the path of a folder of your own images (one "
+                             "sub-folder per class, or alphabet/character/ like Omniglot) or of a CSV of "
+                             "path,label lines")
     parser.add_argument("--methods", default="all",
                         help=f"comma-separated subset of {', '.join(METHODS)}, or 'all'")
     parser.add_argument("--selectors", default="random-hard",
@@ -518,6 +639,22 @@ def _parser(omniglot_weights):
     parser.add_argument("--run-dir", default=RUN_DIR,
                         help="checkpoints of every method, so that the same command resumes after an "
                              f"interruption (default {RUN_DIR}/)")
+    own = parser.add_argument_group("your own images (--dataset PATH)")
+    own.add_argument("--image-size", type=int, default=None,
+                     help="resize every image to this square size (default: the images' own, when all agree)")
+    own.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                     help="1 (grey) or 3 (RGB); default: 3 when any image is in colour")
+    own.add_argument("--held-out-classes", default=None,
+                     help="classes set aside and measured as unseen: a fraction (0.2) or names/indices (cat,dog)")
+    own.add_argument("--val-fraction", type=float, default=0.1, help="validation share of each class")
+    own.add_argument("--skip-bad-images", action="store_true",
+                     help="leave out unreadable images (and report how many) instead of stopping")
+    parser.add_argument("--network", default="embedding-net", choices=STUDY_NETWORKS,
+                        help="the classic EmbeddingNet, or a ResNet-18 backbone with an embedding head")
+    parser.add_argument("--pretrained", default=None,
+                        help="resnet18: ImageNet weights from this file, or 'imagenet' for torchvision's cache")
+    parser.add_argument("--save-model", default=None, metavar="FILE",
+                        help="save the trained model as one file (one method only), for search.py")
     parser.add_argument("--omniglot-root", default=None,
                         help="folder holding images_background_small1/2 (.zip or extracted); default "
                              "../shared/data/omniglot next to the repository")
@@ -537,9 +674,14 @@ def main(argv=None):
         import autoencoders
         return autoencoders.main(argv[1:])
     import omniglot  # here, not at the top: omniglot imports this module
-    args = _parser(omniglot.OMNIGLOT_WEIGHTS).parse_args(argv)
+    parser = _parser(omniglot.OMNIGLOT_WEIGHTS)
+    args = parser.parse_args(argv)
     if args.dataset == "omniglot":
         return omniglot.omniglot_main(args)
+    try:
+        dataset_name(args.dataset)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
     args.embedding_dim = 2 if args.embedding_dim is None else args.embedding_dim
 
     methods = METHODS if args.methods == "all" else tuple(args.methods.split(","))
@@ -549,17 +691,21 @@ def main(argv=None):
     for selector in selectors:
         check_choice(selector, tuple(SELECTORS), "selector")
     started = time.perf_counter()
+    folder = {"image_size": args.image_size, "channels": args.channels, "held_out_classes": args.held_out_classes,
+              "val_fraction": args.val_fraction, "skip_bad_images": args.skip_bad_images}
     rows = run_methods(args.dataset, methods, selectors, args.embedding_dim, args.epochs, args.seed,
                        args.quick, args.root, args.download, args.device,
                        progress=not args.no_progress, channels_last=args.channels_last,
-                       train_classes=args.train_classes, run_dir=args.run_dir, fresh=args.fresh)
+                       train_classes=args.train_classes, run_dir=args.run_dir, fresh=args.fresh,
+                       network=args.network, pretrained=args.pretrained, folder=folder, model_file=args.save_model,
+                       command=" ".join(["python experiments.py", *argv]))
     print()
     print(results_table(rows))
     where = "quick/" if args.quick else ""
     if args.train_classes is not None:
         where += "train-classes-" + rows[0]["train_classes"] + "/"
-    print(f"Total {time.perf_counter() - started:.0f} s. Results in results/{where}{args.dataset}.md, "
-          f"plots in images/{where}.")
+    print(f"Total {time.perf_counter() - started:.0f} s. Results in results/{where}{dataset_name(args.dataset)}.md, "
+          f"plots in images/{where}." + (f" Model saved to {args.save_model}." if args.save_model else ""))
     return rows
 
 
@@ -592,16 +738,6 @@ def parse_classes(spec, n_classes):
     if n_classes - len(ids) < 2:
         raise ValueError(f"train classes {spec!r} leave {n_classes - len(ids)} held-out classes; leave at least 2")
     return ids
-
-
-def class_subset(dataset, class_ids):
-    """InMemoryDataset of the items of ``dataset`` whose class is in ``class_ids``, relabelled 0, 1, ...
-    in the order of class_ids, with their names (and the dataset's mean and std when it has them)."""
-    relabel = torch.full((int(dataset.targets.max()) + 1,), -1, dtype=torch.long)
-    relabel[torch.as_tensor(class_ids)] = torch.arange(len(class_ids))
-    subset = dataset.subset(torch.isin(dataset.targets, torch.as_tensor(class_ids)))
-    subset.targets, subset.classes = relabel[subset.targets], [dataset.classes[k] for k in class_ids]
-    return subset
 
 
 def held_out_splits(train_set, test_set, train_classes):

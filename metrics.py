@@ -495,6 +495,21 @@ def verification_roc_auc(embeddings, labels, n_pairs=100_000, seed=0):
     return float(roc_auc_score(same.numpy(), scores))
 
 
+def verification_threshold(embeddings, labels, n_pairs=20_000, seed=0):
+    """The same/different threshold on the similarity ``1 / (1 + distance)`` (what
+    ``SiameseNetwork.embedding_similarity`` and a saved model's ``threshold`` use) that is most accurate
+    on seeded pairs of ``embeddings (N, D)`` with ``labels (N,)``, drawn as ``verification_roc_auc``
+    draws them (half same-label). Returns ``(threshold, accuracy on those pairs)`` (``best_threshold``).
+    """
+    labels = _check_embeddings_and_labels(embeddings, labels, "")
+    embeddings = embeddings.detach()
+    first, second, same = _verification_pairs(labels.cpu(), check_int(n_pairs, "n_pairs", 2) // 2,
+                                              torch.Generator().manual_seed(check_int(seed, "seed", 0)))
+    first, second = first.to(embeddings.device), second.to(embeddings.device)
+    similarity = 1 / (1 + paired_squared_distances(embeddings[first], embeddings[second]).sqrt())
+    return best_threshold(similarity.cpu(), same)
+
+
 def evaluate_embeddings(train_embeddings, train_labels, test_embeddings, test_labels, k=5,
                         seed=0):
     """Every embedding-quality metric of this module for one train/test split.

@@ -179,9 +179,12 @@ def test_command_line_rejects_unknown_names(argv, message, tmp_path, monkeypatch
 
 
 def test_command_line_rejects_unknown_dataset(capsys):
-    with pytest.raises(SystemExit):  # argparse's choices
+    with pytest.raises(SystemExit):  # argparse's usage error
         experiments.main(["--quick", "--dataset", "cifar10"])
-    assert "invalid choice: 'cifar10'" in capsys.readouterr().err
+    assert "unknown dataset 'cifar10'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        experiments.main(["--quick", "--dataset", "no/such/folder"])
+    assert "dataset folder 'no/such/folder' does not exist" in capsys.readouterr().err
 
 
 def test_run_method_rejects_unknown_names(splits, tmp_path, monkeypatch):

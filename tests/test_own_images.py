@@ -1,0 +1,97 @@
+"""Training on a folder of your own images through the study's runner and command line: the splits,
+held-out classes, the networks, the saved model file, and the errors for folders that cannot train."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import experiments
+from networks import embed_images, load_model
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 170, 40), "blue": (40, 60, 210), "grey": (128, 128, 128),
+           "yellow": (220, 200, 20), "purple": (140, 40, 160)}
+
+
+def write_folder(root, per_class=20, size=20, classes=COLOURS, seed=0):
+    """One sub-folder per class of noisy images of the class's colour (PNG and JPEG, mixed sizes)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, colour in classes.items():
+        (root / name).mkdir(parents=True)
+        for k in range(per_class):
+            side = size + (k % 3) * 4  # mixed sizes: resized to --image-size
+            noise = torch.randint(-40, 40, (side, side, 3), generator=generator)
+            pixels = (torch.tensor(colour) + noise).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f"{k}.{'png' if k % 2 else 'jpg'}")
+    return root
+
+
+def run(tmp_path, monkeypatch, *arguments):
+    monkeypatch.chdir(tmp_path)
+    return experiments.main(["--dataset", str(tmp_path / "shapes"), "--image-size", "20", "--epochs", "2",
+                             "--no-progress", "--embedding-dim", "4", *arguments])
+
+
+def test_a_folder_trains_with_held_out_classes_and_saves_one_model_file(tmp_path, monkeypatch):
+    write_folder(tmp_path / "shapes")
+    rows = run(tmp_path, monkeypatch, "--methods", "online-triplet", "--held-out-classes", "yellow,purple",
+               "--save-model", str(tmp_path / "model.pt"))
+    (row,) = rows
+    assert row["dataset"] == "shapes" and row["method"] == "online-triplet/random-hard" and row["epochs"] == 2
+    assert row["held_out_n_way"] == 2 and 0 <= row["held_out_one_shot"] <= 1
+    table = (tmp_path / "results" / "shapes.md").read_text()
+    assert "| online-triplet/random-hard | 4 |" in table and "held-out 1-shot acc" in table
+    assert (tmp_path / "images" / "shapes_online-triplet-random-hard_4d_test.png").is_file()
+
+    model, info = load_model(tmp_path / "model.pt")
+    assert info["class_names"] == ["blue", "green", "grey", "red"]  # the trained classes, not the held-out ones
+    assert (info["image_size"], info["channels"], info["embedding_dim"]) == (20, 3, 4)
+    assert 0 < info["threshold"] <= 1 and len(info["normalization"]["mean"]) == 3
+    assert info["metrics"]["map_at_r"] == row["map_at_r"] and "--save-model" in info["command"]
+    # the model file alone reproduces the run's embeddings: same normalisation, same weights
+    from datasets import load_folder_splits
+    train, val, held_out = load_folder_splits(tmp_path / "shapes", image_size=20, held_out_classes="yellow,purple",
+                                              progress=False)
+    raw_train, _, _ = load_folder_splits(tmp_path / "shapes", image_size=20, held_out_classes="yellow,purple",
+                                         progress=False)
+    assert info["normalization"] == {"mean": list(train.mean), "std": list(train.std)}
+    pixels = raw_train.data * torch.tensor(train.std).view(1, 3, 1, 1) + torch.tensor(train.mean).view(1, 3, 1, 1)
+    assert torch.allclose(embed_images(model, pixels, normalization=info["normalization"]),
+                          model.get_embedding(train.data).detach(), atol=1e-5)
+
+
+def test_every_method_and_the_resnet_run_on_a_folder(tmp_path, monkeypatch):
+    write_folder(tmp_path / "shapes", per_class=20, size=32, classes=dict(list(COLOURS.items())[:3]))
+    monkeypatch.chdir(tmp_path)
+    rows = experiments.main(["--dataset", str(tmp_path / "shapes"), "--epochs", "1", "--no-progress",
+                             "--image-size", "32", "--methods", "softmax,siamese,online-contrastive"])
+    assert [row["method"] for row in rows] == ["softmax", "siamese", "online-contrastive"]
+    (row,) = experiments.main(["--dataset", str(tmp_path / "shapes"), "--epochs", "1", "--no-progress",
+                               "--image-size", "32", "--methods", "online-contrastive", "--network", "resnet18",
+                               "--embedding-dim", "8", "--save-model", str(tmp_path / "resnet.pt")])
+    assert row["network"] == "resnet18"
+    model, info = load_model(tmp_path / "resnet.pt")
+    assert info["architecture"] == "resnet18" and info["embedding_dim"] == 8
+
+
+def test_folders_that_cannot_train_say_what_to_do(tmp_path, monkeypatch):
+    write_folder(tmp_path / "shapes", per_class=3, classes=dict(list(COLOURS.items())[:3]))
+    for extra in (tmp_path / "shapes" / "red").iterdir():  # one image left in "red"
+        if extra.name != "0.jpg":
+            extra.unlink()
+    with pytest.raises(ValueError, match=r"class 'red' has 1 training image.*--held-out-classes"):
+        run(tmp_path, monkeypatch, "--methods", "online-triplet")
+    with pytest.raises(ValueError, match="saves one trained model, but 2 methods run"):
+        run(tmp_path, monkeypatch, "--methods", "softmax,siamese", "--save-model", "x.pt")
+    with pytest.raises(ValueError, match="--pretrained needs --network resnet18"):
+        run(tmp_path, monkeypatch, "--methods", "softmax", "--pretrained", "weights.pth")
+    assert experiments.dataset_name(tmp_path / "shapes") == "shapes"
+    assert experiments.dataset_name("fashion-mnist") == "fashion-mnist"
+
+
+def test_a_folder_run_resumes_like_the_study(tmp_path, monkeypatch):
+    write_folder(tmp_path / "shapes", per_class=20, classes=dict(list(COLOURS.items())[:3]))
+    first = run(tmp_path, monkeypatch, "--methods", "online-contrastive")
+    again = run(tmp_path, monkeypatch, "--methods", "online-contrastive")  # finished: read back
+    assert json.loads(json.dumps(first)) == again
