@@ -1,14 +1,14 @@
 """Benchmark: does it matter *when* CPU flush-to-zero is turned on?
 
 Flush-to-zero (torch.set_flush_denormal(True)) is a per-thread CPU mode. trainer.fit sets it on
-the thread that calls it, which may be after torch's intra-op thread pool has started; until
-recently trainer set it at import instead, before the pool started. This script times the same
+the thread that calls it, which may be after torch's intra-op thread pool has started; the command
+lines call trainer.flush_denormal_everywhere() first, before the pool starts. This script times the same
 work on denormal float32 tensors under three modes, each in a fresh Python process so that no
 mode or thread pool leaks from one to the next:
 
   none    flush-to-zero never turned on;
-  before  turned on before torch's first parallel operation (as an import-time call would);
-  after   turned on after a parallel operation has started the thread pool (as fit does).
+  before  turned on before torch's first parallel operation (flush_denormal_everywhere, the command lines);
+  after   turned on after a parallel operation has started the thread pool (fit alone, in a notebook).
 
 Every mode runs with torch.set_num_threads(2). It prints seconds per mode, their ratio to
 'before', and the share of denormal inputs an elementwise op read as zero: 0.5 for 'after' means
