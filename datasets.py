@@ -1510,6 +1510,26 @@ def held_out_class_split(dataset, spec, seed=0):
     return class_subset(dataset, seen_ids), held_out, list(held_out.classes)
 
 
+def export_image_folder(dataset, folder, root="data", download=False, progress=True):
+    """Write a known MNIST-like dataset (``"mnist"``, ``"fashion-mnist"``) as a folder of PNG files, one
+    sub-folder per class (``folder/<class>/train-00000.png``, ``test-00000.png``, ...: both splits), the
+    layout ``load_image_folder`` reads; e.g. to check that training from a folder matches the built-in
+    path. Class names with a ``/`` have it replaced by ``-``. Returns the number of files written."""
+    written = 0
+    for train in (True, False):
+        split = load_dataset(dataset, root=root, train=train, download=download)
+        images = torch.as_tensor(np.asarray(split.data))
+        class_folders = [os.path.join(folder, name.replace("/", "-")) for name in split.classes]
+        for class_folder in class_folders:
+            os.makedirs(class_folder, exist_ok=True)
+        prefix = "train" if train else "test"
+        for index in tqdm(range(len(images)), desc=f"writing {prefix} images", disable=not progress):
+            Image.fromarray(images[index].numpy()).save(
+                os.path.join(class_folders[int(split.targets[index])], f"{prefix}-{index:05d}.png"))
+        written += len(images)
+    return written
+
+
 def load_folder_splits(root, image_size=None, channels=None, held_out_classes=None, val_fraction=0.1, seed=0,
                        skip_bad_images=False, progress=True):
     """A folder of your own images (see ``load_image_folder``) as the splits the study trains on:

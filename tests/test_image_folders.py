@@ -15,8 +15,10 @@ import pytest
 import torch
 from PIL import Image, ImageFile, features
 
+import datasets
 from datasets import (ImageFileDataset, InMemoryDataset, channel_statistics, held_out_class_split, list_images,
                       load_image_folder, normalized, read_image, split_per_class)
+from fixtures import write_idx_fixture
 
 
 def save(path, image, **options):
@@ -564,3 +566,15 @@ def test_held_out_class_split_errors(tmp_path):
     for spec in (None, True):
         with pytest.raises(TypeError, match="held-out classes must be a fraction"):
             held_out_class_split(dataset, spec)
+
+
+def test_export_image_folder_writes_what_load_image_folder_reads_back(tmp_path):
+    write_idx_fixture(tmp_path / "data", 20, 10)
+    written = datasets.export_image_folder("fashion-mnist", tmp_path / "png", root=tmp_path / "data", progress=False)
+    train = datasets.load_dataset("fashion-mnist", root=tmp_path / "data", train=True)
+    test = datasets.load_dataset("fashion-mnist", root=tmp_path / "data", train=False)
+    assert written == len(train) + len(test)
+    folder = datasets.load_image_folder(tmp_path / "png", progress=False)
+    assert folder.classes == sorted(name.replace("/", "-") for name in train.classes)
+    first = folder.paths.index(str(tmp_path / "png" / train.classes[int(train.targets[0])] / "train-00000.png"))
+    assert torch.equal((folder.data[first, 0] * 255).round().to(torch.uint8), torch.as_tensor(train.data[0]))
