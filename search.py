@@ -1,0 +1,547 @@
+"""Use a trained model on your own images: index a folder, then query, verify, classify and evaluate.
+
+This module owns the gallery file and everything done with a model file (``networks.save_model``) on
+images outside the training pipeline:
+
+- ``index_folder``: embeds every image of a folder (class sub-folders, a two-level group/class folder, a
+  CSV of ``path,label`` lines, or a flat folder of unlabelled images) into a gallery file (.npz);
+- ``query``: the k nearest gallery images of each query image;
+- ``verify``: distance, similarity ``1 / (1 + distance)`` and the same/different verdict of two images;
+- ``classify``: the k-nearest-neighbour label of each query image (majority vote);
+- ``evaluate``: the embedding-quality metrics of a labelled gallery;
+- ``nearest_neighbours``: exact k-NN search in chunks of the gallery (memory bounded whatever its size),
+  or through faiss's exact ``IndexFlatL2``;
+- ``load_gallery``: reads and checks a gallery file.
+
+Command line (the subcommand names are fixed: the documentation uses them)::
+
+    python search.py index MODEL FOLDER --out gallery.npz [--batch-size 256] [--skip-bad-images] [--no-progress]
+    python search.py query MODEL GALLERY IMAGE... [--k 5] [--grid out.png] [--json]
+    python search.py verify MODEL IMAGE1 IMAGE2
+    python search.py classify MODEL GALLERY IMAGE... [--k 5]
+    python search.py evaluate MODEL GALLERY
+
+The gallery file is a numpy .npz (read with allow_pickle=False) holding ``format`` ("siamese-triplet-gallery"),
+``embeddings`` (N, D) float32, ``paths`` (N,) str (the image paths as listed from the folder given to index),
+``labels`` (N,) int64 (ids into ``class_names``, -1 for unlabelled images), ``class_names`` (C,) str
+(empty for an unlabelled folder), ``fingerprint`` (the model's weight fingerprint) and ``embedding_dim``.
+A gallery only answers queries of the model that indexed it: any other model is refused.
+
+Distances are Euclidean. ``k`` larger than the gallery (or, for classify, than its labelled part) is an
+error, not silently clamped, so a result always holds exactly k neighbours.
+"""
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from datasets import IMAGE_EXTENSIONS, list_images, read_image
+from metrics import _nearest_neighbours, knn_accuracy, nmi_score, retrieval_metrics, verification_roc_auc
+from networks import SiameseNetwork, embed_images, load_model
+from utils import check_int, squared_distances
+
+GALLERY_FORMAT = "siamese-triplet-gallery"
+GALLERY_KEYS = ("format", "embeddings", "paths", "labels", "class_names", "fingerprint", "embedding_dim")
+UNLABELLED = -1
+DEFAULT_CHUNK_SIZE = 65536
+# Queries are taken in blocks so that one block of distances holds at most this many entries (64 MB of
+# float32), whatever the number of queries.
+MAX_BLOCK_ENTRIES = 1 << 24
+EVALUATE_K = 5
+GRID_THUMBNAIL = 96  # side in pixels of each picture in the --grid figure
+
+
+# ---------------------------------------------------------------- exact search
+
+def _as_matrix(values, name):
+    """``values`` (tensor or numpy array) as a 2-D floating CPU tensor, without copying when possible."""
+    if isinstance(values, np.ndarray):
+        values = torch.from_numpy(np.ascontiguousarray(values))
+    if not isinstance(values, torch.Tensor) or values.dim() != 2 or not values.is_floating_point():
+        shape = tuple(values.shape) if hasattr(values, "shape") else type(values).__name__
+        raise TypeError(f"{name} must be a 2-D floating tensor or array, got {shape}")
+    return values
+
+
+def nearest_neighbours(queries, gallery, k, chunk_size=DEFAULT_CHUNK_SIZE, use_faiss=False):
+    """The k nearest gallery vectors of every query, by Euclidean distance, searched exactly.
+
+    Takes queries (Q, D) and gallery (G, D) (floating torch tensors or numpy arrays), k (1 <= k <= G) and
+    chunk_size (gallery rows compared at once). Returns (distances (Q, k), indices (Q, k) int64) as torch
+    tensors, each row in ascending distance, equal distances by the lower gallery index.
+
+    The exact path goes through the gallery chunk_size rows at a time (``utils.squared_distances`` per
+    chunk) and keeps a running top k per query: each chunk's own k best are merged with the best so far by
+    a stable sort (the earlier best all have lower indices, so a stable sort keeps ties by index). Queries
+    are taken in blocks so that a block of distances stays under MAX_BLOCK_ENTRIES: memory is
+    O(min(Q, block) x chunk_size + Q x k) whatever G, so a million-vector gallery works. Distances are
+    compared squared, as computed in the inputs' dtype, and square-rooted at the end. Values must be finite.
+
+    ``use_faiss=True`` searches faiss's exact ``IndexFlatL2`` instead (built on each call from a float32 copy
+    of the gallery): the same neighbours up to float rounding, which may reorder exact ties. Raises
+    ImportError when faiss is not installed.
+    """
+    queries = _as_matrix(queries, "queries")
+    gallery = _as_matrix(gallery, "gallery")
+    if queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"queries and gallery must have the same width D, got {queries.shape[1]} and "
+                         f"{gallery.shape[1]}")
+    n_gallery = gallery.shape[0]
+    if n_gallery == 0:
+        raise ValueError("gallery is empty; index at least one image")
+    k = check_int(k, "k", 1)
+    if k > n_gallery:
+        raise ValueError(f"k={k} is larger than the gallery ({n_gallery} items); pass k <= {n_gallery}")
+    chunk_size = check_int(chunk_size, "chunk_size", 1)
+    if use_faiss:
+        return _faiss_search(queries, gallery, k)
+    dtype = torch.promote_types(queries.dtype, gallery.dtype)
+    queries = queries.to(dtype)
+    n_queries = queries.shape[0]
+    block = max(1, MAX_BLOCK_ENTRIES // min(chunk_size, n_gallery))
+    distances = torch.empty(n_queries, k, dtype=dtype)
+    indices = torch.empty(n_queries, k, dtype=torch.long)
+    for start in range(0, n_queries, block):
+        rows = slice(start, start + block)
+        distances[rows], indices[rows] = _search_block(queries[rows], gallery, k, chunk_size)
+    return distances.sqrt_(), indices
+
+
+def _search_block(queries, gallery, k, chunk_size):
+    """(squared distances (B, k), indices (B, k)) of the k nearest gallery rows of queries (B, D)."""
+    best_distances = queries.new_empty(queries.shape[0], 0)
+    best_indices = torch.empty(queries.shape[0], 0, dtype=torch.long)
+    for start in range(0, gallery.shape[0], chunk_size):
+        chunk = gallery[start:start + chunk_size].to(queries.dtype)
+        distances = squared_distances(queries, chunk)
+        # the chunk's own k best, ordered by (distance, index) with exact ties resolved to the lower index
+        chunk_best = _nearest_neighbours(distances, min(k, chunk.shape[0]))
+        candidates = torch.cat([best_distances, distances.gather(1, chunk_best)], dim=1)
+        candidate_indices = torch.cat([best_indices, chunk_best + start], dim=1)
+        order = candidates.sort(dim=1, stable=True).indices[:, :k]
+        best_distances, best_indices = candidates.gather(1, order), candidate_indices.gather(1, order)
+    return best_distances, best_indices
+
+
+def _faiss_search(queries, gallery, k):
+    try:
+        import faiss  # imported here: the exact torch path needs no faiss
+    except ImportError as error:
+        raise ImportError("use_faiss=True needs faiss, which is not installed: pip install faiss-cpu") from error
+    index = faiss.IndexFlatL2(gallery.shape[1])
+    index.add(np.ascontiguousarray(gallery.detach().cpu().numpy(), dtype=np.float32))
+    squared, indices = index.search(np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32), k)
+    return torch.from_numpy(squared).clamp_min_(0).sqrt_(), torch.from_numpy(indices).long()
+
+
+# ---------------------------------------------------------------- embedding image files
+
+def _check_image_files(paths, what="image"):
+    paths = [os.fspath(path) for path in paths]
+    if not paths:
+        raise ValueError(f"no {what} given; pass at least one image file")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{what} file {path} does not exist; check the path")
+    return paths
+
+
+def _embed_files(model, info, paths, batch_size=256, progress=False, skip_bad_images=False, desc="Embedding"):
+    """Embeddings of image files as the model file prescribes (its image size, channels, normalisation).
+
+    Decodes batch_size images at a time, embeds them and appends float32 rows to a preallocated array, so
+    memory is one batch of pixels plus the (N, D) result. Returns (embeddings (M, D) float32 numpy array,
+    kept (M,) positions into paths): M < N only with skip_bad_images, which leaves out (with one warning)
+    the files read_image cannot read instead of raising its ValueError naming the file.
+    """
+    batch_size = check_int(batch_size, "batch_size", 1)
+    image_size, channels = info["image_size"], info["channels"]
+    embeddings, kept, skipped = None, [], []
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
+    try:
+        for start in range(0, len(paths), batch_size):
+            images, positions = [], []
+            for position in range(start, min(start + batch_size, len(paths))):
+                try:
+                    images.append(read_image(paths[position], image_size, channels))
+                except ValueError:
+                    if not skip_bad_images:
+                        raise
+                    skipped.append(paths[position])
+                    continue
+                positions.append(position)
+            bar.update(min(start + batch_size, len(paths)) - start)
+            if not images:
+                continue
+            batch = embed_images(model, torch.stack(images), batch_size=batch_size,
+                                 normalization=info["normalization"]).float().cpu().numpy()
+            if embeddings is None:  # the width is known from the first batch (a model file may not record it)
+                embeddings = np.empty((len(paths), batch.shape[1]), dtype=np.float32)
+            embeddings[len(kept):len(kept) + len(batch)] = batch
+            kept.extend(positions)
+    finally:
+        bar.close()
+    if skipped:
+        named = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        warnings.warn(f"skipped {len(skipped)} unreadable image file(s): {named}", stacklevel=3)
+    if not kept:
+        raise ValueError(f"none of the {len(paths)} image files could be read; check the files")
+    return embeddings[:len(kept)], np.asarray(kept, dtype=np.int64)
+
+
+def _load_model(model_path):
+    model, info = load_model(model_path)
+    if info["image_size"] is None or info["channels"] is None:
+        raise ValueError(f"{model_path} records no image size or channels; save it again with save_model")
+    return model, info
+
+
+# ---------------------------------------------------------------- the gallery file
+
+def _list_folder(folder):
+    """(paths, labels (N,) int64, class names) of a folder or CSV: list_images' layouts, or a flat folder of
+    images without class sub-folders (unlabelled: every label -1, no class names)."""
+    folder = os.fspath(folder)
+    if not os.path.exists(folder):
+        raise FileNotFoundError(f"{folder} does not exist; pass a folder of images or a CSV of path,label lines")
+    if os.path.isdir(folder):
+        with os.scandir(folder) as entries:
+            entries = [entry for entry in entries if not entry.name.startswith(".")]
+        has_folders = any(entry.is_dir() for entry in entries)
+        images = sorted(entry.name for entry in entries
+                        if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+        if not has_folders:
+            if not images:
+                raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no class "
+                                 "sub-folders; pass a folder of images")
+            return [os.path.join(folder, name) for name in images], np.full(len(images), UNLABELLED), []
+    listing = list_images(folder)
+    return listing.paths, listing.labels.numpy(), list(listing.classes)
+
+
+def index_folder(model_path, folder, out, batch_size=256, progress=True, skip_bad_images=False):
+    """Embed every image of ``folder`` with the model file ``model_path`` and write the gallery file ``out``.
+
+    ``folder`` is a folder of class sub-folders (or group/class folders, or a CSV of ``path,label`` lines:
+    see ``datasets.list_images``), whose class names become the gallery's labels, or a flat folder of images
+    (unlabelled, label -1). Images are decoded and embedded batch_size at a time (memory: one batch plus the
+    (N, D) float32 embeddings), with a progress bar unless progress=False. skip_bad_images leaves unreadable
+    files out with a warning instead of raising ValueError naming the first one. The file (see the module
+    docstring for its keys) is written to a temporary file and renamed, so an interrupted run leaves none.
+    Returns ``out``.
+    """
+    model, info = _load_model(model_path)
+    paths, labels, class_names = _list_folder(folder)
+    embeddings, kept = _embed_files(model, info, paths, batch_size, progress, skip_bad_images, desc="Indexing")
+    out = os.fspath(out)
+    arrays = {
+        "format": np.array(GALLERY_FORMAT),
+        "embeddings": embeddings,
+        "paths": np.array([paths[k] for k in kept], dtype=str),
+        "labels": np.asarray(labels, dtype=np.int64)[kept],
+        "class_names": np.array([str(name) for name in class_names], dtype=str),
+        "fingerprint": np.array(info["fingerprint"]),
+        "embedding_dim": np.array(embeddings.shape[1], dtype=np.int64),
+    }
+    directory = os.path.dirname(out) or "."
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(out)}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:  # a file object: np.savez would append ".npz" to a bare name
+            np.savez(file, **arrays)
+        os.replace(temporary, out)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return out
+
+
+def load_gallery(gallery_path):
+    """Read a gallery file written by ``index_folder``: a dict of its arrays (see the module docstring), with
+    ``fingerprint`` as a str and ``embedding_dim`` as an int. Raises FileNotFoundError naming a missing file
+    and ValueError naming a file that is not a (complete, consistent) gallery file."""
+    gallery_path = os.fspath(gallery_path)
+    if not os.path.isfile(gallery_path):
+        raise FileNotFoundError(f"no gallery file at {gallery_path}; write one with "
+                                "`python search.py index MODEL FOLDER --out GALLERY`")
+    not_a_gallery = f"{gallery_path} is not a gallery file written by `search.py index`"
+    try:
+        with np.load(gallery_path, allow_pickle=False) as file:
+            gallery = {key: file[key] for key in file.files}
+    except Exception as error:  # numpy raises several kinds for a file that is not an .npz
+        raise ValueError(f"{not_a_gallery} ({type(error).__name__}: {str(error)[:200]})") from None
+    missing = [key for key in GALLERY_KEYS if key not in gallery]
+    if missing or str(gallery["format"]) != GALLERY_FORMAT:
+        raise ValueError(f"{not_a_gallery} (keys {missing or ['format']} are missing or wrong); run index again")
+    embeddings, labels = gallery["embeddings"], gallery["labels"]
+    n_items = len(embeddings)
+    if embeddings.ndim != 2 or embeddings.dtype != np.float32 or len(gallery["paths"]) != n_items \
+            or labels.shape != (n_items,) or labels.min(initial=UNLABELLED) < UNLABELLED \
+            or labels.max(initial=UNLABELLED) >= len(gallery["class_names"]):
+        raise ValueError(f"{not_a_gallery} (its embeddings, paths, labels and class names do not agree); "
+                         "run index again")
+    gallery["fingerprint"] = str(gallery["fingerprint"])
+    gallery["embedding_dim"] = int(gallery["embedding_dim"])
+    return gallery
+
+
+def _model_and_gallery(model_path, gallery_path):
+    """(model, info, gallery), checked to belong together."""
+    model, info = _load_model(model_path)
+    gallery = load_gallery(gallery_path)
+    model_dim = info["embedding_dim"]
+    if model_dim is not None and gallery["embedding_dim"] != model_dim:
+        raise ValueError(f"{gallery_path} holds {gallery['embedding_dim']}-dimensional embeddings but {model_path} "
+                         f"embeds into {model_dim} dimensions: the gallery was indexed by another model; re-run "
+                         f"`python search.py index {model_path} FOLDER --out {gallery_path}` with this model")
+    if gallery["fingerprint"] != info["fingerprint"]:
+        raise ValueError(f"{gallery_path} was indexed by another model (its fingerprint "
+                         f"{gallery['fingerprint'][:12]}... differs from {model_path}'s "
+                         f"{info['fingerprint'][:12]}...); "
+                         f"re-run `python search.py index {model_path} FOLDER --out {gallery_path}` with this model")
+    return model, info, gallery
+
+
+def _label_name(gallery, label):
+    return None if label == UNLABELLED else str(gallery["class_names"][label])
+
+
+# ---------------------------------------------------------------- subcommands
+
+def query(model_path, gallery_path, images, k=5, batch_size=256):
+    """The k nearest gallery images of each query image.
+
+    Takes the model file, the gallery file it indexed, images (list of Q image paths) and k
+    (1 <= k <= gallery size). Returns a list of Q dicts ``{"query": path as given, "neighbours": [k dicts
+    {"path": gallery image path, "label": class name or None when unlabelled, "distance": float}]}``,
+    nearest first (equal distances by gallery order).
+    """
+    model, info, gallery = _model_and_gallery(model_path, gallery_path)
+    images = _check_image_files(images, "query image")
+    k = check_int(k, "k", 1)
+    if k > len(gallery["embeddings"]):
+        raise ValueError(f"k={k} is larger than the gallery {gallery_path} ({len(gallery['embeddings'])} images); "
+                         f"pass --k {len(gallery['embeddings'])} or less")
+    embeddings, _ = _embed_files(model, info, images, batch_size)
+    distances, indices = nearest_neighbours(embeddings, gallery["embeddings"], k)
+    results = []
+    for path, row_distances, row_indices in zip(images, distances.tolist(), indices.tolist()):
+        neighbours = [{"path": str(gallery["paths"][index]),
+                       "label": _label_name(gallery, int(gallery["labels"][index])), "distance": distance}
+                      for distance, index in zip(row_distances, row_indices)]
+        results.append({"query": path, "neighbours": neighbours})
+    return results
+
+
+def verify(model_path, image1, image2):
+    """Whether two images show the same class, by the model file's verification threshold.
+
+    Returns ``{"distance": Euclidean distance of the embeddings (float), "similarity": 1 / (1 + distance) in
+    (0, 1], "threshold": the model file's threshold or None, "same": similarity >= threshold, or None when
+    the model file records no threshold}``.
+    """
+    model, info = _load_model(model_path)
+    paths = _check_image_files([image1, image2])
+    embeddings, _ = _embed_files(model, info, paths)
+    first, second = torch.from_numpy(embeddings).double().unbind(0)
+    distance = float((first - second).pow(2).sum().sqrt())
+    similarity = float(SiameseNetwork.embedding_similarity(first[None], second[None]))
+    threshold = info["threshold"]
+    return {"distance": distance, "similarity": similarity, "threshold": threshold,
+            "same": None if threshold is None else bool(similarity >= threshold)}
+
+
+def classify(model_path, gallery_path, images, k=5, batch_size=256):
+    """The k-nearest-neighbour label of each query image.
+
+    The k nearest labelled gallery images vote (unlabelled ones are left out); the label with most votes
+    wins, a tie goes to the tied label with the smaller summed distance, then to the smaller label id.
+    Takes the model file, a gallery file with labels, images (list of Q paths) and k (1 <= k <= the number
+    of labelled gallery images). Returns a list of Q dicts ``{"path": path as given, "label": class name,
+    "vote_share": votes of that label / k}``.
+    """
+    model, info, gallery = _model_and_gallery(model_path, gallery_path)
+    images = _check_image_files(images, "query image")
+    k = check_int(k, "k", 1)
+    labelled = np.flatnonzero(gallery["labels"] != UNLABELLED)
+    if len(labelled) == 0:
+        raise ValueError(f"{gallery_path} is unlabelled (its folder had no class sub-folders): classify needs a "
+                         "gallery indexed from a folder of class sub-folders or a CSV of path,label lines")
+    if k > len(labelled):
+        raise ValueError(f"k={k} is larger than the labelled part of the gallery {gallery_path} ({len(labelled)} "
+                         f"images); pass --k {len(labelled)} or less")
+    embeddings, _ = _embed_files(model, info, images, batch_size)
+    distances, indices = nearest_neighbours(embeddings, gallery["embeddings"][labelled], k)
+    labels = torch.from_numpy(gallery["labels"][labelled])[indices]  # (Q, k)
+    n_classes = len(gallery["class_names"])
+    votes = torch.zeros(len(images), n_classes, dtype=torch.long).scatter_add_(1, labels, torch.ones_like(labels))
+    summed = torch.zeros(len(images), n_classes, dtype=torch.float64).scatter_add_(1, labels, distances.double())
+    top = votes == votes.max(dim=1, keepdim=True).values
+    summed = torch.where(top, summed, torch.inf)
+    winners = top & (summed == summed.min(dim=1, keepdim=True).values)
+    chosen = winners.to(torch.uint8).argmax(dim=1)  # the first True: the smallest tied label id
+    shares = votes.gather(1, chosen[:, None]).squeeze(1).double() / k
+    return [{"path": path, "label": _label_name(gallery, label), "vote_share": share}
+            for path, label, share in zip(images, chosen.tolist(), shares.tolist())]
+
+
+def evaluate(model_path, gallery_path):
+    """Embedding-quality metrics of a labelled gallery, queried against itself (unlabelled items left out).
+
+    Returns a dict of floats in [0, 1]: ``precision_at_1``, ``r_precision``, ``map_at_r``
+    (``metrics.retrieval_metrics``), ``knn_accuracy`` (leave-one-out k-NN vote with ``knn_k`` =
+    min(5, N - 1) neighbours), ``nmi`` (``metrics.nmi_score``) and ``roc_auc`` (``metrics.verification_roc_auc``),
+    plus ``n_images``, ``n_classes`` and ``knn_k`` (ints). Raises ValueError for an unlabelled gallery or one
+    with fewer than 2 classes or no class holding 2 images.
+    """
+    _, _, gallery = _model_and_gallery(model_path, gallery_path)
+    labelled = gallery["labels"] != UNLABELLED
+    if not labelled.any():
+        raise ValueError(f"{gallery_path} is unlabelled (its folder had no class sub-folders): evaluate needs a "
+                         "gallery indexed from a folder of class sub-folders or a CSV of path,label lines")
+    embeddings = torch.from_numpy(gallery["embeddings"][labelled])
+    labels = torch.from_numpy(gallery["labels"][labelled])
+    n_classes = len(np.unique(gallery["labels"][labelled]))
+    if n_classes < 2 or len(labels) < 3:
+        raise ValueError(f"{gallery_path} has {len(labels)} labelled images in {n_classes} class(es); evaluate "
+                         "needs at least 2 classes and 3 images")
+    knn_k = min(EVALUATE_K, len(labels) - 1)
+    results = retrieval_metrics(embeddings, labels)
+    results["knn_accuracy"] = knn_accuracy(embeddings, labels, embeddings, labels, k=knn_k, exclude_self=True)
+    results["nmi"] = nmi_score(embeddings, labels)
+    results["roc_auc"] = verification_roc_auc(embeddings, labels)
+    results = {name: float(value) for name, value in results.items()}
+    results.update(n_images=len(labels), n_classes=n_classes, knn_k=knn_k)
+    return results
+
+
+def draw_grid(results, path):
+    """Save a figure of query results (``query``'s list) to ``path``: one row per query, the query image first
+    and then its neighbours titled with label and distance. A gallery image that can no longer be read is
+    drawn as a blank cell titled "unreadable". Returns the path."""
+    from matplotlib.figure import Figure  # a bare Figure, not pyplot: no backend switch
+
+    from experiments import save_figure
+
+    n_columns = 1 + max(len(result["neighbours"]) for result in results)
+    figure = Figure(figsize=(1.6 * n_columns, 1.9 * len(results)))
+    axes = figure.subplots(len(results), n_columns, squeeze=False)
+    for row, result in zip(axes, results):
+        cells = [(result["query"], f"query\n{os.path.basename(result['query'])}")]
+        cells += [(item["path"], f"{item['label'] if item['label'] is not None else '-'}\nd={item['distance']:.3f}")
+                  for item in result["neighbours"]]
+        for column, axis in enumerate(row):
+            axis.set_axis_off()
+            if column >= len(cells):
+                continue
+            image_path, title = cells[column]
+            try:
+                picture = read_image(image_path, GRID_THUMBNAIL, 3).permute(1, 2, 0).numpy()
+            except (ValueError, OSError):
+                picture, title = np.ones((GRID_THUMBNAIL, GRID_THUMBNAIL, 3)), f"unreadable\n{title}"
+            axis.imshow(picture)
+            axis.set_title(title, fontsize=7)
+    return save_figure(figure, path)
+
+
+# ---------------------------------------------------------------- command line
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="search.py", description="Use a trained model file on your own images.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    index = commands.add_parser("index", help="embed every image of a folder into a gallery file")
+    index.add_argument("model", help="model file written by save_model")
+    index.add_argument("folder", help="folder of class sub-folders, a flat folder of images, or a CSV path,label")
+    index.add_argument("--out", required=True, help="gallery file to write (.npz)")
+    index.add_argument("--batch-size", type=int, default=256)
+    index.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images with a warning")
+    index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    search = commands.add_parser("query", help="the k nearest gallery images of each image")
+    search.add_argument("model")
+    search.add_argument("gallery", help="gallery file written by index with this model")
+    search.add_argument("images", nargs="+", metavar="IMAGE")
+    search.add_argument("--k", type=int, default=5)
+    search.add_argument("--grid", metavar="PNG", help="also draw the queries and their neighbours into this image")
+    search.add_argument("--json", action="store_true", help="print the results as JSON")
+    pair = commands.add_parser("verify", help="are two images of the same class?")
+    pair.add_argument("model")
+    pair.add_argument("image1")
+    pair.add_argument("image2")
+    knn = commands.add_parser("classify", help="the k-nearest-neighbour label of each image")
+    knn.add_argument("model")
+    knn.add_argument("gallery")
+    knn.add_argument("images", nargs="+", metavar="IMAGE")
+    knn.add_argument("--k", type=int, default=5)
+    quality = commands.add_parser("evaluate", help="metrics of a labelled gallery queried against itself")
+    quality.add_argument("model")
+    quality.add_argument("gallery")
+    return parser
+
+
+def _print_query(results):
+    for number, result in enumerate(results):
+        if number:
+            print()
+        print(f"query: {result['query']}")
+        for rank, item in enumerate(result["neighbours"], 1):
+            label = item["label"] if item["label"] is not None else "-"
+            print(f"  {rank}. {item['path']}  label: {label}  distance: {item['distance']:.4f}")
+
+
+def main(argv=None):
+    """Run one subcommand (see the module docstring); returns the exit status (0, or 1 after an error)."""
+    arguments = _parser().parse_args(argv)
+    try:
+        if arguments.command == "index":
+            out = index_folder(arguments.model, arguments.folder, arguments.out, batch_size=arguments.batch_size,
+                               progress=not arguments.no_progress, skip_bad_images=arguments.skip_bad_images)
+            gallery = load_gallery(out)
+            n_classes = len(gallery["class_names"])
+            print(f"indexed {len(gallery['embeddings'])} images ({gallery['embedding_dim']}-dimensional, "
+                  f"{f'{n_classes} classes' if n_classes else 'unlabelled'}) into {out}")
+        elif arguments.command == "query":
+            results = query(arguments.model, arguments.gallery, arguments.images, k=arguments.k)
+            if arguments.json:
+                print(json.dumps(results, indent=1))
+            else:
+                _print_query(results)
+            if arguments.grid:
+                draw_grid(results, arguments.grid)
+                if not arguments.json:  # keeps --json output parseable as a whole
+                    print(f"\nwrote {arguments.grid}")
+        elif arguments.command == "verify":
+            result = verify(arguments.model, arguments.image1, arguments.image2)
+            print(f"distance: {result['distance']:.4f}")
+            print(f"similarity: {result['similarity']:.4f}")
+            if result["threshold"] is None:
+                print("threshold: none (the model file records no verification threshold, so no verdict)")
+            else:
+                print(f"threshold: {result['threshold']:.4f}")
+                print(f"verdict: {'same' if result['same'] else 'different'}")
+        elif arguments.command == "classify":
+            for result in classify(arguments.model, arguments.gallery, arguments.images, k=arguments.k):
+                print(f"{result['path']}\t{result['label']}\t{result['vote_share']:.2f}")
+        else:
+            from experiments import markdown_table
+
+            result = evaluate(arguments.model, arguments.gallery)
+            columns = [("n_images", "images", "{}"), ("n_classes", "classes", "{}"),
+                       ("precision_at_1", "P@1", "{:.4f}"), ("r_precision", "R-Precision", "{:.4f}"),
+                       ("map_at_r", "MAP@R", "{:.4f}"), ("knn_accuracy", f"{result['knn_k']}-NN accuracy", "{:.4f}"),
+                       ("nmi", "NMI", "{:.4f}"), ("roc_auc", "ROC-AUC", "{:.4f}")]
+            print(markdown_table([result], columns), end="")
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as error:
+        print(f"search.py {arguments.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
