@@ -315,8 +315,8 @@ def _label_name(gallery, label):
 
 # ---------------------------------------------------------------- subcommands
 
-def query(model_path, gallery_path, images, k=5, batch_size=256):
-    """The k nearest gallery images of each query image.
+def query(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False):
+    """The k nearest gallery images of each query image (``use_faiss``: see ``nearest_neighbours``).
 
     Takes the model file, the gallery file it indexed, images (list of Q image paths) and k
     (1 <= k <= gallery size). Returns a list of Q dicts ``{"query": path as given, "neighbours": [k dicts
@@ -330,7 +330,7 @@ def query(model_path, gallery_path, images, k=5, batch_size=256):
         raise ValueError(f"k={k} is larger than the gallery {gallery_path} ({len(gallery['embeddings'])} images); "
                          f"pass --k {len(gallery['embeddings'])} or less")
     embeddings, _ = _embed_files(model, info, images, batch_size)
-    distances, indices = nearest_neighbours(embeddings, gallery["embeddings"], k)
+    distances, indices = nearest_neighbours(embeddings, gallery["embeddings"], k, use_faiss=use_faiss)
     results = []
     for path, row_distances, row_indices in zip(images, distances.tolist(), indices.tolist()):
         neighbours = [{"path": str(gallery["paths"][index]),
@@ -358,8 +358,8 @@ def verify(model_path, image1, image2):
             "same": None if threshold is None else bool(similarity >= threshold)}
 
 
-def classify(model_path, gallery_path, images, k=5, batch_size=256):
-    """The k-nearest-neighbour label of each query image.
+def classify(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False):
+    """The k-nearest-neighbour label of each query image (``use_faiss``: see ``nearest_neighbours``).
 
     The k nearest labelled gallery images vote (unlabelled ones are left out); the label with most votes
     wins, a tie goes to the tied label with the smaller summed distance, then to the smaller label id.
@@ -378,7 +378,7 @@ def classify(model_path, gallery_path, images, k=5, batch_size=256):
         raise ValueError(f"k={k} is larger than the labelled part of the gallery {gallery_path} ({len(labelled)} "
                          f"images); pass --k {len(labelled)} or less")
     embeddings, _ = _embed_files(model, info, images, batch_size)
-    distances, indices = nearest_neighbours(embeddings, gallery["embeddings"][labelled], k)
+    distances, indices = nearest_neighbours(embeddings, gallery["embeddings"][labelled], k, use_faiss=use_faiss)
     labels = torch.from_numpy(gallery["labels"][labelled])[indices]  # (Q, k)
     n_classes = len(gallery["class_names"])
     votes = torch.zeros(len(images), n_classes, dtype=torch.long).scatter_add_(1, labels, torch.ones_like(labels))
@@ -470,6 +470,7 @@ def _parser():
     search.add_argument("--k", type=int, default=5)
     search.add_argument("--grid", metavar="PNG", help="also draw the queries and their neighbours into this image")
     search.add_argument("--json", action="store_true", help="print the results as JSON")
+    search.add_argument("--faiss", action="store_true", help="search with faiss (pip install faiss-cpu): same neighbours")
     pair = commands.add_parser("verify", help="are two images of the same class?")
     pair.add_argument("model")
     pair.add_argument("image1")
@@ -479,6 +480,7 @@ def _parser():
     knn.add_argument("gallery")
     knn.add_argument("images", nargs="+", metavar="IMAGE")
     knn.add_argument("--k", type=int, default=5)
+    knn.add_argument("--faiss", action="store_true", help="search with faiss (pip install faiss-cpu): same neighbours")
     quality = commands.add_parser("evaluate", help="metrics of a labelled gallery queried against itself")
     quality.add_argument("model")
     quality.add_argument("gallery")
@@ -507,7 +509,8 @@ def main(argv=None):
             print(f"indexed {len(gallery['embeddings'])} images ({gallery['embedding_dim']}-dimensional, "
                   f"{f'{n_classes} classes' if n_classes else 'unlabelled'}) into {out}")
         elif arguments.command == "query":
-            results = query(arguments.model, arguments.gallery, arguments.images, k=arguments.k)
+            results = query(arguments.model, arguments.gallery, arguments.images, k=arguments.k,
+                            use_faiss=arguments.faiss)
             if arguments.json:
                 print(json.dumps(results, indent=1))
             else:
@@ -526,7 +529,8 @@ def main(argv=None):
                 print(f"threshold: {result['threshold']:.4f}")
                 print(f"verdict: {'same' if result['same'] else 'different'}")
         elif arguments.command == "classify":
-            for result in classify(arguments.model, arguments.gallery, arguments.images, k=arguments.k):
+            for result in classify(arguments.model, arguments.gallery, arguments.images, k=arguments.k,
+                                   use_faiss=arguments.faiss):
                 print(f"{result['path']}\t{result['label']}\t{result['vote_share']:.2f}")
         else:
             from experiments import markdown_table

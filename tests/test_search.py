@@ -505,3 +505,14 @@ def test_folders_index_refuses(setup, tmp_path):
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         search.index_folder(setup["model"], setup["folder"], tmp_path / "g.npz", progress=False, batch_size=0)
     assert not os.path.exists(tmp_path / "g.npz")
+
+
+def test_cli_faiss_gives_the_exact_neighbours_and_labels(setup):
+    pytest.importorskip("faiss")
+    arguments = [setup["model"], setup["gallery"], *setup["queries"][:3], "--k", 4]
+    exact = _run("query", *arguments, "--json")
+    with_faiss = _run("query", *arguments, "--json", "--faiss")
+    assert exact[0] == with_faiss[0] == 0, exact[2] + with_faiss[2]
+    paths = [[item["path"] for item in result["neighbours"]] for result in json.loads(exact[1])]
+    assert paths == [[item["path"] for item in result["neighbours"]] for result in json.loads(with_faiss[1])]
+    assert _run("classify", *arguments)[1] == _run("classify", *arguments, "--faiss")[1]
