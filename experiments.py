@@ -37,13 +37,11 @@ line runs it too (``omniglot.omniglot_main``), and its old names here (``experim
 """
 
 import argparse
-import contextlib
 import importlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import torch
@@ -59,7 +57,7 @@ from networks import (ClassificationNet, EmbeddingNet, SiameseNet, SiameseNetwor
 from trainer import CHECKPOINT_NAME, fit, flush_denormal_everywhere
 from utils import (AllTripletSelector, BatchHardTripletSelector, HardestNegativeTripletSelector,
                    HardNegativePairSelector, RandomNegativeTripletSelector,
-                   SemihardNegativeTripletSelector, check_choice, check_int)
+                   SemihardNegativeTripletSelector, atomic_write, check_choice, check_int)
 
 METHODS = ("softmax", "siamese", "triplet", "online-contrastive", "online-triplet")
 SELECTORS = {
@@ -411,18 +409,9 @@ def write_json(path, value):
 
 
 def write_text(path, text):
-    """Write ``text`` to ``path`` atomically (folders created). Returns the path."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
+    """Write ``text`` to ``path`` atomically (utils.atomic_write; folders created). Returns the path."""
+    with atomic_write(path, "w") as file:
+        file.write(text)
     return path
 
 

@@ -28,7 +28,6 @@ import hashlib
 import inspect
 import numbers
 import os
-import secrets
 from typing import NamedTuple, Optional
 from urllib.parse import urlparse
 
@@ -36,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import check_choice, check_int, paired_squared_distances
+from utils import atomic_write, check_choice, check_int, paired_squared_distances
 
 
 class EmbeddingNet(nn.Module):
@@ -842,19 +841,8 @@ def save_model(path, model, architecture, arguments, *, image_size, channels, no
         **{key: _plain(value, key) for key, value in extra.items()},
     }
     path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    # A new name in the same folder (so os.replace is atomic), opened as an ordinary file: the model file gets
-    # the usual permissions (mkstemp's would be owner-only).
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            torch.save(saved, file)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with atomic_write(path) as file:
+        torch.save(saved, file)
     return path
 
 

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from datasets import IMAGE_EXTENSIONS, list_images, read_image
 from metrics import _nearest_neighbours, knn_accuracy, nmi_score, retrieval_metrics, verification_roc_auc
 from networks import SiameseNetwork, embed_images, load_model
-from utils import check_int, squared_distances
+from utils import atomic_write, check_int, squared_distances
 
 GALLERY_FORMAT = "siamese-triplet-gallery"
 GALLERY_KEYS = ("format", "embeddings", "paths", "labels", "class_names", "fingerprint", "embedding_dim")
@@ -249,17 +249,8 @@ def index_folder(model_path, folder, out, batch_size=256, progress=True, skip_ba
         "fingerprint": np.array(info["fingerprint"]),
         "embedding_dim": np.array(embeddings.shape[1], dtype=np.int64),
     }
-    directory = os.path.dirname(out) or "."
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(out)}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:  # a file object: np.savez would append ".npz" to a bare name
-            np.savez(file, **arrays)
-        os.replace(temporary, out)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with atomic_write(out) as file:  # a file object: np.savez would append ".npz" to a bare name
+        np.savez(file, **arrays)
     return out
 
 

@@ -30,11 +30,9 @@ SIAMESE_TRIPLET_KEEP_DENORMALS=1 turns that off.
 """
 
 import collections
-import contextlib
 import math
 import os
 import random
-import tempfile
 import time
 import types
 import warnings
@@ -46,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from metrics import Metric
-from utils import check_int
+from utils import atomic_write, check_int
 
 CHECKPOINT_NAME = "checkpoint.pt"
 KEEP_DENORMALS = "SIAMESE_TRIPLET_KEEP_DENORMALS"  # =1: flush_denormal_everywhere leaves the mode alone
@@ -381,20 +379,10 @@ def _check_generator_paths(states, generators, path):
 
 
 def _save_checkpoint(checkpoint_dir, checkpoint):
-    """Write checkpoint_dir/checkpoint.pt atomically: a temp file in the same dir, then os.replace,
-    so a crash mid-write never leaves a truncated checkpoint behind."""
-    file_descriptor, temp_path = tempfile.mkstemp(dir=checkpoint_dir, prefix=".checkpoint-",
-                                                  suffix=".tmp")
-    try:
-        with os.fdopen(file_descriptor, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_path, os.path.join(checkpoint_dir, CHECKPOINT_NAME))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temp_path)
-        raise
+    """Write checkpoint_dir/checkpoint.pt atomically (utils.atomic_write), so a crash mid-write never
+    leaves a truncated checkpoint behind."""
+    with atomic_write(os.path.join(checkpoint_dir, CHECKPOINT_NAME)) as file:
+        torch.save(checkpoint, file)
 
 
 def _checkpoint(checkpoint_dir, epoch, model, optimizer, scheduler, history, generators):

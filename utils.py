@@ -21,11 +21,15 @@ The library's squared Euclidean distances all come from here: ``pdist`` (the ``(
 batch, exactly symmetric with a zero diagonal), ``squared_distances`` (queries against a gallery,
 also batched over episodes) and ``paired_squared_distances`` (row ``i`` against row ``i``).
 
-``check_int`` and ``check_choice`` are the argument checks every module of the library uses; ``groups_of_classes`` maps
+``check_int`` and ``check_choice`` are the argument checks every module of the library uses, and
+``atomic_write`` the way every module writes a file (checkpoints, model files, galleries, results); ``groups_of_classes`` maps
 per-item group ids to per-class ones for the group-by-group samplers (datasets, metrics).
 """
 
+import contextlib
 import numbers
+import os
+import secrets
 
 import numpy as np
 import torch
@@ -51,6 +55,29 @@ def check_choice(value, choices, name):
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
     return value
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Write ``path`` all at once or not at all: yields a file opened with ``mode`` ("wb" or "w") on a new
+    temporary name in the same folder (folders created), which replaces ``path`` (``os.replace``, after an
+    fsync) when the block ends without an error, and is removed when it raises. An interrupted run never
+    leaves a truncated file behind, and the file gets the usual permissions."""
+    check_choice(mode, ("wb", "w"), "mode")
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(temporary, mode.replace("w", "x")) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
 
 
 def groups_of_classes(class_of, n_classes, groups):

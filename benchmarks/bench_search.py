@@ -19,7 +19,6 @@ the exact and faiss neighbours agree. Without faiss installed its columns are le
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import search  # noqa: E402
+from bench_selectors import median_ms  # noqa: E402
 from datasets import read_image  # noqa: E402
 from networks import EmbeddingNet, embed_images, load_model, save_model  # noqa: E402
 
@@ -45,14 +45,9 @@ GALLERIES = [(10_000, 20), (100_000, 5), (1_000_000, 2)]
 
 
 def median_time(function, repeats):
-    """Median wall time in seconds of ``repeats`` calls of function(), after one untimed warm-up call."""
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall time in seconds of ``repeats`` calls of function(), after one untimed warm-up call
+    (bench_selectors' timer)."""
+    return median_ms(function, repeats) / 1000
 
 
 def write_images(folder, n_images, seed=0):
