@@ -200,7 +200,7 @@ def _check_embeddings_and_labels(embeddings, labels, what):
     return labels
 
 
-def _nearest_neighbours(distances, k):
+def smallest_k(distances, k):
     """Indices (C, k) of the k smallest entries of each row of distances (C, G).
 
     Neighbours are ordered by (distance, gallery index), so equal distances resolve to the lower
@@ -270,7 +270,7 @@ def knn_predict(query_embeddings, gallery_embeddings, gallery_labels, k=1, exclu
         if exclude_self:
             rows = torch.arange(queries.shape[0], device=device)
             distances[rows, rows + start] = float("inf")
-        neighbour_ids = gallery_label_ids[_nearest_neighbours(distances, k)]  # (C, k) nearest 1st
+        neighbour_ids = gallery_label_ids[smallest_k(distances, k)]  # (C, k) nearest 1st
         votes = torch.zeros(queries.shape[0], unique_labels.numel(), dtype=torch.long,
                             device=device)
         votes.scatter_add_(1, neighbour_ids, torch.ones_like(neighbour_ids))
@@ -350,7 +350,7 @@ def retrieval_metrics(embeddings, labels, chunk_size=1024):
         chunk_relevant = n_relevant[queries]
         k = int(chunk_relevant.max())
         # Neighbours ordered by (distance, index); the first R of a query's list are its R nearest.
-        neighbours = _nearest_neighbours(distances, k)  # (C, k)
+        neighbours = smallest_k(distances, k)  # (C, k)
         within_r = torch.arange(k, device=device) < chunk_relevant[:, None]
         relevant = (label_ids[neighbours] == label_ids[queries, None]) & within_r
         hits = relevant.cumsum(dim=1)  # hits[:, i] = relevant items among the first i + 1
@@ -495,19 +495,32 @@ def verification_roc_auc(embeddings, labels, n_pairs=100_000, seed=0):
     return float(roc_auc_score(same.numpy(), scores))
 
 
-def verification_threshold(embeddings, labels, n_pairs=20_000, seed=0):
-    """The same/different threshold on the similarity ``1 / (1 + distance)`` (what
-    ``SiameseNetwork.embedding_similarity`` and a saved model's ``threshold`` use) that is most accurate
-    on seeded pairs of ``embeddings (N, D)`` with ``labels (N,)``, drawn as ``verification_roc_auc``
-    draws them (half same-label). Returns ``(threshold, accuracy on those pairs)`` (``best_threshold``).
-    """
+def _pair_similarities(embeddings, labels, n_pairs, seed):
+    """``(similarity (P,), same (P,) bool)`` of seeded pairs of ``embeddings (N, D)`` drawn as
+    ``verification_roc_auc`` draws them (half same-label), the similarity being ``1 / (1 + distance)``."""
     labels = _check_embeddings_and_labels(embeddings, labels, "")
     embeddings = embeddings.detach()
     first, second, same = _verification_pairs(labels.cpu(), check_int(n_pairs, "n_pairs", 2) // 2,
                                               torch.Generator().manual_seed(check_int(seed, "seed", 0)))
     first, second = first.to(embeddings.device), second.to(embeddings.device)
-    similarity = 1 / (1 + paired_squared_distances(embeddings[first], embeddings[second]).sqrt())
-    return best_threshold(similarity.cpu(), same)
+    return (1 / (1 + paired_squared_distances(embeddings[first], embeddings[second]).sqrt())).cpu(), same
+
+
+def verification_threshold(embeddings, labels, n_pairs=20_000, seed=0):
+    """The same/different threshold on the similarity ``1 / (1 + distance)`` (what
+    ``SiameseNetwork.embedding_similarity`` and a saved model's ``threshold`` use) that is most accurate
+    on seeded pairs of ``embeddings (N, D)`` with ``labels (N,)`` (half same-label, drawn as
+    ``verification_roc_auc`` draws them). Returns ``(threshold, accuracy on those pairs)`` (``best_threshold``).
+    """
+    return best_threshold(*_pair_similarities(embeddings, labels, n_pairs, seed))
+
+
+def verification_accuracy(embeddings, labels, threshold, n_pairs=20_000, seed=0):
+    """Accuracy of declaring a pair "same" when its similarity ``1 / (1 + distance)`` is at least
+    ``threshold`` (e.g. a saved model's, chosen on its validation images by ``verification_threshold``), on
+    seeded pairs of ``embeddings (N, D)`` with ``labels (N,)``, half of them same-label. Returns a float."""
+    similarity, same = _pair_similarities(embeddings, labels, n_pairs, seed)
+    return float(((similarity >= threshold) == same).double().mean())
 
 
 def evaluate_embeddings(train_embeddings, train_labels, test_embeddings, test_labels, k=5,

@@ -42,7 +42,8 @@ import torch
 from tqdm.auto import tqdm
 
 from datasets import IMAGE_EXTENSIONS, list_images, read_image
-from metrics import _nearest_neighbours, knn_accuracy, nmi_score, retrieval_metrics, verification_roc_auc
+from metrics import (knn_accuracy, nmi_score, retrieval_metrics, smallest_k, verification_accuracy,
+                     verification_roc_auc)
 from networks import SiameseNetwork, embed_images, load_model
 from utils import atomic_write, check_int, squared_distances
 
@@ -121,7 +122,7 @@ def _search_block(queries, gallery, k, chunk_size):
         chunk = gallery[start:start + chunk_size].to(queries.dtype)
         distances = squared_distances(queries, chunk)
         # the chunk's own k best, ordered by (distance, index) with exact ties resolved to the lower index
-        chunk_best = _nearest_neighbours(distances, min(k, chunk.shape[0]))
+        chunk_best = smallest_k(distances, min(k, chunk.shape[0]))
         candidates = torch.cat([best_distances, distances.gather(1, chunk_best)], dim=1)
         candidate_indices = torch.cat([best_indices, chunk_best + start], dim=1)
         order = candidates.sort(dim=1, stable=True).indices[:, :k]
@@ -388,11 +389,13 @@ def evaluate(model_path, gallery_path):
 
     Returns a dict of floats in [0, 1]: ``precision_at_1``, ``r_precision``, ``map_at_r``
     (``metrics.retrieval_metrics``), ``knn_accuracy`` (leave-one-out k-NN vote with ``knn_k`` =
-    min(5, N - 1) neighbours), ``nmi`` (``metrics.nmi_score``) and ``roc_auc`` (``metrics.verification_roc_auc``),
-    plus ``n_images``, ``n_classes`` and ``knn_k`` (ints). Raises ValueError for an unlabelled gallery or one
+    min(5, N - 1) neighbours), ``nmi`` (``metrics.nmi_score``), ``roc_auc`` (``metrics.verification_roc_auc``)
+    and, when the model file has a threshold, ``verification_accuracy`` at that threshold
+    (``metrics.verification_accuracy``: same/different on seeded pairs, half same-class), plus ``n_images``,
+    ``n_classes`` and ``knn_k`` (ints). Raises ValueError for an unlabelled gallery or one
     with fewer than 2 classes or no class holding 2 images.
     """
-    _, _, gallery = _model_and_gallery(model_path, gallery_path)
+    _, info, gallery = _model_and_gallery(model_path, gallery_path)
     labelled = gallery["labels"] != UNLABELLED
     if not labelled.any():
         raise ValueError(f"{gallery_path} is unlabelled (its folder had no class sub-folders): evaluate needs a "
@@ -408,6 +411,8 @@ def evaluate(model_path, gallery_path):
     results["knn_accuracy"] = knn_accuracy(embeddings, labels, embeddings, labels, k=knn_k, exclude_self=True)
     results["nmi"] = nmi_score(embeddings, labels)
     results["roc_auc"] = verification_roc_auc(embeddings, labels)
+    if info["threshold"] is not None:
+        results["verification_accuracy"] = verification_accuracy(embeddings, labels, info["threshold"])
     results = {name: float(value) for name, value in results.items()}
     results.update(n_images=len(labels), n_classes=n_classes, knn_k=knn_k)
     return results
@@ -531,6 +536,8 @@ def main(argv=None):
                        ("precision_at_1", "P@1", "{:.4f}"), ("r_precision", "R-Precision", "{:.4f}"),
                        ("map_at_r", "MAP@R", "{:.4f}"), ("knn_accuracy", f"{result['knn_k']}-NN accuracy", "{:.4f}"),
                        ("nmi", "NMI", "{:.4f}"), ("roc_auc", "ROC-AUC", "{:.4f}")]
+            if "verification_accuracy" in result:
+                columns.append(("verification_accuracy", "verification acc", "{:.4f}"))
             print(markdown_table([result], columns), end="")
     except (FileNotFoundError, ValueError, TypeError, ImportError) as error:
         print(f"search.py {arguments.command}: error: {error}", file=sys.stderr)

@@ -207,13 +207,13 @@ def test_retrieval_metrics_select_only_max_r_neighbours_per_chunk(monkeypatch):
     # Memory: each step sees a (chunk, N) distance block and asks for k = the chunk's max R,
     # not for all N - 1 neighbours; singleton queries are never processed.
     calls = []
-    original = metrics._nearest_neighbours
+    original = metrics.smallest_k
 
     def recording(distances, k):
         calls.append((tuple(distances.shape), k))
         return original(distances, k)
 
-    monkeypatch.setattr(metrics, "_nearest_neighbours", recording)
+    monkeypatch.setattr(metrics, "smallest_k", recording)
     labels = torch.cat([torch.arange(4).repeat_interleave(10), torch.tensor([7, 8])])
     embeddings, _ = noisy_classes(42, 1, seed=7)
     retrieval_metrics(embeddings, labels, chunk_size=16)

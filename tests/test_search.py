@@ -407,7 +407,8 @@ def test_cli_verify_classify_evaluate(setup):
     status, stdout, stderr = _run("evaluate", setup["model"], setup["gallery"])
     assert status == 0, stderr
     lines = stdout.splitlines()
-    assert lines[0] == "| images | classes | P@1 | R-Precision | MAP@R | 5-NN accuracy | NMI | ROC-AUC |"
+    assert lines[0] == ("| images | classes | P@1 | R-Precision | MAP@R | 5-NN accuracy | NMI | ROC-AUC | "
+                        "verification acc |")
     result = search.evaluate(setup["model"], setup["gallery"])
     assert lines[2].startswith(f"| 12 | 3 | {result['precision_at_1']:.4f} | {result['r_precision']:.4f} |")
 
@@ -516,3 +517,14 @@ def test_cli_faiss_gives_the_exact_neighbours_and_labels(setup):
     paths = [[item["path"] for item in result["neighbours"]] for result in json.loads(exact[1])]
     assert paths == [[item["path"] for item in result["neighbours"]] for result in json.loads(with_faiss[1])]
     assert _run("classify", *arguments)[1] == _run("classify", *arguments, "--faiss")[1]
+
+
+def test_evaluate_reports_verification_accuracy_at_the_model_threshold(setup):
+    result = search.evaluate(setup["model"], setup["gallery"])
+    gallery = search.load_gallery(setup["gallery"])
+    embeddings, labels = torch.from_numpy(gallery["embeddings"]), torch.from_numpy(gallery["labels"])
+    # 12 images: every unordered pair is used once (fewer than n_pairs / 2 of each kind), so brute force
+    first, second = torch.triu_indices(len(labels), len(labels), offset=1)
+    similarity = 1 / (1 + (embeddings[first].double() - embeddings[second].double()).norm(dim=1))
+    same = labels[first] == labels[second]
+    assert result["verification_accuracy"] == pytest.approx(float(((similarity >= THRESHOLD) == same).double().mean()))
