@@ -55,6 +55,7 @@ DEFAULT_CHUNK_SIZE = 65536
 # float32), whatever the number of queries.
 MAX_BLOCK_ENTRIES = 1 << 24
 EVALUATE_K = 5
+GRID_TITLE_WIDTH = 20  # characters of a cell's title
 GRID_THUMBNAIL = 96  # side in pixels of each picture in the --grid figure
 
 
@@ -418,6 +419,11 @@ def evaluate(model_path, gallery_path):
     return results
 
 
+def _short(text, width=GRID_TITLE_WIDTH):
+    """``text`` cut to ``width`` characters (its end kept, where names differ) so titles do not overlap."""
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
 def draw_grid(results, path):
     """Save a figure of query results (``query``'s list) to ``path``: one row per query, the query image first
     and then its neighbours titled with label and distance. A gallery image that can no longer be read is
@@ -430,9 +436,9 @@ def draw_grid(results, path):
     figure = Figure(figsize=(1.6 * n_columns, 1.9 * len(results)))
     axes = figure.subplots(len(results), n_columns, squeeze=False)
     for row, result in zip(axes, results):
-        cells = [(result["query"], f"query\n{os.path.basename(result['query'])}")]
-        cells += [(item["path"], f"{item['label'] if item['label'] is not None else '-'}\nd={item['distance']:.3f}")
-                  for item in result["neighbours"]]
+        cells = [(result["query"], "query\n" + _short(os.path.basename(result["query"])))]
+        cells += [(item["path"], f"{_short(item['label'] if item['label'] is not None else '-')}\n"
+                                 f"d={item['distance']:.3f}") for item in result["neighbours"]]
         for column, axis in enumerate(row):
             axis.set_axis_off()
             if column >= len(cells):
