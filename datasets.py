@@ -1531,7 +1531,7 @@ def export_image_folder(dataset, folder, root="data", download=False, progress=T
 
 
 def load_folder_splits(root, image_size=None, channels=None, held_out_classes=None, val_fraction=0.1, seed=0,
-                       skip_bad_images=False, progress=True):
+                       skip_bad_images=False, progress=True, max_memory_bytes=DEFAULT_MAX_MEMORY_BYTES):
     """A folder of your own images (see ``load_image_folder``) as the splits the study trains on:
     ``(train, val, held_out)``.
 
@@ -1539,8 +1539,10 @@ def load_folder_splits(root, image_size=None, channels=None, held_out_classes=No
     (``held_out`` is None without them); of the other classes' images, ``val_fraction`` of each class goes
     to ``val`` (``split_per_class``). All three are normalised with the per-channel mean and std of the
     ``train`` images (``channel_statistics``), recorded as their ``.mean`` and ``.std``. Seeded by ``seed``.
+    Folders whose images would take more than ``max_memory_bytes`` are read from disk as they are drawn.
     """
-    images = load_image_folder(root, image_size, channels, skip_bad_images=skip_bad_images, progress=progress)
+    images = load_image_folder(root, image_size, channels, skip_bad_images=skip_bad_images, progress=progress,
+                               max_memory_bytes=max_memory_bytes)
     held_out = None
     if held_out_classes is not None:
         images, held_out, _ = held_out_class_split(images, held_out_classes, seed)

@@ -79,6 +79,7 @@ BALANCED_BATCH = (10, 25)  # classes x samples per class, for the online methods
 WEIGHT_DECAY = {"online-triplet": 1e-4}
 STEP_SIZE, GAMMA = 8, 0.1
 EVALUATION_BATCH = 1000
+STREAMING_WORKERS = 4  # at most, for image folders too large to hold in memory
 
 RUN_DIR = "checkpoints"  # run_methods' per-method checkpoints and finished rows (resumable)
 
@@ -124,7 +125,8 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
     """
     check_choice(method, METHODS, "method")
     generator = torch.Generator().manual_seed(seed)
-    offline_loader = {"batch_size": batch_size, "shuffle": True, "generator": generator}
+    workers = {"num_workers": data_workers(train_set)}
+    offline_loader = {"batch_size": batch_size, "shuffle": True, "generator": generator, **workers}
     metrics = []
     if method == "softmax":
         model, loss_fn = ClassificationNet(embedding_net, len(train_set.classes)), nn.NLLLoss()
@@ -149,14 +151,20 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
         n_batch_classes = min(batch_classes, len(train_set.classes))
         train_loader = DataLoader(train_set, batch_sampler=BalancedBatchSampler(
             train_set.targets, n_batch_classes, _samples_per_class(train_set, batch_samples, "training"),
-            seed=seed, groups=groups))
+            seed=seed, groups=groups), **workers)
         validation = None
         if test_set is not None and _smallest_class(test_set)[1] >= 2:  # else no positive pairs to validate on
             return model, loss_fn, train_loader, DataLoader(test_set, batch_sampler=BalancedBatchSampler(
                 test_set.targets, n_batch_classes, _samples_per_class(test_set, batch_samples, "validation"),
-                seed=seed + 1)), metrics
-    val_loader = None if validation is None else DataLoader(validation, batch_size=EVALUATION_BATCH)
+                seed=seed + 1), **workers), metrics
+    val_loader = None if validation is None else DataLoader(validation, batch_size=EVALUATION_BATCH, **workers)
     return model, loss_fn, train_loader, val_loader, metrics
+
+
+def data_workers(dataset):
+    """DataLoader workers for ``dataset``: none for images held in memory (a batch is one gather), a few
+    for a folder read from disk as it is drawn (``datasets.ImageFileDataset``), which decode in parallel."""
+    return 0 if hasattr(dataset, "data") else min(STREAMING_WORKERS, os.cpu_count() or 1)
 
 
 def _smallest_class(dataset):
@@ -398,7 +406,8 @@ def _held_out_dir(folder, classes_tag):
 
 def _embed_splits(model, train_set, test_set):
     """{'train': (embeddings (N, D), labels (N,)), 'test': (...)} of a trained model."""
-    return {split: extract_embeddings(DataLoader(data, batch_size=EVALUATION_BATCH), model)
+    return {split: extract_embeddings(DataLoader(data, batch_size=EVALUATION_BATCH, num_workers=data_workers(data)),
+                                      model)
             for split, data in (("train", train_set), ("test", test_set))}
 
 

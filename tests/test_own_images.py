@@ -95,3 +95,20 @@ def test_a_folder_run_resumes_like_the_study(tmp_path, monkeypatch):
     first = run(tmp_path, monkeypatch, "--methods", "online-contrastive")
     again = run(tmp_path, monkeypatch, "--methods", "online-contrastive")  # finished: read back
     assert json.loads(json.dumps(first)) == again
+
+
+def test_a_folder_too_large_for_memory_is_streamed_by_workers_and_trains_the_same(tmp_path, monkeypatch):
+    write_folder(tmp_path / "shapes", per_class=20, classes=dict(list(COLOURS.items())[:3]))
+    monkeypatch.chdir(tmp_path)
+    rows = {}
+    for limit in (None, 1):  # 1 byte: nothing fits, every image is read from disk when drawn
+        folder = {"image_size": 20} if limit is None else {"image_size": 20, "max_memory_bytes": limit}
+        rows[limit] = experiments.run_methods(str(tmp_path / "shapes"), ["softmax", "online-contrastive"], epochs=1,
+                                              progress=False, folder=folder, run_dir=None, images_dir=None,
+                                              results_dir=None)
+    train, _, _ = experiments.load_folder_splits(tmp_path / "shapes", image_size=20, max_memory_bytes=1,
+                                                 progress=False)
+    assert not hasattr(train, "data") and experiments.data_workers(train) > 0
+    for in_memory, streamed in zip(rows[None], rows[1]):
+        for key in ("precision_at_1", "map_at_r", "final_train_loss"):
+            assert streamed[key] == pytest.approx(in_memory[key], abs=1e-4), key
