@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader
 from datasets import BalancedBatchSampler, SiameseMNIST, TripletMNIST, class_subset, load_dataset, load_folder_splits
 from losses import ContrastiveLoss, OnlineContrastiveLoss, OnlineTripletLoss, TripletLoss
 from metrics import (AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, evaluate_embeddings, extract_embeddings,
-                     few_shot_accuracy, verification_roc_auc, verification_threshold)
+                     few_shot_accuracy, retrieval_metrics, verification_roc_auc, verification_threshold)
 from networks import (ClassificationNet, EmbeddingNet, SiameseNet, SiameseNetwork, TripletNet, build_network,
                       save_model)
 from trainer import CHECKPOINT_NAME, fit, flush_denormal_everywhere
@@ -714,7 +714,8 @@ HELD_OUT_EPISODES = 1000
 HELD_OUT_COLUMNS = [("train_classes", "train classes", "{}"),
                     ("held_out_one_shot", "held-out 1-shot acc", "{:.3f}"),
                     ("held_out_one_shot_ci95", "+-", "{:.3f}"),
-                    ("held_out_roc_auc", "held-out ROC-AUC", "{:.3f}")]
+                    ("held_out_roc_auc", "held-out ROC-AUC", "{:.3f}"),
+                    ("held_out_map_at_r", "held-out MAP@R", "{:.3f}")]
 
 
 def parse_classes(spec, n_classes):
@@ -790,13 +791,16 @@ def held_out_baselines(dataset, train_set, test_set, train_classes, embedding_di
 
 def evaluate_held_out(model, held_out, seed=0, n_episodes=HELD_OUT_EPISODES):
     """One-shot accuracy (5-way 1-shot, or fewer ways when fewer classes are held out; 1 query per class,
-    seeded episodes) with its 95% interval, and verification ROC-AUC, on held-out classes never trained on.
-    Returns {'held_out_one_shot', 'held_out_one_shot_ci95', 'held_out_n_way', 'held_out_roc_auc'}."""
-    embeddings, labels = extract_embeddings(DataLoader(held_out, batch_size=EVALUATION_BATCH), model)
+    seeded episodes) with its 95% interval, verification ROC-AUC and retrieval MAP@R (each image querying
+    the others), on held-out classes never trained on. Returns {'held_out_one_shot',
+    'held_out_one_shot_ci95', 'held_out_n_way', 'held_out_roc_auc', 'held_out_map_at_r'}."""
+    embeddings, labels = extract_embeddings(
+        DataLoader(held_out, batch_size=EVALUATION_BATCH, num_workers=data_workers(held_out)), model)
     n_way = min(5, len(held_out.classes))
     episodes = few_shot_accuracy(embeddings, labels, n_way, 1, n_episodes, seed=seed)
     return {"held_out_one_shot": episodes["accuracy"], "held_out_one_shot_ci95": episodes["ci95"],
-            "held_out_n_way": n_way, "held_out_roc_auc": verification_roc_auc(embeddings, labels, seed=seed)}
+            "held_out_n_way": n_way, "held_out_roc_auc": verification_roc_auc(embeddings, labels, seed=seed),
+            "held_out_map_at_r": retrieval_metrics(embeddings, labels)["map_at_r"]}
 
 
 

@@ -8,7 +8,8 @@ images outside the training pipeline:
 - ``query``: the k nearest gallery images of each query image;
 - ``verify``: distance, similarity ``1 / (1 + distance)`` and the same/different verdict of two images;
 - ``classify``: the k-nearest-neighbour label of each query image (majority vote);
-- ``evaluate``: the embedding-quality metrics of a labelled gallery;
+- ``evaluate``: the embedding-quality metrics of a labelled gallery (and the verification accuracy at the
+  model file's threshold);
 - ``nearest_neighbours``: exact k-NN search in chunks of the gallery (memory bounded whatever its size),
   or through faiss's exact ``IndexFlatL2``;
 - ``load_gallery``: reads and checks a gallery file.
@@ -16,9 +17,9 @@ images outside the training pipeline:
 Command line (the subcommand names are fixed: the documentation uses them)::
 
     python search.py index MODEL FOLDER --out gallery.npz [--batch-size 256] [--skip-bad-images] [--no-progress]
-    python search.py query MODEL GALLERY IMAGE... [--k 5] [--grid out.png] [--json]
+    python search.py query MODEL GALLERY IMAGE... [--k 5] [--grid out.png] [--json] [--faiss]
     python search.py verify MODEL IMAGE1 IMAGE2
-    python search.py classify MODEL GALLERY IMAGE... [--k 5]
+    python search.py classify MODEL GALLERY IMAGE... [--k 5] [--faiss]
     python search.py evaluate MODEL GALLERY
 
 The gallery file is a numpy .npz (read with allow_pickle=False) holding ``format`` ("siamese-triplet-gallery"),

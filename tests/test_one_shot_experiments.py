@@ -67,6 +67,8 @@ def test_held_out_run_on_the_idx_fixture(tmp_path, monkeypatch):
     assert row["held_out_one_shot_ci95"] == pytest.approx(episodes["ci95"], abs=1e-6)
     assert row["held_out_roc_auc"] == pytest.approx(
         metrics.verification_roc_auc(embeddings, held_out.targets, seed=3), abs=1e-6)
+    assert row["held_out_map_at_r"] == pytest.approx(
+        metrics.retrieval_metrics(embeddings, held_out.targets)["map_at_r"], abs=1e-6)
     assert 0.2 < row["held_out_one_shot"] < 1  # above 5-way chance, not a constant
     table = (tmp_path / "results" / "quick" / "train-classes-0-4" / "fashion-mnist.md").read_text()
     assert "| held-out 1-shot acc |" in table
