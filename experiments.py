@@ -277,6 +277,9 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
     if train_classes is not None:
         (train_set, test_set), held_out, classes_tag = held_out_splits(train_set, test_set, train_classes)
         images_dir, results_dir = _held_out_dir(images_dir, classes_tag), _held_out_dir(results_dir, classes_tag)
+    if int(torch.bincount(torch.as_tensor(test_set.targets)).max()) < 2:  # checked now, not after training
+        raise ValueError("every class has at most one validation image, so retrieval and verification cannot be "
+                         "measured; raise --val-fraction (e.g. 0.25) or add images")
     torch.manual_seed(seed)
     model, loss_fn, train_loader, val_loader, metrics, learning_rate, weight_decay = build_training(
         method, train_set, test_set, selector, embedding_dim, seed, network, pretrained)
@@ -381,11 +384,13 @@ def _open_run(run_dir, settings, fresh):
     if fresh and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     settings_path = os.path.join(run_dir, RUN_SETTINGS)
-    if os.path.exists(settings_path):
+    trained = any(os.path.exists(os.path.join(run_dir, name)) for name in (CHECKPOINT_NAME, RUN_ROW))
+    if os.path.exists(settings_path) and trained:  # a folder where nothing was trained yet is simply reused
         with open(settings_path) as file:
             started = json.load(file)
         if started != json.loads(json.dumps(settings)):
-            changed = sorted(key for key in settings if started.get(key) != settings[key])
+            changed = sorted(key for key in settings.keys() | started.keys()
+                             if started.get(key) != settings.get(key))
             raise ValueError(f"{run_dir} holds a run started with other settings ({', '.join(changed)}: "
                              f"{[started.get(key) for key in changed]}); run with --fresh to start over, "
                              "or give another --run-dir")

@@ -76,16 +76,18 @@ def test_every_method_and_the_resnet_run_on_a_folder(tmp_path, monkeypatch):
 
 
 def test_folders_that_cannot_train_say_what_to_do(tmp_path, monkeypatch):
-    write_folder(tmp_path / "shapes", per_class=3, classes=dict(list(COLOURS.items())[:3]))
+    write_folder(tmp_path / "shapes", per_class=6, classes=dict(list(COLOURS.items())[:3]))
     for extra in (tmp_path / "shapes" / "red").iterdir():  # one image left in "red"
         if extra.name != "0.jpg":
             extra.unlink()
     with pytest.raises(ValueError, match=r"class 'red' has 1 training image.*--held-out-classes"):
-        run(tmp_path, monkeypatch, "--methods", "online-triplet")
+        run(tmp_path, monkeypatch, "--methods", "online-triplet", "--val-fraction", "0.34")
     with pytest.raises(ValueError, match="saves one trained model, but 2 methods run"):
         run(tmp_path, monkeypatch, "--methods", "softmax,siamese", "--save-model", "x.pt")
     with pytest.raises(ValueError, match="--pretrained needs --network resnet18"):
-        run(tmp_path, monkeypatch, "--methods", "softmax", "--pretrained", "weights.pth")
+        run(tmp_path, monkeypatch, "--methods", "softmax", "--pretrained", "weights.pth", "--val-fraction", "0.34")
+    with pytest.raises(ValueError, match="at most one validation image.*--val-fraction"):  # before any training
+        run(tmp_path, monkeypatch, "--methods", "softmax")
     assert experiments.dataset_name(tmp_path / "shapes") == "shapes"
     assert experiments.dataset_name("fashion-mnist") == "fashion-mnist"
 
