@@ -4,6 +4,8 @@
 - SiameseMNIST: wraps a labelled dataset and yields ((img1, img2), target), target 1 = same class.
 - TripletMNIST: wraps a labelled dataset and yields ((anchor, positive, negative), []).
 - BalancedBatchSampler: batches of n_classes classes x n_samples items, for online pair/triplet mining.
+- DistributedBalancedBatchSampler: the same global batches on every process of a DistributedDataParallel
+  run, each process yielding its contiguous share (share_bounds).
 
 SiameseMNIST and TripletMNIST accept three kinds of dataset:
 - an InMemoryDataset (fast path: images are rows of its tensor, no PIL, batches are gathered at once);
@@ -47,6 +49,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+import torch.distributed
 import torchvision
 import torch.nn.functional as F
 from PIL import Image
@@ -477,6 +480,69 @@ class BalancedBatchSampler(Sampler):
         others = (~urgent).nonzero().flatten()
         n_more = self.n_classes - len(urgent_ids)
         return torch.cat([urgent_ids, others[torch.multinomial(weights[others], n_more, generator=generator)]])
+
+
+def _process_group_shape(num_replicas, rank):
+    """(num_replicas, rank), each defaulting to torch.distributed's world size and rank when a process
+    group is initialised, else to 1 and 0; checked."""
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if num_replicas is None:
+        num_replicas = torch.distributed.get_world_size() if initialised else 1
+    if rank is None:
+        rank = torch.distributed.get_rank() if initialised else 0
+    for name, value in (("num_replicas", num_replicas), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got num_replicas={num_replicas}, "
+                         f"rank={rank}")
+    return int(num_replicas), int(rank)
+
+
+def share_bounds(batch_size, num_replicas, rank):
+    """``(start, stop)`` of rank ``rank``'s contiguous share of a batch of ``batch_size`` items split
+    between ``num_replicas`` processes: the first ``batch_size % num_replicas`` ranks get one item more
+    (``torch.tensor_split``'s rule), so the shares, in rank order, are the batch again."""
+    base, extra = divmod(batch_size, num_replicas)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+class DistributedBalancedBatchSampler(BalancedBatchSampler):
+    """A BalancedBatchSampler for training on several processes (DistributedDataParallel): every rank
+    draws the same global batch of n_classes * n_samples indices and yields its own contiguous share.
+
+    Args: as BalancedBatchSampler, plus
+        num_replicas: number of processes sharing each batch; rank: this process's position among them.
+            Both default to torch.distributed's world size and rank when a process group is
+            initialised, else to 1 and 0.
+        seed: required (an int): every rank must draw the same batches, which an unseeded sampler,
+            drawing from each process's own global RNG, would not.
+
+    Rank r's share is ``global_batch[start:stop]`` with ``(start, stop) = share_bounds(batch_size,
+    num_replicas, r)``: contiguous, so concatenating the shares in rank order (what the online losses'
+    ``gather`` does with the embeddings) gives back the single-process batch, item for item, and with
+    n_classes a multiple of num_replicas each rank holds whole classes. The shares differ in size by at
+    most one item when num_replicas does not divide the batch; batch_size >= num_replicas is required so
+    that no share is empty. len() is the single-process number of batches, the same on every rank.
+    Call set_epoch(e) on every rank (as with torch's DistributedSampler) to keep them in step.
+    """
+
+    def __init__(self, labels, n_classes, n_samples, seed, num_replicas=None, rank=None, groups=None):
+        if seed is None:
+            raise ValueError("DistributedBalancedBatchSampler needs a seed (the same int on every rank), "
+                             "or the ranks would draw different batches")
+        super().__init__(labels, n_classes, n_samples, seed=seed, groups=groups)
+        self.num_replicas, self.rank = _process_group_shape(num_replicas, rank)
+        if self.batch_size < self.num_replicas:
+            raise ValueError(f"a batch of n_classes * n_samples = {self.batch_size} items cannot give each of "
+                             f"num_replicas={self.num_replicas} processes at least one item; raise n_classes or "
+                             "n_samples")
+        self.share = share_bounds(self.batch_size, self.num_replicas, self.rank)
+
+    def __iter__(self):
+        start, stop = self.share
+        return (batch[start:stop] for batch in super().__iter__())
 
 
 # ---------------------------------------------------------------------------------------------------

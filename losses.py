@@ -15,6 +15,15 @@ but NaN as soon as any embedding of the batch is NaN or infinite, selected or no
 loop's non-finite-loss check stops it instead of seeing a silent 0 (a NaN embedding makes every
 distance comparison false, and the hard-negative selectors then select nothing).
 
+Mining over the global batch: under ``torch.distributed`` (a process group of world size > 1, e.g.
+DistributedDataParallel with ``datasets.DistributedBalancedBatchSampler``), ``OnlineContrastiveLoss``
+and ``OnlineTripletLoss`` with ``gather=True`` (the default) gather every rank's embeddings and labels
+(``_gather_rows``: gradients flow back to the rank owning each row), mine with their selector on the
+gathered batch (identical on every rank: same tensors, same selector, and for the random selectors a
+generator seeded alike on every rank), keep the pairs / triplets whose first member / anchor this rank
+owns, and scale so that DistributedDataParallel's gradient average equals one process's gradient of
+the mean over the whole global batch (``_global_mean``). Without a process group nothing changes.
+
 ``PairwiseAutoencoderLoss`` and ``TripletAutoencoderLoss`` train siamese / triplet autoencoders and VAEs:
 ``weight * metric loss + (1 - weight) * (reconstruction + beta * KL to the prior)``, the metric loss
 being the contrastive / triplet formula on Euclidean or KL latent distances (``gaussian_kl``,
@@ -24,6 +33,7 @@ being the contrastive / triplet formula on Euclidean or KL latent distances (``g
 import numbers
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -66,6 +76,96 @@ def _online_mean(terms, embeddings):
     docstring). Adding a zero leaves every finite mean as it is."""
     guard = (embeddings * 0).sum()
     return terms.mean() + guard if len(terms) else guard
+
+
+def _gather_rows_of(tensor, sizes):
+    """``torch.cat`` over ranks of each rank's ``tensor (n_r, ...)``, in rank order; ``sizes`` lists every
+    rank's ``n_r`` (the rows are padded to the largest, as all_gather needs equal shapes). No autograd."""
+    padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
+    padded[:len(tensor)] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+class _GatherRows(torch.autograd.Function):
+    """Autograd-aware gather of rows: forward ``_gather_rows_of``; backward sums the gradient of the
+    gathered batch over ranks (every rank's loss may use every row) and hands each rank its own rows.
+
+    Written here rather than taken from ``torch.distributed.nn.functional.all_gather``, which is
+    deprecated (torch 2.x) in favour of a private functional collective, and needs equal row counts;
+    an all_reduce works on every backend (gloo included) and with unequal shares."""
+
+    @staticmethod
+    def forward(ctx, rows, sizes, start):
+        ctx.share = (start, start + len(rows))
+        return _gather_rows_of(rows, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start, stop = ctx.share
+        return grad[start:stop], None, None
+
+
+def _global_batch(embeddings, labels, gather):
+    """The batch to mine: ``(embeddings (N, D), labels (N,), share)``. With ``gather`` on and a
+    ``torch.distributed`` process group of world size W > 1, ``N`` is the sum of every rank's ``B_r``
+    (rank order, gradients flowing back to the owning rank) and ``share = (start, stop, W)`` marks this
+    rank's rows; otherwise the inputs themselves and ``share = None``."""
+    if not (gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return embeddings, labels, None
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    size = torch.tensor([len(embeddings)], device=embeddings.device)
+    sizes = [torch.empty_like(size) for _ in range(world_size)]
+    dist.all_gather(sizes, size)
+    sizes = [int(n) for n in sizes]
+    start = sum(sizes[:rank])
+    all_embeddings = _GatherRows.apply(embeddings, sizes, start)
+    return all_embeddings, _gather_rows_of(labels, sizes), (start, start + len(embeddings), world_size)
+
+
+def _owned(first, share):
+    """``(S,)`` bool: which pairs / triplets of the gathered batch this rank computes, given their first
+    index ``first (S,)`` (a pair's first member, a triplet's anchor): those in this rank's share, so each
+    goes to exactly one rank and no rank repeats another's terms. All of them when ``share`` is None."""
+    if share is None:
+        return torch.ones_like(first, dtype=torch.bool)
+    start, stop, _ = share
+    return (first >= start) & (first < stop)
+
+
+def _global_mean(terms, embeddings, share, count=False):
+    """The loss for this rank's ``terms (S_r,)`` of a gathered batch ``embeddings (N, D)``, and with
+    ``count`` the pair ``(loss, n_nonzero)``, the number of non-zero terms (a Python int).
+
+    With ``share = None`` (one process): ``_online_mean``. Otherwise one
+    all_reduce (no gradient) gives the totals over ranks, ``S`` terms of sum ``T``; the loss's gradient is
+    that of ``W * sum(terms) / S``, so that DistributedDataParallel's average of the ranks' gradients
+    (sum / W) is the gradient of ``T / S``, one process's mean over the whole global batch; its value is
+    that global mean ``T / S``, the same on every rank (for logging). ``n_nonzero`` counts over all ranks.
+    The ``(0 * embeddings).sum()`` guard is on the gathered batch: every rank's loss then depends on it, so
+    every rank joins the gather's backward all_reduce, and a non-finite embedding on any rank makes
+    every rank's loss non-finite.
+    """
+    if share is None:
+        loss = _online_mean(terms, embeddings)
+        return (loss, int((terms > 0).sum())) if count else loss
+    detached = terms.detach().double()
+    totals = torch.stack([torch.tensor(float(len(terms)), dtype=torch.float64, device=terms.device),
+                          detached.sum(), (detached > 0).sum().double()])
+    dist.all_reduce(totals)
+    n_terms, total, n_nonzero = totals.tolist()
+    guard = (embeddings * 0).sum()
+    if n_terms == 0:
+        loss = guard
+    else:
+        scaled = terms.sum() * (share[2] / n_terms)
+        value = torch.tensor(total / n_terms, dtype=scaled.dtype, device=scaled.device)
+        # value of the global mean, gradient of the scaled local sum
+        loss = scaled + (value - scaled.detach()) + guard
+    return (loss, int(n_nonzero)) if count else loss
 
 
 def _check_scale(scale):
@@ -157,19 +257,31 @@ class OnlineContrastiveLoss(nn.Module):
     ``utils.pdist(embeddings)``. ``scale`` defaults to the classic online formula's 1 (no 0.5
     factor, unlike :class:`ContrastiveLoss`'s default). No pair selected gives a zero loss that
     still backpropagates; a non-finite embedding gives a non-finite loss (see the module docstring).
+
+    ``gather`` (default True) only acts under ``torch.distributed`` with world size > 1: the pairs are
+    then mined over the batches of all ranks gathered in rank order (one process's selection on that
+    global batch; a ``utils.AllPositivePairSelector(balance=True)`` needs a generator seeded alike on
+    every rank), each rank computes the pairs whose first member it holds, and the loss is scaled for
+    DistributedDataParallel's gradient average; its value is the global mean on every rank (see
+    ``_global_mean``). ``gather=False`` mines each rank's own batch.
     """
 
-    def __init__(self, margin, pair_selector, scale=1.0):
+    def __init__(self, margin, pair_selector, scale=1.0, gather=True):
         super().__init__()
         self.margin = _check_margin(margin)
         self.pair_selector = _check_selector(pair_selector, "pair_selector")
         self.scale = _check_scale(scale)
+        self.gather = bool(gather)
 
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
+        embeddings, target, share = _global_batch(embeddings, target, self.gather)
         pairs, pair_target = _mined_pairs(self.pair_selector, embeddings, target)
+        own = _owned(pairs[:, 0], share)
+        pairs, pair_target = pairs[own], pair_target[own]
         distances = pdist(embeddings)[pairs[:, 0], pairs[:, 1]]
-        return _online_mean(self.scale * contrastive_terms(distances, pair_target, self.margin), embeddings)
+        terms = self.scale * contrastive_terms(distances, pair_target, self.margin)
+        return _global_mean(terms, embeddings, share)
 
 
 class OnlineTripletLoss(nn.Module):
@@ -181,20 +293,32 @@ class OnlineTripletLoss(nn.Module):
     hard), and the number of selected triplets whose loss is non-zero (a Python int; the classic
     code counted all selected triplets). No triplet selected gives ``(zero loss that still
     backpropagates, 0)``; a non-finite embedding gives a non-finite loss (see the module docstring).
+
+    ``gather`` (default True) only acts under ``torch.distributed`` with world size > 1: the triplets
+    are then mined over the batches of all ranks gathered in rank order (one process's selection on
+    that global batch; the random-hard and semi-hard selectors need a generator seeded alike on every
+    rank), each rank computes the triplets whose anchor it holds against the global positives and
+    negatives, and the loss is scaled for DistributedDataParallel's gradient average; its value and
+    the count are those of the global batch on every rank (see ``_global_mean``). ``gather=False``
+    mines each rank's own batch.
     """
 
-    def __init__(self, margin, triplet_selector):
+    def __init__(self, margin, triplet_selector, gather=True):
         super().__init__()
         self.margin = _check_margin(margin)
         self.triplet_selector = _check_selector(triplet_selector, "triplet_selector")
+        self.gather = bool(gather)
 
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
+        embeddings, target, share = _global_batch(embeddings, target, self.gather)
         triplets = self.triplet_selector.get_triplets(embeddings, target)
+        triplets = triplets[_owned(triplets[:, 0], share)]
+        # the full matrix, as the selector just computed it: the same values as on one process
         distances = pdist(embeddings)
         anchors, positives, negatives = triplets.unbind(1)
         losses = triplet_terms(distances[anchors, positives], distances[anchors, negatives], self.margin)
-        return _online_mean(losses, embeddings), int((losses > 0).sum())
+        return _global_mean(losses, embeddings, share, count=True)
 
 
 # ---------------------------------------------------------------------------------------------------

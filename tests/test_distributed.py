@@ -1,0 +1,204 @@
+"""Tests for mining over the global batch on several processes: datasets.DistributedBalancedBatchSampler
+and the ``gather`` option of losses.OnlineContrastiveLoss / OnlineTripletLoss.
+
+The sampler is checked without a process group (num_replicas and rank given). The losses are checked
+in one run of 2 CPU processes (gloo on 127.0.0.1, bounded timeouts): a model wrapped in
+DistributedDataParallel, each rank fed its sampler share of a global batch, must give, for every
+online loss and selector, the loss value and the (DDP-averaged) gradients of one process computing
+the loss on the whole global batch with the same weights, and the same selected triplets / pairs.
+"""
+
+import datetime
+import itertools
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+import losses
+import utils
+from datasets import BalancedBatchSampler, DistributedBalancedBatchSampler, share_bounds
+
+LABELS = torch.arange(10).repeat_interleave(7)  # 10 classes of 7 items
+WORLD_SIZE = 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sampler
+
+
+@pytest.mark.parametrize("n_classes, n_samples, num_replicas", [(4, 4, 2), (3, 3, 2), (3, 2, 4), (2, 3, 6)])
+@pytest.mark.parametrize("groups", [None, LABELS // 5])
+def test_shares_together_are_the_single_process_batches(n_classes, n_samples, num_replicas, groups):
+    single = BalancedBatchSampler(LABELS, n_classes, n_samples, seed=5, groups=groups)
+    shared = [DistributedBalancedBatchSampler(LABELS, n_classes, n_samples, seed=5, num_replicas=num_replicas,
+                                              rank=rank, groups=groups) for rank in range(num_replicas)]
+    assert {len(sampler) for sampler in shared} == {len(single)}
+    for epoch in (0, 1, 7):
+        for sampler in [single] + shared:
+            sampler.set_epoch(epoch)
+        per_rank = [list(sampler) for sampler in shared]
+        for k, batch in enumerate(single):
+            shares = [batches[k] for batches in per_rank]
+            assert all(shares)  # no empty share
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+            assert list(itertools.chain(*shares)) == batch  # disjoint, and in rank order the batch itself
+
+
+def test_share_bounds_split_like_tensor_split():
+    for batch_size, num_replicas in [(16, 2), (9, 2), (7, 3), (5, 5)]:
+        expected = torch.tensor_split(torch.arange(batch_size), num_replicas)
+        for rank in range(num_replicas):
+            start, stop = share_bounds(batch_size, num_replicas, rank)
+            assert torch.arange(start, stop).tolist() == expected[rank].tolist()
+
+
+def test_distributed_sampler_defaults_and_errors():
+    sampler = DistributedBalancedBatchSampler(LABELS, 2, 3, seed=1)  # no process group: one replica
+    assert (sampler.num_replicas, sampler.rank) == (1, 0)
+    assert list(sampler) == list(BalancedBatchSampler(LABELS, 2, 3, seed=1))
+    with pytest.raises(ValueError, match="needs a seed"):
+        DistributedBalancedBatchSampler(LABELS, 2, 3, seed=None, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="at least one item"):
+        DistributedBalancedBatchSampler(LABELS, 2, 1, seed=1, num_replicas=3, rank=0)
+    with pytest.raises(ValueError, match="rank"):
+        DistributedBalancedBatchSampler(LABELS, 2, 3, seed=1, num_replicas=2, rank=2)
+    with pytest.raises(TypeError, match="num_replicas"):
+        DistributedBalancedBatchSampler(LABELS, 2, 3, seed=1, num_replicas=2.0, rank=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The losses on 2 processes
+
+
+class Recording:
+    """A selector that remembers what it selected last (the distributed run mines the gathered batch)."""
+
+    def __init__(self, selector):
+        self.selector, self.selected = selector, None
+
+    def get_triplets(self, embeddings, labels):
+        self.selected = self.selector.get_triplets(embeddings, labels)
+        return self.selected
+
+    def get_pairs(self, embeddings, labels):
+        self.selected = self.selector.get_pairs(embeddings, labels)
+        return self.selected
+
+
+def _seeded():
+    return torch.Generator().manual_seed(11)
+
+
+# name -> (loss class, selector factory, margin); margins for which every selection is non-empty on the
+# data below (checked in the worker). The random selectors get a generator seeded alike on every rank.
+CASES = {
+    "triplet-all": (losses.OnlineTripletLoss, lambda: utils.AllTripletSelector(), 1.0),
+    "triplet-hardest": (losses.OnlineTripletLoss, lambda: utils.HardestNegativeTripletSelector(1.0), 1.0),
+    "triplet-random-hard": (losses.OnlineTripletLoss,
+                            lambda: utils.RandomNegativeTripletSelector(1.0, generator=_seeded()), 1.0),
+    "triplet-semi-hard": (losses.OnlineTripletLoss,
+                          lambda: utils.SemihardNegativeTripletSelector(1.0, generator=_seeded()), 1.0),
+    "triplet-batch-hard": (losses.OnlineTripletLoss, lambda: utils.BatchHardTripletSelector(), 1.0),
+    "contrastive-hard-negative": (losses.OnlineContrastiveLoss, lambda: utils.HardNegativePairSelector(), 1.5),
+    "contrastive-all-positive": (losses.OnlineContrastiveLoss,
+                                 lambda: utils.AllPositivePairSelector(balance=True, generator=_seeded()), 1.5),
+}
+
+
+def _value(output):
+    """The loss tensor of an online loss's output (OnlineTripletLoss also returns a count)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _as_tuple(selection):
+    return selection if isinstance(selection, tuple) else (selection,)
+
+
+def _run(weights, loss_class, make_selector, margin, module, inputs, labels, gather):
+    """Loss output, parameters (gradients filled) and selection of ``module(model)`` on one batch, the
+    model a fresh copy of ``weights``."""
+    model = nn.Linear(6, 3)
+    model.load_state_dict(weights)
+    selector = Recording(make_selector())
+    wrapped = module(model)  # kept alive until backward: DDP's gradient averaging hooks live on it
+    output = loss_class(margin, selector, gather=gather)(wrapped(inputs), labels)
+    _value(output).backward()
+    return output, list(model.named_parameters()), _as_tuple(selector.selected)
+
+
+def _worker(rank, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        data = torch.randn(len(LABELS), 6, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        weights = nn.Linear(6, 3).state_dict()
+        # 4 x 4: equal shares of 8 items; 3 x 3: shares of 5 and 4 (the gather pads the shorter one)
+        for n_classes, n_samples in [(4, 4), (3, 3)]:
+            batch = next(iter(BalancedBatchSampler(LABELS, n_classes, n_samples, seed=3)))
+            share = next(iter(DistributedBalancedBatchSampler(LABELS, n_classes, n_samples, seed=3)))
+            for name, (loss_class, make_selector, margin) in CASES.items():
+                context = f"{name}, {n_classes} x {n_samples}, rank {rank}"
+                expected, expected_parameters, expected_selection = _run(
+                    weights, loss_class, make_selector, margin, lambda model: model, data[batch], LABELS[batch],
+                    gather=False)  # one process on the whole global batch
+                assert _value(expected).item() > 0 and all(len(s) for s in expected_selection), context
+                got, parameters, selection = _run(
+                    weights, loss_class, make_selector, margin, DistributedDataParallel, data[share], LABELS[share],
+                    gather=True)
+                torch.testing.assert_close(_value(got), _value(expected), rtol=1e-5, atol=0,
+                                           msg=lambda m: f"{context}: loss: {m}")
+                if isinstance(got, tuple):
+                    assert got[1] == expected[1], context  # non-zero triplets, counted over the global batch
+                # the bias's exact gradient is 0 (distances ignore a shift), so its rounding is judged
+                # against the largest gradient
+                scale = max(float(p.grad.abs().max()) for _, p in expected_parameters)
+                for (parameter_name, parameter), (_, expected_parameter) in zip(parameters, expected_parameters):
+                    torch.testing.assert_close(parameter.grad, expected_parameter.grad, rtol=1e-5, atol=1e-5 * scale,
+                                               msg=lambda m: f"{context}: gradient of {parameter_name}: {m}")
+                # the gathered batch is the global batch in order: one process's selection, exactly
+                assert all(torch.equal(a, b) for a, b in zip(selection, expected_selection)), context
+        _check_gather_off_and_non_finite(data, weights, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_gather_off_and_non_finite(data, weights, rank):
+    model = nn.Linear(6, 3)
+    model.load_state_dict(weights)
+    share = next(iter(DistributedBalancedBatchSampler(LABELS, 4, 4, seed=3)))
+    embeddings, labels = model(data[share]).detach(), LABELS[share]
+    # gather=False: each rank mines its own share, as a single process would
+    local = losses.OnlineTripletLoss(1.0, utils.AllTripletSelector(), gather=False)(embeddings, labels)
+    expected = losses.OnlineTripletLoss(1.0, utils.AllTripletSelector())
+    expected.gather = False
+    assert local == expected(embeddings, labels)
+    # a non-finite embedding on rank 1 makes the loss non-finite on every rank
+    if rank == 1:
+        embeddings = embeddings.clone()
+        embeddings[0, 0] = float("nan")
+    for loss in (losses.OnlineTripletLoss(1.0, utils.HardestNegativeTripletSelector(1.0)),
+                 losses.OnlineContrastiveLoss(1.0, utils.HardNegativePairSelector())):
+        assert not torch.isfinite(_value(loss(embeddings, labels))), f"{type(loss).__name__}, rank {rank}"
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_global_batch_mining_on_two_processes_matches_one_process():
+    context = mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=5):  # re-raises a worker's exception
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail("the 2-process run did not finish in 120 s")
