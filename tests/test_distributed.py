@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 import losses
 import utils
 from datasets import BalancedBatchSampler, DistributedBalancedBatchSampler, share_bounds
+from test_losses import Recording  # a selector that keeps what it selected last
 
 LABELS = torch.arange(10).repeat_interleave(7)  # 10 classes of 7 items
 WORLD_SIZE = 2
@@ -76,21 +77,6 @@ def test_distributed_sampler_defaults_and_errors():
 # The losses on 2 processes
 
 
-class Recording:
-    """A selector that remembers what it selected last (the distributed run mines the gathered batch)."""
-
-    def __init__(self, selector):
-        self.selector, self.selected = selector, None
-
-    def get_triplets(self, embeddings, labels):
-        self.selected = self.selector.get_triplets(embeddings, labels)
-        return self.selected
-
-    def get_pairs(self, embeddings, labels):
-        self.selected = self.selector.get_pairs(embeddings, labels)
-        return self.selected
-
-
 def _seeded():
     return torch.Generator().manual_seed(11)
 
@@ -129,7 +115,7 @@ def _run(weights, loss_class, make_selector, margin, module, inputs, labels, gat
     wrapped = module(model)  # kept alive until backward: DDP's gradient averaging hooks live on it
     output = loss_class(margin, selector, gather=gather)(wrapped(inputs), labels)
     _value(output).backward()
-    return output, list(model.named_parameters()), _as_tuple(selector.selected)
+    return output, list(model.named_parameters()), _as_tuple(selector.last)
 
 
 def _worker(rank, port):
