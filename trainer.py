@@ -27,9 +27,18 @@ they start, at torch's first parallel operation. So the one place that sets it f
 process is `flush_denormal_everywhere`, which the command lines (experiments.py, and omniglot.py and
 autoencoders.py through it) call before any work; setting the environment variable
 SIAMESE_TRIPLET_KEEP_DENORMALS=1 turns that off.
+
+Several processes (torchrun): when the environment says WORLD_SIZE > 1 (torchrun sets it with RANK,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT), `fit` initialises a torch.distributed process group unless
+one is already initialised ("nccl" on CUDA, "gloo" otherwise, timeout PROCESS_GROUP_TIMEOUT), trains
+the model wrapped in DistributedDataParallel (on CUDA on cuda:LOCAL_RANK), and lets only rank 0 print,
+show progress bars and write checkpoints. Each rank must be fed its own share of the data:
+datasets.DistributedBalancedBatchSampler or torch's DistributedSampler; a plain DataLoader is not
+re-sharded, so every rank would then see the whole dataset. See `fit`.
 """
 
 import collections
+import datetime
 import math
 import os
 import random
@@ -40,7 +49,9 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from metrics import Metric
@@ -55,6 +66,9 @@ CHECKPOINT_KEYS = frozenset({"epoch", "model", "optimizer", "scheduler", "histor
 # into: a dataset's index lists can hold millions of items and no generator.
 GENERATOR_SEARCH_DEPTH = 4
 GENERATOR_SEARCH_MAX_ITEMS = 256
+# Timeout of the process group fit initialises under torchrun: a rank that dies (or hangs) makes the
+# other ranks' next collective operation fail within this time instead of waiting forever.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 def flush_denormal_everywhere():
@@ -179,7 +193,7 @@ def _minimised_loss(loss_outputs):
 
 
 def run_epoch(loader, model, loss_fn, device, metrics=(), optimizer=None, *, epoch=1,
-              n_epochs=None, progress=False, log_interval=100, channels_last=False):
+              n_epochs=None, progress=False, log_interval=100, channels_last=False, verbose=True):
     """Run one pass over `loader`: a training epoch when `optimizer` is given, else evaluation.
 
     Training puts the model in train mode and steps the optimizer after every batch; evaluation
@@ -187,6 +201,7 @@ def run_epoch(loader, model, loss_fn, device, metrics=(), optimizer=None, *, epo
     after every batch. `epoch` / `n_epochs` (1-based) only label the progress bar, the log lines
     and errors. With `progress=False` a line is printed every `log_interval` batches.
     `channels_last` hands 4-D inputs to the model in channels-last memory format.
+    `verbose=False` shows no progress bar and prints nothing (fit's ranks other than 0).
     Returns (mean of the per-batch losses as a float, {metric key: value as a float}).
     Raises FloatingPointError on a NaN/inf loss, before the optimizer step of that batch.
     """
@@ -206,6 +221,7 @@ def run_epoch(loader, model, loss_fn, device, metrics=(), optimizer=None, *, epo
     # tqdm.auto's bar calls iter() on what it is given when it is built, and again when it is looped
     # over: handed the loader itself, every epoch would start (and discard) a second DataLoader
     # iterator, which advances the sampler's epoch, draws a seed from the RNG and starts the workers.
+    progress = progress and verbose
     bar = tqdm(iter(loader), total=n_batches, desc=f"{epoch_label} {phase}", disable=not progress,
                dynamic_ncols=True)
     try:
@@ -232,7 +248,7 @@ def run_epoch(loader, model, loss_fn, device, metrics=(), optimizer=None, *, epo
                     postfix.update({key: f"{value:.2f}"
                                     for key, value in current_metric_values().items()})
                     bar.set_postfix(postfix, refresh=False)
-                elif batch_count % log_interval == 0:
+                elif verbose and batch_count % log_interval == 0:
                     of_total = f"/{n_batches}" if n_batches is not None else ""
                     print(f"{phase} {epoch_label} [batch {batch_count}{of_total}]: "
                           f"loss {total_loss / batch_count:.6f}"
@@ -578,8 +594,9 @@ def _empty_history(keys):
     return history
 
 
-def _record_epoch(history, epoch, n_epochs, train, val, lr, seconds, progress):
-    """Append one epoch to `history` and, without progress bars, print its summary line.
+def _record_epoch(history, epoch, n_epochs, train, val, lr, seconds, progress, verbose=True):
+    """Append one epoch to `history` and, without progress bars (and with `verbose`), print its
+    summary line.
     `train` and `val` are run_epoch's (loss, {metric key: value}); val's loss may be None."""
     (train_loss, train_metrics), (val_loss, val_metrics) = train, val
     history["epoch"].append(epoch)
@@ -590,12 +607,55 @@ def _record_epoch(history, epoch, n_epochs, train, val, lr, seconds, progress):
     for key, value in train_metrics.items():
         history[f"train_{key}"].append(value)
         history[f"val_{key}"].append(val_metrics[key])
-    if not progress:
+    if verbose and not progress:
         line = f"Epoch {epoch}/{n_epochs}: train loss {train_loss:.4f}"
         line += _format_metrics(train_metrics)
         if val_loss is not None:
             line += f" | val loss {val_loss:.4f}{_format_metrics(val_metrics)}"
         print(f"{line} | lr {lr:.3g} | {seconds:.1f} s", flush=True)
+
+
+def _env_world_size():
+    """WORLD_SIZE from the environment (set by torchrun), 1 when unset."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as error:
+        raise ValueError(f"WORLD_SIZE must be an int, got {os.environ['WORLD_SIZE']!r}") from error
+
+
+def _distributed_device(device):
+    """Under torchrun (WORLD_SIZE > 1) a CUDA device becomes cuda:LOCAL_RANK, made current; any other
+    device is returned as it is."""
+    if device.type != "cuda" or _env_world_size() <= 1 or "LOCAL_RANK" not in os.environ:
+        return device
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    return device
+
+
+def _distributed_setup(device):
+    """(is_distributed, rank, world_size) for fit.
+
+    Initialises the default process group when the environment has WORLD_SIZE > 1 and none is
+    initialised yet: backend "nccl" for a CUDA `device`, else "gloo", from torchrun's environment
+    variables (env:// rendezvous), timeout PROCESS_GROUP_TIMEOUT. A group already initialised (by
+    the caller) is used as it is. (False, 0, 1) when there is no group of more than one process.
+    """
+    if not dist.is_available():
+        if _env_world_size() > 1:
+            raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        return False, 0, 1
+    if not dist.is_initialized() and _env_world_size() > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=PROCESS_GROUP_TIMEOUT)
+    if not dist.is_initialized() or dist.get_world_size() <= 1:
+        return False, 0, 1
+    return True, dist.get_rank(), dist.get_world_size()
+
+
+def _is_writer():
+    """True on the process that prints and writes checkpoints: rank 0, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, cuda=None,
@@ -642,6 +702,22 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     at other attribute paths than this run's (the run was built differently); a checkpoint from
     before generators were saved resumes with this run's generators as they are.
 
+    Several processes: run under torchrun (WORLD_SIZE > 1 in the environment), fit initialises the
+    default torch.distributed process group unless one is initialised already (backend "nccl" when
+    the device is CUDA, else "gloo"; timeout PROCESS_GROUP_TIMEOUT, so a dead rank makes the others
+    fail within that time) and leaves it initialised when it returns. On CUDA the device becomes
+    cuda:LOCAL_RANK. Training runs the model wrapped in DistributedDataParallel (gradients averaged
+    over the ranks, validation on the plain model); `model` itself holds the trained weights, and
+    checkpoints store its state_dict, so a single process can resume from them. fit does not shard
+    the data: each rank's loaders must yield that rank's share, e.g. with
+    datasets.DistributedBalancedBatchSampler (built with num_replicas / rank from the environment
+    when the group does not exist yet) or torch's DistributedSampler; a plain DataLoader with a
+    RandomSampler / SequentialSampler gives every rank the whole dataset. Only rank 0 prints, shows
+    progress bars and writes checkpoints, followed by a barrier so that no rank runs ahead of the
+    write; every rank reads the checkpoint on resume (a file system all ranks see). The logged
+    losses are what loss_fn returns on each rank (the online losses return the global batch's
+    mean); rank 0 logs its own values, and every rank returns its own history.
+
     Returns the history: a dict of per-epoch lists, 'epoch' (1-based), 'train_loss', 'val_loss'
     (None without val_loader), 'lr' (of the first param group, as used during the epoch),
     'seconds', and 'train_<metric>' / 'val_<metric>' per metric. A resumed run returns the full
@@ -653,7 +729,9 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
         metrics, start_epoch, {"channels_last": channels_last, "progress": progress,
                                "flush_denormal": flush_denormal}, checkpoint_dir)
     resume_path = _resume_path(checkpoint_dir, resume)
-    device = resolve_device(device, cuda)
+    device = _distributed_device(resolve_device(device, cuda))
+    distributed, _, _ = _distributed_setup(device)
+    writer = _is_writer()
 
     if flush_denormal and device.type == "cpu":
         torch.set_flush_denormal(True)
@@ -670,24 +748,34 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     elif start_epoch > 0 and scheduler is not None and not isinstance(
             scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         _fast_forward(scheduler, start_epoch)
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and writer:
         os.makedirs(checkpoint_dir, exist_ok=True)
+    train_model = model
+    if distributed and not isinstance(model, DistributedDataParallel):
+        # Built after the resume, so rank 0's (identical) restored weights are what it broadcasts.
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     for epoch_index in range(start_epoch, n_epochs):
         started = time.perf_counter()
         lr = float(optimizer.param_groups[0]["lr"])
         options = {"epoch": epoch_index + 1, "n_epochs": n_epochs, "progress": progress,
-                  "log_interval": log_interval, "channels_last": channels_last}
+                  "log_interval": log_interval, "channels_last": channels_last,
+                  "verbose": writer}
         _set_epoch(train_loader, epoch_index)
-        train = run_epoch(train_loader, model, loss_fn, device, metrics, optimizer, **options)
+        train = run_epoch(train_loader, train_model, loss_fn, device, metrics, optimizer,
+                          **options)
         val = (None, dict.fromkeys(keys))
         if val_loader is not None:
             _set_epoch(val_loader, epoch_index)
             val = run_epoch(val_loader, model, loss_fn, device, metrics, **options)
         _step_scheduler(scheduler, val[0] if val[0] is not None else train[0])
         _record_epoch(history, epoch_index + 1, n_epochs, train, val, lr,
-                      time.perf_counter() - started, progress)
+                      time.perf_counter() - started, progress, verbose=writer)
         if checkpoint_dir is not None:
-            _checkpoint(checkpoint_dir, epoch_index + 1, model, optimizer, scheduler, history,
-                        generators)
+            if writer:
+                _checkpoint(checkpoint_dir, epoch_index + 1, model, optimizer, scheduler, history,
+                            generators)
+            if distributed:
+                dist.barrier()
     return history
