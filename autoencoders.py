@@ -682,12 +682,13 @@ def main(argv=None):
 
     constraints = _parse_list(args.constraint, str, "constraint")
     encoders = _parse_list(args.encoder, str, "encoder")
-    for constraint in constraints:
-        if constraint not in CONSTRAINTS:
-            parser.error(f"unknown constraint {constraint!r}; choose from {', '.join(CONSTRAINTS)}")
-    for encoder in encoders:
-        if encoder not in ENCODERS:
-            parser.error(f"unknown encoder {encoder!r}; choose from {', '.join(ENCODERS)}")
+    try:
+        for constraint in constraints:
+            check_choice(constraint, CONSTRAINTS, "constraint")
+        for encoder in encoders:
+            check_choice(encoder, ENCODERS, "encoder")
+    except ValueError as error:
+        parser.error(str(error))
     feature_extractor = None if args.features == "none" else args.features
     feature_params = {"weights": args.resnet_weights} if feature_extractor == "resnet" else None
     # loaded once for all the runs

@@ -1104,7 +1104,7 @@ def _is_image_file(name):
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _folder_entries(folder):
+def folder_entries(folder):
     """(sorted sub-folder names, sorted image file names) of ``folder``, hidden ones left out."""
     folders, images = [], []
     with os.scandir(folder) as entries:
@@ -1153,14 +1153,14 @@ def list_images(root):
         if not root.lower().endswith(".csv"):
             raise ValueError(f"{root} is a file but not a .csv file; pass a folder or a CSV file ({_LAYOUTS})")
         return _list_csv(root)
-    folders, images = _folder_entries(root)
+    folders, images = folder_entries(root)
     if images and folders:
         raise ValueError(f"{root} mixes images (e.g. {images[0]}) and class folders (e.g. {folders[0]}); "
                          f"expected {_LAYOUTS}")
     if not folders:
         holds = "holds images but no class sub-folders" if images else "holds no class sub-folders"
         raise ValueError(f"{root} {holds}; expected {_LAYOUTS}")
-    contents = {name: _folder_entries(os.path.join(root, name)) for name in folders}
+    contents = {name: folder_entries(os.path.join(root, name)) for name in folders}
     for name, (sub_folders, sub_images) in contents.items():
         if sub_folders and sub_images:
             raise ValueError(f"{os.path.join(root, name)} mixes images and sub-folders; expected {_LAYOUTS}")
@@ -1182,7 +1182,7 @@ def list_images(root):
             continue
         for leaf in sub_folders:
             leaf_folder = os.path.join(folder, leaf)
-            deeper, leaf_images = _folder_entries(leaf_folder)
+            deeper, leaf_images = folder_entries(leaf_folder)
             if deeper:
                 raise ValueError(f"{leaf_folder} holds sub-folders ({deeper[0]}, ...); in the two-level layout "
                                  "every image lies two levels down (root/<group>/<class>/<image>)")

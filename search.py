@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from datasets import IMAGE_EXTENSIONS, list_images, read_image
+from datasets import IMAGE_EXTENSIONS, folder_entries, list_images, read_image
 from metrics import (knn_accuracy, nmi_score, retrieval_metrics, smallest_k, verification_accuracy,
                      verification_roc_auc)
 from networks import SiameseNetwork, embed_images, load_model
@@ -214,12 +214,8 @@ def _list_folder(folder):
     if not os.path.exists(folder):
         raise FileNotFoundError(f"{folder} does not exist; pass a folder of images or a CSV of path,label lines")
     if os.path.isdir(folder):
-        with os.scandir(folder) as entries:
-            entries = [entry for entry in entries if not entry.name.startswith(".")]
-        has_folders = any(entry.is_dir() for entry in entries)
-        images = sorted(entry.name for entry in entries
-                        if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
-        if not has_folders:
+        sub_folders, images = folder_entries(folder)
+        if not sub_folders:
             if not images:
                 raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no class "
                                  "sub-folders; pass a folder of images")
