@@ -46,15 +46,17 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
-from datasets import BalancedBatchSampler, SiameseMNIST, TripletMNIST, class_subset, load_dataset, load_folder_splits
+from datasets import (BalancedBatchSampler, DistributedBalancedBatchSampler, SiameseMNIST, TripletMNIST, class_subset,
+                      load_dataset, load_folder_splits)
 from losses import ContrastiveLoss, OnlineContrastiveLoss, OnlineTripletLoss, TripletLoss
 from metrics import (AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, evaluate_embeddings, extract_embeddings,
                      few_shot_accuracy, retrieval_metrics, verification_roc_auc, verification_threshold)
 from networks import (ClassificationNet, EmbeddingNet, SiameseNet, SiameseNetwork, TripletNet, build_network,
                       save_model)
-from trainer import CHECKPOINT_NAME, fit, flush_denormal_everywhere
+from trainer import (CHECKPOINT_NAME, broadcast_from_main, close_distributed, fit, flush_denormal_everywhere,
+                     is_main_process, rank_and_world_size, setup_distributed)
 from utils import (AllTripletSelector, BatchHardTripletSelector, HardestNegativeTripletSelector,
                    HardNegativePairSelector, RandomNegativeTripletSelector,
                    SemihardNegativeTripletSelector, atomic_write, check_choice, check_int)
@@ -122,15 +124,21 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
     are the caller's (seed torch before building it).
     Returns ``(model, loss_fn, train_loader, val_loader, metrics)``; ``val_loader`` is None without
     ``test_set``.
+
+    Several processes (a ``torch.distributed`` group of ``W`` > 1 ranks, e.g. under torchrun): the online
+    methods' batches come from ``DistributedBalancedBatchSampler`` (the same global batches, each rank
+    holding its share, the losses mining over the whole), the others' from ``DistributedSampler`` with
+    ``batch_size // W`` items per rank, so the global batch, and with it the learning rate, stays the same.
+    Validation of the online methods is sharded alike; the others validate on the whole test set on every
+    rank.
     """
     check_choice(method, METHODS, "method")
     generator = torch.Generator().manual_seed(seed)
     workers = {"num_workers": data_workers(train_set)}
-    offline_loader = {"batch_size": batch_size, "shuffle": True, "generator": generator, **workers}
     metrics = []
     if method == "softmax":
         model, loss_fn = ClassificationNet(embedding_net, len(train_set.classes)), nn.NLLLoss()
-        train_loader, validation = DataLoader(train_set, **offline_loader), test_set
+        train_loader, validation = _shuffled_loader(train_set, batch_size, generator, seed, workers), test_set
         metrics = [AccumulatedAccuracyMetric()]
     elif method in ("siamese", "triplet"):
         wrapper, loss_fn = ((SiameseMNIST, ContrastiveLoss(margin)) if method == "siamese" else
@@ -138,7 +146,7 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
         # SiameseNetwork embeds both members of a pair in one call (one BatchNorm batch): it is its own pair model
         pair_model = embedding_net if isinstance(embedding_net, SiameseNetwork) else SiameseNet(embedding_net)
         model = pair_model if method == "siamese" else TripletNet(embedding_net)
-        train_loader = DataLoader(wrapper(train_set), **offline_loader)
+        train_loader = _shuffled_loader(wrapper(train_set), batch_size, generator, seed, workers)
         validation = None if test_set is None else wrapper(test_set)
     else:
         model = embedding_net
@@ -149,16 +157,36 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
             loss_fn = OnlineTripletLoss(margin, SELECTORS[selector](margin, generator))
             metrics = [AverageNonzeroTripletsMetric()]
         n_batch_classes = min(batch_classes, len(train_set.classes))
-        train_loader = DataLoader(train_set, batch_sampler=BalancedBatchSampler(
-            train_set.targets, n_batch_classes, _samples_per_class(train_set, batch_samples, "training"),
-            seed=seed, groups=groups), **workers)
+        train_loader = _balanced_loader(train_set, n_batch_classes, _samples_per_class(train_set, batch_samples,
+                                                                                       "training"), seed, groups, workers)
         validation = None
         if test_set is not None and _smallest_class(test_set)[1] >= 2:  # else no positive pairs to validate on
-            return model, loss_fn, train_loader, DataLoader(test_set, batch_sampler=BalancedBatchSampler(
-                test_set.targets, n_batch_classes, _samples_per_class(test_set, batch_samples, "validation"),
-                seed=seed + 1), **workers), metrics
+            return model, loss_fn, train_loader, _balanced_loader(
+                test_set, n_batch_classes, _samples_per_class(test_set, batch_samples, "validation"), seed + 1, None,
+                workers), metrics
     val_loader = None if validation is None else DataLoader(validation, batch_size=EVALUATION_BATCH, **workers)
     return model, loss_fn, train_loader, val_loader, metrics
+
+
+def _shuffled_loader(dataset, batch_size, generator, seed, workers):
+    """A loader of ``dataset`` in random order, ``batch_size`` items a batch: shuffled by ``generator`` in one
+    process, by a ``DistributedSampler`` seeded with ``seed`` (``batch_size // W`` items per rank) on ``W``."""
+    rank, world_size = rank_and_world_size()
+    if world_size == 1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, **workers)
+    if batch_size < world_size:
+        raise ValueError(f"a batch of {batch_size} items cannot be shared by {world_size} processes")
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler, **workers)
+
+
+def _balanced_loader(dataset, n_classes, n_samples, seed, groups, workers):
+    """A loader of ``n_classes x n_samples`` batches of ``dataset`` (``BalancedBatchSampler``); on several
+    processes every rank draws the same batches and takes its share (``DistributedBalancedBatchSampler``)."""
+    sampler = (BalancedBatchSampler(dataset.targets, n_classes, n_samples, seed=seed, groups=groups)
+               if rank_and_world_size()[1] == 1 else
+               DistributedBalancedBatchSampler(dataset.targets, n_classes, n_samples, seed=seed, groups=groups))
+    return DataLoader(dataset, batch_sampler=sampler, **workers)
 
 
 def data_workers(dataset):
@@ -226,7 +254,7 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
                quick=False, root="data", download=False, device=None, splits=None,
                images_dir="images", results_dir="results", progress=True, channels_last=False,
                train_classes=None, run_dir=None, fresh=False, network="embedding-net", pretrained=None,
-               held_out=None, model_file=None, command=None):
+               held_out=None, model_file=None, command=None, amp=None, compile=False):
     """Train one method on ``dataset``, evaluate and plot its embeddings, and record the result.
 
     Takes the dataset (a name of ``DATASETS``, or the path of a folder of your own images or a CSV, see
@@ -247,10 +275,18 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
     method is not retrained (its row is read back) and an interrupted one resumes from its last epoch,
     giving the row an uninterrupted run gives (up to the timings); ``fresh=True`` deletes the folder
     first. ``model_file``: also save the trained network as one model file (``save_trained_model``, with
-    ``command``, the command line that trained it, default this process's).
+    ``command``, the command line that trained it, default this process's). ``amp`` (None, "bf16",
+    "fp16") and ``compile``: mixed precision and torch.compile in training (see ``trainer.fit``).
+    Under torchrun every rank trains its share (``build_method``); rank 0 alone evaluates, plots and
+    writes, and every rank returns rank 0's row.
     Returns the row: a dict of the evaluation metrics, seconds per epoch, epochs and settings.
     """
     name = dataset_name(dataset)
+    device, _, _ = setup_distributed(device)
+    writer = is_main_process()
+    if not writer:  # one writer: the other ranks train, and return rank 0's row
+        images_dir = results_dir = model_file = None
+        progress = False
     check_choice(method, METHODS, "method")
     if method == "online-triplet":
         check_choice(selector, tuple(SELECTORS), "selector")
@@ -263,9 +299,12 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
                 "seed": seed, "quick": quick, "channels_last": channels_last, "train_classes": train_classes}
     if network != "embedding-net" or pretrained is not None:  # recorded only when not the classic network
         settings.update(network=network, pretrained=pretrained)
-    finished = _open_run(run_dir, settings, fresh)
+    if amp is not None or compile:  # likewise only when set, so that earlier run folders still resume
+        settings.update(amp=amp, compile=compile)
+    finished = broadcast_from_main(_open_run(run_dir, settings, fresh) if writer else None)
     if finished is not None:
-        print(f"== {name}: {label}, {embedding_dim}-D: finished before, row read from {run_dir}", flush=True)
+        if writer:
+            print(f"== {name}: {label}, {embedding_dim}-D: finished before, row read from {run_dir}", flush=True)
         if results_dir is not None:
             record_result(finished, _held_out_dir(results_dir, finished.get("train_classes")))
         return finished
@@ -286,16 +325,31 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, STEP_SIZE, gamma=GAMMA)
     resuming = run_dir is not None and os.path.exists(os.path.join(run_dir, CHECKPOINT_NAME))
-    print(f"== {name}: {label}, {embedding_dim}-D, {epochs} epochs"
-          + (f", resuming from {run_dir}" if resuming else ""), flush=True)
+    if writer:
+        print(f"== {name}: {label}, {embedding_dim}-D, {epochs} epochs"
+              + (f", resuming from {run_dir}" if resuming else ""), flush=True)
     history = fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, epochs,
                   metrics=metrics, device=device, progress=progress, log_interval=50,
-                  channels_last=channels_last, checkpoint_dir=run_dir, resume=run_dir is not None)
+                  channels_last=channels_last, checkpoint_dir=run_dir, resume=run_dir is not None, amp=amp,
+                  compile=compile)
+    row = None
+    if writer:
+        row = _finish_run(dict(settings, train_classes=classes_tag), method, model, history, (train_set, test_set),
+                          held_out, images_dir, results_dir, run_dir, model_file, command)
+    return broadcast_from_main(row)
 
-    row = dict(settings, train_classes=classes_tag)
+
+def _finish_run(row, method, model, history, splits, held_out, images_dir, results_dir, run_dir, model_file,
+                command):
+    """After training: score the embeddings of a method's trained ``model`` into ``row`` (its settings),
+    plot them, save the model file, record the row in the results and, last, in the run folder.
+    Returns the row."""
+    train_set, test_set = splits
+    name, label, embedding_dim, seed = row["dataset"], row["method"], row["embedding_dim"], row["seed"]
+    network = row.get("network", "embedding-net")
     embedded = _embed_splits(model, train_set, test_set)
     row.update(_scores(method, model, history, embedded, held_out, seed))
-    if classes_tag is None:
+    if row["train_classes"] is None:
         del row["train_classes"]
     if images_dir is not None:
         for split, (embeddings, labels) in embedded.items():
@@ -560,7 +614,7 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
                 seed=0, quick=False, root="data", download=False, device=None,
                 images_dir="images", results_dir="results", progress=True, channels_last=False,
                 train_classes=None, run_dir=RUN_DIR, fresh=False, network="embedding-net", pretrained=None,
-                folder=None, model_file=None, command=None):
+                folder=None, model_file=None, command=None, amp=None, compile=False):
     """Run several methods on one dataset (the data is loaded once), write the comparison figures
     and return the result rows. ``train_classes``, ``network``, ``pretrained``: see ``run_method``. Each
     method runs in its own folder under ``run_dir`` (``method_run_dir``; None: no checkpoints), so that the
@@ -568,8 +622,14 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
     starts over. A folder of your own images (``dataset`` a path) is read by
     ``datasets.load_folder_splits`` with the keyword arguments in ``folder`` (image_size, channels,
     held_out_classes, val_fraction, skip_bad_images). ``model_file``: save the trained network (one method
-    only; see ``save_trained_model``; ``command``: the command line recorded in it)."""
+    only; see ``save_trained_model``; ``command``: the command line recorded in it); ``amp``, ``compile``: see
+    ``run_method``. Under torchrun every rank runs this with the same arguments: each trains its share of
+    every global batch, and rank 0 alone writes the results, plots and run folders (``run_method``)."""
     name = dataset_name(dataset)
+    device, _, _ = setup_distributed(device)
+    if not is_main_process():
+        images_dir = results_dir = None
+        progress = False
     n_runs = sum(len(selectors) if method == "online-triplet" else 1 for method in methods)
     if model_file is not None and n_runs != 1:
         raise ValueError(f"--save-model saves one trained model, but {n_runs} methods run; choose one "
@@ -590,7 +650,8 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
                                    images_dir=images_dir, results_dir=results_dir, progress=progress,
                                    channels_last=channels_last, train_classes=train_classes,
                                    run_dir=method_dir, fresh=fresh, network=network, pretrained=pretrained,
-                                   held_out=held_out, model_file=model_file, command=command))
+                                   held_out=held_out, model_file=model_file, command=command, amp=amp,
+                                   compile=compile))
     if train_classes is not None:  # what the held-out scores mean needs these two references
         baselines_dir = results_dir
         if quick and results_dir is not None:  # where run_method put a quick run's table
@@ -656,6 +717,10 @@ def _parser(omniglot_weights):
                         help="the classic EmbeddingNet, or a ResNet-18 backbone with an embedding head")
     parser.add_argument("--pretrained", default=None,
                         help="resnet18: ImageNet weights from this file, or 'imagenet' for torchvision's cache")
+    parser.add_argument("--amp", default=None, choices=("bf16", "fp16"),
+                        help="mixed precision training (bfloat16, or float16 with loss scaling); distances and "
+                             "mining stay in float32")
+    parser.add_argument("--compile", action="store_true", help="train through torch.compile(model)")
     parser.add_argument("--save-model", default=None, metavar="FILE",
                         help="save the trained model as one file (one method only), for search.py")
     parser.add_argument("--omniglot-root", default=None,
@@ -696,12 +761,19 @@ def main(argv=None):
     started = time.perf_counter()
     folder = {"image_size": args.image_size, "channels": args.channels, "held_out_classes": args.held_out_classes,
               "val_fraction": args.val_fraction, "skip_bad_images": args.skip_bad_images}
-    rows = run_methods(args.dataset, methods, selectors, args.embedding_dim, args.epochs, args.seed,
-                       args.quick, args.root, args.download, args.device,
-                       progress=not args.no_progress, channels_last=args.channels_last,
-                       train_classes=args.train_classes, run_dir=args.run_dir, fresh=args.fresh,
-                       network=args.network, pretrained=args.pretrained, folder=folder, model_file=args.save_model,
-                       command=" ".join(["python experiments.py", *argv]))
+    try:
+        rows = run_methods(args.dataset, methods, selectors, args.embedding_dim, args.epochs, args.seed,
+                           args.quick, args.root, args.download, args.device,
+                           progress=not args.no_progress, channels_last=args.channels_last,
+                           train_classes=args.train_classes, run_dir=args.run_dir, fresh=args.fresh,
+                           network=args.network, pretrained=args.pretrained, folder=folder,
+                           model_file=args.save_model, command=" ".join(["python experiments.py", *argv]),
+                           amp=args.amp, compile=args.compile)
+    finally:
+        writer = is_main_process()
+        close_distributed()
+    if not writer:
+        return rows
     print()
     print(results_table(rows))
     where = "quick/" if args.quick else ""

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import _as_labels, _check_margin, check_choice, paired_squared_distances, pdist
+from utils import _as_labels, _check_margin, check_choice, float32_distances, paired_squared_distances, pdist
 
 # Added under the square root of a squared distance: sqrt'(0) is infinite, sqrt'(EPS) is not.
 EPS = 1e-9
@@ -325,6 +325,7 @@ class OnlineTripletLoss(nn.Module):
 # Siamese and triplet autoencoders: weight * metric loss + (1 - weight) * (reconstruction + KL) loss
 
 
+@float32_distances
 def gaussian_kl(mean1, log_var1, mean2, log_var2):
     """KL divergence ``KL(N1 || N2)`` between diagonal Gaussians, row by row.
 
@@ -338,12 +339,14 @@ def gaussian_kl(mean1, log_var1, mean2, log_var2):
     return 0.5 * per_dimension.sum(1)
 
 
+@float32_distances
 def symmetric_gaussian_kl(mean1, log_var1, mean2, log_var2):
     """``(KL(N1 || N2) + KL(N2 || N1)) / 2`` of diagonal Gaussians (see ``gaussian_kl``): ``(B,)``.
     Symmetric, so it can compare the two members of an unordered pair."""
     return 0.5 * (gaussian_kl(mean1, log_var1, mean2, log_var2) + gaussian_kl(mean2, log_var2, mean1, log_var1))
 
 
+@float32_distances
 def kl_to_standard_normal(mean, log_var):
     """``KL(N(mean, diag(exp(log_var))) || N(0, I))`` row by row: ``(B, L)`` each -> ``(B,)``, equal to
     ``0.5 * sum(mean^2 + exp(log_var) - 1 - log_var)``."""

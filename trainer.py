@@ -30,14 +30,19 @@ SIAMESE_TRIPLET_KEEP_DENORMALS=1 turns that off.
 
 Several processes (torchrun): when the environment says WORLD_SIZE > 1 (torchrun sets it with RANK,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT), `fit` initialises a torch.distributed process group unless
-one is already initialised ("nccl" on CUDA, "gloo" otherwise, timeout PROCESS_GROUP_TIMEOUT), trains
+one is already initialised ("nccl" on CUDA, "gloo" otherwise, timeout `process_group_timeout()`), trains
 the model wrapped in DistributedDataParallel (on CUDA on cuda:LOCAL_RANK), and lets only rank 0 print,
 show progress bars and write checkpoints. Each rank must be fed its own share of the data:
 datasets.DistributedBalancedBatchSampler or torch's DistributedSampler; a plain DataLoader is not
-re-sharded, so every rank would then see the whole dataset. See `fit`.
+re-sharded, so every rank would then see the whole dataset. `setup_distributed`, `is_main_process`,
+`barrier` and `broadcast_from_main` are what a script around fit (experiments.py) needs to do the same.
+A rank that dies or hangs makes the others stop with a RuntimeError that says so (see `fit`).
+
+Mixed precision and compilation: `fit(..., amp="bf16" | "fp16", compile=True)`, see `MixedPrecision`.
 """
 
 import collections
+import contextlib
 import datetime
 import math
 import os
@@ -55,7 +60,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from metrics import Metric
-from utils import atomic_write, check_int
+from utils import atomic_write, check_choice, check_int
 
 CHECKPOINT_NAME = "checkpoint.pt"
 KEEP_DENORMALS = "SIAMESE_TRIPLET_KEEP_DENORMALS"  # =1: flush_denormal_everywhere leaves the mode alone
@@ -66,9 +71,14 @@ CHECKPOINT_KEYS = frozenset({"epoch", "model", "optimizer", "scheduler", "histor
 # into: a dataset's index lists can hold millions of items and no generator.
 GENERATOR_SEARCH_DEPTH = 4
 GENERATOR_SEARCH_MAX_ITEMS = 256
-# Timeout of the process group fit initialises under torchrun: a rank that dies (or hangs) makes the
-# other ranks' next collective operation fail within this time instead of waiting forever.
+# Timeout of the process group fit initialises under torchrun: a rank that hangs makes the other
+# ranks' next collective operation fail within this time instead of waiting forever (a rank that
+# dies closes its connections, which the others notice at once). Long enough for rank 0 to evaluate
+# and write a checkpoint while the others wait at a barrier; the environment variable overrides it.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+TIMEOUT_VARIABLE = "SIAMESE_TRIPLET_PG_TIMEOUT_S"  # seconds, e.g. 60 for tests of a hung rank
+# fit(amp=...): the autocast dtype of each choice; "fp16" also scales the loss (torch.amp.GradScaler).
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def flush_denormal_everywhere():
@@ -192,8 +202,40 @@ def _minimised_loss(loss_outputs):
     return loss
 
 
+class MixedPrecision:
+    """How run_epoch computes: `amp` None (float32), "bf16" or "fp16" autocast on `device`'s type.
+
+    "fp16" also scales the loss with a torch.amp.GradScaler (`scaler`), whose state fit saves in
+    checkpoints: float16 gradients underflow without it. bfloat16 has float32's range and needs none.
+    The losses compute distances and mine in float32 whatever the autocast (utils.float32_distances).
+    """
+
+    def __init__(self, amp, device):
+        if amp is not None:
+            check_choice(amp, tuple(AMP_DTYPES), "amp")
+        self.amp, self.device_type = amp, torch.device(device).type
+        self.scaler = torch.amp.GradScaler(self.device_type) if amp == "fp16" else None
+
+    def autocast(self):
+        """The autocast context of a forward pass (a no-op without amp)."""
+        return torch.autocast(self.device_type, dtype=AMP_DTYPES.get(self.amp), enabled=self.amp is not None)
+
+    def step(self, loss, optimizer):
+        """Backpropagate `loss` and step `optimizer` (through the gradient scaler under "fp16", which
+        skips the step when a gradient overflowed)."""
+        optimizer.zero_grad()
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+
 def run_epoch(loader, model, loss_fn, device, metrics=(), optimizer=None, *, epoch=1,
-              n_epochs=None, progress=False, log_interval=100, channels_last=False, verbose=True):
+              n_epochs=None, progress=False, log_interval=100, channels_last=False, verbose=True,
+              precision=None):
     """Run one pass over `loader`: a training epoch when `optimizer` is given, else evaluation.
 
     Training puts the model in train mode and steps the optimizer after every batch; evaluation
@@ -202,11 +244,13 @@ def run_epoch(loader, model, loss_fn, device, metrics=(), optimizer=None, *, epo
     and errors. With `progress=False` a line is printed every `log_interval` batches.
     `channels_last` hands 4-D inputs to the model in channels-last memory format.
     `verbose=False` shows no progress bar and prints nothing (fit's ranks other than 0).
+    `precision`: a MixedPrecision (default: float32) for the forward passes and the optimizer steps.
     Returns (mean of the per-batch losses as a float, {metric key: value as a float}).
     Raises FloatingPointError on a NaN/inf loss, before the optimizer step of that batch.
     """
     training = optimizer is not None
     phase = "train" if training else "val"
+    precision = MixedPrecision(None, device) if precision is None else precision
     model.train(training)
     for metric in metrics:
         metric.reset()
@@ -228,14 +272,13 @@ def run_epoch(loader, model, loss_fn, device, metrics=(), optimizer=None, *, epo
         with torch.set_grad_enabled(training):
             for batch in bar:
                 data, targets = _batch_on_device(batch, phase, device, channels_last)
-                outputs = _as_outputs(model(*data))
-                loss_outputs = loss_fn(*outputs, *targets)
+                with precision.autocast():
+                    outputs = _as_outputs(model(*data))
+                    loss_outputs = loss_fn(*outputs, *targets)
                 loss = _minimised_loss(loss_outputs)
                 loss_value = _finite_value(loss, f"{phase} loss", epoch_label, batch_count + 1)
                 if training:
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
+                    precision.step(loss, optimizer)
 
                 total_loss += loss_value
                 batch_count += 1
@@ -401,7 +444,7 @@ def _save_checkpoint(checkpoint_dir, checkpoint):
         torch.save(checkpoint, file)
 
 
-def _checkpoint(checkpoint_dir, epoch, model, optimizer, scheduler, history, generators):
+def _checkpoint(checkpoint_dir, epoch, model, optimizer, scheduler, history, generators, grad_scaler=None):
     """Save everything a resumed run needs after `epoch` (1-based) epochs: see fit."""
     _save_checkpoint(checkpoint_dir, {
         "epoch": epoch,
@@ -411,6 +454,7 @@ def _checkpoint(checkpoint_dir, epoch, model, optimizer, scheduler, history, gen
         "history": history,
         "rng": _rng_state(),
         "generators": _generator_states(generators),
+        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
     })
 
 
@@ -450,9 +494,10 @@ def _load_checkpoint(path, history_keys, scheduler):
     return checkpoint
 
 
-def _restore(checkpoint, path, model, optimizer, scheduler, generators):
-    """Put the model, optimizer, scheduler, global RNGs and private generators in the states of
-    `checkpoint` (read from `path`). Returns (history so far, epochs done)."""
+def _restore(checkpoint, path, model, optimizer, scheduler, generators, grad_scaler=None):
+    """Put the model, optimizer, scheduler, global RNGs, private generators and the gradient scaler
+    (fp16 amp; when the checkpoint has one) in the states of `checkpoint` (read from `path`).
+    Returns (history so far, epochs done)."""
     states = checkpoint.get("generators")
     if states is None:  # written before fit saved private generators: restore none
         states = {}
@@ -465,6 +510,8 @@ def _restore(checkpoint, path, model, optimizer, scheduler, generators):
     _set_rng_state(checkpoint["rng"])
     for name, state in states.items():
         generators[name].set_state(state)
+    if grad_scaler is not None and checkpoint.get("grad_scaler") is not None:
+        grad_scaler.load_state_dict(checkpoint["grad_scaler"])
     return checkpoint["history"], checkpoint["epoch"]
 
 
@@ -633,12 +680,27 @@ def _distributed_device(device):
     return device
 
 
+def process_group_timeout():
+    """The timeout of the process group fit initialises: PROCESS_GROUP_TIMEOUT, or the seconds given
+    by the environment variable SIAMESE_TRIPLET_PG_TIMEOUT_S."""
+    value = os.environ.get(TIMEOUT_VARIABLE)
+    if value is None:
+        return PROCESS_GROUP_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_VARIABLE} must be a number of seconds > 0, got {value!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
 def _distributed_setup(device):
     """(is_distributed, rank, world_size) for fit.
 
     Initialises the default process group when the environment has WORLD_SIZE > 1 and none is
     initialised yet: backend "nccl" for a CUDA `device`, else "gloo", from torchrun's environment
-    variables (env:// rendezvous), timeout PROCESS_GROUP_TIMEOUT. A group already initialised (by
+    variables (env:// rendezvous), timeout `process_group_timeout()`. A group already initialised (by
     the caller) is used as it is. (False, 0, 1) when there is no group of more than one process.
     """
     if not dist.is_available():
@@ -647,20 +709,85 @@ def _distributed_setup(device):
         return False, 0, 1
     if not dist.is_initialized() and _env_world_size() > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=PROCESS_GROUP_TIMEOUT)
+                                timeout=process_group_timeout())
     if not dist.is_initialized() or dist.get_world_size() <= 1:
         return False, 0, 1
     return True, dist.get_rank(), dist.get_world_size()
 
 
-def _is_writer():
-    """True on the process that prints and writes checkpoints: rank 0, or the only process."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+def setup_distributed(device=None, cuda=None):
+    """This process's device and place among the processes: ``(device, rank, world_size)``.
+
+    Takes `device` / `cuda` as fit does (resolve_device). Under torchrun (WORLD_SIZE > 1) it
+    initialises the default process group as fit would (see `_distributed_setup`), and a CUDA device
+    becomes cuda:LOCAL_RANK; call it before building the loaders, so that DistributedBalancedBatchSampler
+    and DistributedSampler find the group. One process: ``(device, 0, 1)`` and nothing initialised.
+    """
+    device = _distributed_device(resolve_device(device, cuda))
+    _, rank, world_size = _distributed_setup(device)
+    return device, rank, world_size
+
+
+def _is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world_size():
+    """``(rank, world_size)`` of this process in the default process group; (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if _is_distributed() else (0, 1)
+
+
+def is_main_process():
+    """True on the process that prints and writes files: rank 0, or the only process."""
+    return not _is_distributed() or dist.get_rank() == 0
+
+
+def barrier():
+    """Wait until every process of the default group gets here (nothing to wait for in one process)."""
+    if _is_distributed():
+        dist.barrier()
+
+
+def broadcast_from_main(value):
+    """Rank 0's `value` (any picklable object) on every process; `value` itself in one process."""
+    if not _is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def close_distributed():
+    """Destroy the default process group, if there is one (a program's last step under torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _collective_failure(error):
+    """True when `error` is a collective operation failing because another process died or hung."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    said = str(error).lower()
+    return any(word in said for word in ("gloo", "nccl", "connection", "timed out"))
+
+
+def _stopped_by_another_rank(error, epoch, checkpoint_dir):
+    """The RuntimeError fit raises instead of a collective operation's failure: what happened, what
+    was kept, and how to resume."""
+    kept = (f"the last checkpoint is {os.path.join(checkpoint_dir, CHECKPOINT_NAME)}" if checkpoint_dir
+            else "no checkpoint_dir was given, so nothing was kept")
+    return RuntimeError(
+        f"rank {dist.get_rank()} of {dist.get_world_size()} stopped in epoch {epoch}: a collective "
+        "operation failed, so another process died (killed, out of memory, an exception: see its log) "
+        f"or hung for longer than the process-group timeout ({process_group_timeout()}; "
+        f"{TIMEOUT_VARIABLE} sets it). {kept}; run the same command again to resume from it. "
+        f"torch.distributed said: {str(error).splitlines()[0][:300] if str(error) else type(error).__name__}")
 
 
 def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, cuda=None,
         log_interval=100, metrics=(), start_epoch=0, *, device=None, progress=True,
-        checkpoint_dir=None, resume=False, channels_last=False, flush_denormal=True):
+        checkpoint_dir=None, resume=False, channels_last=False, flush_denormal=True, amp=None,
+        compile=False):
     """Train `model` for epochs start_epoch+1 .. n_epochs, validating after each epoch.
 
     Takes loaders of (data, target) batches (`val_loader` may be None), an nn.Module, a loss
@@ -704,7 +831,7 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
 
     Several processes: run under torchrun (WORLD_SIZE > 1 in the environment), fit initialises the
     default torch.distributed process group unless one is initialised already (backend "nccl" when
-    the device is CUDA, else "gloo"; timeout PROCESS_GROUP_TIMEOUT, so a dead rank makes the others
+    the device is CUDA, else "gloo"; timeout `process_group_timeout()`, so a dead rank makes the others
     fail within that time) and leaves it initialised when it returns. On CUDA the device becomes
     cuda:LOCAL_RANK. Training runs the model wrapped in DistributedDataParallel (gradients averaged
     over the ranks, validation on the plain model); `model` itself holds the trained weights, and
@@ -717,6 +844,19 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     write; every rank reads the checkpoint on resume (a file system all ranks see). The logged
     losses are what loss_fn returns on each rank (the online losses return the global batch's
     mean); rank 0 logs its own values, and every rank returns its own history.
+    Faults: when another rank dies (killed, out of memory, an exception) or hangs, the collective
+    operation waiting for it fails, at once for a dead rank and within the process-group timeout
+    (`process_group_timeout()`, 10 minutes unless SIAMESE_TRIPLET_PG_TIMEOUT_S says otherwise) for a
+    hung one, and fit raises a RuntimeError saying so and naming the last checkpoint; running the same
+    command again (resume=True) continues from it. (torchrun also stops the other ranks as soon as
+    one fails.)
+
+    Accelerators: `amp` None (float32, the default), "bf16" (bfloat16 autocast) or "fp16" (float16
+    autocast with a torch.amp.GradScaler, saved in checkpoints and restored on resume) runs the
+    forward passes in mixed precision (MixedPrecision), on CUDA and on CPUs alike; the library's losses
+    still compute distances and mine in float32. `compile=True` trains through torch.compile(model)
+    (after the DistributedDataParallel wrap; validation runs the plain model); the first batches then
+    take longer while it compiles.
 
     Returns the history: a dict of per-epoch lists, 'epoch' (1-based), 'train_loss', 'val_loss'
     (None without val_loader), 'lr' (of the first param group, as used during the epoch),
@@ -727,11 +867,11 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     metrics, keys, checkpoint_dir = _check_fit_arguments(
         train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, log_interval,
         metrics, start_epoch, {"channels_last": channels_last, "progress": progress,
-                               "flush_denormal": flush_denormal}, checkpoint_dir)
+                               "flush_denormal": flush_denormal, "compile": compile}, checkpoint_dir)
     resume_path = _resume_path(checkpoint_dir, resume)
-    device = _distributed_device(resolve_device(device, cuda))
-    distributed, _, _ = _distributed_setup(device)
-    writer = _is_writer()
+    device, _, _ = setup_distributed(device, cuda)
+    distributed, writer = _is_distributed(), is_main_process()
+    precision = MixedPrecision(amp, device)
 
     if flush_denormal and device.type == "cpu":
         torch.set_flush_denormal(True)
@@ -744,38 +884,58 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     if resume_path is not None:
         checkpoint = _load_checkpoint(resume_path, history.keys(), scheduler)
         history, start_epoch = _restore(checkpoint, resume_path, model, optimizer, scheduler,
-                                        generators)
+                                        generators, precision.scaler)
     elif start_epoch > 0 and scheduler is not None and not isinstance(
             scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         _fast_forward(scheduler, start_epoch)
     if checkpoint_dir is not None and writer:
         os.makedirs(checkpoint_dir, exist_ok=True)
+    train_model = _training_model(model, device, distributed, compile)
+
+    for epoch_index in range(start_epoch, n_epochs):
+        with _collective_failures_explained(epoch_index + 1, checkpoint_dir):
+            started = time.perf_counter()
+            lr = float(optimizer.param_groups[0]["lr"])
+            options = {"epoch": epoch_index + 1, "n_epochs": n_epochs, "progress": progress,
+                       "log_interval": log_interval, "channels_last": channels_last,
+                       "verbose": writer, "precision": precision}
+            _set_epoch(train_loader, epoch_index)
+            train = run_epoch(train_loader, train_model, loss_fn, device, metrics, optimizer,
+                              **options)
+            val = (None, dict.fromkeys(keys))
+            if val_loader is not None:
+                _set_epoch(val_loader, epoch_index)
+                val = run_epoch(val_loader, model, loss_fn, device, metrics, **options)
+            _step_scheduler(scheduler, val[0] if val[0] is not None else train[0])
+            _record_epoch(history, epoch_index + 1, n_epochs, train, val, lr,
+                          time.perf_counter() - started, progress, verbose=writer)
+            if checkpoint_dir is not None:
+                if writer:
+                    _checkpoint(checkpoint_dir, epoch_index + 1, model, optimizer, scheduler,
+                                history, generators, precision.scaler)
+                barrier()
+    return history
+
+
+def _training_model(model, device, distributed, compile):
+    """What fit's training epochs call: `model`, wrapped in DistributedDataParallel across several
+    processes, then compiled (torch.compile) with `compile`. `model` itself keeps the weights, so
+    validation, checkpoints and the caller use it unwrapped."""
     train_model = model
     if distributed and not isinstance(model, DistributedDataParallel):
         # Built after the resume, so rank 0's (identical) restored weights are what it broadcasts.
         train_model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(train_model) if compile else train_model
 
-    for epoch_index in range(start_epoch, n_epochs):
-        started = time.perf_counter()
-        lr = float(optimizer.param_groups[0]["lr"])
-        options = {"epoch": epoch_index + 1, "n_epochs": n_epochs, "progress": progress,
-                  "log_interval": log_interval, "channels_last": channels_last,
-                  "verbose": writer}
-        _set_epoch(train_loader, epoch_index)
-        train = run_epoch(train_loader, train_model, loss_fn, device, metrics, optimizer,
-                          **options)
-        val = (None, dict.fromkeys(keys))
-        if val_loader is not None:
-            _set_epoch(val_loader, epoch_index)
-            val = run_epoch(val_loader, model, loss_fn, device, metrics, **options)
-        _step_scheduler(scheduler, val[0] if val[0] is not None else train[0])
-        _record_epoch(history, epoch_index + 1, n_epochs, train, val, lr,
-                      time.perf_counter() - started, progress, verbose=writer)
-        if checkpoint_dir is not None:
-            if writer:
-                _checkpoint(checkpoint_dir, epoch_index + 1, model, optimizer, scheduler, history,
-                            generators)
-            if distributed:
-                dist.barrier()
-    return history
+
+@contextlib.contextmanager
+def _collective_failures_explained(epoch, checkpoint_dir):
+    """Turn a collective operation's failure inside the block (another rank died or hung) into
+    `_stopped_by_another_rank`'s RuntimeError; every other error passes unchanged."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not _is_distributed() or not _collective_failure(error):
+            raise
+        raise _stopped_by_another_rank(error, epoch, checkpoint_dir) from error

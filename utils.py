@@ -19,7 +19,8 @@ Conventions shared by all selectors:
 
 The library's squared Euclidean distances all come from here: ``pdist`` (the ``(B, B)`` matrix of a
 batch, exactly symmetric with a zero diagonal), ``squared_distances`` (queries against a gallery,
-also batched over episodes) and ``paired_squared_distances`` (row ``i`` against row ``i``).
+also batched over episodes) and ``paired_squared_distances`` (row ``i`` against row ``i``), all three
+in float32 or float64 whatever the autocast around them (``float32_distances``).
 
 ``check_int`` and ``check_choice`` are the argument checks every module of the library uses, and
 ``atomic_write`` the way every module writes a file (checkpoints, model files, galleries, results); ``groups_of_classes`` maps
@@ -27,6 +28,7 @@ per-item group ids to per-class ones for the group-by-group samplers (datasets, 
 """
 
 import contextlib
+import functools
 import numbers
 import os
 import secrets
@@ -100,6 +102,31 @@ def groups_of_classes(class_of, n_classes, groups):
     return group_of_class
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def float32_distances(function):
+    """Decorator of the distance functions: they compute in float32 (float64 stays float64) whatever
+    the caller's mixed precision. Half-precision tensor arguments are promoted to float32 (a
+    differentiable cast: gradients reach the half tensors) and autocast is off inside, so the
+    distances, and the selectors' threshold tests on them, are those of float32 embeddings; under
+    bfloat16 autocast a matmul-based distance would otherwise keep 8 bits of mantissa and mine
+    the wrong pairs."""
+
+    @functools.wraps(function)
+    def in_float32(*args, **kwargs):
+        args = tuple(arg.float() if isinstance(arg, torch.Tensor) and arg.dtype in _HALF_DTYPES else arg
+                     for arg in args)
+        device_type = next((arg.device.type for arg in args if isinstance(arg, torch.Tensor)), "cpu")
+        if not torch.is_autocast_enabled(device_type):
+            return function(*args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return function(*args, **kwargs)
+
+    return in_float32
+
+
+@float32_distances
 def squared_distances(queries, gallery, gallery_squared_norms=None):
     """Squared Euclidean distances between every query and every gallery item.
 
@@ -122,6 +149,7 @@ def squared_distances(queries, gallery, gallery_squared_norms=None):
     return distances.add_(queries.pow(2).sum(-1, keepdim=True)).clamp_min_(0)
 
 
+@float32_distances
 def paired_squared_distances(x, y):
     """Squared Euclidean distances of matching rows: ``x (B, D)`` and ``y (B, D)`` -> ``(B,)``,
     ``|x_i - y_i|^2``. Summed from the differences, so equal rows give an exact 0 (no cancellation)
@@ -129,6 +157,7 @@ def paired_squared_distances(x, y):
     return (x - y).pow(2).sum(-1)
 
 
+@float32_distances
 def pdist(vectors):
     """Squared Euclidean distance matrix.
 

@@ -458,8 +458,9 @@ def test_checkpoint_contents_and_no_temp_files(tmp_path):
     assert os.listdir(checkpoint_dir) == ["checkpoint.pt"]
     checkpoint = torch.load(checkpoint_dir / "checkpoint.pt", weights_only=True)
     assert set(checkpoint) == {"epoch", "model", "optimizer", "scheduler", "history", "rng",
-                               "generators"}
+                               "generators", "grad_scaler"}
     assert checkpoint["generators"] == {}  # the loader draws from the global RNG only
+    assert checkpoint["grad_scaler"] is None  # float32 training scales no loss
     assert checkpoint["epoch"] == 2
     assert checkpoint["history"] == history
     assert checkpoint["scheduler"]["last_epoch"] == 2

@@ -1,0 +1,123 @@
+"""experiments.py unchanged under torchrun: 2 CPU processes (gloo) give the results of one process.
+
+``torchrun --nproc-per-node 2 experiments.py --dataset fashion-mnist --methods online-contrastive,online-triplet
+--quick`` runs in a subprocess, on the system's Fashion-MNIST where it is installed and on the IDX fixture
+where it is not, beside the same command in one process. Every rank draws the same global batches
+(DistributedBalancedBatchSampler) and the online losses mine over the whole of them, so the two runs
+train the same model up to float rounding, and rank 0's results equal the single process's. Rank 0 alone
+prints and writes; the same command run again finds the finished rows in the run folders.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from datasets import SYSTEM_DATA_DIRS, find_idx_files
+from fixtures import write_idx_fixture
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMAND = ["--dataset", "fashion-mnist", "--methods", "online-contrastive,online-triplet", "--quick",
+           "--no-progress", "--root", "data"]
+# How far float rounding alone moves a quick run. Adam's first steps move each weight by about the
+# learning rate in the direction of its gradient's sign, so a gradient that rounding pushes across zero
+# moves that weight by up to 2e-3, and hard-negative mining is discontinuous in the weights. Measured
+# here: the same one-process command with 1 and with 2 threads (other summation orders, nothing else)
+# ends with weights up to 1.7e-3 apart and P@1 0.002 apart; two processes against one, 2.2e-3 and 0.001,
+# with kNN accuracy and NMI up to 0.008 apart (k-means and 2-D neighbours flip together), the mean
+# training loss 2.4e-4 apart relatively, and the random-hard validation loss 2.2% apart (its negatives
+# are drawn at random among the hard ones, a set that moves with the weights).
+SCORE_TOLERANCE = 0.02  # absolute, for fractions of the 1000 test items
+TRAIN_LOSS_TOLERANCE = 1e-3  # relative
+VAL_LOSS_TOLERANCE = {"online-contrastive": 1e-3, "online-triplet/random-hard": 0.05}  # relative
+SCORES = ("precision_at_1", "r_precision", "map_at_r", "knn_accuracy", "nmi", "roc_auc")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPOSITORY)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def torchrun(work, *arguments, timeout=600):
+    """experiments.py with ``arguments`` on 2 processes in ``work``: the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(free_port()), os.path.join(REPOSITORY, "experiments.py"), *arguments],
+        cwd=work, env=environment(), capture_output=True, text=True, timeout=timeout)
+
+
+def one_process(work, *arguments, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(REPOSITORY, "experiments.py"), *arguments], cwd=work,
+                          env=environment(), capture_output=True, text=True, timeout=timeout)
+
+
+def prepare(work):
+    """A working folder whose ``data`` holds the IDX fixture unless the system has Fashion-MNIST."""
+    work.mkdir()
+    if not any(find_idx_files(folder, True) for folder in SYSTEM_DATA_DIRS["fashion-mnist"]):
+        write_idx_fixture(work / "data")
+    return work
+
+
+def rows(work):
+    with open(work / "results" / "quick" / "fashion-mnist.json") as file:
+        return {row["method"]: row for row in json.load(file)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(folder of the torchrun run, its process, folder of the one-process run)."""
+    base = tmp_path_factory.mktemp("distributed-study")
+    several, single = prepare(base / "torchrun"), prepare(base / "single")
+    distributed = torchrun(several, *COMMAND)
+    assert distributed.returncode == 0, distributed.stdout[-3000:] + distributed.stderr[-3000:]
+    alone = one_process(single, *COMMAND)
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+    return several, distributed, single
+
+
+def test_two_processes_give_the_results_of_one(runs):
+    several, _, single = runs
+    distributed, alone = rows(several), rows(single)
+    assert sorted(distributed) == sorted(alone) == ["online-contrastive", "online-triplet/random-hard"]
+    for method, row in alone.items():
+        for key in SCORES:
+            assert distributed[method][key] == pytest.approx(row[key], abs=SCORE_TOLERANCE), (method, key)
+        assert distributed[method]["final_train_loss"] == pytest.approx(row["final_train_loss"],
+                                                                         rel=TRAIN_LOSS_TOLERANCE)
+        assert distributed[method]["final_val_loss"] == pytest.approx(row["final_val_loss"],
+                                                                       rel=VAL_LOSS_TOLERANCE[method])
+        assert row["final_train_loss"] > 0  # the runs did train on something
+
+
+def test_rank_zero_alone_prints_and_writes(runs):
+    several, process, _ = runs
+    for method in ("online-contrastive", "online-triplet/random-hard"):
+        assert process.stdout.count(f"== fashion-mnist: {method}, 2-D, 1 epochs") == 1
+    assert process.stdout.count("Results in results/quick/fashion-mnist.md") == 1
+    assert sorted(os.listdir(several / "results" / "quick")) == ["fashion-mnist.json", "fashion-mnist.md"]
+    run_folders = sorted(os.listdir(several / "checkpoints" / "fashion-mnist-quick"))
+    assert run_folders == ["online-contrastive_2d_seed0", "online-triplet-random-hard_2d_seed0"]
+    for folder in run_folders:
+        assert sorted(os.listdir(several / "checkpoints" / "fashion-mnist-quick" / folder)) == [
+            "checkpoint.pt", "row.json", "settings.json"]
+
+
+def test_the_same_command_again_reads_the_finished_rows(runs):
+    several, _, _ = runs
+    before = rows(several)
+    again = torchrun(several, *COMMAND)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("finished before, row read from") == 2  # once per method: rank 0 only
+    assert rows(several) == before
