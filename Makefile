@@ -15,7 +15,7 @@ SYSTEM_FASHION_MNIST := /usr/share/datasets/fashion-mnist
 .PHONY: test experiments data bench clean
 
 test: $(VENV)/installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not cuda" tests
 
 experiments: $(VENV)/installed data
 	$(BIN)/python experiments.py --dataset $(DATASET) --methods $(METHODS) --selectors $(SELECTORS) \

@@ -17,6 +17,12 @@ It prints seconds per epoch and the two ratios: plain / library (what the librar
 library / floor (what is left to save); then the library and the floor again with the model and
 inputs in channels-last memory format (``fit(..., channels_last=True)``), which lowers the floor
 itself on CPUs.
+
+A second table (``--table precision``; both by default) times the library's epoch of each method four
+ways: float32, bfloat16 autocast and float16 autocast with loss scaling (``fit(..., amp=...)``) and
+compiled (``fit(..., compile=True)``; the first call's compilation is done in a warm-up and not timed).
+
+    python benchmarks/bench_epoch.py --table precision --fraction 0.1 --methods softmax,online-triplet
 """
 
 import argparse
@@ -38,7 +44,7 @@ import experiments  # noqa: E402
 import reference  # noqa: E402
 from datasets import BalancedBatchSampler, SiameseMNIST, TripletMNIST, load_dataset  # noqa: E402
 from losses import OnlineContrastiveLoss, OnlineTripletLoss  # noqa: E402
-from trainer import run_epoch  # noqa: E402
+from trainer import MixedPrecision, run_epoch  # noqa: E402
 from utils import PairSelector, TripletSelector, pdist  # noqa: E402
 
 METHODS = ("softmax", "siamese", "triplet", "online-contrastive", "online-triplet")
@@ -102,39 +108,79 @@ class Limited:
         return self.n_batches
 
 
-def time_epoch(model, loss_fn, loader, metrics=(), channels_last=False):
+def synchronize(device):
+    """Wait for the device's queued work (CUDA runs asynchronously), so a clock read after it is fair."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_epoch(model, loss_fn, loader, metrics=(), channels_last=False, amp=None, trained=None, device="cpu"):
+    """Seconds of one ``run_epoch`` training pass of ``model`` (through ``trained``, e.g. its compiled
+    form, when given) with ``amp`` autocast, on ``device``."""
+    device = torch.device(device)
+    model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    precision = MixedPrecision(amp, device)
+    synchronize(device)
     started = time.perf_counter()
-    run_epoch(loader, model, loss_fn, torch.device("cpu"), metrics, optimizer, channels_last=channels_last)
+    run_epoch(loader, model if trained is None else trained, loss_fn, device, metrics, optimizer,
+              channels_last=channels_last, precision=precision)
+    synchronize(device)
     return time.perf_counter() - started
 
 
-def time_floor(model, batch_shapes, n_inputs, n_batches, channels_last=False):
+def time_floor(model, batch_shapes, n_inputs, n_batches, channels_last=False, device="cpu", amp=None,
+               trained=None):
     """Forward + backward + Adam step on random tensors: ``n_inputs`` inputs per step (2 for
-    siamese, 3 for triplet), each of ``batch_shapes``, for ``n_batches`` steps."""
+    siamese, 3 for triplet), each of ``batch_shapes``, for ``n_batches`` steps, on ``device``, with
+    ``amp`` autocast and through ``trained`` (e.g. the compiled model) when given."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
+    model.to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
-    inputs = [torch.randn(batch_shapes).contiguous(memory_format=memory_format) for _ in range(n_inputs)]
+    inputs = [torch.randn(batch_shapes, device=device).contiguous(memory_format=memory_format)
+              for _ in range(n_inputs)]
+    precision, trained = MixedPrecision(amp, device), model if trained is None else trained
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(n_batches):
-        outputs = model(*inputs)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        loss = sum(F.mse_loss(output, torch.zeros_like(output)) for output in outputs)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        with precision.autocast():
+            outputs = trained(*inputs)
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            loss = sum(F.mse_loss(output, torch.zeros_like(output)) for output in outputs)
+        precision.step(loss, optimizer)
+    synchronize(device)
     return time.perf_counter() - started
 
 
-def warm_up(model, batch_shapes, n_inputs):
+def warm_up(model, batch_shapes, n_inputs, device="cpu"):
     """A few steps first in both memory formats, so one-off kernel set-up is not charged to
     whichever way runs first."""
-    time_floor(model, batch_shapes, n_inputs, 3, channels_last=True)
-    time_floor(model, batch_shapes, n_inputs, 3, channels_last=False)
+    time_floor(model, batch_shapes, n_inputs, 3, channels_last=True, device=device)
+    time_floor(model, batch_shapes, n_inputs, 3, channels_last=False, device=device)
+
+
+def precision_table(methods, memory_train, fraction):
+    """The library's epoch of each method in float32, bf16 and fp16 autocast, and compiled."""
+    header = (f"{'method':<20}{'batches':>8}{'fp32 s':>9}{'bf16 s':>9}{'fp16 s':>9}{'compiled s':>12}"
+              f"{'fp32/bf16':>11}{'fp32/fp16':>11}{'fp32/compiled':>15}")
+    print(header)
+    print("-" * len(header))
+    for method in methods:
+        times = {}
+        for way in ("fp32", "bf16", "fp16", "compiled"):
+            torch.manual_seed(0)
+            model, loss_fn, loader, _, metrics, _, _ = experiments.build_training(method, memory_train, memory_train)
+            n_batches = max(1, round(len(loader) * fraction))
+            amp = way if way in ("bf16", "fp16") else None
+            trained = torch.compile(model) if way == "compiled" else None
+            time_epoch(model, loss_fn, Limited(loader, 2), metrics, amp=amp, trained=trained)  # warm-up, compiling
+            times[way] = time_epoch(model, loss_fn, Limited(loader, n_batches), metrics, amp=amp, trained=trained)
+        print(f"{method:<20}{n_batches:>8}{times['fp32']:>9.1f}{times['bf16']:>9.1f}{times['fp16']:>9.1f}"
+              f"{times['compiled']:>12.1f}{times['fp32'] / times['bf16']:>10.2f}x"
+              f"{times['fp32'] / times['fp16']:>10.2f}x{times['fp32'] / times['compiled']:>14.2f}x", flush=True)
 
 
 def main():
@@ -144,6 +190,8 @@ def main():
     parser.add_argument("--fraction", type=float, default=1.0,
                         help="time this fraction of each epoch's batches (default: the whole epoch)")
     parser.add_argument("--root", default="data")
+    parser.add_argument("--table", default="both", choices=("main", "precision", "both"),
+                        help="main: library / plain / floor; precision: fp32 / bf16 / fp16 / compiled")
     args = parser.parse_args()
     if not 0 < args.fraction <= 1:
         raise SystemExit("--fraction must be in (0, 1]")
@@ -153,6 +201,11 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dataset} train set "
           f"({len(memory_train)} images), fraction of each epoch timed: {args.fraction}; load average "
           f"at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
+    if args.table in ("precision", "both"):
+        precision_table(args.methods.split(","), memory_train, args.fraction)
+        print()
+    if args.table == "precision":
+        return
     header = (f"{'method':<20}{'batches':>8}{'library s':>11}{'plain s':>10}{'floor s':>10}"
               f"{'plain/library':>15}{'library/floor':>15}{'library CL s':>14}{'floor CL s':>12}"
               f"{'plain/lib CL':>14}{'lib CL/floor':>14}")

@@ -1,0 +1,267 @@
+"""Online mining on several processes: what the local-anchor form costs, and what 2 processes buy.
+
+    python benchmarks/bench_distributed.py            # all three tables (about 10 minutes on 2 cores)
+    python benchmarks/bench_distributed.py --quick    # global batch 1024 only, fewer steps, no full epoch
+
+Every process runs with one thread (OMP_NUM_THREADS=1), on CPU with the gloo backend, launched by
+``python -m torch.distributed.run`` (torchrun) on 127.0.0.1; the one-process rows run the same code
+without a process group.
+
+1. Mining and loss, per step, at global batches 1024 and 4096 (8 items per class, 64-D embeddings):
+   forward and backward of the online loss with each selector. "local" is the library's form on 2
+   processes: every rank gathers the global batch, mines it, and computes only the terms whose anchor
+   (first pair member) it owns. "whole" is the naive form: every rank gathers and computes every term
+   of the global batch. "1 proc" is one process on the whole global batch.
+2. A training step of the study's online-triplet method (EmbeddingNet, 2-D, random-hard, Adam) at
+   global batch 10 x 25 = 250 and 40 x 25 = 1000, on 1 process and on 2 (DistributedDataParallel, each
+   rank half of the batch).
+3. One full Fashion-MNIST epoch of ``experiments.py --methods online-triplet --epochs 1`` on 1 process
+   and on 2, with the resulting scores (each way from the same seed).
+
+Times are medians of several steps after warm-up steps, measured side by side in one run.
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+import torch  # noqa: E402
+
+MARGIN = 1.0
+PER_CLASS = 8
+EMBEDDING_DIM = 64
+LOSS_SELECTORS = ("hard-negative pairs", "all", "hardest", "random-hard", "semi-hard", "batch-hard")
+ALL_TRIPLETS_MAX_BATCH = 1024  # the all-triplets selector's output grows as B^2 * per_class: 4096 would need GBs
+STEP_BATCHES = ((10, 25), (40, 25))
+
+
+# ------------------------------------------------------------------------------------ worker side
+
+def _loss(name, gather):
+    import experiments
+    from losses import OnlineContrastiveLoss, OnlineTripletLoss
+    from utils import HardNegativePairSelector
+    if name == "hard-negative pairs":
+        return OnlineContrastiveLoss(MARGIN, HardNegativePairSelector(), gather=gather)
+    return OnlineTripletLoss(MARGIN, experiments.SELECTORS[name](MARGIN, torch.Generator().manual_seed(0)),
+                             gather=gather)
+
+
+def _median_ms(step, repeats, warmup=2):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def _rank_and_world():
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def worker_loss(batch, repeats):
+    """{selector: {"local": ms, "whole": ms}} for this process's share of a global batch of ``batch``."""
+    import losses
+    from datasets import share_bounds
+    rank, world = _rank_and_world()
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(batch // PER_CLASS).repeat_interleave(PER_CLASS)
+    labels = labels[torch.randperm(batch, generator=generator)]
+    centres = torch.randn(batch // PER_CLASS, EMBEDDING_DIM, generator=generator)
+    everything = centres[labels] + torch.randn(batch, EMBEDDING_DIM, generator=generator)
+    start, stop = share_bounds(batch, world, rank)
+    embeddings = everything[start:stop].clone().requires_grad_()
+    own_labels = labels[start:stop]
+    times = {}
+    for name in LOSS_SELECTORS:
+        if name == "all" and batch > ALL_TRIPLETS_MAX_BATCH:
+            continue
+        local_loss, whole_loss = _loss(name, gather=True), _loss(name, gather=False)
+
+        def local():
+            value = local_loss(embeddings, own_labels)
+            (value[0] if isinstance(value, tuple) else value).backward()
+
+        def whole():  # gather as the library does, then every term of the global batch on every rank
+            gathered, gathered_labels, _ = losses._global_batch(embeddings, own_labels, True)
+            value = whole_loss(gathered, gathered_labels)
+            (value[0] if isinstance(value, tuple) else value).backward()
+
+        times[name] = {"local": _median_ms(local, repeats), "whole": _median_ms(whole, repeats) if world > 1
+                       else None}
+    return times
+
+
+def worker_step(n_classes, n_samples, repeats):
+    """ms per training step of online-triplet (EmbeddingNet, random-hard, Adam) on this process's share."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from datasets import share_bounds
+    from losses import OnlineTripletLoss
+    from networks import EmbeddingNet
+    from utils import RandomNegativeTripletSelector
+    rank, world = _rank_and_world()
+    torch.manual_seed(0)
+    model = EmbeddingNet(2)
+    batch = n_classes * n_samples
+    images = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(n_classes).repeat_interleave(n_samples)
+    start, stop = share_bounds(batch, world, rank)
+    images, labels = images[start:stop], labels[start:stop]
+    trained = DistributedDataParallel(model) if world > 1 else model
+    loss_fn = OnlineTripletLoss(MARGIN, RandomNegativeTripletSelector(MARGIN, generator=torch.Generator().manual_seed(0)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        loss, _ = loss_fn(trained(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    milliseconds = _median_ms(step, repeats)
+    if world > 1:
+        dist.barrier()
+    return milliseconds
+
+
+def worker(arguments):
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    kind, *numbers = arguments
+    result = worker_loss(*map(int, numbers)) if kind == "loss" else worker_step(*map(int, numbers))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------ driver side
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _environment():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def _launcher(processes):
+    if processes == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-addr",
+            "127.0.0.1", "--master-port", str(_free_port())]
+
+
+def run_worker(processes, *arguments):
+    """The worker's result (rank 0's RESULT line) on ``processes`` processes."""
+    done = subprocess.run(_launcher(processes) + [os.path.abspath(__file__), "--worker", *map(str, arguments)],
+                          env=_environment(), capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"worker {arguments} on {processes} processes failed:\n{done.stdout}\n{done.stderr}")
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def loss_table(batches, repeats):
+    print("1. Mining + loss, forward and backward per step (ms; 2 processes: rank 0's time)")
+    header = f"{'global batch':>12}  {'selector':<20}{'1 proc':>10}{'2 proc local':>14}{'2 proc whole':>14}" \
+             f"{'whole/local':>13}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for batch in batches:
+        alone, shared = run_worker(1, "loss", batch, repeats), run_worker(2, "loss", batch, repeats)
+        for name, times in shared.items():
+            local, whole = times["local"], times["whole"]
+            print(f"{batch:>12}  {name:<20}{alone[name]['local']:>10.1f}{local:>14.1f}{whole:>14.1f}"
+                  f"{whole / local:>12.2f}x", flush=True)
+            rows.append({"batch": batch, "selector": name, "one_process_ms": alone[name]["local"],
+                         "local_ms": local, "whole_ms": whole})
+    return rows
+
+
+def step_table(repeats):
+    print("\n2. Training step of online-triplet (EmbeddingNet 2-D, random-hard, Adam), ms per step")
+    header = f"{'global batch':>14}{'1 proc':>10}{'2 proc':>10}{'speed-up':>10}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for n_classes, n_samples in STEP_BATCHES:
+        alone, shared = run_worker(1, "step", n_classes, n_samples, repeats), \
+            run_worker(2, "step", n_classes, n_samples, repeats)
+        label = f"{n_classes}x{n_samples}"
+        print(f"{label:>14}{alone:>10.1f}{shared:>10.1f}{alone / shared:>9.2f}x", flush=True)
+        rows.append({"batch": label, "one_process_ms": alone, "two_processes_ms": shared})
+    return rows
+
+
+def epoch_table(root):
+    print("\n3. One Fashion-MNIST epoch of experiments.py --methods online-triplet (random-hard, 2-D, seed 0)")
+    header = f"{'processes':>10}{'s/epoch':>10}{'P@1':>8}{'MAP@R':>8}{'kNN acc':>9}{'train loss':>12}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for processes in (1, 2):
+        with tempfile.TemporaryDirectory() as work:
+            command = _launcher(processes) + [
+                os.path.join(REPO_ROOT, "experiments.py"), "--dataset", "fashion-mnist", "--methods",
+                "online-triplet", "--epochs", "1", "--no-progress", "--root", os.path.abspath(root)]
+            done = subprocess.run(command, cwd=work, env=_environment(), capture_output=True, text=True,
+                                  timeout=3600)
+            if done.returncode != 0:
+                raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")
+            with open(os.path.join(work, "results", "fashion-mnist.json")) as file:
+                row = json.load(file)[0]
+        print(f"{processes:>10}{row['seconds_per_epoch']:>10.1f}{row['precision_at_1']:>8.3f}"
+              f"{row['map_at_r']:>8.3f}{row['knn_accuracy']:>9.3f}{row['final_train_loss']:>12.4f}", flush=True)
+        rows.append({"processes": processes, **{key: row[key] for key in (
+            "seconds_per_epoch", "precision_at_1", "map_at_r", "knn_accuracy", "final_train_loss")}})
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="global batch 1024 only, fewer steps, no epoch table")
+    parser.add_argument("--root", default="data", help="where experiments.py looks for Fashion-MNIST")
+    parser.add_argument("--json", default=None, help="also write the tables to this JSON file")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker)
+    print(f"torch {torch.__version__}, 1 thread per process, gloo on 127.0.0.1; load average at start "
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
+    repeats = 5 if args.quick else 10
+    tables = {"loss": loss_table((1024,) if args.quick else (1024, 4096), repeats),
+              "step": step_table(repeats)}
+    if not args.quick:
+        tables["epoch"] = epoch_table(args.root)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(tables, file, indent=1)
+
+
+if __name__ == "__main__":
+    main()
