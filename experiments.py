@@ -21,6 +21,10 @@ the result row; ``run_methods(...)`` runs several and writes the table. Command 
     python experiments.py --dataset fashion-mnist --methods all --epochs 20
     python experiments.py --dataset fashion-mnist --methods online-triplet --selectors all,batch-hard
     python experiments.py --quick          # a smoke run: small subsets, one epoch
+    torchrun --nproc-per-node 4 experiments.py --methods online-triplet --amp bf16   # 4 processes (GPUs)
+
+Under torchrun every process trains its share of the one-process global batch (``build_method``) and rank 0
+alone evaluates and writes (``run_method``), so N processes give one process's results up to float rounding.
 
 Held-out classes: ``--train-classes 0-4`` (``run_method(..., train_classes="0-4")``) trains on those
 classes only, scores the usual metrics on them and adds one-shot accuracy (5-way 1-shot episodes) and

@@ -16,13 +16,15 @@ loop's non-finite-loss check stops it instead of seeing a silent 0 (a NaN embedd
 distance comparison false, and the hard-negative selectors then select nothing).
 
 Mining over the global batch: under ``torch.distributed`` (a process group of world size > 1, e.g.
-DistributedDataParallel with ``datasets.DistributedBalancedBatchSampler``), ``OnlineContrastiveLoss``
-and ``OnlineTripletLoss`` with ``gather=True`` (the default) gather every rank's embeddings and labels
-(``_gather_rows``: gradients flow back to the rank owning each row), mine with their selector on the
+DistributedDataParallel with ``datasets.DistributedBalancedBatchSampler``), ``OnlineContrastiveLoss``,
+``OnlineTripletLoss`` and the mined forms of the autoencoder losses with ``gather=True`` (the default)
+gather every rank's embeddings and labels (``_GatherRows``: gradients flow back to the rank owning each
+row), mine with their selector on the
 gathered batch (identical on every rank: same tensors, same selector, and for the random selectors a
 generator seeded alike on every rank), keep the pairs / triplets whose first member / anchor this rank
 owns, and scale so that DistributedDataParallel's gradient average equals one process's gradient of
-the mean over the whole global batch (``_global_mean``). Without a process group nothing changes.
+the mean over the whole global batch (``_global_mean``; the autoencoder losses' reconstruction and KL
+terms, per item, likewise). Without a process group nothing changes.
 
 ``PairwiseAutoencoderLoss`` and ``TripletAutoencoderLoss`` train siamese / triplet autoencoders and VAEs:
 ``weight * metric loss + (1 - weight) * (reconstruction + beta * KL to the prior)``, the metric loss
@@ -109,21 +111,23 @@ class _GatherRows(torch.autograd.Function):
         return grad[start:stop], None, None
 
 
-def _global_batch(embeddings, labels, gather):
-    """The batch to mine: ``(embeddings (N, D), labels (N,), share)``. With ``gather`` on and a
+def _global_batch(embeddings, labels, gather, *more):
+    """The batch to mine: ``(embeddings (N, D), labels (N,), share, *more)``. With ``gather`` on and a
     ``torch.distributed`` process group of world size W > 1, ``N`` is the sum of every rank's ``B_r``
     (rank order, gradients flowing back to the owning rank) and ``share = (start, stop, W)`` marks this
-    rank's rows; otherwise the inputs themselves and ``share = None``."""
+    rank's rows; otherwise the inputs themselves and ``share = None``. ``more``: other ``(B_r, ...)``
+    tensors gathered the same way (with gradients; None stays None)."""
     if not (gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return embeddings, labels, None
+        return (embeddings, labels, None, *more)
     world_size, rank = dist.get_world_size(), dist.get_rank()
     size = torch.tensor([len(embeddings)], device=embeddings.device)
     sizes = [torch.empty_like(size) for _ in range(world_size)]
     dist.all_gather(sizes, size)
     sizes = [int(n) for n in sizes]
     start = sum(sizes[:rank])
-    all_embeddings = _GatherRows.apply(embeddings, sizes, start)
-    return all_embeddings, _gather_rows_of(labels, sizes), (start, start + len(embeddings), world_size)
+    gathered = [None if tensor is None else _GatherRows.apply(tensor, sizes, start) for tensor in (embeddings, *more)]
+    return (gathered[0], _gather_rows_of(labels, sizes), (start, start + len(embeddings), world_size),
+            *gathered[1:])
 
 
 def _owned(first, share):
@@ -367,8 +371,9 @@ class _AutoencoderLoss(nn.Module):
 
     selector_name = None
 
-    def __init__(self, weight, margin, beta, distance, reconstruction, selector):
+    def __init__(self, weight, margin, beta, distance, reconstruction, selector, gather=True):
         super().__init__()
+        self.gather = bool(gather)
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
             raise TypeError(f"weight must be a number in [0, 1], got {type(weight).__name__}")
         if not 0 <= weight <= 1:
@@ -400,8 +405,16 @@ class _AutoencoderLoss(nn.Module):
                              f"{_SELECTOR_METHODS[self.selector_name][1]}); for given {kind}s use on_{kind}s")
         self._check(output, inputs)
         labels = _as_labels(labels, output.mean)
-        indices, target = self._mine(selector, output.mean.detach(), labels)
-        return self._terms(output, inputs, indices, target)
+        # the KL latent distance needs every rank's log-variances too; the Euclidean one only the means
+        log_var = output.log_var if self.distance == "kl" else None
+        mean, labels, share, log_var = _global_batch(output.mean, labels, self.gather, log_var)
+        indices, target = self._mine(selector, mean.detach(), labels)
+        if share is None:
+            return self._terms(output, inputs, indices, target)
+        own = _owned(indices[:, 0], share)
+        indices, target = indices[own], None if target is None else target[own]
+        return self._terms(output._replace(mean=mean, log_var=log_var), inputs, indices, target, share,
+                           local=output)
 
     def _on_given(self, outputs, inputs, target=None):
         """The loss (scalar) of given pairs or triplets: ``outputs`` and ``inputs`` hold each member's
@@ -434,13 +447,20 @@ class _AutoencoderLoss(nn.Module):
         return symmetric_gaussian_kl(output.mean[first], output.log_var[first],
                                      output.mean[second], output.log_var[second])
 
-    def _terms(self, output, inputs, indices, target):
+    def _terms(self, output, inputs, indices, target, share=None, local=None):
         """The parts of the loss: the metric loss, the mean of ``_metric_terms`` over ``indices``
         (guarded as an online loss's: zero when empty, non-finite with any non-finite mean), the
         reconstruction (mean over all input values), the prior KL (per item, divided by the number
-        of values of one input, so ``beta = 1`` weighs it as in the ELBO) and their weighted sum."""
-        metric = _online_mean(self._metric_terms(output, indices, target), output.mean)
+        of values of one input, so ``beta = 1`` weighs it as in the ELBO) and their weighted sum.
+
+        With a ``share`` of a gathered batch (``terms``): ``output`` holds the gathered means and
+        log-variances, ``local`` this rank's own output, ``indices`` the tuples this rank owns; every
+        part is then a mean over the global batch, scaled for DistributedDataParallel's gradient
+        average as the online losses are (``_global_mean``)."""
+        metric = _global_mean(self._metric_terms(output, indices, target), output.mean, share)
         n_selected = len(indices)
+        if share is not None:
+            return self._global_terms(metric, local, inputs, n_selected, share)
         if self.reconstruction == "mse":
             reconstruction = F.mse_loss(output.reconstruction, inputs)
         else:
@@ -449,6 +469,26 @@ class _AutoencoderLoss(nn.Module):
             kl = torch.zeros((), dtype=reconstruction.dtype, device=reconstruction.device)
         else:
             kl = kl_to_standard_normal(output.mean, output.log_var).mean() / inputs[0].numel()
+        return self._weighted(metric, reconstruction, kl, n_selected)
+
+    def _global_terms(self, metric, local, inputs, n_selected, share):
+        """``_terms`` on several processes: the reconstruction and KL as per-item terms of this rank's
+        items, averaged over the global batch (``_global_mean``), and the tuples counted over all ranks."""
+        if self.reconstruction == "mse":
+            per_value = F.mse_loss(local.reconstruction, inputs, reduction="none")
+        else:
+            per_value = F.binary_cross_entropy_with_logits(local.reconstruction, inputs, reduction="none")
+        reconstruction = _global_mean(per_value.flatten(1).mean(1), local.reconstruction, share)
+        if local.log_var is None:
+            kl = torch.zeros((), dtype=reconstruction.dtype, device=reconstruction.device)
+        else:
+            kl = _global_mean(kl_to_standard_normal(local.mean, local.log_var) / inputs[0].numel(), local.mean,
+                              share)
+        count = torch.tensor(float(n_selected), dtype=torch.float64, device=inputs.device)
+        dist.all_reduce(count)
+        return self._weighted(metric, reconstruction, kl, int(count.item()))
+
+    def _weighted(self, metric, reconstruction, kl, n_selected):
         autoencoder = reconstruction + self.beta * kl
         total = self.weight * metric + (1 - self.weight) * autoencoder
         return {"total": total, "metric": metric, "reconstruction": reconstruction, "kl": kl,
@@ -473,6 +513,9 @@ class PairwiseAutoencoderLoss(_AutoencoderLoss):
         distance: ``"euclidean"`` (squared distance between the means) or ``"kl"`` (symmetrised KL
             divergence between the two diagonal Gaussian posteriors; VAE only).
         reconstruction: ``"mse"`` or ``"bce"`` (decoder outputs are logits; inputs must lie in [0, 1]).
+        gather: on several processes, mine over the global batch (see the module docstring): each part
+            of ``forward``'s loss is then that of one process on the whole global batch, for
+            DistributedDataParallel's gradient average. ``False`` mines each rank's share alone.
 
     The contrastive part is ``ContrastiveLoss``'s with its classic factor 0.5: with ``d`` the
     distance, a pair costs ``0.5 * contrastive_terms(d, t, margin)`` = ``0.5 * (t * d + (1 - t) *
@@ -495,8 +538,8 @@ class PairwiseAutoencoderLoss(_AutoencoderLoss):
     contrastive_scale = 0.5
 
     def __init__(self, weight, margin=1.0, pair_selector=None, beta=1.0, distance="euclidean",
-                 reconstruction="mse"):
-        super().__init__(weight, margin, beta, distance, reconstruction, pair_selector)
+                 reconstruction="mse", gather=True):
+        super().__init__(weight, margin, beta, distance, reconstruction, pair_selector, gather)
 
     def on_pairs(self, output1, output2, input1, input2, target):
         """The loss of given pairs, as ``SiameseAutoencoder`` returns them: outputs and inputs of the
@@ -534,8 +577,8 @@ class TripletAutoencoderLoss(_AutoencoderLoss):
     selector_name = "triplet_selector"
 
     def __init__(self, weight, margin=1.0, triplet_selector=None, beta=1.0, distance="euclidean",
-                 reconstruction="mse"):
-        super().__init__(weight, margin, beta, distance, reconstruction, triplet_selector)
+                 reconstruction="mse", gather=True):
+        super().__init__(weight, margin, beta, distance, reconstruction, triplet_selector, gather)
 
     def on_triplets(self, output1, output2, output3, input1, input2, input3):
         """The loss of given (anchor, positive, negative) triplets, as ``TripletAutoencoder`` returns

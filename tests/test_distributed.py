@@ -1,5 +1,6 @@
 """Tests for mining over the global batch on several processes: datasets.DistributedBalancedBatchSampler
-and the ``gather`` option of losses.OnlineContrastiveLoss / OnlineTripletLoss.
+and the ``gather`` option of losses.OnlineContrastiveLoss / OnlineTripletLoss and of the mined
+autoencoder losses (every part of their loss, and the gradients, as one process's on the global batch).
 
 The sampler is checked without a process group (num_replicas and rank given). The losses are checked
 in one run of 2 CPU processes (gloo on 127.0.0.1, bounded timeouts): a model wrapped in
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 import losses
 import utils
 from datasets import BalancedBatchSampler, DistributedBalancedBatchSampler, share_bounds
+from networks import AutoencoderOutput
 from test_losses import Recording  # a selector that keeps what it selected last
 
 LABELS = torch.arange(10).repeat_interleave(7)  # 10 classes of 7 items
@@ -118,6 +120,64 @@ def _run(weights, loss_class, make_selector, margin, module, inputs, labels, gat
     return output, list(model.named_parameters()), _as_tuple(selector.last)
 
 
+class _TinyAutoencoder(nn.Module):
+    """6 -> 3 -> 6; with ``vae`` a log-variance head too (its output as networks.AutoencoderOutput)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.encoder, self.decoder = nn.Linear(6, 3), nn.Linear(3, 6)
+        self.log_var = nn.Linear(6, 3) if vae else None
+
+    def forward(self, inputs):
+        mean = self.encoder(inputs)
+        log_var = None if self.log_var is None else self.log_var(inputs)
+        return AutoencoderOutput(latent=mean, reconstruction=self.decoder(mean), mean=mean, log_var=log_var)
+
+
+# name -> (VAE?, the loss given gather); margins for which every selection is non-empty on the data below
+AUTOENCODER_CASES = {
+    "pairwise-euclidean": (False, lambda gather: losses.PairwiseAutoencoderLoss(
+        0.5, 1.5, utils.HardNegativePairSelector(), gather=gather)),
+    "triplet-kl-vae": (True, lambda gather: losses.TripletAutoencoderLoss(
+        0.5, 1.0, utils.HardestNegativeTripletSelector(1.0), distance="kl", gather=gather)),
+    "triplet-random-hard-bce": (False, lambda gather: losses.TripletAutoencoderLoss(
+        0.7, 1.0, utils.RandomNegativeTripletSelector(1.0, generator=_seeded()), reconstruction="bce",
+        gather=gather)),
+}
+
+
+def _run_autoencoder(vae, make_loss, module, inputs, labels, gather):
+    """The loss's parts and the model's parameters (gradients filled) on one batch, from seed 0's weights."""
+    torch.manual_seed(0)
+    model = _TinyAutoencoder(vae)
+    wrapped = module(model)
+    terms = make_loss(gather).terms(wrapped(inputs), inputs, labels)
+    terms["total"].backward()
+    return terms, list(model.named_parameters())
+
+
+def _check_autoencoder_losses(data, rank):
+    inputs = torch.sigmoid(data)  # in [0, 1], for the bce reconstruction
+    for n_classes, n_samples in [(4, 4), (3, 3)]:
+        batch = next(iter(BalancedBatchSampler(LABELS, n_classes, n_samples, seed=3)))
+        share = next(iter(DistributedBalancedBatchSampler(LABELS, n_classes, n_samples, seed=3)))
+        for name, (vae, make_loss) in AUTOENCODER_CASES.items():
+            context = f"{name}, {n_classes} x {n_samples}, rank {rank}"
+            expected, expected_parameters = _run_autoencoder(vae, make_loss, lambda model: model, inputs[batch],
+                                                             LABELS[batch], gather=False)
+            assert expected["n_selected"] > 0 and expected["metric"].item() > 0, context
+            got, parameters = _run_autoencoder(vae, make_loss, DistributedDataParallel, inputs[share], LABELS[share],
+                                               gather=True)
+            for part in ("total", "metric", "reconstruction", "kl"):
+                torch.testing.assert_close(got[part], expected[part], rtol=1e-5, atol=1e-7,
+                                           msg=lambda m: f"{context}: {part}: {m}")
+            assert got["n_selected"] == expected["n_selected"], context
+            scale = max(float(p.grad.abs().max()) for _, p in expected_parameters)
+            for (parameter_name, parameter), (_, expected_parameter) in zip(parameters, expected_parameters):
+                torch.testing.assert_close(parameter.grad, expected_parameter.grad, rtol=1e-5, atol=1e-5 * scale,
+                                           msg=lambda m: f"{context}: gradient of {parameter_name}: {m}")
+
+
 def _worker(rank, port):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
                             timeout=datetime.timedelta(seconds=60))
@@ -151,6 +211,7 @@ def _worker(rank, port):
                 # the gathered batch is the global batch in order: one process's selection, exactly
                 assert all(torch.equal(a, b) for a, b in zip(selection, expected_selection)), context
         _check_gather_off_and_non_finite(data, weights, rank)
+        _check_autoencoder_losses(data, rank)
     finally:
         dist.destroy_process_group()
 
