@@ -1,8 +1,10 @@
 """Contrastive and triplet losses, offline (pairs/triplets given) and online (mined in the batch).
 
-All distances are squared Euclidean distances (``utils.pdist`` / ``utils.paired_squared_distances``),
-as in the classic design. Each per-pair and per-triplet formula is written once, in
-``contrastive_terms`` and ``triplet_terms``, and every loss here is built from them. The contrastive
+Distances are squared Euclidean distances (``utils.pdist`` / ``utils.paired_squared_distances``),
+as in the classic design, or with ``distance="euclidean"`` their square roots (``utils.as_distance``);
+the triplet losses take a soft margin (``soft=True``, softplus instead of the hinge). Each per-pair
+and per-triplet formula is written once, in ``contrastive_terms`` and ``triplet_terms``, and every
+loss here is built from them. The contrastive
 losses differ only by a constant factor, an explicit ``scale`` argument: 0.5 for ``ContrastiveLoss``
 and the autoencoder losses (the classic offline formula), 1 for ``OnlineContrastiveLoss`` (the
 classic online code had none). Where a plain distance is needed (the contrastive hinge), the square
@@ -33,39 +35,50 @@ being the contrastive / triplet formula on Euclidean or KL latent distances (``g
 """
 
 import numbers
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import _as_labels, _check_margin, check_choice, float32_distances, paired_squared_distances, pdist
+from utils import (DISTANCES, _as_labels, _check_margin, as_distance, check_choice, float32_distances,
+                   paired_squared_distances, pdist)
 
 # Added under the square root of a squared distance: sqrt'(0) is infinite, sqrt'(EPS) is not.
 EPS = 1e-9
 
 
-def contrastive_terms(squared_distances, target, margin):
+def contrastive_terms(squared_distances, target, margin, distance="squared"):
     """Per-pair contrastive terms (Hadsell, Chopra and LeCun, 2006), without any constant factor.
 
     Takes squared distances ``d (P,)``, ``target (P,)`` (1 for a same-class pair, 0 otherwise; any
-    numeric dtype) and the margin. Returns ``(P,)``: ``target * d + (1 - target) *
-    relu(margin - sqrt(d))^2``, the square root taken of ``d + EPS`` so that the gradient stays
-    finite at ``d = 0``.
+    numeric dtype) and the margin. Returns ``(P,)``: with ``distance="squared"`` (the classic form)
+    ``target * d + (1 - target) * relu(margin - sqrt(d))^2``, the square root taken of ``d + EPS`` so
+    that the gradient stays finite at ``d = 0``; with ``distance="euclidean"`` the same in the plain
+    distance ``D = sqrt(d)`` without squares, ``target * D + (1 - target) * relu(margin - D)``
+    (``utils.as_distance``: exact, and a zero gradient at ``D = 0``).
     """
     target = target.to(squared_distances.dtype)
+    if check_choice(distance, DISTANCES, "distance") == "euclidean":
+        plain = as_distance(squared_distances, "euclidean")
+        return target * plain + (1 - target) * F.relu(margin - plain)
     hinge = F.relu(margin - (squared_distances + EPS).sqrt()).pow(2)
     return target * squared_distances + (1 - target) * hinge
 
 
-def triplet_terms(positive_distances, negative_distances, margin):
-    """Per-triplet terms ``relu((d_ap + margin) - d_an)`` (Schroff, Kalenichenko and Philbin, 2015).
+def triplet_terms(positive_distances, negative_distances, margin, soft=False):
+    """Per-triplet terms ``relu((d_ap + margin) - d_an)`` (Schroff, Kalenichenko and Philbin, 2015), or
+    with ``soft=True`` ``softplus((d_ap + margin) - d_an)``, the soft margin of Hermans, Beyer and Leibe
+    (2017) (who use it with ``margin = 0`` and plain distances): never exactly zero, so easy triplets
+    still pull a little, and its gradient never vanishes at the hinge.
 
     Takes ``d_ap (T,)`` and ``d_an (T,)``, the anchor-positive and anchor-negative distances, and
-    the margin; returns ``(T,)``. Added in this order, a term is non-zero exactly when ``d_an <
+    the margin; returns ``(T,)``. Added in this order, a hinge term is non-zero exactly when ``d_an <
     d_ap + margin`` rounds true, the test the selectors of ``utils`` apply.
     """
-    return F.relu((positive_distances + margin) - negative_distances)
+    excess = (positive_distances + margin) - negative_distances
+    return F.softplus(excess) if soft else F.relu(excess)
 
 
 def _reduce(losses, size_average):
@@ -140,22 +153,31 @@ def _owned(first, share):
     return (first >= start) & (first < stop)
 
 
-def _global_mean(terms, embeddings, share, count=False):
-    """The loss for this rank's ``terms (S_r,)`` of a gathered batch ``embeddings (N, D)``, and with
-    ``count`` the pair ``(loss, n_nonzero)``, the number of non-zero terms (a Python int).
+class Selection(NamedTuple):
+    """What an online loss selected in its last batch: ``selected`` pairs or triplets (an int) and
+    ``active``, those with a non-zero loss term (a 0-d tensor on the loss's device in one process, so
+    that reading it costs no host transfer until it is needed; an int on several processes). Counted
+    over the global batch on several processes."""
+
+    selected: int
+    active: object
+
+
+def _global_mean(terms, embeddings, share):
+    """The loss for this rank's ``terms (S_r,)`` of a gathered batch ``embeddings (N, D)``, and the
+    ``Selection`` counts of the terms.
 
     With ``share = None`` (one process): ``_online_mean``. Otherwise one
     all_reduce (no gradient) gives the totals over ranks, ``S`` terms of sum ``T``; the loss's gradient is
     that of ``W * sum(terms) / S``, so that DistributedDataParallel's average of the ranks' gradients
     (sum / W) is the gradient of ``T / S``, one process's mean over the whole global batch; its value is
-    that global mean ``T / S``, the same on every rank (for logging). ``n_nonzero`` counts over all ranks.
+    that global mean ``T / S``, the same on every rank (for logging). The counts are over all ranks.
     The ``(0 * embeddings).sum()`` guard is on the gathered batch: every rank's loss then depends on it, so
     every rank joins the gather's backward all_reduce, and a non-finite embedding on any rank makes
     every rank's loss non-finite.
     """
     if share is None:
-        loss = _online_mean(terms, embeddings)
-        return (loss, int((terms > 0).sum())) if count else loss
+        return _online_mean(terms, embeddings), Selection(len(terms), (terms.detach() > 0).sum())
     detached = terms.detach().double()
     totals = torch.stack([torch.tensor(float(len(terms)), dtype=torch.float64, device=terms.device),
                           detached.sum(), (detached > 0).sum().double()])
@@ -169,7 +191,13 @@ def _global_mean(terms, embeddings, share, count=False):
         value = torch.tensor(total / n_terms, dtype=scaled.dtype, device=scaled.device)
         # value of the global mean, gradient of the scaled local sum
         loss = scaled + (value - scaled.detach()) + guard
-    return (loss, int(n_nonzero)) if count else loss
+    return loss, Selection(int(n_terms), int(n_nonzero))
+
+
+def _check_flag(value, name):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def _check_scale(scale):
@@ -215,14 +243,16 @@ class ContrastiveLoss(nn.Module):
     ``d = |output1 - output2|^2`` and ``target`` 1 for a same-class pair, 0 otherwise, each pair
     costs ``scale * (target * d + (1 - target) * relu(margin - sqrt(d))^2)`` (``contrastive_terms``).
     ``scale`` defaults to the classic 0.5; ``ContrastiveLoss(margin, scale=1.0)`` gives what
-    :class:`OnlineContrastiveLoss` gives on the same pairs. Returns the mean over the batch, or the
+    :class:`OnlineContrastiveLoss` gives on the same pairs. ``distance="euclidean"``: the terms in the
+    plain distance, without squares (``contrastive_terms``). Returns the mean over the batch, or the
     sum with ``size_average=False``.
     """
 
-    def __init__(self, margin, scale=0.5):
+    def __init__(self, margin, scale=0.5, distance="squared"):
         super().__init__()
         self.margin = _check_margin(margin)
         self.scale = _check_scale(scale)
+        self.distance = check_choice(distance, DISTANCES, "distance")
         self.eps = EPS
 
     def forward(self, output1, output2, target, size_average=True):
@@ -231,7 +261,7 @@ class ContrastiveLoss(nn.Module):
         if target.shape != (len(output1),):
             raise ValueError(f"target must have shape ({len(output1)},), got {tuple(target.shape)}")
         distances = paired_squared_distances(output1, output2)
-        return _reduce(self.scale * contrastive_terms(distances, target, self.margin), size_average)
+        return _reduce(self.scale * contrastive_terms(distances, target, self.margin, self.distance), size_average)
 
 
 class TripletLoss(nn.Module):
@@ -239,17 +269,22 @@ class TripletLoss(nn.Module):
 
     ``forward(anchor (B, D), positive (B, D), negative (B, D), size_average=True)``: each triplet
     costs ``relu((|anchor - positive|^2 + margin) - |anchor - negative|^2)`` (``triplet_terms``).
-    Returns the mean, or the sum with ``size_average=False``.
+    ``soft=True``: softplus instead of relu (the soft margin; use it with ``margin=0``);
+    ``distance="euclidean"``: plain distances ``|anchor - positive|`` instead of squared ones
+    (``utils.as_distance``). Returns the mean, or the sum with ``size_average=False``.
     """
 
-    def __init__(self, margin):
+    def __init__(self, margin, soft=False, distance="squared"):
         super().__init__()
         self.margin = _check_margin(margin)
+        self.soft = _check_flag(soft, "soft")
+        self.distance = check_choice(distance, DISTANCES, "distance")
 
     def forward(self, anchor, positive, negative, size_average=True):
         _check_same_shape(anchor=anchor, positive=positive, negative=negative)
-        losses = triplet_terms(paired_squared_distances(anchor, positive),
-                               paired_squared_distances(anchor, negative), self.margin)
+        losses = triplet_terms(as_distance(paired_squared_distances(anchor, positive), self.distance),
+                               as_distance(paired_squared_distances(anchor, negative), self.distance),
+                               self.margin, self.soft)
         return _reduce(losses, size_average)
 
 
@@ -259,8 +294,11 @@ class OnlineContrastiveLoss(nn.Module):
     ``forward(embeddings (B, D), target (B,))`` returns a scalar: the mean over the selected
     positive and negative pairs of ``scale * contrastive_terms``, with ``d`` the squared distances
     ``utils.pdist(embeddings)``. ``scale`` defaults to the classic online formula's 1 (no 0.5
-    factor, unlike :class:`ContrastiveLoss`'s default). No pair selected gives a zero loss that
+    factor, unlike :class:`ContrastiveLoss`'s default); ``distance="euclidean"``: the terms in the plain
+    distance (``contrastive_terms``; the pair selectors' choices do not depend on it). No pair selected gives a zero loss that
     still backpropagates; a non-finite embedding gives a non-finite loss (see the module docstring).
+    After each call ``last_selection`` holds the batch's ``Selection`` (pairs selected, and with a
+    non-zero term).
 
     ``gather`` (default True) only acts under ``torch.distributed`` with world size > 1: the pairs are
     then mined over the batches of all ranks gathered in rank order (one process's selection on that
@@ -270,8 +308,11 @@ class OnlineContrastiveLoss(nn.Module):
     ``_global_mean``). ``gather=False`` mines each rank's own batch.
     """
 
-    def __init__(self, margin, pair_selector, scale=1.0, gather=True):
+    last_selection = None  # Selection of the last batch (pairs selected, pairs with a non-zero term)
+
+    def __init__(self, margin, pair_selector, scale=1.0, gather=True, distance="squared"):
         super().__init__()
+        self.distance = check_choice(distance, DISTANCES, "distance")
         self.margin = _check_margin(margin)
         self.pair_selector = _check_selector(pair_selector, "pair_selector")
         self.scale = _check_scale(scale)
@@ -284,8 +325,9 @@ class OnlineContrastiveLoss(nn.Module):
         own = _owned(pairs[:, 0], share)
         pairs, pair_target = pairs[own], pair_target[own]
         distances = pdist(embeddings)[pairs[:, 0], pairs[:, 1]]
-        terms = self.scale * contrastive_terms(distances, pair_target, self.margin)
-        return _global_mean(terms, embeddings, share)
+        terms = self.scale * contrastive_terms(distances, pair_target, self.margin, self.distance)
+        loss, self.last_selection = _global_mean(terms, embeddings, share)
+        return loss
 
 
 class OnlineTripletLoss(nn.Module):
@@ -297,6 +339,13 @@ class OnlineTripletLoss(nn.Module):
     hard), and the number of selected triplets whose loss is non-zero (a Python int; the classic
     code counted all selected triplets). No triplet selected gives ``(zero loss that still
     backpropagates, 0)``; a non-finite embedding gives a non-finite loss (see the module docstring).
+    After each call ``last_selection`` holds the batch's ``Selection`` (triplets selected, and with a
+    non-zero loss), which ``trainer.fit`` reports as the active fraction.
+
+    ``soft=True``: the soft margin, ``softplus`` instead of ``relu`` (``triplet_terms``; with
+    ``margin=0`` it is Hermans et al.'s, every term non-zero). ``distance="euclidean"``: ``D`` the plain
+    distances (``utils.as_distance``); the selector must compare the same distance (its ``distance``
+    argument), else ValueError, since its hardness tests add the margin to that distance.
 
     ``gather`` (default True) only acts under ``torch.distributed`` with world size > 1: the triplets
     are then mined over the batches of all ranks gathered in rank order (one process's selection on
@@ -307,10 +356,19 @@ class OnlineTripletLoss(nn.Module):
     mines each rank's own batch.
     """
 
-    def __init__(self, margin, triplet_selector, gather=True):
+    last_selection = None  # Selection of the last batch (triplets selected, triplets with a non-zero loss)
+
+    def __init__(self, margin, triplet_selector, gather=True, soft=False, distance="squared"):
         super().__init__()
         self.margin = _check_margin(margin)
         self.triplet_selector = _check_selector(triplet_selector, "triplet_selector")
+        self.soft = _check_flag(soft, "soft")
+        self.distance = check_choice(distance, DISTANCES, "distance")
+        selector_distance = getattr(triplet_selector, "distance", distance)
+        if selector_distance != distance:
+            raise ValueError(f"the triplet_selector compares {selector_distance!r} distances but the loss "
+                             f"{distance!r} ones, so it would call triplets hard by another distance than the "
+                             f"loss's; build the selector with distance={distance!r}")
         self.gather = bool(gather)
 
     def forward(self, embeddings, target):
@@ -319,10 +377,11 @@ class OnlineTripletLoss(nn.Module):
         triplets = self.triplet_selector.get_triplets(embeddings, target)
         triplets = triplets[_owned(triplets[:, 0], share)]
         # the full matrix, as the selector just computed it: the same values as on one process
-        distances = pdist(embeddings)
+        distances = as_distance(pdist(embeddings), self.distance)
         anchors, positives, negatives = triplets.unbind(1)
-        losses = triplet_terms(distances[anchors, positives], distances[anchors, negatives], self.margin)
-        return _global_mean(losses, embeddings, share, count=True)
+        losses = triplet_terms(distances[anchors, positives], distances[anchors, negatives], self.margin, self.soft)
+        loss, self.last_selection = _global_mean(losses, embeddings, share)
+        return loss, int(self.last_selection.active)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -370,6 +429,7 @@ class _AutoencoderLoss(nn.Module):
     triplets ``(T, 3)``."""
 
     selector_name = None
+    last_selection = None  # Selection of the last batch's pairs or triplets (metric terms)
 
     def __init__(self, weight, margin, beta, distance, reconstruction, selector, gather=True):
         super().__init__()
@@ -457,10 +517,10 @@ class _AutoencoderLoss(nn.Module):
         log-variances, ``local`` this rank's own output, ``indices`` the tuples this rank owns; every
         part is then a mean over the global batch, scaled for DistributedDataParallel's gradient
         average as the online losses are (``_global_mean``)."""
-        metric = _global_mean(self._metric_terms(output, indices, target), output.mean, share)
-        n_selected = len(indices)
+        metric, self.last_selection = _global_mean(self._metric_terms(output, indices, target), output.mean, share)
         if share is not None:
-            return self._global_terms(metric, local, inputs, n_selected, share)
+            return self._global_terms(metric, local, inputs, self.last_selection.selected, share)
+        n_selected = len(indices)
         if self.reconstruction == "mse":
             reconstruction = F.mse_loss(output.reconstruction, inputs)
         else:
@@ -473,20 +533,18 @@ class _AutoencoderLoss(nn.Module):
 
     def _global_terms(self, metric, local, inputs, n_selected, share):
         """``_terms`` on several processes: the reconstruction and KL as per-item terms of this rank's
-        items, averaged over the global batch (``_global_mean``), and the tuples counted over all ranks."""
+        items, averaged over the global batch (``_global_mean``); ``n_selected`` counts all ranks' tuples."""
         if self.reconstruction == "mse":
             per_value = F.mse_loss(local.reconstruction, inputs, reduction="none")
         else:
             per_value = F.binary_cross_entropy_with_logits(local.reconstruction, inputs, reduction="none")
-        reconstruction = _global_mean(per_value.flatten(1).mean(1), local.reconstruction, share)
+        reconstruction, _ = _global_mean(per_value.flatten(1).mean(1), local.reconstruction, share)
         if local.log_var is None:
             kl = torch.zeros((), dtype=reconstruction.dtype, device=reconstruction.device)
         else:
-            kl = _global_mean(kl_to_standard_normal(local.mean, local.log_var) / inputs[0].numel(), local.mean,
-                              share)
-        count = torch.tensor(float(n_selected), dtype=torch.float64, device=inputs.device)
-        dist.all_reduce(count)
-        return self._weighted(metric, reconstruction, kl, int(count.item()))
+            kl, _ = _global_mean(kl_to_standard_normal(local.mean, local.log_var) / inputs[0].numel(), local.mean,
+                                 share)
+        return self._weighted(metric, reconstruction, kl, n_selected)
 
     def _weighted(self, metric, reconstruction, kl, n_selected):
         autoencoder = reconstruction + self.beta * kl

@@ -4,7 +4,9 @@ Two kinds live here:
 
 - Running metrics that `trainer.fit` feeds batch by batch (the classic `Metric` protocol:
   `metric(outputs, target, loss_outputs)`, `reset()`, `value()`, `name()`):
-  `AccumulatedAccuracyMetric` and `AverageNonzeroTripletsMetric`.
+  `AccumulatedAccuracyMetric` and `AverageNonzeroTripletsMetric`, and the two that `fit`'s collapse
+  guard adds by itself: `EmbeddingSpreadMetric` (how spread the embeddings of a batch are,
+  `batch_spread`) and `ActiveFractionMetric` (the share of the mined pairs or triplets with a loss).
 - Evaluation functions for a trained embedding: `extract_embeddings` turns a loader into an
   (N, D) embedding matrix with (N,) labels, and `knn_predict` / `knn_accuracy` score it by
   nearest-neighbour classification.
@@ -135,6 +137,65 @@ class AverageNonzeroTripletsMetric(RatioOfSumsMetric):
 
     def name(self):
         return "Average nonzero triplets"
+
+
+def batch_spread(embeddings):
+    """How spread a batch of embeddings ``(B, D)`` is: the root mean square distance between two
+    distinct items, ``sqrt(mean_{i != j} |e_i - e_j|^2)``, from the per-dimension variances (O(B D), no
+    distance matrix). A 0-d tensor on the embeddings' device; 0 for a collapsed batch (every item at one
+    point). Needs B >= 2."""
+    centred = embeddings - embeddings.mean(dim=0, keepdim=True)
+    n = len(embeddings)
+    return (centred.pow(2).sum() * (2.0 / (n - 1))).sqrt()
+
+
+def _embeddings_of(outputs):
+    """The embeddings ``(B, D)`` in a batch's model outputs (fit's tuple): the first output, or its
+    ``mean`` for an autoencoder's ``AutoencoderOutput``; None when that is not a 2-D float tensor."""
+    first = outputs[0] if outputs else None
+    first = getattr(first, "mean", first) if not isinstance(first, torch.Tensor) else first
+    if isinstance(first, torch.Tensor) and first.dim() == 2 and first.is_floating_point() and len(first) >= 2:
+        return first
+    return None
+
+
+class EmbeddingSpreadMetric(RatioOfSumsMetric):
+    """Mean over the batches of an epoch of ``batch_spread`` of the embeddings (the first model output,
+    or an ``AutoencoderOutput``'s ``mean``). A collapse shows as this falling towards 0: every item
+    mapped to nearly one point, which triplet mining with hard negatives can fall into. ``trainer.fit``
+    adds it by itself (its collapse guard). Batches without 2-D embeddings count for nothing."""
+
+    def batch_terms(self, outputs, target, loss):
+        embeddings = _embeddings_of(outputs)
+        if embeddings is None:
+            return 0, 0
+        return batch_spread(embeddings.detach().float()), 1
+
+    def name(self):
+        return "Spread"
+
+
+class ActiveFractionMetric(RatioOfSumsMetric):
+    """The fraction of the pairs or triplets an online loss selected in an epoch whose loss term is
+    non-zero (they are what trains the network). Reads ``loss_fn.last_selection`` (a
+    ``losses.Selection``), which the online losses set at each call; NaN when nothing was selected.
+    ``trainer.fit`` adds it by itself for such losses."""
+
+    def __init__(self, loss_fn):
+        if not hasattr(loss_fn, "last_selection"):
+            raise TypeError("ActiveFractionMetric needs a loss with a last_selection attribute, such as "
+                            "losses.OnlineTripletLoss or losses.OnlineContrastiveLoss")
+        self.loss_fn = loss_fn
+        super().__init__()
+
+    def batch_terms(self, outputs, target, loss):
+        selection = self.loss_fn.last_selection
+        if selection is None:
+            return 0, 0
+        return selection.active, selection.selected
+
+    def name(self):
+        return "Active fraction"
 
 
 def extract_embeddings(loader, model, device=None):

@@ -59,7 +59,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from metrics import Metric
+from metrics import ActiveFractionMetric, EmbeddingSpreadMetric, Metric
 from utils import atomic_write, check_choice, check_int
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -79,6 +79,14 @@ PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
 TIMEOUT_VARIABLE = "SIAMESE_TRIPLET_PG_TIMEOUT_S"  # seconds, e.g. 60 for tests of a hung rank
 # fit(amp=...): the autocast dtype of each choice; "fp16" also scales the loss (torch.amp.GradScaler).
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The collapse guard: fit warns when an epoch's embedding spread falls below this share of the first
+# epoch's (a collapsed run measured here: about 2 -> below 1e-3; healthy runs stay within 0.2-5x).
+COLLAPSE_RATIO = 0.01
+GUARD_KEYS = frozenset({"train_spread", "val_spread", "train_active_fraction", "val_active_fraction"})
+
+
+class EmbeddingCollapseWarning(UserWarning):
+    """fit's warning that the embeddings have collapsed to nearly one point (see COLLAPSE_RATIO)."""
 
 
 def flush_denormal_everywhere():
@@ -483,7 +491,12 @@ def _load_checkpoint(path, history_keys, scheduler):
                 f"to start over. torch.load said: {said}") from error
     if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
         raise ValueError(f"{path!r} is not a checkpoint written by trainer.fit")
-    if checkpoint["history"].keys() != history_keys:
+    written = checkpoint["history"]
+    if history_keys - written.keys() <= GUARD_KEYS and written.keys() <= history_keys:
+        # written before fit's collapse guard: its epochs have no spread or active fraction
+        for key in history_keys - written.keys():
+            written[key] = [math.nan] * len(written["epoch"])
+    if written.keys() != history_keys:
         raise ValueError(f"the checkpoint was written with history keys "
                          f"{sorted(checkpoint['history'])}; resume with the same metrics "
                          f"(got {sorted(history_keys)})")
@@ -787,7 +800,7 @@ def _stopped_by_another_rank(error, epoch, checkpoint_dir):
 def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, cuda=None,
         log_interval=100, metrics=(), start_epoch=0, *, device=None, progress=True,
         checkpoint_dir=None, resume=False, channels_last=False, flush_denormal=True, amp=None,
-        compile=False):
+        compile=False, collapse_guard=True):
     """Train `model` for epochs start_epoch+1 .. n_epochs, validating after each epoch.
 
     Takes loaders of (data, target) batches (`val_loader` may be None), an nn.Module, a loss
@@ -858,6 +871,16 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     (after the DistributedDataParallel wrap; validation runs the plain model); the first batches then
     take longer while it compiles.
 
+    Collapse guard (`collapse_guard=True`, the default): fit adds metrics.EmbeddingSpreadMetric (the
+    embeddings' spread, the root mean square distance between two items of a batch, from the first
+    model output or an AutoencoderOutput's mean) and, for a loss that reports its selections (the
+    online losses' `last_selection`), metrics.ActiveFractionMetric (the share of mined pairs or
+    triplets with a non-zero loss) to the metrics, so the history, the progress bar and the log lines
+    show 'spread' and 'active_fraction' for training and validation; and it warns once, with an
+    EmbeddingCollapseWarning saying what to try, when an epoch's training spread falls below
+    COLLAPSE_RATIO of the first epoch's. A checkpoint written before the guard existed resumes with
+    NaN for those keys in its epochs. `collapse_guard=False` adds nothing.
+
     Returns the history: a dict of per-epoch lists, 'epoch' (1-based), 'train_loss', 'val_loss'
     (None without val_loader), 'lr' (of the first param group, as used during the epoch),
     'seconds', and 'train_<metric>' / 'val_<metric>' per metric. A resumed run returns the full
@@ -867,7 +890,11 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     metrics, keys, checkpoint_dir = _check_fit_arguments(
         train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, log_interval,
         metrics, start_epoch, {"channels_last": channels_last, "progress": progress,
-                               "flush_denormal": flush_denormal, "compile": compile}, checkpoint_dir)
+                               "flush_denormal": flush_denormal, "compile": compile,
+                               "collapse_guard": collapse_guard}, checkpoint_dir)
+    if collapse_guard:
+        metrics, keys = _with_guard_metrics(metrics, keys, loss_fn)
+    warned = False
     resume_path = _resume_path(checkpoint_dir, resume)
     device, _, _ = setup_distributed(device, cuda)
     distributed, writer = _is_distributed(), is_main_process()
@@ -909,12 +936,52 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
             _step_scheduler(scheduler, val[0] if val[0] is not None else train[0])
             _record_epoch(history, epoch_index + 1, n_epochs, train, val, lr,
                           time.perf_counter() - started, progress, verbose=writer)
+            if collapse_guard and writer and not warned:
+                warned = _warn_if_collapsed(history)
             if checkpoint_dir is not None:
                 if writer:
                     _checkpoint(checkpoint_dir, epoch_index + 1, model, optimizer, scheduler,
                                 history, generators, precision.scaler)
                 barrier()
     return history
+
+
+def _with_guard_metrics(metrics, keys, loss_fn):
+    """fit's metrics and history keys with the collapse guard's: EmbeddingSpreadMetric, and
+    ActiveFractionMetric for a loss that reports its selections (``last_selection``), unless the
+    caller passed them already."""
+    added = []
+    if not any(isinstance(metric, EmbeddingSpreadMetric) for metric in metrics):
+        added.append(EmbeddingSpreadMetric())
+    if hasattr(loss_fn, "last_selection") and not any(isinstance(metric, ActiveFractionMetric)
+                                                      for metric in metrics):
+        added.append(ActiveFractionMetric(loss_fn))
+    new_keys = [metric_key(metric) for metric in added]
+    if set(new_keys) & set(keys):
+        raise ValueError(f"metric names {sorted(set(new_keys) & set(keys))} are the collapse guard's; rename "
+                         "yours or pass collapse_guard=False")
+    return tuple(metrics) + tuple(added), list(keys) + new_keys
+
+
+def _warn_if_collapsed(history):
+    """Warn (EmbeddingCollapseWarning) when the last epoch's embedding spread is below COLLAPSE_RATIO of
+    the first epoch's. Returns True when it warned."""
+    spreads = history.get("train_spread") or []
+    if len(spreads) < 2 or not (math.isfinite(spreads[0]) and spreads[0] > 0):
+        return False
+    if not spreads[-1] < COLLAPSE_RATIO * spreads[0]:  # also False for NaN
+        return False
+    active = (history.get("train_active_fraction") or [math.nan])[-1]
+    active_text = "" if not math.isfinite(active) else f", and {active:.0%} of the mined pairs or triplets are active"
+    warnings.warn(
+        f"the embeddings collapsed: in epoch {history['epoch'][-1]} their spread (root mean square distance "
+        f"between two items of a batch) was {spreads[-1]:.3g}, {spreads[-1] / spreads[0]:.1%} of the first "
+        f"epoch's {spreads[0]:.3g}{active_text}. Every item is mapped to nearly one point, where the loss "
+        "sits at the margin and retrieval is random. Try: a soft margin and plain distances, a lower learning "
+        "rate or no weight decay, an easier selector first (random-hard) before hard mining, or larger "
+        "batches (README: Results on Fashion-MNIST has recipes that train).", EmbeddingCollapseWarning,
+        stacklevel=3)
+    return True
 
 
 def _training_model(model, device, distributed, compile):

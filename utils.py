@@ -177,6 +177,21 @@ def pdist(vectors):
     return distances
 
 
+# The distances a loss and its selector can compare: squared Euclidean (the classic form) or plain.
+DISTANCES = ("squared", "euclidean")
+
+
+def as_distance(squared, distance):
+    """Squared Euclidean distances (any shape) as the chosen ``distance``: themselves (``"squared"``)
+    or their square roots (``"euclidean"``). The roots are exact, and where a squared distance is 0
+    its root is 0 with a zero gradient (not sqrt's infinite one), so coinciding embeddings give finite
+    gradients. Monotonic, so it never changes which of two items is closer."""
+    if check_choice(distance, DISTANCES, "distance") == "squared":
+        return squared
+    tiny = torch.finfo(squared.dtype).tiny
+    return torch.where(squared > 0, squared.clamp_min(tiny).sqrt(), torch.zeros_like(squared))
+
+
 # --------------------------------------------------------------------------------------------
 # argument checks
 
@@ -467,14 +482,18 @@ def semihard_negative(negative_distances, positive_distances, margin, generator=
 class _DistanceTripletSelector(TripletSelector):
     """What the distance-based triplet selectors share: the checks, the empty batch, the distances
     of the detached embeddings and the label masks. Subclasses implement ``_select(distances
-    (B, B), positives (B, B) bool, negatives (B, B) bool) -> triplets (T, 3)`` for a batch B >= 1."""
+    (B, B), positives (B, B) bool, negatives (B, B) bool) -> triplets (T, 3)`` for a batch B >= 1.
+    ``distance`` (``"squared"``, the classic default, or ``"euclidean"``) is the distance the
+    hardness tests compare, which must be the loss's (``as_distance``)."""
+
+    distance = "squared"
 
     def get_triplets(self, embeddings, labels):
         labels = _as_labels(labels, embeddings)
         if len(labels) == 0:
             return _empty_triplets(labels.device)
         _, positives, negatives = _label_masks(labels)
-        return self._select(pdist(embeddings.detach()), positives, negatives)
+        return self._select(as_distance(pdist(embeddings.detach()), self.distance), positives, negatives)
 
     def _select(self, distances, positives, negatives):
         raise NotImplementedError
@@ -485,7 +504,8 @@ class FunctionNegativeTripletSelector(_DistanceTripletSelector):
     ``negative_selection_fn``.
 
     ``negative_selection_fn(negative_distances (A, B), positive_distances (A, K), margin,
-    generator) -> columns (A, K)`` sees each anchor's squared distances to the batch (``inf``
+    generator) -> columns (A, K)`` sees each anchor's distances (squared, or plain with
+    ``distance="euclidean"``) to the batch (``inf``
     where the item is not a negative of that anchor) and to each of its positives (ascending batch
     index, padded), and returns for each (anchor, positive) the batch index of the chosen negative,
     or -1 to skip the pair. :func:`hardest_negative`, :func:`random_hard_negative` and
@@ -496,8 +516,9 @@ class FunctionNegativeTripletSelector(_DistanceTripletSelector):
     triplets ``(T, 3)`` in ``(a, p)`` order.
     """
 
-    def __init__(self, margin, negative_selection_fn, cpu=False, generator=None):
+    def __init__(self, margin, negative_selection_fn, cpu=False, generator=None, distance="squared"):
         self.margin = _check_margin(margin)
+        self.distance = check_choice(distance, DISTANCES, "distance")
         if not callable(negative_selection_fn):
             raise TypeError("negative_selection_fn must be callable as fn(negative_distances, "
                             "positive_distances, margin, generator) -> columns")
@@ -522,28 +543,36 @@ class FunctionNegativeTripletSelector(_DistanceTripletSelector):
         return triplets
 
 
-def HardestNegativeTripletSelector(margin, cpu=False):
+def HardestNegativeTripletSelector(margin, cpu=False, distance="squared"):
     """For every ordered positive pair, the negative with the largest positive loss value (the
-    hardest); pairs whose hardest negative is already beyond the margin are skipped."""
-    return FunctionNegativeTripletSelector(margin, hardest_negative, cpu=cpu)
+    hardest); pairs whose hardest negative is already beyond the margin are skipped. ``distance``:
+    the loss's (``"squared"`` or ``"euclidean"``), in which the margin is measured."""
+    return FunctionNegativeTripletSelector(margin, hardest_negative, cpu=cpu, distance=distance)
 
 
-def RandomNegativeTripletSelector(margin, cpu=False, generator=None):
+def RandomNegativeTripletSelector(margin, cpu=False, generator=None, distance="squared"):
     """For every ordered positive pair, a random negative among those with a positive loss value
-    ("random hard"); pairs without one are skipped."""
-    return FunctionNegativeTripletSelector(margin, random_hard_negative, cpu=cpu, generator=generator)
+    ("random hard"); pairs without one are skipped. ``distance``: as for the hardest selector."""
+    return FunctionNegativeTripletSelector(margin, random_hard_negative, cpu=cpu, generator=generator,
+                                           distance=distance)
 
 
-def SemihardNegativeTripletSelector(margin, cpu=False, generator=None):
+def SemihardNegativeTripletSelector(margin, cpu=False, generator=None, distance="squared"):
     """For every ordered positive pair, a random semi-hard negative, farther than the positive but
-    within the margin (``D[a, p] < D[a, n] < D[a, p] + margin``); pairs without one are skipped."""
-    return FunctionNegativeTripletSelector(margin, semihard_negative, cpu=cpu, generator=generator)
+    within the margin (``D[a, p] < D[a, n] < D[a, p] + margin``); pairs without one are skipped.
+    ``distance``: as for the hardest selector."""
+    return FunctionNegativeTripletSelector(margin, semihard_negative, cpu=cpu, generator=generator,
+                                           distance=distance)
 
 
 class BatchHardTripletSelector(_DistanceTripletSelector):
     """Batch-hard mining (Hermans, Beyer and Leibe, 2017): for every anchor that has a positive and
     a negative in the batch, its farthest positive and its closest negative (the first on ties).
-    Returns one triplet per such anchor, in anchor order, whatever its loss."""
+    Returns one triplet per such anchor, in anchor order, whatever its loss. ``distance`` only
+    labels which distance the loss compares (both orders of closeness are the same)."""
+
+    def __init__(self, distance="squared"):
+        self.distance = check_choice(distance, DISTANCES, "distance")
 
     def _select(self, distances, positives, negatives):
         hardest_positive = distances.masked_fill(~positives, float("-inf")).argmax(dim=1)

@@ -340,3 +340,37 @@ def classic_style_semihard(D, labels, margin, rng):
         return int(rng.choice(semihard)) if len(semihard) else None
     return _classic_style(D, labels, margin, choose)
 
+
+
+# ----------------------------------------------------------------------------- distance and margin variants
+
+
+def ref_distance(x, y, distance):
+    """|x - y|^2 ("squared") or |x - y| ("euclidean"), in float64 from the coordinates."""
+    squared = _squared_distance(x, y)
+    return squared if distance == "squared" else math.sqrt(squared)
+
+
+def ref_triplet_term(d_ap, d_an, margin, soft):
+    """relu(d_ap + margin - d_an), or log(1 + exp(d_ap + margin - d_an)) with `soft`."""
+    excess = d_ap + margin - d_an
+    if not soft:
+        return max(0.0, excess)
+    return excess + math.log1p(math.exp(-excess)) if excess > 0 else math.log1p(math.exp(excess))
+
+
+def ref_triplet_losses(embeddings, triplets, margin, soft, distance):
+    """The per-triplet terms of `triplets` (rows (a, p, n) into `embeddings`)."""
+    rows = _to_list(embeddings)
+    return [ref_triplet_term(ref_distance(rows[a], rows[p], distance), ref_distance(rows[a], rows[n], distance),
+                             margin, soft) for a, p, n in _to_list(triplets)]
+
+
+def ref_contrastive_term(x, y, target, margin, distance):
+    """t d + (1 - t) relu(margin - sqrt(d + 1e-9))^2 for the squared distance d ("squared"), or
+    t D + (1 - t) relu(margin - D) for the plain distance D ("euclidean")."""
+    squared = _squared_distance(x, y)
+    if distance == "squared":
+        return float(target) * squared + (1.0 - float(target)) * max(0.0, margin - math.sqrt(squared + 1e-9)) ** 2
+    plain = math.sqrt(squared)
+    return float(target) * plain + (1.0 - float(target)) * max(0.0, margin - plain)
