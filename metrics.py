@@ -160,26 +160,32 @@ def _embeddings_of(outputs):
 
 
 class EmbeddingSpreadMetric(RatioOfSumsMetric):
-    """Mean over the batches of an epoch of ``batch_spread`` of the embeddings (the first model output,
-    or an ``AutoencoderOutput``'s ``mean``). A collapse shows as this falling towards 0: every item
-    mapped to nearly one point, which triplet mining with hard negatives can fall into. ``trainer.fit``
-    adds it by itself (its collapse guard). Batches without 2-D embeddings count for nothing."""
+    """``batch_spread`` of the embeddings (the first model output, or an ``AutoencoderOutput``'s
+    ``mean``) of the epoch's latest batch, so at the epoch's end its last one; with ``at_start=True``,
+    of the epoch's first batch, before the epoch's training moved the weights. A collapse shows as the
+    spread falling towards 0: every item mapped to nearly one point, which triplet mining with hard
+    negatives can fall into, even within the first epoch. ``trainer.fit`` adds both by itself (its
+    collapse guard). Batches without 2-D embeddings count for nothing; NaN when no batch had any."""
 
-    def batch_terms(self, outputs, target, loss):
+    def __init__(self, at_start=False):
+        self.at_start = bool(at_start)
+        super().__init__()
+
+    def __call__(self, outputs, target, loss):
         embeddings = _embeddings_of(outputs)
-        if embeddings is None:
-            return 0, 0
-        return batch_spread(embeddings.detach().float()), 1
+        if embeddings is not None and not (self.at_start and self.denominator > 0):
+            self.numerator, self.denominator = batch_spread(embeddings.detach().float()), 1
+        return self.value()
 
     def name(self):
-        return "Spread"
+        return "Spread at start" if self.at_start else "Spread"
 
 
 class ActiveFractionMetric(RatioOfSumsMetric):
     """The fraction of the pairs or triplets an online loss selected in an epoch whose loss term is
     non-zero (they are what trains the network). Reads ``loss_fn.last_selection`` (a
-    ``losses.Selection``), which the online losses set at each call; NaN when nothing was selected.
-    ``trainer.fit`` adds it by itself for such losses."""
+    ``losses.Selection``), which the online losses set at each call; 0 when nothing was selected (no
+    term trains the network then either). ``trainer.fit`` adds it by itself for such losses."""
 
     def __init__(self, loss_fn):
         if not hasattr(loss_fn, "last_selection"):
@@ -193,6 +199,9 @@ class ActiveFractionMetric(RatioOfSumsMetric):
         if selection is None:
             return 0, 0
         return selection.active, selection.selected
+
+    def value(self):
+        return 0.0 if self.denominator == 0 else super().value()
 
     def name(self):
         return "Active fraction"

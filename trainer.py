@@ -79,10 +79,12 @@ PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
 TIMEOUT_VARIABLE = "SIAMESE_TRIPLET_PG_TIMEOUT_S"  # seconds, e.g. 60 for tests of a hung rank
 # fit(amp=...): the autocast dtype of each choice; "fp16" also scales the loss (torch.amp.GradScaler).
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# The collapse guard: fit warns when an epoch's embedding spread falls below this share of the first
-# epoch's (a collapsed run measured here: about 2 -> below 1e-3; healthy runs stay within 0.2-5x).
+# The collapse guard: fit warns when an epoch's embedding spread falls below this share of the spread
+# the run started from (collapsed runs measured here: about 2 -> below 1e-3, batch-hard within its
+# first epoch; healthy runs stay within 0.2-5x).
 COLLAPSE_RATIO = 0.01
-GUARD_KEYS = frozenset({"train_spread", "val_spread", "train_active_fraction", "val_active_fraction"})
+GUARD_KEYS = frozenset({"train_spread", "val_spread", "train_spread_at_start", "val_spread_at_start",
+                        "train_active_fraction", "val_active_fraction"})
 
 
 class EmbeddingCollapseWarning(UserWarning):
@@ -856,7 +858,9 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     progress bars and writes checkpoints, followed by a barrier so that no rank runs ahead of the
     write; every rank reads the checkpoint on resume (a file system all ranks see). The logged
     losses are what loss_fn returns on each rank (the online losses return the global batch's
-    mean); rank 0 logs its own values, and every rank returns its own history.
+    mean); rank 0 logs its own values, and every rank returns its own history. A script that calls
+    fit under torchrun should end with `close_distributed()` (gloo can abort a process that exits
+    with its group still open).
     Faults: when another rank dies (killed, out of memory, an exception) or hangs, the collective
     operation waiting for it fails, at once for a dead rank and within the process-group timeout
     (`process_group_timeout()`, 10 minutes unless SIAMESE_TRIPLET_PG_TIMEOUT_S says otherwise) for a
@@ -871,14 +875,15 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     (after the DistributedDataParallel wrap; validation runs the plain model); the first batches then
     take longer while it compiles.
 
-    Collapse guard (`collapse_guard=True`, the default): fit adds metrics.EmbeddingSpreadMetric (the
+    Collapse guard (`collapse_guard=True`, the default): fit adds two metrics.EmbeddingSpreadMetric (the
     embeddings' spread, the root mean square distance between two items of a batch, from the first
     model output or an AutoencoderOutput's mean) and, for a loss that reports its selections (the
     online losses' `last_selection`), metrics.ActiveFractionMetric (the share of mined pairs or
     triplets with a non-zero loss) to the metrics, so the history, the progress bar and the log lines
-    show 'spread' and 'active_fraction' for training and validation; and it warns once, with an
-    EmbeddingCollapseWarning saying what to try, when an epoch's training spread falls below
-    COLLAPSE_RATIO of the first epoch's. A checkpoint written before the guard existed resumes with
+    show 'spread' (of the epoch's last batch), 'spread_at_start' (of its first batch) and
+    'active_fraction' for training and validation; and it warns once, with an EmbeddingCollapseWarning saying what to try, when an
+    epoch's training spread falls below COLLAPSE_RATIO of the spread the run started from (the first
+    epoch's first batch, before any step). A checkpoint written before the guard existed resumes with
     NaN for those keys in its epochs. `collapse_guard=False` adds nothing.
 
     Returns the history: a dict of per-epoch lists, 'epoch' (1-based), 'train_loss', 'val_loss'
@@ -951,8 +956,9 @@ def _with_guard_metrics(metrics, keys, loss_fn):
     ActiveFractionMetric for a loss that reports its selections (``last_selection``), unless the
     caller passed them already."""
     added = []
-    if not any(isinstance(metric, EmbeddingSpreadMetric) for metric in metrics):
-        added.append(EmbeddingSpreadMetric())
+    for at_start in (False, True):
+        if not any(isinstance(metric, EmbeddingSpreadMetric) and metric.at_start == at_start for metric in metrics):
+            added.append(EmbeddingSpreadMetric(at_start=at_start))
     if hasattr(loss_fn, "last_selection") and not any(isinstance(metric, ActiveFractionMetric)
                                                       for metric in metrics):
         added.append(ActiveFractionMetric(loss_fn))
@@ -965,18 +971,20 @@ def _with_guard_metrics(metrics, keys, loss_fn):
 
 def _warn_if_collapsed(history):
     """Warn (EmbeddingCollapseWarning) when the last epoch's embedding spread is below COLLAPSE_RATIO of
-    the first epoch's. Returns True when it warned."""
-    spreads = history.get("train_spread") or []
-    if len(spreads) < 2 or not (math.isfinite(spreads[0]) and spreads[0] > 0):
+    the spread the run started from (its first batch, before any training step). Returns True when it
+    warned."""
+    spreads, starts = history.get("train_spread") or [], history.get("train_spread_at_start") or []
+    start = next((value for value in starts if math.isfinite(value)), math.nan)  # NaN: resumed from before the guard
+    if not spreads or not start > 0:
         return False
-    if not spreads[-1] < COLLAPSE_RATIO * spreads[0]:  # also False for NaN
+    if not spreads[-1] < COLLAPSE_RATIO * start:  # also False for NaN
         return False
     active = (history.get("train_active_fraction") or [math.nan])[-1]
     active_text = "" if not math.isfinite(active) else f", and {active:.0%} of the mined pairs or triplets are active"
     warnings.warn(
         f"the embeddings collapsed: in epoch {history['epoch'][-1]} their spread (root mean square distance "
-        f"between two items of a batch) was {spreads[-1]:.3g}, {spreads[-1] / spreads[0]:.1%} of the first "
-        f"epoch's {spreads[0]:.3g}{active_text}. Every item is mapped to nearly one point, where the loss "
+        f"between two items of a batch) was {spreads[-1]:.3g}, {spreads[-1] / start:.2%} of the {start:.3g} "
+        f"the run started from{active_text}. Every item is mapped to nearly one point, where the loss "
         "sits at the margin and retrieval is random. Try: a soft margin and plain distances, a lower learning "
         "rate or no weight decay, an easier selector first (random-hard) before hard mining, or larger "
         "batches (README: Results on Fashion-MNIST has recipes that train).", EmbeddingCollapseWarning,

@@ -52,15 +52,15 @@ def test_the_active_fraction_counts_the_triplets_with_a_loss():
         ActiveFractionMetric(nn.MSELoss())
 
 
-def data(seed=0):
+def data(seed=0, per_class=16):
     generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(4).repeat_interleave(16)
+    labels = torch.arange(4).repeat_interleave(per_class)
     centres = torch.randn(4, 8, generator=generator) * 3
     return TensorDataset(centres[labels] + torch.randn(len(labels), 8, generator=generator), labels)
 
 
-def train(margin, epochs=10, lr=0.5, **options):
-    dataset = data()
+def train(margin, epochs=10, lr=0.5, per_class=16, **options):
+    dataset = data(per_class=per_class)
     torch.manual_seed(0)
     model = nn.Linear(8, 2)
     loader = DataLoader(dataset, batch_sampler=BalancedBatchSampler(dataset.tensors[1], 4, 8, seed=0))
@@ -76,8 +76,14 @@ def test_the_guard_warns_once_when_the_embeddings_collapse():
     assert len([w for w in caught if w.category is EmbeddingCollapseWarning]) == 1  # once, though it stays collapsed
     message = str(caught[0].message)
     assert "collapsed" in message and "Try:" in message and "spread" in message
-    assert history["train_spread"][-1] < COLLAPSE_RATIO * history["train_spread"][0]
+    assert history["train_spread"][-1] < COLLAPSE_RATIO * history["train_spread_at_start"][0]
     assert all(0 <= value <= 1 for value in history["train_active_fraction"])
+
+
+def test_a_collapse_within_the_first_epoch_is_caught_at_its_end():
+    with pytest.warns(EmbeddingCollapseWarning, match="in epoch 1"):
+        history = train(margin=1e-4, epochs=1, per_class=160)  # 20 batches: the collapse happens inside epoch 1
+    assert history["train_spread"][0] < COLLAPSE_RATIO * history["train_spread_at_start"][0]
 
 
 def test_the_guard_is_silent_on_a_healthy_run_and_reports_its_spread():
@@ -107,6 +113,7 @@ def test_a_checkpoint_from_before_the_guard_resumes_with_nan_for_its_epochs(tmp_
     history = train(margin=1.0, epochs=3, checkpoint_dir=tmp_path, resume=True)
     assert history["epoch"] == [1, 2, 3]
     assert all(math.isnan(value) for value in history["train_spread"][:2]) and history["train_spread"][2] > 0
+    assert math.isnan(history["train_spread_at_start"][0]) and history["train_spread_at_start"][2] > 0
     assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["history"].keys() == history.keys()
 
 

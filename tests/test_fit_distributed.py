@@ -130,7 +130,7 @@ from torch.utils.data import DataLoader
 
 from datasets import DistributedBalancedBatchSampler
 from setup_fit import build
-from trainer import fit, is_main_process, setup_distributed
+from trainer import close_distributed, fit, is_main_process, setup_distributed
 
 setup_distributed("cpu")
 model, dataset, labels, loss_fn, optimizer = build()
@@ -150,6 +150,7 @@ fit(loader, None, model, loss_with_fault, optimizer, None, n_epochs=3, device="c
     checkpoint_dir=sys.argv[1], resume=True)
 if is_main_process():
     torch.save(model.state_dict(), sys.argv[2])
+close_distributed()
 """
 
 

@@ -362,7 +362,8 @@ def test_history_contents():
                         metrics=[AccumulatedAccuracyMetric(), RecordingMetric("My Metric  2")])
     assert list(history) == ["epoch", "train_loss", "val_loss", "lr", "seconds",
                              "train_accuracy", "val_accuracy", "train_my_metric__2",
-                             "val_my_metric__2", "train_spread", "val_spread"]  # the collapse guard's last
+                             "val_my_metric__2", "train_spread", "val_spread", "train_spread_at_start",
+                             "val_spread_at_start"]  # the collapse guard's last
     assert history["epoch"] == [1, 2, 3]
     assert history["val_loss"] == [None] * 3
     assert history["val_accuracy"] == [None] * 3
@@ -378,7 +379,8 @@ def test_zero_epochs_returns_empty_history_and_leaves_the_model_alone():
     history = quiet_fit(make_loader(), None, model, nn.NLLLoss(), optimizer, None, 0,
                         metrics=[AccumulatedAccuracyMetric()])
     assert history == {"epoch": [], "train_loss": [], "val_loss": [], "lr": [], "seconds": [],
-                       "train_accuracy": [], "val_accuracy": [], "train_spread": [], "val_spread": []}
+                       "train_accuracy": [], "val_accuracy": [], "train_spread": [], "val_spread": [],
+                       "train_spread_at_start": [], "val_spread_at_start": []}
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
