@@ -33,8 +33,11 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+
+from bench_epoch import print_table_head  # noqa: E402
 
 MARGIN = 1.0
 PER_CLASS = 8
@@ -75,16 +78,23 @@ def _rank_and_world():
     return 0, 1
 
 
+def balanced_batch(batch, device="cpu"):
+    """A global batch of ``batch`` 64-D embeddings ``(B, 64)`` around one random centre per class, 8
+    items per class in shuffled order, and their labels ``(B,)``, on ``device`` (seeded)."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(batch // PER_CLASS).repeat_interleave(PER_CLASS)
+    labels = labels[torch.randperm(batch, generator=generator)]
+    centres = torch.randn(batch // PER_CLASS, EMBEDDING_DIM, generator=generator)
+    embeddings = centres[labels] + torch.randn(batch, EMBEDDING_DIM, generator=generator)
+    return embeddings.to(device), labels.to(device)
+
+
 def worker_loss(batch, repeats):
     """{selector: {"local": ms, "whole": ms}} for this process's share of a global batch of ``batch``."""
     import losses
     from datasets import share_bounds
     rank, world = _rank_and_world()
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(batch // PER_CLASS).repeat_interleave(PER_CLASS)
-    labels = labels[torch.randperm(batch, generator=generator)]
-    centres = torch.randn(batch // PER_CLASS, EMBEDDING_DIM, generator=generator)
-    everything = centres[labels] + torch.randn(batch, EMBEDDING_DIM, generator=generator)
+    everything, labels = balanced_batch(batch)
     start, stop = share_bounds(batch, world, rank)
     embeddings = everything[start:stop].clone().requires_grad_()
     own_labels = labels[start:stop]
@@ -186,11 +196,9 @@ def run_worker(processes, *arguments):
 
 
 def loss_table(batches, repeats):
-    print("1. Mining + loss, forward and backward per step (ms; 2 processes: rank 0's time)")
-    header = f"{'global batch':>12}  {'selector':<20}{'1 proc':>10}{'2 proc local':>14}{'2 proc whole':>14}" \
-             f"{'whole/local':>13}"
-    print(header)
-    print("-" * len(header))
+    print_table_head("1. Mining + loss, forward and backward per step (ms; 2 processes: rank 0's time)",
+                     f"{'global batch':>12}  {'selector':<20}{'1 proc':>10}{'2 proc local':>14}{'2 proc whole':>14}"
+                     f"{'whole/local':>13}")
     rows = []
     for batch in batches:
         alone, shared = run_worker(1, "loss", batch, repeats), run_worker(2, "loss", batch, repeats)
@@ -204,10 +212,8 @@ def loss_table(batches, repeats):
 
 
 def step_table(repeats):
-    print("\n2. Training step of online-triplet (EmbeddingNet 2-D, random-hard, Adam), ms per step")
-    header = f"{'global batch':>14}{'1 proc':>10}{'2 proc':>10}{'speed-up':>10}"
-    print(header)
-    print("-" * len(header))
+    print_table_head("\n2. Training step of online-triplet (EmbeddingNet 2-D, random-hard, Adam), ms per step",
+                     f"{'global batch':>14}{'1 proc':>10}{'2 proc':>10}{'speed-up':>10}")
     rows = []
     for n_classes, n_samples in STEP_BATCHES:
         alone, shared = run_worker(1, "step", n_classes, n_samples, repeats), \
@@ -219,10 +225,8 @@ def step_table(repeats):
 
 
 def epoch_table(root):
-    print("\n3. One Fashion-MNIST epoch of experiments.py --methods online-triplet (random-hard, 2-D, seed 0)")
-    header = f"{'processes':>10}{'s/epoch':>10}{'P@1':>8}{'MAP@R':>8}{'kNN acc':>9}{'train loss':>12}"
-    print(header)
-    print("-" * len(header))
+    print_table_head("\n3. One Fashion-MNIST epoch of experiments.py --methods online-triplet (random-hard, 2-D, "
+                     "seed 0)", f"{'processes':>10}{'s/epoch':>10}{'P@1':>8}{'MAP@R':>8}{'kNN acc':>9}{'train loss':>12}")
     rows = []
     for processes in (1, 2):
         with tempfile.TemporaryDirectory() as work:

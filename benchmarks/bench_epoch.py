@@ -108,6 +108,14 @@ class Limited:
         return self.n_batches
 
 
+def print_table_head(title, header):
+    """Print a table's title (when given), its header line and a rule under it."""
+    if title:
+        print(title)
+    print(header)
+    print("-" * len(header))
+
+
 def synchronize(device):
     """Wait for the device's queued work (CUDA runs asynchronously), so a clock read after it is fair."""
     if torch.device(device).type == "cuda":
@@ -166,8 +174,7 @@ def precision_table(methods, memory_train, fraction):
     """The library's epoch of each method in float32, bf16 and fp16 autocast, and compiled."""
     header = (f"{'method':<20}{'batches':>8}{'fp32 s':>9}{'bf16 s':>9}{'fp16 s':>9}{'compiled s':>12}"
               f"{'fp32/bf16':>11}{'fp32/fp16':>11}{'fp32/compiled':>15}")
-    print(header)
-    print("-" * len(header))
+    print_table_head(None, header)
     for method in methods:
         times = {}
         for way in ("fp32", "bf16", "fp16", "compiled"):
@@ -209,8 +216,7 @@ def main():
     header = (f"{'method':<20}{'batches':>8}{'library s':>11}{'plain s':>10}{'floor s':>10}"
               f"{'plain/library':>15}{'library/floor':>15}{'library CL s':>14}{'floor CL s':>12}"
               f"{'plain/lib CL':>14}{'lib CL/floor':>14}")
-    print(header)
-    print("-" * len(header))
+    print_table_head(None, header)
     for method in args.methods.split(","):
         torch.manual_seed(0)
         model, loss_fn, loader, _, metrics, _, _ = experiments.build_training(method, memory_train, memory_train)

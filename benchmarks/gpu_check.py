@@ -33,16 +33,13 @@ import torch  # noqa: E402
 from torch.utils import benchmark  # noqa: E402
 
 import experiments  # noqa: E402
-from bench_epoch import Limited, time_epoch, time_floor, warm_up  # noqa: E402
+from bench_distributed import ALL_TRIPLETS_MAX_BATCH, MARGIN, balanced_batch  # noqa: E402
+from bench_epoch import Limited, print_table_head, time_epoch, time_floor, warm_up  # noqa: E402
 from datasets import InMemoryDataset  # noqa: E402
 from utils import HardNegativePairSelector  # noqa: E402
 
-MARGIN = 1.0
-PER_CLASS = 8
-EMBEDDING_DIM = 64
 BATCHES = (256, 512, 1024, 2048, 4096, 8192)
 DRY_BATCHES = (256, 512)
-ALL_TRIPLETS_MAX_BATCH = 1024
 SELECTOR_NAMES = ("hard-negative pairs",) + tuple(experiments.SELECTORS)
 EPOCH_WAYS = ("fp32", "bf16", "fp16", "compiled")
 DRY_EPOCH_BATCHES = 4
@@ -66,19 +63,9 @@ def milliseconds(function, repeats):
     return 1000 * timer.timeit(repeats).median
 
 
-def balanced_batch(batch, device):
-    generator = torch.Generator().manual_seed(batch)
-    labels = torch.arange(batch // PER_CLASS).repeat_interleave(PER_CLASS)
-    centres = torch.randn(batch // PER_CLASS, EMBEDDING_DIM, generator=generator)
-    embeddings = centres[labels] + torch.randn(batch, EMBEDDING_DIM, generator=generator)
-    return embeddings.to(device), labels.to(device)
-
-
 def selector_table(device, batches, repeats):
-    print(f"1. Selectors, ms per call: {device} next to cpu")
-    header = f"{'batch':>6}  {'selector':<20}{device + ' ms':>12}{'cpu ms':>12}{'cpu/' + device:>12}"
-    print(header)
-    print("-" * len(header))
+    print_table_head(f"1. Selectors, ms per call: {device} next to cpu",
+                     f"{'batch':>6}  {'selector':<20}{device + ' ms':>12}{'cpu ms':>12}{'cpu/' + device:>12}")
     rows = []
     for batch in batches:
         on_device, on_cpu = balanced_batch(batch, device), balanced_batch(batch, "cpu")
@@ -104,10 +91,8 @@ def training_set(root):
 
 
 def epoch_table(device, train_set, n_batches):
-    print(f"\n2. One online-triplet epoch on {device} ({n_batches} batches of 10 x 25), seconds")
-    header = f"{'way':<10}{'library s':>11}{'floor s':>10}{'library/floor':>15}{'fp32/this':>11}"
-    print(header)
-    print("-" * len(header))
+    print_table_head(f"\n2. One online-triplet epoch on {device} ({n_batches} batches of 10 x 25), seconds",
+                     f"{'way':<10}{'library s':>11}{'floor s':>10}{'library/floor':>15}{'fp32/this':>11}")
     rows = []
     for way in EPOCH_WAYS:
         torch.manual_seed(0)
