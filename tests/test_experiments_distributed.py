@@ -5,11 +5,13 @@
 where it is not, beside the same command in one process. Every rank draws the same global batches
 (DistributedBalancedBatchSampler) and the online losses mine over the whole of them, so the two runs
 train the same model up to float rounding, and rank 0's results equal the single process's. Rank 0 alone
-prints and writes; the same command run again finds the finished rows in the run folders.
+prints and writes; the same command run again finds the finished rows in the run folders, and finishes a
+run that one process left unfinished. A folder of your own images trains the same way.
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +20,8 @@ import pytest
 
 from datasets import SYSTEM_DATA_DIRS, find_idx_files
 from fixtures import write_idx_fixture
+from networks import load_model
+from test_own_images import write_folder
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = ["--dataset", "fashion-mnist", "--methods", "online-contrastive,online-triplet", "--quick",
@@ -121,3 +125,36 @@ def test_the_same_command_again_reads_the_finished_rows(runs):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("finished before, row read from") == 2  # once per method: rank 0 only
     assert rows(several) == before
+
+
+def test_a_run_interrupted_on_one_process_is_finished_under_torchrun(runs, tmp_path):
+    _, _, single = runs
+    work = tmp_path / "resumed"
+    shutil.copytree(single, work)
+    # as if the one-process run had been stopped after online-triplet's last checkpoint, before its row
+    os.remove(work / "checkpoints" / "fashion-mnist-quick" / "online-triplet-random-hard_2d_seed0" / "row.json")
+    shutil.rmtree(work / "results")
+    done = torchrun(work, *COMMAND)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("finished before, row read from") == 1  # online-contrastive
+    assert done.stdout.count("resuming from checkpoints") == 1  # online-triplet, by rank 0 alone
+    assert rows(work) == rows(single)  # the same weights, evaluated by rank 0: the same row
+
+
+def test_your_own_images_train_under_torchrun_and_save_one_model_file(tmp_path):
+    write_folder(tmp_path / "shapes")
+    command = ["--dataset", str(tmp_path / "shapes"), "--image-size", "20", "--epochs", "2", "--no-progress",
+               "--embedding-dim", "4", "--methods", "online-triplet", "--held-out-classes", "yellow,purple"]
+    (tmp_path / "several").mkdir()
+    (tmp_path / "single").mkdir()
+    distributed = torchrun(tmp_path / "several", *command, "--save-model", str(tmp_path / "model.pt"))
+    assert distributed.returncode == 0, distributed.stdout[-3000:] + distributed.stderr[-3000:]
+    alone = one_process(tmp_path / "single", *command)
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+    model, info = load_model(tmp_path / "model.pt")
+    assert info["class_names"] == ["blue", "green", "grey", "red"] and info["embedding_dim"] == 4
+    (row,), (expected,) = (json.loads((tmp_path / where / "results" / "shapes.json").read_text())
+                           for where in ("several", "single"))
+    assert row["final_train_loss"] == pytest.approx(expected["final_train_loss"], rel=TRAIN_LOSS_TOLERANCE)
+    assert row["held_out_n_way"] == expected["held_out_n_way"] == 2
+    assert distributed.stdout.count("Model saved to") == 1
