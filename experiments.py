@@ -61,17 +61,20 @@ from networks import (ClassificationNet, EmbeddingNet, SiameseNet, SiameseNetwor
                       save_model)
 from trainer import (CHECKPOINT_NAME, broadcast_from_main, close_distributed, fit, flush_denormal_everywhere,
                      is_main_process, rank_and_world_size, setup_distributed)
-from utils import (AllTripletSelector, BatchHardTripletSelector, HardestNegativeTripletSelector,
+from utils import (DISTANCES, AllTripletSelector, BatchHardTripletSelector, HardestNegativeTripletSelector,
                    HardNegativePairSelector, RandomNegativeTripletSelector,
                    SemihardNegativeTripletSelector, atomic_write, check_choice, check_int)
 
 METHODS = ("softmax", "siamese", "triplet", "online-contrastive", "online-triplet")
+# name -> selector(margin, generator, distance="squared"); distance: the loss's (utils.DISTANCES)
 SELECTORS = {
-    "all": lambda margin, generator: AllTripletSelector(),
-    "hardest": lambda margin, generator: HardestNegativeTripletSelector(margin),
-    "random-hard": lambda margin, generator: RandomNegativeTripletSelector(margin, generator=generator),
-    "semi-hard": lambda margin, generator: SemihardNegativeTripletSelector(margin, generator=generator),
-    "batch-hard": lambda margin, generator: BatchHardTripletSelector(),
+    "all": lambda margin, generator, distance="squared": AllTripletSelector(),
+    "hardest": lambda margin, generator, distance="squared": HardestNegativeTripletSelector(margin, distance=distance),
+    "random-hard": lambda margin, generator, distance="squared": RandomNegativeTripletSelector(
+        margin, generator=generator, distance=distance),
+    "semi-hard": lambda margin, generator, distance="squared": SemihardNegativeTripletSelector(
+        margin, generator=generator, distance=distance),
+    "batch-hard": lambda margin, generator, distance="squared": BatchHardTripletSelector(distance=distance),
 }
 DATASETS = ("mnist", "fashion-mnist")  # by name; any folder of images or CSV of path,label lines by its path
 STUDY_NETWORKS = ("embedding-net", "resnet18")
@@ -113,7 +116,7 @@ def load_splits(dataset, root="data", download=False, quick=False):
 
 def build_method(method, embedding_net, train_set, test_set=None, *, selector="random-hard", margin=MARGIN,
                  batch_size=128, batch_classes=BALANCED_BATCH[0], batch_samples=BALANCED_BATCH[1], seed=0,
-                 groups=None):
+                 groups=None, soft=False, distance="squared"):
     """The one place a method is put together, for the Fashion-MNIST study and for Omniglot alike.
 
     Takes the method (see ``METHODS``), the embedding network it trains (images ``(B, C, H, W)`` ->
@@ -125,7 +128,9 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
     per item, to draw each batch inside one group) with ``OnlineContrastiveLoss(margin,
     HardNegativePairSelector())`` or ``OnlineTripletLoss(margin, <selector>)``. Random draws (shuffling,
     the random selectors) come from generators seeded with ``seed``; the network's own initial weights
-    are the caller's (seed torch before building it).
+    are the caller's (seed torch before building it). ``distance`` (``"squared"``, the classic, or
+    ``"euclidean"``) is the distance of every contrastive and triplet loss and selector, ``soft`` the
+    triplet losses' soft margin (``losses.triplet_terms``).
     Returns ``(model, loss_fn, train_loader, val_loader, metrics)``; ``val_loader`` is None without
     ``test_set``.
 
@@ -145,8 +150,8 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
         train_loader, validation = _shuffled_loader(train_set, batch_size, generator, seed, workers), test_set
         metrics = [AccumulatedAccuracyMetric()]
     elif method in ("siamese", "triplet"):
-        wrapper, loss_fn = ((SiameseMNIST, ContrastiveLoss(margin)) if method == "siamese" else
-                            (TripletMNIST, TripletLoss(margin)))
+        wrapper, loss_fn = ((SiameseMNIST, ContrastiveLoss(margin, distance=distance)) if method == "siamese" else
+                            (TripletMNIST, TripletLoss(margin, soft=soft, distance=distance)))
         # SiameseNetwork embeds both members of a pair in one call (one BatchNorm batch): it is its own pair model
         pair_model = embedding_net if isinstance(embedding_net, SiameseNetwork) else SiameseNet(embedding_net)
         model = pair_model if method == "siamese" else TripletNet(embedding_net)
@@ -155,10 +160,11 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
     else:
         model = embedding_net
         if method == "online-contrastive":
-            loss_fn = OnlineContrastiveLoss(margin, HardNegativePairSelector())
+            loss_fn = OnlineContrastiveLoss(margin, HardNegativePairSelector(), distance=distance)
         else:
             check_choice(selector, tuple(SELECTORS), "selector")
-            loss_fn = OnlineTripletLoss(margin, SELECTORS[selector](margin, generator))
+            loss_fn = OnlineTripletLoss(margin, SELECTORS[selector](margin, generator, distance), soft=soft,
+                                        distance=distance)
             metrics = [AverageNonzeroTripletsMetric()]
         n_batch_classes = min(batch_classes, len(train_set.classes))
         train_loader = _balanced_loader(train_set, n_batch_classes, _samples_per_class(train_set, batch_samples,
@@ -241,15 +247,16 @@ def build_embedding_net(network, embedding_dim, train_set, pretrained=None):
 
 
 def build_training(method, train_set, test_set, selector="random-hard", embedding_dim=2, seed=0,
-                   network="embedding-net", pretrained=None):
+                   network="embedding-net", pretrained=None, margin=MARGIN, soft=False, distance="squared"):
     """Everything ``fit`` needs for one method of the study: ``(model, loss_fn, train_loader, val_loader,
     metrics, learning_rate, weight_decay)``, with the classic study's settings (``build_method`` on the
-    ``build_embedding_net`` network, by default an ``EmbeddingNet`` of ``embedding_dim``)."""
+    ``build_embedding_net`` network, by default an ``EmbeddingNet`` of ``embedding_dim``); ``margin``,
+    ``soft``, ``distance``: the losses' (see ``build_method``)."""
     check_choice(method, METHODS, "method")
     embedding_net, _ = build_embedding_net(network, embedding_dim, train_set, pretrained)
     model, loss_fn, train_loader, val_loader, metrics = build_method(
-        method, embedding_net, train_set, test_set, selector=selector, margin=MARGIN,
-        batch_size=BATCH_SIZE.get(method, BATCH_SIZE["siamese"]), seed=seed)
+        method, embedding_net, train_set, test_set, selector=selector, margin=margin,
+        batch_size=BATCH_SIZE.get(method, BATCH_SIZE["siamese"]), seed=seed, soft=soft, distance=distance)
     return (model, loss_fn, train_loader, val_loader, metrics,
             LEARNING_RATE.get(method, DEFAULT_LEARNING_RATE), WEIGHT_DECAY.get(method, 0.0))
 
@@ -258,7 +265,8 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
                quick=False, root="data", download=False, device=None, splits=None,
                images_dir="images", results_dir="results", progress=True, channels_last=False,
                train_classes=None, run_dir=None, fresh=False, network="embedding-net", pretrained=None,
-               held_out=None, model_file=None, command=None, amp=None, compile=False):
+               held_out=None, model_file=None, command=None, amp=None, compile=False, margin=MARGIN, soft=False,
+               distance="squared"):
     """Train one method on ``dataset``, evaluate and plot its embeddings, and record the result.
 
     Takes the dataset (a name of ``DATASETS``, or the path of a folder of your own images or a CSV, see
@@ -280,7 +288,8 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
     giving the row an uninterrupted run gives (up to the timings); ``fresh=True`` deletes the folder
     first. ``model_file``: also save the trained network as one model file (``save_trained_model``, with
     ``command``, the command line that trained it, default this process's). ``amp`` (None, "bf16",
-    "fp16") and ``compile``: mixed precision and torch.compile in training (see ``trainer.fit``).
+    "fp16") and ``compile``: mixed precision and torch.compile in training (see ``trainer.fit``);
+    ``margin``, ``soft``, ``distance``: the losses' (see ``build_method``).
     Under torchrun every rank trains its share (``build_method``); rank 0 alone evaluates, plots and
     writes, and every rank returns rank 0's row.
     Returns the row: a dict of the evaluation metrics, seconds per epoch, epochs and settings.
@@ -305,6 +314,8 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
         settings.update(network=network, pretrained=pretrained)
     if amp is not None or compile:  # likewise only when set, so that earlier run folders still resume
         settings.update(amp=amp, compile=compile)
+    if (margin, soft, distance) != (MARGIN, False, "squared"):  # likewise
+        settings.update(margin=margin, soft=soft, distance=distance)
     finished = broadcast_from_main(_open_run(run_dir, settings, fresh) if writer else None)
     if finished is not None:
         if writer:
@@ -325,7 +336,7 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
                          "measured; raise --val-fraction (e.g. 0.25) or add images")
     torch.manual_seed(seed)
     model, loss_fn, train_loader, val_loader, metrics, learning_rate, weight_decay = build_training(
-        method, train_set, test_set, selector, embedding_dim, seed, network, pretrained)
+        method, train_set, test_set, selector, embedding_dim, seed, network, pretrained, margin, soft, distance)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, STEP_SIZE, gamma=GAMMA)
     resuming = run_dir is not None and os.path.exists(os.path.join(run_dir, CHECKPOINT_NAME))
@@ -618,7 +629,8 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
                 seed=0, quick=False, root="data", download=False, device=None,
                 images_dir="images", results_dir="results", progress=True, channels_last=False,
                 train_classes=None, run_dir=RUN_DIR, fresh=False, network="embedding-net", pretrained=None,
-                folder=None, model_file=None, command=None, amp=None, compile=False):
+                folder=None, model_file=None, command=None, amp=None, compile=False, margin=MARGIN, soft=False,
+                distance="squared"):
     """Run several methods on one dataset (the data is loaded once), write the comparison figures
     and return the result rows. ``train_classes``, ``network``, ``pretrained``: see ``run_method``. Each
     method runs in its own folder under ``run_dir`` (``method_run_dir``; None: no checkpoints), so that the
@@ -626,8 +638,8 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
     starts over. A folder of your own images (``dataset`` a path) is read by
     ``datasets.load_folder_splits`` with the keyword arguments in ``folder`` (image_size, channels,
     held_out_classes, val_fraction, skip_bad_images). ``model_file``: save the trained network (one method
-    only; see ``save_trained_model``; ``command``: the command line recorded in it); ``amp``, ``compile``: see
-    ``run_method``. Under torchrun every rank runs this with the same arguments: each trains its share of
+    only; see ``save_trained_model``; ``command``: the command line recorded in it); ``amp``, ``compile``,
+    ``margin``, ``soft``, ``distance``: see ``run_method``. Under torchrun every rank runs this with the same arguments: each trains its share of
     every global batch, and rank 0 alone writes the results, plots and run folders (``run_method``)."""
     name = dataset_name(dataset)
     device, _, _ = setup_distributed(device)
@@ -655,7 +667,7 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
                                    channels_last=channels_last, train_classes=train_classes,
                                    run_dir=method_dir, fresh=fresh, network=network, pretrained=pretrained,
                                    held_out=held_out, model_file=model_file, command=command, amp=amp,
-                                   compile=compile))
+                                   compile=compile, margin=margin, soft=soft, distance=distance))
     if train_classes is not None:  # what the held-out scores mean needs these two references
         baselines_dir = results_dir
         if quick and results_dir is not None:  # where run_method put a quick run's table
@@ -725,6 +737,12 @@ def _parser(omniglot_weights):
                         help="mixed precision training (bfloat16, or float16 with loss scaling); distances and "
                              "mining stay in float32")
     parser.add_argument("--compile", action="store_true", help="train through torch.compile(model)")
+    parser.add_argument("--margin", type=float, default=MARGIN, help=f"the losses' margin (default {MARGIN})")
+    parser.add_argument("--distance", default="squared", choices=DISTANCES,
+                        help="squared Euclidean distances (the classic default) or plain ones, in every "
+                             "contrastive and triplet loss and selector")
+    parser.add_argument("--soft-margin", action="store_true",
+                        help="triplet losses: softplus instead of the hinge (Hermans et al.; use with --margin 0)")
     parser.add_argument("--save-model", default=None, metavar="FILE",
                         help="save the trained model as one file (one method only), for search.py")
     parser.add_argument("--omniglot-root", default=None,
@@ -772,7 +790,8 @@ def main(argv=None):
                            train_classes=args.train_classes, run_dir=args.run_dir, fresh=args.fresh,
                            network=args.network, pretrained=args.pretrained, folder=folder,
                            model_file=args.save_model, command=" ".join(["python experiments.py", *argv]),
-                           amp=args.amp, compile=args.compile)
+                           amp=args.amp, compile=args.compile, margin=args.margin, soft=args.soft_margin,
+                           distance=args.distance)
     finally:
         writer = is_main_process()
         close_distributed()

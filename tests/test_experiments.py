@@ -316,3 +316,30 @@ def test_the_command_line_turns_flush_to_zero_on_before_any_work(monkeypatch):
     with pytest.raises(SystemExit):
         experiments.main(["--help"])
     assert calls == ["flush"]
+
+
+@pytest.mark.parametrize("method", ["siamese", "triplet", "online-contrastive", "online-triplet"])
+def test_the_distance_soft_margin_and_margin_reach_every_loss_and_selector(splits, method):
+    loss_fn = experiments.build_training(method, *splits, selector="batch-hard", margin=0.0, soft=True,
+                                         distance="euclidean")[1]
+    assert loss_fn.distance == "euclidean" and loss_fn.margin == 0.0
+    if method in ("triplet", "online-triplet"):
+        assert loss_fn.soft is True
+    if method == "online-triplet":
+        assert loss_fn.triplet_selector.distance == "euclidean"
+    classic = experiments.build_training(method, *splits, selector="batch-hard")[1]
+    assert classic.distance == "squared" and classic.margin == experiments.MARGIN
+
+
+def test_the_command_line_takes_the_distance_and_records_it_only_when_not_classic(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_idx_fixture(tmp_path / "data")
+    common = ["--dataset", "mnist", "--methods", "online-triplet", "--selectors", "batch-hard", "--quick",
+              "--no-progress", "--root", "data"]
+    (row,) = experiments.main(common + ["--distance", "euclidean", "--soft-margin", "--margin", "0"])
+    assert (row["distance"], row["soft"], row["margin"]) == ("euclidean", True, 0.0)
+    assert row["final_train_loss"] > 0
+    (classic,) = experiments.main(common + ["--run-dir", "other"])
+    assert not {"distance", "soft", "margin"} & classic.keys()
+    with pytest.raises(SystemExit):
+        experiments.main(common + ["--distance", "cosine"])
