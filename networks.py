@@ -45,14 +45,21 @@ class EmbeddingNet(nn.Module):
     PReLU -> dense 256 -> PReLU -> dense ``embedding_dim``.
 
     Takes images ``(B, in_channels, image_size, image_size)``; returns ``(B, embedding_dim)``.
-    ``image_size`` must be at least 16 (28 for MNIST, 32 for CIFAR-10).
+    ``image_size`` must be at least 16 (28 for MNIST, 32 for CIFAR-10). ``batch_norm=True`` ends the
+    network with a ``BatchNorm1d`` without learned scale and shift: in training every dimension of a
+    batch's embeddings then has mean 0 and variance 1 (as long as the variance before it stays well
+    above BatchNorm's eps, 1e-5), so they cannot shrink to a point, what hard triplet mining falls into
+    with the classic network, which has no normalisation layer; evaluation uses the running statistics.
     """
 
-    def __init__(self, embedding_dim=2, in_channels=1, image_size=28):
+    def __init__(self, embedding_dim=2, in_channels=1, image_size=28, batch_norm=False):
         super().__init__()
         self.embedding_dim = check_int(embedding_dim, "embedding_dim", 1)
         self.in_channels = check_int(in_channels, "in_channels", 1)
         self.image_size = check_int(image_size, "image_size", 1)
+        if not isinstance(batch_norm, bool):
+            raise TypeError(f"batch_norm must be True or False, got {batch_norm!r}")
+        self.batch_norm = batch_norm
         feature_size = ((image_size - 4) // 2 - 4) // 2
         if feature_size < 1:
             raise ValueError(f"image_size must be >= 16 for two 5x5 convolutions and two 2x2 "
@@ -65,11 +72,14 @@ class EmbeddingNet(nn.Module):
             nn.Linear(64 * feature_size * feature_size, 256), nn.PReLU(),
             nn.Linear(256, 256), nn.PReLU(),
             nn.Linear(256, embedding_dim),
+            *([nn.BatchNorm1d(embedding_dim, affine=False)] if batch_norm else []),
         )
 
     def config(self):
-        """The constructor arguments, e.g. to save next to the weights and rebuild the network."""
-        return {"embedding_dim": self.embedding_dim, "in_channels": self.in_channels, "image_size": self.image_size}
+        """The constructor arguments, e.g. to save next to the weights and rebuild the network
+        (``batch_norm`` only when on, so the classic network's config is the classic one)."""
+        config = {"embedding_dim": self.embedding_dim, "in_channels": self.in_channels, "image_size": self.image_size}
+        return dict(config, batch_norm=True) if self.batch_norm else config
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1:] != (self.in_channels, self.image_size, self.image_size):

@@ -159,3 +159,26 @@ def test_shift_averaged_embedding_wraps_modes_and_checks_arguments():
         ShiftAveragedEmbedding(model, shift=-1)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         wrapped(torch.randn(28, 28))
+
+
+def test_embedding_net_with_batch_norm_cannot_collapse_in_training_and_saves_and_loads(tmp_path):
+    from networks import load_model, save_model
+    torch.manual_seed(0)
+    net = EmbeddingNet(3, batch_norm=True)
+    images = torch.randn(64, 1, 28, 28)
+    with torch.no_grad():
+        before = net.fc[:5](net.convnet(images).flatten(1))  # the classic network's output, before the BatchNorm
+        embeddings = net(images)
+    assert float(before.var(0).max()) < 0.05  # an untrained network maps everything close together
+    torch.testing.assert_close(embeddings.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    variances = embeddings.var(0, unbiased=False)  # var / (var + eps): 1 but for BatchNorm's eps of 1e-5
+    assert bool(((variances > 0.9) & (variances <= 1 + 1e-5)).all()), variances
+    assert net.config() == {"embedding_dim": 3, "in_channels": 1, "image_size": 28, "batch_norm": True}
+    assert "batch_norm" not in EmbeddingNet(3).config()  # the classic network's config is unchanged
+    net.eval()
+    path = save_model(tmp_path / "bn.pt", net, "embedding-net", None, image_size=28, channels=1)
+    loaded, info = load_model(path)
+    assert info["arguments"]["batch_norm"] is True
+    torch.testing.assert_close(loaded.get_embedding(images), net.get_embedding(images))  # running statistics too
+    with pytest.raises(TypeError, match="batch_norm"):
+        EmbeddingNet(3, batch_norm="yes")
