@@ -47,6 +47,7 @@ import os
 import shutil
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -86,6 +87,21 @@ DEFAULT_LEARNING_RATE = 1e-3
 BATCH_SIZE = {"softmax": 256, "siamese": 128, "triplet": 128}
 BALANCED_BATCH = (10, 25)  # classes x samples per class, for the online methods
 WEIGHT_DECAY = {"online-triplet": 1e-4}
+
+
+class Recipe(NamedTuple):
+    """How a metric-learning method is trained, beyond the classic study's settings (``CLASSIC``):
+    ``margin`` of its losses, ``soft`` margin of the triplet losses (``losses.triplet_terms``), the
+    ``distance`` every loss and selector compares (``"squared"`` or ``"euclidean"``), and ``batch_norm``,
+    an ``EmbeddingNet`` ending in a BatchNorm that keeps the embeddings from collapsing."""
+
+    margin: float = MARGIN
+    soft: bool = False
+    distance: str = "squared"
+    batch_norm: bool = False
+
+
+CLASSIC = Recipe()
 STEP_SIZE, GAMMA = 8, 0.1
 EVALUATION_BATCH = 1000
 STREAMING_WORKERS = 4  # at most, for image folders too large to hold in memory
@@ -231,32 +247,38 @@ def image_shape(dataset):
     return dataset.channels, dataset.image_size
 
 
-def build_embedding_net(network, embedding_dim, train_set, pretrained=None):
+def build_embedding_net(network, embedding_dim, train_set, pretrained=None, batch_norm=False):
     """The network a study trains: ``"embedding-net"`` (the classic ``EmbeddingNet``, any image size and
-    channel count) or ``"resnet18"`` (``networks.ResNetEmbedding``, ``pretrained`` None, a file or
-    ``"imagenet"``), sized for ``train_set``'s images. Returns ``(network, its constructor arguments)``."""
+    channel count; ``batch_norm``: ending in a BatchNorm, see ``networks.EmbeddingNet``) or ``"resnet18"``
+    (``networks.ResNetEmbedding``, ``pretrained`` None, a file or ``"imagenet"``), sized for ``train_set``'s
+    images. Returns ``(network, its constructor arguments)``."""
     check_choice(network, STUDY_NETWORKS, "network")
     in_channels, image_size = image_shape(train_set)
     if network == "embedding-net":
         if pretrained is not None:
             raise ValueError("--pretrained needs --network resnet18 (EmbeddingNet has no pretrained weights)")
         arguments = {"embedding_dim": embedding_dim, "in_channels": in_channels, "image_size": image_size}
+        if batch_norm:
+            arguments["batch_norm"] = True
+    elif batch_norm:
+        raise ValueError("--batch-norm is an option of the classic network (--network embedding-net)")
     else:
         arguments = {"embedding_dim": embedding_dim, "in_channels": in_channels, "pretrained": pretrained}
     return build_network(network, **arguments), arguments
 
 
 def build_training(method, train_set, test_set, selector="random-hard", embedding_dim=2, seed=0,
-                   network="embedding-net", pretrained=None, margin=MARGIN, soft=False, distance="squared"):
+                   network="embedding-net", pretrained=None, recipe=CLASSIC):
     """Everything ``fit`` needs for one method of the study: ``(model, loss_fn, train_loader, val_loader,
     metrics, learning_rate, weight_decay)``, with the classic study's settings (``build_method`` on the
-    ``build_embedding_net`` network, by default an ``EmbeddingNet`` of ``embedding_dim``); ``margin``,
-    ``soft``, ``distance``: the losses' (see ``build_method``)."""
+    ``build_embedding_net`` network, by default an ``EmbeddingNet`` of ``embedding_dim``) changed by
+    ``recipe`` (a ``Recipe``)."""
     check_choice(method, METHODS, "method")
-    embedding_net, _ = build_embedding_net(network, embedding_dim, train_set, pretrained)
+    embedding_net, _ = build_embedding_net(network, embedding_dim, train_set, pretrained, recipe.batch_norm)
     model, loss_fn, train_loader, val_loader, metrics = build_method(
-        method, embedding_net, train_set, test_set, selector=selector, margin=margin,
-        batch_size=BATCH_SIZE.get(method, BATCH_SIZE["siamese"]), seed=seed, soft=soft, distance=distance)
+        method, embedding_net, train_set, test_set, selector=selector, margin=recipe.margin,
+        batch_size=BATCH_SIZE.get(method, BATCH_SIZE["siamese"]), seed=seed, soft=recipe.soft,
+        distance=recipe.distance)
     return (model, loss_fn, train_loader, val_loader, metrics,
             LEARNING_RATE.get(method, DEFAULT_LEARNING_RATE), WEIGHT_DECAY.get(method, 0.0))
 
@@ -265,8 +287,7 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
                quick=False, root="data", download=False, device=None, splits=None,
                images_dir="images", results_dir="results", progress=True, channels_last=False,
                train_classes=None, run_dir=None, fresh=False, network="embedding-net", pretrained=None,
-               held_out=None, model_file=None, command=None, amp=None, compile=False, margin=MARGIN, soft=False,
-               distance="squared"):
+               held_out=None, model_file=None, command=None, amp=None, compile=False, recipe=CLASSIC):
     """Train one method on ``dataset``, evaluate and plot its embeddings, and record the result.
 
     Takes the dataset (a name of ``DATASETS``, or the path of a folder of your own images or a CSV, see
@@ -289,7 +310,7 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
     first. ``model_file``: also save the trained network as one model file (``save_trained_model``, with
     ``command``, the command line that trained it, default this process's). ``amp`` (None, "bf16",
     "fp16") and ``compile``: mixed precision and torch.compile in training (see ``trainer.fit``);
-    ``margin``, ``soft``, ``distance``: the losses' (see ``build_method``).
+    ``recipe``: a ``Recipe`` (default ``CLASSIC``, the classic study's settings).
     Under torchrun every rank trains its share (``build_method``); rank 0 alone evaluates, plots and
     writes, and every rank returns rank 0's row.
     Returns the row: a dict of the evaluation metrics, seconds per epoch, epochs and settings.
@@ -314,8 +335,8 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
         settings.update(network=network, pretrained=pretrained)
     if amp is not None or compile:  # likewise only when set, so that earlier run folders still resume
         settings.update(amp=amp, compile=compile)
-    if (margin, soft, distance) != (MARGIN, False, "squared"):  # likewise
-        settings.update(margin=margin, soft=soft, distance=distance)
+    if recipe != CLASSIC:  # likewise
+        settings.update(recipe._asdict())
     finished = broadcast_from_main(_open_run(run_dir, settings, fresh) if writer else None)
     if finished is not None:
         if writer:
@@ -336,7 +357,7 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
                          "measured; raise --val-fraction (e.g. 0.25) or add images")
     torch.manual_seed(seed)
     model, loss_fn, train_loader, val_loader, metrics, learning_rate, weight_decay = build_training(
-        method, train_set, test_set, selector, embedding_dim, seed, network, pretrained, margin, soft, distance)
+        method, train_set, test_set, selector, embedding_dim, seed, network, pretrained, recipe)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, STEP_SIZE, gamma=GAMMA)
     resuming = run_dir is not None and os.path.exists(os.path.join(run_dir, CHECKPOINT_NAME))
@@ -629,8 +650,7 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
                 seed=0, quick=False, root="data", download=False, device=None,
                 images_dir="images", results_dir="results", progress=True, channels_last=False,
                 train_classes=None, run_dir=RUN_DIR, fresh=False, network="embedding-net", pretrained=None,
-                folder=None, model_file=None, command=None, amp=None, compile=False, margin=MARGIN, soft=False,
-                distance="squared"):
+                folder=None, model_file=None, command=None, amp=None, compile=False, recipe=CLASSIC):
     """Run several methods on one dataset (the data is loaded once), write the comparison figures
     and return the result rows. ``train_classes``, ``network``, ``pretrained``: see ``run_method``. Each
     method runs in its own folder under ``run_dir`` (``method_run_dir``; None: no checkpoints), so that the
@@ -639,7 +659,7 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
     ``datasets.load_folder_splits`` with the keyword arguments in ``folder`` (image_size, channels,
     held_out_classes, val_fraction, skip_bad_images). ``model_file``: save the trained network (one method
     only; see ``save_trained_model``; ``command``: the command line recorded in it); ``amp``, ``compile``,
-    ``margin``, ``soft``, ``distance``: see ``run_method``. Under torchrun every rank runs this with the same arguments: each trains its share of
+    ``recipe``: see ``run_method``. Under torchrun every rank runs this with the same arguments: each trains its share of
     every global batch, and rank 0 alone writes the results, plots and run folders (``run_method``)."""
     name = dataset_name(dataset)
     device, _, _ = setup_distributed(device)
@@ -667,7 +687,7 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
                                    channels_last=channels_last, train_classes=train_classes,
                                    run_dir=method_dir, fresh=fresh, network=network, pretrained=pretrained,
                                    held_out=held_out, model_file=model_file, command=command, amp=amp,
-                                   compile=compile, margin=margin, soft=soft, distance=distance))
+                                   compile=compile, recipe=recipe))
     if train_classes is not None:  # what the held-out scores mean needs these two references
         baselines_dir = results_dir
         if quick and results_dir is not None:  # where run_method put a quick run's table
@@ -743,6 +763,8 @@ def _parser(omniglot_weights):
                              "contrastive and triplet loss and selector")
     parser.add_argument("--soft-margin", action="store_true",
                         help="triplet losses: softplus instead of the hinge (Hermans et al.; use with --margin 0)")
+    parser.add_argument("--batch-norm", action="store_true",
+                        help="end the classic network with a BatchNorm, which keeps the embeddings from collapsing")
     parser.add_argument("--save-model", default=None, metavar="FILE",
                         help="save the trained model as one file (one method only), for search.py")
     parser.add_argument("--omniglot-root", default=None,
@@ -790,8 +812,8 @@ def main(argv=None):
                            train_classes=args.train_classes, run_dir=args.run_dir, fresh=args.fresh,
                            network=args.network, pretrained=args.pretrained, folder=folder,
                            model_file=args.save_model, command=" ".join(["python experiments.py", *argv]),
-                           amp=args.amp, compile=args.compile, margin=args.margin, soft=args.soft_margin,
-                           distance=args.distance)
+                           amp=args.amp, compile=args.compile,
+                           recipe=Recipe(args.margin, args.soft_margin, args.distance, args.batch_norm))
     finally:
         writer = is_main_process()
         close_distributed()

@@ -319,9 +319,11 @@ def test_the_command_line_turns_flush_to_zero_on_before_any_work(monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["siamese", "triplet", "online-contrastive", "online-triplet"])
-def test_the_distance_soft_margin_and_margin_reach_every_loss_and_selector(splits, method):
-    loss_fn = experiments.build_training(method, *splits, selector="batch-hard", margin=0.0, soft=True,
-                                         distance="euclidean")[1]
+def test_a_recipe_reaches_every_loss_selector_and_the_network(splits, method):
+    model, loss_fn = experiments.build_training(method, *splits, selector="batch-hard",
+                                                recipe=experiments.Recipe(0.0, True, "euclidean", True))[:2]
+    embedding_net = getattr(model, "embedding_net", model)
+    assert embedding_net.config()["batch_norm"] is True
     assert loss_fn.distance == "euclidean" and loss_fn.margin == 0.0
     if method in ("triplet", "online-triplet"):
         assert loss_fn.soft is True
@@ -331,15 +333,17 @@ def test_the_distance_soft_margin_and_margin_reach_every_loss_and_selector(split
     assert classic.distance == "squared" and classic.margin == experiments.MARGIN
 
 
-def test_the_command_line_takes_the_distance_and_records_it_only_when_not_classic(tmp_path, monkeypatch):
+def test_the_command_line_takes_a_recipe_and_records_it_only_when_not_classic(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_idx_fixture(tmp_path / "data")
     common = ["--dataset", "mnist", "--methods", "online-triplet", "--selectors", "batch-hard", "--quick",
               "--no-progress", "--root", "data"]
-    (row,) = experiments.main(common + ["--distance", "euclidean", "--soft-margin", "--margin", "0"])
-    assert (row["distance"], row["soft"], row["margin"]) == ("euclidean", True, 0.0)
+    (row,) = experiments.main(common + ["--distance", "euclidean", "--soft-margin", "--margin", "0", "--batch-norm"])
+    assert (row["distance"], row["soft"], row["margin"], row["batch_norm"]) == ("euclidean", True, 0.0, True)
     assert row["final_train_loss"] > 0
     (classic,) = experiments.main(common + ["--run-dir", "other"])
-    assert not {"distance", "soft", "margin"} & classic.keys()
+    assert not {"distance", "soft", "margin", "batch_norm"} & classic.keys()
+    with pytest.raises(ValueError, match="--batch-norm"):
+        experiments.main(common + ["--batch-norm", "--network", "resnet18", "--run-dir", "third"])
     with pytest.raises(SystemExit):
         experiments.main(common + ["--distance", "cosine"])
