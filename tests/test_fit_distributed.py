@@ -14,6 +14,7 @@ and names the checkpoint; the same job relaunched with torchrun resumes from epo
 ends with the weights of an uninterrupted single-process run.
 """
 
+import datetime
 import os
 import signal
 import socket
@@ -209,3 +210,15 @@ def test_a_dead_or_hung_rank_stops_the_other_and_the_job_resumes(tmp_path, fault
     resumed = torch.load(tmp_path / "weights.pt", weights_only=True)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_the_process_group_timeout_comes_from_the_environment_or_is_ten_minutes(monkeypatch):
+    from trainer import PROCESS_GROUP_TIMEOUT, TIMEOUT_VARIABLE, process_group_timeout
+    monkeypatch.delenv(TIMEOUT_VARIABLE, raising=False)
+    assert process_group_timeout() == PROCESS_GROUP_TIMEOUT == datetime.timedelta(minutes=10)
+    monkeypatch.setenv(TIMEOUT_VARIABLE, "7.5")
+    assert process_group_timeout() == datetime.timedelta(seconds=7.5)
+    for bad in ("soon", "0", "-3", "nan"):
+        monkeypatch.setenv(TIMEOUT_VARIABLE, bad)
+        with pytest.raises(ValueError, match=TIMEOUT_VARIABLE):
+            process_group_timeout()
