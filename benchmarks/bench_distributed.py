@@ -24,20 +24,20 @@ Times are medians of several steps after warm-up steps, measured side by side in
 import argparse
 import json
 import os
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
 
 import torch  # noqa: E402
 
 from bench_epoch import print_table_head  # noqa: E402
+from bench_selectors import median_ms  # noqa: E402
+from launch import clean_environment, launcher  # noqa: E402
 
 MARGIN = 1.0
 PER_CLASS = 8
@@ -45,6 +45,7 @@ EMBEDDING_DIM = 64
 LOSS_SELECTORS = ("hard-negative pairs", "all", "hardest", "random-hard", "semi-hard", "batch-hard")
 ALL_TRIPLETS_MAX_BATCH = 1024  # the all-triplets selector's output grows as B^2 * per_class: 4096 would need GBs
 STEP_BATCHES = ((10, 25), (40, 25))
+WARMUP = 2  # untimed calls before the timed ones
 
 
 # ------------------------------------------------------------------------------------ worker side
@@ -57,17 +58,6 @@ def _loss(name, gather):
         return OnlineContrastiveLoss(MARGIN, HardNegativePairSelector(), gather=gather)
     return OnlineTripletLoss(MARGIN, experiments.SELECTORS[name](MARGIN, torch.Generator().manual_seed(0)),
                              gather=gather)
-
-
-def _median_ms(step, repeats, warmup=2):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
 
 
 def _rank_and_world():
@@ -113,8 +103,8 @@ def worker_loss(batch, repeats):
             value = whole_loss(gathered, gathered_labels)
             (value[0] if isinstance(value, tuple) else value).backward()
 
-        times[name] = {"local": _median_ms(local, repeats), "whole": _median_ms(whole, repeats) if world > 1
-                       else None}
+        times[name] = {"local": median_ms(local, repeats, WARMUP),
+                       "whole": median_ms(whole, repeats, WARMUP) if world > 1 else None}
     return times
 
 
@@ -136,7 +126,8 @@ def worker_step(n_classes, n_samples, repeats):
     start, stop = share_bounds(batch, world, rank)
     images, labels = images[start:stop], labels[start:stop]
     trained = DistributedDataParallel(model) if world > 1 else model
-    loss_fn = OnlineTripletLoss(MARGIN, RandomNegativeTripletSelector(MARGIN, generator=torch.Generator().manual_seed(0)))
+    selector = RandomNegativeTripletSelector(MARGIN, generator=torch.Generator().manual_seed(0))
+    loss_fn = OnlineTripletLoss(MARGIN, selector)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step():
@@ -145,7 +136,7 @@ def worker_step(n_classes, n_samples, repeats):
         loss.backward()
         optimizer.step()
 
-    milliseconds = _median_ms(step, repeats)
+    milliseconds = median_ms(step, repeats, WARMUP)
     if world > 1:
         dist.barrier()
     return milliseconds
@@ -165,30 +156,10 @@ def worker(arguments):
 
 # ------------------------------------------------------------------------------------ driver side
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _environment():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
-def _launcher(processes):
-    if processes == 1:
-        return [sys.executable]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-addr",
-            "127.0.0.1", "--master-port", str(_free_port())]
-
-
 def run_worker(processes, *arguments):
     """The worker's result (rank 0's RESULT line) on ``processes`` processes."""
-    done = subprocess.run(_launcher(processes) + [os.path.abspath(__file__), "--worker", *map(str, arguments)],
-                          env=_environment(), capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(launcher(processes) + [os.path.abspath(__file__), "--worker", *map(str, arguments)],
+                          env=clean_environment(REPO_ROOT), capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"worker {arguments} on {processes} processes failed:\n{done.stdout}\n{done.stderr}")
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
@@ -226,14 +197,15 @@ def step_table(repeats):
 
 def epoch_table(root):
     print_table_head("\n3. One Fashion-MNIST epoch of experiments.py --methods online-triplet (random-hard, 2-D, "
-                     "seed 0)", f"{'processes':>10}{'s/epoch':>10}{'P@1':>8}{'MAP@R':>8}{'kNN acc':>9}{'train loss':>12}")
+                     "seed 0)",
+                     f"{'processes':>10}{'s/epoch':>10}{'P@1':>8}{'MAP@R':>8}{'kNN acc':>9}{'train loss':>12}")
     rows = []
     for processes in (1, 2):
         with tempfile.TemporaryDirectory() as work:
-            command = _launcher(processes) + [
+            command = launcher(processes) + [
                 os.path.join(REPO_ROOT, "experiments.py"), "--dataset", "fashion-mnist", "--methods",
                 "online-triplet", "--epochs", "1", "--no-progress", "--root", os.path.abspath(root)]
-            done = subprocess.run(command, cwd=work, env=_environment(), capture_output=True, text=True,
+            done = subprocess.run(command, cwd=work, env=clean_environment(REPO_ROOT), capture_output=True, text=True,
                                   timeout=3600)
             if done.returncode != 0:
                 raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")

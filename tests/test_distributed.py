@@ -11,7 +11,6 @@ the loss on the whole global batch with the same weights, and the same selected 
 
 import datetime
 import itertools
-import socket
 import time
 
 import pytest
@@ -24,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 import losses
 import utils
 from datasets import BalancedBatchSampler, DistributedBalancedBatchSampler, share_bounds
+from launch import free_port
 from networks import AutoencoderOutput
 from test_losses import Recording  # a selector that keeps what it selected last
 
@@ -235,14 +235,8 @@ def _check_gather_off_and_non_finite(data, weights, rank):
         assert not torch.isfinite(_value(loss(embeddings, labels))), f"{type(loss).__name__}, rank {rank}"
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_global_batch_mining_on_two_processes_matches_one_process():
-    context = mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD_SIZE, join=False)
+    context = mp.spawn(_worker, args=(free_port(),), nprocs=WORLD_SIZE, join=False)
     deadline = time.monotonic() + 120
     while not context.join(timeout=5):  # re-raises a worker's exception
         if time.monotonic() > deadline:

@@ -12,14 +12,13 @@ run that one process left unfinished. A folder of your own images trains the sam
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 
 import pytest
 
 from datasets import SYSTEM_DATA_DIRS, find_idx_files
 from fixtures import write_idx_fixture
+from launch import clean_environment, launcher
 from networks import load_model
 from test_own_images import write_folder
 
@@ -40,30 +39,15 @@ VAL_LOSS_TOLERANCE = {"online-contrastive": 1e-3, "online-triplet/random-hard": 
 SCORES = ("precision_at_1", "r_precision", "map_at_r", "knn_accuracy", "nmi", "roc_auc")
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def environment():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPOSITORY)
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
 def torchrun(work, *arguments, timeout=600):
     """experiments.py with ``arguments`` on 2 processes in ``work``: the completed process."""
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(free_port()), os.path.join(REPOSITORY, "experiments.py"), *arguments],
-        cwd=work, env=environment(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(launcher(2) + [os.path.join(REPOSITORY, "experiments.py"), *arguments], cwd=work,
+                          env=clean_environment(REPOSITORY), capture_output=True, text=True, timeout=timeout)
 
 
 def one_process(work, *arguments, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(REPOSITORY, "experiments.py"), *arguments], cwd=work,
-                          env=environment(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(launcher(1) + [os.path.join(REPOSITORY, "experiments.py"), *arguments], cwd=work,
+                          env=clean_environment(REPOSITORY), capture_output=True, text=True, timeout=timeout)
 
 
 def prepare(work):

@@ -17,7 +17,6 @@ ends with the weights of an uninterrupted single-process run.
 import datetime
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -28,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets import BalancedBatchSampler
+from launch import clean_environment, free_port, launcher
 from trainer import CHECKPOINT_NAME, fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,25 +77,14 @@ dist.destroy_process_group()
 """
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_fit_under_torchrun_matches_one_process(tmp_path):
     (tmp_path / "setup_fit.py").write_text(textwrap.dedent(SETUP))
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(SCRIPT))
     checkpoint_dir, weights = tmp_path / "checkpoints", tmp_path / "weights.pt"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path)]), OMP_NUM_THREADS="1")
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script),
-         str(checkpoint_dir), str(weights)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(launcher(2) + [str(script), str(checkpoint_dir), str(weights)],
+                            env=clean_environment(ROOT, tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("Epoch")]
     assert [line.split(":")[0] for line in epoch_lines] == ["Epoch 1/2", "Epoch 2/2"]  # rank 0 only
@@ -157,12 +146,12 @@ close_distributed()
 
 def _start_ranks(tmp_path, fault, timeout_seconds):
     """The two ranks of the fault script, started by hand: [rank 0's Popen, rank 1's Popen]."""
-    port = _free_port()
+    port = free_port()
     processes = []
     for rank in (0, 1):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path)]), OMP_NUM_THREADS="1",
-                   RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), FAULT=fault, SIAMESE_TRIPLET_PG_TIMEOUT_S=str(timeout_seconds))
+        env = clean_environment(ROOT, tmp_path, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FAULT=fault,
+                                SIAMESE_TRIPLET_PG_TIMEOUT_S=str(timeout_seconds))
         processes.append(subprocess.Popen(
             [sys.executable, str(tmp_path / "fault.py"), str(tmp_path / "checkpoints"), str(tmp_path / "weights.pt")],
             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -191,13 +180,9 @@ def test_a_dead_or_hung_rank_stops_the_other_and_the_job_resumes(tmp_path, fault
     checkpoint = torch.load(tmp_path / "checkpoints" / CHECKPOINT_NAME, weights_only=True)
     assert checkpoint["epoch"] == 1
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path)]), OMP_NUM_THREADS="1")
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
     relaunched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), str(tmp_path / "fault.py"), str(tmp_path / "checkpoints"),
-         str(tmp_path / "weights.pt")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        launcher(2) + [str(tmp_path / "fault.py"), str(tmp_path / "checkpoints"), str(tmp_path / "weights.pt")],
+        env=clean_environment(ROOT, tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert relaunched.returncode == 0, relaunched.stdout + relaunched.stderr
     epochs = [line.split(":")[0] for line in relaunched.stdout.splitlines() if line.startswith("Epoch")]
     assert epochs == ["Epoch 2/3", "Epoch 3/3"]  # resumed after epoch 1
