@@ -183,8 +183,8 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
                                         distance=distance)
             metrics = [AverageNonzeroTripletsMetric()]
         n_batch_classes = min(batch_classes, len(train_set.classes))
-        train_loader = _balanced_loader(train_set, n_batch_classes, _samples_per_class(train_set, batch_samples,
-                                                                                       "training"), seed, groups, workers)
+        train_samples = _samples_per_class(train_set, batch_samples, "training")
+        train_loader = _balanced_loader(train_set, n_batch_classes, train_samples, seed, groups, workers)
         validation = None
         if test_set is not None and _smallest_class(test_set)[1] >= 2:  # else no positive pairs to validate on
             return model, loss_fn, train_loader, _balanced_loader(
@@ -659,8 +659,9 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
     ``datasets.load_folder_splits`` with the keyword arguments in ``folder`` (image_size, channels,
     held_out_classes, val_fraction, skip_bad_images). ``model_file``: save the trained network (one method
     only; see ``save_trained_model``; ``command``: the command line recorded in it); ``amp``, ``compile``,
-    ``recipe``: see ``run_method``. Under torchrun every rank runs this with the same arguments: each trains its share of
-    every global batch, and rank 0 alone writes the results, plots and run folders (``run_method``)."""
+    ``recipe``: see ``run_method``. Under torchrun every rank runs this with the same arguments: each
+    trains its share of every global batch, and rank 0 alone writes the results, plots and run folders
+    (``run_method``)."""
     name = dataset_name(dataset)
     device, _, _ = setup_distributed(device)
     if not is_main_process():

@@ -42,8 +42,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import (DISTANCES, _as_labels, _check_margin, as_distance, check_choice, float32_distances,
-                   paired_squared_distances, pdist)
+from utils import (DISTANCES, _as_labels, _check_margin, as_distance, check_choice, check_flag,
+                   float32_distances, paired_squared_distances, pdist)
 
 # Added under the square root of a squared distance: sqrt'(0) is infinite, sqrt'(EPS) is not.
 EPS = 1e-9
@@ -194,12 +194,6 @@ def _global_mean(terms, embeddings, share):
     return loss, Selection(int(n_terms), int(n_nonzero))
 
 
-def _check_flag(value, name):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
 def _check_scale(scale):
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
@@ -277,7 +271,7 @@ class TripletLoss(nn.Module):
     def __init__(self, margin, soft=False, distance="squared"):
         super().__init__()
         self.margin = _check_margin(margin)
-        self.soft = _check_flag(soft, "soft")
+        self.soft = check_flag(soft, "soft")
         self.distance = check_choice(distance, DISTANCES, "distance")
 
     def forward(self, anchor, positive, negative, size_average=True):
@@ -295,8 +289,9 @@ class OnlineContrastiveLoss(nn.Module):
     positive and negative pairs of ``scale * contrastive_terms``, with ``d`` the squared distances
     ``utils.pdist(embeddings)``. ``scale`` defaults to the classic online formula's 1 (no 0.5
     factor, unlike :class:`ContrastiveLoss`'s default); ``distance="euclidean"``: the terms in the plain
-    distance (``contrastive_terms``; the pair selectors' choices do not depend on it). No pair selected gives a zero loss that
-    still backpropagates; a non-finite embedding gives a non-finite loss (see the module docstring).
+    distance (``contrastive_terms``; the pair selectors' choices do not depend on it). No pair
+    selected gives a zero loss that still backpropagates; a non-finite embedding gives a non-finite
+    loss (see the module docstring).
     After each call ``last_selection`` holds the batch's ``Selection`` (pairs selected, and with a
     non-zero term).
 
@@ -362,7 +357,7 @@ class OnlineTripletLoss(nn.Module):
         super().__init__()
         self.margin = _check_margin(margin)
         self.triplet_selector = _check_selector(triplet_selector, "triplet_selector")
-        self.soft = _check_flag(soft, "soft")
+        self.soft = check_flag(soft, "soft")
         self.distance = check_choice(distance, DISTANCES, "distance")
         selector_distance = getattr(triplet_selector, "distance", distance)
         if selector_distance != distance:
@@ -518,39 +513,29 @@ class _AutoencoderLoss(nn.Module):
         part is then a mean over the global batch, scaled for DistributedDataParallel's gradient
         average as the online losses are (``_global_mean``)."""
         metric, self.last_selection = _global_mean(self._metric_terms(output, indices, target), output.mean, share)
-        if share is not None:
-            return self._global_terms(metric, local, inputs, self.last_selection.selected, share)
-        n_selected = len(indices)
-        if self.reconstruction == "mse":
-            reconstruction = F.mse_loss(output.reconstruction, inputs)
-        else:
-            reconstruction = F.binary_cross_entropy_with_logits(output.reconstruction, inputs)
-        if output.log_var is None:
-            kl = torch.zeros((), dtype=reconstruction.dtype, device=reconstruction.device)
-        else:
-            kl = kl_to_standard_normal(output.mean, output.log_var).mean() / inputs[0].numel()
-        return self._weighted(metric, reconstruction, kl, n_selected)
-
-    def _global_terms(self, metric, local, inputs, n_selected, share):
-        """``_terms`` on several processes: the reconstruction and KL as per-item terms of this rank's
-        items, averaged over the global batch (``_global_mean``); ``n_selected`` counts all ranks' tuples."""
-        if self.reconstruction == "mse":
-            per_value = F.mse_loss(local.reconstruction, inputs, reduction="none")
-        else:
-            per_value = F.binary_cross_entropy_with_logits(local.reconstruction, inputs, reduction="none")
-        reconstruction, _ = _global_mean(per_value.flatten(1).mean(1), local.reconstruction, share)
-        if local.log_var is None:
-            kl = torch.zeros((), dtype=reconstruction.dtype, device=reconstruction.device)
-        else:
-            kl, _ = _global_mean(kl_to_standard_normal(local.mean, local.log_var) / inputs[0].numel(), local.mean,
-                                 share)
-        return self._weighted(metric, reconstruction, kl, n_selected)
-
-    def _weighted(self, metric, reconstruction, kl, n_selected):
+        reconstruction, kl = self._autoencoder_parts(output if share is None else local, inputs, share)
         autoencoder = reconstruction + self.beta * kl
         total = self.weight * metric + (1 - self.weight) * autoencoder
         return {"total": total, "metric": metric, "reconstruction": reconstruction, "kl": kl,
-                "n_selected": n_selected}
+                "n_selected": self.last_selection.selected}
+
+    def _autoencoder_parts(self, output, inputs, share=None):
+        """``(reconstruction, kl)`` of ``output`` for ``inputs`` (this rank's items): the reconstruction
+        loss, mean over all input values, and the prior KL, mean over items divided by the number of
+        values of one input; with a ``share``, both as per-item terms averaged over the global batch
+        (``_global_mean``)."""
+        loss = F.mse_loss if self.reconstruction == "mse" else F.binary_cross_entropy_with_logits
+        if share is None:
+            reconstruction = loss(output.reconstruction, inputs)
+        else:
+            per_item = loss(output.reconstruction, inputs, reduction="none").flatten(1).mean(1)
+            reconstruction, _ = _global_mean(per_item, output.reconstruction, share)
+        if output.log_var is None:
+            return reconstruction, torch.zeros((), dtype=reconstruction.dtype, device=reconstruction.device)
+        kl = kl_to_standard_normal(output.mean, output.log_var)
+        if share is None:
+            return reconstruction, kl.mean() / inputs[0].numel()
+        return reconstruction, _global_mean(kl / inputs[0].numel(), output.mean, share)[0]
 
 
 def _concatenate_outputs(outputs):

@@ -159,7 +159,7 @@ def _embeddings_of(outputs):
     return None
 
 
-class EmbeddingSpreadMetric(RatioOfSumsMetric):
+class EmbeddingSpreadMetric(Metric):
     """``batch_spread`` of the embeddings (the first model output, or an ``AutoencoderOutput``'s
     ``mean``) of the epoch's latest batch, so at the epoch's end its last one; with ``at_start=True``,
     of the epoch's first batch, before the epoch's training moved the weights. A collapse shows as the
@@ -169,13 +169,19 @@ class EmbeddingSpreadMetric(RatioOfSumsMetric):
 
     def __init__(self, at_start=False):
         self.at_start = bool(at_start)
-        super().__init__()
+        self.reset()
 
     def __call__(self, outputs, target, loss):
         embeddings = _embeddings_of(outputs)
-        if embeddings is not None and not (self.at_start and self.denominator > 0):
-            self.numerator, self.denominator = batch_spread(embeddings.detach().float()), 1
+        if embeddings is not None and not (self.at_start and self.spread is not None):
+            self.spread = batch_spread(embeddings.detach().float())  # a 0-d tensor, read in value()
         return self.value()
+
+    def reset(self):
+        self.spread = None
+
+    def value(self):
+        return float("nan") if self.spread is None else float(self.spread)
 
     def name(self):
         return "Spread at start" if self.at_start else "Spread"

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import atomic_write, check_choice, check_int, paired_squared_distances
+from utils import atomic_write, check_choice, check_flag, check_int, paired_squared_distances
 
 
 class EmbeddingNet(nn.Module):
@@ -57,9 +57,7 @@ class EmbeddingNet(nn.Module):
         self.embedding_dim = check_int(embedding_dim, "embedding_dim", 1)
         self.in_channels = check_int(in_channels, "in_channels", 1)
         self.image_size = check_int(image_size, "image_size", 1)
-        if not isinstance(batch_norm, bool):
-            raise TypeError(f"batch_norm must be True or False, got {batch_norm!r}")
-        self.batch_norm = batch_norm
+        self.batch_norm = check_flag(batch_norm, "batch_norm")
         feature_size = ((image_size - 4) // 2 - 4) // 2
         if feature_size < 1:
             raise ValueError(f"image_size must be >= 16 for two 5x5 convolutions and two 2x2 "

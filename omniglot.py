@@ -43,7 +43,7 @@ from experiments import EVALUATION_BATCH, build_method, main as experiments_main
 from metrics import best_threshold, extract_embeddings, few_shot_accuracy, verification_roc_auc
 from networks import ShiftAveragedEmbedding, SiameseNetwork, load_model, save_model
 from trainer import fit
-from utils import check_choice, squared_distances
+from utils import check_choice, check_flag, squared_distances
 
 # ---------------------------------------------------------------------------------------------------
 # Reading Omniglot and Lake's one-shot runs
@@ -136,8 +136,7 @@ def _check_image_size(image_size):
 def _check_options(image_size, mirror, alphabets, quarter_turns):
     """OmniglotAlphabets' argument checks; returns quarter_turns as a tuple."""
     _check_image_size(image_size)
-    if not isinstance(mirror, bool):
-        raise TypeError(f"mirror must be True or False, got {mirror!r}")
+    check_flag(mirror, "mirror")
     if isinstance(alphabets, str):
         raise TypeError(f"alphabets must be a list of names, e.g. [{alphabets!r}], not a string")
     quarter_turns = tuple(quarter_turns) if isinstance(quarter_turns, (tuple, list)) else None

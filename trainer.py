@@ -60,7 +60,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from metrics import ActiveFractionMetric, EmbeddingSpreadMetric, Metric
-from utils import atomic_write, check_choice, check_int
+from utils import atomic_write, check_choice, check_flag, check_int
 
 CHECKPOINT_NAME = "checkpoint.pt"
 KEEP_DENORMALS = "SIAMESE_TRIPLET_KEEP_DENORMALS"  # =1: flush_denormal_everywhere leaves the mode alone
@@ -601,8 +601,7 @@ def _check_fit_arguments(train_loader, val_loader, model, loss_fn, optimizer, sc
                          "n_epochs is the total number of epochs, not the number still to run")
     metrics, keys = _check_metrics(metrics)
     for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
+        check_flag(value, name)
     if checkpoint_dir is not None:
         checkpoint_dir = _check_path(checkpoint_dir, "checkpoint_dir")
         if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):

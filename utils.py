@@ -22,7 +22,7 @@ batch, exactly symmetric with a zero diagonal), ``squared_distances`` (queries a
 also batched over episodes) and ``paired_squared_distances`` (row ``i`` against row ``i``), all three
 in float32 or float64 whatever the autocast around them (``float32_distances``).
 
-``check_int`` and ``check_choice`` are the argument checks every module of the library uses, and
+``check_int``, ``check_flag`` and ``check_choice`` are the argument checks every module of the library uses, and
 ``atomic_write`` the way every module writes a file (checkpoints, model files, galleries, results); ``groups_of_classes`` maps
 per-item group ids to per-class ones for the group-by-group samplers (datasets, metrics).
 """
@@ -49,6 +49,14 @@ def check_int(value, name, minimum=0):
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def check_flag(value, name):
+    """``value`` if it is True or False; raises TypeError naming the argument ``name`` otherwise (1,
+    "yes" and None are refused, not read as truth values)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def check_choice(value, choices, name):
