@@ -44,10 +44,11 @@ import argparse
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -76,6 +77,8 @@ SELECTORS = {
     "semi-hard": lambda margin, generator, distance="squared": SemihardNegativeTripletSelector(
         margin, generator=generator, distance=distance),
     "batch-hard": lambda margin, generator, distance="squared": BatchHardTripletSelector(distance=distance),
+    # the same miner, named apart because its recipes (RECIPES, CLASSIC_RECIPES) train it with a soft margin
+    "batch-hard-soft": lambda margin, generator, distance="squared": BatchHardTripletSelector(distance=distance),
 }
 DATASETS = ("mnist", "fashion-mnist")  # by name; any folder of images or CSV of path,label lines by its path
 STUDY_NETWORKS = ("embedding-net", "resnet18")
@@ -92,16 +95,29 @@ WEIGHT_DECAY = {"online-triplet": 1e-4}
 class Recipe(NamedTuple):
     """How a metric-learning method is trained, beyond the classic study's settings (``CLASSIC``):
     ``margin`` of its losses, ``soft`` margin of the triplet losses (``losses.triplet_terms``), the
-    ``distance`` every loss and selector compares (``"squared"`` or ``"euclidean"``), and ``batch_norm``,
-    an ``EmbeddingNet`` ending in a BatchNorm that keeps the embeddings from collapsing."""
+    ``distance`` every loss and selector compares (``"squared"`` or ``"euclidean"``), ``batch_norm``,
+    an ``EmbeddingNet`` ending in a BatchNorm that keeps the embeddings from collapsing, and
+    ``easy_selector``, the name (``SELECTORS``) of an easier selector whose triplets' loss the online
+    triplet loss adds to its own selector's (a mixed objective, ``losses.OnlineTripletLoss``)."""
 
     margin: float = MARGIN
     soft: bool = False
     distance: str = "squared"
     batch_norm: bool = False
+    easy_selector: Optional[str] = None
 
 
 CLASSIC = Recipe()
+HERMANS = Recipe(margin=0.0, soft=True, distance="euclidean")  # Hermans et al.'s soft margin on plain distances
+# The recipe each method trains with in the study (measured in README, "Recipes"; a method not named: CLASSIC),
+# and the one it trained with before them (CLASSIC_RECIPES, else CLASSIC), kept as the "before" rows.
+RECIPES = {
+    "online-triplet/hardest": Recipe(batch_norm=True, easy_selector="random-hard"),
+    "online-triplet/semi-hard": Recipe(batch_norm=True),
+    "online-triplet/batch-hard": Recipe(batch_norm=True, easy_selector="random-hard"),
+    "online-triplet/batch-hard-soft": HERMANS._replace(batch_norm=True),
+}
+CLASSIC_RECIPES = {"online-triplet/batch-hard-soft": HERMANS}
 STEP_SIZE, GAMMA = 8, 0.1
 EVALUATION_BATCH = 1000
 STREAMING_WORKERS = 4  # at most, for image folders too large to hold in memory
@@ -118,6 +134,32 @@ def method_label(method, selector=None):
     return f"{method}/{selector}" if method == "online-triplet" else method
 
 
+def method_recipe(label, recipe=None):
+    """The ``Recipe`` the method called ``label`` (``method_label``) trains with: ``recipe`` itself when it
+    is a Recipe, the study's (``RECIPES``) for None, the one before the study's recipes
+    (``CLASSIC_RECIPES``) for ``"classic"``."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    check_choice(recipe, (None, "classic"), "recipe")
+    return (RECIPES if recipe is None else CLASSIC_RECIPES).get(label, CLASSIC)
+
+
+def recipe_tag(label, recipe=None):
+    """A file-name form of ``recipe_label`` for a method trained with another recipe than the study's
+    (``method_recipe(label, recipe)``), e.g. ``"bn-soft-margin"``; ``""`` for the study's recipe."""
+    recipe = method_recipe(label, recipe)
+    return "" if recipe == method_recipe(label) else re.sub(r"[^a-z0-9.]+", "-", recipe_label(recipe).lower()).strip("-")
+
+
+def recipe_label(recipe):
+    """A recipe in a few words for the results tables, e.g. ``"BN, + random-hard"`` or ``"classic"``."""
+    words = (["BN"] if recipe.batch_norm else []) + (["soft margin"] if recipe.soft else [])
+    words += [] if recipe.distance == CLASSIC.distance else [recipe.distance]
+    words += [] if recipe.margin == CLASSIC.margin else [f"margin {recipe.margin:g}"]
+    words += [] if recipe.easy_selector is None else [f"+ {recipe.easy_selector}"]
+    return ", ".join(words) or "classic"
+
+
 def load_splits(dataset, root="data", download=False, quick=False):
     """``(train, test)`` ``InMemoryDataset`` s of ``dataset`` ("mnist" or "fashion-mnist"),
     normalised as usual; with ``quick``, the first ``QUICK_SIZES`` items of each."""
@@ -132,7 +174,7 @@ def load_splits(dataset, root="data", download=False, quick=False):
 
 def build_method(method, embedding_net, train_set, test_set=None, *, selector="random-hard", margin=MARGIN,
                  batch_size=128, batch_classes=BALANCED_BATCH[0], batch_samples=BALANCED_BATCH[1], seed=0,
-                 groups=None, soft=False, distance="squared"):
+                 groups=None, soft=False, distance="squared", easy_selector=None):
     """The one place a method is put together, for the Fashion-MNIST study and for Omniglot alike.
 
     Takes the method (see ``METHODS``), the embedding network it trains (images ``(B, C, H, W)`` ->
@@ -146,7 +188,8 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
     the random selectors) come from generators seeded with ``seed``; the network's own initial weights
     are the caller's (seed torch before building it). ``distance`` (``"squared"``, the classic, or
     ``"euclidean"``) is the distance of every contrastive and triplet loss and selector, ``soft`` the
-    triplet losses' soft margin (``losses.triplet_terms``).
+    triplet losses' soft margin (``losses.triplet_terms``), ``easy_selector`` the name of a second selector
+    (``SELECTORS``) whose triplets the online triplet loss adds (``losses.OnlineTripletLoss``).
     Returns ``(model, loss_fn, train_loader, val_loader, metrics)``; ``val_loader`` is None without
     ``test_set``.
 
@@ -179,8 +222,12 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
             loss_fn = OnlineContrastiveLoss(margin, HardNegativePairSelector(), distance=distance)
         else:
             check_choice(selector, tuple(SELECTORS), "selector")
+            easy = None
+            if easy_selector is not None:
+                easy = SELECTORS[check_choice(easy_selector, tuple(SELECTORS), "easy_selector")](
+                    margin, generator, distance)
             loss_fn = OnlineTripletLoss(margin, SELECTORS[selector](margin, generator, distance), soft=soft,
-                                        distance=distance)
+                                        distance=distance, easy_selector=easy)
             metrics = [AverageNonzeroTripletsMetric()]
         n_batch_classes = min(batch_classes, len(train_set.classes))
         train_samples = _samples_per_class(train_set, batch_samples, "training")
@@ -268,17 +315,18 @@ def build_embedding_net(network, embedding_dim, train_set, pretrained=None, batc
 
 
 def build_training(method, train_set, test_set, selector="random-hard", embedding_dim=2, seed=0,
-                   network="embedding-net", pretrained=None, recipe=CLASSIC):
+                   network="embedding-net", pretrained=None, recipe=None):
     """Everything ``fit`` needs for one method of the study: ``(model, loss_fn, train_loader, val_loader,
     metrics, learning_rate, weight_decay)``, with the classic study's settings (``build_method`` on the
-    ``build_embedding_net`` network, by default an ``EmbeddingNet`` of ``embedding_dim``) changed by
-    ``recipe`` (a ``Recipe``)."""
+    ``build_embedding_net`` network, by default an ``EmbeddingNet`` of ``embedding_dim``) changed by the
+    method's recipe (``method_recipe(label, recipe)``: by default the study's ``RECIPES``)."""
     check_choice(method, METHODS, "method")
+    recipe = method_recipe(method_label(method, selector), recipe)
     embedding_net, _ = build_embedding_net(network, embedding_dim, train_set, pretrained, recipe.batch_norm)
     model, loss_fn, train_loader, val_loader, metrics = build_method(
         method, embedding_net, train_set, test_set, selector=selector, margin=recipe.margin,
         batch_size=BATCH_SIZE.get(method, BATCH_SIZE["siamese"]), seed=seed, soft=recipe.soft,
-        distance=recipe.distance)
+        distance=recipe.distance, easy_selector=recipe.easy_selector)
     return (model, loss_fn, train_loader, val_loader, metrics,
             LEARNING_RATE.get(method, DEFAULT_LEARNING_RATE), WEIGHT_DECAY.get(method, 0.0))
 
@@ -287,7 +335,7 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
                quick=False, root="data", download=False, device=None, splits=None,
                images_dir="images", results_dir="results", progress=True, channels_last=False,
                train_classes=None, run_dir=None, fresh=False, network="embedding-net", pretrained=None,
-               held_out=None, model_file=None, command=None, amp=None, compile=False, recipe=CLASSIC):
+               held_out=None, model_file=None, command=None, amp=None, compile=False, recipe=None):
     """Train one method on ``dataset``, evaluate and plot its embeddings, and record the result.
 
     Takes the dataset (a name of ``DATASETS``, or the path of a folder of your own images or a CSV, see
@@ -310,7 +358,9 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
     first. ``model_file``: also save the trained network as one model file (``save_trained_model``, with
     ``command``, the command line that trained it, default this process's). ``amp`` (None, "bf16",
     "fp16") and ``compile``: mixed precision and torch.compile in training (see ``trainer.fit``);
-    ``recipe``: a ``Recipe`` (default ``CLASSIC``, the classic study's settings).
+    ``recipe``: a ``Recipe``, None (default) for the study's recipe of the method (``RECIPES``) or
+    ``"classic"`` for the one before it (see ``method_recipe``); the row records it in words (``recipe_label``)
+    and goes to ``results/<name>.md`` when it is the study's recipe, to ``results/<name>-recipes.md`` when not.
     Under torchrun every rank trains its share (``build_method``); rank 0 alone evaluates, plots and
     writes, and every rank returns rank 0's row.
     Returns the row: a dict of the evaluation metrics, seconds per epoch, epochs and settings.
@@ -329,6 +379,9 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
         images_dir = None if images_dir is None else os.path.join(images_dir, "quick")
         results_dir = None if results_dir is None else os.path.join(results_dir, "quick")
     label = method_label(method, selector)
+    recipe = method_recipe(label, recipe)
+    if recipe_tag(label, recipe) and images_dir is not None:  # the study's plots stay those of its recipes
+        images_dir = os.path.join(images_dir, "recipes", recipe_tag(label, recipe))
     settings = {"dataset": name, "method": label, "embedding_dim": embedding_dim, "epochs": epochs,
                 "seed": seed, "quick": quick, "channels_last": channels_last, "train_classes": train_classes}
     if network != "embedding-net" or pretrained is not None:  # recorded only when not the classic network
@@ -370,7 +423,7 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
                   compile=compile)
     row = None
     if writer:
-        row = _finish_run(dict(settings, train_classes=classes_tag), method, model, history, (train_set, test_set),
+        row = _finish_run(dict(settings, train_classes=classes_tag, recipe=recipe_label(recipe)), method, model, history, (train_set, test_set),
                           held_out, images_dir, results_dir, run_dir, model_file, command)
     return broadcast_from_main(row)
 
@@ -403,12 +456,13 @@ def _finish_run(row, method, model, history, splits, held_out, images_dir, resul
 
 def _scores(method, model, history, embedded, held_out, seed):
     """A trained method's scores for its row: ``evaluate_embeddings`` of the test embeddings against the
-    train ones, the classifier's accuracy (softmax), the mean epoch time, the final losses and, with a
+    train ones, the classifier's accuracy (softmax), the mean epoch time and the thread count, the final losses and, with a
     ``held_out`` dataset, ``evaluate_held_out``."""
     scores = evaluate_embeddings(*embedded["train"], *embedded["test"], seed=seed)
     if method == "softmax":
         scores["classifier_accuracy"] = history["val_accuracy"][-1] / 100
     scores["seconds_per_epoch"] = sum(history["seconds"]) / len(history["seconds"])
+    scores["threads"] = torch.get_num_threads()  # the numbers move with it (float sums in another order)
     scores["final_train_loss"] = history["train_loss"][-1]
     scores["final_val_loss"] = history["val_loss"][-1]
     if held_out is not None:
@@ -456,14 +510,16 @@ def save_trained_model(path, model, network, train_set, validation, row, seed=0,
 RUN_SETTINGS, RUN_ROW = "settings.json", "row.json"
 
 
-def method_run_dir(run_dir, dataset, label, embedding_dim=2, seed=0, quick=False, train_classes=None):
+def method_run_dir(run_dir, dataset, label, embedding_dim=2, seed=0, quick=False, train_classes=None, recipe=None):
     """The folder of one method's run under ``run_dir``, e.g.
     ``checkpoints/fashion-mnist/online-triplet-random-hard_2d_seed0`` (``fashion-mnist-quick`` for quick
-    runs, ``.../train-classes-0-4/...`` for held-out runs)."""
+    runs, ``.../train-classes-0-4/...`` for held-out runs, ``..._seed0_bn-soft-margin`` for a ``recipe``
+    other than the study's, see ``method_recipe``)."""
     folder = os.path.join(run_dir, dataset + ("-quick" if quick else ""))
     if train_classes is not None:
         folder = os.path.join(folder, "train-classes-" + str(train_classes).replace(",", "_"))
-    return os.path.join(folder, f"{label.replace('/', '-')}_{embedding_dim}d_seed{seed}")
+    tag = recipe_tag(label, recipe)
+    return os.path.join(folder, f"{label.replace('/', '-')}_{embedding_dim}d_seed{seed}" + (tag and "_" + tag))
 
 
 def _open_run(run_dir, settings, fresh):
@@ -592,20 +648,29 @@ def plot_comparison(dataset, pairs, embedding_dim=2, images_dir="images"):
 
 # -------------------------------------------------------------------------------------- results
 
-COLUMNS = [("method", "method", "{}"), ("embedding_dim", "dim", "{}"),
+COLUMNS = [("method", "method", "{}"), ("embedding_dim", "dim", "{}"), ("recipe", "recipe", "{}"),
            ("precision_at_1", "P@1", "{:.3f}"), ("r_precision", "R-Prec", "{:.3f}"),
            ("map_at_r", "MAP@R", "{:.3f}"), ("knn_accuracy", "kNN acc", "{:.3f}"),
            ("nmi", "NMI", "{:.3f}"), ("roc_auc", "ROC-AUC", "{:.3f}"),
            ("classifier_accuracy", "clf acc", "{:.3f}"),
-           ("seconds_per_epoch", "s/epoch", "{:.1f}"), ("epochs", "epochs", "{}")]
+           ("seconds_per_epoch", "s/epoch", "{:.1f}"), ("threads", "threads", "{}"), ("epochs", "epochs", "{}")]
+
+
+def results_stem(row):
+    """Where a result row is tabulated: ``<dataset>`` for a method trained with the study's recipe
+    (``method_recipe``), ``<dataset>-recipes`` for any other recipe (the classic "before" rows, trials)."""
+    study = recipe_label(method_recipe(row["method"])) if row["method"] in _all_labels() else "classic"
+    return row["dataset"] + ("" if row.get("recipe", "classic") == study else "-recipes")
 
 
 def record_result(row, results_dir="results"):
-    """Merge ``row`` into ``results/<dataset>.json`` (one row per method and embedding size; a
-    new run replaces the old row) and rewrite ``results/<dataset>.md``. Returns the rows."""
+    """Merge ``row`` into ``results/<stem>.json`` (``results_stem``; one row per method, embedding size
+    and recipe: a new run replaces the old row) and rewrite ``results/<stem>.md``. Returns the rows."""
     order = {label: position for position, label in enumerate(_all_labels())}
-    return merge_results(os.path.join(results_dir, row["dataset"]), [row], ("method", "embedding_dim"),
-                         lambda r: (r["embedding_dim"], order.get(r["method"], len(order)), r["method"]),
+    row = {**row, "recipe": row.get("recipe", "classic")}  # rows written before recipes were classic
+    return merge_results(os.path.join(results_dir, results_stem(row)), [row], ("method", "embedding_dim", "recipe"),
+                         lambda r: (r["embedding_dim"], order.get(r["method"], len(order)), r["method"],
+                                    r.get("recipe", "classic")),
                          results_table)
 
 
@@ -650,7 +715,7 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
                 seed=0, quick=False, root="data", download=False, device=None,
                 images_dir="images", results_dir="results", progress=True, channels_last=False,
                 train_classes=None, run_dir=RUN_DIR, fresh=False, network="embedding-net", pretrained=None,
-                folder=None, model_file=None, command=None, amp=None, compile=False, recipe=CLASSIC):
+                folder=None, model_file=None, command=None, amp=None, compile=False, recipe=None):
     """Run several methods on one dataset (the data is loaded once), write the comparison figures
     and return the result rows. ``train_classes``, ``network``, ``pretrained``: see ``run_method``. Each
     method runs in its own folder under ``run_dir`` (``method_run_dir``; None: no checkpoints), so that the
@@ -681,7 +746,7 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
         for selector in (selectors if method == "online-triplet" else [None]):
             label = method_label(method, selector)
             method_dir = (None if run_dir is None else
-                          method_run_dir(run_dir, name, label, embedding_dim, seed, quick, train_classes))
+                          method_run_dir(run_dir, name, label, embedding_dim, seed, quick, train_classes, recipe))
             rows.append(run_method(dataset, method, selector=selector, embedding_dim=embedding_dim,
                                    epochs=epochs, seed=seed, quick=quick, device=device, splits=splits,
                                    images_dir=images_dir, results_dir=results_dir, progress=progress,
@@ -758,14 +823,22 @@ def _parser(omniglot_weights):
                         help="mixed precision training (bfloat16, or float16 with loss scaling); distances and "
                              "mining stay in float32")
     parser.add_argument("--compile", action="store_true", help="train through torch.compile(model)")
-    parser.add_argument("--margin", type=float, default=MARGIN, help=f"the losses' margin (default {MARGIN})")
-    parser.add_argument("--distance", default="squared", choices=DISTANCES,
-                        help="squared Euclidean distances (the classic default) or plain ones, in every "
-                             "contrastive and triplet loss and selector")
-    parser.add_argument("--soft-margin", action="store_true",
+    recipe = parser.add_argument_group(
+        "recipes", "by default each method trains with its recipe in the study (experiments.RECIPES); any option "
+                   "below except --classic gives every method the one recipe it describes, the classic settings "
+                   "changed by the options given")
+    recipe.add_argument("--classic", action="store_true",
+                        help="each method's settings before the study's recipes (the classic study's)")
+    recipe.add_argument("--margin", type=float, default=None, help=f"the losses' margin (classic: {MARGIN})")
+    recipe.add_argument("--distance", default=None, choices=DISTANCES,
+                        help="squared Euclidean distances (the classic) or plain ones, in every contrastive and "
+                             "triplet loss and selector")
+    recipe.add_argument("--soft-margin", action="store_true",
                         help="triplet losses: softplus instead of the hinge (Hermans et al.; use with --margin 0)")
-    parser.add_argument("--batch-norm", action="store_true",
+    recipe.add_argument("--batch-norm", action="store_true",
                         help="end the classic network with a BatchNorm, which keeps the embeddings from collapsing")
+    recipe.add_argument("--easy-selector", default=None, choices=tuple(SELECTORS),
+                        help="online-triplet: add the loss of this (easier) selector's triplets to the selector's")
     parser.add_argument("--save-model", default=None, metavar="FILE",
                         help="save the trained model as one file (one method only), for search.py")
     parser.add_argument("--omniglot-root", default=None,
@@ -813,8 +886,7 @@ def main(argv=None):
                            train_classes=args.train_classes, run_dir=args.run_dir, fresh=args.fresh,
                            network=args.network, pretrained=args.pretrained, folder=folder,
                            model_file=args.save_model, command=" ".join(["python experiments.py", *argv]),
-                           amp=args.amp, compile=args.compile,
-                           recipe=Recipe(args.margin, args.soft_margin, args.distance, args.batch_norm))
+                           amp=args.amp, compile=args.compile, recipe=_recipe_of(args, parser))
     finally:
         writer = is_main_process()
         close_distributed()
@@ -825,9 +897,21 @@ def main(argv=None):
     where = "quick/" if args.quick else ""
     if args.train_classes is not None:
         where += "train-classes-" + rows[0]["train_classes"] + "/"
-    print(f"Total {time.perf_counter() - started:.0f} s. Results in results/{where}{dataset_name(args.dataset)}.md, "
+    tables = ", ".join(sorted({f"results/{where}{results_stem(row)}.md" for row in rows}))
+    print(f"Total {time.perf_counter() - started:.0f} s. Results in {tables}, "
           f"plots in images/{where}." + (f" Model saved to {args.save_model}." if args.save_model else ""))
     return rows
+
+
+def _recipe_of(args, parser):
+    """The ``recipe`` argument of ``run_methods`` the command line asks for: one ``Recipe`` for every method
+    when an option describes one, ``"classic"`` for ``--classic``, else None (each method's study recipe)."""
+    given = {"margin": args.margin, "soft": args.soft_margin or None, "distance": args.distance,
+             "batch_norm": args.batch_norm or None, "easy_selector": args.easy_selector}
+    given = {field: value for field, value in given.items() if value is not None}
+    if given and args.classic:
+        parser.error("--classic takes each method's classic settings; leave out the recipe options with it")
+    return CLASSIC._replace(**given) if given else "classic" if args.classic else None
 
 
 # ----------------------------------------------------------------------------- held-out classes

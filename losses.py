@@ -204,7 +204,8 @@ def _check_scale(scale):
 
 # The method each kind of selector must have, and an example of one, for the error message.
 _SELECTOR_METHODS = {"pair_selector": ("get_pairs", "utils.HardNegativePairSelector()"),
-                     "triplet_selector": ("get_triplets", "utils.RandomNegativeTripletSelector(margin)")}
+                     "triplet_selector": ("get_triplets", "utils.RandomNegativeTripletSelector(margin)"),
+                     "easy_selector": ("get_triplets", "utils.RandomNegativeTripletSelector(margin)")}
 
 
 def _check_selector(selector, name):
@@ -342,6 +343,11 @@ class OnlineTripletLoss(nn.Module):
     distances (``utils.as_distance``); the selector must compare the same distance (its ``distance``
     argument), else ValueError, since its hardness tests add the margin to that distance.
 
+    ``easy_selector`` (default None): a second selector, usually an easier one (random-hard), whose
+    triplets' mean loss is added to the first's: a mixed objective, the hard terms on top of an easier
+    one that keeps the embeddings spread (see README, "Recipes"). ``last_selection`` and the count stay
+    those of ``triplet_selector``.
+
     ``gather`` (default True) only acts under ``torch.distributed`` with world size > 1: the triplets
     are then mined over the batches of all ranks gathered in rank order (one process's selection on
     that global batch; the random-hard and semi-hard selectors need a generator seeded alike on every
@@ -353,30 +359,40 @@ class OnlineTripletLoss(nn.Module):
 
     last_selection = None  # Selection of the last batch (triplets selected, triplets with a non-zero loss)
 
-    def __init__(self, margin, triplet_selector, gather=True, soft=False, distance="squared"):
+    def __init__(self, margin, triplet_selector, gather=True, soft=False, distance="squared", easy_selector=None):
         super().__init__()
         self.margin = _check_margin(margin)
-        self.triplet_selector = _check_selector(triplet_selector, "triplet_selector")
         self.soft = check_flag(soft, "soft")
         self.distance = check_choice(distance, DISTANCES, "distance")
-        selector_distance = getattr(triplet_selector, "distance", distance)
-        if selector_distance != distance:
-            raise ValueError(f"the triplet_selector compares {selector_distance!r} distances but the loss "
-                             f"{distance!r} ones, so it would call triplets hard by another distance than the "
-                             f"loss's; build the selector with distance={distance!r}")
+        self.triplet_selector = self._checked(triplet_selector, "triplet_selector")
+        self.easy_selector = None if easy_selector is None else self._checked(easy_selector, "easy_selector")
         self.gather = bool(gather)
+
+    def _checked(self, selector, name):
+        selector = _check_selector(selector, name)
+        selector_distance = getattr(selector, "distance", self.distance)
+        if selector_distance != self.distance:
+            raise ValueError(f"the {name} compares {selector_distance!r} distances but the loss "
+                             f"{self.distance!r} ones, so it would call triplets hard by another distance than "
+                             f"the loss's; build the selector with distance={self.distance!r}")
+        return selector
 
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
         embeddings, target, share = _global_batch(embeddings, target, self.gather)
-        triplets = self.triplet_selector.get_triplets(embeddings, target)
-        triplets = triplets[_owned(triplets[:, 0], share)]
-        # the full matrix, as the selector just computed it: the same values as on one process
+        # the full matrix, as the selectors compute it: the same values as on one process
         distances = as_distance(pdist(embeddings), self.distance)
-        anchors, positives, negatives = triplets.unbind(1)
-        losses = triplet_terms(distances[anchors, positives], distances[anchors, negatives], self.margin, self.soft)
-        loss, self.last_selection = _global_mean(losses, embeddings, share)
+        loss, self.last_selection = self._selected_mean(self.triplet_selector, embeddings, target, distances, share)
+        if self.easy_selector is not None:
+            loss = loss + self._selected_mean(self.easy_selector, embeddings, target, distances, share)[0]
         return loss, int(self.last_selection.active)
+
+    def _selected_mean(self, selector, embeddings, target, distances, share):
+        """``_global_mean`` of the terms of the triplets ``selector`` mines in the (gathered) batch."""
+        triplets = selector.get_triplets(embeddings, target)
+        anchors, positives, negatives = triplets[_owned(triplets[:, 0], share)].unbind(1)
+        terms = triplet_terms(distances[anchors, positives], distances[anchors, negatives], self.margin, self.soft)
+        return _global_mean(terms, embeddings, share)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -272,32 +272,38 @@ def test_plot_comparison_skips_pairs_without_plots(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-HEADER = ("| method | dim | P@1 | R-Prec | MAP@R | kNN acc | NMI | ROC-AUC | clf acc | s/epoch | epochs |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|\n")
+HEADER = ("| method | dim | recipe | P@1 | R-Prec | MAP@R | kNN acc | NMI | ROC-AUC | clf acc | s/epoch | threads "
+          "| epochs |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def test_results_table_formats_each_column():
     rows = [
         {"method": "softmax", "embedding_dim": 2, "precision_at_1": 0.98765, "r_precision": 0.5,
          "map_at_r": 0.12345, "knn_accuracy": 1.0, "nmi": 0.0, "roc_auc": 0.99996,
-         "classifier_accuracy": 0.9712, "seconds_per_epoch": 12.34, "epochs": 20, "seed": 0},
+         "classifier_accuracy": 0.9712, "seconds_per_epoch": 12.34, "epochs": 20, "seed": 0, "recipe": "classic",
+         "threads": 2},
         {"method": "online-triplet/semi-hard", "embedding_dim": 64, "precision_at_1": 0.25,
          "r_precision": 0.0625, "map_at_r": 0.03125, "knn_accuracy": 0.5, "nmi": 0.75, "roc_auc": 0.875,
          "classifier_accuracy": None, "seconds_per_epoch": 3.0, "epochs": 1},
     ]
     assert experiments.results_table(rows) == HEADER + (
-        "| softmax | 2 | 0.988 | 0.500 | 0.123 | 1.000 | 0.000 | 1.000 | 0.971 | 12.3 | 20 |\n"
-        "| online-triplet/semi-hard | 64 | 0.250 | 0.062 | 0.031 | 0.500 | 0.750 | 0.875 |  | 3.0 | 1 |\n")
+        "| softmax | 2 | classic | 0.988 | 0.500 | 0.123 | 1.000 | 0.000 | 1.000 | 0.971 | 12.3 | 2 | 20 |\n"
+        "| online-triplet/semi-hard | 64 |  | 0.250 | 0.062 | 0.031 | 0.500 | 0.750 | 0.875 |  | 3.0 |  | 1 |\n")
     assert experiments.results_table([]) == HEADER
 
 
-def test_record_result_keeps_one_sorted_row_per_method_and_size(tmp_path):
-    def row(method, dim, value, dataset="mnist"):
-        return {"dataset": dataset, "method": method, "embedding_dim": dim, "nmi": value}
+def test_record_result_keeps_one_sorted_row_per_method_size_and_recipe(tmp_path):
+    study_recipe = experiments.recipe_label(experiments.method_recipe("online-triplet/batch-hard"))
+    assert study_recipe != "classic"
 
-    for new in (row("online-triplet/batch-hard", 2, 0.1), row("softmax", 64, 0.2), row("triplet", 2, 0.3),
-                row("online-triplet/all", 2, 0.4), row("softmax", 2, 0.5), row("triplet", 2, 0.6),
-                row("softmax", 2, 0.7, dataset="fashion-mnist")):
+    def row(method, dim, value, dataset="mnist", **more):
+        return {"dataset": dataset, "method": method, "embedding_dim": dim, "nmi": value, **more}
+
+    for new in (row("online-triplet/batch-hard", 2, 0.1, recipe=study_recipe), row("softmax", 64, 0.2),
+                row("triplet", 2, 0.3), row("online-triplet/all", 2, 0.4), row("softmax", 2, 0.5),
+                row("triplet", 2, 0.6, recipe="classic"), row("softmax", 2, 0.7, dataset="fashion-mnist"),
+                row("online-triplet/batch-hard", 2, 0.8), row("online-triplet/batch-hard", 2, 0.9, recipe="BN"),
+                row("softmax", 2, 0.25, recipe="BN")):
         experiments.record_result(new, str(tmp_path))
     with open(tmp_path / "mnist.json") as file:
         saved = json.load(file)
@@ -308,6 +314,11 @@ def test_record_result_keeps_one_sorted_row_per_method_and_size(tmp_path):
         assert file.read() == experiments.results_table(saved)
     with open(tmp_path / "fashion-mnist.json") as file:
         assert [old["nmi"] for old in json.load(file)] == [0.7]
+    # any other recipe than the study's (the classic one included) goes to the recipes table, one row per recipe
+    with open(tmp_path / "mnist-recipes.json") as file:
+        assert [(old["method"], old["recipe"], old["nmi"]) for old in json.load(file)] == [
+            ("softmax", "BN", 0.25), ("online-triplet/batch-hard", "BN", 0.9),
+            ("online-triplet/batch-hard", "classic", 0.8)]
 
 
 def test_the_command_line_turns_flush_to_zero_on_before_any_work(monkeypatch):
@@ -340,10 +351,25 @@ def test_the_command_line_takes_a_recipe_and_records_it_only_when_not_classic(tm
               "--no-progress", "--root", "data"]
     (row,) = experiments.main(common + ["--distance", "euclidean", "--soft-margin", "--margin", "0", "--batch-norm"])
     assert (row["distance"], row["soft"], row["margin"], row["batch_norm"]) == ("euclidean", True, 0.0, True)
-    assert row["final_train_loss"] > 0
-    (classic,) = experiments.main(common + ["--run-dir", "other"])
-    assert not {"distance", "soft", "margin", "batch_norm"} & classic.keys()
+    assert row["recipe"] == "BN, soft margin, euclidean, margin 0" and row["final_train_loss"] > 0
+    assert os.path.exists("images/quick/recipes/bn-soft-margin-euclidean-margin-0/mnist_online-triplet-batch-hard_test.png")
+    (classic,) = experiments.main(common + ["--classic"])
+    assert not {"distance", "soft", "margin", "batch_norm", "easy_selector"} & classic.keys()
+    assert classic["recipe"] == "classic"
+    (study,) = experiments.main(common)  # the study's recipe of the selector (RECIPES)
+    assert study["recipe"] == experiments.recipe_label(experiments.RECIPES["online-triplet/batch-hard"])
+    assert (study["batch_norm"], study["easy_selector"]) == (True, "random-hard")
+    with open("results/quick/mnist.json") as file:
+        assert [saved["recipe"] for saved in json.load(file)] == [study["recipe"]]
+    with open("results/quick/mnist-recipes.json") as file:
+        assert sorted(saved["recipe"] for saved in json.load(file)) == sorted([row["recipe"], "classic"])
+    assert sorted(os.listdir("checkpoints/mnist-quick")) == [
+        "online-triplet-batch-hard_2d_seed0", "online-triplet-batch-hard_2d_seed0_bn-soft-margin-euclidean-margin-0",
+        "online-triplet-batch-hard_2d_seed0_classic"]
     with pytest.raises(ValueError, match="--batch-norm"):
         experiments.main(common + ["--batch-norm", "--network", "resnet18", "--run-dir", "third"])
-    with pytest.raises(SystemExit):
-        experiments.main(common + ["--distance", "cosine"])
+    for wrong in (["--distance", "cosine"], ["--classic", "--margin", "2"], ["--easy-selector", "bogus"]):
+        with pytest.raises(SystemExit):
+            experiments.main(common + wrong)
+
+

@@ -153,3 +153,46 @@ def test_soft_must_be_true_or_false():
         TripletLoss(1.0, soft=1)
     with pytest.raises(TypeError, match="soft"):
         OnlineTripletLoss(1.0, AllTripletSelector(), soft="yes")
+
+
+def _mean(terms):
+    return sum(terms) / len(terms) if terms else 0.0
+
+
+@settings(max_examples=40)
+@given(st.integers(0, 10_000), MARGINS, st.sampled_from(VARIANTS), st.booleans())
+def test_an_easy_selector_adds_the_mean_loss_of_its_triplets(seed, margin, variant, duplicate):
+    """The mixed objective: the mean term of the hard selector's triplets plus that of the easy one's,
+    the count and ``last_selection`` those of the hard selector alone."""
+    soft, distance = variant
+    embeddings, labels = batch(seed, duplicate=duplicate)
+    embeddings.requires_grad_(True)
+    hard, easy = BatchHardTripletSelector(distance=distance), HardestNegativeTripletSelector(margin, distance=distance)
+    loss_fn = OnlineTripletLoss(margin, hard, soft=soft, distance=distance, easy_selector=easy)
+    loss, n_active = loss_fn(embeddings, labels)
+    D = as_distance(pdist(embeddings.detach()), distance)
+    hard_terms = reference.ref_triplet_losses(embeddings.detach(), reference.ref_batch_hard_triplets(D, labels),
+                                              margin, soft, distance)
+    easy_terms = reference.ref_triplet_losses(embeddings.detach(), reference.ref_hardest_negative_triplets(
+        D, labels, margin), margin, soft, distance)
+    assert loss.item() == pytest.approx(_mean(hard_terms) + _mean(easy_terms), rel=1e-9, abs=1e-12)
+    assert n_active == sum(1 for term in hard_terms if term > 0)
+    assert loss_fn.last_selection.selected == len(hard_terms)
+    loss.backward()
+    assert torch.isfinite(embeddings.grad).all()
+
+
+def test_an_easy_selector_must_mine_triplets_in_the_loss_distance():
+    with pytest.raises(TypeError, match="easy_selector must have a get_triplets"):
+        OnlineTripletLoss(1.0, BatchHardTripletSelector(), easy_selector=HardNegativePairSelector())
+    with pytest.raises(ValueError, match="easy_selector compares 'squared'"):
+        OnlineTripletLoss(1.0, BatchHardTripletSelector(distance="euclidean"), distance="euclidean",
+                          easy_selector=RandomNegativeTripletSelector(1.0))
+
+
+def test_a_nan_embedding_gives_a_nan_mixed_loss():
+    embeddings, labels = batch(0)
+    embeddings[3, 0] = float("nan")
+    loss, _ = OnlineTripletLoss(1.0, BatchHardTripletSelector(), easy_selector=RandomNegativeTripletSelector(1.0))(
+        embeddings, labels)
+    assert not torch.isfinite(loss)
