@@ -12,7 +12,7 @@ METHODS ?= all
 SELECTORS ?= all
 SYSTEM_FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: test experiments data bench clean
+.PHONY: test experiments notebooks data bench clean
 
 test: $(VENV)/installed
 	$(BIN)/python -m pytest -q -m "not cuda" tests
@@ -20,6 +20,14 @@ test: $(VENV)/installed
 experiments: $(VENV)/installed data
 	$(BIN)/python experiments.py --dataset $(DATASET) --methods $(METHODS) --selectors $(SELECTORS) \
 		--epochs $(EPOCHS) --embedding-dim $(EMBEDDING_DIM) --channels-last --download
+
+# The notebooks committed with outputs, executed in place on the saved results (ST_TRAIN=0: results/,
+# images/, weights/), after `make experiments` or another run changed them. Experiments_MNIST.ipynb
+# stays without outputs (it needs the MNIST download).
+notebooks: $(VENV)/installed data
+	for notebook in Experiments_FashionMNIST Experiments_Omniglot Experiments_Autoencoders; do \
+		ST_TRAIN=0 ST_QUICK=0 $(BIN)/jupyter execute --inplace --timeout=3600 $$notebook.ipynb || exit 1; \
+	done
 
 # Fashion-MNIST from the operating system's package where the system has one and we may install
 # it (Debian's dataset-fashion-mnist); otherwise experiments.py falls back to torchvision's download.

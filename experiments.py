@@ -382,14 +382,8 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
     recipe = method_recipe(label, recipe)
     if recipe_tag(label, recipe) and images_dir is not None:  # the study's plots stay those of its recipes
         images_dir = os.path.join(images_dir, "recipes", recipe_tag(label, recipe))
-    settings = {"dataset": name, "method": label, "embedding_dim": embedding_dim, "epochs": epochs,
-                "seed": seed, "quick": quick, "channels_last": channels_last, "train_classes": train_classes}
-    if network != "embedding-net" or pretrained is not None:  # recorded only when not the classic network
-        settings.update(network=network, pretrained=pretrained)
-    if amp is not None or compile:  # likewise only when set, so that earlier run folders still resume
-        settings.update(amp=amp, compile=compile)
-    if recipe != CLASSIC:  # likewise
-        settings.update(recipe._asdict())
+    settings = method_settings(name, label, embedding_dim, epochs, seed, quick, channels_last, train_classes, network,
+                               pretrained, amp, compile, recipe)
     finished = broadcast_from_main(_open_run(run_dir, settings, fresh) if writer else None)
     if finished is not None:
         if writer:
@@ -423,22 +417,41 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
                   compile=compile)
     row = None
     if writer:
-        row = _finish_run(dict(settings, train_classes=classes_tag, recipe=recipe_label(recipe)), method, model, history, (train_set, test_set),
-                          held_out, images_dir, results_dir, run_dir, model_file, command)
+        row = finish_run(dict(settings, train_classes=classes_tag), method, model, history, (train_set, test_set),
+                         held_out, images_dir, results_dir, run_dir, model_file, command)
     return broadcast_from_main(row)
 
 
-def _finish_run(row, method, model, history, splits, held_out, images_dir, results_dir, run_dir, model_file,
-                command):
-    """After training: score the embeddings of a method's trained ``model`` into ``row`` (its settings),
-    plot them, save the model file, record the row in the results and, last, in the run folder.
-    Returns the row."""
+def method_settings(name, label, embedding_dim, epochs, seed, quick=False, channels_last=False, train_classes=None,
+                    network="embedding-net", pretrained=None, amp=None, compile=False, recipe=None):
+    """The settings of one method's run (see ``run_method`` for each), the start of its result row and what
+    its run folder must match to resume. The network, mixed precision and recipe (``method_recipe(label,
+    recipe)``) are recorded only when not the classic ones, so that earlier run folders still resume."""
+    settings = {"dataset": name, "method": label, "embedding_dim": embedding_dim, "epochs": epochs,
+                "seed": seed, "quick": quick, "channels_last": channels_last, "train_classes": train_classes}
+    if network != "embedding-net" or pretrained is not None:
+        settings.update(network=network, pretrained=pretrained)
+    if amp is not None or compile:
+        settings.update(amp=amp, compile=compile)
+    recipe = method_recipe(label, recipe)
+    if recipe != CLASSIC:
+        settings.update(recipe._asdict())
+    return settings
+
+
+def finish_run(row, method, model, history, splits, held_out=None, images_dir="images", results_dir="results",
+               run_dir=None, model_file=None, command=None):
+    """After training a method's ``model`` (``trainer.fit``'s ``history``) on ``splits`` ``(train, test)``:
+    score its embeddings into ``row`` (its ``method_settings``; the recipe in words added), plot them under
+    ``images_dir``, save the model file, record the row under ``results_dir`` (``record_result``; a directory
+    of None: skipped) and, last, in the run folder. ``held_out``: see ``run_method``. Returns the row."""
     train_set, test_set = splits
     name, label, embedding_dim, seed = row["dataset"], row["method"], row["embedding_dim"], row["seed"]
     network = row.get("network", "embedding-net")
     embedded = _embed_splits(model, train_set, test_set)
+    row["recipe"] = recipe_label(Recipe(**{field: row[field] for field in Recipe._fields if field in row}))
     row.update(_scores(method, model, history, embedded, held_out, seed))
-    if row["train_classes"] is None:
+    if row.get("train_classes", "") is None:
         del row["train_classes"]
     if images_dir is not None:
         for split, (embeddings, labels) in embedded.items():
@@ -641,19 +654,26 @@ def plot_comparison(dataset, pairs, embedding_dim=2, images_dir="images"):
         for axis, path in zip(axes, paths):
             axis.imshow(mpimg.imread(path))
             axis.axis("off")
-        written.append(save_figure(figure, os.path.join(
-            images_dir, f"{_image_stem(dataset, left, embedding_dim)}_vs_{right.replace('/', '-')}.png")))
+        written.append(save_figure(figure, comparison_path(dataset, left, right, embedding_dim, images_dir)))
     return written
+
+
+def comparison_path(dataset, left, right, embedding_dim=2, images_dir="images"):
+    """Where ``plot_comparison`` saves the figure of method ``left`` beside ``right``."""
+    return os.path.join(images_dir, f"{_image_stem(dataset, left, embedding_dim)}_vs_{right.replace('/', '-')}.png")
 
 
 # -------------------------------------------------------------------------------------- results
 
-COLUMNS = [("method", "method", "{}"), ("embedding_dim", "dim", "{}"), ("recipe", "recipe", "{}"),
+COLUMNS = [("method", "method", "{}"), ("embedding_dim", "dim", "{}"), ("recipe", "recipe", "{}"), ("seed", "seed", "{}"),
            ("precision_at_1", "P@1", "{:.3f}"), ("r_precision", "R-Prec", "{:.3f}"),
            ("map_at_r", "MAP@R", "{:.3f}"), ("knn_accuracy", "kNN acc", "{:.3f}"),
            ("nmi", "NMI", "{:.3f}"), ("roc_auc", "ROC-AUC", "{:.3f}"),
            ("classifier_accuracy", "clf acc", "{:.3f}"),
            ("seconds_per_epoch", "s/epoch", "{:.1f}"), ("threads", "threads", "{}"), ("epochs", "epochs", "{}")]
+
+
+RESULT_KEY = ("method", "embedding_dim", "recipe", "seed")  # what tells two result rows apart
 
 
 def results_stem(row):
@@ -664,13 +684,13 @@ def results_stem(row):
 
 
 def record_result(row, results_dir="results"):
-    """Merge ``row`` into ``results/<stem>.json`` (``results_stem``; one row per method, embedding size
-    and recipe: a new run replaces the old row) and rewrite ``results/<stem>.md``. Returns the rows."""
+    """Merge ``row`` into ``results/<stem>.json`` (``results_stem``; one row per method, embedding size,
+    recipe and seed: a new run replaces the old row) and rewrite ``results/<stem>.md``. Returns the rows."""
     order = {label: position for position, label in enumerate(_all_labels())}
-    row = {**row, "recipe": row.get("recipe", "classic")}  # rows written before recipes were classic
-    return merge_results(os.path.join(results_dir, results_stem(row)), [row], ("method", "embedding_dim", "recipe"),
+    row = {**row, "recipe": row.get("recipe", "classic"), "seed": row.get("seed", 0)}  # before recipes: classic
+    return merge_results(os.path.join(results_dir, results_stem(row)), [row], RESULT_KEY,
                          lambda r: (r["embedding_dim"], order.get(r["method"], len(order)), r["method"],
-                                    r.get("recipe", "classic")),
+                                    r.get("recipe", "classic"), r.get("seed", 0)),
                          results_table)
 
 

@@ -7,6 +7,7 @@ kernel spec manager is given no folders to search, so no kernel registered on th
 """
 
 import asyncio
+import hashlib
 import os
 
 import nbformat
@@ -56,6 +57,29 @@ def check_committed_clean(filename, variables):
     assert "parameters" in first_code.metadata.get("tags", [])
     for variable in variables:
         assert variable in first_code.source  # documented in the cell
+
+
+def check_committed_executed(filename, variables):
+    """The notebook validates, runs on the python3 kernel, and was executed from top to bottom as
+    committed: every code cell ran once, in order, without an error output; its first code cell is
+    tagged `parameters` and names every environment variable it reads. Returns the notebook."""
+    notebook = read_notebook(filename)
+    nbformat.validate(notebook)
+    assert notebook.metadata.kernelspec.name == "python3"
+    cells = code_cells(notebook)
+    assert [cell.execution_count for cell in cells] == list(range(1, len(cells) + 1))
+    for cell in cells:
+        assert not [output for output in cell.outputs if output.output_type == "error"], cell.source[:80]
+    assert "parameters" in cells[0].metadata.get("tags", [])
+    for variable in variables:
+        assert variable in cells[0].source
+    return notebook
+
+
+def file_digest(filename):
+    """SHA-256 of a repository file, to show that a test left it as it was."""
+    with open(os.path.join(REPO, filename), "rb") as file:
+        return hashlib.sha256(file.read()).hexdigest()
 
 
 def kernel_environment(tmp_path, **settings):

@@ -93,6 +93,11 @@ CASES = {
     "triplet-semi-hard": (losses.OnlineTripletLoss,
                           lambda: utils.SemihardNegativeTripletSelector(1.0, generator=_seeded()), 1.0),
     "triplet-batch-hard": (losses.OnlineTripletLoss, lambda: utils.BatchHardTripletSelector(), 1.0),
+    # the mixed objective: batch-hard plus a random-hard selection, each averaged over the global batch
+    "triplet-batch-hard-plus-random-hard": (
+        lambda margin, selector, gather: losses.OnlineTripletLoss(
+            margin, selector, gather=gather, easy_selector=utils.RandomNegativeTripletSelector(margin, generator=_seeded())),
+        lambda: utils.BatchHardTripletSelector(), 1.0),
     "contrastive-hard-negative": (losses.OnlineContrastiveLoss, lambda: utils.HardNegativePairSelector(), 1.5),
     "contrastive-all-positive": (losses.OnlineContrastiveLoss,
                                  lambda: utils.AllPositivePairSelector(balance=True, generator=_seeded()), 1.5),

@@ -105,14 +105,18 @@ def copy_study(study, destination):
     shutil.copytree(work / "results", destination / "results")
 
 
-def test_rerun_replaces_its_row(study, tmp_path, monkeypatch):
+def test_rerun_replaces_its_row_and_another_seed_adds_one(study, tmp_path, monkeypatch):
     copy_study(study, tmp_path)
     monkeypatch.chdir(tmp_path)
-    row = experiments.run_method("mnist", "online-contrastive", seed=1, quick=True, root="data", progress=False)
+    rerun = experiments.run_method("mnist", "online-contrastive", quick=True, root="data", progress=False,
+                                   epochs=None, channels_last=True)
+    other_seed = experiments.run_method("mnist", "online-contrastive", seed=1, quick=True, root="data", progress=False)
     with open(tmp_path / "results" / "quick" / "mnist.json") as file:
         saved = json.load(file)
-    assert [old["method"] for old in saved] == LABELS
-    assert saved[LABELS.index("online-contrastive")] == row and row["seed"] == 1
+    position = LABELS.index("online-contrastive")
+    assert [old["method"] for old in saved] == LABELS[:position + 1] + LABELS[position:]
+    assert saved[position] == rerun and rerun["seed"] == 0 and rerun["channels_last"]
+    assert saved[position + 1] == other_seed and other_seed["seed"] == 1
     assert [old for old in saved if old["method"] != "online-contrastive"] == \
         [study[1][label] for label in LABELS if label != "online-contrastive"]
 
@@ -272,8 +276,8 @@ def test_plot_comparison_skips_pairs_without_plots(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-HEADER = ("| method | dim | recipe | P@1 | R-Prec | MAP@R | kNN acc | NMI | ROC-AUC | clf acc | s/epoch | threads "
-          "| epochs |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+HEADER = ("| method | dim | recipe | seed | P@1 | R-Prec | MAP@R | kNN acc | NMI | ROC-AUC | clf acc | s/epoch | "
+          "threads | epochs |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def test_results_table_formats_each_column():
@@ -287,8 +291,8 @@ def test_results_table_formats_each_column():
          "classifier_accuracy": None, "seconds_per_epoch": 3.0, "epochs": 1},
     ]
     assert experiments.results_table(rows) == HEADER + (
-        "| softmax | 2 | classic | 0.988 | 0.500 | 0.123 | 1.000 | 0.000 | 1.000 | 0.971 | 12.3 | 2 | 20 |\n"
-        "| online-triplet/semi-hard | 64 |  | 0.250 | 0.062 | 0.031 | 0.500 | 0.750 | 0.875 |  | 3.0 |  | 1 |\n")
+        "| softmax | 2 | classic | 0 | 0.988 | 0.500 | 0.123 | 1.000 | 0.000 | 1.000 | 0.971 | 12.3 | 2 | 20 |\n"
+        "| online-triplet/semi-hard | 64 |  |  | 0.250 | 0.062 | 0.031 | 0.500 | 0.750 | 0.875 |  | 3.0 |  | 1 |\n")
     assert experiments.results_table([]) == HEADER
 
 
@@ -303,12 +307,12 @@ def test_record_result_keeps_one_sorted_row_per_method_size_and_recipe(tmp_path)
                 row("triplet", 2, 0.3), row("online-triplet/all", 2, 0.4), row("softmax", 2, 0.5),
                 row("triplet", 2, 0.6, recipe="classic"), row("softmax", 2, 0.7, dataset="fashion-mnist"),
                 row("online-triplet/batch-hard", 2, 0.8), row("online-triplet/batch-hard", 2, 0.9, recipe="BN"),
-                row("softmax", 2, 0.25, recipe="BN")):
+                row("softmax", 2, 0.25, recipe="BN"), row("softmax", 2, 0.55, seed=1), row("softmax", 2, 0.5, seed=0)):
         experiments.record_result(new, str(tmp_path))
     with open(tmp_path / "mnist.json") as file:
         saved = json.load(file)
     assert [(old["method"], old["embedding_dim"], old["nmi"]) for old in saved] == [
-        ("softmax", 2, 0.5), ("triplet", 2, 0.6), ("online-triplet/all", 2, 0.4),
+        ("softmax", 2, 0.5), ("softmax", 2, 0.55), ("triplet", 2, 0.6), ("online-triplet/all", 2, 0.4),
         ("online-triplet/batch-hard", 2, 0.1), ("softmax", 64, 0.2)]
     with open(tmp_path / "mnist.md") as file:
         assert file.read() == experiments.results_table(saved)

@@ -1,6 +1,7 @@
-"""The autoencoder notebook: committed clean, parameters read from the environment, and a quick run
-executes end to end (nbclient, this interpreter's kernel) on the IDX fixture in a temporary folder.
-Kernel and execution helpers: tests/notebook_helpers.py."""
+"""The autoencoder notebook: committed executed with the saved sweep (its tables are the rows of
+results/autoencoders-fashion-mnist.json), parameters read from the environment, and a quick run executes
+end to end (nbclient, this interpreter's kernel, on a copy in memory) on the IDX fixture in a temporary
+folder. Kernel and execution helpers: tests/notebook_helpers.py."""
 
 import json
 import os
@@ -8,12 +9,14 @@ import os
 import pytest
 
 from fixtures import write_idx_fixture
-from notebook_helpers import (check_committed_clean, code_cells, kernel_environment, outputs_of,
+import autoencoders
+from notebook_helpers import (REPO, check_committed_executed, code_cells, file_digest, kernel_environment, outputs_of,
                               parameter_values, read_notebook, run_notebook)
 
 NOTEBOOK = "Experiments_Autoencoders.ipynb"
-PARAMETER_VARIABLES = ["ST_DATASET", "ST_ITERS", "ST_LATENT_DIMS", "ST_QUICK", "ST_DATA_ROOT", "ST_DOWNLOAD"]
-PARAMETERS = ["DATASET", "ITERS", "LATENT_DIMS", "QUICK", "DATA_ROOT", "DOWNLOAD"]
+PARAMETER_VARIABLES = ["ST_DATASET", "ST_ITERS", "ST_LATENT_DIMS", "ST_QUICK", "ST_TRAIN", "ST_DATA_ROOT",
+                       "ST_DOWNLOAD"]
+PARAMETERS = ["DATASET", "ITERS", "LATENT_DIMS", "QUICK", "TRAIN", "DATA_ROOT", "DOWNLOAD"]
 SWEEPS = [(constraint, encoder) for constraint in ("pairwise", "triplet") for encoder in ("embenc", "vae")]
 WEIGHTS = [0, 0.25, 0.5, 0.75, 1]
 
@@ -23,17 +26,34 @@ def parameters(monkeypatch, environment):
     return parameter_values(NOTEBOOK, monkeypatch, PARAMETER_VARIABLES, environment, PARAMETERS)
 
 
-def test_notebook_is_committed_clean():
-    check_committed_clean(NOTEBOOK, PARAMETER_VARIABLES)
+def test_notebook_is_committed_with_the_saved_sweep():
+    notebook = check_committed_executed(NOTEBOOK, PARAMETER_VARIABLES)
+    assert "saved results" in notebook.cells[0].source
+    with open(os.path.join(REPO, "results", "autoencoders-fashion-mnist.json")) as file:
+        saved = [row for row in json.load(file) if row["latent_dim"] == 2]
+    cells = code_cells(notebook)
+    shown = []
+    for constraint, encoder in SWEEPS:
+        cell = next(cell for cell in cells if f'sweep("{constraint}", "{encoder}")' in cell.source)
+        rows = [row for row in saved if (row["constraint"], row["encoder"]) == (constraint, encoder)]
+        assert sorted(row["weight"] for row in rows) == WEIGHTS
+        assert outputs_of(cell, "text/markdown") == [autoencoders.results_table(rows)]
+        shown += rows
+    assert outputs_of(cells[-1], "text/markdown") == [autoencoders.results_table(shown)]
+    for source, figures in (("plot_tradeoff", 1), ("reconstruction_plot", 2 * len(WEIGHTS)), ("latent_plot", len(SWEEPS))):
+        cell = next(cell for cell in cells if source in cell.source)
+        assert len(outputs_of(cell, "image/png")) == figures, source
 
 
 def test_parameters_default_to_a_full_run_and_follow_the_environment(monkeypatch):
     assert parameters(monkeypatch, {}) == {"DATASET": "fashion-mnist", "ITERS": 20000, "LATENT_DIMS": [2],
-                                           "QUICK": False, "DATA_ROOT": "data", "DOWNLOAD": True}
+                                           "QUICK": False, "TRAIN": False, "DATA_ROOT": "data", "DOWNLOAD": True}
     environment = {"ST_DATASET": "mnist", "ST_ITERS": "30", "ST_LATENT_DIMS": "2,16", "ST_QUICK": "yes",
                    "ST_DATA_ROOT": "/somewhere", "ST_DOWNLOAD": "0"}
     assert parameters(monkeypatch, environment) == {"DATASET": "mnist", "ITERS": 30, "LATENT_DIMS": [2, 16],
-                                                    "QUICK": True, "DATA_ROOT": "/somewhere", "DOWNLOAD": False}
+                                                    "QUICK": True, "TRAIN": True, "DATA_ROOT": "/somewhere",
+                                                    "DOWNLOAD": False}
+    assert parameters(monkeypatch, {"ST_TRAIN": "1"})["TRAIN"] is True
     with pytest.raises(ValueError, match="ST_QUICK"):
         parameters(monkeypatch, {"ST_QUICK": "maybe"})
 
@@ -44,7 +64,9 @@ def test_quick_run_executes_end_to_end(tmp_path):
     work.mkdir()
     environment = kernel_environment(tmp_path, ST_QUICK="1", ST_ITERS="3", ST_DATA_ROOT=str(data_root),
                                      ST_DOWNLOAD="0")
+    before = file_digest(NOTEBOOK)
     notebook = run_notebook(read_notebook(NOTEBOOK), work, environment, tmp_path)
+    assert file_digest(NOTEBOOK) == before  # executed on a copy in memory
 
     final = code_cells(notebook)[-1]
     table = "".join(outputs_of(final, "text/markdown"))

@@ -1,12 +1,15 @@
-"""The Omniglot notebook: committed clean, parameters read from the environment, and a quick run
-executes end to end on small Omniglot-format zips written by the test (kernel and execution helpers:
+"""The Omniglot notebook: committed executed on the committed weights (its accuracy table is
+results/omniglot.json's), parameters read from the environment, and a quick run executes end to end (on a
+copy in memory) on small Omniglot-format zips written by the test (kernel and execution helpers:
 tests/notebook_helpers.py)."""
 
+import json
 import os
 
 import pytest
 
-from notebook_helpers import (check_committed_clean, code_cells, kernel_environment, outputs_of,
+import omniglot
+from notebook_helpers import (REPO, check_committed_executed, code_cells, file_digest, kernel_environment, outputs_of,
                               parameter_values, read_notebook, run_notebook)
 from omniglot_fixtures import write_alphabets, zip_folder
 
@@ -19,8 +22,19 @@ def parameters(monkeypatch, environment):
                             ("QUICK", "EPOCHS", "OMNIGLOT_ROOT", "TRAIN"))
 
 
-def test_notebook_is_committed_clean():
-    check_committed_clean(NOTEBOOK, PARAMETER_VARIABLES)
+def test_notebook_is_committed_with_the_results_of_the_committed_weights():
+    notebook = check_committed_executed(NOTEBOOK, PARAMETER_VARIABLES)
+    assert "committed weights" in notebook.cells[0].source
+    cells = code_cells(notebook)
+    loading = "".join(output.get("text", "") for output in cells[2].outputs)
+    assert f"loaded {omniglot.OMNIGLOT_WEIGHTS}" in loading
+    with open(os.path.join(REPO, "results", "omniglot.json")) as file:
+        saved = json.load(file)
+    table = omniglot.omniglot_table(saved["evaluation"], saved["evaluation_shift_averaged"])
+    assert outputs_of(cells[-1], "text/markdown")[0] == table
+    for source, figures in (("best_threshold(", 1), ("sample_episodes(", 2)):
+        cell = next(cell for cell in cells if source in cell.source)
+        assert len(outputs_of(cell, "image/png")) == figures, source
 
 
 def test_parameters_default_and_follow_the_environment(monkeypatch):
@@ -48,7 +62,9 @@ def test_quick_run_executes_end_to_end(tmp_path):
     write_omniglot_root(data_root)
     work.mkdir()
     environment = kernel_environment(tmp_path, ST_QUICK="1", ST_OMNIGLOT_ROOT=str(data_root))
+    before = file_digest(NOTEBOOK)
     notebook = run_notebook(read_notebook(NOTEBOOK), work, environment, tmp_path)
+    assert file_digest(NOTEBOOK) == before  # executed on a copy in memory
 
     cells = code_cells(notebook)
     data_cell = cells[1]
