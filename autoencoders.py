@@ -407,7 +407,7 @@ COLUMNS = [("constraint", "constraint", "{}"), ("encoder", "encoder", "{}"), ("f
            ("weight", "M", "{:g}"), ("latent_dim", "dim", "{}"), ("knn_accuracy", "kNN acc", "{:.3f}"),
            ("precision_at_1", "P@1", "{:.3f}"), ("map_at_r", "MAP@R", "{:.3f}"), ("nmi", "NMI", "{:.3f}"),
            ("roc_auc", "ROC-AUC", "{:.3f}"), ("reconstruction_mse", "recon MSE", "{:.4f}"),
-           ("num_iters", "iters", "{}"), ("train_seconds", "train s", "{:.0f}")]
+           ("num_iters", "iters", "{}"), ("train_seconds", "train s", "{:.0f}"), ("threads", "threads", "{}")]
 
 
 def results_table(rows):
@@ -487,7 +487,7 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
     Returns the result rows of this call, one dict per model: the settings, ``metrics.evaluate_embeddings``
     of the test embeddings against the train ones (``knn_accuracy`` with k = 5, ``precision_at_1``,
     ``r_precision``, ``map_at_r``, ``nmi``, ``roc_auc``), ``reconstruction_mse`` on the test split, the
-    final training losses, ``train_seconds`` and the plot paths. The rows are merged into
+    final training losses, ``train_seconds``, ``threads`` and the plot paths. The rows are merged into
     ``<results_dir>/autoencoders-<dataset>.json`` / ``.md``; plots go to ``<images_dir>/autoencoders/``.
     """
     weights, latent_dims, num_iters, batch_size = _check_sweep(
@@ -582,7 +582,8 @@ def _train_and_score(data, weight, latent_dim, settings, device, progress, plot_
     started = time.perf_counter()
     final = train_model(model, loss_fn, train_inputs, train_labels, sampler, settings["num_iters"],
                         settings["learning_rate"], device, progress)
-    row = {"train_seconds": time.perf_counter() - started}
+    # the thread count with the time: both the time and, through float summation order, the scores move with it
+    row = {"train_seconds": time.perf_counter() - started, "threads": torch.get_num_threads()}
     scores, test_embeddings = _score_model(model, data, settings["reconstruction"], final, settings["seed"])
     row.update(scores, latent_plot=None, reconstruction_plot=None)
     if plot_stem is not None:

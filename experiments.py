@@ -148,7 +148,9 @@ def recipe_tag(label, recipe=None):
     """A file-name form of ``recipe_label`` for a method trained with another recipe than the study's
     (``method_recipe(label, recipe)``), e.g. ``"bn-soft-margin"``; ``""`` for the study's recipe."""
     recipe = method_recipe(label, recipe)
-    return "" if recipe == method_recipe(label) else re.sub(r"[^a-z0-9.]+", "-", recipe_label(recipe).lower()).strip("-")
+    if recipe == method_recipe(label):
+        return ""
+    return re.sub(r"[^a-z0-9.]+", "-", recipe_label(recipe).lower()).strip("-")
 
 
 def recipe_label(recipe):
@@ -469,8 +471,8 @@ def finish_run(row, method, model, history, splits, held_out=None, images_dir="i
 
 def _scores(method, model, history, embedded, held_out, seed):
     """A trained method's scores for its row: ``evaluate_embeddings`` of the test embeddings against the
-    train ones, the classifier's accuracy (softmax), the mean epoch time and the thread count, the final losses and, with a
-    ``held_out`` dataset, ``evaluate_held_out``."""
+    train ones, the classifier's accuracy (softmax), the mean epoch time and the thread count, the final
+    losses and, with a ``held_out`` dataset, ``evaluate_held_out``."""
     scores = evaluate_embeddings(*embedded["train"], *embedded["test"], seed=seed)
     if method == "softmax":
         scores["classifier_accuracy"] = history["val_accuracy"][-1] / 100
@@ -665,7 +667,8 @@ def comparison_path(dataset, left, right, embedding_dim=2, images_dir="images"):
 
 # -------------------------------------------------------------------------------------- results
 
-COLUMNS = [("method", "method", "{}"), ("embedding_dim", "dim", "{}"), ("recipe", "recipe", "{}"), ("seed", "seed", "{}"),
+COLUMNS = [("method", "method", "{}"), ("embedding_dim", "dim", "{}"), ("recipe", "recipe", "{}"),
+           ("seed", "seed", "{}"),
            ("precision_at_1", "P@1", "{:.3f}"), ("r_precision", "R-Prec", "{:.3f}"),
            ("map_at_r", "MAP@R", "{:.3f}"), ("knn_accuracy", "kNN acc", "{:.3f}"),
            ("nmi", "NMI", "{:.3f}"), ("roc_auc", "ROC-AUC", "{:.3f}"),

@@ -348,6 +348,23 @@ def test_a_recipe_reaches_every_loss_selector_and_the_network(splits, method):
     assert classic.distance == "squared" and classic.margin == experiments.MARGIN
 
 
+@pytest.mark.parametrize("label", sorted(experiments.RECIPES))
+def test_each_selector_trains_with_its_recipe_unless_told_otherwise(splits, label):
+    method, selector = label.split("/")
+    recipe = experiments.RECIPES[label]
+    for asked, expected in ((None, recipe), ("classic", experiments.CLASSIC_RECIPES.get(label, experiments.CLASSIC)),
+                            (experiments.CLASSIC, experiments.CLASSIC)):
+        model, loss_fn = experiments.build_training(method, *splits, selector=selector, recipe=asked)[:2]
+        assert model.config().get("batch_norm", False) == expected.batch_norm
+        assert (loss_fn.margin, loss_fn.soft, loss_fn.distance) == (expected.margin, expected.soft, expected.distance)
+        easy = type(loss_fn.easy_selector).__name__ if loss_fn.easy_selector is not None else None
+        assert easy == {None: None, "random-hard": "FunctionNegativeTripletSelector"}[expected.easy_selector]
+        assert experiments.method_run_dir("c", "d", label, recipe=asked).endswith(
+            "" if expected == recipe else "_" + experiments.recipe_tag(label, asked))
+    with pytest.raises(ValueError, match="recipe"):
+        experiments.method_recipe(label, "tuned")
+
+
 def test_the_command_line_takes_a_recipe_and_records_it_only_when_not_classic(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_idx_fixture(tmp_path / "data")
