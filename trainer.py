@@ -984,9 +984,11 @@ def _warn_if_collapsed(history):
         f"the embeddings collapsed: in epoch {history['epoch'][-1]} their spread (root mean square distance "
         f"between two items of a batch) was {spreads[-1]:.3g}, {spreads[-1] / start:.2%} of the {start:.3g} "
         f"the run started from{active_text}. Every item is mapped to nearly one point, where the loss "
-        "sits at the margin and retrieval is random. Try: a soft margin and plain distances, a lower learning "
-        "rate or no weight decay, an easier selector first (random-hard) before hard mining, or larger "
-        "batches (README: Results on Fashion-MNIST has recipes that train).", EmbeddingCollapseWarning,
+        "sits at the margin and retrieval is random. Try what made every selector of the study train "
+        "(experiments.RECIPES; README, Recipes): a BatchNorm at the embedding (EmbeddingNet(batch_norm=True)), "
+        "which keeps a batch from shrinking to a point, and for the hardest selectors the loss of an easier "
+        "one added (OnlineTripletLoss(..., easy_selector=RandomNegativeTripletSelector(margin))).",
+        EmbeddingCollapseWarning,
         stacklevel=3)
     return True
 

@@ -46,7 +46,7 @@ def test_the_mnist_notebook_is_committed_clean_and_says_why():
 
 def saved_rows():
     with open(os.path.join(REPO, "results", "fashion-mnist.json")) as file:
-        rows = {row["method"]: row for row in json.load(file) if row["embedding_dim"] == 2}
+        rows = {row["method"]: row for row in json.load(file) if (row["embedding_dim"], row["seed"]) == (2, 0)}
     return [rows[label] for label in LABELS]
 
 
