@@ -9,6 +9,7 @@ kernel spec manager is given no folders to search, so no kernel registered on th
 import asyncio
 import hashlib
 import os
+import re
 
 import nbformat
 import pytest
@@ -17,6 +18,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ABSOLUTE_FILE = re.compile(r"(?<![\w.])/(?:[\w.-]+/)+[\w.-]+\.(?:pt|json|png|zip|md)\b")
 CELL_TIMEOUT = 300  # seconds; a quick-mode cell takes a few
 
 
@@ -61,7 +63,8 @@ def check_committed_clean(filename, variables):
 
 def check_committed_executed(filename, variables):
     """The notebook validates, runs on the python3 kernel, and was executed from top to bottom as
-    committed: every code cell ran once, in order, without an error output; its first code cell is
+    committed: every code cell ran once, in order, without an error output or a path of this checkout
+    in its printed text; its first code cell is
     tagged `parameters` and names every environment variable it reads. Returns the notebook."""
     notebook = read_notebook(filename)
     nbformat.validate(notebook)
@@ -70,6 +73,9 @@ def check_committed_executed(filename, variables):
     assert [cell.execution_count for cell in cells] == list(range(1, len(cells) + 1))
     for cell in cells:
         assert not [output for output in cell.outputs if output.output_type == "error"], cell.source[:80]
+        # no absolute path of the machine it ran on: the outputs read the same from any clone
+        text = "".join(output.get("text", "") for output in cell.outputs)
+        assert not ABSOLUTE_FILE.search(text), (cell.source[:80], ABSOLUTE_FILE.search(text))
     assert "parameters" in cells[0].metadata.get("tags", [])
     for variable in variables:
         assert variable in cells[0].source
