@@ -61,8 +61,8 @@ from metrics import (AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, ev
                      few_shot_accuracy, retrieval_metrics, verification_roc_auc, verification_threshold)
 from networks import (ClassificationNet, EmbeddingNet, SiameseNet, SiameseNetwork, TripletNet, build_network,
                       save_model)
-from trainer import (CHECKPOINT_NAME, broadcast_from_main, close_distributed, fit, flush_denormal_everywhere,
-                     is_main_process, rank_and_world_size, setup_distributed)
+from trainer import (CHECKPOINT_NAME, broadcast_from_main, close_distributed, device_name, fit,
+                     flush_denormal_everywhere, is_main_process, rank_and_world_size, setup_distributed)
 from utils import (DISTANCES, AllTripletSelector, BatchHardTripletSelector, HardestNegativeTripletSelector,
                    HardNegativePairSelector, RandomNegativeTripletSelector,
                    SemihardNegativeTripletSelector, atomic_write, check_choice, check_int)
@@ -337,7 +337,8 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
                quick=False, root="data", download=False, device=None, splits=None,
                images_dir="images", results_dir="results", progress=True, channels_last=False,
                train_classes=None, run_dir=None, fresh=False, network="embedding-net", pretrained=None,
-               held_out=None, model_file=None, command=None, amp=None, compile=False, recipe=None):
+               held_out=None, model_file=None, command=None, amp=None, compile=False, recipe=None,
+               lr_step=STEP_SIZE):
     """Train one method on ``dataset``, evaluate and plot its embeddings, and record the result.
 
     Takes the dataset (a name of ``DATASETS``, or the path of a folder of your own images or a CSV, see
@@ -363,6 +364,7 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
     ``recipe``: a ``Recipe``, None (default) for the study's recipe of the method (``RECIPES``) or
     ``"classic"`` for the one before it (see ``method_recipe``); the row records it in words (``recipe_label``)
     and goes to ``results/<name>.md`` when it is the study's recipe, to ``results/<name>-recipes.md`` when not.
+    ``lr_step``: the learning rate falls tenfold every ``lr_step`` epochs (StepLR; the classic 8 by default).
     Under torchrun every rank trains its share (``build_method``); rank 0 alone evaluates, plots and
     writes, and every rank returns rank 0's row.
     Returns the row: a dict of the evaluation metrics, seconds per epoch, epochs and settings.
@@ -384,8 +386,9 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
     recipe = method_recipe(label, recipe)
     if recipe_tag(label, recipe) and images_dir is not None:  # the study's plots stay those of its recipes
         images_dir = os.path.join(images_dir, "recipes", recipe_tag(label, recipe))
+    lr_step = check_int(lr_step, "lr_step", 1)
     settings = method_settings(name, label, embedding_dim, epochs, seed, quick, channels_last, train_classes, network,
-                               pretrained, amp, compile, recipe)
+                               pretrained, amp, compile, recipe, lr_step)
     finished = broadcast_from_main(_open_run(run_dir, settings, fresh) if writer else None)
     if finished is not None:
         if writer:
@@ -408,7 +411,7 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
     model, loss_fn, train_loader, val_loader, metrics, learning_rate, weight_decay = build_training(
         method, train_set, test_set, selector, embedding_dim, seed, network, pretrained, recipe)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, STEP_SIZE, gamma=GAMMA)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, lr_step, gamma=GAMMA)
     resuming = run_dir is not None and os.path.exists(os.path.join(run_dir, CHECKPOINT_NAME))
     if writer:
         print(f"== {name}: {label}, {embedding_dim}-D, {epochs} epochs"
@@ -425,10 +428,12 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
 
 
 def method_settings(name, label, embedding_dim, epochs, seed, quick=False, channels_last=False, train_classes=None,
-                    network="embedding-net", pretrained=None, amp=None, compile=False, recipe=None):
+                    network="embedding-net", pretrained=None, amp=None, compile=False, recipe=None,
+                    lr_step=STEP_SIZE):
     """The settings of one method's run (see ``run_method`` for each), the start of its result row and what
-    its run folder must match to resume. The network, mixed precision and recipe (``method_recipe(label,
-    recipe)``) are recorded only when not the classic ones, so that earlier run folders still resume."""
+    its run folder must match to resume. The network, mixed precision, recipe (``method_recipe(label,
+    recipe)``) and learning-rate step are recorded only when not the classic ones, so that earlier run
+    folders still resume (``finish_run`` adds the classic step to the row)."""
     settings = {"dataset": name, "method": label, "embedding_dim": embedding_dim, "epochs": epochs,
                 "seed": seed, "quick": quick, "channels_last": channels_last, "train_classes": train_classes}
     if network != "embedding-net" or pretrained is not None:
@@ -438,6 +443,8 @@ def method_settings(name, label, embedding_dim, epochs, seed, quick=False, chann
     recipe = method_recipe(label, recipe)
     if recipe != CLASSIC:
         settings.update(recipe._asdict())
+    if lr_step != STEP_SIZE:
+        settings["lr_step"] = lr_step
     return settings
 
 
@@ -452,6 +459,7 @@ def finish_run(row, method, model, history, splits, held_out=None, images_dir="i
     network = row.get("network", "embedding-net")
     embedded = _embed_splits(model, train_set, test_set)
     row["recipe"] = recipe_label(Recipe(**{field: row[field] for field in Recipe._fields if field in row}))
+    row.setdefault("lr_step", STEP_SIZE)
     row.update(_scores(method, model, history, embedded, held_out, seed))
     if row.get("train_classes", "") is None:
         del row["train_classes"]
@@ -459,7 +467,7 @@ def finish_run(row, method, model, history, splits, held_out=None, images_dir="i
         for split, (embeddings, labels) in embedded.items():
             plot_embeddings(embeddings, labels, train_set.classes,
                             f"{name} {label} ({split}, {embedding_dim}-D)",
-                            image_path(name, label, split, embedding_dim, images_dir))
+                            image_path(name, label, split, embedding_dim, images_dir, seed))
     if model_file is not None:
         save_trained_model(model_file, model, network, train_set, embedded["test"], row, seed, command)
     if results_dir is not None:
@@ -471,12 +479,13 @@ def finish_run(row, method, model, history, splits, held_out=None, images_dir="i
 
 def _scores(method, model, history, embedded, held_out, seed):
     """A trained method's scores for its row: ``evaluate_embeddings`` of the test embeddings against the
-    train ones, the classifier's accuracy (softmax), the mean epoch time and the thread count, the final
-    losses and, with a ``held_out`` dataset, ``evaluate_held_out``."""
+    train ones, the classifier's accuracy (softmax), the mean epoch time, the device and thread count, the
+    final losses and, with a ``held_out`` dataset, ``evaluate_held_out``."""
     scores = evaluate_embeddings(*embedded["train"], *embedded["test"], seed=seed)
     if method == "softmax":
         scores["classifier_accuracy"] = history["val_accuracy"][-1] / 100
     scores["seconds_per_epoch"] = sum(history["seconds"]) / len(history["seconds"])
+    scores["device"] = device_name(next(model.parameters()).device)
     scores["threads"] = torch.get_num_threads()  # the numbers move with it (float sums in another order)
     scores["final_train_loss"] = history["train_loss"][-1]
     scores["final_val_loss"] = history["val_loss"][-1]
@@ -590,15 +599,16 @@ def write_text(path, text):
     return path
 
 
-def _image_stem(dataset, label, embedding_dim):
-    suffix = "" if embedding_dim == 2 else f"_{embedding_dim}d"
+def _image_stem(dataset, label, embedding_dim, seed=0):
+    suffix = ("" if embedding_dim == 2 else f"_{embedding_dim}d") + ("" if seed == 0 else f"_seed{seed}")
     return f"{dataset}_{label.replace('/', '-')}{suffix}"
 
 
-def image_path(dataset, label, split, embedding_dim=2, images_dir="images"):
+def image_path(dataset, label, split, embedding_dim=2, images_dir="images", seed=0):
     """Where ``run_method`` saves the plot of a method's ``split`` ("train" or "test") embeddings,
-    e.g. ``images/fashion-mnist_online-triplet-semi-hard_test.png``."""
-    return os.path.join(images_dir, f"{_image_stem(dataset, label, embedding_dim)}_{split}.png")
+    e.g. ``images/fashion-mnist_online-triplet-semi-hard_test.png``; a ``seed`` other than 0 is in the
+    name (``..._semi-hard_seed1_test.png``), so that other seeds' runs keep the seed-0 plots."""
+    return os.path.join(images_dir, f"{_image_stem(dataset, label, embedding_dim, seed)}_{split}.png")
 
 
 def _project_2d(embeddings):
@@ -611,13 +621,14 @@ def _project_2d(embeddings):
 
 
 def plot_embeddings(embeddings, labels, class_names, title, path):
-    """Scatter plot of ``embeddings (N, D)`` coloured by ``labels (N,)`` with a legend of class
-    names (a principal-component projection above 2-D), saved to ``path``."""
+    """Scatter plot of ``embeddings (N, D)`` coloured by ``labels (N,)`` (on any device) with a legend of
+    class names (a principal-component projection above 2-D), saved to ``path``."""
     # A bare Figure, not pyplot: no backend switch, so a notebook's own plots keep working.
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    points = _project_2d(embeddings.float()).numpy()
+    embeddings, labels = embeddings.detach().float().cpu(), labels.cpu()  # from whichever device they were made on
+    points = _project_2d(embeddings).numpy()
     figure = Figure(figsize=(8, 8))
     axes = figure.subplots()
     colours = colormaps["tab10"]
@@ -640,7 +651,7 @@ def save_figure(figure, path):
     return path
 
 
-def plot_comparison(dataset, pairs, embedding_dim=2, images_dir="images"):
+def plot_comparison(dataset, pairs, embedding_dim=2, images_dir="images", seed=0):
     """Side-by-side figures of random (offline) against online mining, from the rows' saved test
     plots: one PNG per pair, e.g. ``images/fashion-mnist_siamese_vs_online-contrastive.png``."""
     import matplotlib.image as mpimg
@@ -648,7 +659,7 @@ def plot_comparison(dataset, pairs, embedding_dim=2, images_dir="images"):
 
     written = []
     for left, right in pairs:
-        paths = [image_path(dataset, label, "test", embedding_dim, images_dir) for label in (left, right)]
+        paths = [image_path(dataset, label, "test", embedding_dim, images_dir, seed) for label in (left, right)]
         if not all(os.path.exists(path) for path in paths):
             continue
         figure = Figure(figsize=(16, 8))
@@ -656,13 +667,14 @@ def plot_comparison(dataset, pairs, embedding_dim=2, images_dir="images"):
         for axis, path in zip(axes, paths):
             axis.imshow(mpimg.imread(path))
             axis.axis("off")
-        written.append(save_figure(figure, comparison_path(dataset, left, right, embedding_dim, images_dir)))
+        written.append(save_figure(figure, comparison_path(dataset, left, right, embedding_dim, images_dir, seed)))
     return written
 
 
-def comparison_path(dataset, left, right, embedding_dim=2, images_dir="images"):
-    """Where ``plot_comparison`` saves the figure of method ``left`` beside ``right``."""
-    return os.path.join(images_dir, f"{_image_stem(dataset, left, embedding_dim)}_vs_{right.replace('/', '-')}.png")
+def comparison_path(dataset, left, right, embedding_dim=2, images_dir="images", seed=0):
+    """Where ``plot_comparison`` saves the figure of method ``left`` beside ``right`` (their ``seed``'s runs)."""
+    stem = _image_stem(dataset, left, embedding_dim, seed)
+    return os.path.join(images_dir, f"{stem}_vs_{right.replace('/', '-')}.png")
 
 
 # -------------------------------------------------------------------------------------- results
@@ -673,7 +685,8 @@ COLUMNS = [("method", "method", "{}"), ("embedding_dim", "dim", "{}"), ("recipe"
            ("map_at_r", "MAP@R", "{:.3f}"), ("knn_accuracy", "kNN acc", "{:.3f}"),
            ("nmi", "NMI", "{:.3f}"), ("roc_auc", "ROC-AUC", "{:.3f}"),
            ("classifier_accuracy", "clf acc", "{:.3f}"),
-           ("seconds_per_epoch", "s/epoch", "{:.1f}"), ("threads", "threads", "{}"), ("epochs", "epochs", "{}")]
+           ("seconds_per_epoch", "s/epoch", "{:.1f}"), ("device", "device", "{}"), ("threads", "threads", "{}"),
+           ("epochs", "epochs", "{}"), ("lr_step", "lr step", "{}")]
 
 
 RESULT_KEY = ("method", "embedding_dim", "recipe", "seed")  # what tells two result rows apart
@@ -738,7 +751,8 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
                 seed=0, quick=False, root="data", download=False, device=None,
                 images_dir="images", results_dir="results", progress=True, channels_last=False,
                 train_classes=None, run_dir=RUN_DIR, fresh=False, network="embedding-net", pretrained=None,
-                folder=None, model_file=None, command=None, amp=None, compile=False, recipe=None):
+                folder=None, model_file=None, command=None, amp=None, compile=False, recipe=None,
+                lr_step=STEP_SIZE):
     """Run several methods on one dataset (the data is loaded once), write the comparison figures
     and return the result rows. ``train_classes``, ``network``, ``pretrained``: see ``run_method``. Each
     method runs in its own folder under ``run_dir`` (``method_run_dir``; None: no checkpoints), so that the
@@ -747,7 +761,7 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
     ``datasets.load_folder_splits`` with the keyword arguments in ``folder`` (image_size, channels,
     held_out_classes, val_fraction, skip_bad_images). ``model_file``: save the trained network (one method
     only; see ``save_trained_model``; ``command``: the command line recorded in it); ``amp``, ``compile``,
-    ``recipe``: see ``run_method``. Under torchrun every rank runs this with the same arguments: each
+    ``recipe``, ``lr_step``: see ``run_method``. Under torchrun every rank runs this with the same arguments: each
     trains its share of every global batch, and rank 0 alone writes the results, plots and run folders
     (``run_method``)."""
     name = dataset_name(dataset)
@@ -776,7 +790,7 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
                                    channels_last=channels_last, train_classes=train_classes,
                                    run_dir=method_dir, fresh=fresh, network=network, pretrained=pretrained,
                                    held_out=held_out, model_file=model_file, command=command, amp=amp,
-                                   compile=compile, recipe=recipe))
+                                   compile=compile, recipe=recipe, lr_step=lr_step))
     if train_classes is not None:  # what the held-out scores mean needs these two references
         baselines_dir = results_dir
         if quick and results_dir is not None:  # where run_method put a quick run's table
@@ -788,7 +802,7 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
             comparison_dir = os.path.join(comparison_dir, "train-classes-" + rows[0]["train_classes"])
         offline_online = [("siamese", "online-contrastive")]
         offline_online += [("triplet", method_label("online-triplet", s)) for s in selectors]
-        plot_comparison(name, offline_online, embedding_dim, comparison_dir)
+        plot_comparison(name, offline_online, embedding_dim, comparison_dir, seed)
     return rows
 
 
@@ -818,6 +832,8 @@ def _parser(omniglot_weights):
         parser.add_argument(option, type=int, default=None, help="default: 20 epochs and 2-D (MNIST-like), "
                                                                    "the recipe's (omniglot)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr-step", type=int, default=STEP_SIZE,
+                        help=f"the learning rate falls tenfold every this many epochs (default {STEP_SIZE}, the classic)")
     parser.add_argument("--root", default="data", help="where to look for (and download) the data")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     for flag, text in SWITCHES.items():
@@ -909,7 +925,7 @@ def main(argv=None):
                            train_classes=args.train_classes, run_dir=args.run_dir, fresh=args.fresh,
                            network=args.network, pretrained=args.pretrained, folder=folder,
                            model_file=args.save_model, command=" ".join(["python experiments.py", *argv]),
-                           amp=args.amp, compile=args.compile, recipe=_recipe_of(args, parser))
+                           amp=args.amp, compile=args.compile, recipe=_recipe_of(args, parser), lr_step=args.lr_step)
     finally:
         writer = is_main_process()
         close_distributed()

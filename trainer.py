@@ -105,6 +105,13 @@ def flush_denormal_everywhere():
     return torch.set_flush_denormal(True)
 
 
+def device_name(device):
+    """What a result row says it ran on: the GPU's name for a CUDA ``device`` (e.g. "NVIDIA H200"), else
+    the device type ("cpu", "mps")."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def resolve_device(device=None, cuda=None):
     """Pick the torch.device to train on.
 

@@ -1,6 +1,7 @@
 """On a CUDA GPU (marked ``cuda``: skipped without one, left out of ``make test``, run by
 benchmarks/gpu_check.sh): the selectors choose on the GPU what they choose on the CPU, the online losses
-agree, and fit trains on the GPU in float32, bf16, fp16 and compiled, with checkpoints a CPU can resume."""
+agree, fit trains on the GPU in float32, bf16, fp16 and compiled, with checkpoints a CPU can resume, and
+a study run trains, scores, plots and records its row on the GPU."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import experiments
 from losses import OnlineTripletLoss
+from fixtures import write_idx_fixture
 from trainer import CHECKPOINT_NAME, MixedPrecision, fit
 from utils import HardNegativePairSelector
 
@@ -99,3 +101,16 @@ def test_fit_trains_on_the_gpu_and_a_cpu_resumes_its_checkpoint(tmp_path, option
     resumed = fit(loader, None, cpu_model, nn.NLLLoss(), cpu_optimizer, None, 5, device="cpu", progress=False,
                   resume=tmp_path)
     assert resumed["epoch"] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("method, selector", [("softmax", None), ("online-triplet", "random-hard")])
+def test_a_study_run_on_the_gpu_writes_its_row_plots_and_model_file(tmp_path, monkeypatch, method, selector):
+    write_idx_fixture(tmp_path / "data", 30, 10)
+    monkeypatch.chdir(tmp_path)
+    row = experiments.run_method("mnist", method, selector=selector, embedding_dim=3, quick=True, root="data",
+                                 device="cuda", progress=False, run_dir="run", model_file="model.pt")
+    assert row["device"] == torch.cuda.get_device_name()
+    label = experiments.method_label(method, selector)
+    for split in ("train", "test"):
+        assert (tmp_path / experiments.image_path("mnist", label, split, 3, "images/quick")).exists()
+    assert (tmp_path / "model.pt").exists() and (tmp_path / "run" / experiments.RUN_ROW).exists()

@@ -50,3 +50,20 @@ def test_without_fashion_mnist_the_epoch_runs_on_random_images_and_says_so(monke
     train_set, data = gpu_check.training_set("data")
     assert data == "synthetic" and len(train_set) == 60000 and len(train_set.classes) == 10
     assert train_set.data.shape[1:] == (1, 28, 28)
+
+
+
+def test_every_cuda_test_lives_in_the_file_the_script_collects():
+    """gpu_check.sh collects tests/test_cuda.py alone (a bare GPU image may lack the notebook packages that
+    other test files import), so a test marked cuda anywhere else would never run."""
+    with open(SCRIPT) as file:
+        assert "-m cuda tests/test_cuda.py " in file.read()
+    marker = "pytest.mark." + "cuda"  # spelt apart, so that this file does not match itself
+    tests = os.path.join(REPOSITORY, "tests")
+    marked = []
+    for name in sorted(os.listdir(tests)):
+        if name.endswith(".py"):
+            with open(os.path.join(tests, name)) as file:
+                if marker in file.read():
+                    marked.append(name)
+    assert marked == ["test_cuda.py"]
