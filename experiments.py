@@ -384,8 +384,9 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
         results_dir = None if results_dir is None else os.path.join(results_dir, "quick")
     label = method_label(method, selector)
     recipe = method_recipe(label, recipe)
-    if recipe_tag(label, recipe) and images_dir is not None:  # the study's plots stay those of its recipes
-        images_dir = os.path.join(images_dir, "recipes", recipe_tag(label, recipe))
+    tag = recipe_tag(label, recipe)
+    if tag and images_dir is not None:  # the study's plots stay those of its recipes
+        images_dir = os.path.join(images_dir, "recipes", tag)
     lr_step = check_int(lr_step, "lr_step", 1)
     settings = method_settings(name, label, embedding_dim, epochs, seed, quick, channels_last, train_classes, network,
                                pretrained, amp, compile, recipe, lr_step)

@@ -889,8 +889,8 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     show 'spread' (of the epoch's last batch), 'spread_at_start' (of its first batch) and
     'active_fraction' for training and validation; and it warns once, with an EmbeddingCollapseWarning
     saying what to try, when an epoch's training spread falls below COLLAPSE_RATIO of the spread the run
-    started from (the first epoch's first batch, before any step). A checkpoint written before the guard existed resumes with
-    NaN for those keys in its epochs. `collapse_guard=False` adds nothing.
+    started from (the first epoch's first batch, before any step). A checkpoint written before the guard
+    existed resumes with NaN for those keys in its epochs. `collapse_guard=False` adds nothing.
 
     Returns the history: a dict of per-epoch lists, 'epoch' (1-based), 'train_loss', 'val_loss'
     (None without val_loader), 'lr' (of the first param group, as used during the epoch),

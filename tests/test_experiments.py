@@ -62,6 +62,7 @@ def test_run_method_gives_finite_metrics_in_unit_interval(study, label):
     row = study[1][label]
     assert (row["dataset"], row["method"], row["embedding_dim"], row["seed"]) == ("mnist", label, 2, 0)
     assert row["quick"] is True and row["epochs"] == 1  # quick forces one epoch over the default 20
+    assert (row["device"], row["lr_step"]) == ("cpu", experiments.STEP_SIZE)
     for metric in METRICS:
         assert 0 <= row[metric] <= 1, metric
     assert ("classifier_accuracy" in row) == (label == "softmax")
@@ -119,6 +120,32 @@ def test_rerun_replaces_its_row_and_another_seed_adds_one(study, tmp_path, monke
     assert saved[position + 1] == other_seed and other_seed["seed"] == 1
     assert [old for old in saved if old["method"] != "online-contrastive"] == \
         [study[1][label] for label in LABELS if label != "online-contrastive"]
+    # the other seed's plots carry its seed, beside (not over) the seed-0 plots
+    for seed in (0, 1):
+        path = experiments.image_path("mnist", "online-contrastive", "test", images_dir="images/quick", seed=seed)
+        assert os.path.exists(path) and (("seed1" in path) == (seed == 1))
+
+
+def test_the_learning_rate_falls_every_lr_step_epochs_and_the_row_records_it(study, tmp_path, monkeypatch):
+    copy_study(study, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    real_fit, schedulers = experiments.fit, []
+
+    def recording_fit(*args, **kwargs):
+        schedulers.append(args[5])
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(experiments, "fit", recording_fit)
+    rows = experiments.main(["--dataset", "mnist", "--quick", "--root", "data", "--methods", "online-contrastive",
+                             "--no-progress", "--lr-step", "3", "--run-dir", "runs"])
+    assert schedulers[-1].step_size == 3 and rows[0]["lr_step"] == 3
+    with open(tmp_path / "runs" / "mnist-quick" / "online-contrastive_2d_seed0" / experiments.RUN_SETTINGS) as file:
+        assert json.load(file)["lr_step"] == 3
+    # the classic step is not written into the settings, so that run folders from before the option resume
+    assert "lr_step" not in experiments.method_settings("mnist", "softmax", 2, 20, 0)
+    assert experiments.method_settings("mnist", "softmax", 2, 20, 0, lr_step=16)["lr_step"] == 16
+    with pytest.raises(ValueError, match="lr_step"):
+        experiments.run_method("mnist", "online-contrastive", quick=True, root="data", progress=False, lr_step=0)
 
 
 def test_other_embedding_size_gets_its_own_row_and_plots(study, tmp_path, monkeypatch):
@@ -277,7 +304,7 @@ def test_plot_comparison_skips_pairs_without_plots(tmp_path):
 
 
 HEADER = ("| method | dim | recipe | seed | P@1 | R-Prec | MAP@R | kNN acc | NMI | ROC-AUC | clf acc | s/epoch | "
-          "threads | epochs |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+          "device | threads | epochs | lr step |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def test_results_table_formats_each_column():
@@ -285,14 +312,15 @@ def test_results_table_formats_each_column():
         {"method": "softmax", "embedding_dim": 2, "precision_at_1": 0.98765, "r_precision": 0.5,
          "map_at_r": 0.12345, "knn_accuracy": 1.0, "nmi": 0.0, "roc_auc": 0.99996,
          "classifier_accuracy": 0.9712, "seconds_per_epoch": 12.34, "epochs": 20, "seed": 0, "recipe": "classic",
-         "threads": 2},
+         "threads": 2, "device": "NVIDIA H200", "lr_step": 8},
         {"method": "online-triplet/semi-hard", "embedding_dim": 64, "precision_at_1": 0.25,
          "r_precision": 0.0625, "map_at_r": 0.03125, "knn_accuracy": 0.5, "nmi": 0.75, "roc_auc": 0.875,
          "classifier_accuracy": None, "seconds_per_epoch": 3.0, "epochs": 1},
     ]
     assert experiments.results_table(rows) == HEADER + (
-        "| softmax | 2 | classic | 0 | 0.988 | 0.500 | 0.123 | 1.000 | 0.000 | 1.000 | 0.971 | 12.3 | 2 | 20 |\n"
-        "| online-triplet/semi-hard | 64 |  |  | 0.250 | 0.062 | 0.031 | 0.500 | 0.750 | 0.875 |  | 3.0 |  | 1 |\n")
+        "| softmax | 2 | classic | 0 | 0.988 | 0.500 | 0.123 | 1.000 | 0.000 | 1.000 | 0.971 | 12.3 | NVIDIA H200 | 2 | 20 "
+        "| 8 |\n"
+        "| online-triplet/semi-hard | 64 |  |  | 0.250 | 0.062 | 0.031 | 0.500 | 0.750 | 0.875 |  | 3.0 |  |  | 1 |  |\n")
     assert experiments.results_table([]) == HEADER
 
 
