@@ -73,7 +73,7 @@ def test_quick_run_executes_end_to_end(tmp_path):
     assert table.startswith("| constraint |")
     for constraint, encoder in SWEEPS:
         for weight in WEIGHTS:
-            assert f"\n| {constraint} | {encoder} | images | {weight:g} | 2 | " in table
+            assert f"\n| {constraint} | {encoder} | pixels | {weight:g} | 2 | " in table  # the saved sweep's features
     tradeoff_cell = next(cell for cell in code_cells(notebook) if "plot_tradeoff" in cell.source)
     assert len(outputs_of(tradeoff_cell, "image/png")) == 1
     reconstruction_cell = next(cell for cell in code_cells(notebook) if "reconstruction_plot" in cell.source)
@@ -88,7 +88,7 @@ def test_quick_run_executes_end_to_end(tmp_path):
     assert "fashion-mnist_tradeoff.png" in plots
     for constraint, encoder in SWEEPS:
         for weight in WEIGHTS:
-            stem = f"fashion-mnist_{constraint}_{encoder}_images_M{weight:g}_2d"
+            stem = f"fashion-mnist_{constraint}_{encoder}_pixels_M{weight:g}_2d"
             assert {stem + "_latent.png", stem + "_reconstructions.png"} <= plots
     with open(work / "results" / "quick" / "autoencoders-fashion-mnist.json") as file:
         rows = json.load(file)
