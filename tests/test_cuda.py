@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import experiments
-from losses import OnlineTripletLoss
 from fixtures import write_idx_fixture
+from losses import OnlineTripletLoss
 from trainer import CHECKPOINT_NAME, MixedPrecision, fit
 from utils import HardNegativePairSelector
 

@@ -52,7 +52,6 @@ def test_without_fashion_mnist_the_epoch_runs_on_random_images_and_says_so(monke
     assert train_set.data.shape[1:] == (1, 28, 28)
 
 
-
 def test_every_cuda_test_lives_in_the_file_the_script_collects():
     """gpu_check.sh collects tests/test_cuda.py alone (a bare GPU image may lack the notebook packages that
     other test files import), so a test marked cuda anywhere else would never run."""
