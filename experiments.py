@@ -96,15 +96,18 @@ class Recipe(NamedTuple):
     """How a metric-learning method is trained, beyond the classic study's settings (``CLASSIC``):
     ``margin`` of its losses, ``soft`` margin of the triplet losses (``losses.triplet_terms``), the
     ``distance`` every loss and selector compares (``"squared"`` or ``"euclidean"``), ``batch_norm``,
-    an ``EmbeddingNet`` ending in a BatchNorm that keeps the embeddings from collapsing, and
+    an ``EmbeddingNet`` ending in a BatchNorm that keeps the embeddings from collapsing,
     ``easy_selector``, the name (``SELECTORS``) of an easier selector whose triplets' loss the online
-    triplet loss adds to its own selector's (a mixed objective, ``losses.OnlineTripletLoss``)."""
+    triplet loss adds to its own selector's (a mixed objective, ``losses.OnlineTripletLoss``), and
+    ``batch_samples``, the images per class in the online methods' balanced batches (fewer: an anchor's
+    hardest positive and negative come from fewer candidates, so they are less extreme)."""
 
     margin: float = MARGIN
     soft: bool = False
     distance: str = "squared"
     batch_norm: bool = False
     easy_selector: Optional[str] = None
+    batch_samples: int = BALANCED_BATCH[1]
 
 
 CLASSIC = Recipe()
@@ -158,6 +161,7 @@ def recipe_label(recipe):
     words = (["BN"] if recipe.batch_norm else []) + (["soft margin"] if recipe.soft else [])
     words += [] if recipe.distance == CLASSIC.distance else [recipe.distance]
     words += [] if recipe.margin == CLASSIC.margin else [f"margin {recipe.margin:g}"]
+    words += [] if recipe.batch_samples == CLASSIC.batch_samples else [f"{recipe.batch_samples} images per class"]
     words += [] if recipe.easy_selector is None else [f"+ {recipe.easy_selector}"]
     return ", ".join(words) or "classic"
 
@@ -328,7 +332,7 @@ def build_training(method, train_set, test_set, selector="random-hard", embeddin
     model, loss_fn, train_loader, val_loader, metrics = build_method(
         method, embedding_net, train_set, test_set, selector=selector, margin=recipe.margin,
         batch_size=BATCH_SIZE.get(method, BATCH_SIZE["siamese"]), seed=seed, soft=recipe.soft,
-        distance=recipe.distance, easy_selector=recipe.easy_selector)
+        distance=recipe.distance, easy_selector=recipe.easy_selector, batch_samples=recipe.batch_samples)
     return (model, loss_fn, train_loader, val_loader, metrics,
             LEARNING_RATE.get(method, DEFAULT_LEARNING_RATE), WEIGHT_DECAY.get(method, 0.0))
 
@@ -434,7 +438,7 @@ def method_settings(name, label, embedding_dim, epochs, seed, quick=False, chann
     """The settings of one method's run (see ``run_method`` for each), the start of its result row and what
     its run folder must match to resume. The network, mixed precision, recipe (``method_recipe(label,
     recipe)``) and learning-rate step are recorded only when not the classic ones, so that earlier run
-    folders still resume (``finish_run`` adds the classic step to the row)."""
+    folders still resume (``finish_run`` adds the classic step to the row, ``Recipe`` the classic batch shape)."""
     settings = {"dataset": name, "method": label, "embedding_dim": embedding_dim, "epochs": epochs,
                 "seed": seed, "quick": quick, "channels_last": channels_last, "train_classes": train_classes}
     if network != "embedding-net" or pretrained is not None:
@@ -442,8 +446,9 @@ def method_settings(name, label, embedding_dim, epochs, seed, quick=False, chann
     if amp is not None or compile:
         settings.update(amp=amp, compile=compile)
     recipe = method_recipe(label, recipe)
-    if recipe != CLASSIC:
-        settings.update(recipe._asdict())
+    if recipe != CLASSIC:  # the batch shape, added to recipes later, only when not the classic one
+        settings.update({field: value for field, value in recipe._asdict().items()
+                         if field != "batch_samples" or value != CLASSIC.batch_samples})
     if lr_step != STEP_SIZE:
         settings["lr_step"] = lr_step
     return settings
@@ -833,7 +838,7 @@ def _parser(omniglot_weights):
         parser.add_argument(option, type=int, default=None, help="default: 20 epochs and 2-D (MNIST-like), "
                                                                    "the recipe's (omniglot)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr-step", type=int, default=STEP_SIZE,
+    parser.add_argument("--lr-step", type=_positive_int, default=STEP_SIZE,
                         help=f"the learning rate falls tenfold every this many epochs (default {STEP_SIZE}, the classic)")
     parser.add_argument("--root", default="data", help="where to look for (and download) the data")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
@@ -879,6 +884,9 @@ def _parser(omniglot_weights):
                         help="end the classic network with a BatchNorm, which keeps the embeddings from collapsing")
     recipe.add_argument("--easy-selector", default=None, choices=tuple(SELECTORS),
                         help="online-triplet: add the loss of this (easier) selector's triplets to the selector's")
+    recipe.add_argument("--batch-samples", type=_positive_int, default=None,
+                        help=f"online methods: images per class in a balanced batch (classic: {BALANCED_BATCH[1]}, "
+                             f"of {BALANCED_BATCH[0]} classes)")
     parser.add_argument("--save-model", default=None, metavar="FILE",
                         help="save the trained model as one file (one method only), for search.py")
     parser.add_argument("--omniglot-root", default=None,
@@ -943,11 +951,23 @@ def main(argv=None):
     return rows
 
 
+def _positive_int(text):
+    """An argparse type: ``text`` as an int of at least 1, refused by the parser (before any data loads) else."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
 def _recipe_of(args, parser):
     """The ``recipe`` argument of ``run_methods`` the command line asks for: one ``Recipe`` for every method
     when an option describes one, ``"classic"`` for ``--classic``, else None (each method's study recipe)."""
     given = {"margin": args.margin, "soft": args.soft_margin or None, "distance": args.distance,
-             "batch_norm": args.batch_norm or None, "easy_selector": args.easy_selector}
+             "batch_norm": args.batch_norm or None, "easy_selector": args.easy_selector,
+             "batch_samples": args.batch_samples}
     given = {field: value for field, value in given.items() if value is not None}
     if given and args.classic:
         parser.error("--classic takes each method's classic settings; leave out the recipe options with it")

@@ -148,6 +148,18 @@ def test_the_learning_rate_falls_every_lr_step_epochs_and_the_row_records_it(stu
         experiments.run_method("mnist", "online-contrastive", quick=True, root="data", progress=False, lr_step=0)
 
 
+@pytest.mark.parametrize("option", ["--lr-step", "--batch-samples"])
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_the_parser_refuses_a_step_or_batch_shape_below_one_before_loading_data(option, value, monkeypatch, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the data was loaded before the argument was checked")
+
+    monkeypatch.setattr(experiments, "load_splits", no_loading)
+    with pytest.raises(SystemExit):
+        experiments.main(["--dataset", "mnist", "--quick", "--methods", "online-contrastive", option, value])
+    assert option in capsys.readouterr().err
+
+
 def test_other_embedding_size_gets_its_own_row_and_plots(study, tmp_path, monkeypatch):
     copy_study(study, tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -374,6 +386,25 @@ def test_a_recipe_reaches_every_loss_selector_and_the_network(splits, method):
         assert loss_fn.triplet_selector.distance == "euclidean"
     classic = experiments.build_training(method, *splits, selector="batch-hard")[1]
     assert classic.distance == "squared" and classic.margin == experiments.MARGIN
+
+
+def test_a_recipe_sets_the_images_per_class_of_the_online_batches_and_says_so_only_when_not_classic(splits):
+    fewer = experiments.RECIPES["online-triplet/batch-hard"]._replace(batch_samples=4)
+    for method in ("online-contrastive", "online-triplet"):
+        for recipe, samples in ((fewer, 4), (None, experiments.BALANCED_BATCH[1])):
+            train_loader, val_loader = experiments.build_training(method, *splits, selector="batch-hard",
+                                                                  recipe=recipe)[2:4]
+            for loader in (train_loader, val_loader):
+                assert (loader.batch_sampler.n_classes, loader.batch_sampler.n_samples) == (
+                    experiments.BALANCED_BATCH[0], samples)
+    assert experiments.recipe_label(fewer) == "BN, 4 images per class, + random-hard"
+    assert experiments.recipe_tag("online-triplet/batch-hard", fewer) == "bn-4-images-per-class-random-hard"
+    settings = experiments.method_settings("mnist", "online-triplet/batch-hard", 2, 20, 0, recipe=fewer)
+    assert settings["batch_samples"] == 4
+    # recipes recorded before the batch shape was part of them still match their run folders
+    assert "batch_samples" not in experiments.method_settings("mnist", "online-triplet/batch-hard", 2, 20, 0)
+    assert experiments.Recipe(**{field: settings[field] for field in experiments.Recipe._fields
+                                 if field != "batch_samples"}).batch_samples == experiments.BALANCED_BATCH[1]
 
 
 @pytest.mark.parametrize("label", sorted(experiments.RECIPES))
