@@ -79,9 +79,10 @@ PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
 TIMEOUT_VARIABLE = "SIAMESE_TRIPLET_PG_TIMEOUT_S"  # seconds, e.g. 60 for tests of a hung rank
 # fit(amp=...): the autocast dtype of each choice; "fp16" also scales the loss (torch.amp.GradScaler).
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# The collapse guard: fit warns when an epoch's embedding spread falls below this share of the spread
-# the run started from (collapsed runs measured here: about 2 -> below 1e-3, batch-hard within its
-# first epoch; healthy runs stay within 0.2-5x).
+# The collapse guard: fit warns when an epoch's embedding spread falls below this share of the largest
+# spread of the run, at its start or at the end of an epoch (collapsed runs measured here: about 2 -> below
+# 1e-3, batch-hard within its first epoch; a diverging softmax network 0.03 at the start, 170, then 0.2;
+# healthy runs stay within 0.2-5x of their start and never fall far below their peak).
 COLLAPSE_RATIO = 0.01
 GUARD_KEYS = frozenset({"train_spread", "val_spread", "train_spread_at_start", "val_spread_at_start",
                         "train_active_fraction", "val_active_fraction"})
@@ -888,8 +889,9 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     triplets with a non-zero loss) to the metrics, so the history, the progress bar and the log lines
     show 'spread' (of the epoch's last batch), 'spread_at_start' (of its first batch) and
     'active_fraction' for training and validation; and it warns once, with an EmbeddingCollapseWarning
-    saying what to try, when an epoch's training spread falls below COLLAPSE_RATIO of the spread the run
-    started from (the first epoch's first batch, before any step). A checkpoint written before the guard
+    saying what to try, when an epoch's training spread falls below COLLAPSE_RATIO of the largest spread
+    of the run: the one it started from (the first epoch's first batch, before any step) or an earlier
+    epoch's (a run that grew its embeddings before shrinking them). A checkpoint written before the guard
     existed resumes with NaN for those keys in its epochs. `collapse_guard=False` adds nothing.
 
     Returns the history: a dict of per-epoch lists, 'epoch' (1-based), 'train_loss', 'val_loss'
@@ -977,20 +979,23 @@ def _with_guard_metrics(metrics, keys, loss_fn):
 
 def _warn_if_collapsed(history):
     """Warn (EmbeddingCollapseWarning) when the last epoch's embedding spread is below COLLAPSE_RATIO of
-    the spread the run started from (its first batch, before any training step). Returns True when it
-    warned."""
+    the largest spread of the run: the spread it started from (its first batch, before any training step)
+    or an earlier epoch's, so that a run which grew its embeddings and then shrank them is caught too.
+    Returns True when it warned."""
     spreads, starts = history.get("train_spread") or [], history.get("train_spread_at_start") or []
     start = next((value for value in starts if math.isfinite(value)), math.nan)  # NaN: resumed from before the guard
     if not spreads or not start > 0:
         return False
-    if not spreads[-1] < COLLAPSE_RATIO * start:  # also False for NaN
+    earlier = [value for value in spreads[:-1] if math.isfinite(value)]
+    peak = max([start] + earlier)
+    if not spreads[-1] < COLLAPSE_RATIO * peak:  # also False for NaN
         return False
     active = (history.get("train_active_fraction") or [math.nan])[-1]
     active_text = "" if not math.isfinite(active) else f", and {active:.0%} of the mined pairs or triplets are active"
     warnings.warn(
         f"the embeddings collapsed: in epoch {history['epoch'][-1]} their spread (root mean square distance "
-        f"between two items of a batch) was {spreads[-1]:.3g}, {spreads[-1] / start:.2%} of the {start:.3g} "
-        f"the run started from{active_text}. Every item is mapped to nearly one point, where the loss "
+        f"between two items of a batch) was {spreads[-1]:.3g}, {spreads[-1] / peak:.2%} of the {peak:.3g} "
+        f"{'the run started from' if peak == start else 'it reached before'}{active_text}. Every item is mapped to nearly one point, where the loss "
         "sits at the margin and retrieval is random. Try what made every selector of the study train "
         "(experiments.RECIPES; README, Recipes): a BatchNorm at the embedding (EmbeddingNet(batch_norm=True)), "
         "which keeps a batch from shrinking to a point, and for the hardest selectors the loss of an easier "

@@ -59,10 +59,12 @@ def data(seed=0, per_class=16):
     return TensorDataset(centres[labels] + torch.randn(len(labels), 8, generator=generator), labels)
 
 
-def train(margin, epochs=10, lr=0.5, per_class=16, **options):
+def train(margin, epochs=10, lr=0.5, per_class=16, initial_scale=1.0, **options):
     dataset = data(per_class=per_class)
     torch.manual_seed(0)
     model = nn.Linear(8, 2)
+    with torch.no_grad():
+        model.weight.mul_(initial_scale), model.bias.mul_(initial_scale)
     loader = DataLoader(dataset, batch_sampler=BalancedBatchSampler(dataset.tensors[1], 4, 8, seed=0))
     options = {"progress": False, **options}
     return fit(loader, None, model, OnlineContrastiveLoss(margin, HardNegativePairSelector()),
@@ -85,6 +87,20 @@ def test_a_collapse_within_the_first_epoch_is_caught_at_its_end():
     with pytest.warns(EmbeddingCollapseWarning, match="in epoch 1"):
         history = train(margin=1e-4, epochs=1, per_class=160)  # 20 batches: the collapse happens inside epoch 1
     assert history["train_spread"][0] < COLLAPSE_RATIO * history["train_spread_at_start"][0]
+
+
+def test_a_run_that_grows_its_embeddings_then_collapses_them_is_caught(tmp_path):
+    # it starts near one point (weights scaled by 1e-3), spreads the classes apart with margin 1, then
+    # shrinks everything with margin 1e-4: the collapsed spread is a small share of its peak, not of its start
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmbeddingCollapseWarning)
+        grown = train(margin=1.0, epochs=3, initial_scale=1e-3, checkpoint_dir=tmp_path)
+    assert grown["train_spread"][-1] > 100 * grown["train_spread_at_start"][0]
+    with pytest.warns(EmbeddingCollapseWarning, match="it reached before") as caught:
+        history = train(margin=1e-4, epochs=13, initial_scale=1e-3, checkpoint_dir=tmp_path, resume=True)
+    start, spreads = history["train_spread_at_start"][0], history["train_spread"]
+    assert COLLAPSE_RATIO * start < spreads[-1] < COLLAPSE_RATIO * max(spreads)  # below the peak's 1%, not the start's
+    assert len([w for w in caught if w.category is EmbeddingCollapseWarning]) == 1
 
 
 def test_the_guard_is_silent_on_a_healthy_run_and_reports_its_spread():
