@@ -388,9 +388,6 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
         results_dir = None if results_dir is None else os.path.join(results_dir, "quick")
     label = method_label(method, selector)
     recipe = method_recipe(label, recipe)
-    tag = recipe_tag(label, recipe)
-    if tag and images_dir is not None:  # the study's plots stay those of its recipes
-        images_dir = os.path.join(images_dir, "recipes", tag)
     lr_step = check_int(lr_step, "lr_step", 1)
     settings = method_settings(name, label, embedding_dim, epochs, seed, quick, channels_last, train_classes, network,
                                pretrained, amp, compile, recipe, lr_step)
@@ -409,6 +406,7 @@ def run_method(dataset, method, *, selector="random-hard", embedding_dim=2, epoc
     if train_classes is not None:
         (train_set, test_set), held_out, classes_tag = held_out_splits(train_set, test_set, train_classes)
         images_dir, results_dir = _held_out_dir(images_dir, classes_tag), _held_out_dir(results_dir, classes_tag)
+    images_dir = recipe_images_dir(images_dir, label, recipe)
     if int(torch.bincount(torch.as_tensor(test_set.targets)).max()) < 2:  # checked now, not after training
         raise ValueError("every class has at most one validation image, so retrieval and verification cannot be "
                          "measured; raise --val-fraction (e.g. 0.25) or add images")
@@ -657,15 +655,26 @@ def save_figure(figure, path):
     return path
 
 
-def plot_comparison(dataset, pairs, embedding_dim=2, images_dir="images", seed=0):
+def recipe_images_dir(images_dir, label, recipe=None):
+    """Where the plots of the method called ``label`` trained with ``recipe`` (see ``method_recipe``) go:
+    ``images_dir`` itself for the study's recipe, so that the study's plots stay those of its recipes,
+    ``<images_dir>/recipes/<recipe_tag>`` for another; None stays None."""
+    tag = recipe_tag(label, recipe)
+    return os.path.join(images_dir, "recipes", tag) if tag and images_dir is not None else images_dir
+
+
+def plot_comparison(dataset, pairs, embedding_dim=2, images_dir="images", seed=0, recipe=None):
     """Side-by-side figures of random (offline) against online mining, from the rows' saved test
-    plots: one PNG per pair, e.g. ``images/fashion-mnist_siamese_vs_online-contrastive.png``."""
+    plots of the methods trained with ``recipe`` (each method's plots in its ``recipe_images_dir``): one
+    PNG per pair, e.g. ``images/fashion-mnist_siamese_vs_online-contrastive.png``, beside the online
+    method's plots. Returns the paths written (pairs without both plots are skipped)."""
     import matplotlib.image as mpimg
     from matplotlib.figure import Figure
 
     written = []
     for left, right in pairs:
-        paths = [image_path(dataset, label, "test", embedding_dim, images_dir, seed) for label in (left, right)]
+        paths = [image_path(dataset, label, "test", embedding_dim, recipe_images_dir(images_dir, label, recipe), seed)
+                 for label in (left, right)]
         if not all(os.path.exists(path) for path in paths):
             continue
         figure = Figure(figsize=(16, 8))
@@ -673,14 +682,16 @@ def plot_comparison(dataset, pairs, embedding_dim=2, images_dir="images", seed=0
         for axis, path in zip(axes, paths):
             axis.imshow(mpimg.imread(path))
             axis.axis("off")
-        written.append(save_figure(figure, comparison_path(dataset, left, right, embedding_dim, images_dir, seed)))
+        written.append(save_figure(figure, comparison_path(dataset, left, right, embedding_dim, images_dir, seed,
+                                                           recipe)))
     return written
 
 
-def comparison_path(dataset, left, right, embedding_dim=2, images_dir="images", seed=0):
-    """Where ``plot_comparison`` saves the figure of method ``left`` beside ``right`` (their ``seed``'s runs)."""
+def comparison_path(dataset, left, right, embedding_dim=2, images_dir="images", seed=0, recipe=None):
+    """Where ``plot_comparison`` saves the figure of method ``left`` beside ``right`` (their ``seed``'s runs
+    with ``recipe``): in ``right``'s ``recipe_images_dir``."""
     stem = _image_stem(dataset, left, embedding_dim, seed)
-    return os.path.join(images_dir, f"{stem}_vs_{right.replace('/', '-')}.png")
+    return os.path.join(recipe_images_dir(images_dir, right, recipe), f"{stem}_vs_{right.replace('/', '-')}.png")
 
 
 # -------------------------------------------------------------------------------------- results
@@ -808,7 +819,7 @@ def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_
             comparison_dir = os.path.join(comparison_dir, "train-classes-" + rows[0]["train_classes"])
         offline_online = [("siamese", "online-contrastive")]
         offline_online += [("triplet", method_label("online-triplet", s)) for s in selectors]
-        plot_comparison(name, offline_online, embedding_dim, comparison_dir, seed)
+        plot_comparison(name, offline_online, embedding_dim, comparison_dir, seed, recipe)
     return rows
 
 

@@ -210,6 +210,31 @@ def test_plot_comparison_sets_random_beside_online_mining(study, tmp_path):
     assert width > 1.5 * height  # two plots side by side
 
 
+def test_plot_comparison_takes_each_plot_from_its_recipes_folder(study, tmp_path):
+    work, _ = study
+    images = tmp_path / "images"
+    shutil.copytree(work / "images" / "quick", images)
+    # --classic: the triplet network's classic settings are the study's, semi-hard's are not
+    (images / "recipes" / "classic").mkdir(parents=True)
+    shutil.move(images / "mnist_online-triplet-semi-hard_test.png", images / "recipes" / "classic")
+    pairs = [("triplet", "online-triplet/semi-hard")]
+    assert experiments.plot_comparison("mnist", pairs, images_dir=str(images)) == []
+    written = experiments.plot_comparison("mnist", pairs, images_dir=str(images), recipe="classic")
+    assert written == [str(images / "recipes" / "classic" / "mnist_triplet_vs_online-triplet-semi-hard.png")]
+    assert written == [experiments.comparison_path("mnist", *pairs[0], images_dir=str(images), recipe="classic")]
+
+
+def test_a_run_with_another_recipe_compares_its_own_plots_and_leaves_the_studys_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_idx_fixture(tmp_path / "data")
+    experiments.main(["--dataset", "mnist", "--quick", "--no-progress", "--root", "data", "--methods",
+                      "siamese,online-contrastive", "--margin", "2"])
+    folder = os.path.join("images", "quick", "recipes", "margin-2")
+    assert sorted(os.listdir(folder)) == sorted(["mnist_siamese_vs_online-contrastive.png"] + [
+        f"mnist_{method}_{split}.png" for method in ("siamese", "online-contrastive") for split in ("train", "test")])
+    assert os.listdir(os.path.join("images", "quick")) == ["recipes"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "softmax,bogus"], "unknown method 'bogus'"),
     (["--methods", "online-triplet", "--selectors", "semi-hard,bogus"], "unknown selector 'bogus'"),
