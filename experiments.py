@@ -922,7 +922,7 @@ def main(argv=None):
     parser = _parser(omniglot.OMNIGLOT_WEIGHTS)
     args = parser.parse_args(argv)
     if args.dataset == "omniglot":
-        return omniglot.omniglot_main(args)
+        return omniglot.omniglot_main(args, parser)
     try:
         dataset_name(args.dataset)
     except (ValueError, FileNotFoundError) as error:
@@ -960,6 +960,14 @@ def main(argv=None):
     print(f"Total {time.perf_counter() - started:.0f} s. Results in {tables}, "
           f"plots in images/{where}." + (f" Model saved to {args.save_model}." if args.save_model else ""))
     return rows
+
+
+def options_given(parser, args):
+    """The options of ``parser`` that its parsed ``args`` hold at another value than their default, as
+    ``(option string, destination)`` pairs in the parser's order."""
+    return [(action.option_strings[0], action.dest) for action in parser._actions
+            if action.option_strings and action.dest != "help"
+            and getattr(args, action.dest, action.default) != action.default]
 
 
 def _positive_int(text):

@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from datasets import BatchRandomAffine, InMemoryDataset, SiameseMNIST
-from experiments import EVALUATION_BATCH, build_method, main as experiments_main, markdown_table, write_json, write_text
+from experiments import (EVALUATION_BATCH, build_method, main as experiments_main, markdown_table, options_given,
+                         write_json, write_text)
 from metrics import best_threshold, extract_embeddings, few_shot_accuracy, verification_roc_auc
 from networks import ShiftAveragedEmbedding, SiameseNetwork, load_model, save_model
 from trainer import fit
@@ -689,9 +690,21 @@ def run_one_shot_runs(path, weights=OMNIGLOT_WEIGHTS, device="cpu"):
     return result
 
 
-def omniglot_main(args):
+# What the command line's --dataset omniglot reads (destinations of experiments' parser); it refuses the others.
+OMNIGLOT_OPTIONS = frozenset({"dataset", "methods", "selectors", "epochs", "embedding_dim", "seed", "device", "quick",
+                              "no_progress", "omniglot_root", "one_shot_runs", "weights"})
+
+
+def omniglot_main(args, parser=None):
     """The command line's ``--dataset omniglot`` (``args``: experiments.main's parsed arguments): score saved
-    weights on one-shot runs, or train and evaluate. Returns run_one_shot_runs' or run_omniglot's result."""
+    weights on one-shot runs, or train and evaluate. Returns run_one_shot_runs' or run_omniglot's result.
+    ``parser``, the parser that read ``args``: an option given that Omniglot does not read (not in
+    ``OMNIGLOT_OPTIONS``, e.g. a recipe option or ``--channels-last``) is refused through it, not ignored."""
+    unused = [] if parser is None else [option for option, dest in options_given(parser, args)
+                                        if dest not in OMNIGLOT_OPTIONS]
+    if unused:
+        parser.error(f"--dataset omniglot trains its own recipe (omniglot.OMNIGLOT_RECIPE) and does not read "
+                     f"{', '.join(unused)}; leave {'it' if len(unused) == 1 else 'them'} out")
     weights = OMNIGLOT_WEIGHTS if args.weights is None else args.weights
     if args.one_shot_runs is not None:
         return run_one_shot_runs(args.one_shot_runs, weights, args.device or "cpu")

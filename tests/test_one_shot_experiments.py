@@ -302,3 +302,13 @@ def test_omniglot_command_line_is_the_experiments_one(tmp_path, capsys):
     printed = _python([os.path.join(REPOSITORY, "omniglot.py"), *arguments], tmp_path)
     assert printed.strip().splitlines()[-1] == f"mean error: {100 * result['mean_error']:.1f}%"
 
+
+@pytest.mark.parametrize("unused", [["--margin", "2"], ["--channels-last"], ["--batch-norm", "--lr-step", "4"],
+                                    ["--run-dir", "elsewhere"], ["--classic"]])
+def test_the_omniglot_command_line_refuses_the_options_it_does_not_read(unused, capsys):
+    with pytest.raises(SystemExit):
+        omniglot.main(["--quick", "--seed", "3", *unused])  # refused before any data is looked for
+    error = capsys.readouterr().err
+    assert "does not read" in error and all(option in error for option in unused if option.startswith("--"))
+    assert "--seed" not in error.split("does not read")[1]
+
