@@ -414,20 +414,20 @@ def test_a_recipe_reaches_every_loss_selector_and_the_network(splits, method):
 
 
 def test_a_recipe_sets_the_images_per_class_of_the_online_batches_and_says_so_only_when_not_classic(splits):
-    fewer = experiments.RECIPES["online-triplet/batch-hard"]._replace(batch_samples=4)
+    fewer = experiments.CLASSIC._replace(batch_norm=True, easy_selector="random-hard", batch_samples=4)
     for method in ("online-contrastive", "online-triplet"):
-        for recipe, samples in ((fewer, 4), (None, experiments.BALANCED_BATCH[1])):
-            train_loader, val_loader = experiments.build_training(method, *splits, selector="batch-hard",
+        for recipe, samples in ((fewer, 4), (experiments.CLASSIC, experiments.BALANCED_BATCH[1])):
+            train_loader, val_loader = experiments.build_training(method, *splits, selector="semi-hard",
                                                                   recipe=recipe)[2:4]
             for loader in (train_loader, val_loader):
                 assert (loader.batch_sampler.n_classes, loader.batch_sampler.n_samples) == (
                     experiments.BALANCED_BATCH[0], samples)
     assert experiments.recipe_label(fewer) == "BN, 4 images per class, + random-hard"
-    assert experiments.recipe_tag("online-triplet/batch-hard", fewer) == "bn-4-images-per-class-random-hard"
-    settings = experiments.method_settings("mnist", "online-triplet/batch-hard", 2, 20, 0, recipe=fewer)
+    assert experiments.recipe_tag("online-triplet/semi-hard", fewer) == "bn-4-images-per-class-random-hard"
+    settings = experiments.method_settings("mnist", "online-triplet/semi-hard", 2, 20, 0, recipe=fewer)
     assert settings["batch_samples"] == 4
     # recipes recorded before the batch shape was part of them still match their run folders
-    assert "batch_samples" not in experiments.method_settings("mnist", "online-triplet/batch-hard", 2, 20, 0)
+    assert "batch_samples" not in experiments.method_settings("mnist", "online-triplet/semi-hard", 2, 20, 0)
     assert experiments.Recipe(**{field: settings[field] for field in experiments.Recipe._fields
                                  if field != "batch_samples"}).batch_samples == experiments.BALANCED_BATCH[1]
 
@@ -438,8 +438,9 @@ def test_each_selector_trains_with_its_recipe_unless_told_otherwise(splits, labe
     recipe = experiments.RECIPES[label]
     for asked, expected in ((None, recipe), ("classic", experiments.CLASSIC_RECIPES.get(label, experiments.CLASSIC)),
                             (experiments.CLASSIC, experiments.CLASSIC)):
-        model, loss_fn = experiments.build_training(method, *splits, selector=selector, recipe=asked)[:2]
+        model, loss_fn, train_loader = experiments.build_training(method, *splits, selector=selector, recipe=asked)[:3]
         assert model.config().get("batch_norm", False) == expected.batch_norm
+        assert train_loader.batch_sampler.n_samples == expected.batch_samples
         assert (loss_fn.margin, loss_fn.soft, loss_fn.distance) == (expected.margin, expected.soft, expected.distance)
         easy = type(loss_fn.easy_selector).__name__ if loss_fn.easy_selector is not None else None
         assert easy == {None: None, "random-hard": "FunctionNegativeTripletSelector"}[expected.easy_selector]
