@@ -121,7 +121,8 @@ RECIPES = {
     "online-triplet/hardest": Recipe(batch_norm=True, easy_selector="random-hard", batch_samples=FEW_PER_CLASS),
     "online-triplet/semi-hard": Recipe(batch_norm=True),
     "online-triplet/batch-hard": Recipe(batch_norm=True, easy_selector="random-hard", batch_samples=FEW_PER_CLASS),
-    "online-triplet/batch-hard-soft": HERMANS._replace(batch_norm=True),
+    "online-triplet/batch-hard-soft": Recipe(soft=True, batch_norm=True, easy_selector="random-hard",
+                                             batch_samples=FEW_PER_CLASS),
 }
 CLASSIC_RECIPES = {"online-triplet/batch-hard-soft": HERMANS}
 STEP_SIZE, GAMMA = 8, 0.1
