@@ -854,7 +854,8 @@ def _parser(omniglot_weights):
                                                                    "the recipe's (omniglot)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr-step", type=_positive_int, default=STEP_SIZE,
-                        help=f"the learning rate falls tenfold every this many epochs (default {STEP_SIZE}, the classic)")
+                        help=f"the learning rate falls tenfold every this many epochs (default {STEP_SIZE}, "
+                             "the classic)")
     parser.add_argument("--root", default="data", help="where to look for (and download) the data")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     for flag, text in SWITCHES.items():
@@ -975,14 +976,12 @@ def options_given(parser, args):
 
 
 def _positive_int(text):
-    """An argparse type: ``text`` as an int of at least 1, refused by the parser (before any data loads) else."""
+    """An argparse type: ``text`` as an int of at least 1 (``check_int``), refused by the parser (before any
+    data loads) else."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
-    return value
+        return check_int(int(text), "the value", 1)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from error
 
 
 def _recipe_of(args, parser):
