@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datasets import (BalancedBatchSampler, IMAGENET_SIZE, KNOWN_DATASETS, load_cifar10, load_image_splits,  # noqa: F401
                       load_imagenet, random_subset, read_cifar10)
-from experiments import markdown_table, merge_results, save_figure
+from results import markdown_table, merge_results, save_figure
 from features import EXTRACTORS, cached_features
 from losses import AUTOENCODER_DISTANCES, RECONSTRUCTION_LOSSES, PairwiseAutoencoderLoss, TripletAutoencoderLoss
 from metrics import Metric, evaluate_embeddings

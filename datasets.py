@@ -36,7 +36,6 @@ and the other old names still resolve to them.
 
 import csv
 import gzip
-import importlib
 import math
 import numbers
 import os
@@ -57,7 +56,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 from tqdm.auto import tqdm
 
-from utils import check_choice, check_int, groups_of_classes
+from utils import check_choice, check_int, groups_of_classes, moved_attribute
 
 
 class InMemoryDataset(Dataset):
@@ -1621,11 +1620,6 @@ def load_folder_splits(root, image_size=None, channels=None, held_out_classes=No
 # Names that live elsewhere now: Omniglot's readers moved to omniglot.py. Old scripts import them from
 # here; they are imported on first use (PEP 562), as omniglot imports this module.
 
-_MOVED = {name: "omniglot" for name in ("OMNIGLOT_IMAGE_SIZE", "OmniglotAlphabets", "OneShotRun", "OneShotRuns")}
-
-
 def __getattr__(name):
-    """``datasets.<name>`` for a name in ``_MOVED``: the object from its module now."""
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_MOVED[name]), name)
+    """Names that moved to another module still resolve here for one release (``utils.MOVED_NAMES``)."""
+    return moved_attribute(__name__, name)

@@ -41,7 +41,6 @@ line runs it too (``omniglot.omniglot_main``), and its old names here (``experim
 """
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -61,11 +60,12 @@ from metrics import (AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, ev
                      few_shot_accuracy, retrieval_metrics, verification_roc_auc, verification_threshold)
 from networks import (ClassificationNet, EmbeddingNet, SiameseNet, SiameseNetwork, TripletNet, build_network,
                       save_model)
+from results import markdown_table, merge_results, plot_embeddings, save_figure, write_json, write_text
 from trainer import (CHECKPOINT_NAME, broadcast_from_main, close_distributed, device_name, fit,
                      flush_denormal_everywhere, is_main_process, rank_and_world_size, setup_distributed)
 from utils import (DISTANCES, AllTripletSelector, BatchHardTripletSelector, HardestNegativeTripletSelector,
                    HardNegativePairSelector, RandomNegativeTripletSelector,
-                   SemihardNegativeTripletSelector, atomic_write, check_choice, check_int)
+                   SemihardNegativeTripletSelector, atomic_write, check_choice, check_int, moved_attribute)
 
 METHODS = ("softmax", "siamese", "triplet", "online-contrastive", "online-triplet")
 # name -> selector(margin, generator, distance="squared"); distance: the loss's (utils.DISTANCES)
@@ -594,19 +594,6 @@ def _embed_splits(model, train_set, test_set):
             for split, data in (("train", train_set), ("test", test_set))}
 
 
-def write_json(path, value):
-    """Write ``value`` as JSON to ``path`` atomically (a temporary file in the same folder, then
-    os.replace), so an interrupted run never leaves half a file behind. Returns the path."""
-    return write_text(path, json.dumps(value, indent=1))
-
-
-def write_text(path, text):
-    """Write ``text`` to ``path`` atomically (utils.atomic_write; folders created). Returns the path."""
-    with atomic_write(path, "w") as file:
-        file.write(text)
-    return path
-
-
 def _image_stem(dataset, label, embedding_dim, seed=0):
     suffix = ("" if embedding_dim == 2 else f"_{embedding_dim}d") + ("" if seed == 0 else f"_seed{seed}")
     return f"{dataset}_{label.replace('/', '-')}{suffix}"
@@ -617,46 +604,6 @@ def image_path(dataset, label, split, embedding_dim=2, images_dir="images", seed
     e.g. ``images/fashion-mnist_online-triplet-semi-hard_test.png``; a ``seed`` other than 0 is in the
     name (``..._semi-hard_seed1_test.png``), so that other seeds' runs keep the seed-0 plots."""
     return os.path.join(images_dir, f"{_image_stem(dataset, label, embedding_dim, seed)}_{split}.png")
-
-
-def _project_2d(embeddings):
-    """The embeddings themselves when 2-D, else their projection on the top two principal axes."""
-    if embeddings.shape[1] <= 2:
-        return embeddings
-    centred = embeddings - embeddings.mean(dim=0)
-    _, _, directions = torch.pca_lowrank(centred, q=2, center=False)
-    return centred @ directions[:, :2]
-
-
-def plot_embeddings(embeddings, labels, class_names, title, path):
-    """Scatter plot of ``embeddings (N, D)`` coloured by ``labels (N,)`` (on any device) with a legend of
-    class names (a principal-component projection above 2-D), saved to ``path``."""
-    # A bare Figure, not pyplot: no backend switch, so a notebook's own plots keep working.
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
-    embeddings, labels = embeddings.detach().float().cpu(), labels.cpu()  # from whichever device they were made on
-    points = _project_2d(embeddings).numpy()
-    figure = Figure(figsize=(8, 8))
-    axes = figure.subplots()
-    colours = colormaps["tab10"]
-    for class_id, name in enumerate(class_names):
-        chosen = (labels == class_id).numpy()
-        axes.scatter(points[chosen, 0], points[chosen, 1], s=2, alpha=0.5, color=colours(class_id % 10),
-                     label=name)
-    axes.set_title(title + ("" if embeddings.shape[1] <= 2 else " - PCA projection"))
-    axes.legend(markerscale=6, loc="best", fontsize=8)
-    return save_figure(figure, path)
-
-
-def save_figure(figure, path):
-    """Save a matplotlib Figure to ``path`` (folders created) at the library's plot resolution.
-    Returns the path."""
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    figure.savefig(path, dpi=90, bbox_inches="tight")
-    return path
 
 
 def recipe_images_dir(images_dir, label, recipe=None):
@@ -731,22 +678,6 @@ def record_result(row, results_dir="results"):
                          results_table)
 
 
-def merge_results(stem, new_rows, key_fields, sort_key, table, header=""):
-    """The one results writer: merge ``new_rows`` (dicts) into ``<stem>.json``, a row replacing the
-    old row with the same values of ``key_fields``, sort the rows by ``sort_key(row)`` and rewrite
-    ``<stem>.md`` as ``header + table(rows)``. Both files are written atomically. Returns the rows."""
-    rows = []
-    if os.path.exists(stem + ".json"):
-        with open(stem + ".json") as file:
-            rows = json.load(file)
-    fresh = {tuple(row.get(key) for key in key_fields) for row in new_rows}
-    rows = [row for row in rows if tuple(row.get(key) for key in key_fields) not in fresh] + list(new_rows)
-    rows.sort(key=sort_key)
-    write_json(stem + ".json", rows)
-    write_text(stem + ".md", header + table(rows))
-    return rows
-
-
 def _all_labels():
     return [method_label(method, selector) for method in METHODS
             for selector in (SELECTORS if method == "online-triplet" else [None])]
@@ -756,16 +687,6 @@ def results_table(rows):
     """Markdown table of result rows (one line per method and embedding size)."""
     columns = COLUMNS + [column for column in HELD_OUT_COLUMNS if any(column[0] in row for row in rows)]
     return markdown_table(rows, columns)
-
-
-def markdown_table(rows, columns):
-    """A Markdown table of ``rows`` (dicts): ``columns`` is a list of ``(key, title, format)``; a
-    missing or None value leaves its cell empty."""
-    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(fmt.format(row[key]) if row.get(key) is not None else ""
-                                        for key, _, fmt in columns) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_dim=2, epochs=None,
@@ -1093,25 +1014,9 @@ def evaluate_held_out(model, held_out, seed=0, n_episodes=HELD_OUT_EPISODES):
 
 
 
-# ----------------------------------------------------------------------- names that live elsewhere now
-# Old scripts import these from here: the Omniglot study moved to omniglot.py, and run_experiment is the
-# autoencoder experiments' (autoencoders.py). They are imported on first use (PEP 562), so that importing
-# this module loads neither autoencoders (and its feature extractors) nor omniglot, which imports this one.
-
-_MOVED = {name: "omniglot" for name in (
-    "OMNIGLOT_ROOT", "OMNIGLOT_BACKGROUND", "OMNIGLOT_EVALUATION", "OMNIGLOT_WEIGHTS", "OMNIGLOT_METHODS",
-    "OMNIGLOT_RECIPE", "CONTRASTIVE_MARGIN", "OMNIGLOT_EPISODES", "OMNIGLOT_TEST_SHIFT", "OMNIGLOT_QUICK",
-    "load_omniglot", "train_omniglot", "omniglot_pairs", "drawer_halves", "evaluate_omniglot", "omniglot_table",
-    "save_omniglot_model", "load_omniglot_model", "run_omniglot", "run_one_shot_runs", "omniglot_main",
-    "OmniglotAlphabets", "OneShotRuns", "one_shot_run_errors")}
-_MOVED["run_experiment"] = "autoencoders"
-
-
 def __getattr__(name):
-    """``experiments.<name>`` for a name in ``_MOVED``: the object from its module now."""
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_MOVED[name]), name)
+    """Names that moved to another module still resolve here for one release (``utils.MOVED_NAMES``)."""
+    return moved_attribute(__name__, name)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,12 @@ Distances are Euclidean and computed in chunks of queries, so memory stays O(chu
 10k or 10k x 10k evaluation never holds a full distance matrix.
 """
 
-import importlib
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from utils import check_choice, check_int, groups_of_classes, paired_squared_distances, squared_distances
+from utils import check_choice, check_int, groups_of_classes, moved_attribute, paired_squared_distances, squared_distances
 
 
 class Metric:
@@ -806,11 +805,6 @@ def n_way_k_shot_accuracy(model, dataset, n_way=5, k_shot=1, n_episodes=1000, gr
 # one_shot_run_errors (Lake's one-shot runs) moved to omniglot.py with the rest of Omniglot. Old scripts
 # import it from here; it is imported on first use (PEP 562), as omniglot imports this module.
 
-_MOVED = {"one_shot_run_errors": "omniglot"}
-
-
 def __getattr__(name):
-    """``metrics.<name>`` for a name in ``_MOVED``: the object from its module now."""
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_MOVED[name]), name)
+    """Names that moved to another module still resolve here for one release (``utils.MOVED_NAMES``)."""
+    return moved_attribute(__name__, name)

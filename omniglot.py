@@ -39,10 +39,10 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from datasets import BatchRandomAffine, InMemoryDataset, SiameseMNIST
-from experiments import (EVALUATION_BATCH, build_method, main as experiments_main, markdown_table, options_given,
-                         write_json, write_text)
+from experiments import EVALUATION_BATCH, build_method, main as experiments_main, options_given
 from metrics import best_threshold, extract_embeddings, few_shot_accuracy, verification_roc_auc
 from networks import ShiftAveragedEmbedding, SiameseNetwork, load_model, save_model
+from results import markdown_table, write_json, write_text
 from trainer import fit
 from utils import check_choice, check_flag, squared_distances
 
@@ -596,7 +596,7 @@ OMNIGLOT_COLUMNS = [("task", "task", "{}"), ("alphabets", "alphabets", "{}"), ("
 
 def omniglot_table(*results):
     """Markdown table of one or more of evaluate_omniglot's results (accuracies in percent with their 95%
-    intervals; experiments.markdown_table); the rows of a shift-averaged evaluation say so."""
+    intervals; results.markdown_table); the rows of a shift-averaged evaluation say so."""
     rows = []
     for result in results:
         shift = result.get("test_shift", 0)
@@ -649,7 +649,7 @@ def run_omniglot(root=None, weights=OMNIGLOT_WEIGHTS, results_dir="results", qui
                  progress=True, n_episodes=OMNIGLOT_EPISODES, **recipe):
     """Train the Omniglot recipe (OMNIGLOT_RECIPE, any key overridden by ``recipe``, see omniglot_settings),
     save the weights to ``weights`` (skipped when None), evaluate on the new alphabets and write
-    results/omniglot.md and .json (atomically, experiments.write_text / write_json).
+    results/omniglot.md and .json (atomically, results.write_text / write_json).
 
     ``quick``: OMNIGLOT_QUICK's epochs and episodes, no weights saved, results under results/quick/.
     Returns {'recipe', 'seconds', 'train_alphabets', 'evaluation' (evaluate_omniglot's result) and

@@ -427,7 +427,7 @@ def draw_grid(results, path):
     drawn as a blank cell titled "unreadable". Returns the path."""
     from matplotlib.figure import Figure  # a bare Figure, not pyplot: no backend switch
 
-    from experiments import save_figure
+    from results import save_figure
 
     n_columns = 1 + max(len(result["neighbours"]) for result in results)
     figure = Figure(figsize=(1.6 * n_columns, 1.9 * len(results)))
@@ -532,7 +532,7 @@ def main(argv=None):
                                    use_faiss=arguments.faiss):
                 print(f"{result['path']}\t{result['label']}\t{result['vote_share']:.2f}")
         else:
-            from experiments import markdown_table
+            from results import markdown_table
 
             result = evaluate(arguments.model, arguments.gallery)
             columns = [("n_images", "images", "{}"), ("n_classes", "classes", "{}"),

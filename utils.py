@@ -90,6 +90,40 @@ def atomic_write(path, mode="wb"):
         raise
 
 
+
+# Names that moved to another module, kept for one release: ``old module -> {name: new module}``. The old
+# module's ``__getattr__`` is ``moved_attribute``'s, so ``from datasets import read_image`` still works and
+# warns (DeprecationWarning) with the new place; the next release removes the entry. The one table of them.
+MOVED_NAMES = {
+    "experiments": {**dict.fromkeys((
+        "OMNIGLOT_ROOT", "OMNIGLOT_BACKGROUND", "OMNIGLOT_EVALUATION", "OMNIGLOT_WEIGHTS", "OMNIGLOT_METHODS",
+        "OMNIGLOT_RECIPE", "CONTRASTIVE_MARGIN", "OMNIGLOT_EPISODES", "OMNIGLOT_TEST_SHIFT", "OMNIGLOT_QUICK",
+        "load_omniglot", "train_omniglot", "omniglot_pairs", "drawer_halves", "evaluate_omniglot", "omniglot_table",
+        "save_omniglot_model", "load_omniglot_model", "run_omniglot", "run_one_shot_runs", "omniglot_main",
+        "OmniglotAlphabets", "OneShotRuns", "one_shot_run_errors"), "omniglot"),
+        "run_experiment": "autoencoders",
+        **dict.fromkeys(("write_json", "write_text", "merge_results", "markdown_table", "save_figure", "plot_embeddings"),
+                        "results")},
+    "datasets": dict.fromkeys(("OMNIGLOT_IMAGE_SIZE", "OmniglotAlphabets", "OneShotRun", "OneShotRuns"), "omniglot"),
+    "metrics": {"one_shot_run_errors": "omniglot"},
+}
+
+
+def moved_attribute(module, name):
+    """``module.<name>`` for a name that moved (``MOVED_NAMES``): the object from its new module, with a
+    DeprecationWarning naming it; AttributeError as usual for any other name. Each old module's
+    ``__getattr__`` (PEP 562) calls this."""
+    new_module = MOVED_NAMES.get(module, {}).get(name)
+    if new_module is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    import importlib
+    import warnings
+
+    warnings.warn(f"{module}.{name} moved to {new_module}.{name}; import it from there (the old name goes in the "
+                  "next release)", DeprecationWarning, stacklevel=3)
+    return getattr(importlib.import_module(new_module), name)
+
+
 def groups_of_classes(class_of, n_classes, groups):
     """The group of each class, for samplers that draw classes group by group (e.g. Omniglot's
     characters alphabet by alphabet).

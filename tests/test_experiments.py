@@ -14,6 +14,7 @@ import torch
 from matplotlib.figure import Figure
 
 import experiments
+import results
 from datasets import CLASS_NAMES
 from fixtures import write_idx_fixture
 
@@ -309,7 +310,7 @@ def test_plot_embeddings_draws_2d_embeddings_as_they_are(tmp_path, monkeypatch):
     generator = torch.Generator().manual_seed(0)
     embeddings, labels = torch.randn(300, 2, generator=generator), torch.arange(300) % 3
     path = tmp_path / "nested" / "folder" / "plot.png"
-    assert experiments.plot_embeddings(embeddings, labels, ["a", "b", "c"], "two dims", str(path)) == str(path)
+    assert results.plot_embeddings(embeddings, labels, ["a", "b", "c"], "two dims", str(path)) == str(path)
     assert is_png(path)
     axes = figures[0].axes[0]
     assert axes.get_title() == "two dims"
@@ -327,7 +328,7 @@ def test_plot_embeddings_projects_64d_embeddings_on_their_principal_plane(tmp_pa
     embeddings = flat @ axes_64d.T + torch.randn(64, generator=generator)
     labels = torch.arange(400) % 10
     path = tmp_path / "plot64.png"
-    experiments.plot_embeddings(embeddings, labels, CLASS_NAMES["mnist"], "sixty-four dims", str(path))
+    results.plot_embeddings(embeddings, labels, CLASS_NAMES["mnist"], "sixty-four dims", str(path))
     assert is_png(path)
     assert figures[0].axes[0].get_title() == "sixty-four dims - PCA projection"
     projected = torch.cat(plotted_points(figures[0], 10))
