@@ -13,8 +13,10 @@ This module owns:
   trained by the method ``experiments.build_method`` builds, as for Fashion-MNIST),
   ``evaluate_omniglot`` (one-shot episodes within one alphabet, the harder protocol, and across
   alphabets, plus pair verification), ``run_omniglot`` and ``run_one_shot_runs``;
-- the command line, ``python omniglot.py [--quick] [--one-shot-runs PATH] ...``, the same as
-  ``python experiments.py --dataset omniglot ...``.
+- the command line, ``python omniglot.py [--quick] [--one-shot-runs PATH] ...`` (``main``; a user's
+  mistake is one line and exit status 2, ``cli.run``). Only the study (the recipe, seed 0) writes the
+  committed ``results/omniglot.*`` and ``weights/omniglot_siamese.pt``: a quick run writes under
+  ``results/quick/``, any other settings under ``runs/omniglot/<settings tag>/`` (``omniglot_outputs``).
 
 The general pieces come from the rest of the library (episodes: ``metrics.few_shot_accuracy`` with
 ``groups=`` the alphabet of each image; batches: ``datasets.BalancedBatchSampler``); the old import
@@ -22,8 +24,11 @@ paths (``datasets.OmniglotAlphabets``, ``metrics.one_shot_run_errors``, ``experi
 ...) still resolve to the objects here.
 """
 
+import argparse
+import collections
+import hashlib
 import io
-import numbers
+import json
 import os
 import re
 import sys
@@ -39,12 +44,13 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from datasets import BatchRandomAffine, InMemoryDataset, SiameseMNIST
-from experiments import EVALUATION_BATCH, build_method, main as experiments_main, options_given
+import cli
+from experiments import EVALUATION_BATCH, build_method
 from metrics import best_threshold, extract_embeddings, few_shot_accuracy, verification_roc_auc
 from networks import ShiftAveragedEmbedding, SiameseNetwork, load_model, save_model
 from results import markdown_table, write_json, write_text
-from trainer import fit
-from utils import check_choice, check_flag, squared_distances
+from trainer import fit, flush_denormal_everywhere
+from utils import check_choice, check_flag, check_int, squared_distances
 
 # ---------------------------------------------------------------------------------------------------
 # Reading Omniglot and Lake's one-shot runs
@@ -128,10 +134,13 @@ def _last_number(text, default):
 
 
 def _check_image_size(image_size):
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral)
-                                   or image_size < 1):
+    if image_size is None:
+        return
+    try:
+        check_int(image_size, "image_size", 1)
+    except (TypeError, ValueError):
         raise ValueError(f"image_size must be a positive int (e.g. 28 or 105) or None (keep the files' size), "
-                         f"got {image_size!r}")
+                         f"got {image_size!r}") from None
 
 
 def _check_options(image_size, mirror, alphabets, quarter_turns):
@@ -636,8 +645,7 @@ def load_omniglot_model(path=OMNIGLOT_WEIGHTS, device="cpu"):
     """The SiameseNetwork saved by save_omniglot_model at ``path`` (a model file, or the older
     ``{"config", "state_dict", ...}`` file), in eval mode on ``device``."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no weights at {path}: train them with `python experiments.py --dataset omniglot` "
-                                "or pass --weights")
+        raise FileNotFoundError(f"no weights at {path}: train them with `python omniglot.py` or pass --weights")
     model, info = load_model(path, device)
     if not isinstance(model, SiameseNetwork):
         raise ValueError(f"{path} holds a {info['architecture']!r} model, not the Omniglot SiameseNetwork; pass "
@@ -645,20 +653,66 @@ def load_omniglot_model(path=OMNIGLOT_WEIGHTS, device="cpu"):
     return model
 
 
-def run_omniglot(root=None, weights=OMNIGLOT_WEIGHTS, results_dir="results", quick=False, seed=0, device=None,
-                 progress=True, n_episodes=OMNIGLOT_EPISODES, **recipe):
-    """Train the Omniglot recipe (OMNIGLOT_RECIPE, any key overridden by ``recipe``, see omniglot_settings),
-    save the weights to ``weights`` (skipped when None), evaluate on the new alphabets and write
-    results/omniglot.md and .json (atomically, results.write_text / write_json).
+def _settings_tag(changed):
+    """Folder name of a trial from its settings other than the study's (``{name: value}``), e.g.
+    ``epochs-3_seed-1``; a value that is not a plain word or number is named by a short hash."""
+    words = {name: str(value) if re.fullmatch(r"[\w.+-]{1,24}", str(value)) else
+             hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
+             for name, value in changed.items()}
+    return "_".join(f"{name}-{word}" for name, word in sorted(words.items()))
 
-    ``quick``: OMNIGLOT_QUICK's epochs and episodes, no weights saved, results under results/quick/.
+
+def omniglot_outputs(settings, seed=0, n_episodes=OMNIGLOT_EPISODES, quick=False, weights=OMNIGLOT_WEIGHTS,
+                     results_dir="results", runs_dir="runs"):
+    """Where a run of the Omniglot ``settings`` (``omniglot_settings``' dict) writes: ``(results folder,
+    weights path)``, each None when not written.
+
+    The study (the recipe, seed 0, OMNIGLOT_EPISODES episodes) writes ``results_dir`` and ``weights``; a
+    quick run ``<results_dir>/quick`` and no weights; any other run (a trial) its own folder,
+    ``<runs_dir>/omniglot/<settings tag>/`` (``_output_dirs``), with the weights there too when
+    ``weights`` is the committed file: a trial never replaces the study's table or weights."""
+    if quick:
+        return (None if results_dir is None else os.path.join(results_dir, "quick")), None
+    changed = {name: value for name, value in {**settings, "seed": seed, "episodes": n_episodes}.items()
+               if value != {**OMNIGLOT_RECIPE, "seed": 0, "episodes": OMNIGLOT_EPISODES}[name]}
+    if not changed:
+        return results_dir, weights
+    folder = _output_dirs("omniglot", _settings_tag(changed), committed=False, root=runs_dir).results
+    committed = weights is not None and os.path.abspath(weights) == os.path.abspath(OMNIGLOT_WEIGHTS)
+    return (None if results_dir is None else folder), (os.path.join(folder, "omniglot_siamese.pt")
+                                                       if committed else weights)
+
+
+# STAND-IN for results.output_dirs, the one function deciding where a run's outputs go (planned signature
+# ``output_dirs(name, tag="", *, committed=True, root="runs")``): replace these lines with it at merge.
+OutputDirs = collections.namedtuple("OutputDirs", "results images checkpoints")
+
+
+def _output_dirs(name, tag="", *, committed=True, root="runs"):
+    """``OutputDirs`` of run ``name``/``tag``: the committed folders, or ``<root>/<name>/<tag>/``."""
+    folder = os.path.join(root, name, tag)
+    if committed:
+        return OutputDirs(*(os.path.join(kind, tag) for kind in OutputDirs._fields))
+    return OutputDirs(folder, os.path.join(folder, "images"), os.path.join(folder, "checkpoints"))
+
+
+def run_omniglot(root=None, weights=OMNIGLOT_WEIGHTS, results_dir="results", quick=False, seed=0, device=None,
+                 progress=True, n_episodes=OMNIGLOT_EPISODES, runs_dir="runs", **recipe):
+    """Train the Omniglot recipe (OMNIGLOT_RECIPE, any key overridden by ``recipe``, see omniglot_settings),
+    save the weights (skipped when ``weights`` is None), evaluate on the new alphabets and write
+    ``omniglot.md`` and ``.json`` (atomically, results.write_text / write_json; skipped when
+    ``results_dir`` is None).
+
+    Where (``omniglot_outputs``): the study writes ``results_dir`` and ``weights``; ``quick``
+    (OMNIGLOT_QUICK's epochs and episodes) ``<results_dir>/quick/`` and no weights; any other settings
+    ``<runs_dir>/omniglot/<settings tag>/``, never the committed table or weights.
     Returns {'recipe', 'seconds', 'train_alphabets', 'evaluation' (evaluate_omniglot's result) and
     'evaluation_shift_averaged' (the same with test_shift=OMNIGLOT_TEST_SHIFT)}.
     """
     settings = omniglot_settings(**recipe)
     if quick:
-        settings["epochs"], n_episodes, weights = OMNIGLOT_QUICK["epochs"], OMNIGLOT_QUICK["n_episodes"], None
-        results_dir = None if results_dir is None else os.path.join(results_dir, "quick")
+        settings["epochs"], n_episodes = OMNIGLOT_QUICK["epochs"], OMNIGLOT_QUICK["n_episodes"]
+    results_dir, weights = omniglot_outputs(settings, seed, n_episodes, quick, weights, results_dir, runs_dir)
     train_set, eval_set = load_omniglot(root, settings["image_size"], settings["quarter_turns"], settings["augment"],
                                         mirror=settings["mirror"])
     print(f"== omniglot: training on {len(train_set.classes)} classes of {', '.join(train_set.alphabet_names)}; "
@@ -672,7 +726,7 @@ def run_omniglot(root=None, weights=OMNIGLOT_WEIGHTS, results_dir="results", qui
               "train_alphabets": train_set.alphabet_names, "evaluation": evaluation,
               "evaluation_shift_averaged": shift_averaged}
     if weights is not None:
-        save_omniglot_model(model, weights, command="python experiments.py --dataset omniglot", **result)
+        save_omniglot_model(model, weights, command="python omniglot.py", **result)
     if results_dir is not None:
         write_json(os.path.join(results_dir, "omniglot.json"), result)
         write_text(os.path.join(results_dir, "omniglot.md"), omniglot_table(evaluation, shift_averaged))
@@ -690,48 +744,80 @@ def run_one_shot_runs(path, weights=OMNIGLOT_WEIGHTS, device="cpu"):
     return result
 
 
-# What the command line's --dataset omniglot reads (destinations of experiments' parser); it refuses the others.
-OMNIGLOT_OPTIONS = frozenset({"dataset", "methods", "selectors", "epochs", "embedding_dim", "seed", "device", "quick",
-                              "no_progress", "omniglot_root", "one_shot_runs", "weights"})
+# ---------------------------------------------------------------------------------------------------
+# The command line: python omniglot.py [options] (cli.run: a user's mistake is one line and exit status 2)
 
 
-def omniglot_main(args, parser=None):
-    """The command line's ``--dataset omniglot`` (``args``: experiments.main's parsed arguments): score saved
-    weights on one-shot runs, or train and evaluate. Returns run_one_shot_runs' or run_omniglot's result.
-    ``parser``, the parser that read ``args``: an option given that Omniglot does not read (not in
-    ``OMNIGLOT_OPTIONS``, e.g. a recipe option or ``--channels-last``) is refused through it, not ignored."""
-    unused = [] if parser is None else [option for option, dest in options_given(parser, args)
-                                        if dest not in OMNIGLOT_OPTIONS]
-    if unused:
-        parser.error(f"--dataset omniglot trains its own recipe (omniglot.OMNIGLOT_RECIPE) and does not read "
-                     f"{', '.join(unused)}; leave {'it' if len(unused) == 1 else 'them'} out")
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose mistakes reach ``cli.run`` as a ValueError: one line, exit status 2 (to be
+    ``cli``'s at merge)."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def _parser():
+    """The argument parser of ``main``: exactly the options the Omniglot study reads."""
+    parser = _Parser(prog="omniglot.py", description="One-shot learning on Omniglot: train and evaluate the "
+                     "recipe (omniglot.OMNIGLOT_RECIPE), or score saved weights on Lake's one-shot runs.")
+    parser.add_argument("--methods", default="all",
+                        help=f"one of {', '.join(OMNIGLOT_METHODS)}; 'all': the recipe's ({OMNIGLOT_RECIPE['method']})")
+    parser.add_argument("--selectors", default=None,
+                        help=f"online-triplet's selector (default: the recipe's, {OMNIGLOT_RECIPE['selector']})")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--embedding-dim", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: one epoch, 100 episodes, results under "
+                        "results/quick/, no weights saved")
+    parser.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    parser.add_argument("--omniglot-root", default=None,
+                        help="folder holding images_background_small1/2 (.zip or extracted); default "
+                             "../shared/data/omniglot next to the repository")
+    parser.add_argument("--one-shot-runs", default=None,
+                        help="score saved weights on Lake's one-shot runs (folder or .zip of run01..run20)")
+    parser.add_argument("--weights", default=None, help=f"weights file (default {OMNIGLOT_WEIGHTS})")
+    return parser
+
+
+def _recipe_of(args):
+    """The recipe settings the parsed ``args`` override (checked before any data is read)."""
+    recipe = {}
+    if args.methods != "all":
+        recipe["method"] = check_choice(args.methods, OMNIGLOT_METHODS, "--methods")
+    if args.selectors is not None:
+        recipe["selector"] = args.selectors
+    if args.epochs is not None:
+        recipe["epochs"] = check_int(args.epochs, "--epochs", 0)
+    if args.embedding_dim is not None:
+        recipe["embedding_dim"] = check_int(args.embedding_dim, "--embedding-dim", 1)
+    return recipe
+
+
+def omniglot_main(args):
+    """Run the command line's parsed ``args`` (``_parser``'s): score saved weights on one-shot runs, or train
+    and evaluate. Returns run_one_shot_runs' or run_omniglot's result."""
     weights = OMNIGLOT_WEIGHTS if args.weights is None else args.weights
     if args.one_shot_runs is not None:
         return run_one_shot_runs(args.one_shot_runs, weights, args.device or "cpu")
-    recipe = {}
-    if args.methods != "all":
-        recipe["method"] = args.methods
-    if args.selectors != "random-hard":
-        recipe["selector"] = args.selectors
-    if args.epochs is not None:
-        recipe["epochs"] = args.epochs
-    if args.embedding_dim is not None:
-        recipe["embedding_dim"] = args.embedding_dim
+    recipe = _recipe_of(args)
+    results_dir, saved = omniglot_outputs(omniglot_settings(**recipe), args.seed, quick=args.quick, weights=weights)
     result = run_omniglot(args.omniglot_root, weights, quick=args.quick, seed=args.seed, device=args.device,
                           progress=not args.no_progress, **recipe)
     print()
     print(omniglot_table(result["evaluation"], result["evaluation_shift_averaged"]))
-    saved = "" if args.quick else f"; weights in {weights}"
-    print(f"Training {result['seconds']:.0f} s. Results in results/{'quick/' if args.quick else ''}omniglot.md{saved}.")
+    where = os.path.join(results_dir, "omniglot.md").replace(os.sep, "/")
+    print(f"Training {result['seconds']:.0f} s. Results in {where}" + (f"; weights in {saved}." if saved else "."))
     return result
 
 
 def main(argv=None):
-    """``python omniglot.py [options]``: ``python experiments.py --dataset omniglot [options]`` (one command
-    line, experiments.main's; ``--help`` lists its options). Returns the command's result."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return experiments_main([*argv, "--dataset", "omniglot"])  # last, so it wins over any other --dataset
+    """``python omniglot.py [options]`` (``--help`` lists them): turns flush-to-zero on for the whole process
+    (``trainer.flush_denormal_everywhere``), then ``omniglot_main``. Returns the command's result; a bad
+    option raises ValueError (``cli.run`` prints it as one line)."""
+    flush_denormal_everywhere()
+    return omniglot_main(_parser().parse_args(sys.argv[1:] if argv is None else list(argv)))
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(cli.run(main, "omniglot.py"))

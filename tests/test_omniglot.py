@@ -1,9 +1,19 @@
 """One-shot learning: omniglot.py's readers (zip, folder, torchvision layout, Lake's one-shot runs) on
 fixtures written in the exact formats, batched augmentation (datasets.BatchRandomAffine), the N-way
-K-shot episode sampler and scorer (metrics), the verification threshold, and SiameseNetwork."""
+K-shot episode sampler and scorer (metrics), the verification threshold, and SiameseNetwork; then the
+study (training in quick mode, saved weights, Lake's one-shot runs), its command line ``python
+omniglot.py`` (one line and exit status 2 for a user's mistake), where a run writes (a trial never the
+committed results or weights), and the old import paths of the Omniglot names."""
 
+import ast
+import hashlib
+import inspect
 import math
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,10 +21,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+import datasets
+import experiments
+import metrics
+import omniglot as omniglot_module  # (``omniglot`` is the fixture of the alphabets below)
 from datasets import BalancedBatchSampler, BatchRandomAffine, InMemoryDataset, SiameseMNIST, TripletMNIST
 from losses import ContrastiveLoss
 from metrics import best_threshold, episode_accuracies, few_shot_accuracy, n_way_k_shot_accuracy, sample_episodes
-from networks import SiameseNetwork
+from networks import ShiftAveragedEmbedding, SiameseNetwork
 from omniglot import OmniglotAlphabets, OneShotRuns, one_shot_run_errors
 from omniglot_fixtures import ALPHABETS, DRAWERS, SIZE, write_alphabets, write_runs, zip_folder
 
@@ -724,3 +738,287 @@ def test_mirror_adds_mirrored_classes_after_the_turned_ones(omniglot):
 def test_alphabet_names_in(omniglot):
     assert OmniglotAlphabets.alphabet_names_in(omniglot["zip"]) == ["Alpha", "Beta"]
     assert OmniglotAlphabets.alphabet_names_in(omniglot["folder"]) == ["Alpha", "Beta"]
+
+
+# ------------------------------------------------------------------------------- the study and its command line
+
+@pytest.fixture
+def omniglot_root(tmp_path):
+    root = tmp_path / "omniglot"
+    write_alphabets(root / "small1", alphabets={"Alpha": 3, "Beta": 2}, drawers=6, size=28)
+    write_alphabets(root / "small2", top="images_background_small2", alphabets={"Beta": 2, "Gamma": 20, "Delta": 5},
+                    drawers=6, size=28)
+    zip_folder(root / "small1", root / "images_background_small1.zip")
+    zip_folder(root / "small2", root / "images_background_small2.zip")
+    return root
+
+
+def test_load_omniglot_evaluates_only_new_alphabets(omniglot_root):
+    train_set, eval_set = omniglot_module.load_omniglot(omniglot_root, image_size=28, quarter_turns=(0, 1),
+                                                 augment={"degrees": 5.0})
+    assert train_set.alphabet_names == ["Alpha", "Beta"] and len(train_set.classes) == 10
+    assert train_set.augmentation.degrees == 5.0 and eval_set.augmentation is None and not eval_set.train
+    assert eval_set.alphabet_names == ["Delta", "Gamma"]
+    with pytest.raises(ValueError, match="no alphabet that"):
+        omniglot_module.load_omniglot(omniglot_root, evaluation="images_background_small1")
+    with pytest.raises(FileNotFoundError, match="--omniglot-root"):
+        omniglot_module.load_omniglot(omniglot_root / "nowhere")
+
+
+def test_omniglot_quick_command(omniglot_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "weights.pt"
+    result = omniglot_module.main(["--quick", "--no-progress", "--omniglot-root", str(omniglot_root), "--weights",
+                                   str(weights)])
+    assert result["recipe"]["epochs"] == 1 and result["quick"]
+    tasks = [row["task"] for row in result["evaluation"]["episodes"]]
+    assert tasks == ["20-way 1-shot, within alphabet", "5-way 1-shot, within alphabet", "20-way 1-shot, across alphabets"]
+    assert result["evaluation"]["episodes"][0]["alphabets"] == ["Gamma"]
+    assert all(row["n_episodes"] == 100 for row in result["evaluation"]["episodes"])
+    assert result["evaluation"]["verification"]["validation_drawers"] == [1, 2, 3]
+    table = (tmp_path / "results" / "quick" / "omniglot.md").read_text()
+    assert "| 20-way 1-shot, within alphabet | Gamma | 100 |" in table
+    assert "| 20-way 1-shot, within alphabet, shift-averaged (+-2 px) | Gamma | 100 |" in table
+    assert result["evaluation_shift_averaged"]["test_shift"] == 2
+    assert not weights.exists()  # a quick run saves no weights
+    assert "Results in results/quick/omniglot.md" in capsys.readouterr().out
+
+
+def test_train_save_load_and_one_shot_runs_command(omniglot_root, tmp_path, capsys):
+    train_set, eval_set = omniglot_module.load_omniglot(omniglot_root, image_size=28)
+    model, history = omniglot_module.train_omniglot(train_set, method="siamese", epochs=1, embedding_dim=8, channels=8,
+                                             progress=False)
+    assert len(history["train_loss"]) == 1 and not model.training
+    path = omniglot_module.save_omniglot_model(model, str(tmp_path / "saved" / "model.pt"), command="test")
+    loaded = omniglot_module.load_omniglot_model(path)
+    assert isinstance(loaded, SiameseNetwork) and loaded.config() == model.config()
+    images = eval_set.data[:4]
+    assert torch.equal(loaded.forward_one(images), model.forward_one(images))
+    runs = write_runs(tmp_path / "runs", n_runs=3, size=28)
+    capsys.readouterr()
+    result = omniglot_module.main(["--one-shot-runs", str(tmp_path / "runs"), "--weights", path])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[:3] == [f"{name}: error {100 * error:.1f}%" for name, error in zip(result["names"], result["errors"])]
+    assert result["names"] == sorted(runs)
+    assert re.fullmatch(r"mean error: \d+\.\d%", lines[-1])
+    assert lines[-1] == f"mean error: {100 * result['mean_error']:.1f}%"
+    with pytest.raises(FileNotFoundError, match="--weights"):
+        omniglot_module.load_omniglot_model(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("method", ["online-contrastive", "online-triplet"])
+def test_online_methods_train_the_siamese_network(omniglot_root, method):
+    train_set, _ = omniglot_module.load_omniglot(omniglot_root, image_size=28)
+    model, history = omniglot_module.train_omniglot(train_set, method=method, epochs=1, embedding_dim=8, channels=8,
+                                             batch_classes=5, batch_samples=3, progress=False)
+    assert len(history["train_loss"]) == 1 and isinstance(model, SiameseNetwork)
+    with pytest.raises(ValueError, match="unknown Omniglot method"):
+        omniglot_module.train_omniglot(train_set, method="softmax")
+
+
+def test_alphabet_batches_group_the_sampler_by_alphabet(omniglot_root):
+    train_set, _ = omniglot_module.load_omniglot(omniglot_root, image_size=28)  # Alpha: 3 characters, Beta: 2
+    model, history = omniglot_module.train_omniglot(train_set, epochs=1, embedding_dim=8, channels=8, batch_classes=2,
+                                             batch_samples=3, alphabet_batches=True, progress=False)
+    assert len(history["train_loss"]) == 1
+    with pytest.raises(ValueError, match="every group needs at least n_classes=3 classes, but one has only 2"):
+        omniglot_module.train_omniglot(train_set, epochs=1, batch_classes=3, alphabet_batches=True, progress=False)
+
+
+def test_evaluate_omniglot_with_test_shift_embeds_the_shift_average(omniglot_root):
+    train_set, eval_set = omniglot_module.load_omniglot(omniglot_root, image_size=28)
+    model = SiameseNetwork(28, 8, channels=8).eval()
+    plain = omniglot_module.evaluate_omniglot(model, eval_set, n_episodes=50)
+    shifted = omniglot_module.evaluate_omniglot(model, eval_set, n_episodes=50, test_shift=1)
+    averaged = ShiftAveragedEmbedding(model, 1)
+    direct = n_way_k_shot_accuracy(averaged, eval_set, 5, 1, 50, groups=eval_set.alphabets)
+    assert shifted["episodes"][1]["accuracy"] == pytest.approx(direct["accuracy"])
+    assert (plain["test_shift"], shifted["test_shift"]) == (0, 1)
+    assert plain["verification"]["roc_auc"] != shifted["verification"]["roc_auc"]
+
+
+def test_run_omniglot_rejects_unknown_settings():
+    with pytest.raises(ValueError, match="unknown Omniglot recipe settings"):
+        omniglot_module.run_omniglot(epoch=3)
+
+
+def test_train_omniglot_takes_its_defaults_from_the_recipe(omniglot_root, monkeypatch):
+    train_set, _ = omniglot_module.load_omniglot(omniglot_root, image_size=28)
+    calls = []
+
+    def record(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, **options):
+        calls.append({"loader": train_loader, "loss_fn": loss_fn, "optimizer": optimizer, "epochs": n_epochs})
+        return {}
+
+    monkeypatch.setattr(omniglot_module, "fit", record)  # what train_omniglot would train with, without training
+    recipe = omniglot_module.OMNIGLOT_RECIPE
+    model, _ = omniglot_module.train_omniglot(train_set, progress=False)
+    online = calls[-1]
+    assert online["epochs"] == recipe["epochs"] and online["loss_fn"].margin == recipe["margin"]
+    assert online["optimizer"].defaults["lr"] == recipe["learning_rate"]
+    sampler = online["loader"].batch_sampler
+    assert (sampler.n_classes, sampler.n_samples) == (len(train_set.classes), recipe["batch_samples"])
+    assert sampler.class_groups is None  # alphabet_batches is False in the recipe
+    assert model.config()["embedding_dim"] == recipe["embedding_dim"]
+    omniglot_module.train_omniglot(train_set, method="siamese", epochs=2, embedding_dim=8, channels=8, progress=False)
+    siamese = calls[-1]
+    assert siamese["epochs"] == 2 and siamese["loss_fn"].margin == omniglot_module.CONTRASTIVE_MARGIN
+    assert siamese["loader"].batch_size == recipe["pair_batch"]
+    with pytest.raises(TypeError, match=r"unknown settings \['epoch'\]"):
+        omniglot_module.train_omniglot(train_set, epoch=1)
+    assert omniglot_module.omniglot_settings() == recipe and omniglot_module.omniglot_settings() is not recipe
+    assert omniglot_module.omniglot_settings(epochs=3, method=None) == {**recipe, "epochs": 3}
+
+
+def test_old_import_paths_resolve_to_the_moved_objects():
+    moved = {datasets: ["OMNIGLOT_IMAGE_SIZE", "OmniglotAlphabets", "OneShotRun", "OneShotRuns"],
+             metrics: ["one_shot_run_errors"],
+             experiments: ["OMNIGLOT_ROOT", "OMNIGLOT_BACKGROUND", "OMNIGLOT_EVALUATION", "OMNIGLOT_WEIGHTS",
+                           "OMNIGLOT_METHODS", "OMNIGLOT_RECIPE", "CONTRASTIVE_MARGIN", "OMNIGLOT_EPISODES",
+                           "OMNIGLOT_TEST_SHIFT", "OMNIGLOT_QUICK", "load_omniglot", "train_omniglot", "omniglot_pairs",
+                           "drawer_halves", "evaluate_omniglot", "omniglot_table", "save_omniglot_model",
+                           "load_omniglot_model", "run_omniglot", "run_one_shot_runs", "omniglot_main",
+                           "OmniglotAlphabets", "OneShotRuns", "one_shot_run_errors"]}
+    for module, names in moved.items():
+        for name in names:
+            assert getattr(module, name) is getattr(omniglot_module, name), f"{module.__name__}.{name}"
+    from datasets import OmniglotAlphabets
+    from experiments import run_omniglot
+    from metrics import one_shot_run_errors
+    assert (OmniglotAlphabets, run_omniglot, one_shot_run_errors) == (
+        omniglot_module.OmniglotAlphabets, omniglot_module.run_omniglot, omniglot_module.one_shot_run_errors)
+    import autoencoders
+    assert experiments.run_experiment is autoencoders.run_experiment
+    for module in moved:
+        with pytest.raises(AttributeError, match=f"^module '{module.__name__}' has no attribute 'no_such_name'$"):
+            getattr(module, "no_such_name")
+    assert not hasattr(metrics, "within_alphabet") and not hasattr(datasets, "_FileTree")
+
+
+def _python(code_or_arguments, cwd):
+    """Run a fresh interpreter in the repository (``-c code`` or a script with arguments); its stdout."""
+    arguments = ["-c", code_or_arguments] if isinstance(code_or_arguments, str) else code_or_arguments
+    completed = subprocess.run([sys.executable, *arguments], cwd=cwd, capture_output=True, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_importing_experiments_loads_neither_autoencoders_nor_omniglot():
+    # (torchvision.models cannot be checked this way: `import torchvision`, which datasets needs, loads it)
+    loaded = _python("import sys, experiments; "
+                     "print([name for name in ('autoencoders', 'features', 'omniglot') if name in sys.modules])",
+                     REPOSITORY)
+    assert loaded.strip() == "[]"
+
+
+def test_omniglot_imports_from_experiments_only_what_builds_a_method():
+    tree = ast.parse(inspect.getsource(omniglot_module))
+    imported = {(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                for alias in node.names}
+    assert {name for module, name in imported if module == "experiments"} == {"EVALUATION_BATCH", "build_method"}
+    assert not hasattr(omniglot_module, "OMNIGLOT_OPTIONS") and not hasattr(omniglot_module, "options_given")
+
+
+def test_omniglot_command_line_scores_one_shot_runs(tmp_path, capsys):
+    model = SiameseNetwork(28, 8, channels=8).eval()
+    weights = omniglot_module.save_omniglot_model(model, str(tmp_path / "model.pt"))
+    write_runs(tmp_path / "runs", n_runs=2, size=28)
+    arguments = ["--one-shot-runs", str(tmp_path / "runs"), "--weights", weights]
+    result = omniglot_module.main(arguments)
+    assert result == omniglot_module.run_one_shot_runs(str(tmp_path / "runs"), weights)
+    with pytest.raises(ValueError, match="unrecognized arguments: --dataset mnist"):
+        omniglot_module.main([*arguments, "--dataset", "mnist"])  # omniglot.py is always Omniglot
+    printed = _python([os.path.join(REPOSITORY, "omniglot.py"), *arguments], tmp_path)
+    assert printed.strip().splitlines()[-1] == f"mean error: {100 * result['mean_error']:.1f}%"
+
+
+@pytest.mark.parametrize("unused", [["--margin", "2"], ["--channels-last"], ["--batch-norm", "--lr-step", "4"],
+                                    ["--run-dir", "elsewhere"], ["--classic"]])
+def test_the_omniglot_command_line_refuses_the_options_it_does_not_read(unused):
+    with pytest.raises(ValueError, match="unrecognized arguments") as refused:
+        omniglot_module.main(["--quick", "--seed", "3", *unused])  # refused before any data is looked for
+    error = str(refused.value)
+    assert all(option in error for option in unused if option.startswith("--"))
+    assert "--seed" not in error.split("unrecognized arguments")[1]
+
+
+def _command_line(arguments, cwd):
+    """``python omniglot.py ARGUMENTS`` in a fresh interpreter: (exit status, stdout, stderr)."""
+    completed = subprocess.run([sys.executable, os.path.join(REPOSITORY, "omniglot.py"), *map(str, arguments)],
+                               cwd=cwd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return completed.returncode, completed.stdout, completed.stderr
+
+
+def test_a_user_mistake_on_the_command_line_is_one_line_and_status_2(omniglot_root, tmp_path):
+    not_a_zip = tmp_path / "not-a-zip"
+    not_a_zip.mkdir()
+    (not_a_zip / "images_background_small1.zip").write_text("not a zip")
+    model = omniglot_module.save_omniglot_model(SiameseNetwork(28, 8, channels=8).eval(), str(tmp_path / "m.pt"))
+    write_runs(tmp_path / "runs", n_runs=1, size=28)
+    mistakes = {("--epochs", "-3"): "--epochs must be >= 0, got -3",
+                ("--epochs", "x"): "argument --epochs: invalid int value: 'x'",
+                ("--embedding-dim", "0"): "--embedding-dim must be >= 1",
+                ("--methods", "softmax"): "unknown --methods 'softmax'",
+                ("--margin", "2"): "unrecognized arguments: --margin 2",
+                ("--quick", "--omniglot-root", tmp_path / "nowhere"): "images_background_small1.zip",
+                ("--quick", "--omniglot-root", not_a_zip): "is neither a folder nor a .zip file",
+                ("--one-shot-runs", not_a_zip / "images_background_small1.zip", "--weights", model):
+                    "is neither a folder nor a .zip file",
+                ("--one-shot-runs", tmp_path / "m.pt", "--weights", model): "m.pt holds no runNN/class_labels.txt",
+                ("--one-shot-runs", tmp_path / "runs", "--weights", tmp_path / "none.pt"): "no weights at",
+                ("--one-shot-runs", tmp_path / "runs", "--weights", not_a_zip / "images_background_small1.zip"):
+                    "is not a model file"}
+    for arguments, message in mistakes.items():
+        status, stdout, stderr = _command_line(arguments, tmp_path)
+        assert status == 2 and "Traceback" not in stderr, (arguments, stderr)
+        assert len(stderr.splitlines()) == 1 and stderr.startswith("omniglot.py: error: "), (arguments, stderr)
+        assert message in stderr, (arguments, stderr)
+    assert os.listdir(tmp_path / "not-a-zip") == ["images_background_small1.zip"]  # nothing written anywhere
+    status, stdout, stderr = _command_line(["--one-shot-runs", tmp_path / "runs", "--weights", model], tmp_path)
+    assert status == 0 and stdout.strip().splitlines()[-1].startswith("mean error: "), stderr
+
+
+def _digests(*folders):
+    """{path: sha256} of every file under the folders."""
+    digests = {}
+    for folder in folders:
+        for current, _, files in os.walk(folder):
+            for name in files:
+                with open(os.path.join(current, name), "rb") as file:
+                    digests[os.path.join(current, name)] = hashlib.sha256(file.read()).hexdigest()
+    return digests
+
+
+def test_where_a_run_writes_only_the_study_writes_the_committed_files(tmp_path):
+    recipe, weights = omniglot_module.omniglot_settings(), omniglot_module.OMNIGLOT_WEIGHTS
+    outputs = omniglot_module.omniglot_outputs
+    assert outputs(recipe) == ("results", weights)
+    assert outputs(recipe, quick=True) == (os.path.join("results", "quick"), None)
+    trial = os.path.join("runs", "omniglot", "epochs-3")
+    assert outputs({**recipe, "epochs": 3}) == (trial, os.path.join(trial, "omniglot_siamese.pt"))
+    assert outputs({**recipe, "epochs": 3}, weights=str(tmp_path / "mine.pt")) == (trial, str(tmp_path / "mine.pt"))
+    assert outputs({**recipe, "epochs": 3}, weights=None, results_dir=None) == (None, None)
+    assert outputs(recipe, seed=1, runs_dir="elsewhere")[0] == os.path.join("elsewhere", "omniglot", "seed-1")
+    assert outputs(recipe, n_episodes=50)[0] == os.path.join("runs", "omniglot", "episodes-50")
+    changed = outputs({**recipe, "method": "siamese", "augment": None, "quarter_turns": (0,)})[0]
+    assert os.path.basename(changed).startswith("augment-None_method-siamese_quarter_turns-")
+
+
+def test_a_trial_run_leaves_the_committed_results_and_weights_alone(omniglot_root, tmp_path, monkeypatch, capsys):
+    committed = tmp_path / "weights" / "omniglot_siamese.pt"
+    monkeypatch.setattr(omniglot_module, "OMNIGLOT_WEIGHTS", str(committed))  # the checkout's stays out of reach
+    monkeypatch.chdir(tmp_path)
+    before = _digests(os.path.join(REPOSITORY, "results"), os.path.join(REPOSITORY, "weights"))
+    result = omniglot_module.main(["--epochs", "0", "--embedding-dim", "8", "--no-progress", "--omniglot-root",
+                                   str(omniglot_root)])
+    assert result["recipe"]["epochs"] == 0 and not result["quick"]
+    folder = tmp_path / "runs" / "omniglot" / "embedding_dim-8_epochs-0"
+    assert sorted(os.listdir(folder)) == ["omniglot.json", "omniglot.md", "omniglot_siamese.pt"]
+    assert not committed.exists() and not (tmp_path / "results").exists()
+    assert _digests(os.path.join(REPOSITORY, "results"), os.path.join(REPOSITORY, "weights")) == before
+    assert f"Results in runs/omniglot/embedding_dim-8_epochs-0/omniglot.md; weights in {folder.relative_to(tmp_path)}" \
+        in capsys.readouterr().out
