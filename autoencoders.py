@@ -14,16 +14,22 @@ reconstruction. Pairs and triplets are mined online in class-stratified batches
   ``features.py`` (MLP autoencoder), each scored on the test split with ``metrics.evaluate_embeddings``
   (k-NN accuracy with k = 5 against the train split, P@1, R-Precision, MAP@R, NMI, ROC-AUC) and its
   reconstruction error, its test latents plotted (t-SNE above 2-D) and the table written to
-  ``results/autoencoders-<dataset>.md`` and ``.json``;
+  ``results/autoencoders-<dataset>.md`` and ``.json``, rows keyed by every setting that defines them;
+  only the study's settings (``SWEEP_SETTINGS``) write there and to ``images/autoencoders/``: a run with
+  others (iterations, batch size, seed, ...) writes the same files under
+  ``runs/autoencoders-<dataset>/<settings tag>/`` (``sweep_outputs``), a quick run under ``quick/``;
 - ``plot_tradeoff(rows)``: retrieval quality and reconstruction error against M;
 - every model is trained by ``trainer.fit``, the library's one training loop: an iteration budget is a
   number of epochs of a fixed number of batches (``training_epochs``);
 - ``main(argv)``: the command line, e.g.
   ``python autoencoders.py --dataset fashion-mnist --constraint pairwise,triplet --encoder embenc,vae
-  --weights 0,0.25,0.5,0.75,1 --latent-dims 2``.
+  --weights 0,0.25,0.5,0.75,1 --latent-dims 2``; a user's mistake is one line and exit status 2
+  (``cli.run``).
 """
 
 import argparse
+import collections
+import hashlib
 import itertools
 import json
 import math
@@ -37,12 +43,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from datasets import (BalancedBatchSampler, IMAGENET_SIZE, KNOWN_DATASETS, load_cifar10, load_image_splits,  # noqa: F401
                       load_imagenet, random_subset, read_cifar10)
+import cli
 from results import markdown_table, merge_results, save_figure
 from features import EXTRACTORS, cached_features
 from losses import AUTOENCODER_DISTANCES, RECONSTRUCTION_LOSSES, PairwiseAutoencoderLoss, TripletAutoencoderLoss
 from metrics import Metric, evaluate_embeddings
 from networks import make_autoencoder
-from trainer import fit
+from trainer import fit, flush_denormal_everywhere
 from utils import (AllPositivePairSelector, AllTripletSelector, HardNegativePairSelector,
                    RandomNegativeTripletSelector, check_choice, check_int)
 
@@ -402,7 +409,11 @@ def plot_tradeoff(rows, path=None, title="retrieval against reconstruction"):
 # results
 
 
-RESULT_KEY = ("constraint", "encoder", "features", "distance", "composite_labels", "latent_dim", "weight")
+# A row is keyed by every setting that defines it: the sweep's dimensions (constraint, encoder, features,
+# distance, label map, latent size, M) and its training settings, so a run with other settings adds rows.
+RESULT_KEY = ("constraint", "encoder", "features", "distance", "composite_labels", "latent_dim", "weight", "num_iters",
+              "batch_size", "margin", "beta", "dropout", "normalize", "reconstruction", "seed", "quick", "n_train",
+              "n_test")
 COLUMNS = [("constraint", "constraint", "{}"), ("encoder", "encoder", "{}"), ("features", "features", "{}"),
            ("weight", "M", "{:g}"), ("latent_dim", "dim", "{}"), ("knn_accuracy", "kNN acc", "{:.3f}"),
            ("precision_at_1", "P@1", "{:.3f}"), ("map_at_r", "MAP@R", "{:.3f}"), ("nmi", "NMI", "{:.3f}"),
@@ -416,16 +427,17 @@ def results_table(rows):
 
 
 def record_results(new_rows, dataset, results_dir="results"):
-    """Merge ``new_rows`` into ``<results_dir>/autoencoders-<dataset>.json`` (a row with the same
-    constraint, encoder, features, distance, label map, latent size and M replaces the old one) and
-    rewrite ``autoencoders-<dataset>.md``. Returns all the rows."""
+    """Merge ``new_rows`` into ``<results_dir>/autoencoders-<dataset>.json`` (a row with the same values of
+    every field of ``RESULT_KEY`` replaces the old one) and rewrite ``autoencoders-<dataset>.md``. Returns
+    all the rows."""
     header = (f"# Siamese / triplet autoencoders on {dataset}\n\n"
               "M weighs the metric loss against the autoencoder loss (1: metric only, 0: reconstruction "
               "only). Test split; kNN acc: 5-NN with the train split as gallery; recon MSE: mean squared "
               "reconstruction error of the (standardised) inputs. Written by autoencoders.run_experiment.\n\n")
     return merge_results(os.path.join(results_dir, f"autoencoders-{dataset}"), new_rows, RESULT_KEY,
                          lambda r: (r["constraint"], r["encoder"], r["features"], str(r["distance"]),
-                                    str(r["composite_labels"]), r["latent_dim"], r["weight"]),
+                                    str(r["composite_labels"]), r["latent_dim"], r["weight"],
+                                    tuple(str(r.get(key)) for key in RESULT_KEY[7:])),
                          results_table, header)
 
 
@@ -455,7 +467,7 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
                    feature_extractor=None, seed=0, *, feature_params=None, beta=1.0, distance="euclidean",
                    reconstruction="mse", hidden_dims=HIDDEN_DIMS, learning_rate=LEARNING_RATE, root="data",
                    download=True, splits=None, max_train=None, max_test=None, quick=False, cache_dir=None,
-                   device=None, results_dir="results", images_dir="images", progress=True):
+                   device=None, results_dir="results", images_dir="images", runs_dir="runs", progress=True):
     """Train a siamese / triplet autoencoder or VAE for every weight M and latent size; score, plot and
     tabulate them.
 
@@ -482,23 +494,114 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
         beta, distance, reconstruction: of ``losses.PairwiseAutoencoderLoss`` / ``TripletAutoencoderLoss``.
         max_train, max_test: random subsets of that many items (None: everything). quick: a smoke run
             (subsets of ``QUICK_SIZES``, at most ``QUICK_ITERS`` iterations, outputs under ``quick/``).
-        results_dir, images_dir: where the table and plots go (None: not written).
+        results_dir, images_dir: where the study's table and plots go (None: not written); runs_dir: where
+            a run with other settings than the study's writes instead (``sweep_outputs``).
 
     Returns the result rows of this call, one dict per model: the settings, ``metrics.evaluate_embeddings``
     of the test embeddings against the train ones (``knn_accuracy`` with k = 5, ``precision_at_1``,
     ``r_precision``, ``map_at_r``, ``nmi``, ``roc_auc``), ``reconstruction_mse`` on the test split, the
-    final training losses, ``train_seconds``, ``threads`` and the plot paths. The rows are merged into
-    ``<results_dir>/autoencoders-<dataset>.json`` / ``.md``; plots go to ``<images_dir>/autoencoders/``.
+    final training losses, ``train_seconds``, ``threads`` and the plot paths. With the study's settings
+    (``SWEEP_SETTINGS``) the rows are merged into ``<results_dir>/autoencoders-<dataset>.json`` / ``.md``
+    and the plots go to ``<images_dir>/autoencoders/``; any other settings write the same files under
+    ``<runs_dir>/autoencoders-<dataset>/<settings tag>/`` and never touch the study's.
     """
     weights, latent_dims, num_iters, batch_size = _check_sweep(
         constraint_type, encoder_type, distance, reconstruction, normalize, feature_extractor, list_of_weights,
         list_of_latent_dims, num_iters, batch_size)
+    chosen = dict(num_iters=num_iters, batch_size=batch_size, margin=margin, dropout_val=dropout_val,
+                  normalize=normalize, seed=seed, beta=beta, reconstruction=reconstruction, hidden_dims=hidden_dims,
+                  learning_rate=learning_rate, max_train=max_train, max_test=max_test,
+                  composite_labels=composite_labels, feature_params=feature_params)
+    results_dir, plots_dir = sweep_outputs(dataset, quick, results_dir, images_dir, runs_dir, **chosen)
     if quick:
         num_iters = min(num_iters, QUICK_ITERS)
         max_train = min(max_train or QUICK_SIZES[0], QUICK_SIZES[0])
         max_test = min(max_test or QUICK_SIZES[1], QUICK_SIZES[1])
+    data = sweep_data(dataset, splits, root, download, seed, max_train, max_test, composite_labels, keys,
+                      feature_extractor, feature_params, normalize, cache_dir, progress)
+    label = run_label(constraint_type, encoder_type, data["features"], distance)
+    settings, model_settings = _sweep_settings(data, dict(chosen, num_iters=num_iters, distance=distance, quick=quick,
+                                                          encoder_type=encoder_type, constraint_type=constraint_type))
+    rows = [_sweep_row(data, settings, model_settings, weight, latent_dim, device, progress, plots_dir, label)
+            for latent_dim in latent_dims for weight in weights]
+    if plots_dir is not None:
+        plot_tradeoff(rows, os.path.join(plots_dir, f"{dataset}_{label}_tradeoff.png"), f"{dataset}: {label}")
+    if results_dir is not None:
+        record_results(rows, dataset, results_dir)
+    return rows
+
+
+# The settings of the committed sweep (results/autoencoders-<dataset>.*, images/autoencoders/): run_experiment's
+# defaults. A run with any other value writes to its own folder (sweep_outputs), named by what it changed.
+SWEEP_SETTINGS = {"num_iters": 20000, "batch_size": 64, "margin": 1.0, "dropout_val": 0.2, "normalize": True,
+                  "seed": 0, "beta": 1.0, "reconstruction": "mse", "hidden_dims": HIDDEN_DIMS,
+                  "learning_rate": LEARNING_RATE, "max_train": None, "max_test": None, "composite_labels": None,
+                  "feature_params": None}
+SETTING_TAGS = {"num_iters": "iters", "batch_size": "batch", "margin": "margin", "dropout_val": "dropout",
+                "normalize": "normalize", "seed": "seed", "beta": "beta", "reconstruction": "reconstruction",
+                "hidden_dims": "hidden", "learning_rate": "lr", "max_train": "train", "max_test": "test",
+                "composite_labels": "labels", "feature_params": "features"}
+
+
+def sweep_tag(**settings):
+    """The folder name of a sweep run with ``settings`` (SWEEP_SETTINGS' names; the others keep the study's
+    values): ``""`` for the study's, else what changed, e.g. ``iters-60_seed-1``. Tuples are joined by
+    '-', dicts (label maps, extractor parameters) named by a short hash of their JSON."""
+    unknown = sorted(set(settings) - set(SWEEP_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown sweep settings {unknown}; the settings are {sorted(SWEEP_SETTINGS)}")
+    if settings.get("feature_params") is not None:  # parameters left None are the extractor's defaults
+        settings["feature_params"] = {k: v for k, v in settings["feature_params"].items() if v is not None} or None
+    words = []
+    for name in sorted(settings, key=list(SWEEP_SETTINGS).index):
+        value = settings[name]
+        if value == SWEEP_SETTINGS[name]:
+            continue
+        if isinstance(value, dict):
+            value = hashlib.sha1(json.dumps({str(k): v for k, v in value.items()}, sort_keys=True,
+                                            default=str).encode()).hexdigest()[:8]
+        elif isinstance(value, (tuple, list)):
+            value = "-".join(map(str, value))
+        words.append(f"{SETTING_TAGS[name]}-{value:g}" if isinstance(value, float) else f"{SETTING_TAGS[name]}-{value}")
+    return "_".join(words)
+
+
+def sweep_outputs(dataset, quick=False, results_dir="results", images_dir="images", runs_dir="runs", **settings):
+    """Where a sweep run writes: ``(results folder, plots folder)``, each None when ``results_dir`` /
+    ``images_dir`` is None (not written). The study's settings (``sweep_tag`` empty): ``results_dir`` and
+    ``<images_dir>/autoencoders``; a quick run: the same under ``quick/`` (as ever); any other settings:
+    ``<runs_dir>/autoencoders-<dataset>/<sweep_tag>/`` and its ``images/`` (``_output_dirs``), so that a
+    run with other settings never replaces a committed row or figure."""
+    if quick:
         results_dir = None if results_dir is None else os.path.join(results_dir, "quick")
         images_dir = None if images_dir is None else os.path.join(images_dir, "quick")
+    tag = "" if quick else sweep_tag(**settings)
+    if not tag:
+        return results_dir, None if images_dir is None else os.path.join(images_dir, "autoencoders")
+    folders = _output_dirs(f"autoencoders-{dataset}", tag, committed=False, root=runs_dir)
+    return (None if results_dir is None else folders.results), (None if images_dir is None else folders.images)
+
+
+# STAND-IN for results.output_dirs, the one function deciding where a run's outputs go (planned signature
+# ``output_dirs(name, tag="", *, committed=True, root="runs")`` -> (results, images, checkpoints)):
+# replace these lines with ``from results import output_dirs`` at merge.
+OutputDirs = collections.namedtuple("OutputDirs", "results images checkpoints")
+
+
+def _output_dirs(name, tag="", *, committed=True, root="runs"):
+    """The committed folders (``results/<tag>``, ...) or a run's own ``<root>/<name>/<tag>/`` and its sub-folders."""
+    if committed:
+        return OutputDirs(*(os.path.join(kind, tag) for kind in OutputDirs._fields))
+    run = os.path.join(root, name, tag)
+    return OutputDirs(run, *(os.path.join(run, kind) for kind in OutputDirs._fields[1:]))
+
+
+def sweep_data(dataset, splits=None, root="data", download=True, seed=0, max_train=None, max_test=None,
+               composite_labels=None, keys=None, feature_extractor=None, feature_params=None, normalize=True,
+               cache_dir=None, progress=True):
+    """The data of a sweep (``run_experiment``'s arguments of the same names): ``{'train': (inputs, labels),
+    'test': (inputs, labels), 'mean', 'std', 'image_shape'`` (``prepare_inputs``)``, 'names'`` ({label:
+    name})``, 'features'`` ("images" or the extractor)``, 'classes'`` (the split's class names)``}``."""
     if cache_dir is None:
         cache_dir = os.path.join(os.fspath(root), "feature-cache")
     if splits is None:
@@ -507,43 +610,46 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
     generator = torch.Generator().manual_seed(seed)
     train, test = random_subset(splits[0], max_train, generator), random_subset(splits[1], max_test, generator)
     train_labels, test_labels = relabel(train.targets, composite_labels), relabel(test.targets, composite_labels)
-    n_classes, n_samples = balanced_batch_shape(train_labels, batch_size)
-    features = feature_extractor or "images"
     train_inputs, test_inputs, mean, std, image_shape = prepare_inputs(
         train, test, dataset, feature_extractor, feature_params, normalize, cache_dir, progress)
-    data = {"train": (train_inputs, train_labels), "test": (test_inputs, test_labels), "mean": mean, "std": std,
-            "image_shape": image_shape,
+    return {"train": (train_inputs, train_labels), "test": (test_inputs, test_labels), "mean": mean, "std": std,
+            "image_shape": image_shape, "features": feature_extractor or "images", "dataset": dataset,
             "names": label_names(train.classes, torch.cat([train_labels, test_labels]), composite_labels, keys)}
-    label = run_label(constraint_type, encoder_type, features, distance)
-    settings = {"dataset": dataset, "constraint": constraint_type, "encoder": encoder_type, "features": features,
-                "distance": distance, "composite_labels": None if composite_labels is None else json.dumps(
+
+
+def _sweep_settings(data, chosen):
+    """``(settings every row records, settings every model trains with)`` of a sweep on ``data``
+    (``sweep_data``) with ``chosen``, run_experiment's arguments (and its quick-adjusted num_iters)."""
+    train_labels, test_labels = data["train"][1], data["test"][1]
+    n_classes, n_samples = balanced_batch_shape(train_labels, chosen["batch_size"])
+    composite_labels = chosen["composite_labels"]
+    settings = {"dataset": data["dataset"], "constraint": chosen["constraint_type"], "encoder": chosen["encoder_type"],
+                "features": data["features"], "distance": chosen["distance"],
+                "composite_labels": None if composite_labels is None else json.dumps(
                     {str(k): int(v) for k, v in sorted(composite_labels.items())}),
-                "batch_size": n_classes * n_samples, "margin": float(margin), "beta": float(beta),
-                "dropout": float(dropout_val), "normalize": bool(normalize), "reconstruction": reconstruction,
-                "seed": seed, "quick": bool(quick), "n_train": len(train_labels), "n_test": len(test_labels)}
-    model_settings = {"encoder_type": encoder_type, "constraint_type": constraint_type, "margin": margin, "beta": beta,
-                      "distance": distance, "reconstruction": reconstruction, "hidden_dims": hidden_dims,
-                      "dropout": dropout_val, "batch_shape": (n_classes, n_samples), "num_iters": num_iters,
-                      "learning_rate": learning_rate, "seed": seed}
-    rows = []
-    for latent_dim in latent_dims:
-        for weight in weights:
-            print(f"== {dataset} {label} M={weight:g} {latent_dim}-D: {num_iters} iterations, batches of "
-                  f"{n_classes} classes x {n_samples}", flush=True)
-            plot_stem = None if images_dir is None else os.path.join(
-                images_dir, "autoencoders", f"{dataset}_{label}_M{weight:g}_{latent_dim}d")
-            row = dict(settings, weight=weight, latent_dim=latent_dim)
-            row.update(_train_and_score(data, weight, latent_dim, model_settings, device, progress, plot_stem,
-                                        f"{label}, M = {weight:g}, {latent_dim}-D", dataset))
-            print(f"   kNN acc {row['knn_accuracy']:.3f}, MAP@R {row['map_at_r']:.3f}, reconstruction MSE "
-                  f"{row['reconstruction_mse']:.4f}, {row['train_seconds']:.0f} s", flush=True)
-            rows.append(row)
-    if images_dir is not None:
-        plot_tradeoff(rows, os.path.join(images_dir, "autoencoders", f"{dataset}_{label}_tradeoff.png"),
-                      f"{dataset}: {label}")
-    if results_dir is not None:
-        record_results(rows, dataset, results_dir)
-    return rows
+                "batch_size": n_classes * n_samples, "margin": float(chosen["margin"]), "beta": float(chosen["beta"]),
+                "dropout": float(chosen["dropout_val"]), "normalize": bool(chosen["normalize"]),
+                "reconstruction": chosen["reconstruction"], "seed": chosen["seed"], "quick": bool(chosen["quick"]),
+                "n_train": len(train_labels), "n_test": len(test_labels)}
+    model_settings = {name: chosen[name] for name in ("encoder_type", "constraint_type", "margin", "beta", "distance",
+                                                      "reconstruction", "hidden_dims", "num_iters", "learning_rate",
+                                                      "seed")}
+    model_settings.update(dropout=chosen["dropout_val"], batch_shape=(n_classes, n_samples))
+    return settings, model_settings
+
+
+def _sweep_row(data, settings, model_settings, weight, latent_dim, device, progress, plots_dir, label):
+    """One model of a sweep (``_train_and_score``), announced and summed up on stdout; returns its row."""
+    dataset, (n_classes, n_samples) = settings["dataset"], model_settings["batch_shape"]
+    print(f"== {dataset} {label} M={weight:g} {latent_dim}-D: {model_settings['num_iters']} iterations, batches of "
+          f"{n_classes} classes x {n_samples}", flush=True)
+    plot_stem = None if plots_dir is None else os.path.join(plots_dir, f"{dataset}_{label}_M{weight:g}_{latent_dim}d")
+    row = dict(settings, weight=weight, latent_dim=latent_dim)
+    row.update(_train_and_score(data, weight, latent_dim, model_settings, device, progress, plot_stem,
+                                f"{label}, M = {weight:g}, {latent_dim}-D", dataset))
+    print(f"   kNN acc {row['knn_accuracy']:.3f}, MAP@R {row['map_at_r']:.3f}, reconstruction MSE "
+          f"{row['reconstruction_mse']:.4f}, {row['train_seconds']:.0f} s", flush=True)
+    return row
 
 
 def _check_sweep(constraint_type, encoder_type, distance, reconstruction, normalize, feature_extractor,
@@ -630,24 +736,33 @@ def _plot_model(model, data, test_embeddings, reconstruction, seed, title, laten
 
 
 def _parse_list(text, convert, what):
+    """``--what``'s comma-separated values, each through ``convert``; ValueError naming the option else."""
     try:
         return [convert(part) for part in text.split(",") if part.strip()]
     except ValueError as error:
-        raise SystemExit(f"--{what}: expected a comma-separated list, got {text!r} ({error})")
+        raise ValueError(f"--{what}: expected a comma-separated list, got {text!r} ({error})") from None
 
 
 def _parse_composite(text):
-    """'0:0,2:0,6:0' -> {0: 0, 2: 0, 6: 0}."""
+    """'0:0,2:0,6:0' -> {0: 0, 2: 0, 6: 0}; ValueError naming --composite-labels else."""
     try:
         return {int(old): int(new) for old, new in (pair.split(":") for pair in text.split(",") if pair.strip())}
     except ValueError:
-        raise SystemExit(f"--composite-labels: expected old:new pairs such as 0:0,2:0,6:0, got {text!r}")
+        raise ValueError(f"--composite-labels: expected old:new pairs such as 0:0,2:0,6:0, got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose mistakes reach ``cli.run`` as a ValueError: one line, exit status 2 (to be
+    ``cli``'s at merge)."""
+
+    def error(self, message):
+        raise ValueError(message)
 
 
 def _parser():
     """The argument parser of ``main``."""
-    parser = argparse.ArgumentParser(
-        description="Siamese / triplet autoencoders and VAEs: sweep the weight M of the metric loss.")
+    parser = _Parser(prog="autoencoders.py",
+                     description="Siamese / triplet autoencoders and VAEs: sweep the weight M of the metric loss.")
     parser.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
     parser.add_argument("--constraint", default="pairwise,triplet",
                         help=f"comma-separated subset of {', '.join(CONSTRAINTS)}")
@@ -676,49 +791,57 @@ def _parser():
     return parser
 
 
-def main(argv=None):
-    """Command line: one ``run_experiment`` per (constraint, encoder) given; prints the table."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-
-    constraints = _parse_list(args.constraint, str, "constraint")
-    encoders = _parse_list(args.encoder, str, "encoder")
-    try:
-        for constraint in constraints:
-            check_choice(constraint, CONSTRAINTS, "constraint")
-        for encoder in encoders:
-            check_choice(encoder, ENCODERS, "encoder")
-    except ValueError as error:
-        parser.error(str(error))
+def _sweep_arguments(args):
+    """``(constraints, encoders, run_experiment's keyword arguments)`` of the parsed ``args``, every value
+    checked (ValueError naming the option) before any data is read."""
+    constraints = [check_choice(name, CONSTRAINTS, "--constraint") for name in _parse_list(args.constraint, str,
+                                                                                              "constraint")]
+    encoders = [check_choice(name, ENCODERS, "--encoder") for name in _parse_list(args.encoder, str, "encoder")]
     feature_extractor = None if args.features == "none" else args.features
-    feature_params = {"weights": args.resnet_weights} if feature_extractor == "resnet" else None
+    arguments = dict(
+        list_of_weights=_check_weights(_parse_list(args.weights, float, "weights")),
+        list_of_latent_dims=[check_int(dim, "every --latent-dims size", 1)
+                             for dim in _parse_list(args.latent_dims, int, "latent-dims")],
+        num_iters=check_int(args.iters, "--iters", 1), batch_size=check_int(args.batch_size, "--batch-size", 4),
+        keys=None if args.keys is None else args.keys.split(","),
+        composite_labels=None if args.composite_labels is None else _parse_composite(args.composite_labels),
+        margin=args.margin, dropout_val=args.dropout, normalize=not args.no_normalize,
+        feature_extractor=feature_extractor, seed=args.seed, beta=args.beta, distance=args.distance,
+        feature_params={"weights": args.resnet_weights} if feature_extractor == "resnet" else None,
+        reconstruction=args.reconstruction, root=args.root, download=not args.no_download, quick=args.quick,
+        device=args.device, progress=not args.no_progress)
+    if not constraints or not encoders or not arguments["list_of_latent_dims"]:
+        raise ValueError("--constraint, --encoder and --latent-dims each need at least one value")
+    return constraints, encoders, arguments
+
+
+def main(argv=None):
+    """Command line: one ``run_experiment`` per (constraint, encoder) given; prints the table and where the
+    outputs are (``sweep_outputs``). Returns the rows. A bad option, or data that cannot be read, raises
+    ValueError or OSError before any training (``cli.run`` prints it as one line, exit status 2)."""
+    args = _parser().parse_args(argv)
+    constraints, encoders, arguments = _sweep_arguments(args)
+    dataset = args.dataset
+    settings = {name: arguments[name] for name in SWEEP_SETTINGS if name in arguments}
+    results_dir, plots_dir = sweep_outputs(dataset, arguments["quick"], **settings)
     # loaded once for all the runs
-    splits = load_image_splits(args.dataset, args.root, not args.no_download,
-                               224 if feature_extractor == "resnet" else IMAGENET_SIZE)
+    splits = load_image_splits(dataset, arguments["root"], arguments["download"],
+                               224 if arguments["feature_extractor"] == "resnet" else IMAGENET_SIZE)
     started, rows = time.perf_counter(), []
     for constraint in constraints:
         for encoder in encoders:
-            rows += run_experiment(
-                constraint, encoder, args.dataset, _parse_list(args.weights, float, "weights"),
-                _parse_list(args.latent_dims, int, "latent-dims"), num_iters=args.iters, batch_size=args.batch_size,
-                keys=None if args.keys is None else args.keys.split(","),
-                composite_labels=None if args.composite_labels is None else _parse_composite(args.composite_labels),
-                margin=args.margin, dropout_val=args.dropout, normalize=not args.no_normalize,
-                feature_extractor=feature_extractor, seed=args.seed, feature_params=feature_params, beta=args.beta,
-                distance=args.distance, reconstruction=args.reconstruction, root=args.root,
-                download=not args.no_download, splits=splits, quick=args.quick, device=args.device,
-                progress=not args.no_progress)
-    where = "quick/" if args.quick else ""
+            rows += run_experiment(constraint, encoder, dataset, splits=splits, **arguments)
     if len(constraints) * len(encoders) > 1:  # every model of the sweep in one trade-off figure
-        plot_tradeoff(rows, os.path.join("images", where, "autoencoders", f"{args.dataset}_tradeoff.png"),
-                      f"{args.dataset}: retrieval against reconstruction")
+        plot_tradeoff(rows, os.path.join(plots_dir, f"{dataset}_tradeoff.png"),
+                      f"{dataset}: retrieval against reconstruction")
     print()
     print(results_table(rows))
-    print(f"Total {time.perf_counter() - started:.0f} s. Results in results/{where}autoencoders-{args.dataset}.md, "
-          f"plots in images/{where}autoencoders/.")
+    table = os.path.join(results_dir, f"autoencoders-{dataset}.md").replace(os.sep, "/")
+    print(f"Total {time.perf_counter() - started:.0f} s. Results in {table}, plots in "
+          f"{plots_dir.replace(os.sep, '/')}/.")
     return rows
 
 
-if __name__ == "__main__":  # through experiments.main, the one command line that sets up the process
-    from experiments import main as experiments_main
-    sys.exit(0 if experiments_main(["autoencoders", *sys.argv[1:]]) else 1)
+if __name__ == "__main__":  # flush-to-zero for the whole process, as every command line of the library
+    flush_denormal_everywhere()
+    sys.exit(cli.run(main, "autoencoders.py"))

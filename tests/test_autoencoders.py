@@ -6,9 +6,14 @@ scikit-image and a hand-built ResNet-50, and run_experiment end to end on tiny d
 (IDX, CIFAR's python pickles, an ImageFolder).
 """
 
+import hashlib
 import json
 import os
 import pickle
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -30,6 +35,7 @@ from networks import (LOG_VAR_RANGE, Autoencoder, AutoencoderOutput, ConvDecoder
                       SiameseAutoencoder, TripletAutoencoder, VAE, make_autoencoder)
 from utils import AllPositivePairSelector, AllTripletSelector, HardNegativePairSelector
 
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [(20,), (1, 28, 28), (3, 32, 32)]
 EPS = 1e-9  # losses.EPS, under the square root of the contrastive hinge
 
@@ -616,21 +622,25 @@ RESULT_FIELDS = {"knn_accuracy", "precision_at_1", "r_precision", "map_at_r", "n
 
 def test_run_experiment_end_to_end(tmp_path):
     write_idx_fixture(tmp_path / "data")
-    results, images = tmp_path / "results", tmp_path / "images"
+    results, images, runs = tmp_path / "results", tmp_path / "images", tmp_path / "runs"
     arguments = dict(num_iters=3, batch_size=16, root=tmp_path / "data", download=False, max_train=120,
-                     max_test=60, progress=False)
+                     max_test=60, progress=False, runs_dir=runs)
     rows = autoencoders.run_experiment("triplet", "vae", "fashion-mnist", [0, 1], [2, 3], results_dir=results,
                                        images_dir=images, **arguments)
+    # other settings than the study's: the run's own folder, named by what it changed
+    run = runs / "autoencoders-fashion-mnist" / "iters-3_batch-16_train-120_test-60"
+    assert not results.exists() and not images.exists()
     assert [(row["latent_dim"], row["weight"]) for row in rows] == [(2, 0.0), (2, 1.0), (3, 0.0), (3, 1.0)]
     for row in rows:
         assert RESULT_FIELDS <= row.keys()
         assert row["features"] == "images" and row["n_train"] == 120 and row["batch_size"] == 16
         assert all(0 <= row[key] <= 1 for key in ("knn_accuracy", "map_at_r", "nmi", "roc_auc"))
         assert os.path.isfile(row["latent_plot"]) and os.path.isfile(row["reconstruction_plot"])
-    assert os.path.isfile(images / "autoencoders" / "fashion-mnist_triplet_vae_images_tradeoff.png")
-    with open(results / "autoencoders-fashion-mnist.json") as file:
+        assert row["latent_plot"].startswith(str(run / "images"))
+    assert os.path.isfile(run / "images" / "fashion-mnist_triplet_vae_images_tradeoff.png")
+    with open(run / "autoencoders-fashion-mnist.json") as file:
         assert json.load(file) == json.loads(json.dumps(rows))
-    table = (results / "autoencoders-fashion-mnist.md").read_text()
+    table = (run / "autoencoders-fashion-mnist.md").read_text()
     assert table.count("| triplet | vae | images |") == 4
 
     # a second sweep adds its rows; the same seed reproduces a model exactly
@@ -640,8 +650,75 @@ def test_run_experiment_end_to_end(tmp_path):
                                            images_dir=None, feature_extractor="pixels", **arguments)
     assert {k: v for k, v in again[0].items() if k != "train_seconds"} == \
         {k: v for k, v in repeated[0].items() if k != "train_seconds"}
-    with open(results / "autoencoders-fashion-mnist.json") as file:
+    with open(run / "autoencoders-fashion-mnist.json") as file:
         assert len(json.load(file)) == 5
+
+
+def _digests(folder):
+    """{path relative to folder: sha256} of every file under ``folder``."""
+    digests = {}
+    for current, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(current, name), "rb") as file:
+                digests[os.path.relpath(os.path.join(current, name), folder)] = hashlib.sha256(file.read()).hexdigest()
+    return digests
+
+
+def test_a_run_with_other_settings_leaves_the_committed_sweep_alone(tmp_path, monkeypatch):
+    # a checkout's committed results/ and images/ (copies; the checkout's own are compared too)
+    for folder in ("results", "images"):
+        shutil.copytree(os.path.join(REPOSITORY, folder), tmp_path / folder)
+    before = {folder: _digests(tmp_path / folder) for folder in ("results", "images")}
+    checkout = {folder: _digests(os.path.join(REPOSITORY, folder)) for folder in ("results", "images")}
+    splits = [datasets.InMemoryDataset(torch.rand(n, 1, 28, 28), torch.arange(n) % 10, classes=list("abcdefghij"))
+              for n in (80, 40)]
+    monkeypatch.chdir(tmp_path)  # run_experiment's default folders: results/, images/, runs/
+    rows = autoencoders.run_experiment("pairwise", "embenc", "fashion-mnist", [0, 0.25], [2], num_iters=60,
+                                       feature_extractor="pixels", splits=splits, progress=False)
+    assert {folder: _digests(tmp_path / folder) for folder in ("results", "images")} == before
+    assert {folder: _digests(os.path.join(REPOSITORY, folder)) for folder in ("results", "images")} == checkout
+    run = os.path.join("runs", "autoencoders-fashion-mnist", "iters-60")
+    with open(os.path.join(run, "autoencoders-fashion-mnist.json")) as file:
+        assert json.load(file) == json.loads(json.dumps(rows)) and len(rows) == 2
+    assert all(row["num_iters"] == 60 and row["latent_plot"].startswith(os.path.join(run, "images")) for row in rows)
+    assert sorted(os.listdir(os.path.join(run, "images"))) == [
+        "fashion-mnist_pairwise_embenc_pixels_M0.25_2d_latent.png",
+        "fashion-mnist_pairwise_embenc_pixels_M0.25_2d_reconstructions.png",
+        "fashion-mnist_pairwise_embenc_pixels_M0_2d_latent.png",
+        "fashion-mnist_pairwise_embenc_pixels_M0_2d_reconstructions.png",
+        "fashion-mnist_pairwise_embenc_pixels_tradeoff.png"]
+
+
+def test_where_a_sweep_writes():
+    study = os.path.join("images", "autoencoders")
+    assert autoencoders.sweep_outputs("mnist") == ("results", study)
+    assert autoencoders.sweep_outputs("mnist", **autoencoders.SWEEP_SETTINGS) == ("results", study)
+    assert autoencoders.sweep_outputs("mnist", quick=True, num_iters=3) == (
+        os.path.join("results", "quick"), os.path.join("images", "quick", "autoencoders"))
+    run = os.path.join("runs", "autoencoders-mnist", "iters-60_batch-32_seed-1")
+    assert autoencoders.sweep_outputs("mnist", num_iters=60, batch_size=32, seed=1) == (run, os.path.join(run, "images"))
+    assert autoencoders.sweep_outputs("mnist", False, None, "images", "elsewhere", margin=0.5) == (
+        None, os.path.join("elsewhere", "autoencoders-mnist", "margin-0.5", "images"))
+    assert autoencoders.sweep_tag(hidden_dims=(64,), learning_rate=0.01, normalize=False) == \
+        "normalize-False_hidden-64_lr-0.01"
+    labels = autoencoders.sweep_tag(composite_labels={0: 0, 2: 0})
+    assert re.fullmatch(r"labels-[0-9a-f]{8}", labels) and labels != autoencoders.sweep_tag(composite_labels={0: 1})
+    assert autoencoders.sweep_tag(feature_params={"weights": None}) == ""  # the extractor's defaults
+    with pytest.raises(ValueError, match="unknown sweep settings"):
+        autoencoders.sweep_tag(iters=3)
+
+
+def test_rows_are_keyed_by_every_setting_that_defines_them(tmp_path):
+    with open(os.path.join(REPOSITORY, "results", "autoencoders-fashion-mnist.json")) as file:
+        committed = json.load(file)
+    shutil.copy(os.path.join(REPOSITORY, "results", "autoencoders-fashion-mnist.json"), tmp_path)
+    first = committed[0]
+    for field, value in (("num_iters", 60), ("batch_size", 16), ("seed", 1), ("n_train", 120), ("quick", True),
+                         ("margin", 0.5)):
+        autoencoders.record_results([dict(first, **{field: value})], "fashion-mnist", tmp_path)
+    rows = autoencoders.record_results([dict(first, knn_accuracy=0.5)], "fashion-mnist", tmp_path)
+    assert len(rows) == len(committed) + 6  # other settings add rows; the same settings replace their row
+    assert [row for row in rows if row["knn_accuracy"] == 0.5] == [dict(first, knn_accuracy=0.5)]
 
 
 def test_run_experiment_with_features_and_merged_classes(tmp_path):
@@ -650,7 +727,7 @@ def test_run_experiment_with_features_and_merged_classes(tmp_path):
         "pairwise", "vae", "fashion-mnist", [0.5], [2], num_iters=3, batch_size=8, root=tmp_path / "data",
         download=False, max_train=60, max_test=40, feature_extractor="hog", distance="kl",
         composite_labels={k: k % 2 for k in range(10)}, keys=["even", "odd"], results_dir=None,
-        images_dir=tmp_path / "images", progress=False)
+        images_dir=tmp_path / "images", runs_dir=tmp_path / "runs", progress=False)
     assert rows[0]["features"] == "hog" and rows[0]["distance"] == "kl"
     assert rows[0]["reconstruction_plot"] is None  # HOG features are not images
     assert json.loads(rows[0]["composite_labels"])["3"] == 1
@@ -661,7 +738,7 @@ def test_run_experiment_on_cifar10_and_an_image_folder(tmp_path):
     write_cifar_fixture(tmp_path / "cifar")
     rows = autoencoders.run_experiment("triplet", "embenc", "cifar10", [0.5], [2], num_iters=2, batch_size=8,
                                        root=tmp_path / "cifar", download=False, max_train=60, results_dir=None,
-                                       images_dir=tmp_path / "images", progress=False)
+                                       images_dir=tmp_path / "images", runs_dir=tmp_path / "runs", progress=False)
     assert rows[0]["n_train"] == 60 and rows[0]["n_test"] == 30
     assert os.path.isfile(rows[0]["reconstruction_plot"])
 
@@ -714,3 +791,37 @@ def test_command_line_quick_run(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "results" / "quick" / "autoencoders-mnist.md").is_file()
     assert (tmp_path / "images" / "quick" / "autoencoders" / "mnist_tradeoff.png").is_file()  # all four models
     assert "| pairwise | vae | images | 1 | 2 |" in capsys.readouterr().out
+
+
+def _command_line(arguments, cwd):
+    """``python autoencoders.py ARGUMENTS`` in a fresh interpreter: (exit status, stdout, stderr)."""
+    completed = subprocess.run([sys.executable, os.path.join(REPOSITORY, "autoencoders.py"), *map(str, arguments)],
+                               cwd=cwd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return completed.returncode, completed.stdout, completed.stderr
+
+
+def test_a_user_mistake_on_the_command_line_is_one_line_and_status_2(tmp_path):
+    write_idx_fixture(tmp_path / "data", train_per_class=4, test_per_class=2)
+    usual = ["--dataset", "mnist", "--root", "data", "--no-download", "--quick", "--no-progress"]
+    mistakes = {("--iters", "-3"): "--iters must be >= 1, got -3",
+                ("--iters", "x"): "argument --iters: invalid int value: 'x'",
+                ("--batch-size", "2"): "--batch-size must be >= 4",
+                ("--weights", "0,2"): "every weight must be in [0, 1]",
+                ("--weights", "a"): "--weights: expected a comma-separated list",
+                ("--latent-dims", "0"): "every --latent-dims size must be >= 1",
+                ("--constraint", "quadruplet"): "unknown --constraint 'quadruplet'",
+                ("--encoder", ","): "--constraint, --encoder and --latent-dims each need at least one value",
+                ("--composite-labels", "x"): "--composite-labels: expected old:new pairs",
+                ("--dataset", "svhn"): "argument --dataset: invalid choice: 'svhn'",
+                ("--margin2", "1"): "unrecognized arguments: --margin2 1",
+                ("--root", "nowhere"): "MNIST (train split) not found"}
+    for arguments, message in mistakes.items():
+        status, stdout, stderr = _command_line([*usual, *arguments], tmp_path)
+        assert status == 2 and "Traceback" not in stderr, (arguments, stderr)
+        assert len(stderr.splitlines()) == 1 and stderr.startswith("autoencoders.py: error: "), (arguments, stderr)
+        assert message in stderr, (arguments, stderr)
+    assert sorted(os.listdir(tmp_path)) == ["data"]  # refused before anything is written
+    status, stdout, stderr = _command_line([*usual, "--constraint", "pairwise", "--encoder", "embenc", "--weights", "1",
+                                            "--iters", "2", "--batch-size", "8"], tmp_path)
+    assert status == 0, stderr
+    assert "Results in results/quick/autoencoders-mnist.md, plots in images/quick/autoencoders/." in stdout
