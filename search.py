@@ -33,6 +33,7 @@ error, not silently clamped, so a result always holds exactly k neighbours.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import cli
 from datasets import IMAGE_EXTENSIONS, folder_entries, list_images, read_image
 from metrics import (knn_accuracy, nmi_score, retrieval_metrics, smallest_k, verification_accuracy,
                      verification_roc_auc)
@@ -452,8 +454,16 @@ def draw_grid(results, path):
 
 # ---------------------------------------------------------------- command line
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (and its subcommands') whose mistakes reach ``cli.run`` as a ValueError: one line,
+    exit status 2 (to be ``cli``'s at merge)."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
 def _parser():
-    parser = argparse.ArgumentParser(prog="search.py", description="Use a trained model file on your own images.")
+    parser = _Parser(prog="search.py", description="Use a trained model file on your own images.")
     commands = parser.add_subparsers(dest="command", required=True)
     index = commands.add_parser("index", help="embed every image of a folder into a gallery file")
     index.add_argument("model", help="model file written by save_model")
@@ -497,56 +507,56 @@ def _print_query(results):
 
 
 def main(argv=None):
-    """Run one subcommand (see the module docstring); returns the exit status (0, or 1 after an error)."""
+    """Run one subcommand (see the module docstring); returns the exit status 0. A user's mistake (a bad
+    option, a missing or unreadable file, faiss missing for --faiss) raises ValueError or OSError, which
+    ``cli.run`` prints as one line ``search.py: error: ...`` with exit status 2."""
     arguments = _parser().parse_args(argv)
-    try:
-        if arguments.command == "index":
-            out = index_folder(arguments.model, arguments.folder, arguments.out, batch_size=arguments.batch_size,
-                               progress=not arguments.no_progress, skip_bad_images=arguments.skip_bad_images)
-            gallery = load_gallery(out)
-            n_classes = len(gallery["class_names"])
-            print(f"indexed {len(gallery['embeddings'])} images ({gallery['embedding_dim']}-dimensional, "
-                  f"{f'{n_classes} classes' if n_classes else 'unlabelled'}) into {out}")
-        elif arguments.command == "query":
-            results = query(arguments.model, arguments.gallery, arguments.images, k=arguments.k,
-                            use_faiss=arguments.faiss)
-            if arguments.json:
-                print(json.dumps(results, indent=1))
-            else:
-                _print_query(results)
-            if arguments.grid:
-                draw_grid(results, arguments.grid)
-                if not arguments.json:  # keeps --json output parseable as a whole
-                    print(f"\nwrote {arguments.grid}")
-        elif arguments.command == "verify":
-            result = verify(arguments.model, arguments.image1, arguments.image2)
-            print(f"distance: {result['distance']:.4f}")
-            print(f"similarity: {result['similarity']:.4f}")
-            if result["threshold"] is None:
-                print("threshold: none (the model file records no verification threshold, so no verdict)")
-            else:
-                print(f"threshold: {result['threshold']:.4f}")
-                print(f"verdict: {'same' if result['same'] else 'different'}")
-        elif arguments.command == "classify":
-            for result in classify(arguments.model, arguments.gallery, arguments.images, k=arguments.k,
-                                   use_faiss=arguments.faiss):
-                print(f"{result['path']}\t{result['label']}\t{result['vote_share']:.2f}")
+    if getattr(arguments, "faiss", False) and importlib.util.find_spec("faiss") is None:
+        raise ValueError("--faiss needs faiss, which is not installed: pip install faiss-cpu, or leave out --faiss")
+    if arguments.command == "index":
+        out = index_folder(arguments.model, arguments.folder, arguments.out, batch_size=arguments.batch_size,
+                           progress=not arguments.no_progress, skip_bad_images=arguments.skip_bad_images)
+        gallery = load_gallery(out)
+        n_classes = len(gallery["class_names"])
+        print(f"indexed {len(gallery['embeddings'])} images ({gallery['embedding_dim']}-dimensional, "
+              f"{f'{n_classes} classes' if n_classes else 'unlabelled'}) into {out}")
+    elif arguments.command == "query":
+        results = query(arguments.model, arguments.gallery, arguments.images, k=arguments.k,
+                        use_faiss=arguments.faiss)
+        if arguments.json:
+            print(json.dumps(results, indent=1))
         else:
-            from results import markdown_table
+            _print_query(results)
+        if arguments.grid:
+            draw_grid(results, arguments.grid)
+            if not arguments.json:  # keeps --json output parseable as a whole
+                print(f"\nwrote {arguments.grid}")
+    elif arguments.command == "verify":
+        result = verify(arguments.model, arguments.image1, arguments.image2)
+        print(f"distance: {result['distance']:.4f}")
+        print(f"similarity: {result['similarity']:.4f}")
+        if result["threshold"] is None:
+            print("threshold: none (the model file records no verification threshold, so no verdict)")
+        else:
+            print(f"threshold: {result['threshold']:.4f}")
+            print(f"verdict: {'same' if result['same'] else 'different'}")
+    elif arguments.command == "classify":
+        for result in classify(arguments.model, arguments.gallery, arguments.images, k=arguments.k,
+                               use_faiss=arguments.faiss):
+            print(f"{result['path']}\t{result['label']}\t{result['vote_share']:.2f}")
+    else:
+        from results import markdown_table
 
-            result = evaluate(arguments.model, arguments.gallery)
-            columns = [("n_images", "images", "{}"), ("n_classes", "classes", "{}"),
-                       ("precision_at_1", "P@1", "{:.4f}"), ("r_precision", "R-Precision", "{:.4f}"),
-                       ("map_at_r", "MAP@R", "{:.4f}"), ("knn_accuracy", f"{result['knn_k']}-NN accuracy", "{:.4f}"),
-                       ("nmi", "NMI", "{:.4f}"), ("roc_auc", "ROC-AUC", "{:.4f}")]
-            if "verification_accuracy" in result:
-                columns.append(("verification_accuracy", "verification acc", "{:.4f}"))
-            print(markdown_table([result], columns), end="")
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as error:
-        print(f"search.py {arguments.command}: error: {error}", file=sys.stderr)
-        return 1
+        result = evaluate(arguments.model, arguments.gallery)
+        columns = [("n_images", "images", "{}"), ("n_classes", "classes", "{}"),
+                   ("precision_at_1", "P@1", "{:.4f}"), ("r_precision", "R-Precision", "{:.4f}"),
+                   ("map_at_r", "MAP@R", "{:.4f}"), ("knn_accuracy", f"{result['knn_k']}-NN accuracy", "{:.4f}"),
+                   ("nmi", "NMI", "{:.4f}"), ("roc_auc", "ROC-AUC", "{:.4f}")]
+        if "verification_accuracy" in result:
+            columns.append(("verification_accuracy", "verification acc", "{:.4f}"))
+        print(markdown_table([result], columns), end="")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, "search.py"))

@@ -2,8 +2,10 @@
 the command line, against references computed directly from ``embed_images`` on the same images (brute-force
 distances in float64), plus every error path."""
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -415,10 +417,51 @@ def test_cli_verify_classify_evaluate(setup):
 
 def test_cli_error_exits_with_message(setup, tmp_path):
     status, stdout, stderr = _run("query", setup["model"], tmp_path / "none.npz", setup["queries"][0])
-    assert status == 1 and stdout == ""
-    assert stderr.startswith("search.py query: error: no gallery file at") and "none.npz" in stderr
+    assert status == 2 and stdout == ""
+    assert stderr.startswith("search.py: error: no gallery file at") and "none.npz" in stderr
     status, _, stderr = _run("classify", setup["model"], setup["gallery"])
     assert status == 2 and "IMAGE" in stderr  # argparse: images are required
+
+
+def test_a_user_mistake_on_the_command_line_is_one_line_and_status_2(setup, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    bad_folder = tmp_path / "folder"
+    shutil.copytree(setup["folder"], bad_folder)
+    shutil.copy(bad, bad_folder / sorted(os.listdir(bad_folder))[0] / "bad.png")
+    not_a_model = tmp_path / "model.pt"
+    not_a_model.write_text("hello")
+    model, gallery, query = setup["model"], setup["gallery"], setup["queries"][0]
+    mistakes = {("query", model, tmp_path / "none.npz", query): "no gallery file at",
+                ("query", tmp_path / "none.pt", gallery, query): "none.pt",
+                ("query", not_a_model, gallery, query): "is not a model file",
+                ("query", model, not_a_model, query): "is not a gallery file",
+                ("query", model, gallery, tmp_path / "none.png"): "none.png",
+                ("classify", model, gallery, query, "--k", 0): "k must be >= 1",
+                ("classify", model, gallery, query, "--k", "x"): "argument --k: invalid int value: 'x'",
+                ("verify", model, bad, query): "bad.png",
+                ("index", model, tmp_path / "nowhere", "--out", tmp_path / "g.npz"): "nowhere does not exist",
+                ("index", model, setup["folder"], "--out", tmp_path / "g.npz", "--batch-size", 0): "batch_size must be",
+                ("index", model, bad_folder, "--out", tmp_path / "g.npz", "--no-progress"): "--skip-bad-images",
+                ("evaluate", model, gallery, "--k", 3): "unrecognized arguments: --k 3",
+                ("search", model): "invalid choice: 'search'",
+                (): "the following arguments are required: command"}
+    for arguments, message in mistakes.items():
+        status, stdout, stderr = _run(*arguments)
+        assert status == 2 and "Traceback" not in stderr and stdout == "", (arguments, stderr)
+        assert len(stderr.splitlines()) == 1 and stderr.startswith("search.py: error: "), (arguments, stderr)
+        assert message in stderr, (arguments, stderr)
+    assert not os.path.exists(tmp_path / "g.npz")
+    status, stdout, stderr = _run("index", model, bad_folder, "--out", tmp_path / "g.npz", "--no-progress",
+                                  "--skip-bad-images")
+    assert status == 0 and stdout.startswith("indexed "), stderr
+
+
+def test_faiss_missing_for_the_faiss_option_is_a_user_error(setup, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "faiss" else real(name, *rest))
+    with pytest.raises(ValueError, match="--faiss needs faiss, which is not installed: pip install faiss-cpu"):
+        search.main(["query", setup["model"], setup["gallery"], setup["queries"][0], "--faiss"])
 
 
 # ---------------------------------------------------------------- error paths
@@ -467,7 +510,7 @@ def test_bad_k_is_refused(setup, tmp_path):
     with pytest.raises(ValueError, match="k=13 is larger than the labelled part .*--k 12"):
         search.classify(setup["model"], setup["gallery"], setup["queries"], k=13)
     status, _, stderr = _run("classify", setup["model"], setup["gallery"], setup["queries"][0], "--k", 0)
-    assert status == 1 and "k must be >= 1" in stderr
+    assert status == 2 and "k must be >= 1" in stderr
 
 
 def test_unlabelled_gallery_cannot_classify_or_evaluate(setup, tmp_path):
