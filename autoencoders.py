@@ -34,6 +34,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -537,44 +538,31 @@ SWEEP_SETTINGS = {"num_iters": 20000, "batch_size": 64, "margin": 1.0, "dropout_
                   "seed": 0, "beta": 1.0, "reconstruction": "mse", "hidden_dims": HIDDEN_DIMS,
                   "learning_rate": LEARNING_RATE, "max_train": None, "max_test": None, "composite_labels": None,
                   "feature_params": None}
-SETTING_TAGS = {"num_iters": "iters", "batch_size": "batch", "margin": "margin", "dropout_val": "dropout",
-                "normalize": "normalize", "seed": "seed", "beta": "beta", "reconstruction": "reconstruction",
-                "hidden_dims": "hidden", "learning_rate": "lr", "max_train": "train", "max_test": "test",
-                "composite_labels": "labels", "feature_params": "features"}
 
 
 def sweep_tag(**settings):
     """The folder name of a sweep run with ``settings`` (SWEEP_SETTINGS' names; the others keep the study's
-    values): ``""`` for the study's, else what changed, e.g. ``iters-60_seed-1``. Tuples are joined by
-    '-', dicts (label maps, extractor parameters) named by a short hash of their JSON."""
+    values): ``""`` for the study's, else what changed, e.g. ``num_iters-60_seed-1``; a value that is not
+    a plain word or number (a label map, extractor parameters) is named by a short hash of its JSON."""
     unknown = sorted(set(settings) - set(SWEEP_SETTINGS))
     if unknown:
         raise ValueError(f"unknown sweep settings {unknown}; the settings are {sorted(SWEEP_SETTINGS)}")
     if settings.get("feature_params") is not None:  # parameters left None are the extractor's defaults
         settings["feature_params"] = {k: v for k, v in settings["feature_params"].items() if v is not None} or None
-    words = []
-    for name in sorted(settings, key=list(SWEEP_SETTINGS).index):
-        value = settings[name]
-        if value == SWEEP_SETTINGS[name]:
-            continue
-        if isinstance(value, dict):
-            value = hashlib.sha1(json.dumps({str(k): v for k, v in value.items()}, sort_keys=True,
-                                            default=str).encode()).hexdigest()[:8]
-        elif isinstance(value, (tuple, list)):
-            value = "-".join(map(str, value))
-        words.append(f"{SETTING_TAGS[name]}-{value:g}" if isinstance(value, float) else f"{SETTING_TAGS[name]}-{value}")
-    return "_".join(words)
+    changed = [(name, value) for name, value in {**SWEEP_SETTINGS, **settings}.items() if value != SWEEP_SETTINGS[name]]
+    return "_".join(f"{name}-{value}" if re.fullmatch(r"[\w.+-]{1,24}", str(value)) else
+                    f"{name}-{hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]}"
+                    for name, value in changed)
 
 
 def sweep_outputs(dataset, quick=False, results_dir="results", images_dir="images", runs_dir="runs", **settings):
     """Where a sweep run writes: ``(results folder, plots folder)``, each None when ``results_dir`` /
-    ``images_dir`` is None (not written). The study's settings (``sweep_tag`` empty): ``results_dir`` and
-    ``<images_dir>/autoencoders``; a quick run: the same under ``quick/`` (as ever); any other settings:
-    ``<runs_dir>/autoencoders-<dataset>/<sweep_tag>/`` and its ``images/`` (``_output_dirs``), so that a
-    run with other settings never replaces a committed row or figure."""
+    ``images_dir`` is None. The study's settings (``sweep_tag`` empty): ``results_dir`` and
+    ``<images_dir>/autoencoders``; a quick run: the same under ``quick/`` (as ever); other settings:
+    ``<runs_dir>/autoencoders-<dataset>/<sweep_tag>/`` and its ``images/``, never a committed row or figure."""
     if quick:
-        results_dir = None if results_dir is None else os.path.join(results_dir, "quick")
-        images_dir = None if images_dir is None else os.path.join(images_dir, "quick")
+        results_dir, images_dir = (None if folder is None else os.path.join(folder, "quick")
+                                   for folder in (results_dir, images_dir))
     tag = "" if quick else sweep_tag(**settings)
     if not tag:
         return results_dir, None if images_dir is None else os.path.join(images_dir, "autoencoders")
@@ -582,18 +570,16 @@ def sweep_outputs(dataset, quick=False, results_dir="results", images_dir="image
     return (None if results_dir is None else folders.results), (None if images_dir is None else folders.images)
 
 
-# STAND-IN for results.output_dirs, the one function deciding where a run's outputs go (planned signature
-# ``output_dirs(name, tag="", *, committed=True, root="runs")`` -> (results, images, checkpoints)):
-# replace these lines with ``from results import output_dirs`` at merge.
+# STAND-IN for results.output_dirs (planned: ``output_dirs(name, tag="", *, committed=True, root="runs")`` ->
+# (results, images, checkpoints)): replace these lines with ``from results import output_dirs`` at merge.
 OutputDirs = collections.namedtuple("OutputDirs", "results images checkpoints")
 
 
 def _output_dirs(name, tag="", *, committed=True, root="runs"):
     """The committed folders (``results/<tag>``, ...) or a run's own ``<root>/<name>/<tag>/`` and its sub-folders."""
-    if committed:
-        return OutputDirs(*(os.path.join(kind, tag) for kind in OutputDirs._fields))
     run = os.path.join(root, name, tag)
-    return OutputDirs(run, *(os.path.join(run, kind) for kind in OutputDirs._fields[1:]))
+    return OutputDirs(*(os.path.join(kind, tag) if committed else run if kind == "results" else os.path.join(run, kind)
+                        for kind in OutputDirs._fields))
 
 
 def sweep_data(dataset, splits=None, root="data", download=True, seed=0, max_train=None, max_test=None,

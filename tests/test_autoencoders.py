@@ -628,7 +628,7 @@ def test_run_experiment_end_to_end(tmp_path):
     rows = autoencoders.run_experiment("triplet", "vae", "fashion-mnist", [0, 1], [2, 3], results_dir=results,
                                        images_dir=images, **arguments)
     # other settings than the study's: the run's own folder, named by what it changed
-    run = runs / "autoencoders-fashion-mnist" / "iters-3_batch-16_train-120_test-60"
+    run = runs / "autoencoders-fashion-mnist" / "num_iters-3_batch_size-16_max_train-120_max_test-60"
     assert not results.exists() and not images.exists()
     assert [(row["latent_dim"], row["weight"]) for row in rows] == [(2, 0.0), (2, 1.0), (3, 0.0), (3, 1.0)]
     for row in rows:
@@ -677,7 +677,7 @@ def test_a_run_with_other_settings_leaves_the_committed_sweep_alone(tmp_path, mo
                                        feature_extractor="pixels", splits=splits, progress=False)
     assert {folder: _digests(tmp_path / folder) for folder in ("results", "images")} == before
     assert {folder: _digests(os.path.join(REPOSITORY, folder)) for folder in ("results", "images")} == checkout
-    run = os.path.join("runs", "autoencoders-fashion-mnist", "iters-60")
+    run = os.path.join("runs", "autoencoders-fashion-mnist", "num_iters-60")
     with open(os.path.join(run, "autoencoders-fashion-mnist.json")) as file:
         assert json.load(file) == json.loads(json.dumps(rows)) and len(rows) == 2
     assert all(row["num_iters"] == 60 and row["latent_plot"].startswith(os.path.join(run, "images")) for row in rows)
@@ -695,14 +695,14 @@ def test_where_a_sweep_writes():
     assert autoencoders.sweep_outputs("mnist", **autoencoders.SWEEP_SETTINGS) == ("results", study)
     assert autoencoders.sweep_outputs("mnist", quick=True, num_iters=3) == (
         os.path.join("results", "quick"), os.path.join("images", "quick", "autoencoders"))
-    run = os.path.join("runs", "autoencoders-mnist", "iters-60_batch-32_seed-1")
+    run = os.path.join("runs", "autoencoders-mnist", "num_iters-60_batch_size-32_seed-1")
     assert autoencoders.sweep_outputs("mnist", num_iters=60, batch_size=32, seed=1) == (run, os.path.join(run, "images"))
     assert autoencoders.sweep_outputs("mnist", False, None, "images", "elsewhere", margin=0.5) == (
         None, os.path.join("elsewhere", "autoencoders-mnist", "margin-0.5", "images"))
-    assert autoencoders.sweep_tag(hidden_dims=(64,), learning_rate=0.01, normalize=False) == \
-        "normalize-False_hidden-64_lr-0.01"
+    assert autoencoders.sweep_tag(learning_rate=0.01, normalize=False) == "normalize-False_learning_rate-0.01"
+    assert re.fullmatch(r"hidden_dims-[0-9a-f]{8}", autoencoders.sweep_tag(hidden_dims=(64,)))
     labels = autoencoders.sweep_tag(composite_labels={0: 0, 2: 0})
-    assert re.fullmatch(r"labels-[0-9a-f]{8}", labels) and labels != autoencoders.sweep_tag(composite_labels={0: 1})
+    assert re.fullmatch(r"composite_labels-[0-9a-f]{8}", labels) and labels != autoencoders.sweep_tag(composite_labels={0: 1})
     assert autoencoders.sweep_tag(feature_params={"weights": None}) == ""  # the extractor's defaults
     with pytest.raises(ValueError, match="unknown sweep settings"):
         autoencoders.sweep_tag(iters=3)
