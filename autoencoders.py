@@ -410,8 +410,7 @@ def plot_tradeoff(rows, path=None, title="retrieval against reconstruction"):
 # results
 
 
-# A row is keyed by every setting that defines it: the sweep's dimensions (constraint, encoder, features,
-# distance, label map, latent size, M) and its training settings, so a run with other settings adds rows.
+# A row is keyed by every setting that defines it (a run with other settings adds rows, never replaces one).
 RESULT_KEY = ("constraint", "encoder", "features", "distance", "composite_labels", "latent_dim", "weight", "num_iters",
               "batch_size", "margin", "beta", "dropout", "normalize", "reconstruction", "seed", "quick", "n_train",
               "n_test")
@@ -495,16 +494,15 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
         beta, distance, reconstruction: of ``losses.PairwiseAutoencoderLoss`` / ``TripletAutoencoderLoss``.
         max_train, max_test: random subsets of that many items (None: everything). quick: a smoke run
             (subsets of ``QUICK_SIZES``, at most ``QUICK_ITERS`` iterations, outputs under ``quick/``).
-        results_dir, images_dir: where the study's table and plots go (None: not written); runs_dir: where
-            a run with other settings than the study's writes instead (``sweep_outputs``).
+        results_dir, images_dir: the study's table and plots (None: not written); runs_dir: other settings'.
 
     Returns the result rows of this call, one dict per model: the settings, ``metrics.evaluate_embeddings``
     of the test embeddings against the train ones (``knn_accuracy`` with k = 5, ``precision_at_1``,
     ``r_precision``, ``map_at_r``, ``nmi``, ``roc_auc``), ``reconstruction_mse`` on the test split, the
-    final training losses, ``train_seconds``, ``threads`` and the plot paths. With the study's settings
-    (``SWEEP_SETTINGS``) the rows are merged into ``<results_dir>/autoencoders-<dataset>.json`` / ``.md``
-    and the plots go to ``<images_dir>/autoencoders/``; any other settings write the same files under
-    ``<runs_dir>/autoencoders-<dataset>/<settings tag>/`` and never touch the study's.
+    final training losses, ``train_seconds``, ``threads`` and the plot paths. The rows are merged into
+    ``autoencoders-<dataset>.json`` / ``.md`` and the plots drawn where ``sweep_outputs`` says: with the
+    study's settings (``SWEEP_SETTINGS``) ``results_dir`` and ``<images_dir>/autoencoders/``, else a folder
+    of their own under ``runs_dir``, never the study's files.
     """
     weights, latent_dims, num_iters, batch_size = _check_sweep(
         constraint_type, encoder_type, distance, reconstruction, normalize, feature_extractor, list_of_weights,
@@ -585,9 +583,9 @@ def _output_dirs(name, tag="", *, committed=True, root="runs"):
 def sweep_data(dataset, splits=None, root="data", download=True, seed=0, max_train=None, max_test=None,
                composite_labels=None, keys=None, feature_extractor=None, feature_params=None, normalize=True,
                cache_dir=None, progress=True):
-    """The data of a sweep (``run_experiment``'s arguments of the same names): ``{'train': (inputs, labels),
-    'test': (inputs, labels), 'mean', 'std', 'image_shape'`` (``prepare_inputs``)``, 'names'`` ({label:
-    name})``, 'features'`` ("images" or the extractor)``, 'classes'`` (the split's class names)``}``."""
+    """The data of a sweep (run_experiment's arguments of the same names): ``{'train': (inputs, labels),
+    'test': (inputs, labels), 'mean', 'std', 'image_shape'`` (prepare_inputs), ``'names'`` ({label: name}),
+    ``'features'`` ("images" or the extractor) and ``'dataset'``."""
     if cache_dir is None:
         cache_dir = os.path.join(os.fspath(root), "feature-cache")
     if splits is None:
@@ -604,8 +602,7 @@ def sweep_data(dataset, splits=None, root="data", download=True, seed=0, max_tra
 
 
 def _sweep_settings(data, chosen):
-    """``(settings every row records, settings every model trains with)`` of a sweep on ``data``
-    (``sweep_data``) with ``chosen``, run_experiment's arguments (and its quick-adjusted num_iters)."""
+    """``(what every row records, what every model trains with)`` of a sweep on ``data`` with ``chosen``."""
     train_labels, test_labels = data["train"][1], data["test"][1]
     n_classes, n_samples = balanced_batch_shape(train_labels, chosen["batch_size"])
     composite_labels = chosen["composite_labels"]
@@ -738,8 +735,7 @@ def _parse_composite(text):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's parser whose mistakes reach ``cli.run`` as a ValueError: one line, exit status 2 (to be
-    ``cli``'s at merge)."""
+    """argparse's parser whose mistakes reach ``cli.run`` as a ValueError: one line, exit status 2 (for cli.py)."""
 
     def error(self, message):
         raise ValueError(message)

@@ -653,59 +653,45 @@ def load_omniglot_model(path=OMNIGLOT_WEIGHTS, device="cpu"):
     return model
 
 
-def _settings_tag(changed):
-    """Folder name of a trial from its settings other than the study's (``{name: value}``), e.g.
-    ``epochs-3_seed-1``; a value that is not a plain word or number is named by a short hash."""
-    words = {name: str(value) if re.fullmatch(r"[\w.+-]{1,24}", str(value)) else
-             hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
-             for name, value in changed.items()}
-    return "_".join(f"{name}-{word}" for name, word in sorted(words.items()))
-
-
 def omniglot_outputs(settings, seed=0, n_episodes=OMNIGLOT_EPISODES, quick=False, weights=OMNIGLOT_WEIGHTS,
                      results_dir="results", runs_dir="runs"):
-    """Where a run of the Omniglot ``settings`` (``omniglot_settings``' dict) writes: ``(results folder,
-    weights path)``, each None when not written.
-
-    The study (the recipe, seed 0, OMNIGLOT_EPISODES episodes) writes ``results_dir`` and ``weights``; a
-    quick run ``<results_dir>/quick`` and no weights; any other run (a trial) its own folder,
-    ``<runs_dir>/omniglot/<settings tag>/`` (``_output_dirs``), with the weights there too when
-    ``weights`` is the committed file: a trial never replaces the study's table or weights."""
+    """Where a run of ``settings`` (``omniglot_settings``' dict) writes: ``(results folder, weights path)``,
+    None for either not written. The study (the recipe, seed 0, OMNIGLOT_EPISODES) writes ``results_dir``
+    and ``weights``; a quick run ``<results_dir>/quick`` and no weights; any other (a trial) its own folder
+    ``<runs_dir>/omniglot/<what changed>/``, e.g. ``epochs-3_seed-1``, the weights too when ``weights`` is
+    the committed file: a trial never replaces the study's table or weights."""
     if quick:
         return (None if results_dir is None else os.path.join(results_dir, "quick")), None
-    changed = {name: value for name, value in {**settings, "seed": seed, "episodes": n_episodes}.items()
-               if value != {**OMNIGLOT_RECIPE, "seed": 0, "episodes": OMNIGLOT_EPISODES}[name]}
-    if not changed:
+    study = {**OMNIGLOT_RECIPE, "seed": 0, "episodes": OMNIGLOT_EPISODES}
+    changed = [(name, value) for name, value in {**settings, "seed": seed, "episodes": n_episodes}.items()
+               if value != study[name]]  # a value not a plain word or number is named by a short hash
+    tag = "_".join(f"{name}-{value}" if re.fullmatch(r"[\w.+-]{1,24}", str(value)) else
+                   f"{name}-{hashlib.sha1(json.dumps(value, default=str).encode()).hexdigest()[:8]}"
+                   for name, value in sorted(changed))
+    if not tag:
         return results_dir, weights
-    folder = _output_dirs("omniglot", _settings_tag(changed), committed=False, root=runs_dir).results
+    folder = _output_dirs("omniglot", tag, committed=False, root=runs_dir).results
     committed = weights is not None and os.path.abspath(weights) == os.path.abspath(OMNIGLOT_WEIGHTS)
     return (None if results_dir is None else folder), (os.path.join(folder, "omniglot_siamese.pt")
                                                        if committed else weights)
 
 
-# STAND-IN for results.output_dirs, the one function deciding where a run's outputs go (planned signature
-# ``output_dirs(name, tag="", *, committed=True, root="runs")``): replace these lines with it at merge.
-OutputDirs = collections.namedtuple("OutputDirs", "results images checkpoints")
-
-
+# STAND-IN for results.output_dirs (planned: ``output_dirs(name, tag="", *, committed=True, root="runs")`` ->
+# (results, images, checkpoints)): replace these lines with ``from results import output_dirs`` at merge.
 def _output_dirs(name, tag="", *, committed=True, root="runs"):
-    """``OutputDirs`` of run ``name``/``tag``: the committed folders, or ``<root>/<name>/<tag>/``."""
-    folder = os.path.join(root, name, tag)
-    if committed:
-        return OutputDirs(*(os.path.join(kind, tag) for kind in OutputDirs._fields))
-    return OutputDirs(folder, os.path.join(folder, "images"), os.path.join(folder, "checkpoints"))
+    """The committed folders (``results/<tag>``, ...) or a run's own ``<root>/<name>/<tag>/`` and its sub-folders."""
+    run = os.path.join(root, name, tag)
+    return collections.namedtuple("OutputDirs", "results images checkpoints")(
+        *(os.path.join(kind, tag) if committed else run if kind == "results" else os.path.join(run, kind)
+          for kind in ("results", "images", "checkpoints")))
 
 
 def run_omniglot(root=None, weights=OMNIGLOT_WEIGHTS, results_dir="results", quick=False, seed=0, device=None,
                  progress=True, n_episodes=OMNIGLOT_EPISODES, runs_dir="runs", **recipe):
     """Train the Omniglot recipe (OMNIGLOT_RECIPE, any key overridden by ``recipe``, see omniglot_settings),
-    save the weights (skipped when ``weights`` is None), evaluate on the new alphabets and write
-    ``omniglot.md`` and ``.json`` (atomically, results.write_text / write_json; skipped when
-    ``results_dir`` is None).
-
-    Where (``omniglot_outputs``): the study writes ``results_dir`` and ``weights``; ``quick``
-    (OMNIGLOT_QUICK's epochs and episodes) ``<results_dir>/quick/`` and no weights; any other settings
-    ``<runs_dir>/omniglot/<settings tag>/``, never the committed table or weights.
+    save the weights (skipped when None), evaluate on the new alphabets and write omniglot.md and .json
+    (atomically, results.write_text / write_json) where ``omniglot_outputs`` says: a trial (other settings)
+    under ``runs_dir``, never the committed files. ``quick``: OMNIGLOT_QUICK's epochs and episodes.
     Returns {'recipe', 'seconds', 'train_alphabets', 'evaluation' (evaluate_omniglot's result) and
     'evaluation_shift_averaged' (the same with test_shift=OMNIGLOT_TEST_SHIFT)}.
     """
@@ -749,8 +735,7 @@ def run_one_shot_runs(path, weights=OMNIGLOT_WEIGHTS, device="cpu"):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's parser whose mistakes reach ``cli.run`` as a ValueError: one line, exit status 2 (to be
-    ``cli``'s at merge)."""
+    """argparse's parser whose mistakes reach ``cli.run`` as a ValueError: one line, exit status 2 (for cli.py)."""
 
     def error(self, message):
         raise ValueError(message)
@@ -768,12 +753,10 @@ def _parser():
     parser.add_argument("--embedding-dim", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: one epoch, 100 episodes, results under "
-                        "results/quick/, no weights saved")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 100 episodes, no weights saved")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
-    parser.add_argument("--omniglot-root", default=None,
-                        help="folder holding images_background_small1/2 (.zip or extracted); default "
-                             "../shared/data/omniglot next to the repository")
+    parser.add_argument("--omniglot-root", default=None, help="folder holding images_background_small1/2 (.zip or "
+                        "extracted); default ../shared/data/omniglot next to the repository")
     parser.add_argument("--one-shot-runs", default=None,
                         help="score saved weights on Lake's one-shot runs (folder or .zip of run01..run20)")
     parser.add_argument("--weights", default=None, help=f"weights file (default {OMNIGLOT_WEIGHTS})")

@@ -696,13 +696,15 @@ def test_where_a_sweep_writes():
     assert autoencoders.sweep_outputs("mnist", quick=True, num_iters=3) == (
         os.path.join("results", "quick"), os.path.join("images", "quick", "autoencoders"))
     run = os.path.join("runs", "autoencoders-mnist", "num_iters-60_batch_size-32_seed-1")
-    assert autoencoders.sweep_outputs("mnist", num_iters=60, batch_size=32, seed=1) == (run, os.path.join(run, "images"))
+    assert autoencoders.sweep_outputs("mnist", num_iters=60, batch_size=32, seed=1) == (
+        run, os.path.join(run, "images"))
     assert autoencoders.sweep_outputs("mnist", False, None, "images", "elsewhere", margin=0.5) == (
         None, os.path.join("elsewhere", "autoencoders-mnist", "margin-0.5", "images"))
     assert autoencoders.sweep_tag(learning_rate=0.01, normalize=False) == "normalize-False_learning_rate-0.01"
     assert re.fullmatch(r"hidden_dims-[0-9a-f]{8}", autoencoders.sweep_tag(hidden_dims=(64,)))
     labels = autoencoders.sweep_tag(composite_labels={0: 0, 2: 0})
-    assert re.fullmatch(r"composite_labels-[0-9a-f]{8}", labels) and labels != autoencoders.sweep_tag(composite_labels={0: 1})
+    assert re.fullmatch(r"composite_labels-[0-9a-f]{8}", labels)
+    assert labels != autoencoders.sweep_tag(composite_labels={0: 1})
     assert autoencoders.sweep_tag(feature_params={"weights": None}) == ""  # the extractor's defaults
     with pytest.raises(ValueError, match="unknown sweep settings"):
         autoencoders.sweep_tag(iters=3)
