@@ -50,7 +50,7 @@ from features import EXTRACTORS, cached_features
 from losses import AUTOENCODER_DISTANCES, RECONSTRUCTION_LOSSES, PairwiseAutoencoderLoss, TripletAutoencoderLoss
 from metrics import Metric, evaluate_embeddings
 from networks import make_autoencoder
-from trainer import fit, flush_denormal_everywhere
+from trainer import fit, flush_denormal_everywhere, resolve_device
 from utils import (AllPositivePairSelector, AllTripletSelector, HardNegativePairSelector,
                    RandomNegativeTripletSelector, check_choice, check_int)
 
@@ -794,6 +794,8 @@ def _sweep_arguments(args):
         device=args.device, progress=not args.no_progress)
     if not constraints or not encoders or not arguments["list_of_latent_dims"]:
         raise ValueError("--constraint, --encoder and --latent-dims each need at least one value")
+    if args.device is not None:
+        resolve_device(args.device)  # an unknown or absent device
     return constraints, encoders, arguments
 
 

@@ -49,7 +49,7 @@ from experiments import EVALUATION_BATCH, build_method
 from metrics import best_threshold, extract_embeddings, few_shot_accuracy, verification_roc_auc
 from networks import ShiftAveragedEmbedding, SiameseNetwork, load_model, save_model
 from results import markdown_table, write_json, write_text
-from trainer import fit, flush_denormal_everywhere
+from trainer import fit, flush_denormal_everywhere, resolve_device
 from utils import check_choice, check_flag, check_int, squared_distances
 
 # ---------------------------------------------------------------------------------------------------
@@ -781,6 +781,8 @@ def omniglot_main(args):
     """Run the command line's parsed ``args`` (``_parser``'s): score saved weights on one-shot runs, or train
     and evaluate. Returns run_one_shot_runs' or run_omniglot's result."""
     weights = OMNIGLOT_WEIGHTS if args.weights is None else args.weights
+    if args.device is not None:
+        resolve_device(args.device)  # an unknown or absent device is refused before any data is read
     if args.one_shot_runs is not None:
         return run_one_shot_runs(args.one_shot_runs, weights, args.device or "cpu")
     recipe = _recipe_of(args)

@@ -816,6 +816,7 @@ def test_a_user_mistake_on_the_command_line_is_one_line_and_status_2(tmp_path):
                 ("--composite-labels", "x"): "--composite-labels: expected old:new pairs",
                 ("--dataset", "svhn"): "argument --dataset: invalid choice: 'svhn'",
                 ("--margin2", "1"): "unrecognized arguments: --margin2 1",
+                ("--device", "nonsense"): "unknown device 'nonsense'",
                 ("--root", "nowhere"): "MNIST (train split) not found"}
     for arguments, message in mistakes.items():
         status, stdout, stderr = _command_line([*usual, *arguments], tmp_path)

@@ -964,6 +964,9 @@ def test_a_user_mistake_on_the_command_line_is_one_line_and_status_2(omniglot_ro
                 ("--embedding-dim", "0"): "--embedding-dim must be >= 1",
                 ("--methods", "softmax"): "unknown --methods 'softmax'",
                 ("--margin", "2"): "unrecognized arguments: --margin 2",
+                ("--device", "nonsense", "--one-shot-runs", tmp_path / "runs", "--weights", model): "nonsense",
+                ("--quick", "--no-progress", "--omniglot-root", omniglot_root, "--selectors", "bogus"):
+                    "unknown selector 'bogus'",
                 ("--quick", "--omniglot-root", tmp_path / "nowhere"): "images_background_small1.zip",
                 ("--quick", "--omniglot-root", not_a_zip): "is neither a folder nor a .zip file",
                 ("--one-shot-runs", not_a_zip / "images_background_small1.zip", "--weights", model):
