@@ -17,6 +17,8 @@ SYSTEM_FASHION_MNIST := /usr/share/datasets/fashion-mnist
 test: $(VENV)/installed
 	$(BIN)/python -m pytest -q -m "not cuda" tests
 
+# The committed study (EPOCHS=20) writes results/ and images/; any other settings (e.g. EPOCHS=1) write under
+# runs/<dataset>/<settings>/ and leave the committed tables and figures as they are.
 experiments: $(VENV)/installed data
 	$(BIN)/python experiments.py --dataset $(DATASET) --methods $(METHODS) --selectors $(SELECTORS) \
 		--epochs $(EPOCHS) --embedding-dim $(EMBEDDING_DIM) --channels-last --download
