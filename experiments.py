@@ -59,7 +59,7 @@ from methods import (BALANCED_BATCH, CLASSIC, EVALUATION_BATCH, GAMMA, MARGIN, M
 from metrics import evaluate_embeddings, extract_embeddings, verification_threshold
 from networks import EmbeddingNet, save_model
 from results import (RUNS_ROOT, image_path, image_stem, markdown_table, merge_results, output_dirs, plot_embeddings,
-                     safe_name, save_figure)
+                     safe_name, save_side_by_side)
 from runs import data_identity, open_run, record_finished_row, upgrade_run_settings
 from trainer import (CHECKPOINT_NAME, broadcast_from_main, close_distributed, device_name, fit,
                      flush_denormal_everywhere, is_main_process, setup_distributed)
@@ -88,16 +88,7 @@ def load_splits(dataset, root="data", download=False, quick=False):
 
 
 STUDY_EPOCHS = 20  # the committed study's (and run_method's default) number of epochs
-
-
-class _Auto:
-    """The default of an output folder: where ``StudySettings.outputs`` (``results.output_dirs``) puts it."""
-
-    def __repr__(self):
-        return "AUTO"
-
-
-AUTO = _Auto()
+AUTO = type("Auto", (), {"__repr__": lambda self: "AUTO"})()  # an output folder where StudySettings.outputs says
 
 
 class StudySettings(NamedTuple):
@@ -169,13 +160,12 @@ class StudySettings(NamedTuple):
     def checked(self):
         """These settings, after checking the dataset, the method and selector names, the epochs and the
         learning-rate step (ValueError or FileNotFoundError naming what to change), before any data loads."""
-        self.name
         for method in self.methods:
             check_choice(method, METHODS, "method")
         for selector in self.selectors:
             check_choice(selector, tuple(SELECTORS), "selector")
         check_int(self.lr_step, "lr_step", 1)
-        return self if self.n_epochs else self
+        return self if self.name and self.n_epochs else self
 
     def tag(self):
         """The settings that set a run of a known dataset apart from the committed study, as a folder name:
@@ -342,7 +332,8 @@ def _read_back(settings, row, method, selector, run_dir, splits=None):
     model = build_training(method, train_set, test_set, selector, settings.embedding_dim, settings.seed,
                            settings.network, settings.pretrained, method_recipe(row["method"], settings.recipe))[0]
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
-    validation = _embed_splits(model, train_set, test_set)["test"]
+    validation = extract_embeddings(DataLoader(test_set, batch_size=EVALUATION_BATCH,
+                                               num_workers=data_workers(test_set)), model)
     save_trained_model(settings.model_file, model, settings.network, train_set, validation, row, settings.seed,
                        settings.command)
 
@@ -492,22 +483,13 @@ def plot_comparison(dataset, pairs, embedding_dim=2, images_dir="images", seed=0
     plots of the methods trained with ``recipe`` (each method's plots in its ``recipe_images_dir``): one
     PNG per pair, e.g. ``images/fashion-mnist_siamese_vs_online-contrastive.png``, beside the online
     method's plots. Returns the paths written (pairs without both plots are skipped)."""
-    import matplotlib.image as mpimg
-    from matplotlib.figure import Figure
-
     written = []
     for left, right in pairs:
         paths = [image_path(dataset, label, "test", embedding_dim, recipe_images_dir(images_dir, label, recipe), seed)
                  for label in (left, right)]
-        if not all(os.path.exists(path) for path in paths):
-            continue
-        figure = Figure(figsize=(16, 8))
-        axes = figure.subplots(1, 2)
-        for axis, path in zip(axes, paths):
-            axis.imshow(mpimg.imread(path))
-            axis.axis("off")
-        written.append(save_figure(figure, comparison_path(dataset, left, right, embedding_dim, images_dir, seed,
-                                                           recipe)))
+        if all(os.path.exists(path) for path in paths):
+            written.append(save_side_by_side(paths, comparison_path(dataset, left, right, embedding_dim, images_dir,
+                                                                    seed, recipe)))
     return written
 
 
@@ -517,8 +499,6 @@ def comparison_path(dataset, left, right, embedding_dim=2, images_dir="images", 
     stem = image_stem(dataset, left, embedding_dim, seed)
     return os.path.join(recipe_images_dir(images_dir, right, recipe), f"{stem}_vs_{right.replace('/', '-')}.png")
 
-
-# -------------------------------------------------------------------------------------- results
 
 COLUMNS = [("method", "method", "{}"), ("embedding_dim", "dim", "{}"), ("recipe", "recipe", "{}"),
            ("seed", "seed", "{}"),
@@ -530,7 +510,9 @@ COLUMNS = [("method", "method", "{}"), ("embedding_dim", "dim", "{}"), ("recipe"
            ("epochs", "epochs", "{}"), ("lr_step", "lr step", "{}")]
 
 
-RESULT_KEY = ("method", "embedding_dim", "recipe", "seed")  # what tells two result rows apart
+# What tells two result rows apart: every setting that defines a row (a row without one has its default here).
+RESULT_KEY = {"method": None, "embedding_dim": None, "recipe": "classic", "seed": 0, "epochs": None, "lr_step": STEP_SIZE,
+              "network": "embedding-net", "pretrained": None, "amp": None, "quick": False, "train_classes": None}
 
 
 def results_stem(row):
@@ -541,13 +523,15 @@ def results_stem(row):
 
 
 def record_result(row, results_dir="results"):
-    """Merge ``row`` into ``results/<stem>.json`` (``results_stem``; one row per method, embedding size,
-    recipe and seed: a new run replaces the old row) and rewrite ``results/<stem>.md``. Returns the rows."""
+    """Merge ``row`` into ``results/<stem>.json`` (``results_stem``; one row per ``RESULT_KEY``: method, embedding
+    size, recipe, seed, epochs, learning-rate step, network, precision, ...; a new run replaces only the row of
+    the same settings) and rewrite ``results/<stem>.md``. Returns the rows."""
     order = {label: position for position, label in enumerate(_all_labels())}
     row = {**row, "recipe": row.get("recipe", "classic"), "seed": row.get("seed", 0)}  # before recipes: classic
     return merge_results(os.path.join(results_dir, results_stem(row)), [row], RESULT_KEY,
                          lambda r: (r["embedding_dim"], order.get(r["method"], len(order)), r["method"],
-                                    r.get("recipe", "classic"), r.get("seed", 0)),
+                                    r.get("recipe", "classic"), r.get("seed", 0),
+                                    str([r.get(key, default) for key, default in RESULT_KEY.items()])),
                          results_table)
 
 

@@ -120,6 +120,19 @@ def save_figure(figure, path):
     return path
 
 
+def save_side_by_side(image_paths, path):
+    """Save the images at ``image_paths`` side by side, without axes, as one figure at ``path`` (``save_figure``).
+    Returns the path."""
+    import matplotlib.image as mpimg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8 * len(image_paths), 8))
+    for axis, image in zip(figure.subplots(1, len(image_paths)), image_paths):
+        axis.imshow(mpimg.imread(image))
+        axis.axis("off")
+    return save_figure(figure, path)
+
+
 def image_stem(dataset, label, embedding_dim=2, seed=0):
     """The start of a plot's or model file's name for a method ``label`` of ``dataset``:
     ``<dataset>_<label with / as ->[_<dim>d][_seed<seed>]`` (2-D and seed 0 leave their part out)."""

@@ -2,6 +2,7 @@
 held-out classes, the networks, the saved model file, and the errors for folders that cannot train."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -40,9 +41,12 @@ def test_a_folder_trains_with_held_out_classes_and_saves_one_model_file(tmp_path
     (row,) = rows
     assert row["dataset"] == "shapes" and row["method"] == "online-triplet/random-hard" and row["epochs"] == 2
     assert row["held_out_n_way"] == 2 and 0 <= row["held_out_one_shot"] <= 1
-    table = (tmp_path / "results" / "shapes.md").read_text()
+    outputs = tmp_path / "runs" / "shapes"  # a folder of your own images writes everything under runs/<its name>/
+    table = (outputs / "results" / "shapes.md").read_text()
     assert "| online-triplet/random-hard | 4 |" in table and "held-out 1-shot acc" in table
-    assert (tmp_path / "images" / "shapes_online-triplet-random-hard_4d_test.png").is_file()
+    assert (outputs / "images" / "shapes_online-triplet-random-hard_4d_test.png").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["model.pt", "runs", "shapes"]
+    assert sorted(os.listdir(outputs)) == ["checkpoints", "images", "results"]  # no default model: --save-model
 
     model, info = load_model(tmp_path / "model.pt")
     assert info["class_names"] == ["blue", "green", "grey", "red"]  # the trained classes, not the held-out ones
