@@ -15,6 +15,7 @@ import torch
 import cli
 import experiments
 import methods
+import results
 import runs
 from datasets import CLASS_NAMES
 from fixtures import write_idx_fixture
@@ -378,3 +379,72 @@ def test_the_command_line_takes_a_recipe_and_records_it_only_when_not_classic(tm
     for wrong in (["--distance", "cosine"], ["--classic", "--margin", "2"], ["--easy-selector", "bogus"]):
         with pytest.raises(SystemExit):
             experiments.main(common + wrong)
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(folder) for name in names}
+
+
+def test_runs_with_other_settings_than_the_studys_leave_the_committed_results_and_images_alone(tmp_path,
+                                                                                               monkeypatch):
+    write_idx_fixture(tmp_path / "data", PER_CLASS, PER_CLASS)
+    monkeypatch.chdir(tmp_path)
+    # the committed study's row and plots of online-contrastive (as results/ and images/ hold them)
+    committed = {"dataset": "mnist", "method": "online-contrastive", "embedding_dim": 2, "epochs": 20, "seed": 0,
+                 "recipe": "classic", "lr_step": experiments.STEP_SIZE, "precision_at_1": 0.871}
+    experiments.record_result(committed, "results")
+    os.mkdir("images")
+    for split in ("train", "test"):
+        path = experiments.image_path("mnist", "online-contrastive", split)
+        with open(path, "wb") as file:
+            file.write(b"the study's plot")
+    before = {folder: snapshot(folder) for folder in ("results", "images")}
+    common = dict(root="data", progress=False)
+    rows = [experiments.run_method("mnist", "online-contrastive", epochs=1, **common),
+            experiments.run_method("mnist", "online-contrastive", quick=True, **common),
+            experiments.run_method("mnist", "online-contrastive", epochs=1, lr_step=3, **common)]
+    rows += experiments.main(["--dataset", "mnist", "--root", "data", "--methods", "online-contrastive",
+                              "--epochs", "1", "--amp", "bf16", "--no-progress"])
+    assert {folder: snapshot(folder) for folder in ("results", "images")} == before
+    for row, tag in zip(rows, ("epochs-1", "quick", "epochs-1_lr-step-3", "epochs-1_amp-bf16")):
+        saved = json.loads((tmp_path / "runs" / "mnist" / tag / "results" / "mnist.json").read_text())
+        assert saved == [json.loads(json.dumps(row))], tag
+        assert (tmp_path / "runs" / "mnist" / tag / "images" / "mnist_online-contrastive_test.png").is_file()
+
+
+def test_the_settings_decide_where_a_run_writes():
+    study = experiments.StudySettings("fashion-mnist")
+    assert study.tag() == "" and study.outputs() == results.output_dirs("fashion-mnist")
+    for options, tag in ((dict(epochs=20, embedding_dim=64, seed=3, recipe="classic", train_classes="0-4"), ""),
+                         (dict(epochs=1), "epochs-1"), (dict(quick=True, epochs=7), "quick"),
+                         (dict(lr_step=16), "lr-step-16"), (dict(network="resnet18"), "resnet18"),
+                         (dict(amp="fp16", epochs=5), "epochs-5_amp-fp16")):
+        settings = experiments.StudySettings("mnist", **options)
+        assert settings.tag() == tag, options
+        assert settings.outputs() == results.output_dirs("mnist", tag, committed=not tag), options
+    assert experiments.StudySettings("mnist", out_dir="scratch").outputs() == results.output_dirs(
+        "mnist", committed=False, root="scratch")
+    given = experiments.StudySettings("mnist", epochs=1, results_dir=None, images_dir="plots", run_dir="runs-here")
+    assert given.outputs()[1:4] == (None, "plots", "runs-here")
+
+
+def test_the_settings_of_a_folder_of_your_own_images_write_under_its_name(tmp_path):
+    (tmp_path / "my flowers").mkdir()
+    settings = experiments.StudySettings(str(tmp_path / "my flowers"), epochs=20)
+    assert settings.outputs() == results.output_dirs("my_flowers", committed=False)
+    assert settings.outputs().folder == os.path.join("runs", "my_flowers")
+
+
+def test_result_rows_are_keyed_by_every_setting_that_defines_them(tmp_path):
+    def row(**more):
+        return {"dataset": "mnist", "method": "softmax", "embedding_dim": 2, "epochs": 20, "nmi": 0.5, **more}
+
+    for new in (row(), row(epochs=1), row(lr_step=3), row(network="resnet18"), row(amp="bf16"), row(quick=True),
+                row(nmi=0.6), row(lr_step=experiments.STEP_SIZE, nmi=0.7)):
+        experiments.record_result(new, str(tmp_path))
+    saved = json.loads((tmp_path / "mnist.json").read_text())
+    assert len(saved) == 6  # the last two replaced the first: the same settings (lr_step 8 is the default)
+    assert [old["nmi"] for old in saved if old.get("epochs") == 20 and "lr_step" in old
+            and old["lr_step"] == experiments.STEP_SIZE] == [0.7]
