@@ -13,11 +13,11 @@ Methods (the classic study's, with its hyper-parameters as defaults):
 Every trained embedding is measured on the test set with one set of metrics that is comparable
 between approaches (``metrics.evaluate_embeddings``: Precision@1, R-Precision, MAP@R, k-NN accuracy
 with the train set as gallery, NMI of k-means clusters, pair verification ROC-AUC), plotted and
-tabulated. A run's settings are one ``StudySettings``, which also says where its outputs go
-(``StudySettings.outputs``, by ``results.output_dirs``): the committed study (a dataset of ``DATASETS``
-with the study's epochs, learning-rate step, network and precision, any recipe) writes ``results/<dataset>.md``
-and ``.json`` and ``images/``; any other run (``--quick``, ``--epochs 1``, ...) writes under
-``runs/<dataset>/<settings tag>/``, and a folder of your own images under ``runs/<folder name>/``.
+tabulated. A run's settings are one ``StudySettings``; where its outputs go, ``StudySettings.outputs``
+(``results.output_dirs``): the committed study (a dataset of ``DATASETS`` with the study's epochs,
+learning-rate step, network and precision; any recipe) writes ``results/`` and ``images/``, any other run
+(``--quick``, ``--epochs 1``, ...) ``runs/<dataset>/<settings tag>/``, a folder of your own images
+``runs/<folder name>/``. (How each method is put together: ``methods.py``; held-out classes: ``held_out.py``.)
 
 Python: ``run_method("fashion-mnist", "online-triplet", selector="semi-hard", epochs=20)`` returns
 the result row; ``run_methods(...)`` runs several and writes the table. Command line::
@@ -37,8 +37,7 @@ results go to ``results/train-classes-0-4/`` and ``images/train-classes-0-4/``, 
 rows scored the same way (``held_out_baselines``: raw pixels and the untrained network).
 
 Omniglot and the autoencoder sweep have their own command lines (``python omniglot.py``, ``python
-autoencoders.py``); their old names here (``experiments.run_omniglot``, ...) still resolve to theirs
-for one release (``utils.MOVED_NAMES``).
+autoencoders.py``); old names here (``experiments.run_omniglot``, ...) resolve for one release (``utils.MOVED_NAMES``).
 """
 
 import argparse
@@ -67,7 +66,7 @@ from utils import DISTANCES, check_choice, check_int, moved_attribute
 
 DATASETS = ("mnist", "fashion-mnist")  # by name; any folder of images or CSV of path,label lines by its path
 
-RUN_DIR = "checkpoints"  # run_methods' per-method checkpoints and finished rows (resumable)
+RUN_DIR = output_dirs(DATASETS[0]).checkpoints  # the committed study's run folders (checkpoints, finished rows)
 
 # --quick: a smoke run on small subsets of the data, one epoch.
 QUICK_SIZES = (2000, 1000)  # train, test items
@@ -82,9 +81,6 @@ def load_splits(dataset, root="data", download=False, quick=False):
     if quick:
         splits = [split.subset(slice(0, size)) for split, size in zip(splits, QUICK_SIZES)]
     return tuple(splits)
-
-
-
 
 
 STUDY_EPOCHS = 20  # the committed study's (and run_method's default) number of epochs
@@ -155,7 +151,9 @@ class StudySettings(NamedTuple):
     @property
     def n_epochs(self):
         """The epochs the run trains (``epochs`` checked; ``QUICK_EPOCHS`` for a quick run)."""
-        return QUICK_EPOCHS if self.quick else STUDY_EPOCHS if self.epochs is None else check_int(self.epochs, "epochs", 1)
+        if self.quick:
+            return QUICK_EPOCHS
+        return STUDY_EPOCHS if self.epochs is None else check_int(self.epochs, "epochs", 1)
 
     def checked(self):
         """These settings, after checking the dataset, the method and selector names, the epochs and the
@@ -165,7 +163,8 @@ class StudySettings(NamedTuple):
         for selector in self.selectors:
             check_choice(selector, tuple(SELECTORS), "selector")
         check_int(self.lr_step, "lr_step", 1)
-        return self if self.name and self.n_epochs else self
+        _ = self.name, self.n_epochs  # each raises for an unknown dataset, a missing path or a bad epoch count
+        return self
 
     def tag(self):
         """The settings that set a run of a known dataset apart from the committed study, as a folder name:
@@ -511,8 +510,9 @@ COLUMNS = [("method", "method", "{}"), ("embedding_dim", "dim", "{}"), ("recipe"
 
 
 # What tells two result rows apart: every setting that defines a row (a row without one has its default here).
-RESULT_KEY = {"method": None, "embedding_dim": None, "recipe": "classic", "seed": 0, "epochs": None, "lr_step": STEP_SIZE,
-              "network": "embedding-net", "pretrained": None, "amp": None, "quick": False, "train_classes": None}
+RESULT_KEY = {"method": None, "embedding_dim": None, "recipe": "classic", "seed": 0, "epochs": None,
+              "lr_step": STEP_SIZE, "network": "embedding-net", "pretrained": None, "amp": None, "quick": False,
+              "train_classes": None}
 
 
 def results_stem(row):
@@ -628,7 +628,8 @@ def _parser():
                              "given, the study's runs write there too")
     parser.add_argument("--run-dir", default=None,
                         help="the folder of every method's checkpoints, so that the same command resumes after an "
-                             f"interruption (default: {RUN_DIR}/ for the study, else checkpoints/ in the output folder)")
+                             f"interruption (default: {RUN_DIR}/ for the study, else checkpoints/ in its output "
+                             "folder)")
     _add_folder_options(parser.add_argument_group("your own images (--dataset PATH)"))
     parser.add_argument("--network", default="embedding-net", choices=STUDY_NETWORKS,
                         help="the classic EmbeddingNet, or a ResNet-18 backbone with an embedding head")
@@ -734,7 +735,7 @@ def _print_outputs(settings, rows, seconds):
     if dirs.folder != ".":
         print(f"Every output of this run is under {os.path.join(dirs.folder, '')} (not the committed results/ and "
               "images/).")
-    models = [_model_file(settings, dirs, row["method"]) for row in rows if "recipe" in row]
+    models = [_model_file(settings, dirs, row["method"]) for row in rows if row["method"] not in HELD_OUT_BASELINES]
     for path in sorted({path for path in models if path is not None and os.path.isfile(path)}):
         print(f"Model saved to {path}.")
 

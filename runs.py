@@ -107,8 +107,8 @@ def _refusal(run_dir, started, settings):
     """Why the run folder ``run_dir`` started with ``started`` cannot serve a run with ``settings``."""
     then, now = started.get("data"), settings.get("data")
     if then != now and (then is None or now is None):
-        trained_on = (f"the folder of images {then['path']}" if then is not None else
-                      "data it did not record (a dataset known by name, or a folder before run folders recorded theirs)")
+        trained_on = (f"the folder of images {then['path']}" if then is not None else "data it did not record "
+                      "(a dataset known by name, or a folder before run folders recorded theirs)")
         return f"{run_dir} holds a run on {trained_on}; run with --fresh to start over, or give another --run-dir"
     if then != now and then["path"] != now["path"]:
         return (f"{run_dir} holds a run on another folder of images ({then['path']}), not {now['path']}; give "

@@ -28,7 +28,8 @@ def test_an_oserror_without_a_message_names_its_file(capsys):
         return open(os.path.join("no", "such", "file.txt"))
 
     assert cli.run(main, "prog.py") == 2
-    assert capsys.readouterr().err == f"prog.py: error: No such file or directory: {os.path.join('no', 'such', 'file.txt')}\n"
+    path = os.path.join("no", "such", "file.txt")
+    assert capsys.readouterr().err == f"prog.py: error: No such file or directory: {path}\n"
 
 
 def test_a_bug_keeps_its_traceback_and_the_variable_shows_a_users_error_too(monkeypatch):
