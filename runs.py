@@ -6,7 +6,7 @@ checkpoint ``trainer.fit`` writes after every epoch and, once the run finished, 
 unfinished run, and refuses a folder whose settings or data differ, with a message saying what to do.
 A row is reused only when it provably comes from the same settings and data: the settings file records
 every setting (format ``RUN_SETTINGS_VERSION``) and, for a folder of your own images, the data's
-identity (``folder_identity``: resolved path and a fingerprint of the file list and labels).
+identity (``_folder_identity``: resolved path and a fingerprint of the file list and labels).
 
 Older settings files are read through ``upgrade_run_settings``, the one function that turns any earlier
 format into the current one. (Checkpoints have their own format and upgrade; see ``trainer.fit``.)
@@ -49,11 +49,12 @@ def upgrade_run_settings(settings):
     return {**settings, "format_version": RUN_SETTINGS_VERSION}
 
 
-def folder_identity(path):
+def _folder_identity(path):
     """The identity of a folder (or CSV) of your own images: ``{"path": resolved path, "fingerprint": sha256
     of the sorted (path relative to the folder, class name, file size) of every image ``datasets.list_images``
     lists, "images": their count, "classes": the class count}``. Two folders of one name, or the same folder
-    after images were added, removed, relabelled or rewritten with another size, differ."""
+    after images were added, removed, relabelled or rewritten with another size, differ. (The shape of
+    ``image_folders.folder_identity``, which replaces this one where it exists.)"""
     with warnings.catch_warnings():  # the loader warns about empty class folders itself
         warnings.simplefilter("ignore")
         listing = list_images(path)
@@ -67,11 +68,11 @@ def folder_identity(path):
 
 def data_identity(dataset, known, folder_options=None):
     """What a run folder records of its data: None for a dataset ``known`` by name, else the folder's
-    ``folder_identity`` with the ``FOLDER_OPTIONS`` of ``folder_options`` that shape its splits."""
+    ``_folder_identity`` with the ``FOLDER_OPTIONS`` of ``folder_options`` that shape its splits."""
     if known:
         return None
     options = {key: value for key, value in (folder_options or {}).items() if key in FOLDER_OPTIONS}
-    return {**folder_identity(dataset), "options": options}
+    return {**_folder_identity(dataset), "options": options}
 
 
 def open_run(run_dir, settings, fresh=False):

@@ -76,18 +76,18 @@ def write_classes(root, classes, per_class=3, size=8):
 def test_folder_identity_tells_two_folders_of_one_name_and_changed_data_apart(tmp_path):
     first = write_classes(tmp_path / "a" / "train", ["cat", "dog"])
     same = write_classes(tmp_path / "b" / "train", ["cat", "dog"])
-    identity = runs.folder_identity(first)
+    identity = runs._folder_identity(first)
     assert set(identity) == {"path", "fingerprint", "images", "classes"}
     assert identity["path"] == os.path.realpath(first) and (identity["images"], identity["classes"]) == (6, 2)
-    assert runs.folder_identity(str(first)) == identity  # the same folder: the same identity
-    other = runs.folder_identity(same)
+    assert runs._folder_identity(str(first)) == identity  # the same folder: the same identity
+    other = runs._folder_identity(same)
     assert other["fingerprint"] == identity["fingerprint"] and other["path"] != identity["path"]  # same files
     os.rename(first / "dog" / "2.png", first / "cat" / "9.png")  # relabelled
-    assert runs.folder_identity(first)["fingerprint"] != identity["fingerprint"]
+    assert runs._folder_identity(first)["fingerprint"] != identity["fingerprint"]
     os.rename(first / "cat" / "9.png", first / "dog" / "2.png")
-    assert runs.folder_identity(first) == identity
+    assert runs._folder_identity(first) == identity
     Image.new("RGB", (16, 16)).save(first / "dog" / "2.png")  # rewritten with another size
-    assert runs.folder_identity(first)["fingerprint"] != identity["fingerprint"]
+    assert runs._folder_identity(first)["fingerprint"] != identity["fingerprint"]
 
 
 def test_open_run_refuses_another_folder_and_changed_data_saying_what_to_do(tmp_path):
