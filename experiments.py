@@ -227,6 +227,7 @@ def run_method(dataset, method, *, selector="random-hard", splits=None, held_out
 
 def _run_one(settings, method, selector, splits=None, held_out=None, run_dir=None):
     """``run_method`` of ``settings`` (a ``StudySettings``)."""
+    settings = settings.checked()
     name = settings.name
     device, _, _ = setup_distributed(settings.device)
     writer, settings = is_main_process(), settings.for_rank()
@@ -235,7 +236,6 @@ def _run_one(settings, method, selector, splits=None, held_out=None, run_dir=Non
         check_choice(selector, tuple(SELECTORS), "selector")
     label = method_label(method, selector)
     recipe = method_recipe(label, settings.recipe)
-    check_int(settings.lr_step, "lr_step", 1)
     row_settings, dirs = settings.row_settings(label), settings.outputs()
     finished = broadcast_from_main(_open_method_run(settings, run_dir, row_settings) if writer else None)
     if finished is not None:
@@ -760,6 +760,7 @@ def _recipe_of(args, parser):
         parser.error("--classic takes each method's classic settings; leave out the recipe options with it")
     return CLASSIC._replace(**given) if given else "classic" if args.classic else None
 
+
 def held_out_baselines(dataset, train_set, test_set, train_classes, embedding_dim=2, seed=0,
                        results_dir="results"):
     """Reference rows for a held-out-class run, scored exactly as ``run_method`` scores a trained model:
@@ -783,7 +784,7 @@ def held_out_baselines(dataset, train_set, test_set, train_classes, embedding_di
         row.update(evaluate_embeddings(*embedded[0], *embedded[1], seed=seed))
         row.update(evaluate_held_out(model, held_out, seed))
         if results_dir is not None:
-            record_result(row, os.path.join(results_dir, f"train-classes-{classes_tag}"))
+            record_result(row, _held_out_dir(results_dir, classes_tag))
         rows.append(row)
     return rows
 
