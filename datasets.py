@@ -48,7 +48,6 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-import torch.distributed
 import torchvision
 import torch.nn.functional as F
 from PIL import Image
@@ -56,6 +55,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 from tqdm.auto import tqdm
 
+from distributed import process_group_shape, share_bounds
 from utils import check_choice, check_int, groups_of_classes, moved_attribute
 
 
@@ -481,44 +481,18 @@ class BalancedBatchSampler(Sampler):
         return torch.cat([urgent_ids, others[torch.multinomial(weights[others], n_more, generator=generator)]])
 
 
-def _process_group_shape(num_replicas, rank):
-    """(num_replicas, rank), each defaulting to torch.distributed's world size and rank when a process
-    group is initialised, else to 1 and 0; checked."""
-    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if num_replicas is None:
-        num_replicas = torch.distributed.get_world_size() if initialised else 1
-    if rank is None:
-        rank = torch.distributed.get_rank() if initialised else 0
-    for name, value in (("num_replicas", num_replicas), ("rank", rank)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if num_replicas < 1 or not 0 <= rank < num_replicas:
-        raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got num_replicas={num_replicas}, "
-                         f"rank={rank}")
-    return int(num_replicas), int(rank)
-
-
-def share_bounds(batch_size, num_replicas, rank):
-    """``(start, stop)`` of rank ``rank``'s contiguous share of a batch of ``batch_size`` items split
-    between ``num_replicas`` processes: the first ``batch_size % num_replicas`` ranks get one item more
-    (``torch.tensor_split``'s rule), so the shares, in rank order, are the batch again."""
-    base, extra = divmod(batch_size, num_replicas)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
-
-
 class DistributedBalancedBatchSampler(BalancedBatchSampler):
     """A BalancedBatchSampler for training on several processes (DistributedDataParallel): every rank
     draws the same global batch of n_classes * n_samples indices and yields its own contiguous share.
 
     Args: as BalancedBatchSampler, plus
         num_replicas: number of processes sharing each batch; rank: this process's position among them.
-            Both default to torch.distributed's world size and rank when a process group is
-            initialised, else to 1 and 0.
+            Both default to the process group's world size and rank (distributed.rank_and_world_size:
+            1 and 0 without one).
         seed: required (an int): every rank must draw the same batches, which an unseeded sampler,
             drawing from each process's own global RNG, would not.
 
-    Rank r's share is ``global_batch[start:stop]`` with ``(start, stop) = share_bounds(batch_size,
+    Rank r's share is ``global_batch[start:stop]`` with ``(start, stop) = distributed.share_bounds(batch_size,
     num_replicas, r)``: contiguous, so concatenating the shares in rank order (what the online losses'
     ``gather`` does with the embeddings) gives back the single-process batch, item for item, and with
     n_classes a multiple of num_replicas each rank holds whole classes. The shares differ in size by at
@@ -532,7 +506,7 @@ class DistributedBalancedBatchSampler(BalancedBatchSampler):
             raise ValueError("DistributedBalancedBatchSampler needs a seed (the same int on every rank), "
                              "or the ranks would draw different batches")
         super().__init__(labels, n_classes, n_samples, seed=seed, groups=groups)
-        self.num_replicas, self.rank = _process_group_shape(num_replicas, rank)
+        self.num_replicas, self.rank = process_group_shape(num_replicas, rank)
         if self.batch_size < self.num_replicas:
             raise ValueError(f"a batch of n_classes * n_samples = {self.batch_size} items cannot give each of "
                              f"num_replicas={self.num_replicas} processes at least one item; raise n_classes or "

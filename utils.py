@@ -106,6 +106,11 @@ MOVED_NAMES = {
                         "results")},
     "datasets": dict.fromkeys(("OMNIGLOT_IMAGE_SIZE", "OmniglotAlphabets", "OneShotRun", "OneShotRuns"), "omniglot"),
     "metrics": {"one_shot_run_errors": "omniglot"},
+    "trainer": {**dict.fromkeys((
+        "PROCESS_GROUP_TIMEOUT", "TIMEOUT_VARIABLE", "process_group_timeout", "rank_and_world_size", "is_main_process",
+        "barrier", "broadcast_from_main", "close_distributed"), "distributed"),
+        **dict.fromkeys(("CHECKPOINT_NAME", "CHECKPOINT_KEYS", "GUARD_KEYS", "GENERATOR_SEARCH_DEPTH",
+                         "GENERATOR_SEARCH_MAX_ITEMS", "find_generators"), "checkpoints")},
 }
 
 
