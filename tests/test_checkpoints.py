@@ -4,8 +4,11 @@ upgrade of a version-1 checkpoint and a checkpoint written by the library before
 (tests/old_formats/checkpoint/, written by tests/old_formats/write_checkpoint.py), resumed by today's fit.
 Tiny synthetic data only."""
 
+import importlib.util
+import math
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +17,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 import checkpoints
-from checkpoints import find_generators
+from checkpoints import CHECKPOINT_NAME, find_generators
 from losses import OnlineTripletLoss
 from metrics import AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric
 from test_trainer import make_classification_data, make_loader, make_training, quiet_fit
 from utils import RandomNegativeTripletSelector
+
+OLD_FORMATS = Path(__file__).resolve().parent / "old_formats"
 
 
 # ---------------------------------------------------------------- contents and atomic writes
@@ -328,3 +333,110 @@ def test_a_corrupt_checkpoint_names_the_file_and_leaves_the_run_alone(tmp_path, 
         assert "resume=False" in message
     assert all(torch.equal(a, b) for a, b in zip(before, fresh_model.parameters()))
     assert path.read_bytes() == damaged
+
+
+# ---------------------------------------------------------------- format versions and older files
+
+def _old_run():
+    """tests/old_formats/write_checkpoint.py as a module: the run that wrote the committed old checkpoint."""
+    spec = importlib.util.spec_from_file_location("write_checkpoint", OLD_FORMATS / "write_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _assert_same_history(first, second, exactly):
+    assert first.keys() == second.keys() and first["epoch"] == second["epoch"]
+    for key in first:
+        if key == "seconds":
+            continue
+        if exactly:
+            assert first[key] == second[key], key
+        else:
+            assert first[key] == pytest.approx(second[key], rel=1e-5, abs=1e-6, nan_ok=True), key
+
+
+def test_a_checkpoint_written_before_format_versions_resumes_as_the_run_would_have_continued(tmp_path):
+    old_file = OLD_FORMATS / "checkpoint" / CHECKPOINT_NAME
+    old = torch.load(old_file, weights_only=True)
+    assert "format_version" not in old and old["epoch"] == 1  # format version 1, after 1 epoch
+    run = _old_run()
+    seen_resumed, seen_current, seen_straight = [], [], []
+    resumed_model, resumed = run.train(2, checkpoint_dir=tmp_path / "resumed", resume=old_file, seen=seen_resumed)
+    assert resumed["epoch"] == [1, 2]
+    assert {key: values[:1] for key, values in resumed.items()} == old["history"]  # epoch 1: the old run's own
+    written = torch.load(tmp_path / "resumed" / CHECKPOINT_NAME, weights_only=True)
+    assert written["format_version"] == checkpoints.FORMAT_VERSION and written["epoch"] == 2
+
+    # the same state in today's format (one upgrade) resumes to the same weights and history, bit for bit
+    current = checkpoints.upgrade_checkpoint(old, old["history"].keys())
+    assert current["generators"].keys() == old["generators"].keys()  # the old file's states, restored
+    torch.save(current, tmp_path / "current.pt")
+    current_model, current_history = run.train(2, resume=tmp_path / "current.pt", seen=seen_current)
+    assert seen_resumed == seen_current
+    assert all(torch.equal(a, b) for a, b in zip(resumed_model.state_dict().values(),
+                                                 current_model.state_dict().values()))
+    _assert_same_history(resumed, current_history, exactly=True)
+
+    # and it continues as today's fit continues the same run from scratch: the same batches of epoch 2, in
+    # the same order, and the same weights and history (up to float rounding: the committed file's epoch 1
+    # was computed on another machine, whose kernels may round differently)
+    straight_model, straight = run.train(2, seen=seen_straight)
+    assert seen_resumed == seen_straight[len(seen_straight) - len(seen_resumed):]
+    for (name, a), b in zip(resumed_model.state_dict().items(), straight_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    _assert_same_history(resumed, straight, exactly=False)
+
+
+def _fresh_checkpoint(tmp_path):
+    """A checkpoint of today's fit after 1 epoch of the old-format run (collapse guard on), and its run."""
+    run = _old_run()
+    run.train(1, checkpoint_dir=tmp_path)
+    return torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True), run
+
+
+def test_upgrade_turns_a_version_1_checkpoint_into_the_current_format(tmp_path):
+    fresh, _ = _fresh_checkpoint(tmp_path)
+    keys = list(fresh["history"])
+    old = dict(fresh, history={key: value for key, value in fresh["history"].items()
+                               if key not in checkpoints.GUARD_KEYS})
+    for key in ("format_version", "generators", "grad_scaler"):  # what version 1 may lack
+        del old[key]
+    upgraded = checkpoints.upgrade_checkpoint(old, keys)
+    assert upgraded.keys() == fresh.keys() and upgraded["format_version"] == checkpoints.FORMAT_VERSION
+    assert upgraded["generators"] is None and upgraded["grad_scaler"] is None  # none saved: none restored
+    assert upgraded["history"].keys() == set(keys)
+    for key in checkpoints.GUARD_KEYS:
+        assert len(upgraded["history"][key]) == 1 and math.isnan(upgraded["history"][key][0])
+    assert all(upgraded["history"][key] == fresh["history"][key] for key in keys if key not in checkpoints.GUARD_KEYS)
+    assert "generators" not in old and set(old["history"]) == set(keys) - checkpoints.GUARD_KEYS  # input untouched
+    # a current checkpoint comes out as it went in (a new dict)
+    same = checkpoints.upgrade_checkpoint(fresh, keys)
+    assert same == fresh and same is not fresh
+
+
+def test_a_version_1_checkpoint_without_generators_scaler_or_guard_keys_resumes(tmp_path):
+    fresh, run = _fresh_checkpoint(tmp_path / "fresh")
+    old = dict(fresh, history={key: value for key, value in fresh["history"].items()
+                               if key not in checkpoints.GUARD_KEYS})
+    for key in ("format_version", "generators", "grad_scaler"):
+        del old[key]
+    torch.save(old, tmp_path / "old.pt")
+    _, history = run.train(2, resume=tmp_path / "old.pt")
+    assert history["epoch"] == [1, 2]
+    assert math.isnan(history["train_spread"][0]) and history["train_spread"][1] > 0
+    assert history["train_loss"][0] == fresh["history"]["train_loss"][0]
+
+
+def test_an_unknown_or_incomplete_format_is_refused_naming_the_file(tmp_path):
+    fresh, run = _fresh_checkpoint(tmp_path / "fresh")
+    for version in (checkpoints.FORMAT_VERSION + 1, 0, "2", True):
+        torch.save(dict(fresh, format_version=version), tmp_path / "other.pt")
+        with pytest.raises(ValueError, match="format_version") as caught:
+            run.train(2, resume=tmp_path / "other.pt")
+        assert str(tmp_path / "other.pt") in str(caught.value)
+    incomplete = dict(fresh)
+    del incomplete["generators"]  # a current-format file always holds them
+    torch.save(incomplete, tmp_path / "incomplete.pt")
+    with pytest.raises(ValueError, match="not a checkpoint written by trainer.fit"):
+        run.train(2, resume=tmp_path / "incomplete.pt")
