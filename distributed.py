@@ -7,17 +7,20 @@ ranks share:
 - Set-up: ``setup(device)`` (``trainer.fit`` calls it; ``trainer.setup_distributed`` is the same after
   resolving a device) initialises the default process group when the environment says WORLD_SIZE > 1
   and none is initialised yet: backend "nccl" for a CUDA device, else "gloo", env:// rendezvous,
-  timeout ``process_group_timeout()``; a group the caller initialised is used as it is. On CUDA the
-  device becomes cuda:LOCAL_RANK. Call it before building the loaders, so that samplers find the
-  group. ``close_distributed()`` is a program's last step (gloo can abort a process that exits with its
-  group still open). With one process nothing is initialised and every function here answers as for
-  rank 0 of 1.
-- Data: each rank must be fed its own share of every global batch: ``datasets.DistributedBalancedBatchSampler``
-  (rank r yields ``global_batch[start:stop]``, ``share_bounds``) or torch's DistributedSampler. A plain
-  DataLoader is not re-sharded: every rank would then see the whole dataset.
-- Gradients: ``fit`` trains the model wrapped in DistributedDataParallel, which averages the ranks'
-  gradients; the model itself keeps the weights, so checkpoints hold a plain state_dict that one process
-  can resume from. The online losses mine over the global batch: ``global_batch`` gathers every rank's
+  timeout ``process_group_timeout()``; a group the caller initialised is used as it is, and fit leaves the
+  group initialised when it returns. On CUDA the device becomes cuda:LOCAL_RANK. Call it before building
+  the loaders, so that samplers find the group. ``close_distributed()`` is a program's last step (gloo can
+  abort a process that exits with its group still open). With one process nothing is initialised and
+  every function here answers as for rank 0 of 1.
+- Data: fit does not shard the data; each rank's loaders must yield that rank's share of every global
+  batch: ``datasets.DistributedBalancedBatchSampler`` (rank r yields ``global_batch[start:stop]``,
+  ``share_bounds``; built with num_replicas / rank from the environment when the group does not exist
+  yet) or torch's DistributedSampler. A plain DataLoader with a RandomSampler / SequentialSampler is not
+  re-sharded: every rank would then see the whole dataset.
+- Gradients: ``fit`` trains the model wrapped in DistributedDataParallel (``data_parallel``; then
+  torch.compile with ``compile=True``), which averages the ranks' gradients, and validates on the plain
+  model; the model itself keeps the weights, so checkpoints hold a plain state_dict that one process can
+  resume from. The online losses mine over the global batch: ``global_batch`` gathers every rank's
   embeddings and labels (``GatherRows``: gradients flow back to the rank owning each row), ``owned`` says
   which pairs / triplets a rank computes (those whose first member / anchor it holds, so each goes to
   exactly one rank), and ``global_mean`` scales a rank's terms so that DistributedDataParallel's average is
@@ -26,6 +29,8 @@ ranks share:
   files (checkpoints, results), followed by a ``barrier`` so that no rank runs ahead of a write; every
   rank reads a checkpoint on resume (a file system all ranks see). ``broadcast_from_main`` hands rank 0's
   answer (e.g. a results row) to every rank. ``rank_and_world_size`` answers "which rank of how many am I".
+  The logged losses are what the loss returns on each rank (the online losses return the global batch's
+  mean); rank 0 logs its own values, and every rank's fit returns its own history.
 - Faults: a rank that dies (killed, out of memory, an exception) closes its connections, and the other
   ranks' next collective operation fails at once; a rank that hangs makes it fail within the process-group
   timeout (``process_group_timeout()``: PROCESS_GROUP_TIMEOUT, 10 minutes, unless the environment variable

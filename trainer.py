@@ -80,7 +80,6 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COLLAPSE_RATIO = 0.01
 
 
-
 class EmbeddingCollapseWarning(UserWarning):
     """fit's warning that the embeddings have collapsed to nearly one point (see COLLAPSE_RATIO)."""
 
@@ -154,6 +153,7 @@ def setup_distributed(device=None, cuda=None):
 
 # ---------------------------------------------------------------------------------------------------
 # One epoch, and the classic entry points
+
 
 def metric_key(metric):
     """History key stem of a metric: its name() lower-cased with spaces -> underscores."""
@@ -363,6 +363,7 @@ def _set_epoch(loader, epoch_index):
 # ---------------------------------------------------------------------------------------------------
 # fit
 
+
 def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, cuda=None,
         log_interval=100, metrics=(), start_epoch=0, *, device=None, progress=True,
         checkpoint_dir=None, resume=False, channels_last=False, flush_denormal=True, amp=None,
@@ -376,11 +377,14 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     epochs already done (the scheduler is fast-forwarded that many steps). Options, one line each:
 
     - `cuda`, `device`: where to train (`resolve_device`); under torchrun cuda:LOCAL_RANK (distributed.py).
-    - `progress`: tqdm bars; False prints a line every `log_interval` batches and one per epoch.
+    - `log_interval`: without progress bars, a printed line every that many batches (and one per epoch).
+    - `progress`: tqdm progress bars (on stderr) instead of the printed lines.
     - `checkpoint_dir`: write checkpoint_dir/checkpoint.pt after every epoch (checkpoints.py: what it holds).
     - `resume`: True or a checkpoint path: continue exactly where it stopped (checkpoints.py: the contract).
-    - `channels_last`: channels-last weights and 4-D inputs; `flush_denormal`: CPU flush-to-zero (module docstring).
-    - `amp`: None (float32), "bf16" or "fp16" mixed precision (`MixedPrecision`); `compile`: torch.compile.
+    - `channels_last`: the weights and 4-D inputs in channels-last memory format (module docstring).
+    - `flush_denormal`: CPU flush-to-zero of denormal floats for this thread (module docstring).
+    - `amp`: None (float32), "bf16" or "fp16" mixed precision (`MixedPrecision`).
+    - `compile`: train through torch.compile(model); validation runs the plain model.
     - `collapse_guard`: record the spread and warn (EmbeddingCollapseWarning) on a collapse (module docstring).
 
     Several processes (torchrun, WORLD_SIZE > 1): fit sets up the process group, trains through
@@ -419,8 +423,8 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
                 warned = _warn_if_collapsed(history)
             if checkpoint_dir is not None:
                 if writer:
-                    checkpoints.save_checkpoint(checkpoint_dir, epoch_index + 1, model, optimizer, scheduler, history,
-                                    generators, precision.scaler)
+                    checkpoints.save_checkpoint(checkpoint_dir, epoch_index + 1, model, optimizer, scheduler,
+                                                history, generators, precision.scaler)
                 distributed.barrier()
     return history
 
@@ -596,6 +600,7 @@ def _record_epoch(history, epoch, n_epochs, train, val, lr, seconds, progress, v
 
 # ---------------------------------------------------------------------------------------------------
 # The collapse guard
+
 
 def _with_guard_metrics(metrics, keys, loss_fn):
     """fit's metrics and history keys with the collapse guard's: EmbeddingSpreadMetric, and
