@@ -14,16 +14,22 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 import checkpoints
 from checkpoints import CHECKPOINT_NAME, find_generators
-from losses import OnlineTripletLoss
 from metrics import AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric
 from test_trainer import make_classification_data, make_loader, make_training, quiet_fit
-from utils import RandomNegativeTripletSelector
 
 OLD_FORMATS = Path(__file__).resolve().parent / "old_formats"
+
+
+def _old_run():
+    """tests/old_formats/write_checkpoint.py as a module: the run that wrote the committed old checkpoint."""
+    spec = importlib.util.spec_from_file_location("write_checkpoint", OLD_FORMATS / "write_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---------------------------------------------------------------- contents and atomic writes
@@ -164,22 +170,11 @@ def test_an_interrupted_run_differs_without_resume(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(straight[0].parameters(), model.parameters()))
 
 
-def build_private_generator_run(seed=0):
+def build_private_generator_run():
     """A triplet run whose every random draw but dropout comes from a torch.Generator of its own:
     the train DataLoader's (shuffle order and base seed), the validation RandomSampler's, and the
-    triplet selector's (which negative is mined)."""
-    torch.manual_seed(seed)
-    x = torch.randn(48, 4)
-    labels = torch.arange(48) % 4
-    train_loader = DataLoader(TensorDataset(x, labels), batch_size=12, shuffle=True,
-                              generator=torch.Generator().manual_seed(1))
-    val_set = TensorDataset(x[:24] + 0.1, labels[:24])
-    val_loader = DataLoader(val_set, batch_size=8, sampler=RandomSampler(
-        val_set, generator=torch.Generator().manual_seed(2)))
-    selector = RandomNegativeTripletSelector(1.0, generator=torch.Generator().manual_seed(3))
-    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    return train_loader, val_loader, model, OnlineTripletLoss(1.0, selector), optimizer
+    triplet selector's (which negative is mined); the run of the old-format fixture, without its scheduler."""
+    return _old_run().build()
 
 
 def fit_private_generator_run(n_epochs, checkpoint_dir=None, resume=False):
@@ -336,14 +331,6 @@ def test_a_corrupt_checkpoint_names_the_file_and_leaves_the_run_alone(tmp_path, 
 
 
 # ---------------------------------------------------------------- format versions and older files
-
-def _old_run():
-    """tests/old_formats/write_checkpoint.py as a module: the run that wrote the committed old checkpoint."""
-    spec = importlib.util.spec_from_file_location("write_checkpoint", OLD_FORMATS / "write_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def _assert_same_history(first, second, exactly):
     assert first.keys() == second.keys() and first["epoch"] == second["epoch"]

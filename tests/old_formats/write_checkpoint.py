@@ -23,8 +23,8 @@ EPOCHS_WRITTEN = 1
 
 def build():
     """A triplet run drawing from private generators (the train loader's shuffle, the validation sampler's,
-    the selector's negatives) and the global RNG (the weights, dropout): loaders, model, loss, optimizer and
-    scheduler."""
+    the selector's negatives) and the global RNG (the weights, dropout): ``(train_loader, val_loader, model,
+    loss_fn, optimizer)``."""
     torch.manual_seed(0)
     x = torch.randn(48, 4)
     labels = torch.arange(48) % 4
@@ -36,14 +36,15 @@ def build():
     selector = RandomNegativeTripletSelector(1.0, generator=torch.Generator().manual_seed(3))
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    return train_loader, val_loader, model, OnlineTripletLoss(1.0, selector), optimizer, scheduler
+    return train_loader, val_loader, model, OnlineTripletLoss(1.0, selector), optimizer
 
 
 def train(n_epochs, checkpoint_dir=None, resume=False, seen=None):
-    """``(model, history)`` of ``build``'s run trained to ``n_epochs``; ``seen``: a list that receives the
-    first input value of every item of every batch the model is called on, in order."""
-    train_loader, val_loader, model, loss_fn, optimizer, scheduler = build()
+    """``(model, history)`` of ``build``'s run, with a StepLR halving the learning rate every epoch, trained to
+    ``n_epochs``; ``seen``: a list that receives the first input value of every item of every batch the model
+    is called on, in order."""
+    train_loader, val_loader, model, loss_fn, optimizer = build()
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     if seen is not None:
         model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0][:, 0].tolist()))
     history = fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, device="cpu",
