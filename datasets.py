@@ -55,7 +55,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 from tqdm.auto import tqdm
 
-from distributed import process_group_shape, share_bounds
+import distributed
 from utils import check_choice, check_int, groups_of_classes, moved_attribute
 
 
@@ -506,12 +506,12 @@ class DistributedBalancedBatchSampler(BalancedBatchSampler):
             raise ValueError("DistributedBalancedBatchSampler needs a seed (the same int on every rank), "
                              "or the ranks would draw different batches")
         super().__init__(labels, n_classes, n_samples, seed=seed, groups=groups)
-        self.num_replicas, self.rank = process_group_shape(num_replicas, rank)
+        self.num_replicas, self.rank = distributed.process_group_shape(num_replicas, rank)
         if self.batch_size < self.num_replicas:
             raise ValueError(f"a batch of n_classes * n_samples = {self.batch_size} items cannot give each of "
                              f"num_replicas={self.num_replicas} processes at least one item; raise n_classes or "
                              "n_samples")
-        self.share = share_bounds(self.batch_size, self.num_replicas, self.rank)
+        self.share = distributed.share_bounds(self.batch_size, self.num_replicas, self.rank)
 
     def __iter__(self):
         start, stop = self.share

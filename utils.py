@@ -104,7 +104,8 @@ MOVED_NAMES = {
         "run_experiment": "autoencoders",
         **dict.fromkeys(("write_json", "write_text", "merge_results", "markdown_table", "save_figure", "plot_embeddings"),
                         "results")},
-    "datasets": dict.fromkeys(("OMNIGLOT_IMAGE_SIZE", "OmniglotAlphabets", "OneShotRun", "OneShotRuns"), "omniglot"),
+    "datasets": {**dict.fromkeys(("OMNIGLOT_IMAGE_SIZE", "OmniglotAlphabets", "OneShotRun", "OneShotRuns"), "omniglot"),
+                 "share_bounds": "distributed"},
     "metrics": {"one_shot_run_errors": "omniglot"},
     "trainer": {**dict.fromkeys((
         "PROCESS_GROUP_TIMEOUT", "TIMEOUT_VARIABLE", "process_group_timeout", "rank_and_world_size", "is_main_process",

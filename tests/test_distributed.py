@@ -134,6 +134,11 @@ def test_the_process_group_shape_is_checked_by_name():
             process_group_shape(num_replicas, rank)
 
 
+def test_share_bounds_moved_from_datasets_with_a_warning():
+    import datasets
+    with pytest.warns(DeprecationWarning, match="datasets.share_bounds moved to distributed.share_bounds"):
+        assert datasets.share_bounds is share_bounds
+
 def test_only_a_collective_failure_on_several_processes_is_explained():
     assert distributed._collective_failure(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed"))
     assert distributed._collective_failure(RuntimeError("Socket Timeout: timed out after 5000ms"))
