@@ -42,11 +42,11 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 def check_int(value, name, minimum=0):
-    """``value`` as an int (Python or numpy integer, not bool) of at least ``minimum``; raises
+    """``value`` as an int (Python or numpy integer, not bool) of at least ``minimum`` (None: any); raises
     TypeError or ValueError naming the argument ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
 
