@@ -53,8 +53,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from datasets import (BalancedBatchSampler, DistributedBalancedBatchSampler, SiameseMNIST, TripletMNIST, class_subset,
-                      load_dataset, load_folder_splits)
+from datasets import BalancedBatchSampler, DistributedBalancedBatchSampler, SiameseMNIST, TripletMNIST, class_subset
+from image_folders import load_folder_splits
+from known_datasets import load_dataset
 from losses import ContrastiveLoss, OnlineContrastiveLoss, OnlineTripletLoss, TripletLoss
 from metrics import (AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, evaluate_embeddings, extract_embeddings,
                      few_shot_accuracy, retrieval_metrics, verification_roc_auc, verification_threshold)

@@ -23,6 +23,7 @@ from torch.utils.data import TensorDataset
 import autoencoders
 import datasets
 import features
+import known_datasets
 from fixtures import write_idx_fixture
 from losses import (ContrastiveLoss, OnlineTripletLoss, PairwiseAutoencoderLoss, TripletAutoencoderLoss,
                     TripletLoss, gaussian_kl, kl_to_standard_normal, symmetric_gaussian_kl)
@@ -483,7 +484,7 @@ def test_features_are_cached_once_per_split_and_parameters(tmp_path, monkeypatch
 def write_cifar_fixture(root, per_class=3, seed=0):
     """CIFAR-10's python version in miniature: five train batches and a test batch of random images,
     each class ``per_class`` times per batch, and batches.meta."""
-    folder = root / datasets.KNOWN_DATASETS["cifar10"].files[0]
+    folder = root / known_datasets.KNOWN_DATASETS["cifar10"].files[0]
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     written = {}
@@ -495,31 +496,31 @@ def write_cifar_fixture(root, per_class=3, seed=0):
                          "filenames": [f"{i}.png" for i in range(len(labels))]}, file)
         written[name] = (data, labels)
     with open(folder / "batches.meta", "wb") as file:
-        pickle.dump({"label_names": datasets.KNOWN_DATASETS["cifar10"].classes, "num_cases_per_batch": 10 * per_class,
+        pickle.dump({"label_names": known_datasets.KNOWN_DATASETS["cifar10"].classes, "num_cases_per_batch": 10 * per_class,
                      "num_vis": 3072}, file)
     return written
 
 
 def test_cifar10_is_read_from_the_python_pickles(tmp_path):
     written = write_cifar_fixture(tmp_path)
-    train, test = datasets.load_image_splits("cifar10", tmp_path, download=False)
+    train, test = known_datasets.load_image_splits("cifar10", tmp_path, download=False)
     assert isinstance(train, datasets.InMemoryDataset) and train.train and not test.train
     assert train.data.shape == (150, 3, 32, 32) and test.data.shape == (30, 3, 32, 32)
     data, labels = written["data_batch_2"]
     first = torch.from_numpy(data[0].reshape(3, 32, 32).copy()).float() / 255
     assert torch.equal(train.data[30], first) and train.targets[30] == labels[0]
     assert test.targets.tolist() == written["test_batch"][1]
-    assert train.classes == datasets.KNOWN_DATASETS["cifar10"].classes
+    assert train.classes == known_datasets.KNOWN_DATASETS["cifar10"].classes
     with pytest.raises(FileNotFoundError, match="download=True"):
-        datasets.load_cifar10(tmp_path / "elsewhere", download=False)
+        known_datasets.load_cifar10(tmp_path / "elsewhere", download=False)
     # the old import paths still work
-    assert autoencoders.load_image_splits is datasets.load_image_splits
-    assert autoencoders.load_cifar10 is datasets.load_cifar10 and autoencoders.read_cifar10 is datasets.read_cifar10
+    assert autoencoders.load_image_splits is known_datasets.load_image_splits
+    assert autoencoders.load_cifar10 is known_datasets.load_cifar10 and autoencoders.read_cifar10 is known_datasets.read_cifar10
 
 
 def test_mnist_like_splits_are_raw_pixels_in_memory(tmp_path):
     written = write_idx_fixture(tmp_path / "data")
-    train, test = datasets.load_image_splits("mnist", tmp_path / "data", download=False)
+    train, test = known_datasets.load_image_splits("mnist", tmp_path / "data", download=False)
     images, labels = written["train"]
     assert torch.equal(train.data, torch.from_numpy(images).float().div(255).unsqueeze(1))
     assert torch.equal(train.targets, torch.from_numpy(labels).long()) and len(test) == len(written["test"][1])
@@ -673,7 +674,7 @@ def test_run_experiment_on_cifar10_and_an_image_folder(tmp_path):
             for item in range(4):
                 pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{item}.png")
-    train, test = datasets.load_image_splits("imagenet", tmp_path / "folder")
+    train, test = known_datasets.load_image_splits("imagenet", tmp_path / "folder")
     assert train.classes == ["cat", "dog", "fox"] and len(test.targets) == 12
     assert train.data.shape == (12, 3, 32, 32) and 0 <= train.data.min() and train.data.max() <= 1
     rows = autoencoders.run_experiment("pairwise", "embenc", "imagenet", [1.0], [2], num_iters=2, batch_size=6,

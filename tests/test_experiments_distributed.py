@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from datasets import SYSTEM_DATA_DIRS, find_idx_files
+from known_datasets import SYSTEM_DATA_DIRS, find_idx_files
 from fixtures import write_idx_fixture
 from launch import clean_environment, launcher
 from networks import load_model

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import search
-from datasets import read_image
+from image_folders import read_image
 from metrics import knn_accuracy, nmi_score, retrieval_metrics, verification_roc_auc
 from networks import EmbeddingNet, embed_images, load_model, save_model
 

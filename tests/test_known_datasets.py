@@ -1,4 +1,4 @@
-"""Tests for the IDX loading in datasets.py: read_idx, IDXImageDataset, load_dataset.
+"""Tests for known_datasets.py, the datasets known by name: read_idx, IDXImageDataset, load_dataset.
 
 Every test builds tiny IDX files (20 train / 10 test images of 28 x 28, four classes) in tmp_path,
 so nothing depends on the data installed on the machine; SYSTEM_DATA_DIRS is pointed at empty
@@ -21,9 +21,10 @@ import torch
 import torchvision
 from PIL import Image
 
-import datasets
-from datasets import (CLASS_NAMES, NORMALIZATION, IDXImageDataset, InMemoryDataset, SiameseMNIST, TripletMNIST,
-                      canonical_dataset_name, dataset_search_paths, load_dataset, read_idx)
+import known_datasets
+from datasets import InMemoryDataset, SiameseMNIST, TripletMNIST
+from known_datasets import (CLASS_NAMES, NORMALIZATION, IDXImageDataset, canonical_dataset_name, dataset_search_paths,
+                            load_dataset, read_idx)
 
 FILE_NAMES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -82,7 +83,7 @@ def empty_system_dirs(tmp_path, monkeypatch):
     """Point SYSTEM_DATA_DIRS at (not yet existing) temporary folders, so the machine's own data never counts."""
     system_dirs = {"mnist": [str(tmp_path / "system" / "mnist")],
                    "fashion-mnist": [str(tmp_path / "system" / "fashion-mnist")]}
-    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIRS", system_dirs)
+    monkeypatch.setattr(known_datasets, "SYSTEM_DATA_DIRS", system_dirs)
     return system_dirs
 
 
@@ -329,7 +330,7 @@ def test_root_wins_over_system_dir(tmp_path, empty_system_dirs):
 def test_system_dirs_are_searched_in_order(tmp_path, monkeypatch):
     first, second = tmp_path / "first", tmp_path / "second"
     in_second = write_dataset(second, seed=2)
-    monkeypatch.setitem(datasets.SYSTEM_DATA_DIRS, "mnist", [str(first), str(second)])
+    monkeypatch.setitem(known_datasets.SYSTEM_DATA_DIRS, "mnist", [str(first), str(second)])
     assert_holds(load_dataset("mnist", root=tmp_path / "empty"), *in_second[True])
     in_first = write_dataset(first, seed=1)
     assert_holds(load_dataset("mnist", root=tmp_path / "empty"), *in_first[True])
@@ -360,7 +361,7 @@ def test_a_malformed_file_in_root_is_reported_not_skipped(tmp_path, empty_system
 def test_not_found_message_names_every_place_tried(tmp_path, monkeypatch, name, train):
     root = tmp_path / "data"
     system_dirs = [str(tmp_path / "sys-a"), str(tmp_path / "sys-b")]
-    monkeypatch.setitem(datasets.SYSTEM_DATA_DIRS, name, system_dirs)
+    monkeypatch.setitem(known_datasets.SYSTEM_DATA_DIRS, name, system_dirs)
     write_dataset(root, splits=(not train,))  # only the other split: must not count
     with pytest.raises(FileNotFoundError) as raised:
         load_dataset(name, root=root, train=train)
