@@ -116,6 +116,8 @@ MOVED_NAMES = {
             "load_image_folder", "ImageFileDataset", "channel_statistics", "normalized", "export_image_folder",
             "load_folder_splits"), "image_folders")},
     "metrics": {"one_shot_run_errors": "omniglot"},
+    "networks": dict.fromkeys(("MODEL_FORMAT", "MODEL_VERSION", "MODEL_KEYS", "model_fingerprint", "save_model",
+                               "load_model", "embed_images"), "model_file"),
 }
 
 

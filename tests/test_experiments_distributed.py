@@ -19,7 +19,7 @@ import pytest
 from known_datasets import SYSTEM_DATA_DIRS, find_idx_files
 from fixtures import write_idx_fixture
 from launch import clean_environment, launcher
-from networks import load_model
+from model_file import load_model
 from test_own_images import write_folder
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

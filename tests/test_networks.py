@@ -1,11 +1,34 @@
-"""Networks: the classic architecture layer by layer, shapes, wrappers and argument errors."""
+"""Networks: the classic architecture layer by layer, shapes, wrappers and argument errors, the architecture
+registry (NETWORKS, build_network), ResNetEmbedding and its pretrained weights."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 
-from networks import (ClassificationNet, EmbeddingNet, EmbeddingNetL2, ShiftAveragedEmbedding, SiameseAutoencoder,
-                      SiameseNet, SiameseNetwork, TripletAutoencoder, TripletNet, make_autoencoder)
+from model_file import load_model, save_model
+from networks import (NETWORKS, ClassificationNet, EmbeddingNet, EmbeddingNetL2, ResNetEmbedding,
+                      ShiftAveragedEmbedding, SiameseAutoencoder, SiameseNet, SiameseNetwork, TripletAutoencoder,
+                      TripletNet, build_network, make_autoencoder)
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _images(n, channels, size, seed=0):
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _resnet18_file(tmp_path, name="resnet18.pth"):
+    torch.manual_seed(3)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path, state
 
 
 def test_embedding_net_is_the_classic_architecture():
@@ -162,7 +185,6 @@ def test_shift_averaged_embedding_wraps_modes_and_checks_arguments():
 
 
 def test_embedding_net_with_batch_norm_cannot_collapse_in_training_and_saves_and_loads(tmp_path):
-    from networks import load_model, save_model
     torch.manual_seed(0)
     net = EmbeddingNet(3, batch_norm=True)
     images = torch.randn(64, 1, 28, 28)
@@ -182,3 +204,102 @@ def test_embedding_net_with_batch_norm_cannot_collapse_in_training_and_saves_and
     torch.testing.assert_close(loaded.get_embedding(images), net.get_embedding(images))  # running statistics too
     with pytest.raises(TypeError, match="batch_norm"):
         EmbeddingNet(3, batch_norm="yes")
+
+
+def test_build_network_and_its_errors():
+    assert set(NETWORKS) == {"embedding-net", "resnet18", "siamese-network"}
+    assert isinstance(build_network("embedding-net", embedding_dim=3), EmbeddingNet)
+    assert build_network("siamese-network", image_size=28, channels=4).config()["channels"] == 4
+    with pytest.raises(ValueError, match="unknown architecture 'vgg'; choose one of embedding-net, resnet18"):
+        build_network("vgg")
+    with pytest.raises(TypeError, match=r"arguments \['size'\] do not fit architecture 'embedding-net'"):
+        build_network("embedding-net", size=3)
+
+
+def test_resnet_embedding_shapes_config_and_errors():
+    model = ResNetEmbedding(16, in_channels=1).eval()
+    assert model.config() == {"embedding_dim": 16, "in_channels": 1, "pretrained": None}
+    assert model.backbone.conv1.in_channels == 1 and model.backbone.fc.out_features == 16
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 32, 48)).shape == (2, 16)
+        x = torch.rand(2, 1, 40, 40)
+        assert torch.equal(model.get_embedding(x), model(x))
+    assert ResNetEmbedding().config() == {"embedding_dim": 64, "in_channels": 3, "pretrained": None}
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, H, W\) with H, W >= 32"):
+        model(torch.rand(2, 1, 31, 40))
+    with pytest.raises(ValueError, match="expected images"):
+        model(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="in_channels must be 1 .grey. or 3 .RGB."):
+        ResNetEmbedding(in_channels=2)
+    with pytest.raises(ValueError, match="embedding_dim must be >= 1"):
+        ResNetEmbedding(0)
+    with pytest.raises(TypeError, match="pretrained must be None, 'imagenet' or the path"):
+        ResNetEmbedding(pretrained=True)
+
+
+def _backbone_equals(model, state, skip=("fc.",)):
+    own = model.backbone.state_dict()
+    return all(torch.equal(own[key], value) for key, value in state.items() if not key.startswith(skip))
+
+
+def test_resnet_embedding_pretrained_from_a_file(tmp_path):
+    path, state = _resnet18_file(tmp_path)
+    rgb = ResNetEmbedding(8, 3, pretrained=path)
+    assert rgb.config()["pretrained"] == str(path) and _backbone_equals(rgb, state)
+    grey = ResNetEmbedding(8, 1, pretrained=str(path))
+    assert _backbone_equals(grey, state, skip=("fc.", "conv1."))
+    assert torch.equal(grey.backbone.conv1.weight, state["conv1.weight"].sum(dim=1, keepdim=True))
+    assert not _backbone_equals(ResNetEmbedding(8, 3), state)  # random initialisation otherwise
+    # A model file does not need the pretrained file again: its weights come from the state dict.
+    saved = save_model(tmp_path / "model.pt", grey.eval(), "resnet18", grey.config(), image_size=32, channels=1)
+    os.remove(path)
+    loaded, info = load_model(saved)
+    assert loaded.config() == grey.config() and info["arguments"]["pretrained"] == str(path)
+    images = _images(2, 1, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), grey(images))
+
+
+def test_resnet_embedding_pretrained_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrained weights file .*nowhere.pth does not exist"):
+        ResNetEmbedding(pretrained=str(tmp_path / "nowhere.pth"))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="garbage.pth could not be read as a torch file"):
+        ResNetEmbedding(pretrained=garbage)
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="list.pth does not hold a state dict"):
+        ResNetEmbedding(pretrained=tmp_path / "list.pth")
+    torch.save(EmbeddingNet().state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="other.pth is not a resnet18 state dict .missing: conv1.weight, "
+                                         "bn1.weight, bn1.bias, ...; unexpected: convnet.0.weight"):
+        ResNetEmbedding(pretrained=tmp_path / "other.pth")
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"][:, :1]
+    torch.save(state, tmp_path / "shape.pth")
+    with pytest.raises(ValueError, match=r"shape.pth is not a resnet18 state dict \(wrong shape: layer1.0.conv1.weight\)"):
+        ResNetEmbedding(pretrained=tmp_path / "shape.pth")
+
+
+def test_resnet_embedding_imagenet_weights_come_from_the_cache_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert torch.hub.get_dir() == str(tmp_path / "hub")
+    expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    with pytest.raises(FileNotFoundError) as raised:
+        ResNetEmbedding(pretrained="imagenet")
+    message = str(raised.value)
+    assert str(expected) in message and "download https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert "or pass its path as pretrained" in message
+    assert not expected.exists()  # nothing was downloaded
+    _, state = _resnet18_file(tmp_path / "hub" / "checkpoints", "resnet18-f37072fd.pth")
+    model = ResNetEmbedding(8, pretrained="imagenet")
+    assert _backbone_equals(model, state) and model.config()["pretrained"] == "imagenet"
+
+
+def test_importing_networks_does_not_import_torchvision():
+    code = "import sys, networks; print(sorted(name for name in sys.modules if name.startswith('torchvision')))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    code = "import sys, networks; print('model_file' in sys.modules)"  # the imports go model_file -> networks
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

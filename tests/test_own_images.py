@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import experiments
-from networks import embed_images, load_model
+from model_file import embed_images, load_model
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 170, 40), "blue": (40, 60, 210), "grey": (128, 128, 128),
            "yellow": (220, 200, 20), "purple": (140, 40, 160)}
