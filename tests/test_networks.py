@@ -1,19 +1,23 @@
 """Networks: the classic architecture layer by layer, shapes, wrappers and argument errors, the architecture
-registry (NETWORKS, build_network), ResNetEmbedding and its pretrained weights."""
+registry (NETWORKS, build_network), ResNetEmbedding and its pretrained weights, the autoencoders and VAEs."""
 
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 
+from losses import PairwiseAutoencoderLoss, kl_to_standard_normal
 from model_file import load_model, save_model
-from networks import (NETWORKS, ClassificationNet, EmbeddingNet, EmbeddingNetL2, ResNetEmbedding,
+from networks import (LOG_VAR_RANGE, NETWORKS, VAE, Autoencoder, AutoencoderOutput, ClassificationNet, ConvDecoder,
+                      ConvEncoder, EmbeddingNet, EmbeddingNetL2, MLPDecoder, MLPEncoder, ResNetEmbedding,
                       ShiftAveragedEmbedding, SiameseAutoencoder, SiameseNet, SiameseNetwork, TripletAutoencoder,
                       TripletNet, build_network, make_autoencoder)
+from utils import AllPositivePairSelector
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -303,3 +307,129 @@ def test_importing_networks_does_not_import_torchvision():
     code = "import sys, networks; print('model_file' in sys.modules)"  # the imports go model_file -> networks
     result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autoencoders and VAEs (the siamese / triplet autoencoder experiment is autoencoders.py's)
+
+AUTOENCODER_SHAPES = [(20,), (1, 28, 28), (3, 32, 32)]
+
+
+def batch(shape, n=8, seed=0):
+    return torch.rand((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+def test_encoder_and_decoder_shapes():
+    assert MLPEncoder(20, (16, 8))(torch.rand(5, 20)).shape == (5, 8)
+    assert MLPDecoder(3, 20, (8, 16))(torch.rand(5, 3)).shape == (5, 20)
+    assert ConvEncoder(1, 28)(torch.rand(5, 1, 28, 28)).shape == (5, 256)
+    assert ConvEncoder(3, 32, output_dim=64)(torch.rand(5, 3, 32, 32)).shape == (5, 64)
+    assert ConvDecoder(4, 1, 28)(torch.rand(5, 4)).shape == (5, 1, 28, 28)
+    assert ConvDecoder(4, 3, 32)(torch.rand(5, 4)).shape == (5, 3, 32, 32)
+
+
+@pytest.mark.parametrize("shape", AUTOENCODER_SHAPES)
+@pytest.mark.parametrize("variational", [False, True])
+def test_autoencoder_output_shapes_and_embedding(shape, variational):
+    torch.manual_seed(0)
+    model = make_autoencoder(shape, 3, variational, hidden_dims=(16, 8))
+    assert isinstance(model, VAE if variational else Autoencoder)
+    x = batch(shape, n=6)
+    output = model(x)
+    assert isinstance(output, AutoencoderOutput)
+    assert output.latent.shape == output.mean.shape == (6, 3)
+    assert output.reconstruction.shape == x.shape
+    if variational:
+        assert output.log_var.shape == (6, 3)
+        assert not torch.equal(output.latent, output.mean)  # a sample in training mode
+        model.eval()
+        evaluated = model(x)
+        assert torch.equal(evaluated.latent, evaluated.mean)  # eval decodes the mean
+        assert torch.equal(model.get_embedding(x), evaluated.mean)
+        assert torch.equal(model.get_embedding(x), model.get_embedding(x))
+    else:
+        assert output.log_var is None and output.latent is output.mean
+        model.eval()
+        assert torch.equal(model.get_embedding(x), model(x).mean)
+
+
+def test_vae_log_variance_is_bounded_and_stops_drifting_past_the_bound():
+    torch.manual_seed(0)
+    model = make_autoencoder((4,), 2, variational=True, hidden_dims=(8,), dropout=0.0)
+    with torch.no_grad():
+        model.to_log_var.bias.copy_(torch.tensor([-500.0, 500.0]))  # as if it had drifted far each way
+    x = torch.randn(5, 4, requires_grad=True)
+    output = model(x)
+    assert (output.log_var[:, 0] == LOG_VAR_RANGE[0]).all() and (output.log_var[:, 1] == LOG_VAR_RANGE[1]).all()
+    assert torch.isfinite(output.latent).all() and torch.isfinite(kl_to_standard_normal(output.mean, output.log_var)).all()
+    kl_to_standard_normal(output.mean, output.log_var).sum().backward()
+    assert torch.equal(model.to_log_var.weight.grad, torch.zeros_like(model.to_log_var.weight))  # no more drift
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("shape", AUTOENCODER_SHAPES)
+@pytest.mark.parametrize("variational", [False, True])
+def test_every_parameter_gets_a_gradient(shape, variational):
+    torch.manual_seed(0)
+    model = make_autoencoder(shape, 2, variational, hidden_dims=(16, 8), dropout=0.0)
+    x = batch(shape)
+    loss = PairwiseAutoencoderLoss(0.5, pair_selector=AllPositivePairSelector(balance=False))(model(x), x, torch.arange(8) % 3)
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+def test_vae_reparameterisation_is_differentiable_and_distributed_right():
+    torch.manual_seed(0)
+    mean = torch.full((20000, 2), 3.0, requires_grad=True)
+    log_var = torch.full((20000, 2), np.log(0.25), requires_grad=True)
+    sample = VAE.reparameterize(mean, log_var)
+    assert abs(sample.mean().item() - 3.0) < 0.02 and abs(sample.std().item() - 0.5) < 0.02
+    sample.sum().backward()
+    assert torch.equal(mean.grad, torch.ones_like(mean)) and log_var.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variational", [False, True])
+def test_siamese_and_triplet_wrappers_share_one_model(variational):
+    torch.manual_seed(0)
+    model = make_autoencoder((1, 28, 28), 2, variational).eval()
+    x1, x2, x3 = (batch((1, 28, 28), n=4, seed=seed) for seed in range(3))
+    siamese, triplet = SiameseAutoencoder(model), TripletAutoencoder(model)
+    assert list(siamese.parameters()) == list(model.parameters()) == list(triplet.parameters())
+    for wrapper, inputs in ((siamese, (x1, x2)), (triplet, (x1, x2, x3))):
+        outputs = wrapper(*inputs)
+        assert len(outputs) == len(inputs)
+        for output, x in zip(outputs, inputs):
+            expected = model(x)
+            assert torch.equal(output.mean, expected.mean)
+            assert torch.equal(output.reconstruction, expected.reconstruction)
+        assert torch.equal(wrapper.get_embedding(x1), model.get_embedding(x1))
+    # both branches train the same weights: the gradient is the sum of the two branches' gradients
+    first = model.to_mean if variational else model.to_latent
+    output1, output2 = siamese(x1, x2)
+    (output1.mean.sum() + output2.mean.sum()).backward()
+    both = first.weight.grad.clone()
+    model.zero_grad()
+    model(x1).mean.sum().backward()
+    model(x2).mean.sum().backward()
+    assert torch.allclose(both, first.weight.grad)
+
+
+def test_network_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"\(B, 20\)"):
+        MLPEncoder(20)(torch.rand(3, 21))
+    with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
+        ConvEncoder(1, 28)(torch.rand(3, 1, 32, 32))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ConvEncoder(1, 30)
+    with pytest.raises(ValueError, match="dropout"):
+        MLPEncoder(20, dropout=1.0)
+    with pytest.raises(TypeError, match="hidden_dims"):
+        MLPEncoder(20, hidden_dims=())
+    with pytest.raises(ValueError, match="latent_dim"):
+        Autoencoder(MLPEncoder(20), MLPDecoder(3, 20), latent_dim=2)
+    with pytest.raises(TypeError, match="output_dim"):
+        VAE(torch.nn.Linear(20, 8), MLPDecoder(2, 20), latent_dim=2)
+    with pytest.raises(ValueError, match="input_shape"):
+        make_autoencoder((1, 28, 32), 2)
