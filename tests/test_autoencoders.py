@@ -8,7 +8,6 @@ tiny data sets written here (IDX, CIFAR's python pickles, an ImageFolder).
 
 import json
 import os
-import pickle
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ import autoencoders
 import datasets
 import known_datasets
 from fixtures import write_idx_fixture
+from test_known_datasets import write_cifar_fixture
 from losses import (ContrastiveLoss, OnlineTripletLoss, PairwiseAutoencoderLoss, TripletAutoencoderLoss,
                     TripletLoss, gaussian_kl, kl_to_standard_normal, symmetric_gaussian_kl)
 from networks import SiameseAutoencoder, TripletAutoencoder, make_autoencoder
@@ -240,54 +240,11 @@ def test_loss_arguments_are_checked():
 # data
 
 
-def write_cifar_fixture(root, per_class=3, seed=0):
-    """CIFAR-10's python version in miniature: five train batches and a test batch of random images,
-    each class ``per_class`` times per batch, and batches.meta."""
-    folder = root / known_datasets.KNOWN_DATASETS["cifar10"].files[0]
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    written = {}
-    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
-        labels = rng.permutation(np.repeat(np.arange(10), per_class)).tolist()
-        data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
-        with open(folder / name, "wb") as file:
-            pickle.dump({"batch_label": name, "labels": labels, "data": data,
-                         "filenames": [f"{i}.png" for i in range(len(labels))]}, file)
-        written[name] = (data, labels)
-    with open(folder / "batches.meta", "wb") as file:
-        pickle.dump({"label_names": known_datasets.KNOWN_DATASETS["cifar10"].classes, "num_cases_per_batch": 10 * per_class,
-                     "num_vis": 3072}, file)
-    return written
-
-
-def test_cifar10_is_read_from_the_python_pickles(tmp_path):
-    written = write_cifar_fixture(tmp_path)
-    train, test = known_datasets.load_image_splits("cifar10", tmp_path, download=False)
-    assert isinstance(train, datasets.InMemoryDataset) and train.train and not test.train
-    assert train.data.shape == (150, 3, 32, 32) and test.data.shape == (30, 3, 32, 32)
-    data, labels = written["data_batch_2"]
-    first = torch.from_numpy(data[0].reshape(3, 32, 32).copy()).float() / 255
-    assert torch.equal(train.data[30], first) and train.targets[30] == labels[0]
-    assert test.targets.tolist() == written["test_batch"][1]
-    assert train.classes == known_datasets.KNOWN_DATASETS["cifar10"].classes
-    with pytest.raises(FileNotFoundError, match="download=True"):
-        known_datasets.load_cifar10(tmp_path / "elsewhere", download=False)
-    # the old import paths still work
+def test_the_old_import_paths_of_the_data_loaders_still_work():
     assert autoencoders.load_image_splits is known_datasets.load_image_splits
-    assert autoencoders.load_cifar10 is known_datasets.load_cifar10 and autoencoders.read_cifar10 is known_datasets.read_cifar10
+    assert autoencoders.load_cifar10 is known_datasets.load_cifar10
+    assert autoencoders.read_cifar10 is known_datasets.read_cifar10
 
-
-def test_mnist_like_splits_are_raw_pixels_in_memory(tmp_path):
-    written = write_idx_fixture(tmp_path / "data")
-    train, test = known_datasets.load_image_splits("mnist", tmp_path / "data", download=False)
-    images, labels = written["train"]
-    assert torch.equal(train.data, torch.from_numpy(images).float().div(255).unsqueeze(1))
-    assert torch.equal(train.targets, torch.from_numpy(labels).long()) and len(test) == len(written["test"][1])
-    generator = torch.Generator().manual_seed(0)
-    subset = datasets.random_subset(train, 7, generator)
-    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:7].sort().values
-    assert torch.equal(subset.data, train.data[chosen]) and subset.classes == train.classes
-    assert datasets.random_subset(train, None, generator) is train
 
 
 def test_labels_can_be_merged_and_named():
