@@ -104,8 +104,20 @@ MOVED_NAMES = {
         "run_experiment": "autoencoders",
         **dict.fromkeys(("write_json", "write_text", "merge_results", "markdown_table", "save_figure", "plot_embeddings"),
                         "results")},
-    "datasets": dict.fromkeys(("OMNIGLOT_IMAGE_SIZE", "OmniglotAlphabets", "OneShotRun", "OneShotRuns"), "omniglot"),
+    "datasets": {
+        **dict.fromkeys(("OMNIGLOT_IMAGE_SIZE", "OmniglotAlphabets", "OneShotRun", "OneShotRuns"), "omniglot"),
+        **dict.fromkeys((
+            "KnownDataset", "KNOWN_DATASETS", "IDX_DATASETS", "NORMALIZATION", "CLASS_NAMES", "TORCHVISION_CLASS_NAMES",
+            "SYSTEM_DATA_DIRS", "read_idx", "idx_file_names", "find_idx_files", "IDXImageDataset",
+            "canonical_dataset_name", "dataset_search_paths", "load_dataset", "unnormalized", "read_cifar10",
+            "load_cifar10", "IMAGENET_SIZE", "load_imagenet", "load_image_splits"), "known_datasets"),
+        **dict.fromkeys((
+            "IMAGE_EXTENSIONS", "DEFAULT_MAX_MEMORY_BYTES", "ImageList", "read_image", "folder_entries", "list_images",
+            "load_image_folder", "ImageFileDataset", "channel_statistics", "normalized", "export_image_folder",
+            "load_folder_splits"), "image_folders")},
     "metrics": {"one_shot_run_errors": "omniglot"},
+    "networks": dict.fromkeys(("MODEL_FORMAT", "MODEL_VERSION", "MODEL_KEYS", "model_fingerprint", "save_model",
+                               "load_model", "embed_images"), "model_file"),
 }
 
 
