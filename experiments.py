@@ -54,14 +54,15 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from checkpoints import CHECKPOINT_NAME
-from datasets import (BalancedBatchSampler, DistributedBalancedBatchSampler, SiameseMNIST, TripletMNIST, class_subset,
-                      load_dataset, load_folder_splits)
+from datasets import BalancedBatchSampler, DistributedBalancedBatchSampler, SiameseMNIST, TripletMNIST, class_subset
 from distributed import broadcast_from_main, close_distributed, is_main_process, rank_and_world_size
+from image_folders import load_folder_splits
+from known_datasets import load_dataset
 from losses import ContrastiveLoss, OnlineContrastiveLoss, OnlineTripletLoss, TripletLoss
 from metrics import (AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, evaluate_embeddings, extract_embeddings,
                      few_shot_accuracy, retrieval_metrics, verification_roc_auc, verification_threshold)
-from networks import (ClassificationNet, EmbeddingNet, SiameseNet, SiameseNetwork, TripletNet, build_network,
-                      save_model)
+from model_file import save_model
+from networks import ClassificationNet, EmbeddingNet, SiameseNet, SiameseNetwork, TripletNet, build_network
 from results import markdown_table, merge_results, plot_embeddings, save_figure, write_json, write_text
 from trainer import device_name, fit, flush_denormal_everywhere, setup_distributed
 from utils import (DISTANCES, AllTripletSelector, BatchHardTripletSelector, HardestNegativeTripletSelector,
