@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datasets import (BalancedBatchSampler, IMAGENET_SIZE, KNOWN_DATASETS, load_cifar10, load_image_splits,  # noqa: F401
-                      load_imagenet, random_subset, read_cifar10)
+from datasets import BalancedBatchSampler, random_subset
+from known_datasets import (IMAGENET_SIZE, KNOWN_DATASETS, load_cifar10, load_image_splits, load_imagenet,  # noqa: F401
+                            read_cifar10)
 from results import markdown_table, merge_results, save_figure
 from features import EXTRACTORS, cached_features
 from losses import AUTOENCODER_DISTANCES, RECONSTRUCTION_LOSSES, PairwiseAutoencoderLoss, TripletAutoencoderLoss

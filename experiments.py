@@ -50,18 +50,21 @@ import torch
 from torch.utils.data import DataLoader
 
 import cli
-from datasets import load_dataset, load_folder_splits
+from checkpoints import CHECKPOINT_NAME
+from distributed import broadcast_from_main, close_distributed, is_main_process
 from held_out import HELD_OUT_BASELINES, HELD_OUT_COLUMNS, PixelEmbedding, evaluate_held_out, held_out_splits
+from image_folders import load_folder_splits
+from known_datasets import load_dataset
 from methods import (BALANCED_BATCH, CLASSIC, EVALUATION_BATCH, GAMMA, MARGIN, METHODS, SELECTORS, STEP_SIZE,
                      STUDY_NETWORKS, Recipe, build_training, data_workers, image_shape, method_label, method_recipe,
                      recipe_label, recipe_tag)
 from metrics import evaluate_embeddings, extract_embeddings, verification_threshold
-from networks import EmbeddingNet, save_model
+from model_file import save_model
+from networks import EmbeddingNet
 from results import (RUNS_ROOT, image_path, image_stem, markdown_table, merge_results, output_dirs, plot_embeddings,
                      safe_name, save_side_by_side)
 from runs import data_identity, open_run, record_finished_row, upgrade_run_settings
-from trainer import (CHECKPOINT_NAME, broadcast_from_main, close_distributed, device_name, fit,
-                     flush_denormal_everywhere, is_main_process, setup_distributed)
+from trainer import device_name, fit, flush_denormal_everywhere, setup_distributed
 from utils import DISTANCES, check_choice, check_int, moved_attribute
 
 DATASETS = ("mnist", "fashion-mnist")  # by name; any folder of images or CSV of path,label lines by its path
@@ -92,23 +95,19 @@ class StudySettings(NamedTuple):
     the keyword arguments of ``run_methods`` / ``run_method``, which are these fields) and handed whole to
     every step.
 
-    ``dataset``: a name of ``DATASETS``, or the path of a folder of your own images or of a CSV
-    (``datasets.load_folder_splits``, with ``folder``: its keyword arguments image_size, channels,
-    held_out_classes, val_fraction, skip_bad_images, max_memory_bytes). ``methods`` / ``selectors``: what
-    runs (``METHODS``, ``SELECTORS``). ``embedding_dim``; ``epochs`` (None: ``STUDY_EPOCHS``); ``quick``:
-    small subsets and ``QUICK_EPOCHS`` whatever ``epochs`` says; ``seed``; ``lr_step``: the learning rate
-    falls tenfold every this many epochs. ``recipe``: None for each method's study recipe (``RECIPES``),
-    ``"classic"`` or a ``Recipe`` (``method_recipe``). ``network`` / ``pretrained``: ``build_embedding_net``.
-    ``amp``, ``compile``, ``channels_last``, ``device``, ``progress``: how ``trainer.fit`` trains.
-    ``train_classes``: train on these classes only and score the others as unseen (``parse_classes``).
-    ``root`` / ``download``: where the known datasets are. ``fresh``: start every run folder over.
-    ``model_file``: save the trained network there (one method only, ``save_trained_model``, with
-    ``command``, the command line that trained it).
-
-    Outputs go where ``outputs()`` says, unless ``results_dir``, ``images_dir`` or ``run_dir`` (the folder
-    of the run folders, ``method_run_dir``) name a folder, or None (not written). ``out_dir``: the folder
-    under which a run that is not the committed study writes (default ``results.RUNS_ROOT``); given, the
-    committed study's runs write there too."""
+    ``dataset``: a name of ``DATASETS``, or the path of a folder of your own images or a CSV
+    (``image_folders.load_folder_splits``, ``folder`` its keyword arguments). ``methods`` / ``selectors``:
+    what runs. ``epochs`` (None: ``STUDY_EPOCHS``); ``quick``: small subsets and ``QUICK_EPOCHS``; ``lr_step``:
+    the learning rate falls tenfold every this many epochs. ``recipe``: None for each method's study recipe,
+    ``"classic"`` or a ``Recipe`` (``methods.method_recipe``). ``network`` / ``pretrained``:
+    ``build_embedding_net``; ``amp``, ``compile``, ``channels_last``, ``device``, ``progress``: how
+    ``trainer.fit`` trains. ``train_classes``: train on these classes only, score the others as unseen
+    (``held_out``). ``root`` / ``download``: where the known datasets are. ``fresh``: start every run folder
+    over. ``model_file``: save the trained network there (one method, ``save_trained_model``, ``command``
+    recorded in it). Outputs go where ``outputs()`` says, unless ``results_dir``, ``images_dir`` or
+    ``run_dir`` (the folder of the run folders) name a folder, or None (not written); ``out_dir``: the
+    folder under which runs that are not the committed study write (default ``results.RUNS_ROOT``; given,
+    the study's too)."""
 
     dataset: str = "fashion-mnist"
     methods: tuple = METHODS

@@ -15,10 +15,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from datasets import BalancedBatchSampler, DistributedBalancedBatchSampler, SiameseMNIST, TripletMNIST
+from distributed import rank_and_world_size
 from losses import ContrastiveLoss, OnlineContrastiveLoss, OnlineTripletLoss, TripletLoss
 from metrics import AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric
 from networks import ClassificationNet, SiameseNet, SiameseNetwork, TripletNet, build_network
-from trainer import rank_and_world_size
 from utils import (AllTripletSelector, BatchHardTripletSelector, HardestNegativeTripletSelector,
                    HardNegativePairSelector, RandomNegativeTripletSelector, SemihardNegativeTripletSelector,
                    check_choice)

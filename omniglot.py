@@ -41,7 +41,8 @@ from torchvision import transforms
 from datasets import BatchRandomAffine, InMemoryDataset, SiameseMNIST
 from experiments import EVALUATION_BATCH, build_method, main as experiments_main, options_given
 from metrics import best_threshold, extract_embeddings, few_shot_accuracy, verification_roc_auc
-from networks import ShiftAveragedEmbedding, SiameseNetwork, load_model, save_model
+from model_file import load_model, save_model
+from networks import ShiftAveragedEmbedding, SiameseNetwork
 from results import markdown_table, write_json, write_text
 from trainer import fit
 from utils import check_choice, check_flag, squared_distances

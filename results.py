@@ -123,14 +123,23 @@ def save_figure(figure, path):
 def save_side_by_side(image_paths, path):
     """Save the images at ``image_paths`` side by side, without axes, as one figure at ``path`` (``save_figure``).
     Returns the path."""
+    return save_figure(side_by_side_figure(image_paths, width=8), path)
+
+
+def side_by_side_figure(image_paths, titles=None, width=8):
+    """A Figure of the saved images at ``image_paths`` in one row, each ``width`` inches square, without axes,
+    under its title from ``titles`` when given."""
     import matplotlib.image as mpimg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(8 * len(image_paths), 8))
-    for axis, image in zip(figure.subplots(1, len(image_paths)), image_paths):
+    figure = Figure(figsize=(width * len(image_paths), width))
+    for position, (axis, image) in enumerate(zip(figure.subplots(1, len(image_paths), squeeze=False)[0],
+                                                 image_paths)):
         axis.imshow(mpimg.imread(image))
+        if titles is not None:
+            axis.set_title(titles[position])
         axis.axis("off")
-    return save_figure(figure, path)
+    return figure
 
 
 def image_stem(dataset, label, embedding_dim=2, seed=0):
@@ -175,3 +184,60 @@ def plot_embeddings(embeddings, labels, class_names, title, path):
     axes.set_title(title + ("" if embeddings.shape[1] <= 2 else " - PCA projection"))
     axes.legend(markerscale=6, loc="best", fontsize=8)
     return save_figure(figure, path)
+
+
+# ---- notebooks: display helpers -----------------------------------------------------------------------
+# What the walk-through notebooks (Experiments_*.ipynb) would otherwise each write for themselves: their
+# yes/no parameters from the environment, and showing a figure or a row of saved plots inline. IPython and
+# matplotlib are imported when a figure is shown, so importing this module needs neither.
+
+def env_flag(name, default):
+    """The yes/no value of the environment variable ``name``: True for "1", "true", "yes", "on", False
+    for "0", "false", "no", "off" (any case, spaces around ignored), ``default`` when it is unset or
+    blank. Any other value raises ValueError naming the variable."""
+    value = os.environ.get(name, "").strip().lower()
+    if value == "":
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={value!r} is not a yes/no value; use 1 or 0")
+
+
+def show_figure(figure):
+    """Display a matplotlib Figure in the notebook as a PNG (80 dpi, tight bounding box). It is rendered
+    here, so it shows whatever matplotlib backend is active (or none)."""
+    import io
+
+    from IPython.display import Image, display
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    display(Image(data=buffer.getvalue()))
+
+
+def show_image_grid(rows, row_names, columns, column_width=0.9, title=None):
+    """Display a grid of grey images, dark on light, one row per name: ``rows[i]`` holds at most
+    ``columns`` images of shape (H, W) (tensors or arrays), labelled ``row_names[i]`` on the left; each
+    row is 0.9 inch high and each column ``column_width`` inches wide; ``title`` above when given."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(columns * column_width, len(row_names) * 0.9))
+    axes = figure.subplots(len(row_names), columns, squeeze=False)
+    for row, (images, name) in enumerate(zip(rows, row_names)):
+        for axis, image in zip(axes[row], images):
+            axis.imshow(image, cmap="gray_r")
+        for axis in axes[row]:
+            axis.set_xticks([])
+            axis.set_yticks([])
+        axes[row, 0].set_ylabel(name, rotation=0, ha="right", va="center")
+    if title is not None:
+        figure.suptitle(title)
+    show_figure(figure)
+
+
+def show_side_by_side(paths, titles, width=4.5):
+    """Display the saved images at ``paths`` (PNG files) in one row, each ``width`` inches square under
+    its title from ``titles``."""
+    show_figure(side_by_side_figure(paths, titles, width))

@@ -6,21 +6,19 @@ checkpoint ``trainer.fit`` writes after every epoch and, once the run finished, 
 unfinished run, and refuses a folder whose settings or data differ, with a message saying what to do.
 A row is reused only when it provably comes from the same settings and data: the settings file records
 every setting (format ``RUN_SETTINGS_VERSION``) and, for a folder of your own images, the data's
-identity (``_folder_identity``: resolved path and a fingerprint of the file list and labels).
+identity (``image_folders.folder_identity``: resolved path and a fingerprint of the file list and labels).
 
 Older settings files are read through ``upgrade_run_settings``, the one function that turns any earlier
 format into the current one. (Checkpoints have their own format and upgrade; see ``trainer.fit``.)
 """
 
-import hashlib
 import json
 import os
 import shutil
-import warnings
 
-from datasets import list_images
+from checkpoints import CHECKPOINT_NAME
+from image_folders import folder_identity
 from results import write_json
-from trainer import CHECKPOINT_NAME
 
 RUN_SETTINGS, RUN_ROW = "settings.json", "row.json"
 RUN_SETTINGS_VERSION = 2
@@ -49,30 +47,13 @@ def upgrade_run_settings(settings):
     return {**settings, "format_version": RUN_SETTINGS_VERSION}
 
 
-def _folder_identity(path):
-    """The identity of a folder (or CSV) of your own images: ``{"path": resolved path, "fingerprint": sha256
-    of the sorted (path relative to the folder, class name, file size) of every image ``datasets.list_images``
-    lists, "images": their count, "classes": the class count}``. Two folders of one name, or the same folder
-    after images were added, removed, relabelled or rewritten with another size, differ. (The shape of
-    ``image_folders.folder_identity``, which replaces this one where it exists.)"""
-    with warnings.catch_warnings():  # the loader warns about empty class folders itself
-        warnings.simplefilter("ignore")
-        listing = list_images(path)
-    path = os.path.realpath(os.fspath(path))
-    base = os.path.dirname(path) if os.path.isfile(path) else path
-    entries = sorted((os.path.relpath(file, base), listing.classes[label], os.path.getsize(file))
-                     for file, label in zip(listing.paths, listing.labels.tolist()))
-    return {"path": path, "fingerprint": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
-            "images": len(entries), "classes": len(listing.classes)}
-
-
 def data_identity(dataset, known, folder_options=None):
     """What a run folder records of its data: None for a dataset ``known`` by name, else the folder's
-    ``_folder_identity`` with the ``FOLDER_OPTIONS`` of ``folder_options`` that shape its splits."""
+    ``image_folders.folder_identity`` with the ``FOLDER_OPTIONS`` of ``folder_options`` that shape its splits."""
     if known:
         return None
     options = {key: value for key, value in (folder_options or {}).items() if key in FOLDER_OPTIONS}
-    return {**_folder_identity(dataset), "options": options}
+    return {**folder_identity(dataset), "options": options}
 
 
 def open_run(run_dir, settings, fresh=False):

@@ -17,8 +17,8 @@ import experiments
 import methods
 import results
 import runs
-from datasets import CLASS_NAMES
 from fixtures import write_idx_fixture
+from known_datasets import CLASS_NAMES
 
 METRICS = ["precision_at_1", "r_precision", "map_at_r", "knn_accuracy", "nmi", "roc_auc"]
 # every method once, and three of the five selectors (the command-line test runs the other two),

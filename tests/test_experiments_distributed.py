@@ -16,10 +16,10 @@ import subprocess
 
 import pytest
 
-from datasets import SYSTEM_DATA_DIRS, find_idx_files
+from known_datasets import SYSTEM_DATA_DIRS, find_idx_files
 from fixtures import write_idx_fixture
 from launch import clean_environment, launcher
-from networks import load_model
+from model_file import load_model
 from test_own_images import write_folder
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import experiments
-from networks import embed_images, load_model
+from model_file import embed_images, load_model
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 170, 40), "blue": (40, 60, 210), "grey": (128, 128, 128),
            "yellow": (220, 200, 20), "purple": (140, 40, 160)}
@@ -54,7 +54,7 @@ def test_a_folder_trains_with_held_out_classes_and_saves_one_model_file(tmp_path
     assert 0 < info["threshold"] <= 1 and len(info["normalization"]["mean"]) == 3
     assert info["metrics"]["map_at_r"] == row["map_at_r"] and "--save-model" in info["command"]
     # the model file alone reproduces the run's embeddings: same normalisation, same weights
-    from datasets import load_folder_splits
+    from image_folders import load_folder_splits
     train, val, held_out = load_folder_splits(tmp_path / "shapes", image_size=20, held_out_classes="yellow,purple",
                                               progress=False)
     raw_train, _, _ = load_folder_splits(tmp_path / "shapes", image_size=20, held_out_classes="yellow,purple",

@@ -13,7 +13,7 @@ import torch
 from matplotlib.figure import Figure
 
 import results
-from datasets import CLASS_NAMES
+from known_datasets import CLASS_NAMES
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

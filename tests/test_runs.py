@@ -11,6 +11,7 @@ from PIL import Image
 
 import experiments
 import runs
+from image_folders import folder_identity
 
 OLD_RUN_FOLDERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "old_formats", "run_folder")
 # How tests/old_formats/write_run_folder.py ran each of them (with the old code).
@@ -76,18 +77,18 @@ def write_classes(root, classes, per_class=3, size=8):
 def test_folder_identity_tells_two_folders_of_one_name_and_changed_data_apart(tmp_path):
     first = write_classes(tmp_path / "a" / "train", ["cat", "dog"])
     same = write_classes(tmp_path / "b" / "train", ["cat", "dog"])
-    identity = runs._folder_identity(first)
+    identity = folder_identity(first)
     assert set(identity) == {"path", "fingerprint", "images", "classes"}
     assert identity["path"] == os.path.realpath(first) and (identity["images"], identity["classes"]) == (6, 2)
-    assert runs._folder_identity(str(first)) == identity  # the same folder: the same identity
-    other = runs._folder_identity(same)
+    assert folder_identity(str(first)) == identity  # the same folder: the same identity
+    other = folder_identity(same)
     assert other["fingerprint"] == identity["fingerprint"] and other["path"] != identity["path"]  # same files
     os.rename(first / "dog" / "2.png", first / "cat" / "9.png")  # relabelled
-    assert runs._folder_identity(first)["fingerprint"] != identity["fingerprint"]
+    assert folder_identity(first)["fingerprint"] != identity["fingerprint"]
     os.rename(first / "cat" / "9.png", first / "dog" / "2.png")
-    assert runs._folder_identity(first) == identity
+    assert folder_identity(first) == identity
     Image.new("RGB", (16, 16)).save(first / "dog" / "2.png")  # rewritten with another size
-    assert runs._folder_identity(first)["fingerprint"] != identity["fingerprint"]
+    assert folder_identity(first)["fingerprint"] != identity["fingerprint"]
 
 
 def test_open_run_refuses_another_folder_and_changed_data_saying_what_to_do(tmp_path):
