@@ -17,17 +17,21 @@ SYSTEM_FASHION_MNIST := /usr/share/datasets/fashion-mnist
 test: $(VENV)/installed
 	$(BIN)/python -m pytest -q -m "not cuda" tests
 
+# The committed study (EPOCHS=20) writes results/ and images/; any other settings (e.g. EPOCHS=1) write under
+# runs/<dataset>/<settings>/ and leave the committed tables and figures as they are.
 experiments: $(VENV)/installed data
 	$(BIN)/python experiments.py --dataset $(DATASET) --methods $(METHODS) --selectors $(SELECTORS) \
 		--epochs $(EPOCHS) --embedding-dim $(EMBEDDING_DIM) --channels-last --download
 
 # The notebooks committed with outputs, executed in place on the saved results (ST_TRAIN=0: results/,
 # images/, weights/), after `make experiments` or another run changed them. Experiments_MNIST.ipynb
-# stays without outputs (it needs the MNIST download).
+# stays without outputs (it needs the MNIST download): it is made from Experiments_FashionMNIST.ipynb
+# (notebook_twin.py), so it is remade here too.
 notebooks: $(VENV)/installed data
 	for notebook in Experiments_FashionMNIST Experiments_Omniglot Experiments_Autoencoders; do \
 		ST_TRAIN=0 ST_QUICK=0 $(BIN)/jupyter execute --inplace --timeout=3600 $$notebook.ipynb || exit 1; \
 	done
+	$(BIN)/python notebook_twin.py
 
 # Fashion-MNIST from the operating system's package where the system has one and we may install
 # it (Debian's dataset-fashion-mnist); otherwise experiments.py falls back to torchvision's download.

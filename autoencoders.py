@@ -28,7 +28,6 @@ reconstruction. Pairs and triplets are mined online in class-stratified batches
 """
 
 import argparse
-import collections
 import hashlib
 import itertools
 import json
@@ -42,10 +41,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datasets import (BalancedBatchSampler, IMAGENET_SIZE, KNOWN_DATASETS, load_cifar10, load_image_splits,  # noqa: F401
-                      load_imagenet, random_subset, read_cifar10)
 import cli
-from results import markdown_table, merge_results, save_figure
+from datasets import BalancedBatchSampler, random_subset
+from known_datasets import (IMAGENET_SIZE, KNOWN_DATASETS, load_cifar10, load_image_splits, load_imagenet,  # noqa: F401
+                            read_cifar10)
+from results import RUNS_ROOT, markdown_table, merge_results, output_dirs, save_figure
 from features import EXTRACTORS, cached_features
 from losses import AUTOENCODER_DISTANCES, RECONSTRUCTION_LOSSES, PairwiseAutoencoderLoss, TripletAutoencoderLoss
 from metrics import Metric, evaluate_embeddings
@@ -69,9 +69,7 @@ QUICK_SIZES = (2000, 1000)
 QUICK_ITERS = 200
 
 
-# ---------------------------------------------------------------------------------------------------
-# labels
-
+# ------------------------------------------------------------------------------------------ labels
 
 def relabel(labels, composite_labels):
     """``labels (N,)`` mapped through ``composite_labels`` ({old label: new label}, which may send
@@ -107,9 +105,7 @@ def label_names(classes, labels, composite_labels=None, keys=None):
     return {label: "+".join(members[label]) or str(label) for label in present}
 
 
-# ---------------------------------------------------------------------------------------------------
-# inputs: images or features, standardised
-
+# -------------------------------------------------------- inputs: images or features, standardised
 
 def prepare_inputs(train, test, dataset, feature_extractor=None, feature_params=None, normalize=True,
                    cache_dir="data/feature-cache", progress=True):
@@ -144,9 +140,7 @@ def prepare_inputs(train, test, dataset, feature_extractor=None, feature_params=
     return (train_inputs - mean) / std, (test_inputs - mean) / std, mean, std, image_shape
 
 
-# ---------------------------------------------------------------------------------------------------
-# training and evaluation
-
+# ------------------------------------------------------------------------- training and evaluation
 
 def balanced_batch_shape(labels, batch_size):
     """``(n_classes, n_samples)`` of the class-stratified batches: as many classes as fit with at least
@@ -303,9 +297,7 @@ def embed(model, inputs, reconstruction="mse", batch_size=EVALUATION_BATCH):
     return torch.cat(embeddings), squared_error / inputs.numel()
 
 
-# ---------------------------------------------------------------------------------------------------
-# plots
-
+# ------------------------------------------------------------------------------------------- plots
 
 def _figure(width, height):
     from matplotlib.figure import Figure  # no pyplot: no global backend state, safe in notebooks
@@ -406,9 +398,7 @@ def plot_tradeoff(rows, path=None, title="retrieval against reconstruction"):
     return figure
 
 
-# ---------------------------------------------------------------------------------------------------
-# results
-
+# ----------------------------------------------------------------------------------------- results
 
 # A row is keyed by every setting that defines it (a run with other settings adds rows, never replaces one).
 RESULT_KEY = ("constraint", "encoder", "features", "distance", "composite_labels", "latent_dim", "weight", "num_iters",
@@ -427,9 +417,8 @@ def results_table(rows):
 
 
 def record_results(new_rows, dataset, results_dir="results"):
-    """Merge ``new_rows`` into ``<results_dir>/autoencoders-<dataset>.json`` (a row with the same values of
-    every field of ``RESULT_KEY`` replaces the old one) and rewrite ``autoencoders-<dataset>.md``. Returns
-    all the rows."""
+    """Merge ``new_rows`` into ``<results_dir>/autoencoders-<dataset>.json`` (a row with the same ``RESULT_KEY``
+    values replaces the old one) and rewrite ``autoencoders-<dataset>.md``. Returns all the rows."""
     header = (f"# Siamese / triplet autoencoders on {dataset}\n\n"
               "M weighs the metric loss against the autoencoder loss (1: metric only, 0: reconstruction "
               "only). Test split; kNN acc: 5-NN with the train split as gallery; recon MSE: mean squared "
@@ -441,9 +430,7 @@ def record_results(new_rows, dataset, results_dir="results"):
                          results_table, header)
 
 
-# ---------------------------------------------------------------------------------------------------
-# the experiment
-
+# ---------------------------------------------------------------------------------- the experiment
 
 def _check_weights(list_of_weights):
     weights = [list_of_weights] if isinstance(list_of_weights, (int, float)) else list(list_of_weights)
@@ -467,21 +454,20 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
                    feature_extractor=None, seed=0, *, feature_params=None, beta=1.0, distance="euclidean",
                    reconstruction="mse", hidden_dims=HIDDEN_DIMS, learning_rate=LEARNING_RATE, root="data",
                    download=True, splits=None, max_train=None, max_test=None, quick=False, cache_dir=None,
-                   device=None, results_dir="results", images_dir="images", runs_dir="runs", progress=True):
+                   device=None, results_dir="results", images_dir="images", runs_dir=RUNS_ROOT, progress=True):
     """Train a siamese / triplet autoencoder or VAE for every weight M and latent size; score, plot and
     tabulate them.
 
     Args:
-        constraint_type: "pairwise" (contrastive loss on mined pairs) or "triplet" (triplet loss on mined
-            triplets).
+        constraint_type: "pairwise" (contrastive loss on mined pairs) or "triplet" (on mined triplets).
         encoder_type: "embenc" (plain autoencoder) or "vae".
         dataset: "mnist", "fashion-mnist", "cifar10" or "imagenet" (see ``load_image_splits``; ``root`` is
             the data folder, ``download`` allows torchvision's download). With ``splits`` (a pair of
-            ``InMemoryDataset`` of images in [0, 1], as ``load_image_splits`` gives) the data is taken from there and ``dataset`` only names the outputs.
+            ``InMemoryDataset`` of images in [0, 1], as ``load_image_splits`` gives) the data is taken from
+            there and ``dataset`` only names the outputs.
         list_of_weights: the values of M in [0, 1]; list_of_latent_dims: the latent sizes.
         num_iters: Adam steps per model (learning rate ``learning_rate``).
-        batch_size: items per class-stratified batch (``balanced_batch_shape``: e.g. 64 with 10 classes
-            gives 10 classes x 6 items).
+        batch_size: items per class-stratified batch (``balanced_batch_shape``: 64 with 10 classes gives 10 x 6).
         keys: class names for the plots (a list indexed by label, or a dict {label: name}).
         composite_labels: {label: new label}, merging classes (``relabel``) before anything else.
         margin: of the contrastive / triplet loss. dropout_val: after every hidden layer.
@@ -553,31 +539,19 @@ def sweep_tag(**settings):
                     for name, value in changed)
 
 
-def sweep_outputs(dataset, quick=False, results_dir="results", images_dir="images", runs_dir="runs", **settings):
+def sweep_outputs(dataset, quick=False, results_dir="results", images_dir="images", runs_dir=RUNS_ROOT, **settings):
     """Where a sweep run writes: ``(results folder, plots folder)``, each None when ``results_dir`` /
     ``images_dir`` is None. The study's settings (``sweep_tag`` empty): ``results_dir`` and
     ``<images_dir>/autoencoders``; a quick run: the same under ``quick/`` (as ever); other settings:
-    ``<runs_dir>/autoencoders-<dataset>/<sweep_tag>/`` and its ``images/``, never a committed row or figure."""
+    ``<runs_dir>/autoencoders-<dataset>/<sweep_tag>/`` (``results.output_dirs``): never a committed row or figure."""
     if quick:
         results_dir, images_dir = (None if folder is None else os.path.join(folder, "quick")
                                    for folder in (results_dir, images_dir))
     tag = "" if quick else sweep_tag(**settings)
     if not tag:
         return results_dir, None if images_dir is None else os.path.join(images_dir, "autoencoders")
-    folders = _output_dirs(f"autoencoders-{dataset}", tag, committed=False, root=runs_dir)
+    folders = output_dirs(f"autoencoders-{dataset}", tag, committed=False, root=runs_dir)
     return (None if results_dir is None else folders.results), (None if images_dir is None else folders.images)
-
-
-# STAND-IN for results.output_dirs (planned: ``output_dirs(name, tag="", *, committed=True, root="runs")`` ->
-# (results, images, checkpoints)): replace these lines with ``from results import output_dirs`` at merge.
-OutputDirs = collections.namedtuple("OutputDirs", "results images checkpoints")
-
-
-def _output_dirs(name, tag="", *, committed=True, root="runs"):
-    """The committed folders (``results/<tag>``, ...) or a run's own ``<root>/<name>/<tag>/`` and its sub-folders."""
-    run = os.path.join(root, name, tag)
-    return OutputDirs(*(os.path.join(kind, tag) if committed else run if kind == "results" else os.path.join(run, kind)
-                        for kind in OutputDirs._fields))
 
 
 def sweep_data(dataset, splits=None, root="data", download=True, seed=0, max_train=None, max_test=None,
@@ -586,8 +560,7 @@ def sweep_data(dataset, splits=None, root="data", download=True, seed=0, max_tra
     """The data of a sweep (run_experiment's arguments of the same names): ``{'train': (inputs, labels),
     'test': (inputs, labels), 'mean', 'std', 'image_shape'`` (prepare_inputs), ``'names'`` ({label: name}),
     ``'features'`` ("images" or the extractor) and ``'dataset'``."""
-    if cache_dir is None:
-        cache_dir = os.path.join(os.fspath(root), "feature-cache")
+    cache_dir = os.path.join(os.fspath(root), "feature-cache") if cache_dir is None else cache_dir
     if splits is None:
         image_size = (feature_params or {}).get("image_size", 224) if feature_extractor == "resnet" else IMAGENET_SIZE
         splits = load_image_splits(dataset, root, download, image_size)
@@ -714,9 +687,7 @@ def _plot_model(model, data, test_embeddings, reconstruction, seed, title, laten
     return plots
 
 
-# ---------------------------------------------------------------------------------------------------
-# command line
-
+# ------------------------------------------------------------------------------------ command line
 
 def _parse_list(text, convert, what):
     """``--what``'s comma-separated values, each through ``convert``; ValueError naming the option else."""
@@ -774,8 +745,7 @@ def _parser():
 
 
 def _sweep_arguments(args):
-    """``(constraints, encoders, run_experiment's keyword arguments)`` of the parsed ``args``, every value
-    checked (ValueError naming the option) before any data is read."""
+    """``(constraints, encoders, run_experiment's keyword arguments)`` of ``args``, each checked (ValueError)."""
     constraints = [check_choice(name, CONSTRAINTS, "--constraint") for name in _parse_list(args.constraint, str,
                                                                                               "constraint")]
     encoders = [check_choice(name, ENCODERS, "--encoder") for name in _parse_list(args.encoder, str, "encoder")]
@@ -800,16 +770,14 @@ def _sweep_arguments(args):
 
 
 def main(argv=None):
-    """Command line: one ``run_experiment`` per (constraint, encoder) given; prints the table and where the
-    outputs are (``sweep_outputs``). Returns the rows. A bad option, or data that cannot be read, raises
-    ValueError or OSError before any training (``cli.run`` prints it as one line, exit status 2)."""
+    """Command line: one ``run_experiment`` per (constraint, encoder) given; prints the table and where it is.
+    Returns the rows. A bad option or unreadable data raises ValueError / OSError before any training."""
     args = _parser().parse_args(argv)
     constraints, encoders, arguments = _sweep_arguments(args)
     dataset = args.dataset
     settings = {name: arguments[name] for name in SWEEP_SETTINGS if name in arguments}
     results_dir, plots_dir = sweep_outputs(dataset, arguments["quick"], **settings)
-    # loaded once for all the runs
-    splits = load_image_splits(dataset, arguments["root"], arguments["download"],
+    splits = load_image_splits(dataset, arguments["root"], arguments["download"],  # once for all the runs
                                224 if arguments["feature_extractor"] == "resnet" else IMAGENET_SIZE)
     started, rows = time.perf_counter(), []
     for constraint in constraints:

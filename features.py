@@ -20,7 +20,6 @@ a fingerprint of the images (and of the weights file), so a change of either rec
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -29,6 +28,8 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from utils import atomic_write
 
 EXTRACTORS = ("pixels", "hog", "resnet")
 # torchvision's current ImageNet weights for ResNet-50: their file name in torch.hub's cache and the
@@ -279,13 +280,6 @@ def cached_features(name, images, dataset, split, cache_dir, progress=False, **p
         if stored.get("key_source") == key_source:
             return stored["features"]
     features = extract_features(name, images, progress=progress, **params)
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save({"features": features, "key_source": key_source}, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_write(path) as file:  # folders created
+        torch.save({"features": features, "key_source": key_source}, file)
     return features

@@ -15,18 +15,21 @@ autoencoder losses) add ``(0 * embeddings).sum()`` to their mean: zero, with zer
 finite embeddings, so a selector that finds nothing still gives a zero loss that backpropagates;
 but NaN as soon as any embedding of the batch is NaN or infinite, selected or not, so a training
 loop's non-finite-loss check stops it instead of seeing a silent 0 (a NaN embedding makes every
-distance comparison false, and the hard-negative selectors then select nothing).
+distance comparison false, and the hard-negative selectors then select nothing). The offline losses'
+mean (``ContrastiveLoss``, ``TripletLoss``) follows the same rule over their inputs: an empty batch gives
+a zero that backpropagates, not the NaN of an empty mean.
 
 Mining over the global batch: under ``torch.distributed`` (a process group of world size > 1, e.g.
 DistributedDataParallel with ``datasets.DistributedBalancedBatchSampler``), ``OnlineContrastiveLoss``,
 ``OnlineTripletLoss`` and the mined forms of the autoencoder losses with ``gather=True`` (the default)
-gather every rank's embeddings and labels (``_GatherRows``: gradients flow back to the rank owning each
-row), mine with their selector on the
-gathered batch (identical on every rank: same tensors, same selector, and for the random selectors a
-generator seeded alike on every rank), keep the pairs / triplets whose first member / anchor this rank
-owns, and scale so that DistributedDataParallel's gradient average equals one process's gradient of
-the mean over the whole global batch (``_global_mean``; the autoencoder losses' reconstruction and KL
-terms, per item, likewise). Without a process group nothing changes.
+ask ``distributed`` for the global batch (``distributed.global_batch``: every rank's embeddings and
+labels, gradients flowing back to the rank owning each row), mine with their selector on it (identical
+on every rank: same tensors, same selector, and for the random selectors a generator seeded alike on
+every rank), keep the pairs / triplets this rank owns (``distributed.owned``: whose first member /
+anchor it holds), and scale so that DistributedDataParallel's gradient average equals one process's
+gradient of the mean over the whole global batch (``_global_mean``, through ``distributed.global_mean``;
+the autoencoder losses' reconstruction and KL terms, per item, likewise). Without a process group nothing
+changes. The offline losses take no part: their pairs / triplets are given.
 
 ``PairwiseAutoencoderLoss`` and ``TripletAutoencoderLoss`` train siamese / triplet autoencoders and VAEs:
 ``weight * metric loss + (1 - weight) * (reconstruction + beta * KL to the prior)``, the metric loss
@@ -38,10 +41,10 @@ import numbers
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distributed import global_batch, global_mean, owned
 from utils import (DISTANCES, _as_labels, _check_margin, as_distance, check_choice, check_flag,
                    float32_distances, paired_squared_distances, pdist)
 
@@ -81,76 +84,21 @@ def triplet_terms(positive_distances, negative_distances, margin, soft=False):
     return F.softplus(excess) if soft else F.relu(excess)
 
 
-def _reduce(losses, size_average):
-    return losses.mean() if size_average else losses.sum()
+def _reduce(terms, size_average, *inputs):
+    """An offline loss's ``terms (B,)`` of its given pairs / triplets reduced: their mean, by the online
+    losses' rule (``_online_mean`` over the ``inputs``: an empty batch gives a zero that backpropagates, not
+    the NaN of an empty mean), or their sum with ``size_average=False``."""
+    return _online_mean(terms, *inputs) if size_average else terms.sum()
 
 
-def _online_mean(terms, embeddings):
-    """The mean of the selected ``terms (S,)`` plus ``(0 * embeddings).sum()``: 0 with zero gradients
-    when nothing was selected, and NaN when any of ``embeddings`` is NaN or infinite (see the module
-    docstring). Adding a zero leaves every finite mean as it is."""
-    guard = (embeddings * 0).sum()
+def _online_mean(terms, *embeddings):
+    """The mean of the selected ``terms (S,)`` plus ``(0 * embeddings).sum()`` (of each tensor given): 0 with
+    zero gradients when nothing was selected, and NaN when any of ``embeddings`` is NaN or infinite (see the
+    module docstring). Adding a zero leaves every finite mean as it is."""
+    guard = (embeddings[0] * 0).sum()
+    for more in embeddings[1:]:
+        guard = guard + (more * 0).sum()
     return terms.mean() + guard if len(terms) else guard
-
-
-def _gather_rows_of(tensor, sizes):
-    """``torch.cat`` over ranks of each rank's ``tensor (n_r, ...)``, in rank order; ``sizes`` lists every
-    rank's ``n_r`` (the rows are padded to the largest, as all_gather needs equal shapes). No autograd."""
-    padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
-    padded[:len(tensor)] = tensor
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
-
-
-class _GatherRows(torch.autograd.Function):
-    """Autograd-aware gather of rows: forward ``_gather_rows_of``; backward sums the gradient of the
-    gathered batch over ranks (every rank's loss may use every row) and hands each rank its own rows.
-
-    Written here rather than taken from ``torch.distributed.nn.functional.all_gather``, which is
-    deprecated (torch 2.x) in favour of a private functional collective, and needs equal row counts;
-    an all_reduce works on every backend (gloo included) and with unequal shares."""
-
-    @staticmethod
-    def forward(ctx, rows, sizes, start):
-        ctx.share = (start, start + len(rows))
-        return _gather_rows_of(rows, sizes)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        start, stop = ctx.share
-        return grad[start:stop], None, None
-
-
-def _global_batch(embeddings, labels, gather, *more):
-    """The batch to mine: ``(embeddings (N, D), labels (N,), share, *more)``. With ``gather`` on and a
-    ``torch.distributed`` process group of world size W > 1, ``N`` is the sum of every rank's ``B_r``
-    (rank order, gradients flowing back to the owning rank) and ``share = (start, stop, W)`` marks this
-    rank's rows; otherwise the inputs themselves and ``share = None``. ``more``: other ``(B_r, ...)``
-    tensors gathered the same way (with gradients; None stays None)."""
-    if not (gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return (embeddings, labels, None, *more)
-    world_size, rank = dist.get_world_size(), dist.get_rank()
-    size = torch.tensor([len(embeddings)], device=embeddings.device)
-    sizes = [torch.empty_like(size) for _ in range(world_size)]
-    dist.all_gather(sizes, size)
-    sizes = [int(n) for n in sizes]
-    start = sum(sizes[:rank])
-    gathered = [None if tensor is None else _GatherRows.apply(tensor, sizes, start) for tensor in (embeddings, *more)]
-    return (gathered[0], _gather_rows_of(labels, sizes), (start, start + len(embeddings), world_size),
-            *gathered[1:])
-
-
-def _owned(first, share):
-    """``(S,)`` bool: which pairs / triplets of the gathered batch this rank computes, given their first
-    index ``first (S,)`` (a pair's first member, a triplet's anchor): those in this rank's share, so each
-    goes to exactly one rank and no rank repeats another's terms. All of them when ``share`` is None."""
-    if share is None:
-        return torch.ones_like(first, dtype=torch.bool)
-    start, stop, _ = share
-    return (first >= start) & (first < stop)
 
 
 class Selection(NamedTuple):
@@ -167,31 +115,18 @@ def _global_mean(terms, embeddings, share):
     """The loss for this rank's ``terms (S_r,)`` of a gathered batch ``embeddings (N, D)``, and the
     ``Selection`` counts of the terms.
 
-    With ``share = None`` (one process): ``_online_mean``. Otherwise one
-    all_reduce (no gradient) gives the totals over ranks, ``S`` terms of sum ``T``; the loss's gradient is
-    that of ``W * sum(terms) / S``, so that DistributedDataParallel's average of the ranks' gradients
-    (sum / W) is the gradient of ``T / S``, one process's mean over the whole global batch; its value is
-    that global mean ``T / S``, the same on every rank (for logging). The counts are over all ranks.
-    The ``(0 * embeddings).sum()`` guard is on the gathered batch: every rank's loss then depends on it, so
-    every rank joins the gather's backward all_reduce, and a non-finite embedding on any rank makes
+    With ``share = None`` (one process): ``_online_mean``. Otherwise ``distributed.global_mean``: the
+    global batch's mean ``T / S`` over the ``S`` terms of every rank, with the gradient that
+    DistributedDataParallel's average turns into one process's gradient of it; the counts are over all
+    ranks. The ``(0 * embeddings).sum()`` guard is on the gathered batch: every rank's loss then depends on
+    it, so every rank joins the gather's backward all_reduce, and a non-finite embedding on any rank makes
     every rank's loss non-finite.
     """
     if share is None:
         return _online_mean(terms, embeddings), Selection(len(terms), (terms.detach() > 0).sum())
-    detached = terms.detach().double()
-    totals = torch.stack([torch.tensor(float(len(terms)), dtype=torch.float64, device=terms.device),
-                          detached.sum(), (detached > 0).sum().double()])
-    dist.all_reduce(totals)
-    n_terms, total, n_nonzero = totals.tolist()
+    mean, n_terms, n_nonzero = global_mean(terms, share)
     guard = (embeddings * 0).sum()
-    if n_terms == 0:
-        loss = guard
-    else:
-        scaled = terms.sum() * (share[2] / n_terms)
-        value = torch.tensor(total / n_terms, dtype=scaled.dtype, device=scaled.device)
-        # value of the global mean, gradient of the scaled local sum
-        loss = scaled + (value - scaled.detach()) + guard
-    return loss, Selection(int(n_terms), int(n_nonzero))
+    return (guard if mean is None else mean + guard), Selection(n_terms, n_nonzero)
 
 
 def _check_scale(scale):
@@ -256,7 +191,8 @@ class ContrastiveLoss(nn.Module):
         if target.shape != (len(output1),):
             raise ValueError(f"target must have shape ({len(output1)},), got {tuple(target.shape)}")
         distances = paired_squared_distances(output1, output2)
-        return _reduce(self.scale * contrastive_terms(distances, target, self.margin, self.distance), size_average)
+        return _reduce(self.scale * contrastive_terms(distances, target, self.margin, self.distance), size_average,
+                       output1, output2)
 
 
 class TripletLoss(nn.Module):
@@ -280,7 +216,7 @@ class TripletLoss(nn.Module):
         losses = triplet_terms(as_distance(paired_squared_distances(anchor, positive), self.distance),
                                as_distance(paired_squared_distances(anchor, negative), self.distance),
                                self.margin, self.soft)
-        return _reduce(losses, size_average)
+        return _reduce(losses, size_average, anchor, positive, negative)
 
 
 class OnlineContrastiveLoss(nn.Module):
@@ -316,9 +252,9 @@ class OnlineContrastiveLoss(nn.Module):
 
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
-        embeddings, target, share = _global_batch(embeddings, target, self.gather)
+        embeddings, target, share = global_batch(embeddings, target, self.gather)
         pairs, pair_target = _mined_pairs(self.pair_selector, embeddings, target)
-        own = _owned(pairs[:, 0], share)
+        own = owned(pairs[:, 0], share)
         pairs, pair_target = pairs[own], pair_target[own]
         distances = pdist(embeddings)[pairs[:, 0], pairs[:, 1]]
         terms = self.scale * contrastive_terms(distances, pair_target, self.margin, self.distance)
@@ -379,7 +315,7 @@ class OnlineTripletLoss(nn.Module):
 
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
-        embeddings, target, share = _global_batch(embeddings, target, self.gather)
+        embeddings, target, share = global_batch(embeddings, target, self.gather)
         # the full matrix, as the selectors compute it: the same values as on one process
         distances = as_distance(pdist(embeddings), self.distance)
         loss, self.last_selection = self._selected_mean(self.triplet_selector, embeddings, target, distances, share)
@@ -390,7 +326,7 @@ class OnlineTripletLoss(nn.Module):
     def _selected_mean(self, selector, embeddings, target, distances, share):
         """``_global_mean`` of the terms of the triplets ``selector`` mines in the (gathered) batch."""
         triplets = selector.get_triplets(embeddings, target)
-        anchors, positives, negatives = triplets[_owned(triplets[:, 0], share)].unbind(1)
+        anchors, positives, negatives = triplets[owned(triplets[:, 0], share)].unbind(1)
         terms = triplet_terms(distances[anchors, positives], distances[anchors, negatives], self.margin, self.soft)
         return _global_mean(terms, embeddings, share)
 
@@ -478,11 +414,11 @@ class _AutoencoderLoss(nn.Module):
         labels = _as_labels(labels, output.mean)
         # the KL latent distance needs every rank's log-variances too; the Euclidean one only the means
         log_var = output.log_var if self.distance == "kl" else None
-        mean, labels, share, log_var = _global_batch(output.mean, labels, self.gather, log_var)
+        mean, labels, share, log_var = global_batch(output.mean, labels, self.gather, log_var)
         indices, target = self._mine(selector, mean.detach(), labels)
         if share is None:
             return self._terms(output, inputs, indices, target)
-        own = _owned(indices[:, 0], share)
+        own = owned(indices[:, 0], share)
         indices, target = indices[own], None if target is None else target[own]
         return self._terms(output._replace(mean=mean, log_var=log_var), inputs, indices, target, share,
                            local=output)

@@ -322,8 +322,7 @@ def knn_predict(query_embeddings, gallery_embeddings, gallery_labels, k=1, exclu
                          f"{query_embeddings.shape[1]} and {gallery_embeddings.shape[1]}")
     if not torch.isfinite(query_embeddings).all():
         raise ValueError("query_embeddings contains NaN or inf")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    k = check_int(k, "k", None)  # its range, which depends on the gallery, is checked below
     check_int(chunk_size, "chunk_size", 1)
     n_query, n_gallery = query_embeddings.shape[0], gallery_embeddings.shape[0]
     if exclude_self and n_query != n_gallery:

@@ -16,15 +16,11 @@ convolutional encoder shared by both inputs, a similarity score in (0, 1] and a 
 
 ``ResNetEmbedding`` is torchvision's resnet18 as an embedding net (random, a resnet18 state dict file or
 the ImageNet weights already in torch's cache: never downloaded). ``NETWORKS`` names the architectures a
-model file can hold and ``build_network`` builds one by name. The model file: ``save_model`` writes one
-file with the weights and everything needed to use them (architecture and arguments, image size,
-channels, normalisation, class names, verification threshold, command, metrics, a fingerprint of the
-weights); ``load_model`` reads it back (plain data only, no pickled code runs) and also reads the older
-Omniglot file layout; ``embed_images`` is the one place its preprocessing (the stored normalisation) is
-applied; ``model_fingerprint`` hashes a state dict.
+model file can hold and ``build_network`` builds one by name; the model file itself (``save_model``,
+``load_model``, ``embed_images``) is ``model_file.py``'s, which imports this module (the old names
+``networks.save_model``, ... still resolve for one release, with a DeprecationWarning).
 """
 
-import hashlib
 import inspect
 import numbers
 import os
@@ -35,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import atomic_write, check_choice, check_flag, check_int, paired_squared_distances
+from utils import check_choice, check_flag, check_int, moved_attribute, paired_squared_distances
 
 
 class EmbeddingNet(nn.Module):
@@ -589,8 +585,7 @@ class TripletAutoencoder(_SharedAcrossInputs):
 
 
 # ---------------------------------------------------------------------------------------------------
-# A pretrained backbone, the registry of architectures and the model file that carries one trained model
-# (weights plus everything needed to use them) from training to the tools that use it.
+# A pretrained backbone, and the registry of the architectures a model file (model_file.py) can hold.
 
 
 def _imagenet_resnet18_file():
@@ -709,248 +704,6 @@ def build_network(architecture, **arguments):
     return network(**arguments)
 
 
-def _rebuild(architecture, arguments):
-    """The network a model file describes, before its weights are loaded. Pretrained starting weights are
-    not read again (the state dict replaces them, and their file need not exist here); the model still
-    records where they came from."""
-    if "pretrained" not in arguments:
-        return build_network(architecture, **arguments)
-    model = build_network(architecture, **{**arguments, "pretrained": None})
-    model.pretrained = arguments["pretrained"]
-    return model
-
-
-MODEL_FORMAT = "siamese-triplet-model"
-MODEL_VERSION = 1
-# What save_model writes besides the caller's extra keys (which must not reuse these names).
-MODEL_KEYS = ("format", "version", "architecture", "arguments", "state_dict", "image_size", "channels",
-              "normalization", "class_names", "embedding_dim", "threshold", "command", "metrics", "fingerprint")
-
-
-def model_fingerprint(state_dict):
-    """The sha256 hex digest of a state dict: every entry's name, dtype, shape and bytes, in key order. Equal
-    weights give equal fingerprints on any device; any changed value, name or order changes it."""
-    digest = hashlib.sha256()
-    for key, tensor in state_dict.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"state_dict entry {key!r} is a {type(tensor).__name__}, not a tensor")
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _plain(value, what):
-    """``value`` as plain data (dicts, lists, tuples, str, int, float, bool, None), which torch.load reads
-    with weights_only=True and json can write: numpy and 0-d tensor scalars become Python numbers, arrays
-    and tensors nested lists. Raises TypeError naming ``what`` for anything else."""
-    if value is None or isinstance(value, (str, bool)):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if hasattr(value, "tolist") and callable(value.tolist):  # numpy arrays and scalars, tensors
-        return _plain(value.tolist(), what)
-    if isinstance(value, dict):
-        return {_plain(key, f"a key of {what}"): _plain(item, f"{what}[{key!r}]") for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(item, f"{what}[{index}]") for index, item in enumerate(value))
-    raise TypeError(f"{what} must be plain data (dict, list, str, number, bool or None), got {type(value).__name__}")
-
-
-def _check_normalization(normalization, channels):
-    """``{"mean": [...], "std": [...]}`` with ``channels`` floats each (std > 0), or None."""
-    if normalization is None:
-        return None
-    if not isinstance(normalization, dict) or set(normalization) != {"mean", "std"}:
-        raise TypeError("normalization must be None or a dict {'mean': [...], 'std': [...]} with one value per "
-                        "channel")
-    checked = {}
-    for key in ("mean", "std"):
-        values = torch.as_tensor(normalization[key], dtype=torch.float64).reshape(-1)
-        if len(values) != channels or not torch.isfinite(values).all():
-            raise ValueError(f"normalization['{key}'] must hold {channels} finite values (one per channel), got "
-                             f"{values.tolist()}")
-        checked[key] = values.tolist()
-    if min(checked["std"]) <= 0:
-        raise ValueError(f"normalization['std'] must be > 0, got {checked['std']}")
-    return checked
-
-
-def _check_threshold(threshold):
-    if threshold is None:
-        return None
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise TypeError(f"threshold must be None or a similarity in [0, 1], got {type(threshold).__name__}")
-    if not 0 <= threshold <= 1:
-        raise ValueError(f"threshold must be a similarity 1 / (1 + distance) in [0, 1], got {threshold}")
-    return float(threshold)
-
-
-def save_model(path, model, architecture, arguments, *, image_size, channels, normalization=None,
-               class_names=None, threshold=None, command=None, metrics=None, **extra):
-    """Write ``model`` and everything needed to use it to one file at ``path`` (folders created; written to
-    a temporary file, then renamed, so an interrupted save never leaves half a file). Returns the path.
-
-    - ``architecture``: a name of ``NETWORKS``; ``arguments``: the dict it was built with (its ``config()``;
-      None takes ``model.config()``). The file is checked to load: the rebuilt network must accept the
-      model's state dict.
-    - ``image_size`` (int): the side the images are resized to; ``channels`` (int): 1 grey, 3 RGB;
-    - ``normalization``: ``{"mean": [...], "std": [...]}``, one value per channel, applied as
-      ``(x - mean) / std`` by ``embed_images``, or None;
-    - ``class_names``: the training classes' names (list of str or int), or None;
-    - ``threshold``: the verification threshold on the similarity ``1 / (1 + distance)``, or None;
-    - ``command`` (str) that trained it, ``metrics`` (dict) of its evaluation, and any ``extra`` keys:
-      plain data (numpy and tensor scalars are converted).
-
-    The file holds a dict of plain data only (see MODEL_KEYS), with ``fingerprint``
-    (``model_fingerprint`` of the state dict) and ``embedding_dim``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_choice(architecture, NETWORKS, "architecture")
-    if arguments is None and callable(getattr(model, "config", None)):
-        arguments = model.config()
-    if not isinstance(arguments, dict):
-        raise TypeError(f"arguments must be the dict of constructor arguments the model was built with, got "
-                        f"{type(arguments).__name__}")
-    arguments = _plain(arguments, "arguments")
-    image_size = check_int(image_size, "image_size", 1)
-    channels = check_int(channels, "channels", 1)
-    for name, value in (("image_size", image_size), ("channels", channels)):
-        own = getattr(model, "in_channels" if name == "channels" else name, value)
-        if own != value:
-            raise ValueError(f"{name} is {value} but the model takes {own}; pass the model's own")
-    if class_names is not None:
-        class_names = list(class_names)
-        if not all(isinstance(name, (str, int)) and not isinstance(name, bool) for name in class_names):
-            raise TypeError("class_names must be a list of str (or int) names, one per training class")
-    if command is not None and not isinstance(command, str):
-        raise TypeError(f"command must be None or a str, got {type(command).__name__}")
-    if metrics is not None and not isinstance(metrics, dict):
-        raise TypeError(f"metrics must be None or a dict, got {type(metrics).__name__}")
-    reused = sorted(set(extra) & set(MODEL_KEYS))
-    if reused:
-        raise ValueError(f"extra keys {reused} are the model file's own; rename them")
-    state_dict = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
-    try:
-        _rebuild(architecture, arguments).load_state_dict(state_dict)
-    except RuntimeError as error:
-        raise ValueError(f"the model's weights do not fit architecture {architecture!r} built with {arguments}; "
-                         f"pass the arguments the model was built with: {error}") from None
-    saved = {
-        "format": MODEL_FORMAT, "version": MODEL_VERSION, "architecture": architecture, "arguments": arguments,
-        "state_dict": state_dict, "image_size": image_size, "channels": channels,
-        "normalization": _check_normalization(normalization, channels), "class_names": class_names,
-        "embedding_dim": getattr(model, "embedding_dim", None), "threshold": _check_threshold(threshold),
-        "command": command, "metrics": _plain(metrics or {}, "metrics"),
-        "fingerprint": model_fingerprint(state_dict),
-        **{key: _plain(value, key) for key, value in extra.items()},
-    }
-    path = os.fspath(path)
-    with atomic_write(path) as file:
-        torch.save(saved, file)
-    return path
-
-
-def _from_old_omniglot_file(saved):
-    """The model-file dict of a file in the older Omniglot layout, ``{"config", "state_dict", ...}`` (as
-    omniglot.save_omniglot_model wrote before the model file): a SiameseNetwork; its other keys stay as
-    extra keys, and the threshold is its saved evaluation's verification threshold, when it has one."""
-    config = saved["config"]
-    evaluation = saved.get("evaluation")
-    verification = evaluation.get("verification") if isinstance(evaluation, dict) else None
-    threshold = verification.get("threshold") if isinstance(verification, dict) else None
-    extra = {key: value for key, value in saved.items() if key not in ("config", "state_dict") + MODEL_KEYS}
-    return {"format": MODEL_FORMAT, "version": 0, "architecture": "siamese-network", "arguments": config,
-            "state_dict": saved["state_dict"], "image_size": config.get("image_size"),
-            "channels": config.get("in_channels", 1), "normalization": None, "class_names": None,
-            "embedding_dim": config.get("embedding_dim"), "threshold": threshold,
-            "command": saved.get("command"), "metrics": {}, "fingerprint": None, **extra}
-
-
-def load_model(path, device="cpu"):
-    """Read a model file written by ``save_model``. Returns ``(model, info)``: the network rebuilt from its
-    architecture and arguments with the saved weights (loaded strictly), in eval mode on ``device``, and
-    the file's other keys (``info``: everything but the state dict, see MODEL_KEYS, plus extra keys).
-
-    Reads with torch.load(weights_only=True): plain data and tensors only, never pickled code. Also reads
-    the older Omniglot layout (``{"config", "state_dict", ...}``) as a SiameseNetwork, with ``version`` 0.
-    Raises FileNotFoundError naming a missing ``path`` and ValueError naming a file that is not a model
-    file (another torch file, anything else, a truncated or altered one).
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no model file at {path}; write one with save_model (or train one)")
-    not_a_model_file = f"{path} is not a model file written by save_model"
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{not_a_model_file} (it could not be read as plain data: {reason[:200]})") from None
-    if isinstance(saved, dict) and isinstance(saved.get("config"), dict) and "state_dict" in saved \
-            and "format" not in saved:
-        saved = _from_old_omniglot_file(saved)
-    if not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{not_a_model_file} (it holds a {type(saved).__name__} without format "
-                         f"{MODEL_FORMAT!r})")
-    if saved.get("version") not in (0, MODEL_VERSION):
-        raise ValueError(f"{path} is a model file of version {saved.get('version')!r}; this library reads version "
-                         f"{MODEL_VERSION}: update it")
-    missing = [key for key in MODEL_KEYS if key not in saved]
-    if missing:
-        raise ValueError(f"{not_a_model_file} (keys {missing} are missing)")
-    state_dict = saved["state_dict"]
-    if not isinstance(state_dict, dict) or not isinstance(saved["arguments"], dict):
-        raise ValueError(f"{not_a_model_file} (its state_dict or arguments is not a dict)")
-    if saved["fingerprint"] is not None and model_fingerprint(state_dict) != saved["fingerprint"]:
-        raise ValueError(f"{path}: the weights do not match the fingerprint saved with them; the file was altered "
-                         "or damaged, save the model again")
-    try:
-        model = _rebuild(saved["architecture"], saved["arguments"])
-        model.load_state_dict(state_dict)
-    except (RuntimeError, TypeError, ValueError) as error:
-        raise ValueError(f"{path}: its weights do not load into architecture {saved['architecture']!r} built with "
-                         f"{saved['arguments']}: {error}") from None
-    info = {key: value for key, value in saved.items() if key != "state_dict"}
-    if info["fingerprint"] is None:
-        info["fingerprint"] = model_fingerprint(state_dict)
-    return model.to(device).eval(), info
-
-
-def embed_images(model, images, batch_size=256, normalization=None):
-    """Embeddings ``(N, D)`` of images ``(N, C, H, W)`` (floats, e.g. in [0, 1]) by ``model.get_embedding``:
-    the preprocessing a model file records, applied in one place. Each batch of ``batch_size`` is moved to
-    the model's device and, with ``normalization`` (a model file's ``{"mean", "std"}``, one value per
-    channel), standardised as ``(x - mean) / std``. Runs in eval mode under no_grad and restores the
-    model's mode. Returns the embeddings on the model's device."""
-    if not isinstance(model, nn.Module) or not callable(getattr(model, "get_embedding", None)):
-        raise TypeError("model must be an nn.Module with a get_embedding method, e.g. load_model's")
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a tensor (N, C, H, W), got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be floats, got {images.dtype}; scale them (e.g. uint8 / 255) first")
-    if len(images) == 0:
-        raise ValueError("images is empty (N = 0); pass at least one image")
-    batch_size = check_int(batch_size, "batch_size", 1)
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    normalization = _check_normalization(normalization, images.shape[1])
-    if normalization is not None:
-        mean, std = (torch.tensor(normalization[key], dtype=images.dtype, device=device).view(1, -1, 1, 1)
-                     for key in ("mean", "std"))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            batches = []
-            for start in range(0, len(images), batch_size):
-                batch = images[start:start + batch_size].to(device)
-                if normalization is not None:
-                    batch = (batch - mean) / std
-                batches.append(model.get_embedding(batch))
-    finally:
-        model.train(was_training)
-    return torch.cat(batches)
+def __getattr__(name):
+    """Names that moved to another module still resolve here for one release (``utils.MOVED_NAMES``)."""
+    return moved_attribute(__name__, name)

@@ -25,7 +25,6 @@ paths (``datasets.OmniglotAlphabets``, ``metrics.one_shot_run_errors``, ``experi
 """
 
 import argparse
-import collections
 import hashlib
 import io
 import json
@@ -43,12 +42,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from datasets import BatchRandomAffine, InMemoryDataset, SiameseMNIST
 import cli
-from experiments import EVALUATION_BATCH, build_method
+from datasets import BatchRandomAffine, InMemoryDataset, SiameseMNIST
+from methods import EVALUATION_BATCH, build_method
 from metrics import best_threshold, extract_embeddings, few_shot_accuracy, verification_roc_auc
-from networks import ShiftAveragedEmbedding, SiameseNetwork, load_model, save_model
-from results import markdown_table, write_json, write_text
+from model_file import load_model, save_model
+from networks import ShiftAveragedEmbedding, SiameseNetwork
+from results import RUNS_ROOT, markdown_table, output_dirs, write_json, write_text
 from trainer import fit, flush_denormal_everywhere, resolve_device
 from utils import check_choice, check_flag, check_int, squared_distances
 
@@ -654,12 +654,12 @@ def load_omniglot_model(path=OMNIGLOT_WEIGHTS, device="cpu"):
 
 
 def omniglot_outputs(settings, seed=0, n_episodes=OMNIGLOT_EPISODES, quick=False, weights=OMNIGLOT_WEIGHTS,
-                     results_dir="results", runs_dir="runs"):
+                     results_dir="results", runs_dir=RUNS_ROOT):
     """Where a run of ``settings`` (``omniglot_settings``' dict) writes: ``(results folder, weights path)``,
     None for either not written. The study (the recipe, seed 0, OMNIGLOT_EPISODES) writes ``results_dir``
     and ``weights``; a quick run ``<results_dir>/quick`` and no weights; any other (a trial) its own folder
-    ``<runs_dir>/omniglot/<what changed>/``, e.g. ``epochs-3_seed-1``, the weights too when ``weights`` is
-    the committed file: a trial never replaces the study's table or weights."""
+    ``<runs_dir>/omniglot/<what changed>/`` (``results.output_dirs``), e.g. ``epochs-3_seed-1``, the weights
+    too (``models/``) when ``weights`` is the committed file: a trial never replaces the study's files."""
     if quick:
         return (None if results_dir is None else os.path.join(results_dir, "quick")), None
     study = {**OMNIGLOT_RECIPE, "seed": 0, "episodes": OMNIGLOT_EPISODES}
@@ -670,24 +670,14 @@ def omniglot_outputs(settings, seed=0, n_episodes=OMNIGLOT_EPISODES, quick=False
                    for name, value in sorted(changed))
     if not tag:
         return results_dir, weights
-    folder = _output_dirs("omniglot", tag, committed=False, root=runs_dir).results
+    folders = output_dirs("omniglot", tag, committed=False, root=runs_dir)
     committed = weights is not None and os.path.abspath(weights) == os.path.abspath(OMNIGLOT_WEIGHTS)
-    return (None if results_dir is None else folder), (os.path.join(folder, "omniglot_siamese.pt")
-                                                       if committed else weights)
-
-
-# STAND-IN for results.output_dirs (planned: ``output_dirs(name, tag="", *, committed=True, root="runs")`` ->
-# (results, images, checkpoints)): replace these lines with ``from results import output_dirs`` at merge.
-def _output_dirs(name, tag="", *, committed=True, root="runs"):
-    """The committed folders (``results/<tag>``, ...) or a run's own ``<root>/<name>/<tag>/`` and its sub-folders."""
-    run = os.path.join(root, name, tag)
-    return collections.namedtuple("OutputDirs", "results images checkpoints")(
-        *(os.path.join(kind, tag) if committed else run if kind == "results" else os.path.join(run, kind)
-          for kind in ("results", "images", "checkpoints")))
+    return (None if results_dir is None else folders.results), (os.path.join(folders.models, "omniglot_siamese.pt")
+                                                                if committed else weights)
 
 
 def run_omniglot(root=None, weights=OMNIGLOT_WEIGHTS, results_dir="results", quick=False, seed=0, device=None,
-                 progress=True, n_episodes=OMNIGLOT_EPISODES, runs_dir="runs", **recipe):
+                 progress=True, n_episodes=OMNIGLOT_EPISODES, runs_dir=RUNS_ROOT, **recipe):
     """Train the Omniglot recipe (OMNIGLOT_RECIPE, any key overridden by ``recipe``, see omniglot_settings),
     save the weights (skipped when None), evaluate on the new alphabets and write omniglot.md and .json
     (atomically, results.write_text / write_json) where ``omniglot_outputs`` says: a trial (other settings)

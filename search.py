@@ -44,10 +44,11 @@ import torch
 from tqdm.auto import tqdm
 
 import cli
-from datasets import IMAGE_EXTENSIONS, folder_entries, list_images, read_image
+from image_folders import IMAGE_EXTENSIONS, folder_entries, list_images, read_image
 from metrics import (knn_accuracy, nmi_score, retrieval_metrics, smallest_k, verification_accuracy,
                      verification_roc_auc)
-from networks import SiameseNetwork, embed_images, load_model
+from model_file import embed_images, load_model
+from networks import SiameseNetwork
 from utils import atomic_write, check_int, squared_distances
 
 GALLERY_FORMAT = "siamese-triplet-gallery"

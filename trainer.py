@@ -1,4 +1,4 @@
-"""Training loop for siamese, triplet and classification networks.
+"""The training loop: ``fit`` and ``run_epoch``, the device and mixed precision, the collapse guard.
 
 `fit` keeps the classic call shape
 `fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, cuda, log_interval,
@@ -18,74 +18,66 @@ metrics, start_epoch)` and its data conventions:
 
 On top of that it chooses the device, steps the scheduler after the epoch's optimizer steps, shows
 a tqdm progress bar, stops on a non-finite loss, and writes atomic checkpoints it can resume from
-bit for bit. `run_epoch` is the single loop behind both training and validation epochs.
+bit for bit (checkpoints.py: what they hold, the exact-resume contract). `run_epoch` is the single
+loop behind both training and validation epochs. Several processes (torchrun): distributed.py.
 
-Importing this module changes no process-wide state. CPU flush-to-zero of denormal floats is a
-per-thread mode: `fit` turns it on for the thread that calls it (`flush_denormal=True`, the
-default; `flush_denormal=False` leaves the mode alone), and torch's worker threads copy it only when
-they start, at torch's first parallel operation. So the one place that sets it for the whole
-process is `flush_denormal_everywhere`, which the command lines (experiments.py, and omniglot.py and
-autoencoders.py through it) call before any work; setting the environment variable
-SIAMESE_TRIPLET_KEEP_DENORMALS=1 turns that off.
+Device and flush-to-zero. `resolve_device` picks the device (an explicit one, else `cuda` True/False,
+else the best of cuda, mps, cpu). As weights settle, activations and gradients below 1.2e-38 appear,
+and every operation on such denormal floats costs the CPU many cycles: measured here, EmbeddingNet
+epochs on Fashion-MNIST slowed from 14 s to 30 s over 20 epochs without flush-to-zero and stayed at
+14 s with it, at the same accuracy. Importing this module changes no process-wide state. Flush-to-zero
+is a per-thread mode: `fit` turns it on for the thread that calls it (`flush_denormal=True`, the
+default, on a CPU; left on when fit returns; `flush_denormal=False` leaves the mode alone), and torch's
+worker threads copy it only when they start, at torch's first parallel operation, so the share of an
+operation they run still pays for denormals (benchmarks/bench_denormal.py measures it). The one place
+that sets it for the whole process is `flush_denormal_everywhere`, which the command lines call before
+any work; setting the environment variable SIAMESE_TRIPLET_KEEP_DENORMALS=1 turns that off.
+`channels_last=True` puts the model's weights and the 4-D inputs in channels-last memory format, which
+convolutions and pooling run faster in on CPUs with oneDNN (same results up to float rounding;
+benchmarks/bench_epoch.py).
 
-Several processes (torchrun): when the environment says WORLD_SIZE > 1 (torchrun sets it with RANK,
-LOCAL_RANK, MASTER_ADDR and MASTER_PORT), `fit` initialises a torch.distributed process group unless
-one is already initialised ("nccl" on CUDA, "gloo" otherwise, timeout `process_group_timeout()`), trains
-the model wrapped in DistributedDataParallel (on CUDA on cuda:LOCAL_RANK), and lets only rank 0 print,
-show progress bars and write checkpoints. Each rank must be fed its own share of the data:
-datasets.DistributedBalancedBatchSampler or torch's DistributedSampler; a plain DataLoader is not
-re-sharded, so every rank would then see the whole dataset. `setup_distributed`, `is_main_process`,
-`barrier` and `broadcast_from_main` are what a script around fit (experiments.py) needs to do the same.
-A rank that dies or hangs makes the others stop with a RuntimeError that says so (see `fit`).
+Mixed precision and compilation: `fit(..., amp="bf16" | "fp16", compile=True)`. "bf16" runs the forward
+passes under bfloat16 autocast, "fp16" under float16 autocast with a torch.amp.GradScaler (saved in
+checkpoints and restored on resume), on CUDA and on CPUs alike (`MixedPrecision`); the library's losses
+still compute distances and mine in float32. `compile=True` trains through torch.compile(model) (after
+the DistributedDataParallel wrap; validation runs the plain model); the first batches then take longer.
 
-Mixed precision and compilation: `fit(..., amp="bf16" | "fp16", compile=True)`, see `MixedPrecision`.
+The collapse guard (`collapse_guard=True`, the default): fit adds two metrics.EmbeddingSpreadMetric (the
+embeddings' spread, the root mean square distance between two items of a batch, from the first model
+output or an AutoencoderOutput's mean) and, for a loss that reports its selections (the online losses'
+`last_selection`), metrics.ActiveFractionMetric (the share of mined pairs or triplets with a non-zero
+loss), so the history, the progress bar and the log lines show 'spread' (of the epoch's last batch),
+'spread_at_start' (of its first batch) and 'active_fraction' for training and validation; and it warns
+once, with an EmbeddingCollapseWarning saying what to try, when an epoch's training spread falls below
+COLLAPSE_RATIO of the largest spread of the run: the one it started from (the first epoch's first batch,
+before any step) or an earlier epoch's (a run that grew its embeddings before shrinking them). A
+checkpoint written without the guard resumes with NaN for those keys in its epochs (checkpoints.py).
+`collapse_guard=False` adds nothing.
 """
 
-import collections
-import contextlib
-import datetime
 import math
 import os
-import random
 import time
-import types
 import warnings
 from collections.abc import Iterable, Iterator
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+import checkpoints
+import distributed
 from metrics import ActiveFractionMetric, EmbeddingSpreadMetric, Metric
-from utils import atomic_write, check_choice, check_flag, check_int
+from utils import check_choice, check_flag, check_int, moved_attribute
 
-CHECKPOINT_NAME = "checkpoint.pt"
 KEEP_DENORMALS = "SIAMESE_TRIPLET_KEEP_DENORMALS"  # =1: flush_denormal_everywhere leaves the mode alone
-# Keys a checkpoint written by fit must hold; "generators" is optional (older checkpoints lack it).
-CHECKPOINT_KEYS = frozenset({"epoch", "model", "optimizer", "scheduler", "history", "rng"})
-# How far below train_loader / val_loader / loss_fn the search for private torch.Generators goes
-# (loader.batch_sampler.sampler.generator is 3 deep), and the largest list/tuple/dict it looks
-# into: a dataset's index lists can hold millions of items and no generator.
-GENERATOR_SEARCH_DEPTH = 4
-GENERATOR_SEARCH_MAX_ITEMS = 256
-# Timeout of the process group fit initialises under torchrun: a rank that hangs makes the other
-# ranks' next collective operation fail within this time instead of waiting forever (a rank that
-# dies closes its connections, which the others notice at once). Long enough for rank 0 to evaluate
-# and write a checkpoint while the others wait at a barrier; the environment variable overrides it.
-PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
-TIMEOUT_VARIABLE = "SIAMESE_TRIPLET_PG_TIMEOUT_S"  # seconds, e.g. 60 for tests of a hung rank
 # fit(amp=...): the autocast dtype of each choice; "fp16" also scales the loss (torch.amp.GradScaler).
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# The collapse guard: fit warns when an epoch's embedding spread falls below this share of the largest
-# spread of the run, at its start or at the end of an epoch (collapsed runs measured here: about 2 -> below
-# 1e-3, batch-hard within its first epoch; a diverging softmax network 0.03 at the start, 170, then 0.2;
-# healthy runs stay within 0.2-5x of their start and never fall far below their peak).
+# The collapse guard: fit warns when an epoch's embedding spread falls below this share of the largest spread
+# of the run, at its start or at the end of an epoch (collapsed runs measured here: about 2 -> below 1e-3,
+# batch-hard within its first epoch; a diverging softmax network 0.03 at the start, 170, then 0.2; healthy
+# runs stay within 0.2-5x of their start and never fall far below their peak).
 COLLAPSE_RATIO = 0.01
-GUARD_KEYS = frozenset({"train_spread", "val_spread", "train_spread_at_start", "val_spread_at_start",
-                        "train_active_fraction", "val_active_fraction"})
 
 
 class EmbeddingCollapseWarning(UserWarning):
@@ -146,6 +138,21 @@ def resolve_device(device=None, cuda=None):
         raise ValueError("MPS was requested but torch.backends.mps.is_available() is False; "
                          "pass device='cpu' (or leave device=None to choose automatically)")
     return device
+
+
+def setup_distributed(device=None, cuda=None):
+    """This process's device and place among the processes: ``(device, rank, world_size)``.
+
+    Takes `device` / `cuda` as fit does (`resolve_device`), then joins the process group under torchrun
+    (``distributed.setup``: WORLD_SIZE > 1 in the environment; a CUDA device becomes cuda:LOCAL_RANK). Call
+    it before building the loaders, so that DistributedBalancedBatchSampler and DistributedSampler find the
+    group. One process: ``(device, 0, 1)`` and nothing initialised.
+    """
+    return distributed.setup(resolve_device(device, cuda))
+
+
+# ---------------------------------------------------------------------------------------------------
+# One epoch, and the classic entry points
 
 
 def metric_key(metric):
@@ -353,189 +360,126 @@ def _set_epoch(loader, epoch_index):
             candidate.set_epoch(epoch_index)
 
 
-def _rng_state():
-    numpy_state = np.random.get_state(legacy=False)
-    # The numpy key is stored as a tensor so the checkpoint loads with weights_only=True.
-    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": numpy_state,
-        "python": random.getstate(),
-    }
+# ---------------------------------------------------------------------------------------------------
+# fit
 
 
-def _set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    numpy_state = dict(state["numpy"])
-    numpy_state["state"] = dict(numpy_state["state"])
-    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
-    np.random.set_state(numpy_state)
-    python_state = state["python"]
-    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, cuda=None,
+        log_interval=100, metrics=(), start_epoch=0, *, device=None, progress=True,
+        checkpoint_dir=None, resume=False, channels_last=False, flush_denormal=True, amp=None,
+        compile=False, collapse_guard=True):
+    """Train `model` for epochs start_epoch+1 .. n_epochs, validating after each epoch; returns the history.
 
+    Takes loaders of (data, target) batches (`val_loader` may be None; the conventions: module docstring),
+    an nn.Module, a loss callable, an optimizer over the model's parameters, an optional LR scheduler
+    (stepped once after each epoch's optimizer steps; ReduceLROnPlateau gets the validation loss, else the
+    training loss), `n_epochs` = total number of epochs, a list of `Metric` instances, and `start_epoch` =
+    epochs already done (the scheduler is fast-forwarded that many steps). Options, one line each:
 
-# Values the generator search never looks inside: they cannot hold a torch.Generator, or (tensors,
-# arrays, sets) looking inside would be slow or in no fixed order.
-_SEARCH_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, np.ndarray,
-                  np.generic, torch.device, torch.dtype, type, set, frozenset, types.ModuleType,
-                  types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+    - `cuda`, `device`: where to train (`resolve_device`); under torchrun cuda:LOCAL_RANK (distributed.py).
+    - `log_interval`: without progress bars, a printed line every that many batches (and one per epoch).
+    - `progress`: tqdm progress bars (on stderr) instead of the printed lines.
+    - `checkpoint_dir`: write checkpoint_dir/checkpoint.pt after every epoch (checkpoints.py: what it holds).
+    - `resume`: True or a checkpoint path: continue exactly where it stopped (checkpoints.py: the contract).
+    - `channels_last`: the weights and 4-D inputs in channels-last memory format (module docstring).
+    - `flush_denormal`: CPU flush-to-zero of denormal floats for this thread (module docstring).
+    - `amp`: None (float32), "bf16" or "fp16" mixed precision (`MixedPrecision`).
+    - `compile`: train through torch.compile(model); validation runs the plain model.
+    - `collapse_guard`: record the spread and warn (EmbeddingCollapseWarning) on a collapse (module docstring).
 
-
-def _default_generators():
-    """The global generators whose states _rng_state already saves."""
-    defaults = [torch.default_generator]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        defaults.extend(torch.cuda.default_generators)
-    return defaults
-
-
-def _search_children(value):
-    """(name, child) pairs the generator search looks at below `value`, in a fixed order."""
-    if isinstance(value, (dict, list, tuple)) and len(value) > GENERATOR_SEARCH_MAX_ITEMS:
-        return []
-    if isinstance(value, dict):
-        return [(str(key), child) for key, child in value.items()]
-    if isinstance(value, (list, tuple)):
-        return [(str(index), child) for index, child in enumerate(value)]
-    try:
-        attributes = vars(value)
-    except TypeError:  # no __dict__ (e.g. __slots__ or a C type)
-        return []
-    if isinstance(value, nn.Module):
-        # Submodules live in _modules; the other private entries are parameters, buffers, hooks.
-        return list(value.named_children()) + [
-            (name, child) for name, child in attributes.items() if not name.startswith("_")]
-    return list(attributes.items())
-
-
-def find_generators(roots):
-    """Every private torch.Generator reachable from the values of `roots`, a {name: object} dict.
-
-    Walks breadth-first, in attribute order, through instance attributes (vars()), nn.Module
-    submodules and the items of small lists, tuples and dicts, at most GENERATOR_SEARCH_DEPTH
-    steps below a root, visiting every object once. Skips iterators (e.g. a DataLoader's running
-    iterator, which exists only while an epoch runs) and torch's default generators (saved with
-    the global RNG state). Returns {dotted path of the first, shortest path found: generator},
-    e.g. {'train_loader.generator': g, 'loss_fn.triplet_selector.generator': h}; objects built
-    the same way give the same paths.
+    Several processes (torchrun, WORLD_SIZE > 1): fit sets up the process group, trains through
+    DistributedDataParallel, and only rank 0 prints and writes checkpoints; each rank must be fed its own
+    share of the data, and a rank that dies or hangs stops the others with a RuntimeError (distributed.py).
+    Returns the history: per-epoch lists 'epoch' (1-based), 'train_loss', 'val_loss' (None without
+    val_loader), 'lr' (of the first param group, as used during the epoch), 'seconds', and 'train_<metric>' /
+    'val_<metric>' per metric; a resumed run's includes the epochs before its checkpoint.
+    Raises FloatingPointError on a NaN/inf loss (before that batch's optimizer step).
     """
-    defaults = _default_generators()
-    found, seen = {}, set()
-    queue = collections.deque((name, root, 0) for name, root in roots.items())
-    while queue:
-        path, value, depth = queue.popleft()
-        if id(value) in seen or isinstance(value, _SEARCH_LEAVES):
-            continue
-        seen.add(id(value))
-        if isinstance(value, torch.Generator):
-            if not any(value is default for default in defaults):
-                found[path] = value
-        elif depth < GENERATOR_SEARCH_DEPTH and not isinstance(value, Iterator):
-            queue.extend((f"{path}.{name}", child, depth + 1)
-                         for name, child in _search_children(value))
-    return found
+    metrics, keys, checkpoint_dir = _check_fit_arguments(
+        train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, log_interval,
+        metrics, start_epoch, {"channels_last": channels_last, "progress": progress,
+                               "flush_denormal": flush_denormal, "compile": compile,
+                               "collapse_guard": collapse_guard}, checkpoint_dir)
+    metrics, keys = _with_guard_metrics(metrics, keys, loss_fn) if collapse_guard else (metrics, keys)
+    resume_from = checkpoints.resume_path(checkpoint_dir, resume)
+    device, _, _ = setup_distributed(device, cuda)
+    writer, precision = distributed.is_main_process(), MixedPrecision(amp, device)
+    _place_model(model, device, channels_last, flush_denormal)
+    generators = checkpoints.find_generators({"train_loader": train_loader, "val_loader": val_loader,
+                                              "loss_fn": loss_fn})
+    history, start_epoch = _starting_point(resume_from, keys, start_epoch, model, optimizer, scheduler,
+                                           generators, precision.scaler)
+    if checkpoint_dir is not None and writer:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+    models = (_training_model(model, device, compile), model)
+    options = {"n_epochs": n_epochs, "progress": progress, "log_interval": log_interval,
+               "channels_last": channels_last, "verbose": writer, "precision": precision}
+    warned, kept = False, checkpoints.checkpoint_path(checkpoint_dir)
+    for epoch_index in range(start_epoch, n_epochs):
+        with distributed.collective_failures_explained(epoch_index + 1, kept):
+            _fit_epoch(history, epoch_index, (train_loader, val_loader), models, loss_fn, optimizer,
+                       scheduler, metrics, device, options)
+            if collapse_guard and writer and not warned:
+                warned = _warn_if_collapsed(history)
+            if checkpoint_dir is not None:
+                if writer:
+                    checkpoints.save_checkpoint(checkpoint_dir, epoch_index + 1, model, optimizer, scheduler,
+                                                history, generators, precision.scaler)
+                distributed.barrier()
+    return history
 
 
-def _generator_states(generators):
-    return {path: generator.get_state() for path, generator in generators.items()}
+def _place_model(model, device, channels_last, flush_denormal):
+    """fit's set-up of the computation: flush-to-zero for this thread (a CPU `device`, with
+    `flush_denormal`), the model moved to `device`, in channels-last memory format with `channels_last`."""
+    if flush_denormal and device.type == "cpu":
+        torch.set_flush_denormal(True)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
 
 
-def _check_generator_paths(states, generators, path):
-    """Raise ValueError unless a checkpoint's generator states (read from `path`) are for exactly
-    the private generators of this run."""
-    if states.keys() != generators.keys():
-        raise ValueError(
-            f"checkpoint {path!r} holds the states of private torch.Generators at "
-            f"{sorted(states) or 'no paths'}, but this run's loaders and loss hold them at "
-            f"{sorted(generators) or 'no paths'}: the run was built differently. Build the "
-            "loaders, samplers and loss as the run that wrote the checkpoint did (each with or "
-            "without its own generator), or pass resume=False to start over")
+def _starting_point(resume_from, keys, start_epoch, model, optimizer, scheduler, generators, grad_scaler):
+    """``(history so far, epochs done)`` of a fit: read from the checkpoint `resume_from` (every state of
+    the run restored from it, checkpoints.py), or an empty history and `start_epoch`, the scheduler then
+    fast-forwarded that many steps (the classic start_epoch)."""
+    history = _empty_history(keys)
+    if resume_from is not None:
+        checkpoint = checkpoints.load_checkpoint(resume_from, history.keys(), scheduler)
+        return checkpoints.restore_checkpoint(checkpoint, resume_from, model, optimizer, scheduler, generators,
+                                              grad_scaler)
+    if start_epoch > 0 and scheduler is not None and not isinstance(
+            scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        _fast_forward(scheduler, start_epoch)
+    return history, start_epoch
 
 
-def _save_checkpoint(checkpoint_dir, checkpoint):
-    """Write checkpoint_dir/checkpoint.pt atomically (utils.atomic_write), so a crash mid-write never
-    leaves a truncated checkpoint behind."""
-    with atomic_write(os.path.join(checkpoint_dir, CHECKPOINT_NAME)) as file:
-        torch.save(checkpoint, file)
+def _fit_epoch(history, epoch_index, loaders, models, loss_fn, optimizer, scheduler, metrics, device, options):
+    """One epoch of fit (0-based `epoch_index`): the training pass over ``loaders[0]`` through the training
+    model ``models[0]``, validation over ``loaders[1]`` (if any) on the plain model ``models[1]``, the
+    scheduler's step, and the epoch appended to `history` (and printed). `options`: run_epoch's."""
+    (train_loader, val_loader), (train_model, model) = loaders, models
+    started = time.perf_counter()
+    lr = float(optimizer.param_groups[0]["lr"])
+    options = {"epoch": epoch_index + 1, **options}
+    _set_epoch(train_loader, epoch_index)
+    train = run_epoch(train_loader, train_model, loss_fn, device, metrics, optimizer, **options)
+    val = (None, dict.fromkeys(metric_key(metric) for metric in metrics))
+    if val_loader is not None:
+        _set_epoch(val_loader, epoch_index)
+        val = run_epoch(val_loader, model, loss_fn, device, metrics, **options)
+    _step_scheduler(scheduler, val[0] if val[0] is not None else train[0])
+    _record_epoch(history, epoch_index + 1, options["n_epochs"], train, val, lr, time.perf_counter() - started,
+                  options["progress"], verbose=options["verbose"])
 
 
-def _checkpoint(checkpoint_dir, epoch, model, optimizer, scheduler, history, generators, grad_scaler=None):
-    """Save everything a resumed run needs after `epoch` (1-based) epochs: see fit."""
-    _save_checkpoint(checkpoint_dir, {
-        "epoch": epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "history": history,
-        "rng": _rng_state(),
-        "generators": _generator_states(generators),
-        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
-    })
-
-
-def _load_checkpoint(path, history_keys, scheduler):
-    """Read a checkpoint written by fit from `path` and check that it suits this run.
-
-    Takes the history keys of this run (its metrics) and its scheduler (or None). Returns the
-    checkpoint dict. Raises ValueError when the file is not a readable checkpoint written by fit
-    (truncated, garbage, another kind of file) or was written with other metrics or scheduler.
-    """
-    # Opened here so that a file we may not read fails as itself (PermissionError, ...), while
-    # anything torch.load raises is about the bytes in it.
-    with open(path, "rb") as file:
-        try:
-            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-        except MemoryError:
-            raise
-        except Exception as error:
-            # torch reports a truncated file as "PytorchStreamReader failed reading zip archive"
-            # or an OSError, other bytes as EOFError, UnpicklingError, IndexError, ...: none names
-            # the file or says what to do.
-            said = (str(error).splitlines() or [type(error).__name__])[0][:200]
-            raise ValueError(
-                f"{path!r} is not a readable checkpoint written by trainer.fit (it may be "
-                "truncated or corrupt); delete it, or pass resume=False (experiments.py: --fresh) "
-                f"to start over. torch.load said: {said}") from error
-    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
-        raise ValueError(f"{path!r} is not a checkpoint written by trainer.fit")
-    written = checkpoint["history"]
-    if history_keys - written.keys() <= GUARD_KEYS and written.keys() <= history_keys:
-        # written before fit's collapse guard: its epochs have no spread or active fraction
-        for key in history_keys - written.keys():
-            written[key] = [math.nan] * len(written["epoch"])
-    if written.keys() != history_keys:
-        raise ValueError(f"the checkpoint was written with history keys "
-                         f"{sorted(checkpoint['history'])}; resume with the same metrics "
-                         f"(got {sorted(history_keys)})")
-    if (checkpoint["scheduler"] is None) != (scheduler is None):
-        written = "without" if scheduler is not None else "with"
-        raise ValueError(f"the checkpoint was written {written} a scheduler; resume with the "
-                         "same kind of scheduler")
-    return checkpoint
-
-
-def _restore(checkpoint, path, model, optimizer, scheduler, generators, grad_scaler=None):
-    """Put the model, optimizer, scheduler, global RNGs, private generators and the gradient scaler
-    (fp16 amp; when the checkpoint has one) in the states of `checkpoint` (read from `path`).
-    Returns (history so far, epochs done)."""
-    states = checkpoint.get("generators")
-    if states is None:  # written before fit saved private generators: restore none
-        states = {}
-    else:  # checked before anything changes, so a mismatch leaves the run's objects untouched
-        _check_generator_paths(states, generators, path)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(checkpoint["scheduler"])
-    _set_rng_state(checkpoint["rng"])
-    for name, state in states.items():
-        generators[name].set_state(state)
-    if grad_scaler is not None and checkpoint.get("grad_scaler") is not None:
-        grad_scaler.load_state_dict(checkpoint["grad_scaler"])
-    return checkpoint["history"], checkpoint["epoch"]
+def _training_model(model, device, compile):
+    """What fit's training epochs call: `model`, wrapped in DistributedDataParallel across several
+    processes (distributed.data_parallel), then compiled (torch.compile) with `compile`. `model` itself keeps
+    the weights, so validation, checkpoints and the caller use it unwrapped."""
+    # Built after the resume, so rank 0's (identical) restored weights are what DDP broadcasts.
+    train_model = distributed.data_parallel(model, device)
+    return torch.compile(train_model) if compile else train_model
 
 
 def _check_loader(loader, what):
@@ -545,12 +489,6 @@ def _check_loader(loader, what):
     if isinstance(loader, Iterator):
         raise TypeError(f"{what} is a one-shot iterator that would be empty after the first "
                         "epoch; pass a re-iterable object such as a DataLoader or a list")
-
-
-def _check_path(value, what):
-    if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"{what} must be a path (str or os.PathLike), got {type(value).__name__}")
-    return os.fspath(value)
 
 
 def _check_training_objects(train_loader, val_loader, model, loss_fn, optimizer, scheduler):
@@ -610,31 +548,7 @@ def _check_fit_arguments(train_loader, val_loader, model, loss_fn, optimizer, sc
     metrics, keys = _check_metrics(metrics)
     for name, value in flags.items():
         check_flag(value, name)
-    if checkpoint_dir is not None:
-        checkpoint_dir = _check_path(checkpoint_dir, "checkpoint_dir")
-        if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
-            raise ValueError(f"checkpoint_dir {checkpoint_dir!r} exists and is not a directory")
-    return metrics, keys, checkpoint_dir
-
-
-def _resume_path(checkpoint_dir, resume):
-    """The checkpoint file fit resumes from, or None to start afresh.
-
-    `resume=False`: None. `resume=True`: checkpoint_dir/checkpoint.pt when it exists, else None
-    (the first run of a restartable job); ValueError without checkpoint_dir. A path: that file, or
-    that directory's checkpoint.pt; FileNotFoundError when it does not exist.
-    """
-    if isinstance(resume, bool):
-        if resume and checkpoint_dir is None:
-            raise ValueError("resume=True needs checkpoint_dir (or pass resume=<checkpoint path>)")
-        resume_path = os.path.join(checkpoint_dir, CHECKPOINT_NAME) if resume else None
-        return resume_path if resume_path is not None and os.path.exists(resume_path) else None
-    resume_path = _check_path(resume, "resume")
-    if os.path.isdir(resume_path):
-        resume_path = os.path.join(resume_path, CHECKPOINT_NAME)
-    if not os.path.isfile(resume_path):
-        raise FileNotFoundError(f"resume checkpoint {resume_path!r} does not exist")
-    return resume_path
+    return metrics, keys, checkpoints.check_checkpoint_dir(checkpoint_dir)
 
 
 def _fast_forward(scheduler, start_epoch):
@@ -684,279 +598,8 @@ def _record_epoch(history, epoch, n_epochs, train, val, lr, seconds, progress, v
         print(f"{line} | lr {lr:.3g} | {seconds:.1f} s", flush=True)
 
 
-def _env_world_size():
-    """WORLD_SIZE from the environment (set by torchrun), 1 when unset."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError as error:
-        raise ValueError(f"WORLD_SIZE must be an int, got {os.environ['WORLD_SIZE']!r}") from error
-
-
-def _distributed_device(device):
-    """Under torchrun (WORLD_SIZE > 1) a CUDA device becomes cuda:LOCAL_RANK, made current; any other
-    device is returned as it is."""
-    if device.type != "cuda" or _env_world_size() <= 1 or "LOCAL_RANK" not in os.environ:
-        return device
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    torch.cuda.set_device(device)
-    return device
-
-
-def process_group_timeout():
-    """The timeout of the process group fit initialises: PROCESS_GROUP_TIMEOUT, or the seconds given
-    by the environment variable SIAMESE_TRIPLET_PG_TIMEOUT_S."""
-    value = os.environ.get(TIMEOUT_VARIABLE)
-    if value is None:
-        return PROCESS_GROUP_TIMEOUT
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not seconds > 0:
-        raise ValueError(f"{TIMEOUT_VARIABLE} must be a number of seconds > 0, got {value!r}")
-    return datetime.timedelta(seconds=seconds)
-
-
-def _distributed_setup(device):
-    """(is_distributed, rank, world_size) for fit.
-
-    Initialises the default process group when the environment has WORLD_SIZE > 1 and none is
-    initialised yet: backend "nccl" for a CUDA `device`, else "gloo", from torchrun's environment
-    variables (env:// rendezvous), timeout `process_group_timeout()`. A group already initialised (by
-    the caller) is used as it is. (False, 0, 1) when there is no group of more than one process.
-    """
-    if not dist.is_available():
-        if _env_world_size() > 1:
-            raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-        return False, 0, 1
-    if not dist.is_initialized() and _env_world_size() > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=process_group_timeout())
-    if not dist.is_initialized() or dist.get_world_size() <= 1:
-        return False, 0, 1
-    return True, dist.get_rank(), dist.get_world_size()
-
-
-def setup_distributed(device=None, cuda=None):
-    """This process's device and place among the processes: ``(device, rank, world_size)``.
-
-    Takes `device` / `cuda` as fit does (resolve_device). Under torchrun (WORLD_SIZE > 1) it
-    initialises the default process group as fit would (see `_distributed_setup`), and a CUDA device
-    becomes cuda:LOCAL_RANK; call it before building the loaders, so that DistributedBalancedBatchSampler
-    and DistributedSampler find the group. One process: ``(device, 0, 1)`` and nothing initialised.
-    """
-    device = _distributed_device(resolve_device(device, cuda))
-    _, rank, world_size = _distributed_setup(device)
-    return device, rank, world_size
-
-
-def _is_distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank_and_world_size():
-    """``(rank, world_size)`` of this process in the default process group; (0, 1) without one."""
-    return (dist.get_rank(), dist.get_world_size()) if _is_distributed() else (0, 1)
-
-
-def is_main_process():
-    """True on the process that prints and writes files: rank 0, or the only process."""
-    return not _is_distributed() or dist.get_rank() == 0
-
-
-def barrier():
-    """Wait until every process of the default group gets here (nothing to wait for in one process)."""
-    if _is_distributed():
-        dist.barrier()
-
-
-def broadcast_from_main(value):
-    """Rank 0's `value` (any picklable object) on every process; `value` itself in one process."""
-    if not _is_distributed():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def close_distributed():
-    """Destroy the default process group, if there is one (a program's last step under torchrun)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _collective_failure(error):
-    """True when `error` is a collective operation failing because another process died or hung."""
-    if isinstance(error, getattr(dist, "DistError", ())):
-        return True
-    said = str(error).lower()
-    return any(word in said for word in ("gloo", "nccl", "connection", "timed out"))
-
-
-def _stopped_by_another_rank(error, epoch, checkpoint_dir):
-    """The RuntimeError fit raises instead of a collective operation's failure: what happened, what
-    was kept, and how to resume."""
-    kept = (f"the last checkpoint is {os.path.join(checkpoint_dir, CHECKPOINT_NAME)}" if checkpoint_dir
-            else "no checkpoint_dir was given, so nothing was kept")
-    return RuntimeError(
-        f"rank {dist.get_rank()} of {dist.get_world_size()} stopped in epoch {epoch}: a collective "
-        "operation failed, so another process died (killed, out of memory, an exception: see its log) "
-        f"or hung for longer than the process-group timeout ({process_group_timeout()}; "
-        f"{TIMEOUT_VARIABLE} sets it). {kept}; run the same command again to resume from it. "
-        f"torch.distributed said: {str(error).splitlines()[0][:300] if str(error) else type(error).__name__}")
-
-
-def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, cuda=None,
-        log_interval=100, metrics=(), start_epoch=0, *, device=None, progress=True,
-        checkpoint_dir=None, resume=False, channels_last=False, flush_denormal=True, amp=None,
-        compile=False, collapse_guard=True):
-    """Train `model` for epochs start_epoch+1 .. n_epochs, validating after each epoch.
-
-    Takes loaders of (data, target) batches (`val_loader` may be None), an nn.Module, a loss
-    callable, an optimizer over the model's parameters, an optional LR scheduler, `n_epochs` =
-    total number of epochs, and a list of `Metric` instances. The scheduler is stepped once after
-    each epoch's optimizer steps (never per batch); ReduceLROnPlateau gets the validation loss, or
-    the training loss without a validation loader. `start_epoch` = epochs already done: the
-    scheduler is fast-forwarded that many steps.
-
-    Device: explicit `device` wins, else `cuda` True/False, else auto (cuda, mps, cpu).
-    `progress=False` replaces the tqdm bars by a printed line every `log_interval` batches and
-    one per epoch. `channels_last=True` puts the model's weights and the 4-D inputs in
-    channels-last memory format, which convolutions and pooling run faster in on CPUs with oneDNN
-    (same results up to float rounding; see benchmarks/bench_epoch.py).
-    `flush_denormal=True` (training on a CPU) turns on flush-to-zero of denormal floats for the
-    thread that calls fit (`torch.set_flush_denormal(True)`, a per-thread mode, left on when fit
-    returns); importing this module does not touch it. As weights settle, activations and
-    gradients below 1.2e-38 appear, and every operation on such denormal floats costs the CPU many
-    cycles: measured here, EmbeddingNet epochs on Fashion-MNIST slowed from 14 s to 30 s over 20
-    epochs without it and stayed at 14 s with it, at the same accuracy. Worker threads that torch
-    started for its intra-op pool before fit keep their own mode, so the share of an operation
-    they run still pays for denormals (benchmarks/bench_denormal.py measures it); for the full
-    effect a program calls `flush_denormal_everywhere()` before torch's first parallel operation,
-    as the command lines do. `flush_denormal=False` opts out: fit leaves the mode as it is.
-
-    `checkpoint_dir`: after every epoch, atomically writes checkpoint_dir/checkpoint.pt holding the
-    model, optimizer and scheduler states, the epoch count, the history, the torch (CPU and
-    CUDA), numpy and python RNG states, and the state of every private torch.Generator that
-    `find_generators` reaches from train_loader, val_loader and loss_fn (a DataLoader's or
-    sampler's `generator`, a triplet selector's `generator`, ...), keyed by attribute path.
-    `resume=True` continues from checkpoint_dir/checkpoint.pt when it exists (otherwise starts
-    normally); `resume=<path>` continues from that file (or that directory's checkpoint.pt). The
-    checkpoint's epoch count then replaces `start_epoch`. A resumed run replays exactly the
-    batches and updates of an uninterrupted one, provided its loaders and loss are built the same
-    way and draw their randomness from the global RNGs, from generators kept in their attributes,
-    or from samplers with set_epoch (called with the 0-based epoch index before every epoch).
-    Resuming raises ValueError when the file is truncated or not a checkpoint of fit, when it was
-    written with other metrics or another kind of scheduler, or when its private generators are
-    at other attribute paths than this run's (the run was built differently); a checkpoint from
-    before generators were saved resumes with this run's generators as they are.
-
-    Several processes: run under torchrun (WORLD_SIZE > 1 in the environment), fit initialises the
-    default torch.distributed process group unless one is initialised already (backend "nccl" when
-    the device is CUDA, else "gloo"; timeout `process_group_timeout()`, so a dead rank makes the others
-    fail within that time) and leaves it initialised when it returns. On CUDA the device becomes
-    cuda:LOCAL_RANK. Training runs the model wrapped in DistributedDataParallel (gradients averaged
-    over the ranks, validation on the plain model); `model` itself holds the trained weights, and
-    checkpoints store its state_dict, so a single process can resume from them. fit does not shard
-    the data: each rank's loaders must yield that rank's share, e.g. with
-    datasets.DistributedBalancedBatchSampler (built with num_replicas / rank from the environment
-    when the group does not exist yet) or torch's DistributedSampler; a plain DataLoader with a
-    RandomSampler / SequentialSampler gives every rank the whole dataset. Only rank 0 prints, shows
-    progress bars and writes checkpoints, followed by a barrier so that no rank runs ahead of the
-    write; every rank reads the checkpoint on resume (a file system all ranks see). The logged
-    losses are what loss_fn returns on each rank (the online losses return the global batch's
-    mean); rank 0 logs its own values, and every rank returns its own history. A script that calls
-    fit under torchrun should end with `close_distributed()` (gloo can abort a process that exits
-    with its group still open).
-    Faults: when another rank dies (killed, out of memory, an exception) or hangs, the collective
-    operation waiting for it fails, at once for a dead rank and within the process-group timeout
-    (`process_group_timeout()`, 10 minutes unless SIAMESE_TRIPLET_PG_TIMEOUT_S says otherwise) for a
-    hung one, and fit raises a RuntimeError saying so and naming the last checkpoint; running the same
-    command again (resume=True) continues from it. (torchrun also stops the other ranks as soon as
-    one fails.)
-
-    Accelerators: `amp` None (float32, the default), "bf16" (bfloat16 autocast) or "fp16" (float16
-    autocast with a torch.amp.GradScaler, saved in checkpoints and restored on resume) runs the
-    forward passes in mixed precision (MixedPrecision), on CUDA and on CPUs alike; the library's losses
-    still compute distances and mine in float32. `compile=True` trains through torch.compile(model)
-    (after the DistributedDataParallel wrap; validation runs the plain model); the first batches then
-    take longer while it compiles.
-
-    Collapse guard (`collapse_guard=True`, the default): fit adds two metrics.EmbeddingSpreadMetric (the
-    embeddings' spread, the root mean square distance between two items of a batch, from the first
-    model output or an AutoencoderOutput's mean) and, for a loss that reports its selections (the
-    online losses' `last_selection`), metrics.ActiveFractionMetric (the share of mined pairs or
-    triplets with a non-zero loss) to the metrics, so the history, the progress bar and the log lines
-    show 'spread' (of the epoch's last batch), 'spread_at_start' (of its first batch) and
-    'active_fraction' for training and validation; and it warns once, with an EmbeddingCollapseWarning
-    saying what to try, when an epoch's training spread falls below COLLAPSE_RATIO of the largest spread
-    of the run: the one it started from (the first epoch's first batch, before any step) or an earlier
-    epoch's (a run that grew its embeddings before shrinking them). A checkpoint written before the guard
-    existed resumes with NaN for those keys in its epochs. `collapse_guard=False` adds nothing.
-
-    Returns the history: a dict of per-epoch lists, 'epoch' (1-based), 'train_loss', 'val_loss'
-    (None without val_loader), 'lr' (of the first param group, as used during the epoch),
-    'seconds', and 'train_<metric>' / 'val_<metric>' per metric. A resumed run returns the full
-    history, including the epochs before the checkpoint.
-    Raises FloatingPointError on a NaN/inf loss (before that batch's optimizer step).
-    """
-    metrics, keys, checkpoint_dir = _check_fit_arguments(
-        train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs, log_interval,
-        metrics, start_epoch, {"channels_last": channels_last, "progress": progress,
-                               "flush_denormal": flush_denormal, "compile": compile,
-                               "collapse_guard": collapse_guard}, checkpoint_dir)
-    if collapse_guard:
-        metrics, keys = _with_guard_metrics(metrics, keys, loss_fn)
-    warned = False
-    resume_path = _resume_path(checkpoint_dir, resume)
-    device, _, _ = setup_distributed(device, cuda)
-    distributed, writer = _is_distributed(), is_main_process()
-    precision = MixedPrecision(amp, device)
-
-    if flush_denormal and device.type == "cpu":
-        torch.set_flush_denormal(True)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    history = _empty_history(keys)
-    generators = find_generators({"train_loader": train_loader, "val_loader": val_loader,
-                                  "loss_fn": loss_fn})
-    if resume_path is not None:
-        checkpoint = _load_checkpoint(resume_path, history.keys(), scheduler)
-        history, start_epoch = _restore(checkpoint, resume_path, model, optimizer, scheduler,
-                                        generators, precision.scaler)
-    elif start_epoch > 0 and scheduler is not None and not isinstance(
-            scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        _fast_forward(scheduler, start_epoch)
-    if checkpoint_dir is not None and writer:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-    train_model = _training_model(model, device, distributed, compile)
-
-    for epoch_index in range(start_epoch, n_epochs):
-        with _collective_failures_explained(epoch_index + 1, checkpoint_dir):
-            started = time.perf_counter()
-            lr = float(optimizer.param_groups[0]["lr"])
-            options = {"epoch": epoch_index + 1, "n_epochs": n_epochs, "progress": progress,
-                       "log_interval": log_interval, "channels_last": channels_last,
-                       "verbose": writer, "precision": precision}
-            _set_epoch(train_loader, epoch_index)
-            train = run_epoch(train_loader, train_model, loss_fn, device, metrics, optimizer,
-                              **options)
-            val = (None, dict.fromkeys(keys))
-            if val_loader is not None:
-                _set_epoch(val_loader, epoch_index)
-                val = run_epoch(val_loader, model, loss_fn, device, metrics, **options)
-            _step_scheduler(scheduler, val[0] if val[0] is not None else train[0])
-            _record_epoch(history, epoch_index + 1, n_epochs, train, val, lr,
-                          time.perf_counter() - started, progress, verbose=writer)
-            if collapse_guard and writer and not warned:
-                warned = _warn_if_collapsed(history)
-            if checkpoint_dir is not None:
-                if writer:
-                    _checkpoint(checkpoint_dir, epoch_index + 1, model, optimizer, scheduler,
-                                history, generators, precision.scaler)
-                barrier()
-    return history
+# ---------------------------------------------------------------------------------------------------
+# The collapse guard
 
 
 def _with_guard_metrics(metrics, keys, loss_fn):
@@ -1006,25 +649,6 @@ def _warn_if_collapsed(history):
     return True
 
 
-def _training_model(model, device, distributed, compile):
-    """What fit's training epochs call: `model`, wrapped in DistributedDataParallel across several
-    processes, then compiled (torch.compile) with `compile`. `model` itself keeps the weights, so
-    validation, checkpoints and the caller use it unwrapped."""
-    train_model = model
-    if distributed and not isinstance(model, DistributedDataParallel):
-        # Built after the resume, so rank 0's (identical) restored weights are what it broadcasts.
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(train_model) if compile else train_model
-
-
-@contextlib.contextmanager
-def _collective_failures_explained(epoch, checkpoint_dir):
-    """Turn a collective operation's failure inside the block (another rank died or hung) into
-    `_stopped_by_another_rank`'s RuntimeError; every other error passes unchanged."""
-    try:
-        yield
-    except RuntimeError as error:
-        if not _is_distributed() or not _collective_failure(error):
-            raise
-        raise _stopped_by_another_rank(error, epoch, checkpoint_dir) from error
+def __getattr__(name):
+    """Names that moved to another module still resolve here for one release (``utils.MOVED_NAMES``)."""
+    return moved_attribute(__name__, name)

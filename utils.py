@@ -42,11 +42,11 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 def check_int(value, name, minimum=0):
-    """``value`` as an int (Python or numpy integer, not bool) of at least ``minimum``; raises
+    """``value`` as an int (Python or numpy integer, not bool) of at least ``minimum`` (None: any); raises
     TypeError or ValueError naming the argument ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
 
@@ -103,9 +103,33 @@ MOVED_NAMES = {
         "OmniglotAlphabets", "OneShotRuns", "one_shot_run_errors"), "omniglot"),
         "run_experiment": "autoencoders",
         **dict.fromkeys(("write_json", "write_text", "merge_results", "markdown_table", "save_figure", "plot_embeddings"),
-                        "results")},
-    "datasets": dict.fromkeys(("OMNIGLOT_IMAGE_SIZE", "OmniglotAlphabets", "OneShotRun", "OneShotRuns"), "omniglot"),
+                        "results"),
+        **dict.fromkeys(("RUN_SETTINGS", "RUN_ROW"), "runs"),
+        **dict.fromkeys(("HERMANS", "FEW_PER_CLASS", "RECIPES", "CLASSIC_RECIPES", "LEARNING_RATE", "DEFAULT_LEARNING_RATE",
+                         "BATCH_SIZE", "WEIGHT_DECAY", "STREAMING_WORKERS", "build_method", "build_embedding_net"),
+                        "methods"),
+        **dict.fromkeys(("parse_classes", "HELD_OUT_EPISODES"), "held_out"),
+        "class_subset": "datasets", "few_shot_accuracy": "metrics"},
+    "datasets": {
+        **dict.fromkeys(("OMNIGLOT_IMAGE_SIZE", "OmniglotAlphabets", "OneShotRun", "OneShotRuns"), "omniglot"),
+        **dict.fromkeys((
+            "KnownDataset", "KNOWN_DATASETS", "IDX_DATASETS", "NORMALIZATION", "CLASS_NAMES", "TORCHVISION_CLASS_NAMES",
+            "SYSTEM_DATA_DIRS", "read_idx", "idx_file_names", "find_idx_files", "IDXImageDataset",
+            "canonical_dataset_name", "dataset_search_paths", "load_dataset", "unnormalized", "read_cifar10",
+            "load_cifar10", "IMAGENET_SIZE", "load_imagenet", "load_image_splits"), "known_datasets"),
+        **dict.fromkeys((
+            "IMAGE_EXTENSIONS", "DEFAULT_MAX_MEMORY_BYTES", "ImageList", "read_image", "folder_entries", "list_images",
+            "load_image_folder", "ImageFileDataset", "channel_statistics", "normalized", "export_image_folder",
+            "load_folder_splits"), "image_folders"),
+        "share_bounds": "distributed"},
     "metrics": {"one_shot_run_errors": "omniglot"},
+    "networks": dict.fromkeys(("MODEL_FORMAT", "MODEL_VERSION", "MODEL_KEYS", "model_fingerprint", "save_model",
+                               "load_model", "embed_images"), "model_file"),
+    "trainer": {**dict.fromkeys((
+        "PROCESS_GROUP_TIMEOUT", "TIMEOUT_VARIABLE", "process_group_timeout", "rank_and_world_size", "is_main_process",
+        "barrier", "broadcast_from_main", "close_distributed"), "distributed"),
+        **dict.fromkeys(("CHECKPOINT_NAME", "CHECKPOINT_KEYS", "GUARD_KEYS", "GENERATOR_SEARCH_DEPTH",
+                         "GENERATOR_SEARCH_MAX_ITEMS", "find_generators"), "checkpoints")},
 }
 
 

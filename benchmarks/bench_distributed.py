@@ -81,8 +81,7 @@ def balanced_batch(batch, device="cpu"):
 
 def worker_loss(batch, repeats):
     """{selector: {"local": ms, "whole": ms}} for this process's share of a global batch of ``batch``."""
-    import losses
-    from datasets import share_bounds
+    from distributed import global_batch, share_bounds
     rank, world = _rank_and_world()
     everything, labels = balanced_batch(batch)
     start, stop = share_bounds(batch, world, rank)
@@ -99,7 +98,7 @@ def worker_loss(batch, repeats):
             (value[0] if isinstance(value, tuple) else value).backward()
 
         def whole():  # gather as the library does, then every term of the global batch on every rank
-            gathered, gathered_labels, _ = losses._global_batch(embeddings, own_labels, True)
+            gathered, gathered_labels, _ = global_batch(embeddings, own_labels, True)
             value = whole_loss(gathered, gathered_labels)
             (value[0] if isinstance(value, tuple) else value).backward()
 
@@ -113,7 +112,7 @@ def worker_step(n_classes, n_samples, repeats):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from datasets import share_bounds
+    from distributed import share_bounds
     from losses import OnlineTripletLoss
     from networks import EmbeddingNet
     from utils import RandomNegativeTripletSelector

@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import experiments  # noqa: E402
 import reference  # noqa: E402
-from datasets import BalancedBatchSampler, SiameseMNIST, TripletMNIST, load_dataset  # noqa: E402
+from datasets import BalancedBatchSampler, SiameseMNIST, TripletMNIST  # noqa: E402
+from known_datasets import load_dataset  # noqa: E402
 from losses import OnlineContrastiveLoss, OnlineTripletLoss  # noqa: E402
 from trainer import MixedPrecision, run_epoch  # noqa: E402
 from utils import PairSelector, TripletSelector, pdist  # noqa: E402

@@ -32,8 +32,9 @@ from PIL import Image  # noqa: E402
 
 import search  # noqa: E402
 from bench_selectors import median_ms  # noqa: E402
-from datasets import read_image  # noqa: E402
-from networks import EmbeddingNet, embed_images, load_model, save_model  # noqa: E402
+from image_folders import read_image  # noqa: E402
+from model_file import embed_images, load_model, save_model  # noqa: E402
+from networks import EmbeddingNet  # noqa: E402
 
 IMAGE_SIZE = 28
 N_CLASSES = 10

@@ -23,6 +23,7 @@ CELL_TIMEOUT = 300  # seconds; a quick-mode cell takes a few
 
 
 def read_notebook(filename):
+    """The notebook `filename` (relative to the repository, or an absolute path)."""
     return nbformat.read(os.path.join(REPO, filename), as_version=4)
 
 
@@ -55,6 +56,7 @@ def check_committed_clean(filename, variables):
     assert notebook.metadata.kernelspec.language == "python"
     for cell in code_cells(notebook):
         assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
+        assert "execution" not in cell.metadata, cell.source[:80]  # no times of a run either
     first_code = code_cells(notebook)[0]
     assert "parameters" in first_code.metadata.get("tags", [])
     for variable in variables:

@@ -9,9 +9,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import experiments
+from checkpoints import CHECKPOINT_NAME
 from fixtures import write_idx_fixture
 from losses import OnlineTripletLoss
-from trainer import CHECKPOINT_NAME, MixedPrecision, fit
+from trainer import MixedPrecision, fit
 from utils import HardNegativePairSelector
 
 pytestmark = pytest.mark.cuda

@@ -1,4 +1,10 @@
-"""Tests for datasets.py: InMemoryDataset, SiameseMNIST, TripletMNIST, BalancedBatchSampler."""
+"""Tests for datasets.py: InMemoryDataset, SiameseMNIST, TripletMNIST, BalancedBatchSampler, the generic splits
+(split_per_class, held_out_class_split, on datasets read from image folders and streamed from disk alike) and
+the old import paths of the names that moved to known_datasets.py and image_folders.py."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +16,15 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from datasets import BalancedBatchSampler, InMemoryDataset, SiameseMNIST, TripletMNIST, _ClassBlocks
+import datasets
+import image_folders
+import known_datasets
+from datasets import (BalancedBatchSampler, InMemoryDataset, SiameseMNIST, TripletMNIST, _ClassBlocks,
+                      held_out_class_split, split_per_class)
+from folder_fixtures import class_folder
+from image_folders import load_image_folder
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class FakeMNIST(torch.utils.data.Dataset):
@@ -615,11 +629,11 @@ def test_sampler_errors():
         BalancedBatchSampler(labels, 2.0, 2)
     with pytest.raises(TypeError, match="n_samples must be an int"):
         BalancedBatchSampler(labels, 2, True)
-    with pytest.raises(ValueError, match="n_classes must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="n_classes must be >= 1, got 0"):
         BalancedBatchSampler(labels, 0, 2)
-    with pytest.raises(ValueError, match="n_samples must be a positive int, got -1"):
+    with pytest.raises(ValueError, match="n_samples must be >= 1, got -1"):
         BalancedBatchSampler(labels, 2, -1)
-    with pytest.raises(ValueError, match="seed must be a non-negative int"):
+    with pytest.raises(ValueError, match="seed must be >= 0, got -3"):
         BalancedBatchSampler(labels, 2, 2, seed=-3)
     with pytest.raises(ValueError, match="1-D"):
         BalancedBatchSampler([[0, 1], [1, 0]], 1, 1)
@@ -634,3 +648,98 @@ def test_sampler_errors():
         BalancedBatchSampler([0, 0, 0, 0, 1, 2, 2, 0, 0], 2, 3)
     with pytest.raises(ValueError, match="fewer than one batch"):
         BalancedBatchSampler([], 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# split_per_class and held_out_class_split
+
+
+def split_folder(root):
+    return class_folder(root, {"g/a": 10, "g/b": 2, "h/c": 1, "h/d": 5}, size=(4, 4))
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_split_per_class(tmp_path, memory):
+    dataset = load_image_folder(split_folder(tmp_path), progress=False, **({} if memory else {"max_memory_bytes": 0}))
+    train, val = split_per_class(dataset, val_fraction=0.25, seed=0)
+    # round(2.5) -> 3 of 10, at least 1 of 2, none of 1, round(1.25) -> 1 of 5
+    assert torch.bincount(val.targets, minlength=4).tolist() == [3, 1, 0, 1]
+    assert torch.bincount(train.targets, minlength=4).tolist() == [7, 1, 1, 4]
+    assert sorted(train.paths + val.paths) == sorted(dataset.paths) and not set(train.paths) & set(val.paths)
+    assert train.paths == sorted(train.paths, key=dataset.paths.index)  # the items keep their order
+    index = {path: k for k, path in enumerate(dataset.paths)}
+    assert val.groups.tolist() == [int(dataset.groups[index[path]]) for path in val.paths]
+    assert val.targets.tolist() == [int(dataset.targets[index[path]]) for path in val.paths]
+    assert train.classes == val.classes == dataset.classes and val.group_names == ["g", "h"]
+    assert train.train and not val.train
+    if memory:
+        assert torch.equal(val.data[0], dataset.data[index[val.paths[0]]])
+    assert split_per_class(dataset, 0.25, seed=0)[1].paths == val.paths
+    assert any(split_per_class(dataset, 0.25, seed=seed)[1].paths != val.paths for seed in (1, 2, 3))
+    assert torch.bincount(split_per_class(dataset, 0.9)[1].targets, minlength=4).tolist() == [9, 1, 0, 4]
+    for bad in (0, 1, 1.5, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="val_fraction"):
+            split_per_class(dataset, bad)
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_held_out_class_split(tmp_path, memory):
+    root = class_folder(tmp_path, {"g/a": 2, "g/b": 1, "h/c": 3, "h/d": 1, "h/e": 2, "i/f": 1}, size=(4, 4))
+    dataset = load_image_folder(root, progress=False, **({} if memory else {"max_memory_bytes": 0}))
+    seen, held_out, names = held_out_class_split(dataset, ["h/c", "g/a"])
+    assert names == held_out.classes == ["g/a", "h/c"]
+    assert seen.classes == ["g/b", "h/d", "h/e", "i/f"]
+    assert held_out.targets.tolist() == [0, 0, 1, 1, 1] and seen.targets.tolist() == [0, 1, 2, 2, 3]
+    assert held_out.paths == dataset.paths[0:2] + dataset.paths[3:6]
+    assert held_out.groups.tolist() == [0, 0, 1, 1, 1] and seen.groups.tolist() == [0, 1, 1, 1, 2]
+    assert seen.group_names == held_out.group_names == dataset.group_names
+    if memory:
+        assert torch.equal(held_out.data[2], dataset.data[3])
+    for spec in ([0, 2], "g/a, h/c", "0,2", "2,g/a"):
+        assert held_out_class_split(dataset, spec)[2] == ["g/a", "h/c"], spec
+    seen, held_out, names = held_out_class_split(dataset, 0.5, seed=0)
+    assert len(names) == 3 and len(seen.classes) == 3 and not set(names) & set(seen.classes)
+    assert len(seen) + len(held_out) == len(dataset)
+    assert held_out_class_split(dataset, "0.5", seed=0)[2] == names == held_out_class_split(dataset, 0.5, seed=0)[2]
+    assert any(held_out_class_split(dataset, 0.5, seed=seed)[2] != names for seed in (1, 2, 3))
+    assert len(held_out_class_split(dataset, 0.3)[2]) == 2  # round(1.8)
+
+
+def test_held_out_class_split_errors(tmp_path):
+    dataset = load_image_folder(class_folder(tmp_path, {"a": 1, "b": 1, "c": 1, "d": 1}, size=(4, 4)), progress=False)
+    for spec, message in [(["a"], "\\['a'\\] leave 3 seen and 1 held-out classes of 4"),
+                          ("a,b,c", "'a,b,c' leave 1 seen and 3 held-out"),
+                          (0.1, "0.1 leave 3 seen and 1 held-out"),
+                          (["a", "zebra"], "'zebra' is neither a class name nor a class index; the classes are a, b"),
+                          ([0, 4], "class index 4 is out of range 0..3"),
+                          ("1,7", "class index 7 is out of range"),
+                          (1.5, "fraction 1.5 must lie between 0 and 1"),
+                          ([0.5], "0.5 is neither a class name nor a class index")]:
+        with pytest.raises(ValueError, match=f"held-out class.*{message}"):
+            held_out_class_split(dataset, spec)
+    for spec in (None, True):
+        with pytest.raises(TypeError, match="held-out classes must be a fraction"):
+            held_out_class_split(dataset, spec)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Names that moved out of datasets.py still resolve for one release, with a warning naming their new module
+
+
+@pytest.mark.parametrize("name, new_module", [("read_image", image_folders), ("load_folder_splits", image_folders),
+                                              ("ImageFileDataset", image_folders), ("load_dataset", known_datasets),
+                                              ("KNOWN_DATASETS", known_datasets), ("read_idx", known_datasets)])
+def test_old_datasets_paths_warn_and_give_the_moved_object(name, new_module):
+    with pytest.warns(DeprecationWarning, match=f"datasets.{name} moved to {new_module.__name__}.{name}"):
+        assert getattr(datasets, name) is getattr(new_module, name)
+    with pytest.warns(DeprecationWarning, match=f"moved to {new_module.__name__}.{name}"):
+        exec(f"from datasets import {name}", {})
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        datasets.no_such_name  # noqa: B018
+
+
+def test_datasets_imports_neither_known_datasets_nor_image_folders():
+    """The imports go one way: known_datasets.py and image_folders.py build on datasets.py."""
+    code = "import sys, datasets; print(sorted(set(sys.modules) & {'known_datasets', 'image_folders'}))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -1,14 +1,16 @@
-"""Tests for mining over the global batch on several processes: datasets.DistributedBalancedBatchSampler
-and the ``gather`` option of losses.OnlineContrastiveLoss / OnlineTripletLoss and of the mined
-autoencoder losses (every part of their loss, and the gradients, as one process's on the global batch).
+"""Tests for distributed.py, the one module that knows about process groups, and for what is built on it:
+datasets.DistributedBalancedBatchSampler and the ``gather`` option of losses.OnlineContrastiveLoss /
+OnlineTripletLoss and of the mined autoencoder losses (every part of their loss, and the gradients, as one
+process's on the global batch).
 
-The sampler is checked without a process group (num_replicas and rank given). The losses are checked
-in one run of 2 CPU processes (gloo on 127.0.0.1, bounded timeouts): a model wrapped in
-DistributedDataParallel, each rank fed its sampler share of a global batch, must give, for every
-online loss and selector, the loss value and the (DDP-averaged) gradients of one process computing
-the loss on the whole global batch with the same weights, and the same selected triplets / pairs.
+Without a process group every query answers as rank 0 of 1 and nothing is initialised; the sampler is
+checked with num_replicas and rank given. The rest runs in one run of 2 CPU processes (gloo on 127.0.0.1,
+bounded timeouts): the rank and world queries, broadcast, the gather of unequal shares and the global mean,
+then a model wrapped in DistributedDataParallel, each rank fed its sampler share of a global batch, must
+give, for every online loss and selector, the loss value and the (DDP-averaged) gradients of one process
+computing the loss on the whole global batch with the same weights, and the same selected triplets / pairs.
+fit under torchrun, a rank that dies or hangs, and the resumed job: test_fit_distributed.py.
 """
-
 import datetime
 import itertools
 import time
@@ -20,9 +22,13 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+import distributed
 import losses
+import trainer
 import utils
-from datasets import BalancedBatchSampler, DistributedBalancedBatchSampler, share_bounds
+from datasets import BalancedBatchSampler, DistributedBalancedBatchSampler
+from distributed import (PROCESS_GROUP_TIMEOUT, TIMEOUT_VARIABLE, process_group_timeout, process_group_shape,
+                         share_bounds)
 from launch import free_port
 from networks import AutoencoderOutput
 from test_losses import Recording  # a selector that keeps what it selected last
@@ -73,6 +79,74 @@ def test_distributed_sampler_defaults_and_errors():
         DistributedBalancedBatchSampler(LABELS, 2, 3, seed=1, num_replicas=2, rank=2)
     with pytest.raises(TypeError, match="num_replicas"):
         DistributedBalancedBatchSampler(LABELS, 2, 3, seed=1, num_replicas=2.0, rank=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One process: no process group
+
+
+def test_the_process_group_timeout_comes_from_the_environment_or_is_ten_minutes(monkeypatch):
+    monkeypatch.delenv(TIMEOUT_VARIABLE, raising=False)
+    assert process_group_timeout() == PROCESS_GROUP_TIMEOUT == datetime.timedelta(minutes=10)
+    monkeypatch.setenv(TIMEOUT_VARIABLE, "7.5")
+    assert process_group_timeout() == datetime.timedelta(seconds=7.5)
+    for bad in ("soon", "0", "-3", "nan"):
+        monkeypatch.setenv(TIMEOUT_VARIABLE, bad)
+        with pytest.raises(ValueError, match=TIMEOUT_VARIABLE):
+            process_group_timeout()
+
+
+def test_one_process_is_rank_0_of_1_and_initialises_nothing(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.setup(torch.device("cpu")) == (torch.device("cpu"), 0, 1)
+    assert trainer.setup_distributed("cpu") == (torch.device("cpu"), 0, 1)
+    assert not dist.is_initialized()
+    assert distributed.rank_and_world_size() == (0, 1) and distributed.is_main_process()
+    distributed.barrier()  # nothing to wait for
+    value = {"row": [1, 2]}
+    assert distributed.broadcast_from_main(value) is value
+    distributed.close_distributed()  # nothing to close
+    model = nn.Linear(2, 2)
+    assert distributed.data_parallel(model, torch.device("cpu")) is model
+    assert process_group_shape(None, None) == (1, 0) and process_group_shape(3, 2) == (3, 2)
+
+
+def test_one_process_mines_its_own_batch():
+    embeddings, labels, extra = torch.randn(5, 3, requires_grad=True), torch.arange(5), torch.randn(5, 2)
+    gathered, gathered_labels, share, gathered_extra = distributed.global_batch(embeddings, labels, True, extra)
+    assert gathered is embeddings and gathered_labels is labels and share is None and gathered_extra is extra
+    assert distributed.owned(torch.tensor([0, 3, 4]), None).tolist() == [True, True, True]
+    assert distributed.owned(torch.tensor([0, 3, 4, 5]), (3, 5, 2)).tolist() == [False, True, True, False]
+
+
+def test_the_world_size_must_be_an_int(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be an int"):
+        distributed.setup(torch.device("cpu"))
+
+
+def test_the_process_group_shape_is_checked_by_name():
+    for num_replicas, rank, error, name in [(0, 0, ValueError, "num_replicas"), (2, -1, ValueError, "rank"),
+                                            (2, 2, ValueError, "rank"), (True, 0, TypeError, "num_replicas"),
+                                            (2, 1.0, TypeError, "rank")]:
+        with pytest.raises(error, match=name):
+            process_group_shape(num_replicas, rank)
+
+
+def test_share_bounds_moved_from_datasets_with_a_warning():
+    import datasets
+    with pytest.warns(DeprecationWarning, match="datasets.share_bounds moved to distributed.share_bounds"):
+        assert datasets.share_bounds is share_bounds
+
+def test_only_a_collective_failure_on_several_processes_is_explained():
+    assert distributed._collective_failure(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed"))
+    assert distributed._collective_failure(RuntimeError("Socket Timeout: timed out after 5000ms"))
+    assert not distributed._collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    # one process: even a failure that reads like a collective's is the caller's own, passed unchanged
+    with pytest.raises(RuntimeError, match="^gloo connection closed$"):
+        with distributed.collective_failures_explained(2, "/tmp/checkpoint.pt"):
+            raise RuntimeError("gloo connection closed")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -217,8 +291,38 @@ def _worker(rank, port):
                 assert all(torch.equal(a, b) for a, b in zip(selection, expected_selection)), context
         _check_gather_off_and_non_finite(data, weights, rank)
         _check_autoencoder_losses(data, rank)
+        _check_the_process_group_queries(rank)
     finally:
         dist.destroy_process_group()
+
+
+def _check_the_process_group_queries(rank):
+    """distributed.py's answers on rank ``rank`` of a group of WORLD_SIZE: the queries, broadcast, the gather
+    of unequal shares in rank order (gradients back to each row's rank), the global mean, the fault message."""
+    assert distributed.rank_and_world_size() == (rank, WORLD_SIZE)
+    assert distributed.is_main_process() == (rank == 0)
+    assert process_group_shape(None, None) == (WORLD_SIZE, rank)
+    assert distributed.broadcast_from_main({"rank": rank}) == {"rank": 0}
+    distributed.barrier()
+    sizes = [3, 2]  # rank 0 holds rows 0-2 of the global batch, rank 1 rows 3-4
+    everything = torch.arange(10.0).view(5, 2)
+    start = sum(sizes[:rank])
+    mine = everything[start:start + sizes[rank]].clone().requires_grad_()
+    gathered, labels, share, _ = distributed.global_batch(mine, torch.arange(5)[start:start + sizes[rank]], True, None)
+    assert torch.equal(gathered, everything) and torch.equal(labels, torch.arange(5))
+    assert share == (start, start + sizes[rank], WORLD_SIZE)
+    (gathered * torch.arange(1.0, 6.0)[:, None]).sum().backward()  # every rank's loss uses every row
+    assert torch.equal(mine.grad, WORLD_SIZE * torch.arange(1.0, 6.0)[start:start + sizes[rank], None].expand(-1, 2))
+    assert distributed.owned(torch.tensor([0, 2, 3, 4]), share).tolist() == (
+        [True, True, False, False] if rank == 0 else [False, False, True, True])
+    terms = torch.tensor([1.0, 0.0, 2.0] if rank == 0 else [4.0, 0.0], requires_grad=True)
+    mean, n_terms, n_nonzero = distributed.global_mean(terms[:sizes[rank]], share)
+    assert mean.item() == pytest.approx(7.0 / 5, rel=1e-6) and (n_terms, n_nonzero) == (5, 3)
+    mean.backward()  # the gradient of W * sum / S, which DDP's average turns into that of the global mean
+    assert torch.equal(terms.grad, torch.full((sizes[rank],), WORLD_SIZE / 5))
+    message = str(distributed._stopped_by_another_rank(RuntimeError("Connection closed by peer"), 3, "ckpt.pt"))
+    assert f"rank {rank} of {WORLD_SIZE} stopped in epoch 3" in message and "the last checkpoint is ckpt.pt" in message
+    assert "Connection closed by peer" in message
 
 
 def _check_gather_off_and_non_finite(data, weights, rank):

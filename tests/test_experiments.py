@@ -1,6 +1,7 @@
 """experiments.py end to end on the IDX fixture: every method trains (quick mode), its metrics are
-finite and in [0, 1], its plots and result rows are written under the working directory's
-images/quick and results/quick; the command line; bad names; plots; the results table."""
+finite and in [0, 1], its plots and result rows are written under the working directory's quick output
+folder (runs/mnist/quick/, results.output_dirs), never in results/ or images/; the command line; bad names;
+plots; the results table; rows keyed by every setting; where each kind of run writes."""
 
 import json
 import math
@@ -8,15 +9,16 @@ import os
 import shutil
 
 import matplotlib.image
-import numpy as np
 import pytest
 import torch
-from matplotlib.figure import Figure
 
+import cli
 import experiments
+import methods
 import results
-from datasets import CLASS_NAMES
+import runs
 from fixtures import write_idx_fixture
+from known_datasets import CLASS_NAMES
 
 METRICS = ["precision_at_1", "r_precision", "map_at_r", "knn_accuracy", "nmi", "roc_auc"]
 # every method once, and three of the five selectors (the command-line test runs the other two),
@@ -25,6 +27,8 @@ RUNS = [("softmax", None), ("siamese", None), ("triplet", None), ("online-contra
         ("online-triplet", "all"), ("online-triplet", "random-hard"), ("online-triplet", "semi-hard")]
 LABELS = [experiments.method_label(method, selector) for method, selector in RUNS]
 PER_CLASS = 25  # BalancedBatchSampler's 10 x 25 batches need 25 items per class in each split
+QUICK = os.path.join("runs", "mnist", "quick")  # where a quick run of mnist writes (results.output_dirs)
+QUICK_RESULTS, QUICK_IMAGES = os.path.join(QUICK, "results"), os.path.join(QUICK, "images")
 
 
 def stem(dataset, label, suffix=""):
@@ -78,25 +82,25 @@ def test_run_method_gives_finite_metrics_in_unit_interval(study, label):
 def test_run_method_plots_train_and_test_embeddings(study, label):
     work, _ = study
     for split in ("train", "test"):
-        path = work / "images" / "quick" / f"{stem('mnist', label)}_{split}.png"
+        path = work / QUICK_IMAGES / f"{stem('mnist', label)}_{split}.png"
         assert is_png(path)
         assert matplotlib.image.imread(path).shape[:2] > (100, 100)
 
 
 def test_quick_runs_write_only_under_the_quick_folders(study):
     work, _ = study
-    assert os.listdir(work / "images") == ["quick"]
-    assert os.listdir(work / "results") == ["quick"]
-    assert sorted(os.listdir(work / "results" / "quick")) == ["mnist.json", "mnist.md"]
+    assert not (work / "images").exists() and not (work / "results").exists()  # the committed folders
+    assert sorted(os.listdir(work / "runs")) == ["mnist"] and os.listdir(work / "runs" / "mnist") == ["quick"]
+    assert sorted(os.listdir(work / QUICK_RESULTS)) == ["mnist.json", "mnist.lock", "mnist.md"]
 
 
 def test_results_files_hold_one_row_per_method(study):
     work, rows = study
-    with open(work / "results" / "quick" / "mnist.json") as file:
+    with open(work / QUICK_RESULTS / "mnist.json") as file:
         saved = json.load(file)
     assert [row["method"] for row in saved] == LABELS
     assert saved == [rows[label] for label in LABELS]
-    with open(work / "results" / "quick" / "mnist.md") as file:
+    with open(work / QUICK_RESULTS / "mnist.md") as file:
         assert file.read() == experiments.results_table(saved)
 
 
@@ -104,7 +108,7 @@ def copy_study(study, destination):
     """A copy of the study's data and results in `destination`, to run more methods into."""
     work, _ = study
     shutil.copytree(work / "data", destination / "data")
-    shutil.copytree(work / "results", destination / "results")
+    shutil.copytree(work / "runs", destination / "runs")
 
 
 def test_rerun_replaces_its_row_and_another_seed_adds_one(study, tmp_path, monkeypatch):
@@ -113,7 +117,7 @@ def test_rerun_replaces_its_row_and_another_seed_adds_one(study, tmp_path, monke
     rerun = experiments.run_method("mnist", "online-contrastive", quick=True, root="data", progress=False,
                                    epochs=None, channels_last=True)
     other_seed = experiments.run_method("mnist", "online-contrastive", seed=1, quick=True, root="data", progress=False)
-    with open(tmp_path / "results" / "quick" / "mnist.json") as file:
+    with open(tmp_path / QUICK_RESULTS / "mnist.json") as file:
         saved = json.load(file)
     position = LABELS.index("online-contrastive")
     assert [old["method"] for old in saved] == LABELS[:position + 1] + LABELS[position:]
@@ -123,7 +127,7 @@ def test_rerun_replaces_its_row_and_another_seed_adds_one(study, tmp_path, monke
         [study[1][label] for label in LABELS if label != "online-contrastive"]
     # the other seed's plots carry its seed, beside (not over) the seed-0 plots
     for seed in (0, 1):
-        path = experiments.image_path("mnist", "online-contrastive", "test", images_dir="images/quick", seed=seed)
+        path = experiments.image_path("mnist", "online-contrastive", "test", images_dir=QUICK_IMAGES, seed=seed)
         assert os.path.exists(path) and (("seed1" in path) == (seed == 1))
 
 
@@ -140,7 +144,7 @@ def test_the_learning_rate_falls_every_lr_step_epochs_and_the_row_records_it(stu
     rows = experiments.main(["--dataset", "mnist", "--quick", "--root", "data", "--methods", "online-contrastive",
                              "--no-progress", "--lr-step", "3", "--run-dir", "runs"])
     assert schedulers[-1].step_size == 3 and rows[0]["lr_step"] == 3
-    with open(tmp_path / "runs" / "mnist-quick" / "online-contrastive_2d_seed0" / experiments.RUN_SETTINGS) as file:
+    with open(tmp_path / "runs" / "mnist-quick" / "online-contrastive_2d_seed0" / runs.RUN_SETTINGS) as file:
         assert json.load(file)["lr_step"] == 3
     # the classic step is not written into the settings, so that run folders from before the option resume
     assert "lr_step" not in experiments.method_settings("mnist", "softmax", 2, 20, 0)
@@ -167,12 +171,12 @@ def test_other_embedding_size_gets_its_own_row_and_plots(study, tmp_path, monkey
     row = experiments.run_method("mnist", "online-contrastive", embedding_dim=64, quick=True, root="data",
                                  progress=False)
     assert row["embedding_dim"] == 64 and all(0 <= row[metric] <= 1 for metric in METRICS)
-    with open(tmp_path / "results" / "quick" / "mnist.json") as file:
+    with open(tmp_path / QUICK_RESULTS / "mnist.json") as file:
         saved = json.load(file)
     assert [(old["method"], old["embedding_dim"]) for old in saved] == \
         [(label, 2) for label in LABELS] + [("online-contrastive", 64)]
     for split in ("train", "test"):
-        assert is_png(tmp_path / "images" / "quick" / f"{stem('mnist', 'online-contrastive', '_64d')}_{split}.png")
+        assert is_png(tmp_path / QUICK_IMAGES / f"{stem('mnist', 'online-contrastive', '_64d')}_{split}.png")
 
 
 def test_command_line_runs_the_chosen_methods_and_selectors(tmp_path, monkeypatch, capsys):
@@ -188,19 +192,22 @@ def test_command_line_runs_the_chosen_methods_and_selectors(tmp_path, monkeypatc
 
     printed = capsys.readouterr().out
     assert experiments.results_table(rows) in printed
-    assert "results/quick/fashion-mnist.md" in printed
-    with open(tmp_path / "results" / "quick" / "fashion-mnist.json") as file:
+    quick = os.path.join("runs", "fashion-mnist", "quick")
+    assert os.path.join(quick, "results", "fashion-mnist.md") in printed
+    assert f"Every output of this run is under {os.path.join(quick, '')}" in printed
+    with open(tmp_path / quick / "results" / "fashion-mnist.json") as file:
         assert [row["method"] for row in json.load(file)] == labels
     # the plots of each run, and no comparison: siamese and triplet, the random sides, did not run
-    assert sorted(os.listdir(tmp_path / "images" / "quick")) == sorted(
+    assert sorted(os.listdir(tmp_path / quick / "images")) == sorted(
         f"{stem('fashion-mnist', label)}_{split}.png" for label in labels for split in ("train", "test"))
-    assert sorted(os.listdir(tmp_path)) == ["checkpoints", "fixture", "images", "results"]  # checkpoints: --run-dir
+    assert sorted(os.listdir(tmp_path)) == ["fixture", "runs"]  # the run folders too: runs/.../checkpoints
+    assert sorted(os.listdir(tmp_path / quick)) == ["checkpoints", "images", "results"]
 
 
 def test_plot_comparison_sets_random_beside_online_mining(study, tmp_path):
     work, _ = study
     images = tmp_path / "images"
-    shutil.copytree(work / "images" / "quick", images)
+    shutil.copytree(work / QUICK_IMAGES, images)
     pairs = [("siamese", "online-contrastive"), ("triplet", "online-triplet/semi-hard"),
              ("triplet", "online-triplet/hardest")]  # the study trained no hardest selector
     written = experiments.plot_comparison("mnist", pairs, images_dir=str(images))
@@ -214,7 +221,7 @@ def test_plot_comparison_sets_random_beside_online_mining(study, tmp_path):
 def test_plot_comparison_takes_each_plot_from_its_recipes_folder(study, tmp_path):
     work, _ = study
     images = tmp_path / "images"
-    shutil.copytree(work / "images" / "quick", images)
+    shutil.copytree(work / QUICK_IMAGES, images)
     # --classic: the triplet network's classic settings are the study's, semi-hard's are not
     (images / "recipes" / "classic").mkdir(parents=True)
     shutil.move(images / "mnist_online-triplet-semi-hard_test.png", images / "recipes" / "classic")
@@ -230,10 +237,10 @@ def test_a_run_with_another_recipe_compares_its_own_plots_and_leaves_the_studys_
     write_idx_fixture(tmp_path / "data")
     experiments.main(["--dataset", "mnist", "--quick", "--no-progress", "--root", "data", "--methods",
                       "siamese,online-contrastive", "--margin", "2"])
-    folder = os.path.join("images", "quick", "recipes", "margin-2")
+    folder = os.path.join(QUICK_IMAGES, "recipes", "margin-2")
     assert sorted(os.listdir(folder)) == sorted(["mnist_siamese_vs_online-contrastive.png"] + [
         f"mnist_{method}_{split}.png" for method in ("siamese", "online-contrastive") for split in ("train", "test")])
-    assert os.listdir(os.path.join("images", "quick")) == ["recipes"]
+    assert os.listdir(QUICK_IMAGES) == ["recipes"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -248,11 +255,10 @@ def test_command_line_rejects_unknown_names(argv, message, tmp_path, monkeypatch
 
 
 def test_command_line_rejects_unknown_dataset(capsys):
-    with pytest.raises(SystemExit):  # argparse's usage error
-        experiments.main(["--quick", "--dataset", "cifar10"])
+    # a user's error: one line and exit status 2 (cli.run, as python experiments.py runs main)
+    assert cli.run(experiments.main, "experiments.py", ["--quick", "--dataset", "cifar10"]) == 2
     assert "unknown dataset 'cifar10'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        experiments.main(["--quick", "--dataset", "no/such/folder"])
+    assert cli.run(experiments.main, "experiments.py", ["--quick", "--dataset", "no/such/folder"]) == 2
     assert "dataset folder 'no/such/folder' does not exist" in capsys.readouterr().err
 
 
@@ -280,60 +286,6 @@ def test_load_splits_quick_keeps_the_first_items(tmp_path):
         assert part.classes == CLASS_NAMES["fashion-mnist"]
         assert (part.mean, part.std) == (whole.mean, whole.std)
     assert [split.train for split in quick] == [True, False]
-
-
-def capture_figures(monkeypatch):
-    """The figures plot_embeddings saves, kept for inspection."""
-    figures = []
-    save = Figure.savefig
-
-    def keep(figure, *args, **kwargs):
-        figures.append(figure)
-        return save(figure, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", keep)
-    return figures
-
-
-def distances(points):
-    """(N, N) Euclidean distances, by explicit differences (exact zeros on the diagonal)."""
-    return (points[:, None] - points[None]).norm(dim=-1)
-
-
-def plotted_points(figure, n_classes):
-    axes = figure.axes[0]
-    return [torch.as_tensor(np.asarray(axes.collections[k].get_offsets()), dtype=torch.float32) for k in range(n_classes)]
-
-
-def test_plot_embeddings_draws_2d_embeddings_as_they_are(tmp_path, monkeypatch):
-    figures = capture_figures(monkeypatch)
-    generator = torch.Generator().manual_seed(0)
-    embeddings, labels = torch.randn(300, 2, generator=generator), torch.arange(300) % 3
-    path = tmp_path / "nested" / "folder" / "plot.png"
-    assert results.plot_embeddings(embeddings, labels, ["a", "b", "c"], "two dims", str(path)) == str(path)
-    assert is_png(path)
-    axes = figures[0].axes[0]
-    assert axes.get_title() == "two dims"
-    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["a", "b", "c"]
-    for class_id, points in enumerate(plotted_points(figures[0], 3)):
-        assert torch.equal(points, embeddings[labels == class_id])
-
-
-def test_plot_embeddings_projects_64d_embeddings_on_their_principal_plane(tmp_path, monkeypatch):
-    figures = capture_figures(monkeypatch)
-    generator = torch.Generator().manual_seed(0)
-    # 64-D points that lie on a plane: the projection must keep all their distances
-    flat = torch.randn(400, 2, generator=generator) * torch.tensor([3.0, 1.0])
-    axes_64d, _ = torch.linalg.qr(torch.randn(64, 2, generator=generator))
-    embeddings = flat @ axes_64d.T + torch.randn(64, generator=generator)
-    labels = torch.arange(400) % 10
-    path = tmp_path / "plot64.png"
-    results.plot_embeddings(embeddings, labels, CLASS_NAMES["mnist"], "sixty-four dims", str(path))
-    assert is_png(path)
-    assert figures[0].axes[0].get_title() == "sixty-four dims - PCA projection"
-    projected = torch.cat(plotted_points(figures[0], 10))
-    original = torch.cat([flat[labels == class_id] for class_id in range(10)])
-    assert torch.allclose(distances(projected), distances(original), atol=1e-4)
 
 
 def test_plot_comparison_skips_pairs_without_plots(tmp_path):
@@ -399,58 +351,6 @@ def test_the_command_line_turns_flush_to_zero_on_before_any_work(monkeypatch):
     assert calls == ["flush"]
 
 
-@pytest.mark.parametrize("method", ["siamese", "triplet", "online-contrastive", "online-triplet"])
-def test_a_recipe_reaches_every_loss_selector_and_the_network(splits, method):
-    model, loss_fn = experiments.build_training(method, *splits, selector="batch-hard",
-                                                recipe=experiments.Recipe(0.0, True, "euclidean", True))[:2]
-    embedding_net = getattr(model, "embedding_net", model)
-    assert embedding_net.config()["batch_norm"] is True
-    assert loss_fn.distance == "euclidean" and loss_fn.margin == 0.0
-    if method in ("triplet", "online-triplet"):
-        assert loss_fn.soft is True
-    if method == "online-triplet":
-        assert loss_fn.triplet_selector.distance == "euclidean"
-    classic = experiments.build_training(method, *splits, selector="batch-hard")[1]
-    assert classic.distance == "squared" and classic.margin == experiments.MARGIN
-
-
-def test_a_recipe_sets_the_images_per_class_of_the_online_batches_and_says_so_only_when_not_classic(splits):
-    fewer = experiments.CLASSIC._replace(batch_norm=True, easy_selector="random-hard", batch_samples=4)
-    for method in ("online-contrastive", "online-triplet"):
-        for recipe, samples in ((fewer, 4), (experiments.CLASSIC, experiments.BALANCED_BATCH[1])):
-            train_loader, val_loader = experiments.build_training(method, *splits, selector="semi-hard",
-                                                                  recipe=recipe)[2:4]
-            for loader in (train_loader, val_loader):
-                assert (loader.batch_sampler.n_classes, loader.batch_sampler.n_samples) == (
-                    experiments.BALANCED_BATCH[0], samples)
-    assert experiments.recipe_label(fewer) == "BN, 4 images per class, + random-hard"
-    assert experiments.recipe_tag("online-triplet/semi-hard", fewer) == "bn-4-images-per-class-random-hard"
-    settings = experiments.method_settings("mnist", "online-triplet/semi-hard", 2, 20, 0, recipe=fewer)
-    assert settings["batch_samples"] == 4
-    # recipes recorded before the batch shape was part of them still match their run folders
-    assert "batch_samples" not in experiments.method_settings("mnist", "online-triplet/semi-hard", 2, 20, 0)
-    assert experiments.Recipe(**{field: settings[field] for field in experiments.Recipe._fields
-                                 if field != "batch_samples"}).batch_samples == experiments.BALANCED_BATCH[1]
-
-
-@pytest.mark.parametrize("label", sorted(experiments.RECIPES))
-def test_each_selector_trains_with_its_recipe_unless_told_otherwise(splits, label):
-    method, selector = label.split("/")
-    recipe = experiments.RECIPES[label]
-    for asked, expected in ((None, recipe), ("classic", experiments.CLASSIC_RECIPES.get(label, experiments.CLASSIC)),
-                            (experiments.CLASSIC, experiments.CLASSIC)):
-        model, loss_fn, train_loader = experiments.build_training(method, *splits, selector=selector, recipe=asked)[:3]
-        assert model.config().get("batch_norm", False) == expected.batch_norm
-        assert train_loader.batch_sampler.n_samples == expected.batch_samples
-        assert (loss_fn.margin, loss_fn.soft, loss_fn.distance) == (expected.margin, expected.soft, expected.distance)
-        easy = type(loss_fn.easy_selector).__name__ if loss_fn.easy_selector is not None else None
-        assert easy == {None: None, "random-hard": "FunctionNegativeTripletSelector"}[expected.easy_selector]
-        assert experiments.method_run_dir("c", "d", label, recipe=asked).endswith(
-            "" if expected == recipe else "_" + experiments.recipe_tag(label, asked))
-    with pytest.raises(ValueError, match="recipe"):
-        experiments.method_recipe(label, "tuned")
-
-
 def test_the_command_line_takes_a_recipe_and_records_it_only_when_not_classic(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_idx_fixture(tmp_path / "data")
@@ -459,18 +359,19 @@ def test_the_command_line_takes_a_recipe_and_records_it_only_when_not_classic(tm
     (row,) = experiments.main(common + ["--distance", "euclidean", "--soft-margin", "--margin", "0", "--batch-norm"])
     assert (row["distance"], row["soft"], row["margin"], row["batch_norm"]) == ("euclidean", True, 0.0, True)
     assert row["recipe"] == "BN, soft margin, euclidean, margin 0" and row["final_train_loss"] > 0
-    assert os.path.exists("images/quick/recipes/bn-soft-margin-euclidean-margin-0/mnist_online-triplet-batch-hard_test.png")
+    assert os.path.exists(os.path.join(QUICK_IMAGES, "recipes", "bn-soft-margin-euclidean-margin-0",
+                                       "mnist_online-triplet-batch-hard_test.png"))
     (classic,) = experiments.main(common + ["--classic"])
     assert not {"distance", "soft", "margin", "batch_norm", "easy_selector"} & classic.keys()
     assert classic["recipe"] == "classic"
     (study,) = experiments.main(common)  # the study's recipe of the selector (RECIPES)
-    assert study["recipe"] == experiments.recipe_label(experiments.RECIPES["online-triplet/batch-hard"])
+    assert study["recipe"] == experiments.recipe_label(methods.RECIPES["online-triplet/batch-hard"])
     assert (study["batch_norm"], study["easy_selector"]) == (True, "random-hard")
-    with open("results/quick/mnist.json") as file:
+    with open(os.path.join(QUICK_RESULTS, "mnist.json")) as file:
         assert [saved["recipe"] for saved in json.load(file)] == [study["recipe"]]
-    with open("results/quick/mnist-recipes.json") as file:
+    with open(os.path.join(QUICK_RESULTS, "mnist-recipes.json")) as file:
         assert sorted(saved["recipe"] for saved in json.load(file)) == sorted([row["recipe"], "classic"])
-    assert sorted(os.listdir("checkpoints/mnist-quick")) == [
+    assert sorted(os.listdir(os.path.join(QUICK, "checkpoints", "mnist-quick"))) == [
         "online-triplet-batch-hard_2d_seed0", "online-triplet-batch-hard_2d_seed0_bn-soft-margin-euclidean-margin-0",
         "online-triplet-batch-hard_2d_seed0_classic"]
     with pytest.raises(ValueError, match="--batch-norm"):
@@ -480,3 +381,70 @@ def test_the_command_line_takes_a_recipe_and_records_it_only_when_not_classic(tm
             experiments.main(common + wrong)
 
 
+def snapshot(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(folder) for name in names}
+
+
+def test_runs_with_other_settings_than_the_studys_leave_the_committed_results_and_images_alone(tmp_path,
+                                                                                               monkeypatch):
+    write_idx_fixture(tmp_path / "data", PER_CLASS, PER_CLASS)
+    monkeypatch.chdir(tmp_path)
+    # the committed study's row and plots of online-contrastive (as results/ and images/ hold them)
+    committed = {"dataset": "mnist", "method": "online-contrastive", "embedding_dim": 2, "epochs": 20, "seed": 0,
+                 "recipe": "classic", "lr_step": experiments.STEP_SIZE, "precision_at_1": 0.871}
+    experiments.record_result(committed, "results")
+    os.mkdir("images")
+    for split in ("train", "test"):
+        path = experiments.image_path("mnist", "online-contrastive", split)
+        with open(path, "wb") as file:
+            file.write(b"the study's plot")
+    before = {folder: snapshot(folder) for folder in ("results", "images")}
+    common = dict(root="data", progress=False)
+    rows = [experiments.run_method("mnist", "online-contrastive", epochs=1, **common),
+            experiments.run_method("mnist", "online-contrastive", quick=True, **common),
+            experiments.run_method("mnist", "online-contrastive", epochs=1, lr_step=3, **common)]
+    rows += experiments.main(["--dataset", "mnist", "--root", "data", "--methods", "online-contrastive",
+                              "--epochs", "1", "--amp", "bf16", "--no-progress"])
+    assert {folder: snapshot(folder) for folder in ("results", "images")} == before
+    for row, tag in zip(rows, ("epochs-1", "quick", "epochs-1_lr-step-3", "epochs-1_amp-bf16")):
+        saved = json.loads((tmp_path / "runs" / "mnist" / tag / "results" / "mnist.json").read_text())
+        assert saved == [json.loads(json.dumps(row))], tag
+        assert (tmp_path / "runs" / "mnist" / tag / "images" / "mnist_online-contrastive_test.png").is_file()
+
+
+def test_the_settings_decide_where_a_run_writes():
+    study = experiments.StudySettings("fashion-mnist")
+    assert study.tag() == "" and study.outputs() == results.output_dirs("fashion-mnist")
+    for options, tag in ((dict(epochs=20, embedding_dim=64, seed=3, recipe="classic", train_classes="0-4"), ""),
+                         (dict(epochs=1), "epochs-1"), (dict(quick=True, epochs=7), "quick"),
+                         (dict(lr_step=16), "lr-step-16"), (dict(network="resnet18"), "resnet18"),
+                         (dict(amp="fp16", epochs=5), "epochs-5_amp-fp16")):
+        settings = experiments.StudySettings("mnist", **options)
+        assert settings.tag() == tag, options
+        assert settings.outputs() == results.output_dirs("mnist", tag, committed=not tag), options
+    assert experiments.StudySettings("mnist", out_dir="scratch").outputs() == results.output_dirs(
+        "mnist", committed=False, root="scratch")
+    given = experiments.StudySettings("mnist", epochs=1, results_dir=None, images_dir="plots", run_dir="runs-here")
+    assert given.outputs()[1:4] == (None, "plots", "runs-here")
+
+
+def test_the_settings_of_a_folder_of_your_own_images_write_under_its_name(tmp_path):
+    (tmp_path / "my flowers").mkdir()
+    settings = experiments.StudySettings(str(tmp_path / "my flowers"), epochs=20)
+    assert settings.outputs() == results.output_dirs("my_flowers", committed=False)
+    assert settings.outputs().folder == os.path.join("runs", "my_flowers")
+
+
+def test_result_rows_are_keyed_by_every_setting_that_defines_them(tmp_path):
+    def row(**more):
+        return {"dataset": "mnist", "method": "softmax", "embedding_dim": 2, "epochs": 20, "nmi": 0.5, **more}
+
+    for new in (row(), row(epochs=1), row(lr_step=3), row(network="resnet18"), row(amp="bf16"), row(quick=True),
+                row(nmi=0.6), row(lr_step=experiments.STEP_SIZE, nmi=0.7)):
+        experiments.record_result(new, str(tmp_path))
+    saved = json.loads((tmp_path / "mnist.json").read_text())
+    assert len(saved) == 6  # the last two replaced the first: the same settings (lr_step 8 is the default)
+    assert [old["nmi"] for old in saved if old.get("epochs") == 20 and "lr_step" in old
+            and old["lr_step"] == experiments.STEP_SIZE] == [0.7]

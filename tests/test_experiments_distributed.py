@@ -16,10 +16,10 @@ import subprocess
 
 import pytest
 
-from datasets import SYSTEM_DATA_DIRS, find_idx_files
+from known_datasets import SYSTEM_DATA_DIRS, find_idx_files
 from fixtures import write_idx_fixture
 from launch import clean_environment, launcher
-from networks import load_model
+from model_file import load_model
 from test_own_images import write_folder
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +37,8 @@ SCORE_TOLERANCE = 0.02  # absolute, for fractions of the 1000 test items
 TRAIN_LOSS_TOLERANCE = 1e-3  # relative
 VAL_LOSS_TOLERANCE = {"online-contrastive": 1e-3, "online-triplet/random-hard": 0.05}  # relative
 SCORES = ("precision_at_1", "r_precision", "map_at_r", "knn_accuracy", "nmi", "roc_auc")
+QUICK = os.path.join("runs", "fashion-mnist", "quick")  # where a quick run writes (results.output_dirs)
+RUN_FOLDERS = os.path.join(QUICK, "checkpoints", "fashion-mnist-quick")
 
 
 def torchrun(work, *arguments, timeout=600):
@@ -59,7 +61,7 @@ def prepare(work):
 
 
 def rows(work):
-    with open(work / "results" / "quick" / "fashion-mnist.json") as file:
+    with open(work / QUICK / "results" / "fashion-mnist.json") as file:
         return {row["method"]: row for row in json.load(file)}
 
 
@@ -93,12 +95,14 @@ def test_rank_zero_alone_prints_and_writes(runs):
     several, process, _ = runs
     for method in ("online-contrastive", "online-triplet/random-hard"):
         assert process.stdout.count(f"== fashion-mnist: {method}, 2-D, 1 epochs") == 1
-    assert process.stdout.count("Results in results/quick/fashion-mnist.md") == 1
-    assert sorted(os.listdir(several / "results" / "quick")) == ["fashion-mnist.json", "fashion-mnist.md"]
-    run_folders = sorted(os.listdir(several / "checkpoints" / "fashion-mnist-quick"))
+    assert process.stdout.count(f"Results in {os.path.join(QUICK, 'results', 'fashion-mnist.md')}") == 1
+    assert sorted(os.listdir(several / QUICK / "results")) == ["fashion-mnist.json", "fashion-mnist.lock",
+                                                               "fashion-mnist.md"]
+    assert sorted(os.listdir(several)) == ["data", "runs"] or sorted(os.listdir(several)) == ["runs"]
+    run_folders = sorted(os.listdir(several / RUN_FOLDERS))
     assert run_folders == ["online-contrastive_2d_seed0", "online-triplet-random-hard_2d_seed0"]
     for folder in run_folders:
-        assert sorted(os.listdir(several / "checkpoints" / "fashion-mnist-quick" / folder)) == [
+        assert sorted(os.listdir(several / RUN_FOLDERS / folder)) == [
             "checkpoint.pt", "row.json", "settings.json"]
 
 
@@ -116,12 +120,12 @@ def test_a_run_interrupted_on_one_process_is_finished_under_torchrun(runs, tmp_p
     work = tmp_path / "resumed"
     shutil.copytree(single, work)
     # as if the one-process run had been stopped after online-triplet's last checkpoint, before its row
-    os.remove(work / "checkpoints" / "fashion-mnist-quick" / "online-triplet-random-hard_2d_seed0" / "row.json")
-    shutil.rmtree(work / "results")
+    os.remove(work / RUN_FOLDERS / "online-triplet-random-hard_2d_seed0" / "row.json")
+    shutil.rmtree(work / QUICK / "results")
     done = torchrun(work, *COMMAND)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("finished before, row read from") == 1  # online-contrastive
-    assert done.stdout.count("resuming from checkpoints") == 1  # online-triplet, by rank 0 alone
+    assert done.stdout.count(f"resuming from {RUN_FOLDERS}") == 1  # online-triplet, by rank 0 alone
     assert rows(work) == rows(single)  # the same weights, evaluated by rank 0: the same row
 
 
@@ -137,7 +141,8 @@ def test_your_own_images_train_under_torchrun_and_save_one_model_file(tmp_path):
     assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
     model, info = load_model(tmp_path / "model.pt")
     assert info["class_names"] == ["blue", "green", "grey", "red"] and info["embedding_dim"] == 4
-    (row,), (expected,) = (json.loads((tmp_path / where / "results" / "shapes.json").read_text())
+    # a folder of your own images: everything under runs/<folder name>/
+    (row,), (expected,) = (json.loads((tmp_path / where / "runs" / "shapes" / "results" / "shapes.json").read_text())
                            for where in ("several", "single"))
     assert row["final_train_loss"] == pytest.approx(expected["final_train_loss"], rel=TRAIN_LOSS_TOLERANCE)
     assert row["held_out_n_way"] == expected["held_out_n_way"] == 2

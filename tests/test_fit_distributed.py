@@ -14,7 +14,6 @@ and names the checkpoint; the same job relaunched with torchrun resumes from epo
 ends with the weights of an uninterrupted single-process run.
 """
 
-import datetime
 import os
 import signal
 import subprocess
@@ -26,9 +25,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from checkpoints import CHECKPOINT_NAME
 from datasets import BalancedBatchSampler
 from launch import clean_environment, free_port, launcher
-from trainer import CHECKPOINT_NAME, fit
+from trainer import fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,8 +119,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets import DistributedBalancedBatchSampler
+from distributed import close_distributed, is_main_process
 from setup_fit import build
-from trainer import close_distributed, fit, is_main_process, setup_distributed
+from trainer import fit, setup_distributed
 
 setup_distributed("cpu")
 model, dataset, labels, loss_fn, optimizer = build()
@@ -195,15 +196,3 @@ def test_a_dead_or_hung_rank_stops_the_other_and_the_job_resumes(tmp_path, fault
     resumed = torch.load(tmp_path / "weights.pt", weights_only=True)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6)
-
-
-def test_the_process_group_timeout_comes_from_the_environment_or_is_ten_minutes(monkeypatch):
-    from trainer import PROCESS_GROUP_TIMEOUT, TIMEOUT_VARIABLE, process_group_timeout
-    monkeypatch.delenv(TIMEOUT_VARIABLE, raising=False)
-    assert process_group_timeout() == PROCESS_GROUP_TIMEOUT == datetime.timedelta(minutes=10)
-    monkeypatch.setenv(TIMEOUT_VARIABLE, "7.5")
-    assert process_group_timeout() == datetime.timedelta(seconds=7.5)
-    for bad in ("soon", "0", "-3", "nan"):
-        monkeypatch.setenv(TIMEOUT_VARIABLE, bad)
-        with pytest.raises(ValueError, match=TIMEOUT_VARIABLE):
-            process_group_timeout()

@@ -1,5 +1,6 @@
-"""Tests for the image-folder section of datasets.py: read_image, list_images, load_image_folder,
-ImageFileDataset, channel_statistics, normalized, split_per_class and held_out_class_split.
+"""Tests for image_folders.py: read_image, list_images, folder_identity, load_image_folder, ImageFileDataset,
+channel_statistics, normalized, load_folder_splits' pieces and export_image_folder (the generic splits it
+uses, split_per_class and held_out_class_split, are tested in test_datasets.py).
 
 Every test writes its own images with PIL under tmp_path (fixed seeds), so nothing depends on the
 machine's data.
@@ -9,39 +10,20 @@ import io
 import os
 import pickle
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile, features
 
-import datasets
-from datasets import (ImageFileDataset, InMemoryDataset, channel_statistics, held_out_class_split, list_images,
-                      load_image_folder, normalized, read_image, split_per_class)
+import image_folders
+import known_datasets
+from datasets import InMemoryDataset
 from fixtures import write_idx_fixture
-
-
-def save(path, image, **options):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    image.save(path, **options)
-    return str(path)
-
-
-def noise(seed, size, mode="RGB"):
-    """A random PIL image of ``size`` (width, height) in ``mode`` (RGB or L)."""
-    rng = np.random.default_rng(seed)
-    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
-    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
-
-
-def class_folder(root, counts, size=(8, 8), mode="RGB", ext="png"):
-    """root/<class>/<k>.<ext> for each class name -> number of images in ``counts``; returns root."""
-    seed = 0
-    for name, count in counts.items():
-        for k in range(count):
-            seed += 1
-            save(os.path.join(root, name, f"{k}.{ext}"), noise(seed, size, mode))
-    return str(root)
+from folder_fixtures import class_folder, noise, save
+from image_folders import (ImageFileDataset, channel_statistics, folder_identity, list_images, load_image_folder,
+                           normalized, read_image)
 
 
 def jpeg_bytes(seed=0, size=(32, 32)):
@@ -282,6 +264,67 @@ def test_list_images_warns_about_empty_class_folders(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
+# folder_identity
+
+
+def identity_folder(root):
+    return class_folder(root, {"g/a": 3, "g/b": 2, "h/c": 2}, size=(6, 6))
+
+
+def test_folder_identity_is_the_same_for_the_same_data_anywhere(tmp_path):
+    root = identity_folder(tmp_path / "one" / "train")
+    identity = folder_identity(root)
+    assert identity == folder_identity(root) == folder_identity(tmp_path / "one" / "train" / ".")
+    assert set(identity) == {"path", "fingerprint", "images", "classes"}
+    assert identity["path"] == os.path.realpath(root) and (identity["images"], identity["classes"]) == (7, 3)
+    assert re.fullmatch("[0-9a-f]{64}", identity["fingerprint"])
+    copy = shutil.copytree(root, tmp_path / "two" / "train")
+    os.utime(os.path.join(copy, "g", "a", "0.png"), (0, 0))  # the times are no part of the data
+    other = folder_identity(copy)
+    assert other["fingerprint"] == identity["fingerprint"]
+    assert other["path"] == os.path.realpath(copy) != identity["path"]
+    link = tmp_path / "link"
+    link.symlink_to(root, target_is_directory=True)
+    assert folder_identity(link) == identity  # the resolved path
+
+
+def test_folder_identity_changes_with_any_file_added_removed_relabelled_or_resized(tmp_path):
+    def changed(change):
+        root = identity_folder(tmp_path / f"case{len(os.listdir(tmp_path))}")
+        before = folder_identity(root)["fingerprint"]
+        change(root)
+        return folder_identity(root)["fingerprint"] != before
+
+    assert changed(lambda root: save(os.path.join(root, "h", "c", "9.png"), noise(99, (6, 6))))  # added
+    assert changed(lambda root: os.remove(os.path.join(root, "g", "a", "0.png")))  # removed
+    assert changed(lambda root: os.replace(os.path.join(root, "g", "a", "0.png"),
+                                           os.path.join(root, "g", "b", "0a.png")))  # relabelled
+    assert changed(lambda root: os.replace(os.path.join(root, "g", "a", "0.png"),
+                                           os.path.join(root, "g", "a", "9.png")))  # renamed
+    assert changed(lambda root: save(os.path.join(root, "g", "a", "0.png"), noise(1, (7, 7))))  # resized
+    assert not changed(lambda root: open(os.path.join(root, "g", "notes.txt"), "w").close())  # not an image
+    assert changed(lambda root: os.rename(os.path.join(root, "h"), os.path.join(root, "i")))  # group renamed
+
+
+def test_folder_identity_of_a_csv_and_without_decoding_any_image(tmp_path, monkeypatch):
+    root = identity_folder(tmp_path / "images")
+    listing = list_images(root)
+    lines = [f"{os.path.relpath(path, tmp_path)},{listing.classes[label]}"
+             for path, label in zip(listing.paths, listing.labels.tolist())]
+    (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(lines) + "\n")
+    monkeypatch.setattr(Image, "open", lambda *args, **kwargs: pytest.fail("an image was opened"))
+    identity = folder_identity(tmp_path / "list.csv")
+    assert identity["path"] == os.path.realpath(tmp_path / "list.csv") and identity["images"] == 7
+    assert identity["fingerprint"] != folder_identity(root)["fingerprint"]  # paths relative to another folder
+    (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(lines[:-1]) + "\n")
+    assert folder_identity(tmp_path / "list.csv")["fingerprint"] != identity["fingerprint"]
+    monkeypatch.chdir(tmp_path)
+    assert folder_identity("list.csv")["path"] == os.path.realpath(tmp_path / "list.csv")
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        folder_identity(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------------
 # load_image_folder
 
 
@@ -496,85 +539,14 @@ def test_normalized(tmp_path):
         normalized([1], 0, 1)
 
 
-# ---------------------------------------------------------------------------------------------------
-# split_per_class and held_out_class_split
-
-
-def split_folder(root):
-    return class_folder(root, {"g/a": 10, "g/b": 2, "h/c": 1, "h/d": 5}, size=(4, 4))
-
-
-@pytest.mark.parametrize("memory", [True, False])
-def test_split_per_class(tmp_path, memory):
-    dataset = load_image_folder(split_folder(tmp_path), progress=False, **({} if memory else {"max_memory_bytes": 0}))
-    train, val = split_per_class(dataset, val_fraction=0.25, seed=0)
-    # round(2.5) -> 3 of 10, at least 1 of 2, none of 1, round(1.25) -> 1 of 5
-    assert torch.bincount(val.targets, minlength=4).tolist() == [3, 1, 0, 1]
-    assert torch.bincount(train.targets, minlength=4).tolist() == [7, 1, 1, 4]
-    assert sorted(train.paths + val.paths) == sorted(dataset.paths) and not set(train.paths) & set(val.paths)
-    assert train.paths == sorted(train.paths, key=dataset.paths.index)  # the items keep their order
-    index = {path: k for k, path in enumerate(dataset.paths)}
-    assert val.groups.tolist() == [int(dataset.groups[index[path]]) for path in val.paths]
-    assert val.targets.tolist() == [int(dataset.targets[index[path]]) for path in val.paths]
-    assert train.classes == val.classes == dataset.classes and val.group_names == ["g", "h"]
-    assert train.train and not val.train
-    if memory:
-        assert torch.equal(val.data[0], dataset.data[index[val.paths[0]]])
-    assert split_per_class(dataset, 0.25, seed=0)[1].paths == val.paths
-    assert any(split_per_class(dataset, 0.25, seed=seed)[1].paths != val.paths for seed in (1, 2, 3))
-    assert torch.bincount(split_per_class(dataset, 0.9)[1].targets, minlength=4).tolist() == [9, 1, 0, 4]
-    for bad in (0, 1, 1.5, -0.1, True, "0.1"):
-        with pytest.raises(ValueError, match="val_fraction"):
-            split_per_class(dataset, bad)
-
-
-@pytest.mark.parametrize("memory", [True, False])
-def test_held_out_class_split(tmp_path, memory):
-    root = class_folder(tmp_path, {"g/a": 2, "g/b": 1, "h/c": 3, "h/d": 1, "h/e": 2, "i/f": 1}, size=(4, 4))
-    dataset = load_image_folder(root, progress=False, **({} if memory else {"max_memory_bytes": 0}))
-    seen, held_out, names = held_out_class_split(dataset, ["h/c", "g/a"])
-    assert names == held_out.classes == ["g/a", "h/c"]
-    assert seen.classes == ["g/b", "h/d", "h/e", "i/f"]
-    assert held_out.targets.tolist() == [0, 0, 1, 1, 1] and seen.targets.tolist() == [0, 1, 2, 2, 3]
-    assert held_out.paths == dataset.paths[0:2] + dataset.paths[3:6]
-    assert held_out.groups.tolist() == [0, 0, 1, 1, 1] and seen.groups.tolist() == [0, 1, 1, 1, 2]
-    assert seen.group_names == held_out.group_names == dataset.group_names
-    if memory:
-        assert torch.equal(held_out.data[2], dataset.data[3])
-    for spec in ([0, 2], "g/a, h/c", "0,2", "2,g/a"):
-        assert held_out_class_split(dataset, spec)[2] == ["g/a", "h/c"], spec
-    seen, held_out, names = held_out_class_split(dataset, 0.5, seed=0)
-    assert len(names) == 3 and len(seen.classes) == 3 and not set(names) & set(seen.classes)
-    assert len(seen) + len(held_out) == len(dataset)
-    assert held_out_class_split(dataset, "0.5", seed=0)[2] == names == held_out_class_split(dataset, 0.5, seed=0)[2]
-    assert any(held_out_class_split(dataset, 0.5, seed=seed)[2] != names for seed in (1, 2, 3))
-    assert len(held_out_class_split(dataset, 0.3)[2]) == 2  # round(1.8)
-
-
-def test_held_out_class_split_errors(tmp_path):
-    dataset = load_image_folder(class_folder(tmp_path, {"a": 1, "b": 1, "c": 1, "d": 1}, size=(4, 4)), progress=False)
-    for spec, message in [(["a"], "\\['a'\\] leave 3 seen and 1 held-out classes of 4"),
-                          ("a,b,c", "'a,b,c' leave 1 seen and 3 held-out"),
-                          (0.1, "0.1 leave 3 seen and 1 held-out"),
-                          (["a", "zebra"], "'zebra' is neither a class name nor a class index; the classes are a, b"),
-                          ([0, 4], "class index 4 is out of range 0..3"),
-                          ("1,7", "class index 7 is out of range"),
-                          (1.5, "fraction 1.5 must lie between 0 and 1"),
-                          ([0.5], "0.5 is neither a class name nor a class index")]:
-        with pytest.raises(ValueError, match=f"held-out class.*{message}"):
-            held_out_class_split(dataset, spec)
-    for spec in (None, True):
-        with pytest.raises(TypeError, match="held-out classes must be a fraction"):
-            held_out_class_split(dataset, spec)
-
-
 def test_export_image_folder_writes_what_load_image_folder_reads_back(tmp_path):
     write_idx_fixture(tmp_path / "data", 20, 10)
-    written = datasets.export_image_folder("fashion-mnist", tmp_path / "png", root=tmp_path / "data", progress=False)
-    train = datasets.load_dataset("fashion-mnist", root=tmp_path / "data", train=True)
-    test = datasets.load_dataset("fashion-mnist", root=tmp_path / "data", train=False)
+    written = image_folders.export_image_folder("fashion-mnist", tmp_path / "png", root=tmp_path / "data",
+                                                progress=False)
+    train = known_datasets.load_dataset("fashion-mnist", root=tmp_path / "data", train=True)
+    test = known_datasets.load_dataset("fashion-mnist", root=tmp_path / "data", train=False)
     assert written == len(train) + len(test)
-    folder = datasets.load_image_folder(tmp_path / "png", progress=False)
+    folder = image_folders.load_image_folder(tmp_path / "png", progress=False)
     assert folder.classes == sorted(name.replace("/", "-") for name in train.classes)
     first = folder.paths.index(str(tmp_path / "png" / train.classes[int(train.targets[0])] / "train-00000.png"))
     assert torch.equal((folder.data[first, 0] * 255).round().to(torch.uint8), torch.as_tensor(train.data[0]))

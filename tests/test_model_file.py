@@ -1,18 +1,18 @@
-"""The model file (networks.save_model / load_model / embed_images), the architecture registry, ResNetEmbedding
-and its pretrained weights, and the Omniglot weights that moved to the model file."""
+"""model_file.py: save_model / load_model / embed_images, the fingerprint, the format's version and its one
+upgrade function (an older Omniglot file, and a model file written by the previous code, committed under
+tests/old_formats/model_file/), the Omniglot weights that moved to the model file, and the old import paths
+(networks.save_model, ...)."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 import omniglot
-from networks import (MODEL_KEYS, NETWORKS, EmbeddingNet, ResNetEmbedding, SiameseNetwork, build_network,
-                      embed_images, load_model, model_fingerprint, save_model)
+from model_file import (MODEL_FORMAT, MODEL_KEYS, MODEL_VERSION, embed_images, load_model, model_fingerprint,
+                        save_model, upgrade_model_file)
+from networks import EmbeddingNet, ResNetEmbedding, SiameseNetwork, build_network
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOT_A_MODEL_FILE = "is not a model file written by save_model"
@@ -28,15 +28,6 @@ def _trained_batchnorm(model, channels, size):
     with torch.no_grad():
         model.get_embedding(_images(4, channels, size, seed=1))
     return model.eval()
-
-
-def _resnet18_file(tmp_path, name="resnet18.pth"):
-    torch.manual_seed(3)
-    state = torchvision.models.resnet18(weights=None).state_dict()
-    path = tmp_path / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    return path, state
 
 
 @pytest.mark.parametrize("architecture, arguments, channels, size", [
@@ -180,16 +171,6 @@ def test_load_errors_of_altered_model_files(tmp_path):
         load_model(path)
 
 
-def test_build_network_and_its_errors():
-    assert set(NETWORKS) == {"embedding-net", "resnet18", "siamese-network"}
-    assert isinstance(build_network("embedding-net", embedding_dim=3), EmbeddingNet)
-    assert build_network("siamese-network", image_size=28, channels=4).config()["channels"] == 4
-    with pytest.raises(ValueError, match="unknown architecture 'vgg'; choose one of embedding-net, resnet18"):
-        build_network("vgg")
-    with pytest.raises(TypeError, match=r"arguments \['size'\] do not fit architecture 'embedding-net'"):
-        build_network("embedding-net", size=3)
-
-
 def test_save_model_errors(tmp_path):
     model = EmbeddingNet(2)
     path = tmp_path / "model.pt"
@@ -260,92 +241,6 @@ def test_embed_images_errors():
         embed_images(model, torch.zeros(1, 1, 28, 28), normalization={"mean": [0, 0], "std": [1, 1]})
 
 
-def test_resnet_embedding_shapes_config_and_errors():
-    model = ResNetEmbedding(16, in_channels=1).eval()
-    assert model.config() == {"embedding_dim": 16, "in_channels": 1, "pretrained": None}
-    assert model.backbone.conv1.in_channels == 1 and model.backbone.fc.out_features == 16
-    with torch.no_grad():
-        assert model(torch.rand(2, 1, 32, 48)).shape == (2, 16)
-        x = torch.rand(2, 1, 40, 40)
-        assert torch.equal(model.get_embedding(x), model(x))
-    assert ResNetEmbedding().config() == {"embedding_dim": 64, "in_channels": 3, "pretrained": None}
-    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, H, W\) with H, W >= 32"):
-        model(torch.rand(2, 1, 31, 40))
-    with pytest.raises(ValueError, match="expected images"):
-        model(torch.rand(2, 3, 32, 32))
-    with pytest.raises(ValueError, match="in_channels must be 1 .grey. or 3 .RGB."):
-        ResNetEmbedding(in_channels=2)
-    with pytest.raises(ValueError, match="embedding_dim must be >= 1"):
-        ResNetEmbedding(0)
-    with pytest.raises(TypeError, match="pretrained must be None, 'imagenet' or the path"):
-        ResNetEmbedding(pretrained=True)
-
-
-def _backbone_equals(model, state, skip=("fc.",)):
-    own = model.backbone.state_dict()
-    return all(torch.equal(own[key], value) for key, value in state.items() if not key.startswith(skip))
-
-
-def test_resnet_embedding_pretrained_from_a_file(tmp_path):
-    path, state = _resnet18_file(tmp_path)
-    rgb = ResNetEmbedding(8, 3, pretrained=path)
-    assert rgb.config()["pretrained"] == str(path) and _backbone_equals(rgb, state)
-    grey = ResNetEmbedding(8, 1, pretrained=str(path))
-    assert _backbone_equals(grey, state, skip=("fc.", "conv1."))
-    assert torch.equal(grey.backbone.conv1.weight, state["conv1.weight"].sum(dim=1, keepdim=True))
-    assert not _backbone_equals(ResNetEmbedding(8, 3), state)  # random initialisation otherwise
-    # A model file does not need the pretrained file again: its weights come from the state dict.
-    saved = save_model(tmp_path / "model.pt", grey.eval(), "resnet18", grey.config(), image_size=32, channels=1)
-    os.remove(path)
-    loaded, info = load_model(saved)
-    assert loaded.config() == grey.config() and info["arguments"]["pretrained"] == str(path)
-    images = _images(2, 1, 32)
-    with torch.no_grad():
-        assert torch.equal(loaded(images), grey(images))
-
-
-def test_resnet_embedding_pretrained_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pretrained weights file .*nowhere.pth does not exist"):
-        ResNetEmbedding(pretrained=str(tmp_path / "nowhere.pth"))
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="garbage.pth could not be read as a torch file"):
-        ResNetEmbedding(pretrained=garbage)
-    torch.save([1, 2], tmp_path / "list.pth")
-    with pytest.raises(ValueError, match="list.pth does not hold a state dict"):
-        ResNetEmbedding(pretrained=tmp_path / "list.pth")
-    torch.save(EmbeddingNet().state_dict(), tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="other.pth is not a resnet18 state dict .missing: conv1.weight, "
-                                         "bn1.weight, bn1.bias, ...; unexpected: convnet.0.weight"):
-        ResNetEmbedding(pretrained=tmp_path / "other.pth")
-    state = torchvision.models.resnet18(weights=None).state_dict()
-    state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"][:, :1]
-    torch.save(state, tmp_path / "shape.pth")
-    with pytest.raises(ValueError, match=r"shape.pth is not a resnet18 state dict \(wrong shape: layer1.0.conv1.weight\)"):
-        ResNetEmbedding(pretrained=tmp_path / "shape.pth")
-
-
-def test_resnet_embedding_imagenet_weights_come_from_the_cache_only(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    assert torch.hub.get_dir() == str(tmp_path / "hub")
-    expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
-    with pytest.raises(FileNotFoundError) as raised:
-        ResNetEmbedding(pretrained="imagenet")
-    message = str(raised.value)
-    assert str(expected) in message and "download https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
-    assert "or pass its path as pretrained" in message
-    assert not expected.exists()  # nothing was downloaded
-    _, state = _resnet18_file(tmp_path / "hub" / "checkpoints", "resnet18-f37072fd.pth")
-    model = ResNetEmbedding(8, pretrained="imagenet")
-    assert _backbone_equals(model, state) and model.config()["pretrained"] == "imagenet"
-
-
-def test_importing_networks_does_not_import_torchvision():
-    code = "import sys, networks; print(sorted(name for name in sys.modules if name.startswith('torchvision')))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
-
-
 def test_an_old_omniglot_file_still_loads(tmp_path):
     torch.manual_seed(0)
     model = _trained_batchnorm(SiameseNetwork(28, 8, channels=8), 1, 28)
@@ -392,3 +287,63 @@ def test_the_committed_omniglot_weights_are_a_model_file():
     assert info["threshold"] == info["evaluation"]["verification"]["threshold"]
     assert (info["image_size"], info["channels"], info["embedding_dim"]) == (40, 1, 64)
     assert info["command"] == "python experiments.py --dataset omniglot" and "recipe" in info
+
+
+OLD_FORMATS = os.path.join(REPOSITORY, "tests", "old_formats", "model_file")
+
+
+def test_a_model_file_written_by_the_previous_code_loads_with_its_weights_information_and_embeddings():
+    """tests/old_formats/model_file/ was written by the code before the model file had its own module
+    (tests/old_formats/write_model_file.py): the same weights, information and embeddings come back."""
+    path = os.path.join(OLD_FORMATS, "siamese_network.pt")
+    expected = torch.load(os.path.join(OLD_FORMATS, "expected.pt"), weights_only=True)
+    model, info = load_model(path)
+    assert isinstance(model, SiameseNetwork) and not model.training
+    assert info == expected["info"]
+    assert (info["version"], info["architecture"], info["image_size"], info["class_names"], info["recipe"]) == \
+           (1, "siamese-network", 16, ["a", "b", "c"], {"epochs": 2, "scale": (0.9, 1.1)})
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert list(model.state_dict()) == list(saved)
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+    assert model_fingerprint(model.state_dict()) == expected["fingerprint"] == info["fingerprint"]
+    embeddings = embed_images(model, expected["inputs"], normalization=info["normalization"])
+    torch.testing.assert_close(embeddings, expected["embeddings"], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_embedding(expected["inputs"]), expected["raw_embeddings"], rtol=1e-5,
+                                   atol=1e-6)
+    assert not torch.allclose(embeddings, expected["raw_embeddings"])  # the normalisation is applied
+
+
+def test_upgrade_model_file_turns_every_older_layout_into_the_current_one(tmp_path):
+    model = SiameseNetwork(16, 4, channels=4, n_blocks=2)
+    state = model.state_dict()
+    old = {"config": model.config(), "state_dict": state, "evaluation": {"verification": {"threshold": 0.3}}}
+    upgraded = upgrade_model_file(old, "old.pt")
+    assert set(upgraded) == set(MODEL_KEYS) | {"evaluation"} and "config" in old  # the input is left as it was
+    assert (upgraded["format"], upgraded["version"], upgraded["architecture"]) == (MODEL_FORMAT, 0, "siamese-network")
+    assert (upgraded["threshold"], upgraded["fingerprint"]) == (0.3, model_fingerprint(state))
+    path = save_model(tmp_path / "model.pt", model, "siamese-network", None, image_size=16, channels=1)
+    current = torch.load(path, weights_only=True)
+    assert upgrade_model_file(current, path) == current and current["version"] == MODEL_VERSION == 1
+    with pytest.raises(ValueError, match=f"new.pt is a model file of version 2; this library reads version "
+                                         f"{MODEL_VERSION}"):
+        upgrade_model_file({**current, "version": 2}, "new.pt")
+    for contents in ({**current, "version": None}, {**current, "version": -1}, {**current, "version": "1"}):
+        with pytest.raises(ValueError, match="model.pt is a model file of version"):
+            upgrade_model_file(contents, "model.pt")
+    for contents in (torch.zeros(3), state, {"format": "other"}, {"config": {}}):
+        with pytest.raises(ValueError, match=f"x.pt {NOT_A_MODEL_FILE}"):
+            upgrade_model_file(contents, "x.pt")
+
+
+@pytest.mark.parametrize("name", ["save_model", "load_model", "embed_images", "model_fingerprint", "MODEL_KEYS",
+                                  "MODEL_FORMAT", "MODEL_VERSION"])
+def test_old_networks_paths_warn_and_give_the_model_file_objects(name):
+    import model_file
+    import networks
+    with pytest.warns(DeprecationWarning, match=f"networks.{name} moved to model_file.{name}"):
+        assert getattr(networks, name) is getattr(model_file, name)
+    with pytest.warns(DeprecationWarning, match=f"moved to model_file.{name}"):
+        exec(f"from networks import {name}", {})
+    with pytest.raises(AttributeError, match="module 'networks' has no attribute 'no_such_name'"):
+        networks.no_such_name  # noqa: B018

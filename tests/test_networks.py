@@ -1,11 +1,38 @@
-"""Networks: the classic architecture layer by layer, shapes, wrappers and argument errors."""
+"""Networks: the classic architecture layer by layer, shapes, wrappers and argument errors, the architecture
+registry (NETWORKS, build_network), ResNetEmbedding and its pretrained weights, the autoencoders and VAEs."""
 
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 
-from networks import (ClassificationNet, EmbeddingNet, EmbeddingNetL2, ShiftAveragedEmbedding, SiameseAutoencoder,
-                      SiameseNet, SiameseNetwork, TripletAutoencoder, TripletNet, make_autoencoder)
+from losses import PairwiseAutoencoderLoss, kl_to_standard_normal
+from model_file import load_model, save_model
+from networks import (LOG_VAR_RANGE, NETWORKS, VAE, Autoencoder, AutoencoderOutput, ClassificationNet, ConvDecoder,
+                      ConvEncoder, EmbeddingNet, EmbeddingNetL2, MLPDecoder, MLPEncoder, ResNetEmbedding,
+                      ShiftAveragedEmbedding, SiameseAutoencoder, SiameseNet, SiameseNetwork, TripletAutoencoder,
+                      TripletNet, build_network, make_autoencoder)
+from utils import AllPositivePairSelector
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _images(n, channels, size, seed=0):
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _resnet18_file(tmp_path, name="resnet18.pth"):
+    torch.manual_seed(3)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path, state
 
 
 def test_embedding_net_is_the_classic_architecture():
@@ -162,7 +189,6 @@ def test_shift_averaged_embedding_wraps_modes_and_checks_arguments():
 
 
 def test_embedding_net_with_batch_norm_cannot_collapse_in_training_and_saves_and_loads(tmp_path):
-    from networks import load_model, save_model
     torch.manual_seed(0)
     net = EmbeddingNet(3, batch_norm=True)
     images = torch.randn(64, 1, 28, 28)
@@ -182,3 +208,228 @@ def test_embedding_net_with_batch_norm_cannot_collapse_in_training_and_saves_and
     torch.testing.assert_close(loaded.get_embedding(images), net.get_embedding(images))  # running statistics too
     with pytest.raises(TypeError, match="batch_norm"):
         EmbeddingNet(3, batch_norm="yes")
+
+
+def test_build_network_and_its_errors():
+    assert set(NETWORKS) == {"embedding-net", "resnet18", "siamese-network"}
+    assert isinstance(build_network("embedding-net", embedding_dim=3), EmbeddingNet)
+    assert build_network("siamese-network", image_size=28, channels=4).config()["channels"] == 4
+    with pytest.raises(ValueError, match="unknown architecture 'vgg'; choose one of embedding-net, resnet18"):
+        build_network("vgg")
+    with pytest.raises(TypeError, match=r"arguments \['size'\] do not fit architecture 'embedding-net'"):
+        build_network("embedding-net", size=3)
+
+
+def test_resnet_embedding_shapes_config_and_errors():
+    model = ResNetEmbedding(16, in_channels=1).eval()
+    assert model.config() == {"embedding_dim": 16, "in_channels": 1, "pretrained": None}
+    assert model.backbone.conv1.in_channels == 1 and model.backbone.fc.out_features == 16
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 32, 48)).shape == (2, 16)
+        x = torch.rand(2, 1, 40, 40)
+        assert torch.equal(model.get_embedding(x), model(x))
+    assert ResNetEmbedding().config() == {"embedding_dim": 64, "in_channels": 3, "pretrained": None}
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, H, W\) with H, W >= 32"):
+        model(torch.rand(2, 1, 31, 40))
+    with pytest.raises(ValueError, match="expected images"):
+        model(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="in_channels must be 1 .grey. or 3 .RGB."):
+        ResNetEmbedding(in_channels=2)
+    with pytest.raises(ValueError, match="embedding_dim must be >= 1"):
+        ResNetEmbedding(0)
+    with pytest.raises(TypeError, match="pretrained must be None, 'imagenet' or the path"):
+        ResNetEmbedding(pretrained=True)
+
+
+def _backbone_equals(model, state, skip=("fc.",)):
+    own = model.backbone.state_dict()
+    return all(torch.equal(own[key], value) for key, value in state.items() if not key.startswith(skip))
+
+
+def test_resnet_embedding_pretrained_from_a_file(tmp_path):
+    path, state = _resnet18_file(tmp_path)
+    rgb = ResNetEmbedding(8, 3, pretrained=path)
+    assert rgb.config()["pretrained"] == str(path) and _backbone_equals(rgb, state)
+    grey = ResNetEmbedding(8, 1, pretrained=str(path))
+    assert _backbone_equals(grey, state, skip=("fc.", "conv1."))
+    assert torch.equal(grey.backbone.conv1.weight, state["conv1.weight"].sum(dim=1, keepdim=True))
+    assert not _backbone_equals(ResNetEmbedding(8, 3), state)  # random initialisation otherwise
+    # A model file does not need the pretrained file again: its weights come from the state dict.
+    saved = save_model(tmp_path / "model.pt", grey.eval(), "resnet18", grey.config(), image_size=32, channels=1)
+    os.remove(path)
+    loaded, info = load_model(saved)
+    assert loaded.config() == grey.config() and info["arguments"]["pretrained"] == str(path)
+    images = _images(2, 1, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), grey(images))
+
+
+def test_resnet_embedding_pretrained_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrained weights file .*nowhere.pth does not exist"):
+        ResNetEmbedding(pretrained=str(tmp_path / "nowhere.pth"))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="garbage.pth could not be read as a torch file"):
+        ResNetEmbedding(pretrained=garbage)
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="list.pth does not hold a state dict"):
+        ResNetEmbedding(pretrained=tmp_path / "list.pth")
+    torch.save(EmbeddingNet().state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="other.pth is not a resnet18 state dict .missing: conv1.weight, "
+                                         "bn1.weight, bn1.bias, ...; unexpected: convnet.0.weight"):
+        ResNetEmbedding(pretrained=tmp_path / "other.pth")
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"][:, :1]
+    torch.save(state, tmp_path / "shape.pth")
+    with pytest.raises(ValueError, match=r"shape.pth is not a resnet18 state dict \(wrong shape: layer1.0.conv1.weight\)"):
+        ResNetEmbedding(pretrained=tmp_path / "shape.pth")
+
+
+def test_resnet_embedding_imagenet_weights_come_from_the_cache_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert torch.hub.get_dir() == str(tmp_path / "hub")
+    expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    with pytest.raises(FileNotFoundError) as raised:
+        ResNetEmbedding(pretrained="imagenet")
+    message = str(raised.value)
+    assert str(expected) in message and "download https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert "or pass its path as pretrained" in message
+    assert not expected.exists()  # nothing was downloaded
+    _, state = _resnet18_file(tmp_path / "hub" / "checkpoints", "resnet18-f37072fd.pth")
+    model = ResNetEmbedding(8, pretrained="imagenet")
+    assert _backbone_equals(model, state) and model.config()["pretrained"] == "imagenet"
+
+
+def test_importing_networks_does_not_import_torchvision():
+    code = "import sys, networks; print(sorted(name for name in sys.modules if name.startswith('torchvision')))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    code = "import sys, networks; print('model_file' in sys.modules)"  # the imports go model_file -> networks
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autoencoders and VAEs (the siamese / triplet autoencoder experiment is autoencoders.py's)
+
+AUTOENCODER_SHAPES = [(20,), (1, 28, 28), (3, 32, 32)]
+
+
+def batch(shape, n=8, seed=0):
+    return torch.rand((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+def test_encoder_and_decoder_shapes():
+    assert MLPEncoder(20, (16, 8))(torch.rand(5, 20)).shape == (5, 8)
+    assert MLPDecoder(3, 20, (8, 16))(torch.rand(5, 3)).shape == (5, 20)
+    assert ConvEncoder(1, 28)(torch.rand(5, 1, 28, 28)).shape == (5, 256)
+    assert ConvEncoder(3, 32, output_dim=64)(torch.rand(5, 3, 32, 32)).shape == (5, 64)
+    assert ConvDecoder(4, 1, 28)(torch.rand(5, 4)).shape == (5, 1, 28, 28)
+    assert ConvDecoder(4, 3, 32)(torch.rand(5, 4)).shape == (5, 3, 32, 32)
+
+
+@pytest.mark.parametrize("shape", AUTOENCODER_SHAPES)
+@pytest.mark.parametrize("variational", [False, True])
+def test_autoencoder_output_shapes_and_embedding(shape, variational):
+    torch.manual_seed(0)
+    model = make_autoencoder(shape, 3, variational, hidden_dims=(16, 8))
+    assert isinstance(model, VAE if variational else Autoencoder)
+    x = batch(shape, n=6)
+    output = model(x)
+    assert isinstance(output, AutoencoderOutput)
+    assert output.latent.shape == output.mean.shape == (6, 3)
+    assert output.reconstruction.shape == x.shape
+    if variational:
+        assert output.log_var.shape == (6, 3)
+        assert not torch.equal(output.latent, output.mean)  # a sample in training mode
+        model.eval()
+        evaluated = model(x)
+        assert torch.equal(evaluated.latent, evaluated.mean)  # eval decodes the mean
+        assert torch.equal(model.get_embedding(x), evaluated.mean)
+        assert torch.equal(model.get_embedding(x), model.get_embedding(x))
+    else:
+        assert output.log_var is None and output.latent is output.mean
+        model.eval()
+        assert torch.equal(model.get_embedding(x), model(x).mean)
+
+
+def test_vae_log_variance_is_bounded_and_stops_drifting_past_the_bound():
+    torch.manual_seed(0)
+    model = make_autoencoder((4,), 2, variational=True, hidden_dims=(8,), dropout=0.0)
+    with torch.no_grad():
+        model.to_log_var.bias.copy_(torch.tensor([-500.0, 500.0]))  # as if it had drifted far each way
+    x = torch.randn(5, 4, requires_grad=True)
+    output = model(x)
+    assert (output.log_var[:, 0] == LOG_VAR_RANGE[0]).all() and (output.log_var[:, 1] == LOG_VAR_RANGE[1]).all()
+    assert torch.isfinite(output.latent).all() and torch.isfinite(kl_to_standard_normal(output.mean, output.log_var)).all()
+    kl_to_standard_normal(output.mean, output.log_var).sum().backward()
+    assert torch.equal(model.to_log_var.weight.grad, torch.zeros_like(model.to_log_var.weight))  # no more drift
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("shape", AUTOENCODER_SHAPES)
+@pytest.mark.parametrize("variational", [False, True])
+def test_every_parameter_gets_a_gradient(shape, variational):
+    torch.manual_seed(0)
+    model = make_autoencoder(shape, 2, variational, hidden_dims=(16, 8), dropout=0.0)
+    x = batch(shape)
+    loss = PairwiseAutoencoderLoss(0.5, pair_selector=AllPositivePairSelector(balance=False))(model(x), x, torch.arange(8) % 3)
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+def test_vae_reparameterisation_is_differentiable_and_distributed_right():
+    torch.manual_seed(0)
+    mean = torch.full((20000, 2), 3.0, requires_grad=True)
+    log_var = torch.full((20000, 2), np.log(0.25), requires_grad=True)
+    sample = VAE.reparameterize(mean, log_var)
+    assert abs(sample.mean().item() - 3.0) < 0.02 and abs(sample.std().item() - 0.5) < 0.02
+    sample.sum().backward()
+    assert torch.equal(mean.grad, torch.ones_like(mean)) and log_var.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variational", [False, True])
+def test_siamese_and_triplet_wrappers_share_one_model(variational):
+    torch.manual_seed(0)
+    model = make_autoencoder((1, 28, 28), 2, variational).eval()
+    x1, x2, x3 = (batch((1, 28, 28), n=4, seed=seed) for seed in range(3))
+    siamese, triplet = SiameseAutoencoder(model), TripletAutoencoder(model)
+    assert list(siamese.parameters()) == list(model.parameters()) == list(triplet.parameters())
+    for wrapper, inputs in ((siamese, (x1, x2)), (triplet, (x1, x2, x3))):
+        outputs = wrapper(*inputs)
+        assert len(outputs) == len(inputs)
+        for output, x in zip(outputs, inputs):
+            expected = model(x)
+            assert torch.equal(output.mean, expected.mean)
+            assert torch.equal(output.reconstruction, expected.reconstruction)
+        assert torch.equal(wrapper.get_embedding(x1), model.get_embedding(x1))
+    # both branches train the same weights: the gradient is the sum of the two branches' gradients
+    first = model.to_mean if variational else model.to_latent
+    output1, output2 = siamese(x1, x2)
+    (output1.mean.sum() + output2.mean.sum()).backward()
+    both = first.weight.grad.clone()
+    model.zero_grad()
+    model(x1).mean.sum().backward()
+    model(x2).mean.sum().backward()
+    assert torch.allclose(both, first.weight.grad)
+
+
+def test_network_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"\(B, 20\)"):
+        MLPEncoder(20)(torch.rand(3, 21))
+    with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
+        ConvEncoder(1, 28)(torch.rand(3, 1, 32, 32))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ConvEncoder(1, 30)
+    with pytest.raises(ValueError, match="dropout"):
+        MLPEncoder(20, dropout=1.0)
+    with pytest.raises(TypeError, match="hidden_dims"):
+        MLPEncoder(20, hidden_dims=())
+    with pytest.raises(ValueError, match="latent_dim"):
+        Autoencoder(MLPEncoder(20), MLPDecoder(3, 20), latent_dim=2)
+    with pytest.raises(TypeError, match="output_dim"):
+        VAE(torch.nn.Linear(20, 8), MLPDecoder(2, 20), latent_dim=2)
+    with pytest.raises(ValueError, match="input_shape"):
+        make_autoencoder((1, 28, 32), 2)

@@ -10,16 +10,25 @@ those ``experiments.run_methods`` gives with the study's wiring (``build_trainin
 
 The two quick runs execute concurrently, each kernel on one thread: on a 2-core machine that takes
 about a third of the time of running them one after the other with two threads each.
+
+The two are written once: ``Experiments_MNIST.ipynb`` is made from ``Experiments_FashionMNIST.ipynb`` by
+``notebook_twin.py``, and the committed twin must be what it makes of the committed source. No code is
+written in two of the hand-written notebooks: what they share is in ``results.py`` (its notebooks section).
 """
 
 import json
 import os
 import sys
 
+import nbformat
+import numpy as np
 import pytest
 import torch
 
+import cli
 import experiments
+import notebook_twin
+import results
 from fixtures import write_idx_fixture
 from notebook_helpers import (REPO, check_committed_clean, check_committed_executed, code_cells, file_digest,
                               kernel_environment, kernel_manager, outputs_of, parameter_values, read_notebook,
@@ -71,6 +80,15 @@ def test_parameters_default_to_the_full_study(monkeypatch):
     for dataset, train in (("mnist", True), ("fashion-mnist", False)):
         assert parameters(dataset, monkeypatch, {}) == {"DATASET": dataset, "EPOCHS": 20, "QUICK": False,
                                                         "TRAIN": train, "DATA_ROOT": "data", "DOWNLOAD": True}
+
+
+def test_train_defaults_to_the_saved_study_only_for_the_dataset_that_has_one(monkeypatch):
+    """Without ST_TRAIN, a notebook shows the saved study for fashion-mnist (results/ holds it) and trains
+    for mnist (nothing saved), whichever of the two files runs and whatever its DATASET default."""
+    for dataset in NOTEBOOKS:
+        for chosen, train in (("mnist", True), ("fashion-mnist", False)):
+            assert parameters(dataset, monkeypatch, {"ST_DATASET": chosen})["TRAIN"] is train, (dataset, chosen)
+            assert parameters(dataset, monkeypatch, {"ST_DATASET": chosen, "ST_QUICK": "1"})["TRAIN"] is True
 
 
 @pytest.mark.parametrize("dataset", NOTEBOOKS)
@@ -174,3 +192,106 @@ def test_each_section_wires_its_method_as_the_study_does(quick_runs, tmp_path):
         assert row["recipe"] == expected["recipe"], row["method"]
         for key in ("final_train_loss", "final_val_loss", "precision_at_1", "map_at_r"):
             assert row[key] == pytest.approx(expected[key], rel=1e-3, abs=1e-3), (row["method"], key)
+
+
+def read_text(filename):
+    with open(os.path.join(REPO, filename), encoding="utf-8") as file:
+        return file.read()
+
+
+def test_the_mnist_notebook_is_made_from_the_fashion_mnist_notebook():
+    """A change made to one of the two and not the other fails here: edit Experiments_FashionMNIST.ipynb,
+    then `python notebook_twin.py`."""
+    assert (notebook_twin.SOURCE, notebook_twin.TWIN) == (NOTEBOOKS["fashion-mnist"], NOTEBOOKS["mnist"])
+    made = notebook_twin.twin_text(read_text(notebook_twin.SOURCE))
+    assert made == read_text(notebook_twin.TWIN), "Experiments_MNIST.ipynb is out of date: run python notebook_twin.py"
+
+
+def test_the_twins_code_differs_only_in_the_dataset_parameter():
+    source, twin = (code_cells(read_notebook(NOTEBOOKS[dataset])) for dataset in ("fashion-mnist", "mnist"))
+    assert len(source) == len(twin)
+    differing = [(old, new) for a, b in zip(source, twin)
+                 for old, new in zip(a.source.splitlines(), b.source.splitlines()) if old != new]
+    assert differing == [('DATASET = os.environ.get("ST_DATASET", "fashion-mnist")',
+                          'DATASET = os.environ.get("ST_DATASET", "mnist")')]
+    assert [len(a.source.splitlines()) for a in source] == [len(b.source.splitlines()) for b in twin]
+    assert read_notebook(NOTEBOOKS["mnist"]).cells[0].source.startswith("# Siamese and triplet networks on MNIST\n")
+
+
+def copy_source(folder, change=None):
+    """The committed source notebook written into `folder`, with `change` (old, new) made in the one cell
+    whose source holds `old`."""
+    notebook = read_notebook(notebook_twin.SOURCE)
+    if change:
+        cell, = (cell for cell in notebook.cells if change[0] in cell.source)
+        cell.source = cell.source.replace(*change)
+    nbformat.write(notebook, folder / notebook_twin.SOURCE)
+
+
+def test_the_twin_is_remade_after_a_change_to_the_source(tmp_path, capsys):
+    copy_source(tmp_path)
+    twin = tmp_path / notebook_twin.TWIN
+    assert notebook_twin.main(["--folder", str(tmp_path), "--check"]) is False  # no twin yet
+    assert not twin.exists()  # --check writes nothing
+    assert notebook_twin.main(["--folder", str(tmp_path)]) is True
+    assert twin.read_text(encoding="utf-8") == read_text(notebook_twin.TWIN)
+    assert notebook_twin.main(["--folder", str(tmp_path), "--check"]) is True
+
+    copy_source(tmp_path, ('StepLR(optimizer, 8, gamma=0.1)\ntrain("softmax"', 'StepLR(optimizer, 4, gamma=0.1)\ntrain("softmax"'))
+    assert notebook_twin.main(["--folder", str(tmp_path), "--check"]) is False
+    assert "out of date" in capsys.readouterr().out
+    assert "StepLR(optimizer, 4," not in twin.read_text(encoding="utf-8")
+    assert notebook_twin.main(["--folder", str(tmp_path)]) is True
+    softmax = next(cell for cell in code_cells(nbformat.read(twin, as_version=4)) if 'train("softmax"' in cell.source)
+    assert "StepLR(optimizer, 4, gamma=0.1)" in softmax.source
+    check_committed_clean(str(twin), PARAMETER_VARIABLES)  # as the committed twin: no outputs
+
+
+def test_the_generator_refuses_a_source_its_changes_no_longer_fit(tmp_path, capsys):
+    """A source whose title no longer reads as TWIN_CHANGES expects is an error naming the text, and no
+    twin is written (one line and exit status 2 on the command line)."""
+    copy_source(tmp_path, ("# Siamese and triplet networks on Fashion-MNIST", "# Siamese and triplet nets on Fashion-MNIST"))
+    with pytest.raises(ValueError, match="Siamese and triplet networks on Fashion-MNIST.* 0 times, not 1"):
+        notebook_twin.twin_text((tmp_path / notebook_twin.SOURCE).read_text(encoding="utf-8"))
+    assert cli.run(notebook_twin.main, "notebook_twin.py", ["--folder", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("notebook_twin.py: error: ") and "TWIN_CHANGES" in error and error.count("\n") == 1
+    assert not (tmp_path / notebook_twin.TWIN).exists()
+    assert cli.run(notebook_twin.main, "notebook_twin.py", ["--folder", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_no_code_is_written_in_two_notebooks():
+    """The hand-written notebooks (the MNIST one is generated) share no function definition and no run of
+    six code lines; the helpers they share come from results.py."""
+    written = [NOTEBOOKS["fashion-mnist"], "Experiments_Omniglot.ipynb", "Experiments_Autoencoders.ipynb"]
+    windows, definitions = {}, {}
+    for filename in written:
+        for cell in code_cells(read_notebook(filename)):
+            lines = [line.strip() for line in cell.source.splitlines() if line.strip() and not line.strip().startswith("#")]
+            for start in range(len(lines) - 5):
+                windows.setdefault(tuple(lines[start:start + 6]), set()).add(filename)
+            for line in lines:
+                if line.startswith("def "):
+                    definitions.setdefault(line.split("(")[0], set()).add(filename)
+    assert not [window for window, where in windows.items() if len(where) > 1]
+    assert not [name for name, where in definitions.items() if len(where) > 1]
+    helpers = {"def env_flag", "def show_figure", "def show_image_grid", "def show_side_by_side"}
+    assert not helpers & set(definitions)
+    for filename in written:
+        assert "from results import env_flag" in code_cells(read_notebook(filename))[0].source
+
+
+def test_the_display_helpers_show_one_png_each(tmp_path, monkeypatch):
+    import IPython.display
+    from matplotlib.figure import Figure
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    results.show_figure(Figure(figsize=(1, 1)))
+    results.show_image_grid([np.random.rand(2, 5, 5), np.random.rand(1, 5, 5)], ["a", "b"], 3, title="grid")
+    Figure(figsize=(1, 1)).savefig(tmp_path / "saved.png")
+    results.show_side_by_side([tmp_path / "saved.png"] * 2, ["left", "right"])
+    assert len(shown) == 3
+    for image in shown:
+        assert isinstance(image, IPython.display.Image) and image.data.startswith(b"\x89PNG")

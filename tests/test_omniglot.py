@@ -915,11 +915,12 @@ def test_importing_experiments_loads_neither_autoencoders_nor_omniglot():
     assert loaded.strip() == "[]"
 
 
-def test_omniglot_imports_from_experiments_only_what_builds_a_method():
+def test_omniglot_imports_no_command_line_only_what_builds_a_method():
     tree = ast.parse(inspect.getsource(omniglot_module))
     imported = {(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                 for alias in node.names}
-    assert {name for module, name in imported if module == "experiments"} == {"EVALUATION_BATCH", "build_method"}
+    assert {module for module, _ in imported} & {"experiments", "autoencoders"} == set()  # one direction only
+    assert {name for module, name in imported if module == "methods"} == {"EVALUATION_BATCH", "build_method"}
     assert not hasattr(omniglot_module, "OMNIGLOT_OPTIONS") and not hasattr(omniglot_module, "options_given")
 
 
@@ -1002,13 +1003,15 @@ def test_where_a_run_writes_only_the_study_writes_the_committed_files(tmp_path):
     assert outputs(recipe) == ("results", weights)
     assert outputs(recipe, quick=True) == (os.path.join("results", "quick"), None)
     trial = os.path.join("runs", "omniglot", "epochs-3")
-    assert outputs({**recipe, "epochs": 3}) == (trial, os.path.join(trial, "omniglot_siamese.pt"))
-    assert outputs({**recipe, "epochs": 3}, weights=str(tmp_path / "mine.pt")) == (trial, str(tmp_path / "mine.pt"))
+    assert outputs({**recipe, "epochs": 3}) == (os.path.join(trial, "results"),
+                                                os.path.join(trial, "models", "omniglot_siamese.pt"))
+    assert outputs({**recipe, "epochs": 3}, weights=str(tmp_path / "mine.pt")) == (
+        os.path.join(trial, "results"), str(tmp_path / "mine.pt"))
     assert outputs({**recipe, "epochs": 3}, weights=None, results_dir=None) == (None, None)
-    assert outputs(recipe, seed=1, runs_dir="elsewhere")[0] == os.path.join("elsewhere", "omniglot", "seed-1")
-    assert outputs(recipe, n_episodes=50)[0] == os.path.join("runs", "omniglot", "episodes-50")
+    assert outputs(recipe, seed=1, runs_dir="elsewhere")[0] == os.path.join("elsewhere", "omniglot", "seed-1", "results")
+    assert outputs(recipe, n_episodes=50)[0] == os.path.join("runs", "omniglot", "episodes-50", "results")
     changed = outputs({**recipe, "method": "siamese", "augment": None, "quarter_turns": (0,)})[0]
-    assert os.path.basename(changed).startswith("augment-None_method-siamese_quarter_turns-")
+    assert os.path.basename(os.path.dirname(changed)).startswith("augment-None_method-siamese_quarter_turns-")
 
 
 def test_a_trial_run_leaves_the_committed_results_and_weights_alone(omniglot_root, tmp_path, monkeypatch, capsys):
@@ -1020,8 +1023,10 @@ def test_a_trial_run_leaves_the_committed_results_and_weights_alone(omniglot_roo
                                    str(omniglot_root)])
     assert result["recipe"]["epochs"] == 0 and not result["quick"]
     folder = tmp_path / "runs" / "omniglot" / "embedding_dim-8_epochs-0"
-    assert sorted(os.listdir(folder)) == ["omniglot.json", "omniglot.md", "omniglot_siamese.pt"]
+    assert sorted(os.listdir(folder / "results")) == ["omniglot.json", "omniglot.md"]
+    assert os.listdir(folder / "models") == ["omniglot_siamese.pt"]
     assert not committed.exists() and not (tmp_path / "results").exists()
     assert _digests(os.path.join(REPOSITORY, "results"), os.path.join(REPOSITORY, "weights")) == before
-    assert f"Results in runs/omniglot/embedding_dim-8_epochs-0/omniglot.md; weights in {folder.relative_to(tmp_path)}" \
+    weights = os.path.join("runs", "omniglot", "embedding_dim-8_epochs-0", "models", "omniglot_siamese.pt")
+    assert f"Results in runs/omniglot/embedding_dim-8_epochs-0/results/omniglot.md; weights in {weights}." \
         in capsys.readouterr().out

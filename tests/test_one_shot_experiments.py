@@ -59,10 +59,11 @@ def test_held_out_run_on_the_idx_fixture(tmp_path, monkeypatch):
     assert row["held_out_map_at_r"] == pytest.approx(
         metrics.retrieval_metrics(embeddings, held_out.targets)["map_at_r"], abs=1e-6)
     assert 0.2 < row["held_out_one_shot"] < 1  # above 5-way chance, not a constant
-    table = (tmp_path / "results" / "quick" / "train-classes-0-4" / "fashion-mnist.md").read_text()
+    quick = tmp_path / "runs" / "fashion-mnist" / "quick"  # a quick run's own folder (results.output_dirs)
+    table = (quick / "results" / "train-classes-0-4" / "fashion-mnist.md").read_text()
     assert "| held-out 1-shot acc |" in table
-    assert (tmp_path / "images" / "quick" / "train-classes-0-4").is_dir()
-    assert not (tmp_path / "results" / "quick" / "fashion-mnist.md").exists()  # the usual table is untouched
+    assert (quick / "images" / "train-classes-0-4").is_dir()
+    assert not (quick / "results" / "fashion-mnist.md").exists()  # the usual table is untouched
     plain = {"method": "x", "embedding_dim": 2}
     assert "held-out" not in experiments.results_table([plain])
 
@@ -93,7 +94,8 @@ def test_command_line_held_out_run_adds_the_baselines(tmp_path, monkeypatch):
     rows = experiments.main(["--quick", "--methods", "online-contrastive", "--train-classes", "0-4",
                              "--root", str(tmp_path / "data"), "--no-progress"])
     assert [row["method"] for row in rows] == ["online-contrastive", "pixels", "untrained network"]
-    table = (tmp_path / "results" / "quick" / "train-classes-0-4" / "fashion-mnist.md").read_text()
+    quick = tmp_path / "runs" / "fashion-mnist" / "quick"  # a quick run's own folder (results.output_dirs)
+    table = (quick / "results" / "train-classes-0-4" / "fashion-mnist.md").read_text()
     assert "| online-contrastive | 2 |" in table and "| pixels | 784 |" in table
 
 

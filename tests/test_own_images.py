@@ -2,13 +2,14 @@
 held-out classes, the networks, the saved model file, and the errors for folders that cannot train."""
 
 import json
+import os
 
 import pytest
 import torch
 from PIL import Image
 
 import experiments
-from networks import embed_images, load_model
+from model_file import embed_images, load_model
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 170, 40), "blue": (40, 60, 210), "grey": (128, 128, 128),
            "yellow": (220, 200, 20), "purple": (140, 40, 160)}
@@ -40,9 +41,12 @@ def test_a_folder_trains_with_held_out_classes_and_saves_one_model_file(tmp_path
     (row,) = rows
     assert row["dataset"] == "shapes" and row["method"] == "online-triplet/random-hard" and row["epochs"] == 2
     assert row["held_out_n_way"] == 2 and 0 <= row["held_out_one_shot"] <= 1
-    table = (tmp_path / "results" / "shapes.md").read_text()
+    outputs = tmp_path / "runs" / "shapes"  # a folder of your own images writes everything under runs/<its name>/
+    table = (outputs / "results" / "shapes.md").read_text()
     assert "| online-triplet/random-hard | 4 |" in table and "held-out 1-shot acc" in table
-    assert (tmp_path / "images" / "shapes_online-triplet-random-hard_4d_test.png").is_file()
+    assert (outputs / "images" / "shapes_online-triplet-random-hard_4d_test.png").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["model.pt", "runs", "shapes"]
+    assert sorted(os.listdir(outputs)) == ["checkpoints", "images", "results"]  # no default model: --save-model
 
     model, info = load_model(tmp_path / "model.pt")
     assert info["class_names"] == ["blue", "green", "grey", "red"]  # the trained classes, not the held-out ones
@@ -50,7 +54,7 @@ def test_a_folder_trains_with_held_out_classes_and_saves_one_model_file(tmp_path
     assert 0 < info["threshold"] <= 1 and len(info["normalization"]["mean"]) == 3
     assert info["metrics"]["map_at_r"] == row["map_at_r"] and "--save-model" in info["command"]
     # the model file alone reproduces the run's embeddings: same normalisation, same weights
-    from datasets import load_folder_splits
+    from image_folders import load_folder_splits
     train, val, held_out = load_folder_splits(tmp_path / "shapes", image_size=20, held_out_classes="yellow,purple",
                                               progress=False)
     raw_train, _, _ = load_folder_splits(tmp_path / "shapes", image_size=20, held_out_classes="yellow,purple",
@@ -114,3 +118,88 @@ def test_a_folder_too_large_for_memory_is_streamed_by_workers_and_trains_the_sam
     for in_memory, streamed in zip(rows[None], rows[1]):
         for key in ("precision_at_1", "map_at_r", "final_train_loss"):
             assert streamed[key] == pytest.approx(in_memory[key], abs=1e-4), key
+
+
+def test_a_folder_run_leaves_the_checkout_clean_and_says_where_its_outputs_are(tmp_path):
+    """In a git checkout with the repository's .gitignore and committed results/ and images/, training on a
+    folder of your own images (python experiments.py, as a new user runs it) leaves `git status` clean."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    checkout = tmp_path / "checkout"
+    for folder in ("results", "images"):
+        (checkout / folder).mkdir(parents=True)
+        (checkout / folder / "committed.txt").write_text("the study's\n")
+    shutil.copy(os.path.join(repository, ".gitignore"), checkout / ".gitignore")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-C", str(checkout)]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "committed"]):
+        subprocess.run(git + command, check=True, capture_output=True)
+    write_folder(tmp_path / "train", classes=dict(list(COLOURS.items())[:3]))
+    done = subprocess.run([sys.executable, os.path.join(repository, "experiments.py"), "--dataset",
+                           str(tmp_path / "train"), "--image-size", "20", "--epochs", "1", "--no-progress",
+                           "--methods", "softmax,online-contrastive"], cwd=checkout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert subprocess.run(git + ["status", "--porcelain", "--ignored=no"], capture_output=True, text=True,
+                          check=True).stdout == ""
+    outputs = os.path.join("runs", "train", "")
+    assert f"Every output of this run is under {outputs}" in done.stdout
+    assert f"Results in {os.path.join(outputs, 'results', 'train.md')}" in done.stdout
+    # the model file of each method, where search.py finds it, and nothing anywhere else
+    models = sorted(os.listdir(checkout / "runs" / "train" / "models"))
+    assert models == ["train_online-contrastive.pt", "train_softmax.pt"]
+    for model in models:
+        assert f"Model saved to {os.path.join(outputs, 'models', model)}." in done.stdout
+    assert sorted(os.listdir(checkout)) == [".git", ".gitignore", "images", "results", "runs"]
+    assert os.listdir(checkout / "results") == os.listdir(checkout / "images") == ["committed.txt"]
+
+
+def test_another_folder_of_the_same_name_never_reads_back_a_row_it_did_not_train(tmp_path, monkeypatch):
+    write_folder(tmp_path / "a" / "train", classes=dict(list(COLOURS.items())[:3]))
+    write_folder(tmp_path / "b" / "train", classes=dict(list(COLOURS.items())[3:]), seed=1)
+    monkeypatch.chdir(tmp_path)
+    common = ["--image-size", "20", "--epochs", "1", "--no-progress", "--methods", "online-contrastive"]
+    (first,) = experiments.main(["--dataset", str(tmp_path / "a" / "train"), *common])
+    with pytest.raises(ValueError, match=r"another folder of images .*a/train.*--out-dir"):
+        experiments.main(["--dataset", str(tmp_path / "b" / "train"), *common])
+    (second,) = experiments.main(["--dataset", str(tmp_path / "b" / "train"), *common, "--out-dir", "other"])
+    assert second["precision_at_1"] != first["precision_at_1"] or second["final_train_loss"] != first[
+        "final_train_loss"]  # trained on its own images, in its own folder
+    assert os.path.isdir(tmp_path / "other" / "train" / "checkpoints")
+    table = json.loads((tmp_path / "other" / "train" / "results" / "train.json").read_text())
+    assert table == [json.loads(json.dumps(second))]
+
+
+def test_changed_data_in_the_same_folder_is_refused_until_fresh(tmp_path, monkeypatch):
+    write_folder(tmp_path / "shapes", classes=dict(list(COLOURS.items())[:3]))
+    first = run(tmp_path, monkeypatch, "--methods", "online-contrastive")
+    (tmp_path / "shapes" / "red" / "0.jpg").unlink()
+    with pytest.raises(ValueError, match=r"images in .*shapes changed .*60 images of 3 classes then, 59 .*--fresh"):
+        run(tmp_path, monkeypatch, "--methods", "online-contrastive")
+    again = run(tmp_path, monkeypatch, "--methods", "online-contrastive", "--fresh")
+    assert again[0]["final_train_loss"] != first[0]["final_train_loss"]  # trained anew on the 59 images
+
+
+def test_save_model_on_a_finished_run_writes_the_model_of_its_checkpoint_or_says_why_not(tmp_path, monkeypatch,
+                                                                                          capsys):
+    write_folder(tmp_path / "shapes", classes=dict(list(COLOURS.items())[:3]))
+    run(tmp_path, monkeypatch, "--methods", "online-contrastive", "--save-model", str(tmp_path / "trained.pt"))
+    monkeypatch.setattr(experiments, "fit", lambda *args, **kwargs: pytest.fail("a finished run was trained again"))
+    capsys.readouterr()
+    (row,) = run(tmp_path, monkeypatch, "--methods", "online-contrastive", "--save-model", str(tmp_path / "later.pt"))
+    assert f"Model saved to {tmp_path / 'later.pt'}." in capsys.readouterr().out
+    trained, trained_info = load_model(tmp_path / "trained.pt")
+    later, later_info = load_model(tmp_path / "later.pt")
+    for name, weights in trained.state_dict().items():
+        assert torch.equal(later.state_dict()[name], weights), name
+    assert later_info["threshold"] == trained_info["threshold"] and later_info["metrics"]["map_at_r"] == row["map_at_r"]
+
+    (run_dir,) = [folder for folder, _, files in os.walk(tmp_path / "runs") if "row.json" in files]
+    os.remove(os.path.join(run_dir, "checkpoint.pt"))
+    with pytest.raises(ValueError, match=r"not its checkpoint .*no model to save to .*missing.pt.*--fresh"):
+        run(tmp_path, monkeypatch, "--methods", "online-contrastive", "--save-model", str(tmp_path / "missing.pt"))
+    assert not (tmp_path / "missing.pt").exists() and "Model saved" not in capsys.readouterr().out

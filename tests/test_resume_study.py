@@ -19,6 +19,8 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = ["--dataset", "mnist", "--methods", "online-contrastive,online-triplet", "--selectors", "random-hard",
            "--epochs", "3", "--root", "data", "--no-progress"]
 TIMINGS = ("seconds_per_epoch",)
+# 3 epochs is not the study's 20: the run writes under its own output folder (results.output_dirs)
+OUTPUTS = os.path.join("runs", "mnist", "epochs-3")
 
 # Runs experiments.main with os.replace wrapped so that the process kills itself (SIGKILL: no cleanup,
 # no finally blocks) right after the KILL_AFTER-th checkpoint file is moved into place.
@@ -53,7 +55,7 @@ def run_study(work, *extra, kill_after=None):
 
 
 def results(work):
-    with open(work / "results" / "mnist.json") as file:
+    with open(work / OUTPUTS / "results" / "mnist.json") as file:
         return [{key: value for key, value in row.items() if key not in TIMINGS} for row in json.load(file)]
 
 
@@ -71,7 +73,7 @@ def test_a_run_killed_mid_method_resumes_to_the_uninterrupted_results(uninterrup
     # 3 checkpoints finish online-contrastive; the 4th is online-triplet's first epoch of 3
     code, output = run_study(tmp_path, kill_after=4)
     assert code == -signal.SIGKILL, output
-    run_dir = tmp_path / "checkpoints" / "mnist"
+    run_dir = tmp_path / OUTPUTS / "checkpoints" / "mnist"
     first, second = run_dir / "online-contrastive_2d_seed0", run_dir / "online-triplet-random-hard_2d_seed0"
     assert (first / "row.json").is_file()
     assert (second / "checkpoint.pt").is_file() and not (second / "row.json").exists()

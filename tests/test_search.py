@@ -15,9 +15,10 @@ import torch
 from PIL import Image, ImageDraw
 
 import search
-from datasets import read_image
+from image_folders import read_image
 from metrics import knn_accuracy, nmi_score, retrieval_metrics, verification_roc_auc
-from networks import EmbeddingNet, embed_images, load_model, save_model
+from model_file import embed_images, load_model, save_model
+from networks import EmbeddingNet
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("circle", "square", "triangle")

@@ -1,9 +1,23 @@
-"""Tests for trainer.py: batch conventions, scheduler order, history, NaN handling, atomic
-checkpoints, exact resume, device choice and argument checks. Tiny synthetic data only."""
+"""Tests for trainer.py: batch conventions, scheduler order, history, NaN handling, device choice, argument
+checks, flush-to-zero, the collapse guard, mixed precision and compilation. Tiny synthetic data only.
+Checkpoints and exact resume: test_checkpoints.py; several processes: test_distributed.py.
+
+The collapse guard. A deliberately collapsing run: OnlineContrastiveLoss with a margin of 1e-4 pulls every
+positive pair together and pushes negatives only until they are 1e-4 apart, so every item ends near one
+point (the spread falls from 2.1 to 3e-4 in 10 epochs). A healthy run: the same data with margin 1, which
+keeps the classes apart (the spread stays between 1.9 and 4.5).
+
+Mixed precision. bfloat16 and float16 autocast run on CPUs too, so everything is tested here: the model
+computes in half precision inside ``MixedPrecision.autocast()`` while every distance, and so every
+selector's choice and every loss, stays in float32 (the same triplets and the same loss as on the float32
+copy of the embeddings); a bf16 run trains like a float32 one; fp16's gradient scaler is saved in
+checkpoints and a resumed run equals an uninterrupted one bit for bit; a compiled model trains like the
+eager one and checkpoints the same weights; experiments.py takes ``--amp`` and ``--compile``.
+"""
 
 import json
+import math
 import os
-import random
 import subprocess
 import sys
 import warnings
@@ -13,15 +27,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+import experiments
 import trainer
-from losses import OnlineTripletLoss
-from metrics import AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, Metric
+import utils
+from checkpoints import CHECKPOINT_NAME
+from datasets import BalancedBatchSampler
+from fixtures import write_idx_fixture
+from losses import OnlineContrastiveLoss, OnlineTripletLoss
+from metrics import (AccumulatedAccuracyMetric, ActiveFractionMetric, AverageNonzeroTripletsMetric,
+                     EmbeddingSpreadMetric, Metric, batch_spread)
 from networks import AutoencoderOutput
-from trainer import find_generators, fit, resolve_device, run_epoch, train_epoch
-from utils import RandomNegativeTripletSelector
+from trainer import (COLLAPSE_RATIO, EmbeddingCollapseWarning, MixedPrecision, fit, resolve_device, run_epoch,
+                     train_epoch)
+from utils import (AllTripletSelector, HardNegativePairSelector, paired_squared_distances, pdist,
+                   squared_distances)
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -405,7 +429,7 @@ def test_progress_bar_goes_to_stderr_and_prints_nothing(capsys):
     assert "epoch 1/1 val" in captured.err
 
 
-# ---------------------------------------------------------------- NaN handling and checkpoints
+# ---------------------------------------------------------------- NaN handling
 
 class NonFiniteAfter:
     """NLL loss that turns into `bad_value` from call number `good_calls + 1` on."""
@@ -451,237 +475,7 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(tmp_path
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
-def test_checkpoint_contents_and_no_temp_files(tmp_path):
-    model, optimizer, scheduler = make_training()
-    checkpoint_dir = tmp_path / "new" / "dir"
-    history = quiet_fit(make_loader(), None, model, nn.NLLLoss(), optimizer, scheduler, 2,
-                        checkpoint_dir=str(checkpoint_dir), metrics=[AccumulatedAccuracyMetric()])
-    assert os.listdir(checkpoint_dir) == ["checkpoint.pt"]
-    checkpoint = torch.load(checkpoint_dir / "checkpoint.pt", weights_only=True)
-    assert set(checkpoint) == {"epoch", "model", "optimizer", "scheduler", "history", "rng",
-                               "generators", "grad_scaler"}
-    assert checkpoint["generators"] == {}  # the loader draws from the global RNG only
-    assert checkpoint["grad_scaler"] is None  # float32 training scales no loss
-    assert checkpoint["epoch"] == 2
-    assert checkpoint["history"] == history
-    assert checkpoint["scheduler"]["last_epoch"] == 2
-    assert set(checkpoint["rng"]) == {"torch", "cuda", "numpy", "python"}
-    for name, parameter in model.state_dict().items():
-        assert torch.equal(parameter, checkpoint["model"][name])
-
-
-def test_a_failing_save_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
-    real_save = torch.save
-    saves = []
-
-    def save_then_fail_on_second_call(obj, file, *args, **kwargs):
-        saves.append(1)
-        if len(saves) == 2:
-            file.write(b"half a checkpoint")
-            raise OSError("disk full")
-        return real_save(obj, file, *args, **kwargs)
-
-    model, optimizer, scheduler = make_training()
-    quiet_fit(make_loader(), None, model, nn.NLLLoss(), optimizer, scheduler, 1,
-              checkpoint_dir=tmp_path)
-    before = (tmp_path / "checkpoint.pt").read_bytes()
-    saves.append(1)
-    monkeypatch.setattr(torch, "save", save_then_fail_on_second_call)
-    with pytest.raises(OSError, match="disk full"):
-        quiet_fit(make_loader(), None, model, nn.NLLLoss(), optimizer, scheduler, 3,
-                  checkpoint_dir=tmp_path, resume=True)
-    assert os.listdir(tmp_path) == ["checkpoint.pt"]
-    assert (tmp_path / "checkpoint.pt").read_bytes() == before
-
-
-# ---------------------------------------------------------------- resume
-
-class NoisyDataset(Dataset):
-    """Adds numpy and python-random noise on every access, so replaying it needs their RNGs."""
-
-    def __init__(self):
-        self.x, self.y = make_classification_data(40)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, index):
-        return self.x[index] + 0.1 * np.random.randn() + 0.1 * random.random(), self.y[index]
-
-
-def run_resume_scenario(tmp_path, split_epochs, total_epochs=4, resume_argument=True):
-    """Train `total_epochs` either straight (split_epochs=None) or as split_epochs, then a fresh
-    model/optimizer/scheduler/loader resumed from the checkpoint. Uses global-RNG shuffling,
-    dropout, and numpy/python randomness in the dataset."""
-    torch.manual_seed(123)
-    np.random.seed(123)
-    random.seed(123)
-    metrics = [AccumulatedAccuracyMetric()]
-
-    def build(seed):
-        model, optimizer, scheduler = make_training(seed=seed, dropout=0.3)
-        loader = DataLoader(NoisyDataset(), batch_size=8, shuffle=True)
-        return loader, model, optimizer, scheduler
-
-    loader, model, optimizer, scheduler = build(seed=0)
-    checkpoint_dir = tmp_path / "checkpoints"
-    if split_epochs is None:
-        history = quiet_fit(loader, make_loader(), model, nn.NLLLoss(), optimizer, scheduler,
-                            total_epochs, metrics=metrics)
-        return model, optimizer, history
-    quiet_fit(loader, make_loader(), model, nn.NLLLoss(), optimizer, scheduler, split_epochs,
-              metrics=metrics, checkpoint_dir=checkpoint_dir)
-    # Disturb every RNG and start from different weights: the checkpoint must restore them all.
-    torch.rand(17)
-    np.random.rand(5)
-    random.random()
-    loader, model, optimizer, scheduler = build(seed=99)
-    if resume_argument is True:
-        history = quiet_fit(loader, make_loader(), model, nn.NLLLoss(), optimizer, scheduler,
-                            total_epochs, metrics=metrics, checkpoint_dir=checkpoint_dir,
-                            resume=True)
-    else:
-        target = checkpoint_dir if resume_argument == "dir" else checkpoint_dir / "checkpoint.pt"
-        history = quiet_fit(loader, make_loader(), model, nn.NLLLoss(), optimizer, scheduler,
-                            total_epochs, metrics=metrics, resume=target)
-    return model, optimizer, history
-
-
-def assert_same_run(first, second):
-    (model_a, optimizer_a, history_a), (model_b, optimizer_b, history_b) = first, second
-    for (name, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters()):
-        assert torch.equal(a, b), name
-    for a, b in zip(model_a.parameters(), model_b.parameters()):
-        assert torch.equal(optimizer_a.state[a]["momentum_buffer"],
-                           optimizer_b.state[b]["momentum_buffer"])
-    assert optimizer_a.param_groups[0]["lr"] == optimizer_b.param_groups[0]["lr"]
-    for key in history_a:
-        if key != "seconds":
-            assert history_a[key] == history_b[key], key
-    assert len(history_b["seconds"]) == len(history_a["seconds"])
-
-
-@pytest.mark.parametrize("split_epochs", [1, 3])
-def test_resume_equals_an_uninterrupted_run(tmp_path, split_epochs):
-    straight = run_resume_scenario(tmp_path / "a", None)
-    resumed = run_resume_scenario(tmp_path / "b", split_epochs)
-    assert resumed[2]["epoch"] == [1, 2, 3, 4]
-    assert_same_run(straight, resumed)
-
-
-@pytest.mark.parametrize("resume_argument", ["file", "dir"])
-def test_resume_from_an_explicit_path(tmp_path, resume_argument):
-    straight = run_resume_scenario(tmp_path / "a", None)
-    resumed = run_resume_scenario(tmp_path / "b", 2, resume_argument=resume_argument)
-    assert_same_run(straight, resumed)
-
-
-def test_an_interrupted_run_differs_without_resume(tmp_path):
-    # Guards the test above: a plain restart from the same weights does not replay the run.
-    straight = run_resume_scenario(tmp_path / "a", None)
-    torch.manual_seed(5)
-    model, optimizer, scheduler = make_training(seed=0, dropout=0.3)
-    loader = DataLoader(NoisyDataset(), batch_size=8, shuffle=True)
-    quiet_fit(loader, None, model, nn.NLLLoss(), optimizer, scheduler, 4)
-    assert not all(torch.equal(a, b) for a, b in zip(straight[0].parameters(), model.parameters()))
-
-
-def build_private_generator_run(seed=0):
-    """A triplet run whose every random draw but dropout comes from a torch.Generator of its own:
-    the train DataLoader's (shuffle order and base seed), the validation RandomSampler's, and the
-    triplet selector's (which negative is mined)."""
-    torch.manual_seed(seed)
-    x = torch.randn(48, 4)
-    labels = torch.arange(48) % 4
-    train_loader = DataLoader(TensorDataset(x, labels), batch_size=12, shuffle=True,
-                              generator=torch.Generator().manual_seed(1))
-    val_set = TensorDataset(x[:24] + 0.1, labels[:24])
-    val_loader = DataLoader(val_set, batch_size=8, sampler=RandomSampler(
-        val_set, generator=torch.Generator().manual_seed(2)))
-    selector = RandomNegativeTripletSelector(1.0, generator=torch.Generator().manual_seed(3))
-    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    return train_loader, val_loader, model, OnlineTripletLoss(1.0, selector), optimizer
-
-
-def fit_private_generator_run(n_epochs, checkpoint_dir=None, resume=False):
-    train_loader, val_loader, model, loss_fn, optimizer = build_private_generator_run()
-    history = quiet_fit(train_loader, val_loader, model, loss_fn, optimizer, None, n_epochs,
-                        metrics=[AverageNonzeroTripletsMetric()], checkpoint_dir=checkpoint_dir,
-                        resume=resume)
-    return model, history
-
-
-def assert_same_weights_and_history(first, second):
-    (model_a, history_a), (model_b, history_b) = first, second
-    state_a, state_b = model_a.state_dict(), model_b.state_dict()
-    assert state_a.keys() == state_b.keys()
-    assert all(torch.equal(state_a[name], state_b[name]) for name in state_a)
-    assert {key: value for key, value in history_a.items() if key != "seconds"} == {
-        key: value for key, value in history_b.items() if key != "seconds"}
-
-
-def test_find_generators_reaches_loaders_samplers_and_the_selector_by_attribute_path():
-    train_loader, val_loader, _, loss_fn, _ = build_private_generator_run()
-    found = find_generators({"train_loader": train_loader, "val_loader": val_loader,
-                             "loss_fn": loss_fn})
-    # The train loader's generator is also its RandomSampler's: found once, on the shortest path.
-    assert list(found) == ["train_loader.generator", "val_loader.sampler.generator",
-                           "loss_fn.triplet_selector.generator"]
-    assert found["train_loader.generator"] is train_loader.sampler.generator
-    assert found["loss_fn.triplet_selector.generator"] is loss_fn.triplet_selector.generator
-
-    class Holder:
-        pass
-
-    holder = Holder()
-    holder.itself, holder.default = holder, torch.default_generator  # a cycle; the global RNG
-    holder.items = [{"deep": torch.Generator()}]
-    holder.many = [torch.Generator()] * (trainer.GENERATOR_SEARCH_MAX_ITEMS + 1)
-    assert list(find_generators({"root": holder})) == ["root.items.0.deep"]
-
-
-def test_resume_replays_runs_that_draw_from_private_generators(tmp_path):
-    straight = fit_private_generator_run(4)
-    assert all(count > 0 for count in straight[1]["train_average_nonzero_triplets"])
-    fit_private_generator_run(2, checkpoint_dir=tmp_path)
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert sorted(checkpoint["generators"]) == [
-        "loss_fn.triplet_selector.generator", "train_loader.generator",
-        "val_loader.sampler.generator"]
-    torch.rand(3)  # disturb the global RNG: the checkpoint restores it
-    resumed = fit_private_generator_run(4, checkpoint_dir=tmp_path, resume=True)
-    assert resumed[1]["epoch"] == [1, 2, 3, 4]
-    assert_same_weights_and_history(straight, resumed)
-
-    # Guards the equality above: a checkpoint without the generator states (as written before
-    # they were saved) still resumes, but the fresh generators then replay other draws.
-    del checkpoint["generators"]
-    torch.save(checkpoint, tmp_path / "old.pt")
-    restarted_generators = fit_private_generator_run(4, resume=tmp_path / "old.pt")
-    assert restarted_generators[1]["epoch"] == [1, 2, 3, 4]
-    assert not all(torch.equal(a, b) for a, b in zip(straight[0].parameters(),
-                                                     restarted_generators[0].parameters()))
-
-
-def test_resuming_with_private_generators_elsewhere_says_the_run_was_built_differently(tmp_path):
-    fit_private_generator_run(1, checkpoint_dir=tmp_path)
-    train_loader, val_loader, model, loss_fn, optimizer = build_private_generator_run()
-    plain_train_loader = DataLoader(train_loader.dataset, batch_size=12, shuffle=True)
-    before = [parameter.clone() for parameter in model.parameters()]
-    with pytest.raises(ValueError, match="built differently") as caught:
-        quiet_fit(plain_train_loader, val_loader, model, loss_fn, optimizer, None, 2,
-                  metrics=[AverageNonzeroTripletsMetric()], checkpoint_dir=tmp_path, resume=True)
-    assert "train_loader.generator" in str(caught.value)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-
-    plain_dir = tmp_path / "plain"
-    quiet_fit(plain_train_loader, val_loader, model, loss_fn, optimizer, None, 1,
-              metrics=[AverageNonzeroTripletsMetric()], checkpoint_dir=plain_dir)
-    with pytest.raises(ValueError, match="built differently"):
-        quiet_fit(train_loader, val_loader, model, loss_fn, optimizer, None, 2,
-                  metrics=[AverageNonzeroTripletsMetric()], checkpoint_dir=plain_dir, resume=True)
-
+# ---------------------------------------------------------------- set_epoch
 
 class EpochSeededBatchSampler:
     """Batch sampler whose order depends only on the epoch given to set_epoch."""
@@ -761,79 +555,6 @@ def test_each_epoch_iterates_each_loader_once(progress):
     model, optimizer, _ = make_training()
     fit(train_loader, val_loader, model, nn.NLLLoss(), optimizer, None, 3, device="cpu", progress=progress)
     assert train_sampler.iterated == val_sampler.iterated == [0, 1, 2]
-
-
-def test_resume_true_without_a_checkpoint_starts_from_scratch(tmp_path):
-    model_a, optimizer_a, scheduler_a = make_training()
-    model_b, optimizer_b, scheduler_b = make_training()
-    torch.manual_seed(0)
-    history_a = quiet_fit(make_loader(), None, model_a, nn.NLLLoss(), optimizer_a, scheduler_a, 2)
-    torch.manual_seed(0)
-    history_b = quiet_fit(make_loader(), None, model_b, nn.NLLLoss(), optimizer_b, scheduler_b, 2,
-                          checkpoint_dir=tmp_path, resume=True)
-    assert history_a["train_loss"] == history_b["train_loss"]
-    assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
-
-
-def test_resume_of_a_finished_run_returns_its_history_without_training(tmp_path):
-    model, optimizer, scheduler = make_training()
-    history = quiet_fit(make_loader(), None, model, nn.NLLLoss(), optimizer, scheduler, 2,
-                        checkpoint_dir=tmp_path)
-    fresh_model, fresh_optimizer, fresh_scheduler = make_training(seed=7)
-    resumed = quiet_fit(make_loader(), None, fresh_model, nn.NLLLoss(), fresh_optimizer,
-                        fresh_scheduler, 2, checkpoint_dir=tmp_path, resume=True)
-    assert resumed == history
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh_model.parameters()))
-
-
-def test_resume_errors(tmp_path):
-    model, optimizer, scheduler = make_training()
-    loader = make_loader()
-    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
-        quiet_fit(loader, None, model, nn.NLLLoss(), optimizer, None, 1, resume=True)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        quiet_fit(loader, None, model, nn.NLLLoss(), optimizer, None, 1,
-                  resume=tmp_path / "missing.pt")
-    with pytest.raises(TypeError, match="resume must be a path"):
-        quiet_fit(loader, None, model, nn.NLLLoss(), optimizer, None, 1, resume=1)
-
-    quiet_fit(loader, None, model, nn.NLLLoss(), optimizer, scheduler, 1, checkpoint_dir=tmp_path,
-              metrics=[AccumulatedAccuracyMetric()])
-    with pytest.raises(ValueError, match="same metrics"):
-        quiet_fit(loader, None, model, nn.NLLLoss(), optimizer, scheduler, 2,
-                  checkpoint_dir=tmp_path, resume=True)
-    with pytest.raises(ValueError, match="scheduler"):
-        quiet_fit(loader, None, model, nn.NLLLoss(), optimizer, None, 2, checkpoint_dir=tmp_path,
-                  resume=True, metrics=[AccumulatedAccuracyMetric()])
-
-    not_a_checkpoint = tmp_path / "other.pt"
-    torch.save({"weights": torch.zeros(2)}, not_a_checkpoint)
-    with pytest.raises(ValueError, match="not a checkpoint written by trainer.fit"):
-        quiet_fit(loader, None, model, nn.NLLLoss(), optimizer, None, 1, resume=not_a_checkpoint)
-
-
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
-def test_a_corrupt_checkpoint_names_the_file_and_leaves_the_run_alone(tmp_path, damage):
-    model, optimizer, scheduler = make_training()
-    quiet_fit(make_loader(), None, model, nn.NLLLoss(), optimizer, scheduler, 1,
-              checkpoint_dir=tmp_path)
-    path = tmp_path / "checkpoint.pt"
-    written = path.read_bytes()
-    damaged = {"truncated": written[:len(written) // 2],
-               "garbage": b"this is not a checkpoint at all\n" * 10, "empty": b""}[damage]
-    path.write_bytes(damaged)
-    fresh_model, fresh_optimizer, fresh_scheduler = make_training(seed=7)
-    before = [parameter.clone() for parameter in fresh_model.parameters()]
-    for resume in (True, path):
-        with pytest.raises(ValueError) as caught:
-            quiet_fit(make_loader(), None, fresh_model, nn.NLLLoss(), fresh_optimizer,
-                      fresh_scheduler, 2, checkpoint_dir=tmp_path, resume=resume)
-        message = str(caught.value)
-        assert str(path) in message
-        assert "not a readable checkpoint written by trainer.fit" in message
-        assert "resume=False" in message
-    assert all(torch.equal(a, b) for a, b in zip(before, fresh_model.parameters()))
-    assert path.read_bytes() == damaged
 
 
 # ---------------------------------------------------------------- device
@@ -1117,3 +838,335 @@ def test_flush_denormal_everywhere_reaches_the_worker_threads_unless_opted_out(k
         assert report == {"turned_on": False, "survivors": 1 << 22}
     elif report["turned_on"]:  # False only on a CPU without the mode
         assert report["survivors"] == 0
+
+
+# ---------------------------------------------------------------- the collapse guard
+
+@given(st.integers(2, 12), st.integers(1, 5), st.integers(0, 10_000))
+def test_batch_spread_is_the_root_mean_square_distance_between_two_distinct_items(n, dim, seed):
+    embeddings = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    squared = [float((embeddings[i] - embeddings[j]).pow(2).sum()) for i in range(n) for j in range(n) if i != j]
+    assert float(batch_spread(embeddings)) == pytest.approx(math.sqrt(sum(squared) / len(squared)), rel=1e-9)
+
+
+def test_a_collapsed_batch_has_zero_spread():
+    assert float(batch_spread(torch.ones(5, 3))) == 0.0
+
+
+def test_the_active_fraction_counts_the_triplets_with_a_loss():
+    generator = torch.Generator().manual_seed(0)
+    embeddings, labels = torch.randn(12, 2, generator=generator), torch.arange(3).repeat_interleave(4)
+    loss = OnlineTripletLoss(1.0, AllTripletSelector())
+    metric = ActiveFractionMetric(loss)
+    _, n_active = loss(embeddings, labels)
+    metric(None, None, None)
+    triplets = AllTripletSelector().get_triplets(embeddings, labels)
+    a, p, n = triplets.unbind(1)
+    d = lambda i, j: (embeddings[i] - embeddings[j]).pow(2).sum(1)  # noqa: E731
+    brute = int(((d(a, p) + 1.0 - d(a, n)) > 0).sum())
+    assert loss.last_selection.selected == len(triplets) and n_active == brute
+    assert metric.value() == pytest.approx(brute / len(triplets))
+    with pytest.raises(TypeError, match="last_selection"):
+        ActiveFractionMetric(nn.MSELoss())
+
+
+def guard_data(seed=0, per_class=16):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(4).repeat_interleave(per_class)
+    centres = torch.randn(4, 8, generator=generator) * 3
+    return TensorDataset(centres[labels] + torch.randn(len(labels), 8, generator=generator), labels)
+
+
+def guard_run(margin, epochs=10, lr=0.5, per_class=16, initial_scale=1.0, **options):
+    dataset = guard_data(per_class=per_class)
+    torch.manual_seed(0)
+    model = nn.Linear(8, 2)
+    with torch.no_grad():
+        model.weight.mul_(initial_scale), model.bias.mul_(initial_scale)
+    loader = DataLoader(dataset, batch_sampler=BalancedBatchSampler(dataset.tensors[1], 4, 8, seed=0))
+    options = {"progress": False, **options}
+    return fit(loader, None, model, OnlineContrastiveLoss(margin, HardNegativePairSelector()),
+               torch.optim.SGD(model.parameters(), lr=lr), None, epochs, device="cpu", log_interval=10_000,
+               **options)
+
+
+def test_the_guard_warns_once_when_the_embeddings_collapse():
+    with pytest.warns(EmbeddingCollapseWarning) as caught:
+        history = guard_run(margin=1e-4)
+    assert len([w for w in caught if w.category is EmbeddingCollapseWarning]) == 1  # once, though it stays collapsed
+    message = str(caught[0].message)
+    assert "collapsed" in message and "spread" in message
+    assert "batch_norm=True" in message and "easy_selector" in message  # what made the study's selectors train
+    assert history["train_spread"][-1] < COLLAPSE_RATIO * history["train_spread_at_start"][0]
+    assert all(0 <= value <= 1 for value in history["train_active_fraction"])
+
+
+def test_a_collapse_within_the_first_epoch_is_caught_at_its_end():
+    with pytest.warns(EmbeddingCollapseWarning, match="in epoch 1"):
+        history = guard_run(margin=1e-4, epochs=1, per_class=160)  # 20 batches: the collapse happens inside epoch 1
+    assert history["train_spread"][0] < COLLAPSE_RATIO * history["train_spread_at_start"][0]
+
+
+def test_a_run_that_grows_its_embeddings_then_collapses_them_is_caught(tmp_path):
+    # it starts near one point (weights scaled by 1e-3), spreads the classes apart with margin 1, then
+    # shrinks everything with margin 1e-4: the collapsed spread is a small share of its peak, not of its start
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmbeddingCollapseWarning)
+        grown = guard_run(margin=1.0, epochs=3, initial_scale=1e-3, checkpoint_dir=tmp_path)
+    assert grown["train_spread"][-1] > 100 * grown["train_spread_at_start"][0]
+    with pytest.warns(EmbeddingCollapseWarning, match="it reached before") as caught:
+        history = guard_run(margin=1e-4, epochs=13, initial_scale=1e-3, checkpoint_dir=tmp_path, resume=True)
+    start, spreads = history["train_spread_at_start"][0], history["train_spread"]
+    assert COLLAPSE_RATIO * start < spreads[-1] < COLLAPSE_RATIO * max(spreads)  # below the peak's 1%, not the start's
+    assert len([w for w in caught if w.category is EmbeddingCollapseWarning]) == 1
+
+
+def test_the_guard_is_silent_on_a_healthy_run_and_reports_its_spread():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmbeddingCollapseWarning)
+        history = guard_run(margin=1.0)
+    assert history["train_spread"][-1] > 0.5 * history["train_spread"][0]
+    assert {"train_spread", "val_spread", "train_active_fraction", "val_active_fraction"} <= history.keys()
+
+
+def test_the_log_lines_and_the_progress_bar_show_the_spread(capsys):
+    guard_run(margin=1.0, epochs=1)
+    assert "spread" in capsys.readouterr().out
+    guard_run(margin=1.0, epochs=1, progress=True)
+    assert "spread=" in capsys.readouterr().err
+
+
+def test_collapse_guard_false_adds_nothing_and_never_warns():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmbeddingCollapseWarning)
+        history = guard_run(margin=1e-4, collapse_guard=False)
+    assert not any("spread" in key or "active" in key for key in history)
+
+
+def test_a_checkpoint_from_before_the_guard_resumes_with_nan_for_its_epochs(tmp_path):
+    guard_run(margin=1.0, epochs=2, collapse_guard=False, checkpoint_dir=tmp_path)
+    history = guard_run(margin=1.0, epochs=3, checkpoint_dir=tmp_path, resume=True)
+    assert history["epoch"] == [1, 2, 3]
+    assert all(math.isnan(value) for value in history["train_spread"][:2]) and history["train_spread"][2] > 0
+    assert math.isnan(history["train_spread_at_start"][0]) and history["train_spread_at_start"][2] > 0
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["history"].keys() == history.keys()
+
+
+def test_the_callers_own_spread_metric_replaces_the_guards_and_another_of_its_name_is_refused():
+    class Spread(EmbeddingSpreadMetric):
+        pass
+
+    history = guard_run(margin=1.0, epochs=1, metrics=[Spread()])
+    assert "train_spread" in history
+
+    class NamedSpread(ActiveFractionMetric):
+        def name(self):
+            return "Spread"
+
+    dataset = guard_data()
+    loss = OnlineContrastiveLoss(1.0, HardNegativePairSelector())
+    with pytest.raises(ValueError, match="collapse_guard=False"):
+        fit(DataLoader(dataset, batch_size=16), None, nn.Linear(8, 2), loss, torch.optim.SGD(
+            nn.Linear(8, 2).parameters(), lr=0.1), None, 1, device="cpu", metrics=[NamedSpread(loss)])
+
+
+# ---------------------------------------------------------------- mixed precision and compilation
+
+SEEDS = range(5)
+
+
+def half_embeddings(seed, n_classes=4, per_class=6, dim=8):
+    """Embeddings ``(B, D)`` made by a linear layer under bfloat16 autocast, and labels ``(B,)``."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(n_classes * per_class, 16, generator=generator)
+    layer = nn.Linear(16, dim)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(dim, 16, generator=generator) / 4)
+    with MixedPrecision("bf16", "cpu").autocast():
+        embeddings = layer(inputs)
+    return embeddings, torch.arange(n_classes).repeat_interleave(per_class)
+
+
+def test_the_model_runs_in_bfloat16_and_the_distances_in_float32():
+    embeddings, _ = half_embeddings(0)
+    assert embeddings.dtype == torch.bfloat16  # autocast is on
+    exact = embeddings.float()
+    with MixedPrecision("bf16", "cpu").autocast():
+        matrix, queries, paired = pdist(embeddings), squared_distances(embeddings, embeddings), \
+            paired_squared_distances(embeddings, embeddings.flip(0))
+    assert matrix.dtype == queries.dtype == paired.dtype == torch.float32
+    assert torch.equal(matrix, pdist(exact))
+    assert torch.equal(queries, squared_distances(exact, exact))
+    assert torch.equal(paired, paired_squared_distances(exact, exact.flip(0)))
+    double = torch.randn(5, 3, dtype=torch.float64)
+    with MixedPrecision("bf16", "cpu").autocast():
+        assert pdist(double).dtype == torch.float64  # float64 is left alone
+
+
+@pytest.mark.parametrize("selector", sorted(experiments.SELECTORS))
+def test_every_selector_mines_under_autocast_what_it_mines_in_float32(selector):
+    for seed in SEEDS:
+        embeddings, labels = half_embeddings(seed)
+        exact = embeddings.detach().float().requires_grad_()
+        half = embeddings.detach().requires_grad_()
+        losses = [OnlineTripletLoss(1.0, experiments.SELECTORS[selector](1.0, torch.Generator().manual_seed(seed)))
+                  for _ in range(2)]
+        with MixedPrecision("bf16", "cpu").autocast():
+            under_autocast = losses[0].triplet_selector.get_triplets(half, labels)
+        assert torch.equal(under_autocast, losses[1].triplet_selector.get_triplets(exact, labels))
+        for loss in losses:  # the same generators again, for the losses' own draws
+            loss.triplet_selector = experiments.SELECTORS[selector](1.0, torch.Generator().manual_seed(seed))
+        with MixedPrecision("bf16", "cpu").autocast():
+            (loss_half, count_half) = losses[0](half, labels)
+        loss_exact, count_exact = losses[1](exact, labels)
+        assert loss_half.dtype == torch.float32 and count_half == count_exact
+        assert torch.equal(loss_half, loss_exact)
+        loss_half.backward()
+        loss_exact.backward()
+        assert half.grad.dtype == torch.bfloat16  # the gradient reaches the half-precision embeddings
+        torch.testing.assert_close(half.grad.float(), exact.grad.to(torch.bfloat16).float())
+
+
+def test_the_contrastive_loss_under_autocast_is_its_float32_value():
+    embeddings, labels = half_embeddings(3)
+    loss = OnlineContrastiveLoss(1.0, utils.HardNegativePairSelector())
+    with MixedPrecision("bf16", "cpu").autocast():
+        value = loss(embeddings, labels)
+    assert value.dtype == torch.float32
+    assert torch.equal(value, loss(embeddings.float(), labels))
+
+
+def precision_classification(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 4, generator=generator)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2), nn.LogSoftmax(dim=1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return DataLoader(TensorDataset(x, y), batch_size=16), model, optimizer
+
+
+def precision_run(epochs, **options):
+    loader, model, optimizer = precision_classification()
+    history = fit(loader, None, model, nn.NLLLoss(), optimizer, None, epochs, device="cpu", progress=False,
+                  log_interval=10_000, **options)
+    return model, optimizer, history
+
+
+def test_a_bfloat16_run_trains_like_a_float32_one():
+    model, _, history = precision_run(6, amp="bf16")
+    reference, _, reference_history = precision_run(6)
+    assert history["train_loss"][-1] < 0.5 * history["train_loss"][0]
+    assert history["train_loss"][-1] == pytest.approx(reference_history["train_loss"][-1], rel=0.1)
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())  # weights stay float32
+    for trained, expected in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(trained, expected, atol=0.05, rtol=0.05)
+
+
+def test_float16_scales_the_loss_and_its_scaler_resumes_exactly(tmp_path):
+    straight, straight_optimizer, straight_history = precision_run(4, amp="fp16", checkpoint_dir=tmp_path / "straight")
+    precision_run(2, amp="fp16", checkpoint_dir=tmp_path / "split")
+    resumed, resumed_optimizer, resumed_history = precision_run(4, amp="fp16", checkpoint_dir=tmp_path / "split",
+                                                        resume=True)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert {key: value for key, value in straight_history.items() if key != "seconds"} == \
+        {key: value for key, value in resumed_history.items() if key != "seconds"}
+    scalers = [torch.load(tmp_path / folder / CHECKPOINT_NAME, weights_only=True)["grad_scaler"]
+               for folder in ("straight", "split")]
+    assert scalers[0] == scalers[1]
+    # 4 batches an epoch, 4 epochs: the resumed run continued the scaler's count of good steps
+    assert scalers[0]["_growth_tracker"] == 16 and scalers[0]["scale"] == 65536.0
+
+
+def test_a_checkpoint_without_amp_holds_no_scaler(tmp_path):
+    precision_run(1, checkpoint_dir=tmp_path)
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["grad_scaler"] is None
+
+
+@pytest.mark.parametrize("amp", ["fp8", "float16", True])
+def test_an_unknown_amp_is_refused_by_name(amp):
+    with pytest.raises(ValueError, match="amp"):
+        precision_run(1, amp=amp)
+
+
+def test_compile_must_be_true_or_false():
+    with pytest.raises(TypeError, match="compile"):
+        precision_run(1, compile="yes")
+
+
+def test_a_compiled_model_trains_like_the_eager_one_and_checkpoints_its_plain_weights(tmp_path):
+    compiled, _, history = precision_run(2, compile=True, checkpoint_dir=tmp_path)
+    eager, _, eager_history = precision_run(2)
+    for a, b in zip(compiled.parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert history["train_loss"] == pytest.approx(eager_history["train_loss"], rel=1e-5)
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["model"]
+    assert saved.keys() == eager.state_dict().keys()  # no "_orig_mod." prefix
+
+
+def test_experiments_takes_amp_and_records_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_idx_fixture(tmp_path / "data")
+    rows = experiments.main(["--dataset", "mnist", "--methods", "online-triplet", "--quick", "--no-progress",
+                             "--root", "data", "--amp", "bf16"])
+    assert rows[0]["amp"] == "bf16" and rows[0]["compile"] is False
+    assert 0 < rows[0]["final_train_loss"] < float("inf")
+    assert rows[0]["precision_at_1"] > 0.2  # 10 classes: it learned something in bfloat16
+
+
+class ShrinkingEmbedding(nn.Module):
+    """Its first call returns the inputs themselves, every later one the inputs times ``factor``: a training
+    epoch of two batches then ends with a spread of ``factor`` times the spread it started from."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor, self.calls = factor, 0
+        self.weight = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return x * (1.0 if self.calls == 1 else self.factor) + self.weight
+
+
+@pytest.mark.parametrize("share, warns", [(0.005, True), (0.05, False)])
+def test_the_guard_warns_below_one_percent_of_the_start_and_not_at_five(share, warns):
+    # COLLAPSE_RATIO (0.01) between the two shares, by a factor of 2 and 5: a threshold ten times lower
+    # (0.001) misses the collapse at 0.5 %, ten times higher (0.1) calls 5 % one
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])
+    batches = [(x, torch.tensor([0, 0, 1, 1]))] * 2
+    model = ShrinkingEmbedding(share)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = quiet_fit(batches, None, model, lambda embeddings, target: (embeddings * 0).sum(),
+                            torch.optim.SGD(model.parameters(), lr=0.1), None, 1, device="cpu")
+    assert history["train_spread"][0] == pytest.approx(share * history["train_spread_at_start"][0], rel=1e-5)
+    collapse_warnings = [w for w in caught if w.category is EmbeddingCollapseWarning]
+    assert len(collapse_warnings) == (1 if warns else 0)
+    if warns:
+        assert f"{share:.2%}" in str(collapse_warnings[0].message)  # "0.50% of the ... the run started from"
+
+
+@pytest.mark.parametrize("last, warns", [(0.005, True), (0.05, False)])
+def test_the_guard_measures_against_the_largest_spread_of_the_run(last, warns):
+    # the run started at 0.1 and reached 1.0 in epoch 2: the share is of that peak, not of the start
+    history = {"epoch": [1, 2, 3], "train_spread": [0.5, 1.0, last], "train_spread_at_start": [0.1, 0.5, 1.0],
+               "train_active_fraction": [0.5, 0.5, 0.5]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert trainer._warn_if_collapsed(history) is warns
+    assert len([w for w in caught if w.category is EmbeddingCollapseWarning]) == (1 if warns else 0)
+    if warns:
+        assert "it reached before" in str(caught[0].message) and f"{last:.2%}" in str(caught[0].message)
+
+
+def test_the_moved_names_of_trainer_resolve_with_a_warning_naming_their_new_module():
+    for name, module in utils.MOVED_NAMES["trainer"].items():
+        with pytest.warns(DeprecationWarning, match=f"trainer.{name} moved to {module}.{name}"):
+            value = getattr(trainer, name)
+        assert value is getattr(__import__(module), name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        from trainer import fit, setup_distributed  # noqa: F401  (trainer's own names: no warning)
+    with pytest.raises(AttributeError):
+        trainer.no_such_name

@@ -1,8 +1,9 @@
-"""Tests for the IDX loading in datasets.py: read_idx, IDXImageDataset, load_dataset.
+"""Tests for known_datasets.py, the datasets known by name: read_idx, IDXImageDataset, load_dataset,
+CIFAR-10's reader and load_image_splits.
 
-Every test builds tiny IDX files (20 train / 10 test images of 28 x 28, four classes) in tmp_path,
-so nothing depends on the data installed on the machine; SYSTEM_DATA_DIRS is pointed at empty
-temporary folders for every test. The download tests run torchvision's real download code against
+Every test builds tiny IDX files (20 train / 10 test images of 28 x 28, four classes) or CIFAR-10
+pickles in tmp_path, so nothing depends on the data installed on the machine; SYSTEM_DATA_DIRS is
+pointed at empty temporary folders for every test. The download tests run torchvision's real download code against
 an HTTP server on 127.0.0.1 that serves the gzipped fixtures.
 """
 
@@ -11,6 +12,7 @@ import gzip
 import hashlib
 import http.server
 import os
+import pickle
 import shutil
 import struct
 import threading
@@ -21,9 +23,12 @@ import torch
 import torchvision
 from PIL import Image
 
+import known_datasets
 import datasets
-from datasets import (CLASS_NAMES, NORMALIZATION, IDXImageDataset, InMemoryDataset, SiameseMNIST, TripletMNIST,
-                      canonical_dataset_name, dataset_search_paths, load_dataset, read_idx)
+from datasets import InMemoryDataset, SiameseMNIST, TripletMNIST
+from fixtures import write_idx_fixture
+from known_datasets import (CLASS_NAMES, NORMALIZATION, IDXImageDataset, canonical_dataset_name, dataset_search_paths,
+                            load_dataset, read_idx)
 
 FILE_NAMES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -82,7 +87,7 @@ def empty_system_dirs(tmp_path, monkeypatch):
     """Point SYSTEM_DATA_DIRS at (not yet existing) temporary folders, so the machine's own data never counts."""
     system_dirs = {"mnist": [str(tmp_path / "system" / "mnist")],
                    "fashion-mnist": [str(tmp_path / "system" / "fashion-mnist")]}
-    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIRS", system_dirs)
+    monkeypatch.setattr(known_datasets, "SYSTEM_DATA_DIRS", system_dirs)
     return system_dirs
 
 
@@ -329,7 +334,7 @@ def test_root_wins_over_system_dir(tmp_path, empty_system_dirs):
 def test_system_dirs_are_searched_in_order(tmp_path, monkeypatch):
     first, second = tmp_path / "first", tmp_path / "second"
     in_second = write_dataset(second, seed=2)
-    monkeypatch.setitem(datasets.SYSTEM_DATA_DIRS, "mnist", [str(first), str(second)])
+    monkeypatch.setitem(known_datasets.SYSTEM_DATA_DIRS, "mnist", [str(first), str(second)])
     assert_holds(load_dataset("mnist", root=tmp_path / "empty"), *in_second[True])
     in_first = write_dataset(first, seed=1)
     assert_holds(load_dataset("mnist", root=tmp_path / "empty"), *in_first[True])
@@ -360,7 +365,7 @@ def test_a_malformed_file_in_root_is_reported_not_skipped(tmp_path, empty_system
 def test_not_found_message_names_every_place_tried(tmp_path, monkeypatch, name, train):
     root = tmp_path / "data"
     system_dirs = [str(tmp_path / "sys-a"), str(tmp_path / "sys-b")]
-    monkeypatch.setitem(datasets.SYSTEM_DATA_DIRS, name, system_dirs)
+    monkeypatch.setitem(known_datasets.SYSTEM_DATA_DIRS, name, system_dirs)
     write_dataset(root, splits=(not train,))  # only the other split: must not count
     with pytest.raises(FileNotFoundError) as raised:
         load_dataset(name, root=root, train=train)
@@ -513,3 +518,52 @@ def test_siamese_and_triplet_wrappers_on_a_loaded_dataset(tmp_path, in_memory):
     batch = next(iter(torch.utils.data.DataLoader(train_pairs, batch_size=8)))
     (first, second), targets = batch
     assert first.shape == second.shape == (8, 1, 28, 28) and targets.shape == (8,)
+
+
+# ------------------------------------------------------------------------ CIFAR-10, load_image_splits
+
+def write_cifar_fixture(root, per_class=3, seed=0):
+    """CIFAR-10's python version in miniature: five train batches and a test batch of random images,
+    each class ``per_class`` times per batch, and batches.meta."""
+    folder = root / known_datasets.KNOWN_DATASETS["cifar10"].files[0]
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name in [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]:
+        labels = rng.permutation(np.repeat(np.arange(10), per_class)).tolist()
+        data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as file:
+            pickle.dump({"batch_label": name, "labels": labels, "data": data,
+                         "filenames": [f"{i}.png" for i in range(len(labels))]}, file)
+        written[name] = (data, labels)
+    with open(folder / "batches.meta", "wb") as file:
+        pickle.dump({"label_names": known_datasets.KNOWN_DATASETS["cifar10"].classes,
+                     "num_cases_per_batch": 10 * per_class, "num_vis": 3072}, file)
+    return written
+
+
+def test_cifar10_is_read_from_the_python_pickles(tmp_path):
+    written = write_cifar_fixture(tmp_path)
+    train, test = known_datasets.load_image_splits("cifar10", tmp_path, download=False)
+    assert isinstance(train, datasets.InMemoryDataset) and train.train and not test.train
+    assert train.data.shape == (150, 3, 32, 32) and test.data.shape == (30, 3, 32, 32)
+    data, labels = written["data_batch_2"]
+    first = torch.from_numpy(data[0].reshape(3, 32, 32).copy()).float() / 255
+    assert torch.equal(train.data[30], first) and train.targets[30] == labels[0]
+    assert test.targets.tolist() == written["test_batch"][1]
+    assert train.classes == known_datasets.KNOWN_DATASETS["cifar10"].classes
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        known_datasets.load_cifar10(tmp_path / "elsewhere", download=False)
+
+
+def test_mnist_like_splits_are_raw_pixels_in_memory(tmp_path):
+    written = write_idx_fixture(tmp_path / "data")
+    train, test = known_datasets.load_image_splits("mnist", tmp_path / "data", download=False)
+    images, labels = written["train"]
+    assert torch.equal(train.data, torch.from_numpy(images).float().div(255).unsqueeze(1))
+    assert torch.equal(train.targets, torch.from_numpy(labels).long()) and len(test) == len(written["test"][1])
+    generator = torch.Generator().manual_seed(0)
+    subset = datasets.random_subset(train, 7, generator)
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:7].sort().values
+    assert torch.equal(subset.data, train.data[chosen]) and subset.classes == train.classes
+    assert datasets.random_subset(train, None, generator) is train
