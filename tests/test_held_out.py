@@ -1,33 +1,35 @@
-"""A scenario of experiments.py end to end: held-out classes (--train-classes) on the IDX fixture, the model
-trained on some classes and one-shot learning measured on the others. (Omniglot's study and command line:
-tests/test_omniglot.py.)"""
+"""held_out.py, and its scenario through experiments.py end to end: held-out classes (--train-classes) on the
+IDX fixture, the model trained on some classes and one-shot learning measured on the others. (Omniglot's
+study and command line: tests/test_omniglot.py.)"""
 
 import pytest
 import torch
 
+import datasets
 import experiments
 import metrics
 from datasets import InMemoryDataset
 from fixtures import write_idx_fixture
+from held_out import HELD_OUT_EPISODES, parse_classes
 
 
 @pytest.mark.parametrize("spec, expected", [("0-4", [0, 1, 2, 3, 4]), ("0,1,2,3,4", [0, 1, 2, 3, 4]),
                                             ("7, 0-2", [0, 1, 2, 7]), ("3", [3]), ([5, 1, 1], [1, 5])])
 def test_parse_classes(spec, expected):
-    assert experiments.parse_classes(spec, 10) == expected
+    assert parse_classes(spec, 10) == expected
 
 
 @pytest.mark.parametrize("spec, message", [("0-10", "ids in 0..9"), ("a-b", "cannot read"), ("", "ids in 0..9"),
                                            ("0-8", "leave at least 2"), ("-1", "cannot read")])
 def test_parse_classes_errors(spec, message):
     with pytest.raises(ValueError, match=message):
-        experiments.parse_classes(spec, 10)
+        parse_classes(spec, 10)
 
 
 def test_class_subset_relabels_in_the_given_order():
     dataset = InMemoryDataset(torch.arange(12.0).view(12, 1, 1, 1), torch.arange(12) % 4,
                               classes=["a", "b", "c", "d"])
-    subset = experiments.class_subset(dataset, [3, 1])
+    subset = datasets.class_subset(dataset, [3, 1])
     assert subset.classes == ["d", "b"]
     assert subset.targets.tolist() == [1, 0, 1, 0, 1, 0]
     assert subset.data.flatten().tolist() == [1, 3, 5, 7, 9, 11]
@@ -50,7 +52,7 @@ def test_held_out_run_on_the_idx_fixture(tmp_path, monkeypatch):
     assert held_out.classes == test_set.classes[5:] and len(held_out) == int((test_set.targets >= 5).sum())
     # the row's numbers are those of the trained model's embeddings of those images
     embeddings = model.get_embedding(held_out.data).detach()
-    episodes = experiments.few_shot_accuracy(embeddings, held_out.targets, 5, 1, experiments.HELD_OUT_EPISODES,
+    episodes = metrics.few_shot_accuracy(embeddings, held_out.targets, 5, 1, HELD_OUT_EPISODES,
                                              seed=3)
     assert row["held_out_one_shot"] == pytest.approx(episodes["accuracy"], abs=1e-6)
     assert row["held_out_one_shot_ci95"] == pytest.approx(episodes["ci95"], abs=1e-6)
@@ -78,7 +80,7 @@ def test_held_out_baselines_score_pixels_and_the_untrained_network(tmp_path):
     assert (untrained["method"], untrained["embedding_dim"], untrained["epochs"]) == ("untrained network", 3, 0)
     _, held_out, _ = experiments.held_out_splits(train_set, test_set, "0-4")
     images = torch.stack([held_out[i][0] for i in range(len(held_out))]).flatten(1)
-    direct = experiments.few_shot_accuracy(images, held_out.targets, 5, 1, experiments.HELD_OUT_EPISODES, seed=1)
+    direct = metrics.few_shot_accuracy(images, held_out.targets, 5, 1, HELD_OUT_EPISODES, seed=1)
     assert pixels["held_out_one_shot"] == pytest.approx(direct["accuracy"])
     torch.manual_seed(1)  # the network run_method(seed=1) would start training from
     start = experiments.EmbeddingNet(3)
