@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader
 
 from datasets import class_subset
 from methods import EVALUATION_BATCH, data_workers
-from metrics import extract_embeddings, few_shot_accuracy, retrieval_metrics, verification_roc_auc
+from episodes import few_shot_accuracy
+from metrics import extract_embeddings, retrieval_metrics, verification_roc_auc
 
 HELD_OUT_EPISODES = 1000
 HELD_OUT_COLUMNS = [("train_classes", "train classes", "{}"),

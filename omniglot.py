@@ -18,7 +18,7 @@ This module owns:
   committed ``results/omniglot.*`` and ``weights/omniglot_siamese.pt``: a quick run writes under
   ``results/quick/``, any other settings under ``runs/omniglot/<settings tag>/`` (``omniglot_outputs``).
 
-The general pieces come from the rest of the library (episodes: ``metrics.few_shot_accuracy`` with
+The general pieces come from the rest of the library (episodes: ``episodes.few_shot_accuracy`` with
 ``groups=`` the alphabet of each image; batches: ``datasets.BalancedBatchSampler``); the old import
 paths (``datasets.OmniglotAlphabets``, ``metrics.one_shot_run_errors``, ``experiments.run_omniglot``,
 ...) still resolve to the objects here.
@@ -44,8 +44,9 @@ from torchvision import transforms
 
 import cli
 from datasets import BatchRandomAffine, InMemoryDataset, SiameseMNIST
+from episodes import few_shot_accuracy
 from methods import EVALUATION_BATCH, build_method
-from metrics import best_threshold, extract_embeddings, few_shot_accuracy, verification_roc_auc
+from metrics import best_threshold, extract_embeddings, verification_roc_auc
 from model_file import load_model, save_model
 from networks import ShiftAveragedEmbedding, SiameseNetwork
 from results import RUNS_ROOT, markdown_table, output_dirs, write_json, write_text

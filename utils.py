@@ -122,7 +122,9 @@ MOVED_NAMES = {
             "load_image_folder", "ImageFileDataset", "channel_statistics", "normalized", "export_image_folder",
             "load_folder_splits"), "image_folders"),
         "share_bounds": "distributed"},
-    "metrics": {"one_shot_run_errors": "omniglot"},
+    "metrics": {"one_shot_run_errors": "omniglot",
+                **dict.fromkeys(("sample_episodes", "episode_accuracies", "few_shot_accuracy", "n_way_k_shot_accuracy"),
+                                "episodes")},
     "networks": dict.fromkeys(("MODEL_FORMAT", "MODEL_VERSION", "MODEL_KEYS", "model_fingerprint", "save_model",
                                "load_model", "embed_images"), "model_file"),
     "trainer": {**dict.fromkeys((

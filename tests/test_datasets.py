@@ -19,7 +19,7 @@ from torchvision.datasets import ImageFolder
 import datasets
 import image_folders
 import known_datasets
-from datasets import (BalancedBatchSampler, InMemoryDataset, SiameseMNIST, TripletMNIST, _ClassBlocks,
+from datasets import (BalancedBatchSampler, BatchRandomAffine, InMemoryDataset, SiameseMNIST, TripletMNIST, _ClassBlocks,
                       held_out_class_split, split_per_class)
 from folder_fixtures import class_folder
 from image_folders import load_image_folder
@@ -743,3 +743,57 @@ def test_datasets_imports_neither_known_datasets_nor_image_folders():
     code = "import sys, datasets; print(sorted(set(sys.modules) & {'known_datasets', 'image_folders'}))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------- BatchRandomAffine
+
+def test_affine_identity_and_shapes():
+    images = torch.rand(5, 1, 12, 12)
+    identity = BatchRandomAffine(degrees=0, shear=0, scale=(1, 1), translate=0)
+    assert torch.allclose(identity(images), images, atol=1e-5)
+    assert identity(images[0]).shape == (1, 12, 12)
+    assert identity(images[:0]).shape == (0, 1, 12, 12)
+
+
+def test_affine_matrices_invert_the_distortion():
+    zoom = BatchRandomAffine(degrees=0, shear=0, scale=(2, 2), translate=0)
+    assert torch.allclose(zoom.matrices(3), torch.tensor([[0.5, 0, 0], [0, 0.5, 0]]).expand(3, 2, 3))
+    shift = BatchRandomAffine(degrees=0, shear=0, scale=(1, 1), translate=0.25).matrices(1000)
+    assert torch.allclose(shift[:, :, :2], torch.eye(2).expand(1000, 2, 2))
+    assert shift[:, :, 2].abs().max() <= 0.5 and shift[:, :, 2].abs().max() > 0.45  # 2 * translate
+    rotation = BatchRandomAffine(degrees=30, shear=0, scale=(1, 1), translate=0).matrices(1000)[:, :, :2]
+    assert torch.allclose(rotation @ rotation.transpose(1, 2), torch.eye(2).expand(1000, 2, 2), atol=1e-5)
+    angles = torch.rad2deg(torch.atan2(rotation[:, 1, 0], rotation[:, 0, 0])).abs()
+    assert angles.max() <= 30 + 1e-3 and angles.max() > 28
+
+
+def test_affine_fills_with_the_background():
+    white = torch.ones(4, 1, 10, 10)
+    shifted = BatchRandomAffine(degrees=45, translate=0.3, fill=1.0)(white)
+    assert torch.allclose(shifted, white)
+    black_background = BatchRandomAffine(degrees=45, translate=0.3, fill=0.0)(white)
+    assert black_background.min() < 0.5
+
+
+def test_affine_is_reproducible_with_a_generator():
+    images = torch.rand(3, 1, 10, 10)
+    first = BatchRandomAffine(generator=torch.Generator().manual_seed(4))(images)
+    assert torch.equal(first, BatchRandomAffine(generator=torch.Generator().manual_seed(4))(images))
+    torch.manual_seed(0)
+    global_draw = BatchRandomAffine()(images)
+    torch.manual_seed(0)
+    assert torch.equal(global_draw, BatchRandomAffine()(images))
+
+
+@pytest.mark.parametrize("arguments", [{"degrees": -1}, {"shear": "x"}, {"translate": True}, {"scale": (1.2, 0.8)},
+                                       {"scale": 1.0}, {"scale": (0, 1)}])
+def test_affine_argument_errors(arguments):
+    with pytest.raises(ValueError):
+        BatchRandomAffine(**arguments)
+
+
+def test_affine_needs_float_tensors():
+    with pytest.raises(TypeError, match="float tensor"):
+        BatchRandomAffine()(torch.zeros(1, 4, 4, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="float tensor"):
+        BatchRandomAffine()(torch.zeros(4, 4))

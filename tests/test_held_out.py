@@ -9,6 +9,7 @@ import datasets
 import experiments
 import metrics
 from datasets import InMemoryDataset
+from episodes import few_shot_accuracy
 from fixtures import write_idx_fixture
 from held_out import HELD_OUT_EPISODES, parse_classes
 
@@ -52,7 +53,7 @@ def test_held_out_run_on_the_idx_fixture(tmp_path, monkeypatch):
     assert held_out.classes == test_set.classes[5:] and len(held_out) == int((test_set.targets >= 5).sum())
     # the row's numbers are those of the trained model's embeddings of those images
     embeddings = model.get_embedding(held_out.data).detach()
-    episodes = metrics.few_shot_accuracy(embeddings, held_out.targets, 5, 1, HELD_OUT_EPISODES,
+    episodes = few_shot_accuracy(embeddings, held_out.targets, 5, 1, HELD_OUT_EPISODES,
                                              seed=3)
     assert row["held_out_one_shot"] == pytest.approx(episodes["accuracy"], abs=1e-6)
     assert row["held_out_one_shot_ci95"] == pytest.approx(episodes["ci95"], abs=1e-6)
@@ -80,7 +81,7 @@ def test_held_out_baselines_score_pixels_and_the_untrained_network(tmp_path):
     assert (untrained["method"], untrained["embedding_dim"], untrained["epochs"]) == ("untrained network", 3, 0)
     _, held_out, _ = experiments.held_out_splits(train_set, test_set, "0-4")
     images = torch.stack([held_out[i][0] for i in range(len(held_out))]).flatten(1)
-    direct = metrics.few_shot_accuracy(images, held_out.targets, 5, 1, HELD_OUT_EPISODES, seed=1)
+    direct = few_shot_accuracy(images, held_out.targets, 5, 1, HELD_OUT_EPISODES, seed=1)
     assert pixels["held_out_one_shot"] == pytest.approx(direct["accuracy"])
     torch.manual_seed(1)  # the network run_method(seed=1) would start training from
     start = experiments.EmbeddingNet(3)

@@ -6,6 +6,7 @@ evaluate_embeddings), each against a brute-force loop reference or hand-computed
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import metrics
-from metrics import (AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, Metric, _verification_pairs,
+from metrics import (AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric, Metric, _verification_pairs, best_threshold,
                      evaluate_embeddings, extract_embeddings, knn_accuracy, knn_predict, nmi_score, retrieval_metrics,
                      verification_roc_auc)
 
@@ -783,3 +784,53 @@ def test_evaluate_embeddings_errors():
         evaluate_embeddings(train, train_labels, test, torch.arange(10))
     with pytest.raises(ValueError, match="seed must be >= 0"):
         evaluate_embeddings(train, train_labels, test, test_labels, seed=-1)
+
+
+# ------------------------------------------------------------------------------- best_threshold
+
+def brute_force_threshold_accuracy(scores, same):
+    candidates = sorted(set(scores.tolist())) + [math.inf]
+    return max(sum((s >= t) == y for s, y in zip(scores.tolist(), same.tolist())) for t in candidates) / len(scores)
+
+
+def accuracy_at(scores, same, threshold):
+    return float(((scores.double() >= threshold) == same).double().mean())
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_best_threshold_matches_brute_force(seed):
+    generator = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 60, (), generator=generator))
+    same = torch.rand(n, generator=generator) < 0.5
+    # coarse scores give many ties; same pairs score higher on average
+    scores = (torch.rand(n, generator=generator) * 8 + same * 3).floor() / 12
+    threshold, accuracy = best_threshold(scores, same)
+    assert accuracy == pytest.approx(brute_force_threshold_accuracy(scores, same))
+    assert accuracy_at(scores, same, threshold) == pytest.approx(accuracy)
+
+
+def test_best_threshold_midpoints_and_extremes():
+    scores = torch.tensor([0.9, 0.8, 0.3, 0.1])
+    assert best_threshold(scores, torch.tensor([True, True, False, False])) == (pytest.approx(0.55), 1.0)
+    threshold, accuracy = best_threshold(scores, torch.tensor([True, True, True, True]))
+    assert accuracy == 1.0 and threshold == pytest.approx(0.1)
+    threshold, accuracy = best_threshold(scores, torch.tensor([False, False, False, False]))
+    assert accuracy == 1.0 and threshold > float(scores[0]) and threshold == pytest.approx(0.9)
+    threshold, accuracy = best_threshold(torch.tensor([0.5, 0.5]), torch.tensor([True, False]))
+    assert accuracy == 0.5 and threshold > 0.5  # on a tie, the higher threshold
+    adjacent = torch.tensor([1.0, float(np.nextafter(np.float64(1.0), 0))], dtype=torch.float64)
+    threshold, accuracy = best_threshold(adjacent, torch.tensor([True, False]))
+    assert accuracy == 1.0 and accuracy_at(adjacent, torch.tensor([True, False]), threshold) == 1.0
+
+
+def test_best_threshold_errors():
+    with pytest.raises(TypeError, match="floating"):
+        best_threshold(torch.tensor([1, 2]), torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        best_threshold(torch.tensor([0.1, 0.2]), torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        best_threshold(torch.tensor([0.1, 0.2]), torch.tensor([True]))
+    with pytest.raises(ValueError, match="at least one"):
+        best_threshold(torch.tensor([]), torch.tensor([], dtype=torch.bool))
+    with pytest.raises(ValueError, match="NaN"):
+        best_threshold(torch.tensor([0.1, float("nan")]), torch.tensor([True, False]))

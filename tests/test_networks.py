@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from losses import PairwiseAutoencoderLoss, kl_to_standard_normal
+from losses import ContrastiveLoss, PairwiseAutoencoderLoss, kl_to_standard_normal
 from model_file import load_model, save_model
 from networks import (LOG_VAR_RANGE, NETWORKS, VAE, Autoencoder, AutoencoderOutput, ClassificationNet, ConvDecoder,
                       ConvEncoder, EmbeddingNet, EmbeddingNetL2, MLPDecoder, MLPEncoder, ResNetEmbedding,
@@ -433,3 +433,107 @@ def test_network_arguments_are_checked():
         VAE(torch.nn.Linear(20, 8), MLPDecoder(2, 20), latent_dim=2)
     with pytest.raises(ValueError, match="input_shape"):
         make_autoencoder((1, 28, 32), 2)
+
+
+# ------------------------------------------------------------------------------- SiameseNetwork
+
+@pytest.mark.parametrize("image_size, flat", [(28, 64), (56, 64 * 3 * 3), (105, 64 * 6 * 6)])
+def test_siamese_network_shapes(image_size, flat):
+    net = SiameseNetwork(image_size=image_size, embedding_dim=32)
+    assert net.encoder[-1].in_features == flat and net.encoder[-1].out_features == 32
+    x1, x2 = torch.randn(3, 1, image_size, image_size), torch.randn(3, 1, image_size, image_size)
+    output1, output2 = net(x1, x2)
+    assert output1.shape == output2.shape == (3, 32)
+    net.eval()
+    assert torch.allclose(net(x1, x2)[0], net.forward_one(x1), atol=1e-5)
+    assert torch.allclose(net.get_embedding(x2), net.forward_one(x2))
+    parameters = sum(p.numel() for p in net.parameters())
+    assert parameters < 500_000  # a few MB at most once saved
+
+
+def test_siamese_network_shares_one_encoder():
+    net = SiameseNetwork(image_size=28).eval()
+    x = torch.randn(4, 1, 28, 28)
+    output1, output2 = net(x, x)
+    assert torch.equal(output1, output2)
+    convolutions = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convolutions) == 4  # one encoder, not one per input
+    with torch.no_grad():
+        net.encoder[0].weight.add_(1)
+    changed1, changed2 = net(x, x)
+    assert torch.equal(changed1, changed2) and not torch.equal(changed1, output1)
+
+
+def test_similarity_is_in_0_1_and_decreases_with_distance():
+    net = SiameseNetwork(image_size=28).eval()
+    x1, x2 = torch.randn(6, 1, 28, 28), torch.randn(6, 1, 28, 28)
+    scores = net.similarity(x1, x2)
+    assert scores.shape == (6,) and torch.all(scores > 0) and torch.all(scores <= 1)
+    assert torch.allclose(net.similarity(x1, x1), torch.ones(6))
+    distances = (net.forward_one(x1) - net.forward_one(x2)).norm(dim=1)
+    assert torch.allclose(scores, 1 / (1 + distances))
+    origin = torch.zeros(5, 3)
+    points = torch.tensor([0.0, 0.5, 1.0, 10.0, 1e4])[:, None] * torch.tensor([[1.0, 2.0, 2.0]])
+    values = SiameseNetwork.embedding_similarity(origin, points)
+    assert values[0] == 1 and torch.all(values[1:] < values[:-1]) and values[-1] > 0
+    assert values[2] == pytest.approx(1 / 4)  # distance 3
+
+
+def test_similarity_gradient_is_finite_for_identical_embeddings():
+    embeddings = torch.zeros(2, 3, requires_grad=True)
+    SiameseNetwork.embedding_similarity(embeddings, torch.zeros(2, 3)).sum().backward()
+    assert torch.isfinite(embeddings.grad).all()
+
+
+def test_verify_thresholds_the_similarity():
+    net = SiameseNetwork(image_size=28).eval()
+    x1, x2 = torch.randn(8, 1, 28, 28), torch.randn(8, 1, 28, 28)
+    scores = net.similarity(x1, x2).detach()
+    threshold = float(scores.median())
+    decisions = net.verify(x1, x2, threshold)
+    assert decisions.dtype == torch.bool and torch.equal(decisions, scores >= threshold)
+    assert torch.all(net.verify(x1, x1, 1.0))
+    with pytest.raises(TypeError, match="threshold"):
+        net.verify(x1, x2, "0.5")
+
+
+def test_contrastive_loss_trains_the_siamese_network():
+    torch.manual_seed(0)
+    net = SiameseNetwork(image_size=16, embedding_dim=8, channels=8)
+    x1, x2 = torch.randn(6, 1, 16, 16), torch.randn(6, 1, 16, 16)
+    label = torch.tensor([1, 0, 1, 0, 1, 0])
+    loss = ContrastiveLoss(margin=2.0)(*net(x1, x2), label)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in net.parameters())
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = ContrastiveLoss(margin=2.0)(*net(x1, x2), label)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_siamese_network_options_and_config():
+    net = SiameseNetwork(image_size=56, embedding_dim=16, channels=8, n_blocks=3, normalize=True).eval()
+    embeddings = net.forward_one(torch.randn(4, 1, 56, 56))
+    assert torch.allclose(embeddings.norm(dim=1), torch.ones(4))
+    rebuilt = SiameseNetwork(**net.config())
+    rebuilt.load_state_dict(net.state_dict())
+    rebuilt.eval()
+    x = torch.randn(2, 1, 56, 56)
+    assert torch.equal(rebuilt.forward_one(x), net.forward_one(x))
+
+
+def test_siamese_network_errors():
+    with pytest.raises(ValueError, match="image_size must be >= 16"):
+        SiameseNetwork(image_size=15)
+    with pytest.raises(TypeError, match="embedding_dim must be an int"):
+        SiameseNetwork(embedding_dim=2.0)
+    net = SiameseNetwork(image_size=28)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, 28, 28\)"):
+        net.forward_one(torch.randn(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="one shape"):
+        net.similarity(torch.randn(2, 1, 28, 28), torch.randn(3, 1, 28, 28))

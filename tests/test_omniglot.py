@@ -1,6 +1,5 @@
-"""One-shot learning: omniglot.py's readers (zip, folder, torchvision layout, Lake's one-shot runs) on
-fixtures written in the exact formats, batched augmentation (datasets.BatchRandomAffine), the N-way
-K-shot episode sampler and scorer (metrics), the verification threshold, and SiameseNetwork; then the
+"""Tests for omniglot.py: its readers (zip, folder, torchvision layout, Lake's one-shot runs) on fixtures
+written in the exact formats, N-way K-shot episodes within its alphabets; then the
 study (training in quick mode, saved weights, Lake's one-shot runs), its command line ``python
 omniglot.py`` (one line and exit status 2 for a user's mistake), where a run writes (a trial never the
 committed results or weights), and the old import paths of the Omniglot names."""
@@ -8,14 +7,12 @@ committed results or weights), and the old import paths of the Omniglot names.""
 import ast
 import hashlib
 import inspect
-import math
 import os
 import re
 import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -25,9 +22,8 @@ import datasets
 import experiments
 import metrics
 import omniglot as omniglot_module  # (``omniglot`` is the fixture of the alphabets below)
-from datasets import BalancedBatchSampler, BatchRandomAffine, InMemoryDataset, SiameseMNIST, TripletMNIST
-from losses import ContrastiveLoss
-from metrics import best_threshold, episode_accuracies, few_shot_accuracy, n_way_k_shot_accuracy, sample_episodes
+from datasets import BalancedBatchSampler, BatchRandomAffine, SiameseMNIST, TripletMNIST
+from episodes import n_way_k_shot_accuracy
 from networks import ShiftAveragedEmbedding, SiameseNetwork
 from omniglot import OmniglotAlphabets, OneShotRuns, one_shot_run_errors
 from omniglot_fixtures import ALPHABETS, DRAWERS, SIZE, write_alphabets, write_runs, zip_folder
@@ -185,58 +181,53 @@ def test_augmentation_then_user_transform(omniglot):
         OmniglotAlphabets(omniglot["zip"], augment="strong")
 
 
-# ------------------------------------------------------------------------------- BatchRandomAffine
-
-def test_affine_identity_and_shapes():
-    images = torch.rand(5, 1, 12, 12)
-    identity = BatchRandomAffine(degrees=0, shear=0, scale=(1, 1), translate=0)
-    assert torch.allclose(identity(images), images, atol=1e-5)
-    assert identity(images[0]).shape == (1, 12, 12)
-    assert identity(images[:0]).shape == (0, 1, 12, 12)
-
-
-def test_affine_matrices_invert_the_distortion():
-    zoom = BatchRandomAffine(degrees=0, shear=0, scale=(2, 2), translate=0)
-    assert torch.allclose(zoom.matrices(3), torch.tensor([[0.5, 0, 0], [0, 0.5, 0]]).expand(3, 2, 3))
-    shift = BatchRandomAffine(degrees=0, shear=0, scale=(1, 1), translate=0.25).matrices(1000)
-    assert torch.allclose(shift[:, :, :2], torch.eye(2).expand(1000, 2, 2))
-    assert shift[:, :, 2].abs().max() <= 0.5 and shift[:, :, 2].abs().max() > 0.45  # 2 * translate
-    rotation = BatchRandomAffine(degrees=30, shear=0, scale=(1, 1), translate=0).matrices(1000)[:, :, :2]
-    assert torch.allclose(rotation @ rotation.transpose(1, 2), torch.eye(2).expand(1000, 2, 2), atol=1e-5)
-    angles = torch.rad2deg(torch.atan2(rotation[:, 1, 0], rotation[:, 0, 0])).abs()
-    assert angles.max() <= 30 + 1e-3 and angles.max() > 28
-
-
-def test_affine_fills_with_the_background():
-    white = torch.ones(4, 1, 10, 10)
-    shifted = BatchRandomAffine(degrees=45, translate=0.3, fill=1.0)(white)
-    assert torch.allclose(shifted, white)
-    black_background = BatchRandomAffine(degrees=45, translate=0.3, fill=0.0)(white)
-    assert black_background.min() < 0.5
+def test_quarter_turns_add_rotated_classes(omniglot):
+    plain = OmniglotAlphabets(omniglot["zip"])
+    turned = OmniglotAlphabets(omniglot["zip"], quarter_turns=(0, 1, 2, 3))
+    n = len(plain)
+    assert len(turned) == 4 * n and len(turned.classes) == 4 * N_CLASSES
+    assert turned.classes[:N_CLASSES] == plain.classes
+    assert turned.classes[N_CLASSES] == "Alpha/character01@90" and turned.classes[-1] == "Beta/character02@270"
+    for k in range(4):
+        block = slice(k * n, (k + 1) * n)
+        assert torch.equal(turned.data[block], torch.rot90(plain.data, k, dims=(2, 3)))
+        assert torch.equal(turned.targets[block], plain.targets + k * N_CLASSES)
+        assert torch.equal(turned.alphabets[block], plain.alphabets) and torch.equal(turned.drawers[block], plain.drawers)
+        assert torch.all(turned.turns[block] == k)
+    assert torch.equal(turned.class_alphabets, plain.class_alphabets.repeat(4))
+    only_turned = OmniglotAlphabets(omniglot["zip"], quarter_turns=(2,))
+    assert torch.equal(only_turned.data, torch.rot90(plain.data, 2, dims=(2, 3)))
+    assert only_turned.classes[0] == "Alpha/character01@180"
+    for bad in [(), (4,), (0, 0), 1, (True,)]:
+        with pytest.raises(ValueError, match="quarter_turns"):
+            OmniglotAlphabets(omniglot["zip"], quarter_turns=bad)
 
 
-def test_affine_is_reproducible_with_a_generator():
-    images = torch.rand(3, 1, 10, 10)
-    first = BatchRandomAffine(generator=torch.Generator().manual_seed(4))(images)
-    assert torch.equal(first, BatchRandomAffine(generator=torch.Generator().manual_seed(4))(images))
-    torch.manual_seed(0)
-    global_draw = BatchRandomAffine()(images)
-    torch.manual_seed(0)
-    assert torch.equal(global_draw, BatchRandomAffine()(images))
+def test_mirror_adds_mirrored_classes_after_the_turned_ones(omniglot):
+    turned = OmniglotAlphabets(omniglot["zip"], quarter_turns=(0, 1))
+    mirrored = OmniglotAlphabets(omniglot["zip"], quarter_turns=(0, 1), mirror=True)
+    n, n_classes = len(turned), len(turned.classes)
+    assert len(mirrored) == 2 * n and len(mirrored.classes) == 2 * n_classes
+    assert mirrored.classes[:n_classes] == turned.classes
+    assert mirrored.classes[n_classes] == "Alpha/character01~mirrored"
+    assert mirrored.classes[-1] == "Beta/character02@90~mirrored"
+    assert torch.equal(mirrored.data[:n], turned.data)
+    for i in range(0, n, 7):  # column j of a mirrored image is column S - 1 - j of the original
+        assert torch.equal(mirrored.data[n + i][..., 0], turned.data[i][..., -1])
+        assert torch.equal(mirrored.data[n + i], turned.data[i][..., torch.arange(turned.image_size - 1, -1, -1)])
+    assert torch.equal(mirrored.targets, torch.cat([turned.targets, turned.targets + n_classes]))
+    for name in ("alphabets", "drawers", "turns", "characters"):
+        assert torch.equal(getattr(mirrored, name), getattr(turned, name).repeat(2))
+    assert torch.equal(mirrored.class_alphabets, turned.class_alphabets.repeat(2))
+    assert mirrored.mirrored.tolist() == [False] * n + [True] * n and not turned.mirrored.any()
+    assert len(mirrored.files) == 2 * n
+    with pytest.raises(TypeError, match="mirror must be True or False"):
+        OmniglotAlphabets(omniglot["zip"], mirror=1)
 
 
-@pytest.mark.parametrize("arguments", [{"degrees": -1}, {"shear": "x"}, {"translate": True}, {"scale": (1.2, 0.8)},
-                                       {"scale": 1.0}, {"scale": (0, 1)}])
-def test_affine_argument_errors(arguments):
-    with pytest.raises(ValueError):
-        BatchRandomAffine(**arguments)
-
-
-def test_affine_needs_float_tensors():
-    with pytest.raises(TypeError, match="float tensor"):
-        BatchRandomAffine()(torch.zeros(1, 4, 4, dtype=torch.uint8))
-    with pytest.raises(TypeError, match="float tensor"):
-        BatchRandomAffine()(torch.zeros(4, 4))
+def test_alphabet_names_in(omniglot):
+    assert OmniglotAlphabets.alphabet_names_in(omniglot["zip"]) == ["Alpha", "Beta"]
+    assert OmniglotAlphabets.alphabet_names_in(omniglot["folder"]) == ["Alpha", "Beta"]
 
 
 # ------------------------------------------------------------------------------- OneShotRuns
@@ -316,213 +307,7 @@ def test_one_shot_runs_errors(runs, tmp_path):
         OneShotRuns(broken)
 
 
-# ------------------------------------------------------------------------------- episodes
-
-def grouped_labels():
-    """60 items: 12 classes of 5 items, shuffled; group = class // 4 (3 groups of 4 classes)."""
-    labels = torch.arange(12).repeat_interleave(5)
-    labels = labels[torch.randperm(60, generator=torch.Generator().manual_seed(1))]
-    return labels, labels // 4
-
-
-@pytest.mark.parametrize("n_way, k_shot, n_query", [(2, 1, 1), (4, 2, 3), (12, 1, 4), (3, 4, 1)])
-def test_episodes_have_the_asked_shape_and_disjoint_support_and_query(n_way, k_shot, n_query):
-    labels, _ = grouped_labels()
-    support, query = sample_episodes(labels, n_way, k_shot, n_query, 50, seed=3)
-    assert support.shape == (50, n_way, k_shot) and query.shape == (50, n_way, n_query)
-    for episode in range(50):
-        items = torch.cat([support[episode], query[episode]], dim=1)  # (n_way, k_shot + n_query)
-        assert len(items.flatten().unique()) == items.numel()  # no item twice: support and query disjoint
-        row_labels = labels[items]
-        assert torch.all(row_labels == row_labels[:, :1])  # one class per row
-        assert len(row_labels[:, 0].unique()) == n_way  # n_way distinct classes
-
-
-def test_within_group_episodes_draw_one_group_and_every_group():
-    labels, groups = grouped_labels()
-    support, query = sample_episodes(labels, 3, 1, 2, 300, groups=groups, seed=0)
-    episode_groups = groups[torch.cat([support, query], dim=2).flatten(1)]
-    assert torch.all(episode_groups == episode_groups[:, :1])
-    assert set(episode_groups[:, 0].tolist()) == {0, 1, 2}
-
-
-def test_groups_too_small_for_n_way_are_skipped_and_all_too_small_raises():
-    labels = torch.arange(7).repeat_interleave(3)
-    groups = torch.tensor([0] * 15 + [1] * 6)  # group 0: classes 0-4, group 1: classes 5, 6
-    support, _ = sample_episodes(labels, 5, 1, 1, 100, groups=groups, seed=0)
-    assert torch.all(groups[support.flatten()] == 0)
-    with pytest.raises(ValueError, match="6-way episodes need 6 classes"):
-        sample_episodes(labels, 6, 1, 1, 10, groups=groups)
-    with pytest.raises(ValueError, match=">= 4 items"):
-        sample_episodes(labels, 2, 2, 2, 10)
-
-
-def test_classes_with_too_few_items_are_never_drawn():
-    labels = torch.tensor([0] * 5 + [1] * 5 + [2] * 2 + [3] * 5)
-    support, query = sample_episodes(labels, 3, 2, 1, 200, seed=0)
-    assert 2 not in labels[torch.cat([support, query], 2)].unique().tolist()
-
-
-def test_episodes_are_reproducible_and_seed_dependent():
-    labels, groups = grouped_labels()
-    first = sample_episodes(labels, 3, 2, 1, 40, groups=groups, seed=7)
-    again = sample_episodes(labels, 3, 2, 1, 40, groups=groups, seed=7)
-    other = sample_episodes(labels, 3, 2, 1, 40, groups=groups, seed=8)
-    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
-    assert not torch.equal(first[0], other[0])
-
-
-def test_episodes_cover_classes_and_items_evenly():
-    labels = torch.arange(4).repeat_interleave(3)
-    support, query = sample_episodes(labels, 2, 1, 1, 6000, seed=0)
-    class_counts = torch.bincount(labels[support[:, :, 0]].flatten(), minlength=4).double()
-    assert torch.allclose(class_counts / class_counts.sum(), torch.full((4,), 0.25, dtype=torch.float64), atol=0.02)
-    item_counts = torch.bincount(support.flatten(), minlength=12).double()
-    assert torch.allclose(item_counts / item_counts.sum(), torch.full((12,), 1 / 12, dtype=torch.float64), atol=0.01)
-
-
-def test_large_classes_are_sampled_in_chunks():
-    labels = torch.arange(5).repeat_interleave(20000)
-    support, query = sample_episodes(labels, 5, 1, 1, 100, seed=0)
-    assert support.shape == (100, 5, 1) and torch.all(labels[support[:, :, 0]] == labels[query[:, :, 0]])
-
-
-def test_episode_argument_errors():
-    labels, _ = grouped_labels()
-    with pytest.raises(ValueError, match="n_way must be >= 2"):
-        sample_episodes(labels, 1, 1, 1, 10)
-    with pytest.raises(TypeError, match="k_shot must be an int"):
-        sample_episodes(labels, 2, 1.0, 1, 10)
-    with pytest.raises(TypeError, match="labels"):
-        sample_episodes(labels.float(), 2, 1, 1, 10)
-    with pytest.raises(ValueError, match="one group"):
-        sample_episodes(labels, 2, 1, 1, 10, groups=torch.arange(60) % 2)
-    with pytest.raises(ValueError, match="rule"):
-        episode_accuracies(torch.zeros(60, 2), *sample_episodes(labels, 2, 1, 1, 3), rule="knn")
-
-
-def brute_force_accuracies(embeddings, labels, support, query, rule):
-    accuracies = []
-    for episode_support, episode_query in zip(support.tolist(), query.tolist()):
-        correct = 0
-        for true_row, items in enumerate(episode_query):
-            for item in items:
-                if rule == "prototype":
-                    distances = [float((embeddings[item] - embeddings[row].mean(0)).norm()) for row in episode_support]
-                    predicted = min(range(len(distances)), key=lambda r: (distances[r], r))
-                else:
-                    candidates = [(float((embeddings[item] - embeddings[s]).norm()), r)
-                                  for r, row in enumerate(episode_support) for s in row]
-                    predicted = min(candidates)[1]
-                correct += predicted == true_row
-        accuracies.append(correct / (len(episode_query) * len(episode_query[0])))
-    return accuracies
-
-
-@pytest.mark.parametrize("rule", ["prototype", "nearest"])
-def test_episode_accuracies_match_brute_force(rule):
-    generator = torch.Generator().manual_seed(0)
-    labels, _ = grouped_labels()
-    embeddings = torch.randn(60, 3, generator=generator, dtype=torch.float64) + labels[:, None].double() * 0.3
-    support, query = sample_episodes(labels, 4, 3, 2, 30, seed=5)
-    accuracies = episode_accuracies(embeddings, support, query, rule)
-    assert accuracies.shape == (30,)
-    assert accuracies.tolist() == pytest.approx(brute_force_accuracies(embeddings, labels, support, query, rule))
-
-
-def test_prototype_and_nearest_rules_differ_only_beyond_one_shot():
-    labels, _ = grouped_labels()
-    embeddings = torch.randn(60, 4, generator=torch.Generator().manual_seed(2))
-    one_shot = sample_episodes(labels, 5, 1, 3, 50, seed=0)
-    assert torch.equal(episode_accuracies(embeddings, *one_shot, "prototype"),
-                       episode_accuracies(embeddings, *one_shot, "nearest"))
-    three_shot = sample_episodes(labels, 5, 3, 2, 50, seed=0)
-    assert not torch.equal(episode_accuracies(embeddings, *three_shot, "prototype"),
-                           episode_accuracies(embeddings, *three_shot, "nearest"))
-
-
-def test_perfect_embedding_scores_one_and_random_scores_chance():
-    labels, groups = grouped_labels()
-    perfect = nn.functional.one_hot(labels, 12).float()
-    for rule in ("prototype", "nearest"):
-        result = few_shot_accuracy(perfect, labels, 4, 2, 200, groups=groups, seed=0, n_query=3, rule=rule)
-        assert result == {"accuracy": 1.0, "ci95": 0.0, "n_episodes": 200, "n_way": 4, "k_shot": 2, "n_query": 3,
-                          "rule": rule}
-    noise = torch.randn(60, 8, generator=torch.Generator().manual_seed(0))
-    chance = few_shot_accuracy(noise, labels, 4, 1, 2000, seed=0)
-    assert abs(chance["accuracy"] - 0.25) < 3 * chance["ci95"] + 0.01
-
-
-def test_confidence_interval_is_1_96_standard_errors():
-    labels, _ = grouped_labels()
-    embeddings = torch.randn(60, 2, generator=torch.Generator().manual_seed(3))
-    result = few_shot_accuracy(embeddings, labels, 3, 1, 100, seed=4, n_query=2)
-    accuracies = episode_accuracies(embeddings, *sample_episodes(labels, 3, 1, 2, 100, seed=4)).double()
-    assert result["accuracy"] == pytest.approx(float(accuracies.mean()))
-    assert result["ci95"] == pytest.approx(1.96 * float(accuracies.std()) / 10)
-    assert math.isnan(few_shot_accuracy(embeddings, labels, 3, 1, 1)["ci95"])
-
-
-class OneHotOfFirstPixel(nn.Module):
-    """Embeds an image whose first pixel holds its class id as the one-hot vector of that class."""
-
-    def __init__(self, n_classes):
-        super().__init__()
-        self.n_classes = n_classes
-        self.unused = nn.Linear(1, 1)  # gives the model a device
-
-    def get_embedding(self, x):
-        return nn.functional.one_hot(x.flatten(1)[:, 0].long(), self.n_classes).float()
-
-
-def test_n_way_k_shot_accuracy_on_a_dataset():
-    labels, groups = grouped_labels()
-    dataset = InMemoryDataset(labels.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous(), labels)
-    result = n_way_k_shot_accuracy(OneHotOfFirstPixel(12), dataset, n_way=5, k_shot=1, n_episodes=100, seed=0)
-    assert result["accuracy"] == 1.0 and result["n_way"] == 5 and "within_alphabet" not in result
-    within = n_way_k_shot_accuracy(OneHotOfFirstPixel(12), dataset, n_way=4, n_episodes=10, groups=groups)
-    assert within["accuracy"] == 1.0
-    with pytest.raises(ValueError, match="5-way episodes need 5 classes"):
-        n_way_k_shot_accuracy(OneHotOfFirstPixel(12), dataset, n_way=5, groups=groups)
-    with pytest.raises(ValueError, match="one integer group id per item"):
-        n_way_k_shot_accuracy(OneHotOfFirstPixel(12), dataset, groups=True)  # the old within_alphabet position
-    with pytest.raises(TypeError, match="within_alphabet"):
-        n_way_k_shot_accuracy(OneHotOfFirstPixel(12), dataset, within_alphabet=True)
-
-
-class FixedLinearMap(nn.Module):
-    """An imperfect embedding: a fixed random linear map of the flattened image."""
-
-    def __init__(self, in_features, out_features):
-        super().__init__()
-        self.weight = torch.randn(in_features, out_features, generator=torch.Generator().manual_seed(11))
-
-    def get_embedding(self, x):
-        return x.flatten(1) @ self.weight
-
-
-def test_n_way_k_shot_accuracy_passes_every_argument_to_the_episodes():
-    # 12 classes of 8 noisy vectors each: accuracy well inside (0, 1), so every argument moves it
-    generator = torch.Generator().manual_seed(5)
-    labels = torch.arange(12).repeat_interleave(8)
-    centres = torch.randn(12, 6, generator=generator)
-    images = (centres[labels] + 1.2 * torch.randn(len(labels), 6, generator=generator)).view(-1, 1, 2, 3)
-    groups = labels // 4
-    dataset = InMemoryDataset(images, labels)
-    model = FixedLinearMap(6, 4)
-    embeddings = model.get_embedding(images)
-    arguments = {"n_way": 3, "k_shot": 2, "n_episodes": 300, "groups": groups, "seed": 9, "n_query": 3,
-                 "rule": "nearest"}
-    result = n_way_k_shot_accuracy(model, dataset, batch_size=7, **arguments)
-    expected = few_shot_accuracy(embeddings, labels, **arguments)
-    assert result["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
-    assert result == {**expected, "accuracy": result["accuracy"], "ci95": pytest.approx(expected["ci95"])}
-    assert 0.4 < result["accuracy"] < 0.95
-    # a version that dropped any one argument (its default instead) would score otherwise
-    for name, other in (("n_query", 1), ("seed", 0), ("rule", "prototype"), ("groups", None), ("k_shot", 1)):
-        changed = n_way_k_shot_accuracy(model, dataset, **{**arguments, name: other})
-        assert changed["accuracy"] != result["accuracy"], name
-
+# ------------------------------------------------------------------------------- episodes on Omniglot's alphabets
 
 def test_n_way_k_shot_accuracy_on_omniglot_alphabets(omniglot):
     dataset = OmniglotAlphabets(omniglot["zip"])
@@ -535,209 +320,6 @@ def test_n_way_k_shot_accuracy_on_omniglot_alphabets(omniglot):
     result = n_way_k_shot_accuracy(Flatten(), dataset, n_way=3, k_shot=1, n_episodes=50, groups=dataset.alphabets,
                                    n_query=3)
     assert result["accuracy"] == 1.0
-
-
-# ------------------------------------------------------------------------------- best_threshold
-
-def brute_force_threshold_accuracy(scores, same):
-    candidates = sorted(set(scores.tolist())) + [math.inf]
-    return max(sum((s >= t) == y for s, y in zip(scores.tolist(), same.tolist())) for t in candidates) / len(scores)
-
-
-def accuracy_at(scores, same, threshold):
-    return float(((scores.double() >= threshold) == same).double().mean())
-
-
-@pytest.mark.parametrize("seed", range(30))
-def test_best_threshold_matches_brute_force(seed):
-    generator = torch.Generator().manual_seed(seed)
-    n = int(torch.randint(1, 60, (), generator=generator))
-    same = torch.rand(n, generator=generator) < 0.5
-    # coarse scores give many ties; same pairs score higher on average
-    scores = (torch.rand(n, generator=generator) * 8 + same * 3).floor() / 12
-    threshold, accuracy = best_threshold(scores, same)
-    assert accuracy == pytest.approx(brute_force_threshold_accuracy(scores, same))
-    assert accuracy_at(scores, same, threshold) == pytest.approx(accuracy)
-
-
-def test_best_threshold_midpoints_and_extremes():
-    scores = torch.tensor([0.9, 0.8, 0.3, 0.1])
-    assert best_threshold(scores, torch.tensor([True, True, False, False])) == (pytest.approx(0.55), 1.0)
-    threshold, accuracy = best_threshold(scores, torch.tensor([True, True, True, True]))
-    assert accuracy == 1.0 and threshold == pytest.approx(0.1)
-    threshold, accuracy = best_threshold(scores, torch.tensor([False, False, False, False]))
-    assert accuracy == 1.0 and threshold > float(scores[0]) and threshold == pytest.approx(0.9)
-    threshold, accuracy = best_threshold(torch.tensor([0.5, 0.5]), torch.tensor([True, False]))
-    assert accuracy == 0.5 and threshold > 0.5  # on a tie, the higher threshold
-    adjacent = torch.tensor([1.0, float(np.nextafter(np.float64(1.0), 0))], dtype=torch.float64)
-    threshold, accuracy = best_threshold(adjacent, torch.tensor([True, False]))
-    assert accuracy == 1.0 and accuracy_at(adjacent, torch.tensor([True, False]), threshold) == 1.0
-
-
-def test_best_threshold_errors():
-    with pytest.raises(TypeError, match="floating"):
-        best_threshold(torch.tensor([1, 2]), torch.tensor([True, False]))
-    with pytest.raises(ValueError, match="bool tensor of shape"):
-        best_threshold(torch.tensor([0.1, 0.2]), torch.tensor([1, 0]))
-    with pytest.raises(ValueError, match="bool tensor of shape"):
-        best_threshold(torch.tensor([0.1, 0.2]), torch.tensor([True]))
-    with pytest.raises(ValueError, match="at least one"):
-        best_threshold(torch.tensor([]), torch.tensor([], dtype=torch.bool))
-    with pytest.raises(ValueError, match="NaN"):
-        best_threshold(torch.tensor([0.1, float("nan")]), torch.tensor([True, False]))
-
-
-# ------------------------------------------------------------------------------- SiameseNetwork
-
-@pytest.mark.parametrize("image_size, flat", [(28, 64), (56, 64 * 3 * 3), (105, 64 * 6 * 6)])
-def test_siamese_network_shapes(image_size, flat):
-    net = SiameseNetwork(image_size=image_size, embedding_dim=32)
-    assert net.encoder[-1].in_features == flat and net.encoder[-1].out_features == 32
-    x1, x2 = torch.randn(3, 1, image_size, image_size), torch.randn(3, 1, image_size, image_size)
-    output1, output2 = net(x1, x2)
-    assert output1.shape == output2.shape == (3, 32)
-    net.eval()
-    assert torch.allclose(net(x1, x2)[0], net.forward_one(x1), atol=1e-5)
-    assert torch.allclose(net.get_embedding(x2), net.forward_one(x2))
-    parameters = sum(p.numel() for p in net.parameters())
-    assert parameters < 500_000  # a few MB at most once saved
-
-
-def test_siamese_network_shares_one_encoder():
-    net = SiameseNetwork(image_size=28).eval()
-    x = torch.randn(4, 1, 28, 28)
-    output1, output2 = net(x, x)
-    assert torch.equal(output1, output2)
-    convolutions = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
-    assert len(convolutions) == 4  # one encoder, not one per input
-    with torch.no_grad():
-        net.encoder[0].weight.add_(1)
-    changed1, changed2 = net(x, x)
-    assert torch.equal(changed1, changed2) and not torch.equal(changed1, output1)
-
-
-def test_similarity_is_in_0_1_and_decreases_with_distance():
-    net = SiameseNetwork(image_size=28).eval()
-    x1, x2 = torch.randn(6, 1, 28, 28), torch.randn(6, 1, 28, 28)
-    scores = net.similarity(x1, x2)
-    assert scores.shape == (6,) and torch.all(scores > 0) and torch.all(scores <= 1)
-    assert torch.allclose(net.similarity(x1, x1), torch.ones(6))
-    distances = (net.forward_one(x1) - net.forward_one(x2)).norm(dim=1)
-    assert torch.allclose(scores, 1 / (1 + distances))
-    origin = torch.zeros(5, 3)
-    points = torch.tensor([0.0, 0.5, 1.0, 10.0, 1e4])[:, None] * torch.tensor([[1.0, 2.0, 2.0]])
-    values = SiameseNetwork.embedding_similarity(origin, points)
-    assert values[0] == 1 and torch.all(values[1:] < values[:-1]) and values[-1] > 0
-    assert values[2] == pytest.approx(1 / 4)  # distance 3
-
-
-def test_similarity_gradient_is_finite_for_identical_embeddings():
-    embeddings = torch.zeros(2, 3, requires_grad=True)
-    SiameseNetwork.embedding_similarity(embeddings, torch.zeros(2, 3)).sum().backward()
-    assert torch.isfinite(embeddings.grad).all()
-
-
-def test_verify_thresholds_the_similarity():
-    net = SiameseNetwork(image_size=28).eval()
-    x1, x2 = torch.randn(8, 1, 28, 28), torch.randn(8, 1, 28, 28)
-    scores = net.similarity(x1, x2).detach()
-    threshold = float(scores.median())
-    decisions = net.verify(x1, x2, threshold)
-    assert decisions.dtype == torch.bool and torch.equal(decisions, scores >= threshold)
-    assert torch.all(net.verify(x1, x1, 1.0))
-    with pytest.raises(TypeError, match="threshold"):
-        net.verify(x1, x2, "0.5")
-
-
-def test_contrastive_loss_trains_the_siamese_network():
-    torch.manual_seed(0)
-    net = SiameseNetwork(image_size=16, embedding_dim=8, channels=8)
-    x1, x2 = torch.randn(6, 1, 16, 16), torch.randn(6, 1, 16, 16)
-    label = torch.tensor([1, 0, 1, 0, 1, 0])
-    loss = ContrastiveLoss(margin=2.0)(*net(x1, x2), label)
-    loss.backward()
-    assert torch.isfinite(loss) and all(p.grad is not None for p in net.parameters())
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(20):
-        optimizer.zero_grad()
-        loss = ContrastiveLoss(margin=2.0)(*net(x1, x2), label)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-
-
-def test_siamese_network_options_and_config():
-    net = SiameseNetwork(image_size=56, embedding_dim=16, channels=8, n_blocks=3, normalize=True).eval()
-    embeddings = net.forward_one(torch.randn(4, 1, 56, 56))
-    assert torch.allclose(embeddings.norm(dim=1), torch.ones(4))
-    rebuilt = SiameseNetwork(**net.config())
-    rebuilt.load_state_dict(net.state_dict())
-    rebuilt.eval()
-    x = torch.randn(2, 1, 56, 56)
-    assert torch.equal(rebuilt.forward_one(x), net.forward_one(x))
-
-
-def test_siamese_network_errors():
-    with pytest.raises(ValueError, match="image_size must be >= 16"):
-        SiameseNetwork(image_size=15)
-    with pytest.raises(TypeError, match="embedding_dim must be an int"):
-        SiameseNetwork(embedding_dim=2.0)
-    net = SiameseNetwork(image_size=28)
-    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, 28, 28\)"):
-        net.forward_one(torch.randn(2, 1, 32, 32))
-    with pytest.raises(ValueError, match="one shape"):
-        net.similarity(torch.randn(2, 1, 28, 28), torch.randn(3, 1, 28, 28))
-
-
-def test_quarter_turns_add_rotated_classes(omniglot):
-    plain = OmniglotAlphabets(omniglot["zip"])
-    turned = OmniglotAlphabets(omniglot["zip"], quarter_turns=(0, 1, 2, 3))
-    n = len(plain)
-    assert len(turned) == 4 * n and len(turned.classes) == 4 * N_CLASSES
-    assert turned.classes[:N_CLASSES] == plain.classes
-    assert turned.classes[N_CLASSES] == "Alpha/character01@90" and turned.classes[-1] == "Beta/character02@270"
-    for k in range(4):
-        block = slice(k * n, (k + 1) * n)
-        assert torch.equal(turned.data[block], torch.rot90(plain.data, k, dims=(2, 3)))
-        assert torch.equal(turned.targets[block], plain.targets + k * N_CLASSES)
-        assert torch.equal(turned.alphabets[block], plain.alphabets) and torch.equal(turned.drawers[block], plain.drawers)
-        assert torch.all(turned.turns[block] == k)
-    assert torch.equal(turned.class_alphabets, plain.class_alphabets.repeat(4))
-    only_turned = OmniglotAlphabets(omniglot["zip"], quarter_turns=(2,))
-    assert torch.equal(only_turned.data, torch.rot90(plain.data, 2, dims=(2, 3)))
-    assert only_turned.classes[0] == "Alpha/character01@180"
-    for bad in [(), (4,), (0, 0), 1, (True,)]:
-        with pytest.raises(ValueError, match="quarter_turns"):
-            OmniglotAlphabets(omniglot["zip"], quarter_turns=bad)
-
-
-def test_mirror_adds_mirrored_classes_after_the_turned_ones(omniglot):
-    turned = OmniglotAlphabets(omniglot["zip"], quarter_turns=(0, 1))
-    mirrored = OmniglotAlphabets(omniglot["zip"], quarter_turns=(0, 1), mirror=True)
-    n, n_classes = len(turned), len(turned.classes)
-    assert len(mirrored) == 2 * n and len(mirrored.classes) == 2 * n_classes
-    assert mirrored.classes[:n_classes] == turned.classes
-    assert mirrored.classes[n_classes] == "Alpha/character01~mirrored"
-    assert mirrored.classes[-1] == "Beta/character02@90~mirrored"
-    assert torch.equal(mirrored.data[:n], turned.data)
-    for i in range(0, n, 7):  # column j of a mirrored image is column S - 1 - j of the original
-        assert torch.equal(mirrored.data[n + i][..., 0], turned.data[i][..., -1])
-        assert torch.equal(mirrored.data[n + i], turned.data[i][..., torch.arange(turned.image_size - 1, -1, -1)])
-    assert torch.equal(mirrored.targets, torch.cat([turned.targets, turned.targets + n_classes]))
-    for name in ("alphabets", "drawers", "turns", "characters"):
-        assert torch.equal(getattr(mirrored, name), getattr(turned, name).repeat(2))
-    assert torch.equal(mirrored.class_alphabets, turned.class_alphabets.repeat(2))
-    assert mirrored.mirrored.tolist() == [False] * n + [True] * n and not turned.mirrored.any()
-    assert len(mirrored.files) == 2 * n
-    with pytest.raises(TypeError, match="mirror must be True or False"):
-        OmniglotAlphabets(omniglot["zip"], mirror=1)
-
-
-def test_alphabet_names_in(omniglot):
-    assert OmniglotAlphabets.alphabet_names_in(omniglot["zip"]) == ["Alpha", "Beta"]
-    assert OmniglotAlphabets.alphabet_names_in(omniglot["folder"]) == ["Alpha", "Beta"]
 
 
 # ------------------------------------------------------------------------------- the study and its command line
