@@ -305,6 +305,19 @@ def load_checkpoint(path, history_keys, scheduler):
     return checkpoint
 
 
+def read_model_weights(path):
+    """The model's ``state_dict`` saved in the checkpoint at `path` (e.g. to save a finished run's model
+    without training it again), read, checked and upgraded as ``load_checkpoint`` reads a checkpoint to
+    resume. Raises ValueError naming the file when it is not a checkpoint written by fit."""
+    checkpoint = _read(path)
+    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
+        raise ValueError(f"{path!r} is not a checkpoint written by trainer.fit")
+    try:
+        return upgrade_checkpoint(checkpoint, checkpoint["history"].keys())["model"]
+    except ValueError as error:
+        raise ValueError(f"{path!r}: {error}") from error
+
+
 def restore_checkpoint(checkpoint, path, model, optimizer, scheduler, generators, grad_scaler=None):
     """Put the model, optimizer, scheduler, global RNGs, private generators and the gradient scaler
     (fp16 amp; when the checkpoint has one) in the states of `checkpoint` (``load_checkpoint``'s, read

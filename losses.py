@@ -281,7 +281,7 @@ class OnlineTripletLoss(nn.Module):
 
     ``easy_selector`` (default None): a second selector, usually an easier one (random-hard), whose
     triplets' mean loss is added to the first's: a mixed objective, the hard terms on top of an easier
-    one that keeps the embeddings spread (see README, "Recipes"). ``last_selection`` and the count stay
+    one that keeps the embeddings spread (see results/README.md, "Recipes"). ``last_selection`` and the count stay
     those of ``triplet_selector``.
 
     ``gather`` (default True) only acts under ``torch.distributed`` with world size > 1: the triplets

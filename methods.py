@@ -68,9 +68,9 @@ class Recipe(NamedTuple):
 CLASSIC = Recipe()
 HERMANS = Recipe(margin=0.0, soft=True, distance="euclidean")  # Hermans et al.'s soft margin on plain distances
 # The hardest-negative selectors mine batches of few images per class, so that an anchor's hardest picks are
-# not the few ambiguous items of the batch (shirts against T-shirts) in every batch (README, "Recipes").
+# not the few ambiguous items of the batch (shirts against T-shirts) in every batch (results/README.md, "Recipes").
 FEW_PER_CLASS = 4
-# The recipe each method trains with in the study (measured in README, "Recipes"; a method not named: CLASSIC),
+# The recipe each method trains with in the study (measured in results/README.md, "Recipes"; a method not named: CLASSIC),
 # and the one it trained with before them (CLASSIC_RECIPES, else CLASSIC), kept as the "before" rows.
 RECIPES = {
     "online-triplet/hardest": Recipe(batch_norm=True, easy_selector="random-hard", batch_samples=FEW_PER_CLASS),

@@ -1,6 +1,6 @@
 """Use a trained model on your own images: index a folder, then query, verify, classify and evaluate.
 
-This module owns the gallery file and everything done with a model file (``networks.save_model``) on
+This module owns the gallery file and everything done with a model file (``model_file.save_model``) on
 images outside the training pipeline:
 
 - ``index_folder``: embeds every image of a folder (class sub-folders, a two-level group/class folder, a
@@ -231,7 +231,7 @@ def index_folder(model_path, folder, out, batch_size=256, progress=True, skip_ba
     """Embed every image of ``folder`` with the model file ``model_path`` and write the gallery file ``out``.
 
     ``folder`` is a folder of class sub-folders (or group/class folders, or a CSV of ``path,label`` lines:
-    see ``datasets.list_images``), whose class names become the gallery's labels, or a flat folder of images
+    see ``image_folders.list_images``), whose class names become the gallery's labels, or a flat folder of images
     (unlabelled, label -1). Images are decoded and embedded batch_size at a time (memory: one batch plus the
     (N, D) float32 embeddings), with a progress bar unless progress=False. skip_bad_images leaves unreadable
     files out with a warning instead of raising ValueError naming the first one. The file (see the module

@@ -640,7 +640,7 @@ def _warn_if_collapsed(history):
         f"between two items of a batch) was {spreads[-1]:.3g}, {spreads[-1] / peak:.2%} of the {peak:.3g} "
         f"{'the run started from' if peak == start else 'it reached before'}{active_text}. Every item is "
         "mapped to nearly one point, where the loss sits at the margin and retrieval is random. Try what made "
-        "every selector of the study train (experiments.RECIPES; README, Recipes): a BatchNorm at the "
+        "every selector of the study train (methods.RECIPES; results/README.md, Recipes): a BatchNorm at the "
         "embedding (EmbeddingNet(batch_norm=True)), which keeps a batch from shrinking to a point, and for "
         "the hardest selectors the loss of an easier one added (OnlineTripletLoss(..., "
         "easy_selector=RandomNegativeTripletSelector(margin))).",

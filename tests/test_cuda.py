@@ -9,9 +9,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import experiments
+import methods
 from checkpoints import CHECKPOINT_NAME
 from fixtures import write_idx_fixture
 from losses import OnlineTripletLoss
+from results import image_path, output_dirs
+from runs import RUN_ROW
 from trainer import MixedPrecision, fit
 from utils import HardNegativePairSelector
 
@@ -36,8 +39,8 @@ def rows(indices):
 @pytest.mark.parametrize("selector", DETERMINISTIC)
 def test_deterministic_selectors_choose_on_the_gpu_what_they_choose_on_the_cpu(selector):
     for seed in range(5):
-        on_gpu = experiments.SELECTORS[selector](1.0, None).get_triplets(*batch(seed, "cuda"))
-        on_cpu = experiments.SELECTORS[selector](1.0, None).get_triplets(*batch(seed, "cpu"))
+        on_gpu = methods.SELECTORS[selector](1.0, None).get_triplets(*batch(seed, "cuda"))
+        on_cpu = methods.SELECTORS[selector](1.0, None).get_triplets(*batch(seed, "cpu"))
         assert on_gpu.device.type == "cuda"
         assert rows(on_gpu) == rows(on_cpu)
 
@@ -50,11 +53,11 @@ def test_hard_negative_pairs_on_the_gpu_are_those_on_the_cpu():
             assert rows(on_gpu) == rows(on_cpu)
 
 
-@pytest.mark.parametrize("selector", sorted(experiments.SELECTORS))
+@pytest.mark.parametrize("selector", sorted(methods.SELECTORS))
 def test_every_selector_runs_on_the_gpu_with_a_gpu_or_cpu_generator(selector):
     embeddings, labels = batch(0, "cuda")
     for generator in (torch.Generator(device="cuda").manual_seed(0), torch.Generator().manual_seed(0)):
-        triplets = experiments.SELECTORS[selector](1.0, generator).get_triplets(embeddings, labels)
+        triplets = methods.SELECTORS[selector](1.0, generator).get_triplets(embeddings, labels)
         assert triplets.device.type == "cuda" and triplets.shape[1] == 3
         anchors, positives, negatives = triplets.unbind(1)
         assert bool((labels[anchors] == labels[positives]).all() and (labels[anchors] != labels[negatives]).all())
@@ -65,7 +68,7 @@ def test_the_hardest_triplet_loss_and_its_gradient_agree_between_gpu_and_cpu():
     for device in ("cuda", "cpu"):
         embeddings, labels = batch(1, device)
         embeddings = embeddings.float().requires_grad_()
-        loss, count = OnlineTripletLoss(1.0, experiments.SELECTORS["hardest"](1.0, None))(embeddings, labels)
+        loss, count = OnlineTripletLoss(1.0, methods.SELECTORS["hardest"](1.0, None))(embeddings, labels)
         loss.backward()
         results.append((loss.item(), count, embeddings.grad.cpu()))
     assert results[0][1] == results[1][1]
@@ -78,7 +81,7 @@ def test_under_autocast_on_the_gpu_the_loss_is_float32():
     layer = nn.Linear(embeddings.shape[1], 8).cuda()
     with MixedPrecision("bf16", "cuda").autocast():
         outputs = layer(embeddings.float())
-        loss, _ = OnlineTripletLoss(1.0, experiments.SELECTORS["batch-hard"](1.0, None))(outputs, labels)
+        loss, _ = OnlineTripletLoss(1.0, methods.SELECTORS["batch-hard"](1.0, None))(outputs, labels)
     assert outputs.dtype == torch.bfloat16 and loss.dtype == torch.float32
 
 
@@ -113,5 +116,5 @@ def test_a_study_run_on_the_gpu_writes_its_row_plots_and_model_file(tmp_path, mo
     assert row["device"] == torch.cuda.get_device_name()
     label = experiments.method_label(method, selector)
     for split in ("train", "test"):
-        assert (tmp_path / experiments.image_path("mnist", label, split, 3, "images/quick")).exists()
-    assert (tmp_path / "model.pt").exists() and (tmp_path / "run" / experiments.RUN_ROW).exists()
+        assert (tmp_path / image_path("mnist", label, split, 3, output_dirs("mnist", "quick", committed=False).images)).exists()
+    assert (tmp_path / "model.pt").exists() and (tmp_path / "run" / RUN_ROW).exists()
