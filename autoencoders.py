@@ -27,7 +27,6 @@ reconstruction. Pairs and triplets are mined online in class-stratified batches
   (``cli.run``).
 """
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -705,17 +704,10 @@ def _parse_composite(text):
         raise ValueError(f"--composite-labels: expected old:new pairs such as 0:0,2:0,6:0, got {text!r}") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's parser whose mistakes reach ``cli.run`` as a ValueError: one line, exit status 2 (for cli.py)."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
 def _parser():
     """The argument parser of ``main``."""
-    parser = _Parser(prog="autoencoders.py",
-                     description="Siamese / triplet autoencoders and VAEs: sweep the weight M of the metric loss.")
+    parser = cli.ArgumentParser(prog="autoencoders.py",
+                                description="Siamese / triplet autoencoders and VAEs: sweep the weight M of the metric loss.")
     parser.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
     parser.add_argument("--constraint", default="pairwise,triplet",
                         help=f"comma-separated subset of {', '.join(CONSTRAINTS)}")

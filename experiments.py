@@ -601,7 +601,7 @@ SWITCHES = {
 
 def _parser():
     """The argument parser of ``main``."""
-    parser = argparse.ArgumentParser(description="Train and evaluate siamese/triplet embeddings.")
+    parser = cli.ArgumentParser(prog="experiments.py", description="Train and evaluate siamese/triplet embeddings.")
     parser.add_argument("--dataset", default="fashion-mnist",
                         help=f"{', '.join(DATASETS)}, or the path of a folder of your own images (one sub-folder "
                              "per class, or group/class/) or of a CSV of path,label lines")

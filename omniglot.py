@@ -24,7 +24,6 @@ paths (``datasets.OmniglotAlphabets``, ``metrics.one_shot_run_errors``, ``experi
 ...) still resolve to the objects here.
 """
 
-import argparse
 import hashlib
 import io
 import json
@@ -725,17 +724,10 @@ def run_one_shot_runs(path, weights=OMNIGLOT_WEIGHTS, device="cpu"):
 # The command line: python omniglot.py [options] (cli.run: a user's mistake is one line and exit status 2)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's parser whose mistakes reach ``cli.run`` as a ValueError: one line, exit status 2 (for cli.py)."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
 def _parser():
     """The argument parser of ``main``: exactly the options the Omniglot study reads."""
-    parser = _Parser(prog="omniglot.py", description="One-shot learning on Omniglot: train and evaluate the "
-                     "recipe (omniglot.OMNIGLOT_RECIPE), or score saved weights on Lake's one-shot runs.")
+    parser = cli.ArgumentParser(prog="omniglot.py", description="One-shot learning on Omniglot: train and evaluate "
+                                "the recipe (omniglot.OMNIGLOT_RECIPE), or score saved weights on Lake's one-shot runs.")
     parser.add_argument("--methods", default="all",
                         help=f"one of {', '.join(OMNIGLOT_METHODS)}; 'all': the recipe's ({OMNIGLOT_RECIPE['method']})")
     parser.add_argument("--selectors", default=None,
