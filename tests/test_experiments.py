@@ -420,8 +420,10 @@ def test_the_settings_decide_where_a_run_writes():
     assert study.tag() == "" and study.outputs() == results.output_dirs("fashion-mnist")
     for options, tag in ((dict(epochs=20, embedding_dim=64, seed=3, recipe="classic", train_classes="0-4"), ""),
                          (dict(epochs=1), "epochs-1"), (dict(quick=True, epochs=7), "quick"),
-                         (dict(lr_step=16), "lr-step-16"), (dict(network="resnet18"), "resnet18"),
-                         (dict(amp="fp16", epochs=5), "epochs-5_amp-fp16")):
+                         (dict(lr_step=16), "lr-step-16"), (dict(network="resnet18"), "network-resnet18"),
+                         (dict(amp="fp16", epochs=5), "epochs-5_amp-fp16"),
+                         (dict(quick=True, lr_step=3, pretrained=os.path.join("a", "w.pt")),
+                          "quick_lr-step-3_pretrained-w.pt")):
         settings = experiments.StudySettings("mnist", **options)
         assert settings.tag() == tag, options
         assert settings.outputs() == results.output_dirs("mnist", tag, committed=not tag), options
