@@ -6,8 +6,8 @@ network, M = 0 a plain autoencoder or VAE, and the values between trade retrieva
 reconstruction. Pairs and triplets are mined online in class-stratified batches
 (``datasets.BalancedBatchSampler`` and the selectors of ``utils.py``).
 
-- the data: ``datasets.load_image_splits(dataset, root, download)`` gives the train and test images
-  in [0, 1] of any dataset of ``datasets.KNOWN_DATASETS`` ("mnist", "fashion-mnist", "cifar10",
+- the data: ``known_datasets.load_image_splits(dataset, root, download)`` gives the train and test images
+  in [0, 1] of any dataset of ``known_datasets.KNOWN_DATASETS`` ("mnist", "fashion-mnist", "cifar10",
   "imagenet"), as ``InMemoryDataset`` s;
 - ``run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list_of_latent_dims, ...)``:
   one model per (M, latent size) on raw images (convolutional autoencoder) or on features from
@@ -17,7 +17,8 @@ reconstruction. Pairs and triplets are mined online in class-stratified batches
   ``results/autoencoders-<dataset>.md`` and ``.json``, rows keyed by every setting that defines them;
   only the study's settings (``SWEEP_SETTINGS``) write there and to ``images/autoencoders/``: a run with
   others (iterations, batch size, seed, ...) writes the same files under
-  ``runs/autoencoders-<dataset>/<settings tag>/`` (``sweep_outputs``), a quick run under ``quick/``;
+  ``runs/autoencoders-<dataset>/<settings tag>/`` (``sweep_outputs``), a quick run under
+  ``runs/autoencoders-<dataset>/quick/``;
 - ``plot_tradeoff(rows)``: retrieval quality and reconstruction error against M;
 - every model is trained by ``trainer.fit``, the library's one training loop: an iteration budget is a
   number of epochs of a fixed number of batches (``training_epochs``);
@@ -27,13 +28,10 @@ reconstruction. Pairs and triplets are mined online in class-stratified batches
   (``cli.run``).
 """
 
-import argparse
-import hashlib
 import itertools
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -45,7 +43,7 @@ import cli
 from datasets import BalancedBatchSampler, random_subset
 from known_datasets import (IMAGENET_SIZE, KNOWN_DATASETS, load_cifar10, load_image_splits, load_imagenet,  # noqa: F401
                             read_cifar10)
-from results import RUNS_ROOT, markdown_table, merge_results, output_dirs, save_figure
+from results import RUNS_ROOT, markdown_table, merge_results, output_dirs, save_figure, settings_tag
 from features import EXTRACTORS, cached_features
 from losses import AUTOENCODER_DISTANCES, RECONSTRUCTION_LOSSES, PairwiseAutoencoderLoss, TripletAutoencoderLoss
 from metrics import Metric, evaluate_embeddings
@@ -64,7 +62,7 @@ EVALUATION_BATCH = 1024
 PLOT_POINTS = 2000  # test points in a latent plot (t-SNE time grows fast with the count)
 LOSS_TERMS = ("total", "metric", "reconstruction", "kl", "n_selected")
 
-# quick=True: a smoke run on small random subsets, written under results/quick and images/quick
+# quick=True: a smoke run on small random subsets, written under runs/autoencoders-<dataset>/quick/ (sweep_outputs)
 QUICK_SIZES = (2000, 1000)
 QUICK_ITERS = 200
 
@@ -112,7 +110,7 @@ def prepare_inputs(train, test, dataset, feature_extractor=None, feature_params=
     """Model inputs of both splits: ``(train_inputs, test_inputs, mean, std, image_shape)``.
 
     Takes the train and test ``InMemoryDataset`` s of images (N, C, H, W) in [0, 1]
-    (``datasets.load_image_splits``). Without ``feature_extractor`` the inputs are the images; with one
+    (``known_datasets.load_image_splits``). Without ``feature_extractor`` the inputs are the images; with one
     ("pixels", "hog" or "resnet", called with ``feature_params``) they are its features (N, F),
     computed once per split and cached under ``cache_dir``. With ``normalize`` both splits are
     standardised with the train split's mean and standard deviation (per channel for images, per
@@ -479,8 +477,9 @@ def run_experiment(constraint_type, encoder_type, dataset, list_of_weights, list
             every model starts from the same seed, so models differ only by their settings.
         beta, distance, reconstruction: of ``losses.PairwiseAutoencoderLoss`` / ``TripletAutoencoderLoss``.
         max_train, max_test: random subsets of that many items (None: everything). quick: a smoke run
-            (subsets of ``QUICK_SIZES``, at most ``QUICK_ITERS`` iterations, outputs under ``quick/``).
-        results_dir, images_dir: the study's table and plots (None: not written); runs_dir: other settings'.
+            (subsets of ``QUICK_SIZES``, at most ``QUICK_ITERS`` iterations, outputs under
+            ``<runs_dir>/autoencoders-<dataset>/quick/``).
+        results_dir, images_dir: the study's table and plots (None: not written); runs_dir: other runs'.
 
     Returns the result rows of this call, one dict per model: the settings, ``metrics.evaluate_embeddings``
     of the test embeddings against the train ones (``knn_accuracy`` with k = 5, ``precision_at_1``,
@@ -524,30 +523,23 @@ SWEEP_SETTINGS = {"num_iters": 20000, "batch_size": 64, "margin": 1.0, "dropout_
                   "feature_params": None}
 
 
-def sweep_tag(**settings):
+def sweep_tag(quick=False, **settings):
     """The folder name of a sweep run with ``settings`` (SWEEP_SETTINGS' names; the others keep the study's
-    values): ``""`` for the study's, else what changed, e.g. ``num_iters-60_seed-1``; a value that is not
-    a plain word or number (a label map, extractor parameters) is named by a short hash of its JSON."""
-    unknown = sorted(set(settings) - set(SWEEP_SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown sweep settings {unknown}; the settings are {sorted(SWEEP_SETTINGS)}")
+    values), by ``results.settings_tag``: ``""`` for the study's, else what changed, e.g. ``num-iters-60_seed-1``
+    (a label map or extractor parameters by a short hash); ``"quick"`` for a quick run, whatever its settings
+    (its rows record them). An unknown name raises ValueError."""
     if settings.get("feature_params") is not None:  # parameters left None are the extractor's defaults
         settings["feature_params"] = {k: v for k, v in settings["feature_params"].items() if v is not None} or None
-    changed = [(name, value) for name, value in {**SWEEP_SETTINGS, **settings}.items() if value != SWEEP_SETTINGS[name]]
-    return "_".join(f"{name}-{value}" if re.fullmatch(r"[\w.+-]{1,24}", str(value)) else
-                    f"{name}-{hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]}"
-                    for name, value in changed)
+    tag = settings_tag(settings, SWEEP_SETTINGS)  # (checks the names of a quick run's settings too)
+    return settings_tag({"quick": quick}, {"quick": False}) or tag
 
 
 def sweep_outputs(dataset, quick=False, results_dir="results", images_dir="images", runs_dir=RUNS_ROOT, **settings):
     """Where a sweep run writes: ``(results folder, plots folder)``, each None when ``results_dir`` /
     ``images_dir`` is None. The study's settings (``sweep_tag`` empty): ``results_dir`` and
-    ``<images_dir>/autoencoders``; a quick run: the same under ``quick/`` (as ever); other settings:
-    ``<runs_dir>/autoencoders-<dataset>/<sweep_tag>/`` (``results.output_dirs``): never a committed row or figure."""
-    if quick:
-        results_dir, images_dir = (None if folder is None else os.path.join(folder, "quick")
-                                   for folder in (results_dir, images_dir))
-    tag = "" if quick else sweep_tag(**settings)
+    ``<images_dir>/autoencoders``; any other run, a quick one too: ``<runs_dir>/autoencoders-<dataset>/<sweep_tag>/``
+    (``results.output_dirs``): never a committed row or figure."""
+    tag = sweep_tag(quick, **settings)
     if not tag:
         return results_dir, None if images_dir is None else os.path.join(images_dir, "autoencoders")
     folders = output_dirs(f"autoencoders-{dataset}", tag, committed=False, root=runs_dir)
@@ -705,17 +697,10 @@ def _parse_composite(text):
         raise ValueError(f"--composite-labels: expected old:new pairs such as 0:0,2:0,6:0, got {text!r}") from None
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's parser whose mistakes reach ``cli.run`` as a ValueError: one line, exit status 2 (for cli.py)."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
 def _parser():
     """The argument parser of ``main``."""
-    parser = _Parser(prog="autoencoders.py",
-                     description="Siamese / triplet autoencoders and VAEs: sweep the weight M of the metric loss.")
+    parser = cli.ArgumentParser(prog="autoencoders.py", description="Siamese / triplet autoencoders and VAEs: sweep "
+                                "the weight M of the metric loss.")
     parser.add_argument("--dataset", default="fashion-mnist", choices=DATASETS)
     parser.add_argument("--constraint", default="pairwise,triplet",
                         help=f"comma-separated subset of {', '.join(CONSTRAINTS)}")

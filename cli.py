@@ -7,15 +7,27 @@ as argparse reports a bad option. The library raises ``ValueError`` or an ``OSEr
 that line. Anything else is a bug and keeps its traceback; ``SIAMESE_TRIPLET_TRACEBACK=1`` shows the
 traceback of a user error too (for a bug report).
 
-Each command line is ``python <module>.py ...`` ending in ``sys.exit(cli.run(main, "<module>.py"))``.
+Each command line is ``python <module>.py ...`` ending in ``sys.exit(cli.run(main, "<module>.py"))``, its
+options read by ``cli.ArgumentParser``: argparse's parser whose mistakes (an unknown option, a bad value)
+raise ValueError instead of printing the usage and exiting, so that ``run`` reports them by the same rule
+(one line, exit status 2); ``--help`` prints the help and exits 0 as ever.
 """
 
+import argparse
 import os
 import sys
 
 USER_ERRORS = (ValueError, OSError)  # what the library raises for a bad argument, path or file
 USAGE_ERROR_STATUS = 2  # argparse's status for a bad option; the same for every user error
 TRACEBACK_VARIABLE = "SIAMESE_TRIPLET_TRACEBACK"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser (and its subcommands' parsers) whose mistakes reach ``run`` as a ValueError: one line,
+    exit status 2, like every other user's error."""
+
+    def error(self, message):
+        raise ValueError(message)
 
 
 def run(main, prog, argv=None):

@@ -62,7 +62,7 @@ from metrics import evaluate_embeddings, extract_embeddings, verification_thresh
 from model_file import save_model
 from networks import EmbeddingNet
 from results import (RUNS_ROOT, image_path, image_stem, markdown_table, merge_results, output_dirs, plot_embeddings,
-                     safe_name, save_side_by_side)
+                     safe_name, save_side_by_side, settings_tag)
 from runs import data_identity, open_run, record_finished_row, upgrade_run_settings
 from trainer import device_name, fit, flush_denormal_everywhere, setup_distributed
 from utils import DISTANCES, check_choice, check_int, moved_attribute
@@ -87,6 +87,9 @@ def load_splits(dataset, root="data", download=False, quick=False):
 
 
 STUDY_EPOCHS = 20  # the committed study's (and run_method's default) number of epochs
+# The committed study's values of the settings that name another run's output folder (StudySettings.tag), in order.
+STUDY_TAG_DEFAULTS = {"quick": False, "epochs": STUDY_EPOCHS, "lr_step": STEP_SIZE, "network": "embedding-net",
+                      "pretrained": None, "amp": None}
 AUTO = type("Auto", (), {"__repr__": lambda self: "AUTO"})()  # an output folder where StudySettings.outputs says
 
 
@@ -166,15 +169,14 @@ class StudySettings(NamedTuple):
         return self
 
     def tag(self):
-        """The settings that set a run of a known dataset apart from the committed study, as a folder name:
-        ``""`` for the study's, else e.g. ``"quick"``, ``"epochs-1"``, ``"epochs-5_lr-step-3"``, ``"resnet18"``,
-        ``"amp-bf16"``. (The recipe, size, seed and held-out classes are in the row's key and file names.)"""
-        parts = ["quick"] if self.quick else [] if self.n_epochs == STUDY_EPOCHS else [f"epochs-{self.n_epochs}"]
-        parts += [] if self.lr_step == STEP_SIZE else [f"lr-step-{self.lr_step}"]
-        parts += [] if self.network == "embedding-net" else [self.network]
-        parts += [] if self.pretrained is None else ["pretrained-" + os.path.basename(str(self.pretrained))]
-        parts += [] if self.amp is None else [f"amp-{self.amp}"]
-        return safe_name("_".join(parts))
+        """The settings that set a run of a known dataset apart from the committed study, as a folder name
+        (``results.settings_tag`` against ``STUDY_TAG_DEFAULTS``): ``""`` for the study's, else e.g. ``"quick"``
+        (whatever its epochs), ``"epochs-1"``, ``"epochs-5_lr-step-3"``, ``"network-resnet18"``, ``"amp-bf16"``.
+        (The recipe, size, seed and held-out classes are in the row's key and file names.)"""
+        pretrained = None if self.pretrained is None else os.path.basename(str(self.pretrained))
+        return settings_tag({"quick": self.quick, "epochs": STUDY_EPOCHS if self.quick else self.n_epochs,
+                             "lr_step": self.lr_step, "network": self.network, "pretrained": pretrained,
+                             "amp": self.amp}, STUDY_TAG_DEFAULTS)
 
     def outputs(self):
         """Where this run writes, a ``results.OutputDirs``: ``output_dirs(name, tag, committed=...)``, committed
@@ -424,7 +426,7 @@ def dataset_name(dataset):
 
 def save_trained_model(path, model, network, train_set, validation, row, seed=0, command=None):
     """Save the embedding network of a trained ``model`` (the net inside a ``ClassificationNet`` /
-    ``SiameseNet`` / ``TripletNet``, or the model itself) as one model file (``networks.save_model``) with
+    ``SiameseNet`` / ``TripletNet``, or the model itself) as one model file (``model_file.save_model``) with
     what using it needs: image size, channels, the training images' normalisation, class names, the
     verification threshold chosen on the validation embeddings ``(embeddings, labels)``
     (``metrics.verification_threshold``), the ``command`` (default: this process's command line) and the
@@ -601,7 +603,7 @@ SWITCHES = {
 
 def _parser():
     """The argument parser of ``main``."""
-    parser = argparse.ArgumentParser(description="Train and evaluate siamese/triplet embeddings.")
+    parser = cli.ArgumentParser(prog="experiments.py", description="Train and evaluate siamese/triplet embeddings.")
     parser.add_argument("--dataset", default="fashion-mnist",
                         help=f"{', '.join(DATASETS)}, or the path of a folder of your own images (one sub-folder "
                              "per class, or group/class/) or of a CSV of path,label lines")
@@ -649,7 +651,7 @@ def _parser():
 
 
 def _add_folder_options(own):
-    """The options of a folder of your own images (``datasets.load_folder_splits``)."""
+    """The options of a folder of your own images (``image_folders.load_folder_splits``)."""
     own.add_argument("--image-size", type=int, default=None,
                      help="resize every image to this square size (default: the images' own, when all agree)")
     own.add_argument("--channels", type=int, choices=(1, 3), default=None,
@@ -765,9 +767,9 @@ def held_out_baselines(dataset, train_set, test_set, train_classes, embedding_di
     """Reference rows for a held-out-class run, scored exactly as ``run_method`` scores a trained model:
     'pixels' (the normalised images as vectors, ``PixelEmbedding``) and 'untrained network' (the
     ``EmbeddingNet`` every method starts from: same ``embedding_dim`` and seed, no training). A trained
-    embedding should beat both on its own classes; on the held-out ones it may not (see the README).
-    Takes the full ``(train_set, test_set)`` and the ``train_classes`` spec; records the rows under
-    ``results_dir/train-classes-<tag>/`` (skipped when None) and returns them."""
+    embedding should beat both on its own classes; on the held-out ones it may not (results/README.md, "Classes
+    never trained on"). Takes the full ``(train_set, test_set)`` and the ``train_classes`` spec; records the rows
+    under ``results_dir/train-classes-<tag>/`` (skipped when None) and returns them."""
     (seen_train, seen_test), held_out, classes_tag = held_out_splits(train_set, test_set, train_classes)
     in_channels, image_size = seen_train.data.shape[1], seen_train.data.shape[-1]
     rows = []

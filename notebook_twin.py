@@ -28,7 +28,7 @@ TWIN_CHANGES = [
     ('DATASET = os.environ.get("ST_DATASET", "fashion-mnist")', 'DATASET = os.environ.get("ST_DATASET", "mnist")', 1),
     ("--dataset fashion-mnist ", "--dataset mnist ", 1),
     ("`results/fashion-mnist.md`", "`results/mnist.md`", 2),
-    ("`results/quick/fashion-mnist.md`", "`results/quick/mnist.md`", 1),
+    ("`runs/fashion-mnist/quick/results/fashion-mnist.md`", "`runs/mnist/quick/results/mnist.md`", 1),
     ("--execute Experiments_FashionMNIST.ipynb ", "--execute Experiments_MNIST.ipynb ", 1),
 ]
 SAVED_RESULTS_PARAGRAPH = "**What you see on GitHub are saved results.**"

@@ -10,13 +10,13 @@ This module owns:
   classification benchmark, run01 .. run20, 20-way 1-shot each), scored by ``one_shot_run_errors``;
 - the study: the recipe (``OMNIGLOT_RECIPE``), ``load_omniglot`` (background alphabets for training,
   the evaluation alphabets the background lacks for testing), ``train_omniglot`` (a ``SiameseNetwork``
-  trained by the method ``experiments.build_method`` builds, as for Fashion-MNIST),
+  trained by the method ``methods.build_method`` builds, as for Fashion-MNIST),
   ``evaluate_omniglot`` (one-shot episodes within one alphabet, the harder protocol, and across
   alphabets, plus pair verification), ``run_omniglot`` and ``run_one_shot_runs``;
 - the command line, ``python omniglot.py [--quick] [--one-shot-runs PATH] ...`` (``main``; a user's
   mistake is one line and exit status 2, ``cli.run``). Only the study (the recipe, seed 0) writes the
   committed ``results/omniglot.*`` and ``weights/omniglot_siamese.pt``: a quick run writes under
-  ``results/quick/``, any other settings under ``runs/omniglot/<settings tag>/`` (``omniglot_outputs``).
+  ``runs/omniglot/quick/``, any other settings under ``runs/omniglot/<settings tag>/`` (``omniglot_outputs``).
 
 The general pieces come from the rest of the library (episodes: ``episodes.few_shot_accuracy`` with
 ``groups=`` the alphabet of each image; batches: ``datasets.BalancedBatchSampler``); the old import
@@ -24,10 +24,7 @@ paths (``datasets.OmniglotAlphabets``, ``metrics.one_shot_run_errors``, ``experi
 ...) still resolve to the objects here.
 """
 
-import argparse
-import hashlib
 import io
-import json
 import os
 import re
 import sys
@@ -49,7 +46,7 @@ from methods import EVALUATION_BATCH, build_method
 from metrics import best_threshold, extract_embeddings, verification_roc_auc
 from model_file import load_model, save_model
 from networks import ShiftAveragedEmbedding, SiameseNetwork
-from results import RUNS_ROOT, markdown_table, output_dirs, write_json, write_text
+from results import RUNS_ROOT, markdown_table, output_dirs, settings_tag, write_json, write_text
 from trainer import fit, flush_denormal_everywhere, resolve_device
 from utils import check_choice, check_flag, check_int, squared_distances
 
@@ -510,11 +507,11 @@ def train_omniglot(train_set, method=None, selector=None, margin=None, embedding
     """Train a SiameseNetwork on ``train_set`` (an OmniglotAlphabets) with one of the library's losses.
 
     Every setting left None is the recipe's (OMNIGLOT_RECIPE). ``method`` (one of OMNIGLOT_METHODS) is
-    put together by ``experiments.build_method``, as for Fashion-MNIST: 'siamese' (SiameseMNIST pairs in
+    put together by ``methods.build_method``, as for Fashion-MNIST: 'siamese' (SiameseMNIST pairs in
     batches of ``pair_batch``, ContrastiveLoss(CONTRASTIVE_MARGIN)), 'online-contrastive'
     (BalancedBatchSampler batches of batch_classes x batch_samples, OnlineContrastiveLoss(margin) with hard
     negative pairs) or 'online-triplet' (same batches, OnlineTripletLoss(margin) with ``selector``, see
-    experiments.SELECTORS); ``alphabet_batches`` draws all the characters of a batch from one alphabet
+    methods.SELECTORS); ``alphabet_batches`` draws all the characters of a batch from one alphabet
     (BalancedBatchSampler's groups), so that training negatives are as alike as the within-alphabet
     test's. Adam with cosine learning-rate decay over ``epochs``. The recipe's data settings
     (OMNIGLOT_DATA_SETTINGS) are accepted and ignored, so ``train_omniglot(train_set, **OMNIGLOT_RECIPE)``
@@ -628,7 +625,7 @@ def omniglot_table(*results):
 
 
 def save_omniglot_model(model, path, **information):
-    """Save the SiameseNetwork ``model`` to ``path`` as a model file (networks.save_model: architecture
+    """Save the SiameseNetwork ``model`` to ``path`` as a model file (model_file.save_model: architecture
     "siamese-network", its config and weights, folders created, written atomically). ``information``
     (plain data: command, recipe, results, ...) is kept: ``command`` as the file's command, everything else
     under its own key, and the verification threshold of ``information["evaluation"]``, when given, as the
@@ -658,23 +655,18 @@ def omniglot_outputs(settings, seed=0, n_episodes=OMNIGLOT_EPISODES, quick=False
                      results_dir="results", runs_dir=RUNS_ROOT):
     """Where a run of ``settings`` (``omniglot_settings``' dict) writes: ``(results folder, weights path)``,
     None for either not written. The study (the recipe, seed 0, OMNIGLOT_EPISODES) writes ``results_dir``
-    and ``weights``; a quick run ``<results_dir>/quick`` and no weights; any other (a trial) its own folder
-    ``<runs_dir>/omniglot/<what changed>/`` (``results.output_dirs``), e.g. ``epochs-3_seed-1``, the weights
-    too (``models/``) when ``weights`` is the committed file: a trial never replaces the study's files."""
-    if quick:
-        return (None if results_dir is None else os.path.join(results_dir, "quick")), None
-    study = {**OMNIGLOT_RECIPE, "seed": 0, "episodes": OMNIGLOT_EPISODES}
-    changed = [(name, value) for name, value in {**settings, "seed": seed, "episodes": n_episodes}.items()
-               if value != study[name]]  # a value not a plain word or number is named by a short hash
-    tag = "_".join(f"{name}-{value}" if re.fullmatch(r"[\w.+-]{1,24}", str(value)) else
-                   f"{name}-{hashlib.sha1(json.dumps(value, default=str).encode()).hexdigest()[:8]}"
-                   for name, value in sorted(changed))
+    and ``weights``; any other run its own folder ``<runs_dir>/omniglot/<settings tag>/`` (``results.output_dirs``,
+    named by ``results.settings_tag``: what changed, e.g. ``epochs-3_seed-1``), the weights too (``models/``)
+    when ``weights`` is the committed file: a trial never replaces the study's files. A quick run writes under
+    ``quick/`` whatever its settings (its results record them), and no weights."""
+    study = {"quick": False, **OMNIGLOT_RECIPE, "seed": 0, "episodes": OMNIGLOT_EPISODES}
+    tag = settings_tag({"quick": True} if quick else {**settings, "seed": seed, "episodes": n_episodes}, study)
     if not tag:
         return results_dir, weights
     folders = output_dirs("omniglot", tag, committed=False, root=runs_dir)
     committed = weights is not None and os.path.abspath(weights) == os.path.abspath(OMNIGLOT_WEIGHTS)
-    return (None if results_dir is None else folders.results), (os.path.join(folders.models, "omniglot_siamese.pt")
-                                                                if committed else weights)
+    return (None if results_dir is None else folders.results), (None if quick else os.path.join(
+        folders.models, "omniglot_siamese.pt") if committed else weights)
 
 
 def run_omniglot(root=None, weights=OMNIGLOT_WEIGHTS, results_dir="results", quick=False, seed=0, device=None,
@@ -725,17 +717,11 @@ def run_one_shot_runs(path, weights=OMNIGLOT_WEIGHTS, device="cpu"):
 # The command line: python omniglot.py [options] (cli.run: a user's mistake is one line and exit status 2)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's parser whose mistakes reach ``cli.run`` as a ValueError: one line, exit status 2 (for cli.py)."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
 def _parser():
     """The argument parser of ``main``: exactly the options the Omniglot study reads."""
-    parser = _Parser(prog="omniglot.py", description="One-shot learning on Omniglot: train and evaluate the "
-                     "recipe (omniglot.OMNIGLOT_RECIPE), or score saved weights on Lake's one-shot runs.")
+    parser = cli.ArgumentParser(prog="omniglot.py", description="One-shot learning on Omniglot: train and evaluate "
+                                "the recipe (omniglot.OMNIGLOT_RECIPE), or score saved weights on Lake's one-shot "
+                                "runs.")
     parser.add_argument("--methods", default="all",
                         help=f"one of {', '.join(OMNIGLOT_METHODS)}; 'all': the recipe's ({OMNIGLOT_RECIPE['method']})")
     parser.add_argument("--selectors", default=None,

@@ -2,8 +2,10 @@
 the Markdown tables, merging rows into a results file, and the figures.
 
 ``output_dirs`` decides where a run writes: the committed study's runs into the checkout's ``results/``,
-``images/`` and ``checkpoints/``; every other run (other settings, a folder of your own images) into its
-own folder under ``runs/`` (ignored by git), so that a trial never replaces a committed row or figure.
+``images/`` and ``checkpoints/``; every other run (a quick run, other settings, a folder of your own images)
+into its own folder under ``runs/`` (ignored by git), so that a trial never replaces a committed row or
+figure. That folder is named by ``settings_tag``, the one rule for the name of a run's settings (what it
+changed from the study's, e.g. ``quick``, ``epochs-1_lr-step-3``).
 Every results table of the library (the study's ``results/<dataset>.md``, Omniglot's, the autoencoder
 sweep's) is written by ``merge_results``: rows merged into ``<stem>.json`` by their key, then ``<stem>.md``
 rewritten from them, both atomically (``utils.atomic_write``) and under a lock file (``<stem>.lock``), so
@@ -11,6 +13,7 @@ that processes finishing together lose no row. Figures are bare matplotlib Figur
 notebook's own plots are untouched) saved by ``save_figure``.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -53,6 +56,33 @@ def output_dirs(name, tag="", *, committed=True, root=RUNS_ROOT):
                           os.path.join("images", tag) if tag else "images", "checkpoints", None)
     folder = os.path.join(root, safe_name(name), tag) if tag else os.path.join(root, safe_name(name))
     return OutputDirs(folder, *(os.path.join(folder, part) for part in ("results", "images", "checkpoints", "models")))
+
+
+def settings_tag(settings, defaults):
+    """The one rule for the name of a run's settings: ``""`` when every value of ``settings`` (a dict, name ->
+    value; a name left out keeps its default) equals its value in ``defaults`` (name -> the study's value),
+    else the changed settings in the order of ``defaults``, joined by ``_``, each ``name-value`` with the
+    name's ``_`` as ``-`` (``{"epochs": 1, "lr_step": 3}`` -> ``"epochs-1_lr-step-3"``): a True boolean is
+    the bare name (``"quick"``), a value that is not a short plain word or number (a tuple, a dict, a path) a
+    short hash of its JSON (``"hidden-dims-1a2b3c4d"``). Made safe for a file name (``safe_name``). A name
+    not in ``defaults`` raises ValueError naming it."""
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; the settings are {sorted(defaults)}")
+    parts = []
+    for name, default in defaults.items():
+        value = settings.get(name, default)
+        if value == default:
+            continue
+        name = name.replace("_", "-")
+        if value is True:
+            parts.append(name)
+        elif re.fullmatch(r"[\w.+-]{1,24}", str(value)):
+            parts.append(f"{name}-{value}")
+        else:
+            digest = hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+            parts.append(f"{name}-{digest[:8]}")
+    return safe_name("_".join(parts))
 
 
 def safe_name(text):

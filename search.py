@@ -32,7 +32,6 @@ Distances are Euclidean. ``k`` larger than the gallery (or, for classify, than i
 error, not silently clamped, so a result always holds exactly k neighbours.
 """
 
-import argparse
 import importlib.util
 import json
 import os
@@ -455,16 +454,8 @@ def draw_grid(results, path):
 
 # ---------------------------------------------------------------- command line
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's parser (and its subcommands') whose mistakes reach ``cli.run`` as a ValueError: one line,
-    exit status 2 (to be ``cli``'s at merge)."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
 def _parser():
-    parser = _Parser(prog="search.py", description="Use a trained model file on your own images.")
+    parser = cli.ArgumentParser(prog="search.py", description="Use a trained model file on your own images.")
     commands = parser.add_subparsers(dest="command", required=True)
     index = commands.add_parser("index", help="embed every image of a folder into a gallery file")
     index.add_argument("model", help="model file written by save_model")

@@ -345,7 +345,7 @@ def test_run_experiment_end_to_end(tmp_path):
     rows = autoencoders.run_experiment("triplet", "vae", "fashion-mnist", [0, 1], [2, 3], results_dir=results,
                                        images_dir=images, **arguments)
     # other settings than the study's: the run's own folder, named by what it changed
-    run = runs / "autoencoders-fashion-mnist" / "num_iters-3_batch_size-16_max_train-120_max_test-60"
+    run = runs / "autoencoders-fashion-mnist" / "num-iters-3_batch-size-16_max-train-120_max-test-60"
     assert not results.exists() and not images.exists()
     assert [(row["latent_dim"], row["weight"]) for row in rows] == [(2, 0.0), (2, 1.0), (3, 0.0), (3, 1.0)]
     for row in rows:
@@ -394,7 +394,7 @@ def test_a_run_with_other_settings_leaves_the_committed_sweep_alone(tmp_path, mo
                                        feature_extractor="pixels", splits=splits, progress=False)
     assert {folder: _digests(tmp_path / folder) for folder in ("results", "images")} == before
     assert {folder: _digests(os.path.join(REPOSITORY, folder)) for folder in ("results", "images")} == checkout
-    run = os.path.join("runs", "autoencoders-fashion-mnist", "num_iters-60")
+    run = os.path.join("runs", "autoencoders-fashion-mnist", "num-iters-60")
     with open(os.path.join(run, "results", "autoencoders-fashion-mnist.json")) as file:
         assert json.load(file) == json.loads(json.dumps(rows)) and len(rows) == 2
     assert all(row["num_iters"] == 60 and row["latent_plot"].startswith(os.path.join(run, "images")) for row in rows)
@@ -410,21 +410,24 @@ def test_where_a_sweep_writes():
     study = os.path.join("images", "autoencoders")
     assert autoencoders.sweep_outputs("mnist") == ("results", study)
     assert autoencoders.sweep_outputs("mnist", **autoencoders.SWEEP_SETTINGS) == ("results", study)
+    quick = os.path.join("runs", "autoencoders-mnist", "quick")  # a quick run: its own folder, as every other run
     assert autoencoders.sweep_outputs("mnist", quick=True, num_iters=3) == (
-        os.path.join("results", "quick"), os.path.join("images", "quick", "autoencoders"))
-    run = os.path.join("runs", "autoencoders-mnist", "num_iters-60_batch_size-32_seed-1")
+        os.path.join(quick, "results"), os.path.join(quick, "images"))
+    assert autoencoders.sweep_tag(quick=True, num_iters=3, seed=2) == "quick"  # whatever its settings
+    run = os.path.join("runs", "autoencoders-mnist", "num-iters-60_batch-size-32_seed-1")
     assert autoencoders.sweep_outputs("mnist", num_iters=60, batch_size=32, seed=1) == (
         os.path.join(run, "results"), os.path.join(run, "images"))
     assert autoencoders.sweep_outputs("mnist", False, None, "images", "elsewhere", margin=0.5) == (
         None, os.path.join("elsewhere", "autoencoders-mnist", "margin-0.5", "images"))
-    assert autoencoders.sweep_tag(learning_rate=0.01, normalize=False) == "normalize-False_learning_rate-0.01"
-    assert re.fullmatch(r"hidden_dims-[0-9a-f]{8}", autoencoders.sweep_tag(hidden_dims=(64,)))
+    assert autoencoders.sweep_tag(learning_rate=0.01, normalize=False) == "normalize-False_learning-rate-0.01"
+    assert re.fullmatch(r"hidden-dims-[0-9a-f]{8}", autoencoders.sweep_tag(hidden_dims=(64,)))
     labels = autoencoders.sweep_tag(composite_labels={0: 0, 2: 0})
-    assert re.fullmatch(r"composite_labels-[0-9a-f]{8}", labels)
+    assert re.fullmatch(r"composite-labels-[0-9a-f]{8}", labels)
     assert labels != autoencoders.sweep_tag(composite_labels={0: 1})
     assert autoencoders.sweep_tag(feature_params={"weights": None}) == ""  # the extractor's defaults
-    with pytest.raises(ValueError, match="unknown sweep settings"):
-        autoencoders.sweep_tag(iters=3)
+    for quick in (False, True):
+        with pytest.raises(ValueError, match=r"unknown settings \['iters'\]"):
+            autoencoders.sweep_tag(quick, iters=3)
 
 
 def test_rows_are_keyed_by_every_setting_that_defines_them(tmp_path):
@@ -507,8 +510,10 @@ def test_command_line_quick_run(tmp_path, monkeypatch, capsys):
     assert [(row["encoder"], row["weight"]) for row in rows] == [("embenc", 0.0), ("embenc", 1.0), ("vae", 0.0),
                                                                  ("vae", 1.0)]
     assert all(row["quick"] and row["num_iters"] == 2 for row in rows)
-    assert (tmp_path / "results" / "quick" / "autoencoders-mnist.md").is_file()
-    assert (tmp_path / "images" / "quick" / "autoencoders" / "mnist_tradeoff.png").is_file()  # all four models
+    quick = tmp_path / "runs" / "autoencoders-mnist" / "quick"  # as every other run's (results.output_dirs)
+    assert (quick / "results" / "autoencoders-mnist.md").is_file()
+    assert (quick / "images" / "mnist_tradeoff.png").is_file()  # all four models
+    assert sorted(os.listdir(tmp_path)) == ["data", "runs"]  # not the checkout's results/ and images/
     assert "| pairwise | vae | images | 1 | 2 |" in capsys.readouterr().out
 
 
@@ -544,4 +549,5 @@ def test_a_user_mistake_on_the_command_line_is_one_line_and_status_2(tmp_path):
     status, stdout, stderr = _command_line([*usual, "--constraint", "pairwise", "--encoder", "embenc", "--weights", "1",
                                             "--iters", "2", "--batch-size", "8"], tmp_path)
     assert status == 0, stderr
-    assert "Results in results/quick/autoencoders-mnist.md, plots in images/quick/autoencoders/." in stdout
+    assert "Results in runs/autoencoders-mnist/quick/results/autoencoders-mnist.md, plots in " \
+        "runs/autoencoders-mnist/quick/images/." in stdout

@@ -1,7 +1,8 @@
 """cli.py: the one rule every command line ends with. A user's mistake (ValueError, OSError) is one line
 ``<prog>: error: ...`` on standard error and exit status 2; a bug keeps its traceback. Checked on
-``cli.run`` itself and on ``python experiments.py`` in a subprocess (a bad option value, a missing path, a
-folder with one class, the commands that moved out of it)."""
+``cli.run`` itself, on the one argument parser ``cli.ArgumentParser`` and on ``python experiments.py`` in a
+subprocess (a bad option value, an unknown option, a missing path, a folder with one class, the commands that
+moved out of it)."""
 
 import os
 import subprocess
@@ -84,3 +85,35 @@ def test_experiments_py_names_the_new_command_of_omniglot_and_of_the_autoencoder
     assert "python omniglot.py" in one_line_error(experiments_py(tmp_path, "--dataset", "omniglot"))
     message = one_line_error(experiments_py(tmp_path, "autoencoders", "--iterations", "60"))
     assert "python autoencoders.py --iterations 60" in message
+
+
+def test_the_one_argument_parser_raises_a_users_error_and_keeps_help(capsys):
+    parser = cli.ArgumentParser(prog="prog.py")
+    parser.add_argument("--count", type=int, default=1)
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("go").add_argument("--speed", type=float)
+    with pytest.raises(ValueError, match="argument --count: invalid int value: 'x'"):
+        parser.parse_args(["--count", "x"])
+    with pytest.raises(ValueError, match="unrecognized arguments: --bogus"):
+        parser.parse_args(["--bogus"])
+    with pytest.raises(ValueError, match="argument --speed: invalid float value: 'fast'"):  # a subcommand's too
+        parser.parse_args(["go", "--speed", "fast"])
+    assert cli.run(lambda argv: parser.parse_args(argv), "prog.py", ["--count", "x"]) == 2
+    assert capsys.readouterr().err == "prog.py: error: argument --count: invalid int value: 'x'\n"
+    with pytest.raises(SystemExit) as exit:
+        parser.parse_args(["--help"])
+    assert exit.value.code == 0 and "--count" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arguments, message", [(["--lr-step", "0"], "argument --lr-step"),
+                                                (["--bogus"], "unrecognized arguments: --bogus"),
+                                                (["--network", "vgg"], "argument --network: invalid choice"),
+                                                (["--classic", "--margin", "2"], "--classic")])
+def test_experiments_py_answers_a_bad_option_with_one_line_and_no_usage(tmp_path, arguments, message):
+    assert message in one_line_error(experiments_py(tmp_path, "--dataset", "mnist", *arguments))
+    assert os.listdir(tmp_path) == []
+
+
+def test_experiments_py_help_exits_0(tmp_path):
+    done = experiments_py(tmp_path, "--help")
+    assert done.returncode == 0 and done.stdout.startswith("usage: experiments.py") and done.stderr == ""

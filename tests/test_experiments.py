@@ -160,9 +160,10 @@ def test_the_parser_refuses_a_step_or_batch_shape_below_one_before_loading_data(
         raise AssertionError("the data was loaded before the argument was checked")
 
     monkeypatch.setattr(experiments, "load_splits", no_loading)
-    with pytest.raises(SystemExit):
-        experiments.main(["--dataset", "mnist", "--quick", "--methods", "online-contrastive", option, value])
-    assert option in capsys.readouterr().err
+    arguments = ["--dataset", "mnist", "--quick", "--methods", "online-contrastive", option, value]
+    assert cli.run(experiments.main, "experiments.py", arguments) == 2  # one line, exit status 2 (cli.run)
+    error = capsys.readouterr().err
+    assert option in error and error.startswith("experiments.py: error: ") and error.count("\n") == 1
 
 
 def test_other_embedding_size_gets_its_own_row_and_plots(study, tmp_path, monkeypatch):
@@ -346,9 +347,9 @@ def test_record_result_keeps_one_sorted_row_per_method_size_and_recipe(tmp_path)
 def test_the_command_line_turns_flush_to_zero_on_before_any_work(monkeypatch):
     calls = []
     monkeypatch.setattr(experiments, "flush_denormal_everywhere", lambda: calls.append("flush"))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit:
         experiments.main(["--help"])
-    assert calls == ["flush"]
+    assert calls == ["flush"] and exit.value.code == 0  # --help still prints the help and exits 0
 
 
 def test_the_command_line_takes_a_recipe_and_records_it_only_when_not_classic(tmp_path, monkeypatch):
@@ -377,7 +378,7 @@ def test_the_command_line_takes_a_recipe_and_records_it_only_when_not_classic(tm
     with pytest.raises(ValueError, match="--batch-norm"):
         experiments.main(common + ["--batch-norm", "--network", "resnet18", "--run-dir", "third"])
     for wrong in (["--distance", "cosine"], ["--classic", "--margin", "2"], ["--easy-selector", "bogus"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(ValueError, match=wrong[0]):  # the parser's mistakes: one line, exit status 2 (cli.run)
             experiments.main(common + wrong)
 
 
@@ -419,8 +420,10 @@ def test_the_settings_decide_where_a_run_writes():
     assert study.tag() == "" and study.outputs() == results.output_dirs("fashion-mnist")
     for options, tag in ((dict(epochs=20, embedding_dim=64, seed=3, recipe="classic", train_classes="0-4"), ""),
                          (dict(epochs=1), "epochs-1"), (dict(quick=True, epochs=7), "quick"),
-                         (dict(lr_step=16), "lr-step-16"), (dict(network="resnet18"), "resnet18"),
-                         (dict(amp="fp16", epochs=5), "epochs-5_amp-fp16")):
+                         (dict(lr_step=16), "lr-step-16"), (dict(network="resnet18"), "network-resnet18"),
+                         (dict(amp="fp16", epochs=5), "epochs-5_amp-fp16"),
+                         (dict(quick=True, lr_step=3, pretrained=os.path.join("a", "w.pt")),
+                          "quick_lr-step-3_pretrained-w.pt")):
         settings = experiments.StudySettings("mnist", **options)
         assert settings.tag() == tag, options
         assert settings.outputs() == results.output_dirs("mnist", tag, committed=not tag), options

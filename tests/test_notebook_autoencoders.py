@@ -81,16 +81,17 @@ def test_quick_run_executes_end_to_end(tmp_path):
     latent_cell = next(cell for cell in code_cells(notebook) if "latent_plot" in cell.source)
     assert len(outputs_of(latent_cell, "image/png")) == len(SWEEPS)
 
-    # everything lands under the kernel's working directory, in the quick folders only
-    assert sorted(os.listdir(work)) == ["images", "results"]
-    assert os.listdir(work / "images") == ["quick"] and os.listdir(work / "results") == ["quick"]
-    plots = set(os.listdir(work / "images" / "quick" / "autoencoders"))
+    # everything lands under the kernel's working directory, in the quick run's own folder only
+    quick = work / "runs" / "autoencoders-fashion-mnist" / "quick"  # (autoencoders.sweep_outputs)
+    assert sorted(os.listdir(work)) == ["runs"] and os.listdir(work / "runs") == ["autoencoders-fashion-mnist"]
+    assert os.listdir(quick.parent) == ["quick"] and sorted(os.listdir(quick)) == ["images", "results"]
+    plots = set(os.listdir(quick / "images"))
     assert "fashion-mnist_tradeoff.png" in plots
     for constraint, encoder in SWEEPS:
         for weight in WEIGHTS:
             stem = f"fashion-mnist_{constraint}_{encoder}_pixels_M{weight:g}_2d"
             assert {stem + "_latent.png", stem + "_reconstructions.png"} <= plots
-    with open(work / "results" / "quick" / "autoencoders-fashion-mnist.json") as file:
+    with open(quick / "results" / "autoencoders-fashion-mnist.json") as file:
         rows = json.load(file)
     assert len(rows) == len(SWEEPS) * len(WEIGHTS)
     assert all(row["quick"] and row["num_iters"] == 3 for row in rows)

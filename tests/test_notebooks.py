@@ -132,8 +132,13 @@ def quick_runs(tmp_path_factory):
     return {dataset: (outcome, works[dataset]) for dataset, outcome in zip(NOTEBOOKS, outcomes)}, (before, after)
 
 
+def quick_folder(work, dataset):
+    """Where a quick run of ``dataset`` writes in ``work``: its own folder (``results.output_dirs``)."""
+    return work / "runs" / dataset / "quick"
+
+
 def quick_rows(work, dataset):
-    with open(work / "results" / "quick" / f"{dataset}.json") as file:
+    with open(quick_folder(work, dataset) / "results" / f"{dataset}.json") as file:
         return json.load(file)
 
 
@@ -151,10 +156,11 @@ def test_quick_run_executes_end_to_end(dataset, quick_runs):
     comparison_cell = next(cell for cell in code_cells(notebook) if "plot_comparison" in cell.source)
     assert len(outputs_of(comparison_cell, "image/png")) == len(COMPARISONS)
 
-    # everything lands under the kernel's working directory, in the quick folders only
-    assert sorted(os.listdir(work)) == ["images", "results"]
-    assert os.listdir(work / "images") == ["quick"] and os.listdir(work / "results") == ["quick"]
-    images = set(os.listdir(work / "images" / "quick"))
+    # everything lands under the kernel's working directory, in the quick run's own folder only
+    assert sorted(os.listdir(work)) == ["runs"]
+    assert os.listdir(work / "runs") == [dataset] and os.listdir(work / "runs" / dataset) == ["quick"]
+    assert sorted(os.listdir(quick_folder(work, dataset))) == ["images", "results"]
+    images = set(os.listdir(quick_folder(work, dataset) / "images"))
     for label in LABELS:
         for split in ("train", "test"):
             assert f"{dataset}_{label.replace('/', '-')}_{split}.png" in images

@@ -358,12 +358,13 @@ def test_omniglot_quick_command(omniglot_root, tmp_path, monkeypatch, capsys):
     assert result["evaluation"]["episodes"][0]["alphabets"] == ["Gamma"]
     assert all(row["n_episodes"] == 100 for row in result["evaluation"]["episodes"])
     assert result["evaluation"]["verification"]["validation_drawers"] == [1, 2, 3]
-    table = (tmp_path / "results" / "quick" / "omniglot.md").read_text()
+    table = (tmp_path / "runs" / "omniglot" / "quick" / "results" / "omniglot.md").read_text()  # results.output_dirs
     assert "| 20-way 1-shot, within alphabet | Gamma | 100 |" in table
     assert "| 20-way 1-shot, within alphabet, shift-averaged (+-2 px) | Gamma | 100 |" in table
     assert result["evaluation_shift_averaged"]["test_shift"] == 2
     assert not weights.exists()  # a quick run saves no weights
-    assert "Results in results/quick/omniglot.md" in capsys.readouterr().out
+    assert "Results in runs/omniglot/quick/results/omniglot.md." in capsys.readouterr().out
+    assert not (tmp_path / "results").exists()  # not the checkout's results/
 
 
 def test_train_save_load_and_one_shot_runs_command(omniglot_root, tmp_path, capsys):
@@ -583,7 +584,8 @@ def test_where_a_run_writes_only_the_study_writes_the_committed_files(tmp_path):
     recipe, weights = omniglot_module.omniglot_settings(), omniglot_module.OMNIGLOT_WEIGHTS
     outputs = omniglot_module.omniglot_outputs
     assert outputs(recipe) == ("results", weights)
-    assert outputs(recipe, quick=True) == (os.path.join("results", "quick"), None)
+    quick = os.path.join("runs", "omniglot", "quick", "results")  # whatever its settings; no weights
+    assert outputs(recipe, quick=True) == outputs({**recipe, "epochs": 1}, seed=2, quick=True) == (quick, None)
     trial = os.path.join("runs", "omniglot", "epochs-3")
     assert outputs({**recipe, "epochs": 3}) == (os.path.join(trial, "results"),
                                                 os.path.join(trial, "models", "omniglot_siamese.pt"))
@@ -593,7 +595,8 @@ def test_where_a_run_writes_only_the_study_writes_the_committed_files(tmp_path):
     assert outputs(recipe, seed=1, runs_dir="elsewhere")[0] == os.path.join("elsewhere", "omniglot", "seed-1", "results")
     assert outputs(recipe, n_episodes=50)[0] == os.path.join("runs", "omniglot", "episodes-50", "results")
     changed = outputs({**recipe, "method": "siamese", "augment": None, "quarter_turns": (0,)})[0]
-    assert os.path.basename(os.path.dirname(changed)).startswith("augment-None_method-siamese_quarter_turns-")
+    assert re.fullmatch(r"method-siamese_quarter-turns-[0-9a-f]{8}_augment-None",  # the recipe's order
+                        os.path.basename(os.path.dirname(changed)))
 
 
 def test_a_trial_run_leaves_the_committed_results_and_weights_alone(omniglot_root, tmp_path, monkeypatch, capsys):
@@ -604,11 +607,11 @@ def test_a_trial_run_leaves_the_committed_results_and_weights_alone(omniglot_roo
     result = omniglot_module.main(["--epochs", "0", "--embedding-dim", "8", "--no-progress", "--omniglot-root",
                                    str(omniglot_root)])
     assert result["recipe"]["epochs"] == 0 and not result["quick"]
-    folder = tmp_path / "runs" / "omniglot" / "embedding_dim-8_epochs-0"
+    folder = tmp_path / "runs" / "omniglot" / "embedding-dim-8_epochs-0"
     assert sorted(os.listdir(folder / "results")) == ["omniglot.json", "omniglot.md"]
     assert os.listdir(folder / "models") == ["omniglot_siamese.pt"]
     assert not committed.exists() and not (tmp_path / "results").exists()
     assert _digests(os.path.join(REPOSITORY, "results"), os.path.join(REPOSITORY, "weights")) == before
-    weights = os.path.join("runs", "omniglot", "embedding_dim-8_epochs-0", "models", "omniglot_siamese.pt")
-    assert f"Results in runs/omniglot/embedding_dim-8_epochs-0/results/omniglot.md; weights in {weights}." \
+    weights = os.path.join("runs", "omniglot", "embedding-dim-8_epochs-0", "models", "omniglot_siamese.pt")
+    assert f"Results in runs/omniglot/embedding-dim-8_epochs-0/results/omniglot.md; weights in {weights}." \
         in capsys.readouterr().out

@@ -4,11 +4,13 @@ outputs go."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import matplotlib.image
 import numpy as np
+import pytest
 import torch
 from matplotlib.figure import Figure
 
@@ -105,6 +107,25 @@ def test_output_dirs_every_other_run_writes_under_its_own_folder():
 def test_safe_name_keeps_letters_digits_dots_and_dashes():
     assert results.safe_name("train-classes-0,2,4") == "train-classes-0_2_4"
     assert results.safe_name("a b/c") == "a_b_c" and results.safe_name("epochs-1_lr-step-3") == "epochs-1_lr-step-3"
+
+
+def test_settings_tag_names_what_changed_in_the_order_of_the_defaults():
+    defaults = {"quick": False, "epochs": 20, "lr_step": 8, "hidden_dims": (512, 256), "amp": None, "normalize": True}
+    tag = results.settings_tag
+    assert tag({}, defaults) == "" and tag(dict(defaults), defaults) == ""
+    assert tag({"lr_step": 3, "epochs": 1}, defaults) == "epochs-1_lr-step-3"  # defaults' order, "_" as "-"
+    assert tag({"quick": True}, defaults) == "quick"  # a True boolean: the bare name
+    assert tag({"normalize": False, "amp": "bf16"}, defaults) == "amp-bf16_normalize-False"
+    assert tag({"epochs": 20.0, "hidden_dims": (512, 256)}, defaults) == ""  # equal values are no change
+    hashed = tag({"hidden_dims": (64,)}, defaults)  # not a plain word or number: a short hash of its JSON
+    assert re.fullmatch(r"hidden-dims-[0-9a-f]{8}", hashed)
+    assert hashed == tag({"hidden_dims": [64]}, defaults) != tag({"hidden_dims": (32,)}, defaults)
+    assert re.fullmatch(r"amp-[0-9a-f]{8}", tag({"amp": "a/long path/with spaces.pt"}, defaults))
+    assert tag({"amp": {"b": 1, "a": 2}}, defaults) == tag({"amp": {"a": 2, "b": 1}}, defaults)
+    assert results.safe_name(tag({"amp": "x,y", "epochs": "1+2"}, defaults)) == tag({"amp": "x,y", "epochs": "1+2"},
+                                                                                    defaults)  # a file name
+    with pytest.raises(ValueError, match=r"unknown settings \['iters'\]"):
+        tag({"iters": 3}, defaults)
 
 
 def test_image_path_names_the_size_and_seed_only_when_not_the_default():
