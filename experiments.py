@@ -50,7 +50,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import cli
-from checkpoints import CHECKPOINT_NAME
+from checkpoints import CHECKPOINT_NAME, read_model_weights
 from distributed import broadcast_from_main, close_distributed, is_main_process
 from held_out import HELD_OUT_BASELINES, HELD_OUT_COLUMNS, PixelEmbedding, evaluate_held_out, held_out_splits
 from image_folders import load_folder_splits
@@ -331,7 +331,7 @@ def _read_back(settings, row, method, selector, run_dir, splits=None):
         (train_set, test_set), _, _ = held_out_splits(train_set, test_set, settings.train_classes)
     model = build_training(method, train_set, test_set, selector, settings.embedding_dim, settings.seed,
                            settings.network, settings.pretrained, method_recipe(row["method"], settings.recipe))[0]
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
+    model.load_state_dict(read_model_weights(checkpoint))
     validation = extract_embeddings(DataLoader(test_set, batch_size=EVALUATION_BATCH,
                                                num_workers=data_workers(test_set)), model)
     save_trained_model(settings.model_file, model, settings.network, train_set, validation, row, settings.seed,
