@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from mining_rows import Rows
 from utils import check_int
 
 # Timeout of the process group ``setup`` initialises: a rank that hangs makes the other ranks' next
@@ -265,6 +266,30 @@ class GatherRows(torch.autograd.Function):
         return grad[start:stop], None, None
 
 
+def _sizes_of_ranks(n_rows, device):
+    """Every rank's ``n_rows`` (an int here), as a list in rank order (one all_gather)."""
+    size = torch.tensor([n_rows], device=device)
+    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    return [int(n) for n in sizes]
+
+
+def gather_uneven(tensor):
+    """``torch.cat`` over ranks of each rank's ``tensor (k_r, ...)``, in rank order, the ``k_r`` free to
+    differ (two all_gathers: the sizes, then the padded rows). No autograd. How the selectors pool their
+    per-rank candidates for a choice over the whole global batch (``mining_rows.Rows.concatenate``)."""
+    return gather_rows_of(tensor, _sizes_of_ranks(len(tensor), tensor.device))
+
+
+def rows_to_mine(share, n_items):
+    """The rows of a gathered batch of ``n_items`` that this rank mines, as ``utils``' selectors take them
+    (``mining_rows.Rows``): its ``share`` (``global_batch``'s ``(start, stop, W)``) with ``gather_uneven``
+    to pool candidates; every row and nothing to pool when ``share`` is None (one process)."""
+    if share is None:
+        return Rows(0, n_items)
+    return Rows(share[0], share[1], gather_uneven)
+
+
 def global_batch(embeddings, labels, gather, *more):
     """The batch to mine: ``(embeddings (N, D), labels (N,), share, *more)``. With ``gather`` on and a
     process group of world size W > 1, ``N`` is the sum of every rank's ``B_r`` (rank order, gradients
@@ -274,10 +299,7 @@ def global_batch(embeddings, labels, gather, *more):
     if not (gather and _is_distributed()):
         return (embeddings, labels, None, *more)
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    size = torch.tensor([len(embeddings)], device=embeddings.device)
-    sizes = [torch.empty_like(size) for _ in range(world_size)]
-    dist.all_gather(sizes, size)
-    sizes = [int(n) for n in sizes]
+    sizes = _sizes_of_ranks(len(embeddings), embeddings.device)
     start = sum(sizes[:rank])
     gathered = [None if tensor is None else GatherRows.apply(tensor, sizes, start) for tensor in (embeddings, *more)]
     return (gathered[0], gather_rows_of(labels, sizes), (start, start + len(embeddings), world_size),

@@ -44,9 +44,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distributed import global_batch, global_mean, owned
+from distributed import global_batch, global_mean, rows_to_mine
 from utils import (DISTANCES, _as_labels, _check_margin, as_distance, check_choice, check_flag,
-                   float32_distances, paired_squared_distances, pdist)
+                   float32_distances, paired_squared_distances, row_distances)
 
 # Added under the square root of a squared distance: sqrt'(0) is infinite, sqrt'(EPS) is not.
 EPS = 1e-9
@@ -150,14 +150,48 @@ def _check_selector(selector, name):
     return selector
 
 
-def _mined_pairs(pair_selector, embeddings, labels):
-    """The pairs ``(P, 2)`` that ``pair_selector`` mines in a batch, positives first, and their
-    targets ``(P,)`` (1 for a positive pair, 0 for a negative one)."""
-    positive_pairs, negative_pairs = pair_selector.get_pairs(embeddings, labels)
-    pairs = torch.cat([positive_pairs, negative_pairs])
-    target = torch.cat([torch.ones(len(positive_pairs), device=pairs.device),
-                        torch.zeros(len(negative_pairs), device=pairs.device)])
-    return pairs, target
+def _mined(selector, kind, embeddings, labels, share, distance="squared"):
+    """What ``selector`` mines (``kind``: ``"pairs"`` or ``"triplets"``) for this process's anchors of a (gathered) batch ``embeddings (N, D)`` with
+    ``labels (N,)``, ``share`` as ``distributed.global_batch`` gives it (None: one process, every anchor).
+
+    Returns ``(indices, target, distances, start)``: pairs ``(P, 2)`` (positives first, ``target (P,)``
+    1 / 0) or triplets ``(T, 3)`` (``target`` None), global indices whose first member is this process's;
+    ``distances``, its rows' ``(A, N)`` block (``utils.row_distances`` of the detached embeddings, as
+    ``distance``), which the selector compared, and ``start``, its first row. The selection is the same on
+    any number of processes: the library's selectors mine the block (``select_pairs`` / ``select_triplets``);
+    a selector with only ``get_pairs`` / ``get_triplets`` mines the whole batch and the process keeps its
+    anchors' tuples (the same, provided it draws alike on every process)."""
+    rows = rows_to_mine(share, len(embeddings))
+    distances = as_distance(row_distances(embeddings.detach(), rows.start, rows.stop), distance)
+    if kind == "pairs":
+        if hasattr(selector, "select_pairs"):
+            positive_pairs, negative_pairs = selector.select_pairs(distances, labels, rows)
+        else:
+            positive_pairs, negative_pairs = (pairs[_own(pairs, rows)] for pairs in
+                                              selector.get_pairs(embeddings.detach(), labels))
+        indices = torch.cat([positive_pairs, negative_pairs])
+        target = torch.cat([torch.ones(len(positive_pairs), device=indices.device),
+                            torch.zeros(len(negative_pairs), device=indices.device)])
+        return indices, target, distances, rows.start
+    if hasattr(selector, "select_triplets"):
+        return selector.select_triplets(distances, labels, rows), None, distances, rows.start
+    triplets = selector.get_triplets(embeddings.detach(), labels)
+    return triplets[_own(triplets, rows)], None, distances, rows.start
+
+
+def _own(indices, rows):
+    """``(S,)`` bool: which tuples ``indices (S, k)`` have their first member in ``rows``."""
+    return (indices[:, 0] >= rows.start) & (indices[:, 0] < rows.stop)
+
+
+def _compared_distances(distances, start, embeddings, first, second, distance="squared"):
+    """The distances of the pairs ``(first, second)`` ``(S,)`` each (global indices, ``first`` in the rows
+    of ``distances (A, N)`` from ``start``): their values in the block, the ones the selector compared (so a
+    hinge is non-zero exactly when the selector called the tuple hard), with the gradient of the exact
+    distance ``as_distance(|e_first - e_second|^2)`` (``utils.paired_squared_distances``) in
+    ``embeddings (N, D)``. No ``(A, N)`` matrix is kept for the backward pass."""
+    exact = as_distance(paired_squared_distances(embeddings[first], embeddings[second]), distance)
+    return distances[first - start, second] + (exact - exact.detach())
 
 
 def _check_same_shape(**tensors):
@@ -253,10 +287,8 @@ class OnlineContrastiveLoss(nn.Module):
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
         embeddings, target, share = global_batch(embeddings, target, self.gather)
-        pairs, pair_target = _mined_pairs(self.pair_selector, embeddings, target)
-        own = owned(pairs[:, 0], share)
-        pairs, pair_target = pairs[own], pair_target[own]
-        distances = pdist(embeddings)[pairs[:, 0], pairs[:, 1]]
+        pairs, pair_target, distances, start = _mined(self.pair_selector, "pairs", embeddings, target, share)
+        distances = _compared_distances(distances, start, embeddings, pairs[:, 0], pairs[:, 1])
         terms = self.scale * contrastive_terms(distances, pair_target, self.margin, self.distance)
         loss, self.last_selection = _global_mean(terms, embeddings, share)
         return loss
@@ -316,18 +348,18 @@ class OnlineTripletLoss(nn.Module):
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
         embeddings, target, share = global_batch(embeddings, target, self.gather)
-        # the full matrix, as the selectors compute it: the same values as on one process
-        distances = as_distance(pdist(embeddings), self.distance)
-        loss, self.last_selection = self._selected_mean(self.triplet_selector, embeddings, target, distances, share)
+        loss, self.last_selection = self._selected_mean(self.triplet_selector, embeddings, target, share)
         if self.easy_selector is not None:
-            loss = loss + self._selected_mean(self.easy_selector, embeddings, target, distances, share)[0]
+            loss = loss + self._selected_mean(self.easy_selector, embeddings, target, share)[0]
         return loss, int(self.last_selection.active)
 
-    def _selected_mean(self, selector, embeddings, target, distances, share):
-        """``_global_mean`` of the terms of the triplets ``selector`` mines in the (gathered) batch."""
-        triplets = selector.get_triplets(embeddings, target)
-        anchors, positives, negatives = triplets[owned(triplets[:, 0], share)].unbind(1)
-        terms = triplet_terms(distances[anchors, positives], distances[anchors, negatives], self.margin, self.soft)
+    def _selected_mean(self, selector, embeddings, target, share):
+        """``_global_mean`` of the terms of the triplets ``selector`` mines for this process's anchors."""
+        triplets, _, distances, start = _mined(selector, "triplets", embeddings, target, share, self.distance)
+        anchors, positives, negatives = triplets.unbind(1)
+        terms = triplet_terms(_compared_distances(distances, start, embeddings, anchors, positives, self.distance),
+                              _compared_distances(distances, start, embeddings, anchors, negatives, self.distance),
+                              self.margin, self.soft)
         return _global_mean(terms, embeddings, share)
 
 
@@ -372,7 +404,7 @@ class _AutoencoderLoss(nn.Module):
     """What the pairwise and triplet autoencoder losses share: arguments, the mined (``forward``,
     ``terms``) and given (``_on_given``) forms, latent distances, reconstruction and KL terms and the
     weighted sum. A subclass names the attribute holding its selector (``selector_name``) and says
-    how to mine (``_mine``) and score (``_metric_terms``) its index tuples, pairs ``(P, 2)`` or
+    and how to score (``_metric_terms``) its index tuples, pairs ``(P, 2)`` or
     triplets ``(T, 3)``."""
 
     selector_name = None
@@ -415,11 +447,9 @@ class _AutoencoderLoss(nn.Module):
         # the KL latent distance needs every rank's log-variances too; the Euclidean one only the means
         log_var = output.log_var if self.distance == "kl" else None
         mean, labels, share, log_var = global_batch(output.mean, labels, self.gather, log_var)
-        indices, target = self._mine(selector, mean.detach(), labels)
+        indices, target, _, _ = _mined(selector, self.selector_name.replace("_selector", "s"), mean, labels, share)
         if share is None:
             return self._terms(output, inputs, indices, target)
-        own = owned(indices[:, 0], share)
-        indices, target = indices[own], None if target is None else target[own]
         return self._terms(output._replace(mean=mean, log_var=log_var), inputs, indices, target, share,
                            local=output)
 
@@ -545,10 +575,6 @@ class PairwiseAutoencoderLoss(_AutoencoderLoss):
             raise ValueError(f"target must have shape ({len(input1)},), got {tuple(target.shape)}")
         return self._on_given((output1, output2), (input1, input2), target)
 
-    @staticmethod
-    def _mine(pair_selector, embeddings, labels):
-        return _mined_pairs(pair_selector, embeddings, labels)
-
     def _metric_terms(self, output, pairs, target):
         distances = self._distances(output, *pairs.unbind(1))
         return self.contrastive_scale * contrastive_terms(distances, target, self.margin)
@@ -579,10 +605,6 @@ class TripletAutoencoderLoss(_AutoencoderLoss):
         """The loss of given (anchor, positive, negative) triplets, as ``TripletAutoencoder`` returns
         them (B items each); all three are reconstructed. Returns a scalar."""
         return self._on_given((output1, output2, output3), (input1, input2, input3))
-
-    @staticmethod
-    def _mine(triplet_selector, embeddings, labels):
-        return triplet_selector.get_triplets(embeddings, labels), None
 
     def _metric_terms(self, output, triplets, target=None):
         anchors, positives, negatives = triplets.unbind(1)

@@ -33,8 +33,12 @@ import numbers
 import os
 import secrets
 
-import numpy as np
 import torch
+
+from mining_rows import (checked_rows, classes_of, numpy_can_view, pair_counts, padded_columns,
+                         distinct_draws, negative_pairs_of_rank, positive_pairs_of, positives_of, smallest_in_rows,
+                         smallest_stable)
+from random_streams import AnchorStreams, draw_key
 
 # Largest number of (anchor, positive, negative) slots the all-triplets selector fills per chunk;
 # it bounds the work tensors beside the output (a few hundred MB at B = 1024).
@@ -195,12 +199,13 @@ def float32_distances(function):
 
 
 @float32_distances
-def squared_distances(queries, gallery, gallery_squared_norms=None):
+def squared_distances(queries, gallery, gallery_squared_norms=None, out=None):
     """Squared Euclidean distances between every query and every gallery item.
 
     Takes ``queries (Q, D)`` and ``gallery (G, D)``, or batches of them ``(E, Q, D)`` and
     ``(E, G, D)`` (e.g. few-shot episodes), and optionally the gallery's squared norms ``(G,)`` /
-    ``(E, G)`` for a caller that reuses them over chunks of queries. Returns ``(Q, G)`` (or
+    ``(E, G)`` for a caller that reuses them over chunks of queries, and optionally ``out``, a ``(Q, G)``
+    tensor to write the result into (no autograd). Returns ``(Q, G)`` (or
     ``(E, Q, G)``) with ``out[i, j] = |q_i - g_j|^2``, clamped at 0 (the expansion below can round
     under zero). Differentiable, with no square root. Computed as ``|q|^2 + |g|^2 - 2 q.g`` by one
     fused matmul and in-place updates: the ``(Q, G)`` matrix is the memory traffic that dominates,
@@ -208,7 +213,9 @@ def squared_distances(queries, gallery, gallery_squared_norms=None):
     """
     if gallery_squared_norms is None:
         gallery_squared_norms = gallery.pow(2).sum(-1)
-    if queries.dim() == 2:
+    if out is not None:  # written into ``out`` (Q, G), without autograd
+        distances = torch.addmm(gallery_squared_norms, queries, gallery.T, alpha=-2.0, out=out)
+    elif queries.dim() == 2:
         distances = torch.addmm(gallery_squared_norms, queries, gallery.T, alpha=-2.0)
     else:
         distances = torch.baddbmm(gallery_squared_norms.unsqueeze(-2), queries, gallery.transpose(-2, -1),
@@ -243,6 +250,50 @@ def pdist(vectors):
     distances = (distances + distances.T).mul_(0.5)
     distances.fill_diagonal_(0.0)
     return distances
+
+
+# Rows per matmul call of ``row_distances``: tiles start at multiples of it, so a row's distances come
+# from the same call whichever rows a process asks for.
+ROW_TILE = 256
+
+
+@float32_distances
+def row_distances(vectors, start=0, stop=None):
+    """Squared Euclidean distances of the rows ``start:stop`` of a batch to the whole batch: the
+    selectors' and online losses' distances, on one process (all rows) or on each of several (its own).
+
+    Takes ``vectors (N, D)`` and returns ``(stop - start, N)`` (``stop`` defaults to N) with ``out[i, j]
+    = |v_{start + i} - v_j|^2``, clamped at 0 and exactly 0 at ``j = start + i``. The rows are centred by
+    the batch's mean (as in ``pdist``) and multiplied in tiles of ``ROW_TILE`` rows that start at
+    multiples of ``ROW_TILE``: a given row comes from the same matmul call, so it has the same values
+    however the batch is split between processes. Not symmetrised (``(i, j)`` and ``(j, i)`` may differ
+    in the last bit; the selectors read a pair or triplet from its first member's row only). Memory: the
+    ``(stop - start, N)`` result and one tile. Differentiable (then the tiles are concatenated).
+    """
+    _check_embeddings(vectors)
+    stop = len(vectors) if stop is None else stop
+    if not 0 <= start <= stop <= len(vectors):
+        raise ValueError(f"need 0 <= start <= stop <= {len(vectors)} (the batch's rows), got {start}, {stop}")
+    centred = vectors - vectors.mean(dim=0, keepdim=True)
+    norms = centred.pow(2).sum(-1)
+    differentiable = torch.is_grad_enabled() and vectors.requires_grad
+    distances = None if differentiable else vectors.new_empty((stop - start, len(vectors)))
+    tiles = []
+    for first in range(start - start % ROW_TILE, stop, ROW_TILE):
+        inside = slice(max(start - first, 0), min(stop - first, ROW_TILE))
+        if distances is not None and inside == slice(0, ROW_TILE):  # a whole tile: written in place
+            squared_distances(centred[first:first + ROW_TILE], centred, norms,
+                              out=distances[first - start:first - start + ROW_TILE])
+            continue
+        tile = squared_distances(centred[first:first + ROW_TILE], centred, norms)[inside]
+        if distances is None:
+            tiles.append(tile)
+        else:
+            distances[first + inside.start - start:first + inside.stop - start] = tile
+    if distances is None:
+        distances = torch.cat(tiles) if tiles else vectors.new_zeros((0, len(vectors)))
+    rows = torch.arange(stop - start, device=vectors.device)
+    return distances.index_put_((rows, rows + start), distances.new_zeros(()))
 
 
 # The distances a loss and its selector can compare: squared Euclidean (the classic form) or plain.
@@ -306,43 +357,17 @@ def _check_generator(generator):
 
 
 def _uniform(shape, generator, device, dtype=torch.float32):
-    """Uniform [0, 1) noise of ``shape`` on ``device``, drawn from ``generator`` (on its own device)
-    or from torch's global RNG."""
+    """Uniform [0, 1) noise of ``shape``: an ``AnchorStreams``'s numbers (``shape`` its anchors x slots),
+    or drawn from a ``torch.Generator`` (on its own device) or from torch's global RNG, moved to ``device``."""
+    if isinstance(generator, AnchorStreams):
+        return generator.uniform(shape[1]).to(dtype)
     if generator is None:
         return torch.rand(shape, device=device, dtype=dtype)
     return torch.rand(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
-def _random_permutation(n, generator, device):
-    if generator is None:
-        return torch.randperm(n, device=device)
-    return torch.randperm(n, generator=generator, device=generator.device).to(device)
-
-
 def _empty_triplets(device):
     return torch.empty((0, 3), dtype=torch.long, device=device)
-
-
-def _label_masks(labels):
-    """``(same_class, positives, negatives)``, each ``(B, B)`` bool: ``positives`` excludes the
-    diagonal, ``negatives`` is the complement of ``same_class``."""
-    same_class = labels.unsqueeze(0) == labels.unsqueeze(1)
-    diagonal = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    return same_class, same_class & ~diagonal, ~same_class
-
-
-def _padded_columns(mask):
-    """For each row of ``mask (B, B)`` bool, the columns where it is True, ascending, left-aligned
-    and padded: returns ``(columns (B, K), valid (B, K))`` with ``K`` the largest row count and
-    padding columns set to 0 (and ``valid`` False). Built by one cumsum and one scatter, no sort."""
-    counts = mask.sum(dim=1)
-    width = int(counts.max()) if len(mask) else 0
-    slot = torch.where(mask, mask.cumsum(dim=1) - 1, width)  # column ``width`` collects the rest
-    columns = torch.zeros((len(mask), width + 1), dtype=torch.long, device=mask.device)
-    column_ids = torch.arange(mask.shape[1], device=mask.device).expand_as(slot)
-    columns.scatter_(1, slot, torch.where(mask, column_ids, 0))
-    valid = torch.arange(width, device=mask.device) < counts.unsqueeze(1)
-    return columns[:, :width], valid
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,88 +376,82 @@ def _padded_columns(mask):
 
 class PairSelector:
     """Base class. ``get_pairs(embeddings (B, D), labels (B,))`` returns
-    ``(positive_pairs (P, 2), negative_pairs (N, 2))`` of unordered index pairs ``i < j``."""
+    ``(positive_pairs (P, 2), negative_pairs (N, 2))`` of unordered index pairs ``i < j``.
+
+    The library's selectors also have ``select_pairs(distances (A, N), labels (N,), rows)``: the pairs
+    whose first member is in ``rows`` (a ``Rows``), from those rows' distances (``row_distances``; None
+    where not needed). The union over processes of their ``select_pairs`` is one process's ``get_pairs``;
+    the online losses call it with each rank's rows."""
 
     def get_pairs(self, embeddings, labels):
+        labels = _as_labels(labels, embeddings)
+        distances = row_distances(embeddings.detach()) if getattr(self, "needs_distances", False) else None
+        return self.select_pairs(distances, labels)
+
+    def select_pairs(self, distances, labels, rows=None):
         raise NotImplementedError
-
-
-def _pair_masks(labels):
-    """``(positive, negative)`` masks ``(B, B)`` of the unordered pairs ``(i, j), i < j``."""
-    same_class = labels.unsqueeze(0) == labels.unsqueeze(1)
-    upper = torch.ones_like(same_class).triu(diagonal=1)
-    return same_class & upper, ~same_class & upper
 
 
 class AllPositivePairSelector(PairSelector):
     """Every positive pair; every negative pair, or with ``balance=True`` (default) a uniformly
-    random subset of them as large as the positives (fewer if there are not that many).
+    random subset of them as large as the positives (fewer if there are not that many), in ``(i, j)``
+    order.
 
-    ``generator``: optional ``torch.Generator`` for the balancing draw.
+    ``generator``: optional ``torch.Generator`` for the balancing draw: one key per call (random_streams),
+    from which the subset is drawn by rank among all negative pairs of the batch, so that every process,
+    however many mine the batch, keeps its part of the same subset (given generators seeded alike).
     """
+
+    needs_distances = False
 
     def __init__(self, balance=True, generator=None):
         self.balance = bool(balance)
         self.generator = _check_generator(generator)
 
-    def get_pairs(self, embeddings, labels):
-        labels = _as_labels(labels, embeddings)
-        positive_mask, negative_mask = _pair_masks(labels)
-        positive_pairs, negative_pairs = positive_mask.nonzero(), negative_mask.nonzero()
-        if self.balance:
-            keep = _random_permutation(len(negative_pairs), self.generator, labels.device)
-            negative_pairs = negative_pairs[keep[:len(positive_pairs)]]
-        return positive_pairs, negative_pairs
+    def select_pairs(self, distances, labels, rows=None):
+        labels, rows, anchors = checked_rows(distances, labels, rows, needs_distances=False)
+        classes = classes_of(labels)
+        positive_pairs = positive_pairs_of(classes, anchors)
+        if not self.balance:
+            negative = (labels[anchors, None] != labels) & (torch.arange(len(labels), device=labels.device)
+                                                             > anchors[:, None])
+            return positive_pairs, negative.nonzero() + torch.tensor([rows.start, 0], device=labels.device)
+        n_positive, n_negative = pair_counts(classes, len(labels))
+        chosen = distinct_draws(draw_key(self.generator), min(n_positive, n_negative), n_negative, labels.device)
+        return positive_pairs, negative_pairs_of_rank(classes, chosen, rows)
 
 
 class HardNegativePairSelector(PairSelector):
     """Every positive pair, and as many negative pairs as positives (fewer if there are not that
     many): the closest ones, ties broken by ``(i, j)``; both in lexicographic ``(i, j)`` order.
 
-    ``cpu`` is accepted for compatibility with the classic code and ignored: selection runs on the
-    embeddings' device.
+    Each process keeps the closest of its own rows (``smallest_in_rows``: per-row candidates, then one
+    threshold), the processes pool those candidates (``Rows.concatenate``) and keep the closest of all,
+    so that the union over processes is exactly one process's choice. ``cpu`` is accepted for
+    compatibility with the classic code and ignored: selection runs on the embeddings' device.
     """
+
+    needs_distances = True
 
     def __init__(self, cpu=False):
         self.cpu = cpu
 
-    def get_pairs(self, embeddings, labels):
-        labels = _as_labels(labels, embeddings)
-        positive_mask, negative_mask = _pair_masks(labels)
-        positive_pairs = positive_mask.nonzero()
-        n_hard = min(len(positive_pairs), int(negative_mask.sum()))
-        # Row-major positions in the masked matrix are the pairs in (i, j) order, and every
-        # non-pair is inf, so the n_hard smallest entries are exactly the closest negative pairs.
-        distances = pdist(embeddings.detach()).masked_fill_(~negative_mask, float("inf"))
-        closest = _smallest_stable(distances.flatten(), n_hard)
-        batch_size = len(labels)
-        return positive_pairs, torch.stack([closest // batch_size, closest % batch_size], dim=1)
-
-
-def _smallest_stable(values, k):
-    """Positions, ascending, of the ``k`` smallest of ``values (N,)`` (all if ``k >= N``), ties
-    at the k-th value going to the lower positions. O(N): one selection, no sort."""
-    if k >= len(values):
-        return torch.arange(len(values), device=values.device)
-    if k == 0:
-        return torch.empty(0, dtype=torch.long, device=values.device)
-    kth = _kth_smallest(values, k)
-    below = values < kth
-    at_kth = values == kth
-    keep = below | (at_kth & (at_kth.cumsum(0) <= k - below.sum()))
-    return keep.nonzero().squeeze(1)
-
-
-def _kth_smallest(values, k):
-    """The k-th smallest of ``values (N,)``, 1-based, as a 0-d tensor. On the CPU numpy's
-    introselect on the same memory is ten times faster than ``torch.kthvalue`` (measured)."""
-    if not _numpy_can_view(values):
-        return values.kthvalue(k).values
-    return torch.as_tensor(np.partition(values.detach().numpy(), k - 1)[k - 1])
-
-
-def _numpy_can_view(tensor):
-    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64)
+    def select_pairs(self, distances, labels, rows=None):
+        labels, rows, anchors = checked_rows(distances, labels, rows)
+        classes = classes_of(labels)
+        n_positive, n_negative = pair_counts(classes, len(labels))
+        n_items = len(labels)
+        negative = (labels[anchors, None] != labels) & (torch.arange(n_items, device=labels.device)
+                                                         > anchors[:, None])
+        candidates = distances.detach().masked_fill(~negative, float("inf"))
+        own_negatives = int(negative.sum())
+        closest = smallest_in_rows(candidates, min(n_positive, n_negative, own_negatives)) + rows.start * n_items
+        if rows.concatenate is not None:
+            values, positions = rows.concatenate(candidates.flatten()[closest - rows.start * n_items]), \
+                rows.concatenate(closest)
+            closest = positions[smallest_stable(values, min(n_positive, n_negative))]
+            closest = closest[(closest >= rows.start * n_items) & (closest < rows.stop * n_items)]
+        return positive_pairs_of(classes, anchors), torch.stack([closest // n_items, closest % n_items], dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,9 +460,26 @@ def _numpy_can_view(tensor):
 
 class TripletSelector:
     """Base class. ``get_triplets(embeddings (B, D), labels (B,))`` returns ``(T, 3)`` long
-    triplets ``(anchor, positive, negative)``."""
+    triplets ``(anchor, positive, negative)``.
+
+    The library's selectors also have ``select_triplets(distances (A, N), labels (N,), rows)``: the
+    triplets whose anchor is in ``rows`` (a ``Rows``), from those rows' distances (``row_distances``, in
+    the selector's ``distance``; None where not needed). The union over processes of their
+    ``select_triplets`` is one process's ``get_triplets``, the random selectors included (their draws are
+    per anchor: ``random_streams.AnchorStreams``); the online losses call it with each rank's rows."""
+
+    needs_distances = True
 
     def get_triplets(self, embeddings, labels):
+        labels = _as_labels(labels, embeddings)
+        if len(labels) == 0:
+            return _empty_triplets(labels.device)
+        distances = None
+        if self.needs_distances:
+            distances = as_distance(row_distances(embeddings.detach()), getattr(self, "distance", "squared"))
+        return self.select_triplets(distances, labels)
+
+    def select_triplets(self, distances, labels, rows=None):
         raise NotImplementedError
 
 
@@ -453,46 +489,47 @@ class AllTripletSelector(TripletSelector):
     ``B^3`` for few classes); it is written chunk by chunk into one preallocated tensor, so the peak
     memory stays close to the output's own size."""
 
-    def get_triplets(self, embeddings, labels):
-        labels = _as_labels(labels, embeddings)
-        _, positives, negatives = _label_masks(labels)
-        positive_columns, positive_valid = _padded_columns(positives)
-        negative_columns, negative_valid = _padded_columns(negatives)
+    needs_distances = False
+
+    def select_triplets(self, distances, labels, rows=None):
+        labels, rows, anchors = checked_rows(distances, labels, rows, needs_distances=False)
+        positive_columns, positive_valid = positives_of(classes_of(labels), anchors)
+        negative_columns, negative_valid = padded_columns(labels[anchors, None] != labels)
         n_positive, n_negative = positive_columns.shape[1], negative_columns.shape[1]
-        per_anchor = positives.sum(1) * negatives.sum(1)
+        per_anchor = positive_valid.sum(1) * negative_valid.sum(1)
         triplets = torch.empty((int(per_anchor.sum()), 3), dtype=torch.long, device=labels.device)
         anchors_per_chunk = max(1, CHUNK_ELEMENTS // max(1, n_positive * n_negative))
         written = 0
-        for start in range(0, len(labels), anchors_per_chunk):
-            rows = slice(start, start + anchors_per_chunk)
-            valid = positive_valid[rows, :, None] & negative_valid[rows, None, :]
-            anchors = torch.arange(start, start + len(valid), device=labels.device)[:, None, None]
-            positive = positive_columns[rows, :, None]
-            negative = negative_columns[rows, None, :]
-            n_valid = int(per_anchor[rows].sum())
+        for start in range(0, len(anchors), anchors_per_chunk):
+            chunk = slice(start, start + anchors_per_chunk)
+            valid = positive_valid[chunk, :, None] & negative_valid[chunk, None, :]
+            anchor = anchors[chunk, None, None]
+            positive = positive_columns[chunk, :, None]
+            negative = negative_columns[chunk, None, :]
+            n_valid = int(per_anchor[chunk].sum())
             if n_valid == valid.numel():  # every slot is a triplet (balanced batches): write in place
                 out = triplets[written:written + n_valid].view(*valid.shape, 3)
-                out[..., 0], out[..., 1], out[..., 2] = anchors, positive, negative
+                out[..., 0], out[..., 1], out[..., 2] = anchor, positive, negative
             else:
                 shape = valid.shape
                 triplets[written:written + n_valid] = torch.stack(
-                    [anchors.expand(shape), positive.expand(shape), negative.expand(shape)], dim=-1)[valid]
+                    [anchor.expand(shape), positive.expand(shape), negative.expand(shape)], dim=-1)[valid]
             written += n_valid
         return triplets
 
 
-# Negative selection functions. Each sees, for every anchor, its squared distances to the whole
-# batch with non-negatives set to ``inf``, and its distances to each of its positives; it returns,
-# for every (anchor, positive) slot, the column (batch index) of the chosen negative or -1 to skip
-# the pair. The random ones sort each anchor's row once, which turns "every negative closer than
-# D[a, p] + margin" into one binary search per pair.
+# Negative selection functions. Each sees, for every anchor, its distances to the whole batch with
+# non-negatives set to ``inf``, and its distances to each of its positives (NaN in padding slots); it
+# returns, for every (anchor, positive) slot, the column (batch index) of the chosen negative or -1 to
+# skip the pair. The random ones draw one number per slot from the anchor's own stream and choose among
+# the admissible negatives, which they sort per row: only those below the row's largest threshold.
 
 
 def _sort_rows(matrix):
     """``(values, columns)`` of each row of ``matrix (A, N)`` sorted ascending. On the CPU this
     goes through numpy's view of the same memory (no copy): its SIMD sort is several times faster
     than torch's CPU sort on rows this short (0.3 ms against 2 ms at 250 x 250, measured)."""
-    if not _numpy_can_view(matrix):
+    if not numpy_can_view(matrix):
         return matrix.sort(dim=1)
     columns = torch.from_numpy(matrix.detach().numpy().argsort(axis=1))
     return matrix.gather(1, columns), columns
@@ -509,31 +546,53 @@ def hardest_negative(negative_distances, positive_distances, margin, generator=N
     return torch.where(has_hard, closest, -1)
 
 
+def _compacted_rows(matrix, keep):
+    """The entries of ``matrix (A, N)`` where ``keep (A, N)`` is True, left-aligned per row:
+    ``(values (A, W), columns (A, W))`` with ``W`` the largest row count, padding ``inf`` and column 0."""
+    counts = keep.sum(1)
+    width = int(counts.max()) if len(keep) else 0
+    row, column = keep.nonzero().unbind(1)
+    slot = torch.arange(len(row), device=keep.device) - (counts.cumsum(0) - counts)[row]
+    values = matrix.new_full((len(keep), width), float("inf"))
+    columns = torch.zeros((len(keep), width), dtype=torch.long, device=keep.device)
+    values[row, slot], columns[row, slot] = matrix[row, column], column
+    return values, columns
+
+
 def _uniform_in_sorted(negative_distances, low_threshold, high_threshold, right, generator):
     """A uniformly random negative ``n`` with ``low_threshold < D[a, n] < high_threshold`` (with
     ``right=True``; ``right=False`` admits all below ``high_threshold``), per (anchor, slot).
-    Thresholds are ``(A, K)``; returns columns ``(A, K)`` long, -1 where there is none."""
-    values, columns = _sort_rows(negative_distances)
+    Thresholds are ``(A, K)``; returns columns ``(A, K)`` long, -1 where there is none. Only the
+    negatives inside a row's widest interval are sorted (all of them at worst)."""
     # NaN distances (from a NaN embedding) must admit nothing, as ``NaN < t`` and ``d < NaN`` are
-    # false; but binary search misreads NaN and would pick non-negatives. The sort puts NaN last, so
-    # making them inf keeps the rows sorted, and a NaN threshold becomes -inf.
-    values = values.masked_fill(values.isnan(), float("inf"))
+    # false; a NaN threshold (padding slot, NaN embedding) becomes an empty interval.
     high_threshold = high_threshold.masked_fill(high_threshold.isnan(), float("-inf"))
+    keep = negative_distances < high_threshold.max(1, keepdim=True).values
+    if right:
+        low_threshold = low_threshold.masked_fill(low_threshold.isnan(), float("inf"))
+        keep &= negative_distances > low_threshold.min(1, keepdim=True).values
+    values, columns = _compacted_rows(negative_distances, keep)
+    values, order = _sort_rows(values)
+    columns = columns.gather(1, order)
     high = torch.searchsorted(values, high_threshold)
     low = torch.searchsorted(values, low_threshold, right=right) if right else torch.zeros_like(high)
     noise = _uniform(high.shape, generator, high.device, dtype=torch.float64)
     rank = torch.minimum(low + (noise * (high - low)).long(), (high - 1).clamp(min=0))
-    return torch.where(high > low, columns.gather(1, rank), -1)
+    return torch.where(high > low, columns.gather(1, rank) if columns.shape[1] else rank, -1)
 
 
 def random_hard_negative(negative_distances, positive_distances, margin, generator=None):
     """A uniformly random negative among those closer than ``D[a, p] + margin`` (a non-zero loss).
 
     Takes ``negative_distances (A, B)`` (``inf`` where not a negative), ``positive_distances
-    (A, K)``, the margin and an optional ``torch.Generator``; returns columns ``(A, K)`` long or -1.
+    (A, K)``, the margin and the random numbers: ``random_streams.AnchorStreams`` (what the selectors
+    pass), a ``torch.Generator`` or None (torch's global RNG); returns columns ``(A, K)`` long or -1.
     """
     return _uniform_in_sorted(negative_distances, positive_distances, positive_distances + margin,
                               right=False, generator=generator)
+
+
+random_hard_negative.draws_random = True  # its selector draws one key per call (FunctionNegativeTripletSelector)
 
 
 def semihard_negative(negative_distances, positive_distances, margin, generator=None):
@@ -541,29 +600,39 @@ def semihard_negative(negative_distances, positive_distances, margin, generator=
     ``D[a, p] < D[a, n] < D[a, p] + margin``.
 
     Takes ``negative_distances (A, B)`` (``inf`` where not a negative), ``positive_distances
-    (A, K)``, the margin and an optional ``torch.Generator``; returns columns ``(A, K)`` long or -1.
+    (A, K)``, the margin and the random numbers (as ``random_hard_negative``); returns columns
+    ``(A, K)`` long or -1.
     """
     return _uniform_in_sorted(negative_distances, positive_distances, positive_distances + margin,
                               right=True, generator=generator)
 
 
+semihard_negative.draws_random = True
+
+
 class _DistanceTripletSelector(TripletSelector):
-    """What the distance-based triplet selectors share: the checks, the empty batch, the distances
-    of the detached embeddings and the label masks. Subclasses implement ``_select(distances
-    (B, B), positives (B, B) bool, negatives (B, B) bool) -> triplets (T, 3)`` for a batch B >= 1.
+    """What the distance-based triplet selectors share: the checks and the anchors' positives and
+    negatives. Subclasses implement ``_select(distances (A, N), anchors (A,), positive_columns (A, K),
+    positive_valid (A, K), negatives (A, N) bool, key) -> triplets (T, 3)`` (``key``: ``_call_key``'s).
     ``distance`` (``"squared"``, the classic default, or ``"euclidean"``) is the distance the
     hardness tests compare, which must be the loss's (``as_distance``)."""
 
     distance = "squared"
 
-    def get_triplets(self, embeddings, labels):
-        labels = _as_labels(labels, embeddings)
-        if len(labels) == 0:
+    def select_triplets(self, distances, labels, rows=None):
+        labels, rows, anchors = checked_rows(distances, labels, rows)
+        key = self._call_key()
+        positive_columns, positive_valid = positives_of(classes_of(labels), anchors)
+        if positive_columns.numel() == 0:  # no anchor, or no class with two items
             return _empty_triplets(labels.device)
-        _, positives, negatives = _label_masks(labels)
-        return self._select(as_distance(pdist(embeddings.detach()), self.distance), positives, negatives)
+        negatives = labels[anchors, None] != labels
+        return self._select(distances.detach(), anchors, positive_columns, positive_valid, negatives, key)
 
-    def _select(self, distances, positives, negatives):
+    def _call_key(self):
+        """The key of this call's random numbers (``random_streams``), or None for a deterministic selector."""
+        return None
+
+    def _select(self, distances, anchors, positive_columns, positive_valid, negatives, key):
         raise NotImplementedError
 
 
@@ -573,15 +642,16 @@ class FunctionNegativeTripletSelector(_DistanceTripletSelector):
 
     ``negative_selection_fn(negative_distances (A, B), positive_distances (A, K), margin,
     generator) -> columns (A, K)`` sees each anchor's distances (squared, or plain with
-    ``distance="euclidean"``) to the batch (``inf``
-    where the item is not a negative of that anchor) and to each of its positives (ascending batch
-    index, padded), and returns for each (anchor, positive) the batch index of the chosen negative,
-    or -1 to skip the pair. :func:`hardest_negative`, :func:`random_hard_negative` and
-    :func:`semihard_negative` are the library's choices. (The classic code called a numpy function
-    once per pair; this is its vectorised counterpart.) A returned column that is not a negative
-    of its anchor raises ``ValueError``. ``generator`` is handed to the function for its random
-    draws; ``cpu`` is accepted for compatibility with the classic code and ignored. Returns
-    triplets ``(T, 3)`` in ``(a, p)`` order.
+    ``distance="euclidean"``) to the batch (``inf`` where the item is not a negative of that anchor) and
+    to each of its positives (ascending batch index, padded with NaN), and returns for each (anchor,
+    positive) the batch index of the chosen negative, or -1 to skip the pair. :func:`hardest_negative`,
+    :func:`random_hard_negative` and :func:`semihard_negative` are the library's choices. (The classic
+    code called a numpy function once per pair; this is its vectorised counterpart.) A returned column
+    that is not a negative of its anchor raises ``ValueError``. ``generator`` reaches the function as a
+    ``random_streams.AnchorStreams``: per-anchor random numbers keyed by one draw from the generator (at
+    the call's first use), so a process mining some of the anchors draws what one process mining all of
+    them draws for those anchors. ``cpu`` is accepted for compatibility with the classic code and
+    ignored. Returns triplets ``(T, 3)`` in ``(a, p)`` order.
     """
 
     def __init__(self, margin, negative_selection_fn, cpu=False, generator=None, distance="squared"):
@@ -594,21 +664,27 @@ class FunctionNegativeTripletSelector(_DistanceTripletSelector):
         self.cpu = cpu
         self.generator = _check_generator(generator)
 
-    def _select(self, distances, positives, negatives):
-        positive_columns, positive_valid = _padded_columns(positives)
-        chosen = self.negative_selection_fn(distances.masked_fill(~negatives, float("inf")),
-                                            distances.gather(1, positive_columns), self.margin,
-                                            self.generator)
+    def _call_key(self):
+        # One key per call on every process, drawn even by a process without anchors, so that generators
+        # seeded alike stay alike; a deterministic function without a generator draws nothing (lazily).
+        if self.generator is not None or getattr(self.negative_selection_fn, "draws_random", False):
+            return draw_key(self.generator)
+        return functools.partial(draw_key, None)
+
+    def _select(self, distances, anchors, positive_columns, positive_valid, negatives, key):
+        positive_distances = distances.gather(1, positive_columns).masked_fill(~positive_valid, float("nan"))
+        streams = AnchorStreams(key, anchors)
+        chosen = self.negative_selection_fn(distances.masked_fill(~negatives, float("inf")), positive_distances,
+                                            self.margin, streams)
         if chosen.shape != positive_columns.shape:
             raise ValueError(f"negative_selection_fn returned shape {tuple(chosen.shape)}, "
                              f"expected {tuple(positive_columns.shape)} (anchors x positives)")
         keep = positive_valid & (chosen >= 0)
-        anchors = torch.arange(len(keep), device=keep.device)[:, None].expand_as(keep)
-        triplets = torch.stack([anchors[keep], positive_columns[keep], chosen[keep]], dim=1)
-        if not negatives[triplets[:, 0], triplets[:, 2]].all():
+        rows = torch.arange(len(keep), device=keep.device)[:, None].expand_as(keep)
+        if not negatives[rows[keep], chosen[keep]].all():
             raise ValueError("negative_selection_fn chose an item that is not a negative of its "
                              "anchor; return a column whose label differs from the anchor's, or -1")
-        return triplets
+        return torch.stack([anchors[rows[keep]], positive_columns[keep], chosen[keep]], dim=1)
 
 
 def HardestNegativeTripletSelector(margin, cpu=False, distance="squared"):
@@ -642,8 +718,9 @@ class BatchHardTripletSelector(_DistanceTripletSelector):
     def __init__(self, distance="squared"):
         self.distance = check_choice(distance, DISTANCES, "distance")
 
-    def _select(self, distances, positives, negatives):
-        hardest_positive = distances.masked_fill(~positives, float("-inf")).argmax(dim=1)
+    def _select(self, distances, anchors, positive_columns, positive_valid, negatives, key):
+        farthest = distances.gather(1, positive_columns).masked_fill(~positive_valid, float("-inf")).argmax(dim=1)
+        hardest_positive = positive_columns.gather(1, farthest[:, None]).squeeze(1)
         hardest_negative_ = distances.masked_fill(~negatives, float("inf")).argmin(dim=1)
-        anchors = (positives.any(dim=1) & negatives.any(dim=1)).nonzero().squeeze(1)
-        return torch.stack([anchors, hardest_positive[anchors], hardest_negative_[anchors]], dim=1)
+        keep = (positive_valid.any(dim=1) & negatives.any(dim=1)).nonzero().squeeze(1)
+        return torch.stack([anchors[keep], hardest_positive[keep], hardest_negative_[keep]], dim=1)

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import utils
+from random_streams import AnchorStreams, draw_key
 from reference import (
     ref_all_negative_pairs,
     ref_all_positive_pairs,
@@ -150,7 +151,7 @@ def rows(tensor):
 
 
 def distances_of(embeddings):
-    return utils.pdist(embeddings)
+    return utils.row_distances(embeddings)
 
 
 def assert_index_tensor(tensor, width, device):
@@ -511,7 +512,7 @@ def test_triplet_selectors_at_training_shapes(shape):
     n_classes, per_class = shape
     embeddings, labels = make_batch([per_class] * n_classes, 2, "clustered", seed=n_classes)
     margin = 1.0
-    distances = utils.pdist(embeddings)
+    distances = utils.row_distances(embeddings)
     check_hardest(embeddings, labels, margin)
     check_batch_hard(embeddings, labels)
     check_random_hard(embeddings, labels, margin)
@@ -566,7 +567,7 @@ def test_batch_hard_never_uses_the_anchor_as_its_own_positive():
 
 def test_selectors_run_in_chunks_without_changing_the_result(monkeypatch):
     embeddings, labels = make_batch([4, 5, 3], 2, "clustered", seed=8)
-    distances = utils.pdist(embeddings)
+    distances = utils.row_distances(embeddings)
     margin = 1.0
     # A chunk size smaller than one row forces one chunk per anchor / per (a, p) row.
     monkeypatch.setattr(utils, "CHUNK_ELEMENTS", 7)
@@ -581,7 +582,7 @@ def test_selectors_run_in_chunks_without_changing_the_result(monkeypatch):
 def test_custom_negative_selection_function_contract():
     embeddings, labels = make_batch([3, 2, 2], 2, "gaussian", seed=4)
     labels_list = labels.tolist()
-    distances = utils.pdist(embeddings).tolist()
+    distances = utils.row_distances(embeddings).tolist()
     calls = []
 
     def farthest_negative(negative_distances, positive_distances, margin, generator):
@@ -601,7 +602,10 @@ def test_custom_negative_selection_function_contract():
     # The function sees each anchor's distances to the batch (inf where not a negative) and its
     # positives' distances in index order.
     (negative_distances, positive_distances, margin, given_generator), = calls
-    assert margin == 0.5 and given_generator is generator
+    # The generator reaches it as per-anchor streams keyed by one draw from the generator.
+    assert margin == 0.5 and isinstance(given_generator, AnchorStreams)
+    assert given_generator.anchors.tolist() == list(range(7))
+    assert int(given_generator.key) == int(draw_key(torch.Generator().manual_seed(0)))
     for a in range(7):
         row = negative_distances[a].tolist()
         for n in range(7):
@@ -700,7 +704,7 @@ def assert_uniform(counts, draws):
 def test_random_choices_are_uniform_among_admissible_negatives(make_selector, candidates_fn,
                                                                margin, single_thread):
     embeddings, labels = make_batch([3, 4, 5], 2, "clustered", seed=21)
-    candidates = candidates_fn(utils.pdist(embeddings), labels, margin)
+    candidates = candidates_fn(utils.row_distances(embeddings), labels, margin)
     several = {pair: admissible for pair, admissible in candidates.items() if len(admissible) >= 2}
     assert len(several) >= 5 and any(len(v) >= 4 for v in several.values())
     selector = make_selector(margin, torch.Generator().manual_seed(2024))
@@ -743,7 +747,7 @@ def test_pair_selectors_on_edge_cases(name, embeddings, labels, margin):
 @pytest.mark.parametrize("selector_name", list(ALL_TRIPLET_SELECTORS))
 @pytest.mark.parametrize("name, embeddings, labels, margin", EDGE_CASES, ids=EDGE_IDS)
 def test_triplet_selectors_on_edge_cases(selector_name, name, embeddings, labels, margin):
-    distances = utils.pdist(embeddings)
+    distances = utils.row_distances(embeddings)
     got = get_triplets(ALL_TRIPLET_SELECTORS[selector_name](margin), embeddings, labels)
     if selector_name == "all":
         assert got == ref_all_triplets(labels)
@@ -780,7 +784,7 @@ def test_threshold_is_rounded_in_the_embeddings_dtype():
     labels = [0, 0, 1, 1]
     embeddings = torch.tensor(points)
     assert utils.pdist(embeddings)[0].tolist() == [0.0, 2.0 ** 24, 2.0 ** 24, 2.0 ** 24]
-    distances = utils.pdist(embeddings)
+    distances = utils.row_distances(embeddings)
     hardest = rows(utils.HardestNegativeTripletSelector(1.0).get_triplets(embeddings, labels))
     assert hardest == ref_hardest_negative_triplets(distances, labels, 1.0)
     assert (0, 1, 2) not in hardest
@@ -788,7 +792,7 @@ def test_threshold_is_rounded_in_the_embeddings_dtype():
     embeddings64 = embeddings.double()
     hardest64 = rows(utils.HardestNegativeTripletSelector(1.0).get_triplets(embeddings64, labels))
     assert (0, 1, 2) in hardest64
-    assert hardest64 == ref_hardest_negative_triplets(utils.pdist(embeddings64), labels, 1.0)
+    assert hardest64 == ref_hardest_negative_triplets(utils.row_distances(embeddings64), labels, 1.0)
 
 
 def test_identical_embeddings_hardest_and_random_choose_among_all_negatives():
@@ -817,7 +821,7 @@ def test_selectors_accept_float64_and_non_contiguous_inputs():
     embeddings, labels = make_batch([4, 4, 4], 3, "clustered", seed=2)
     embeddings64 = embeddings.double().t().contiguous().t()  # non-contiguous view
     assert not embeddings64.is_contiguous()
-    distances = utils.pdist(embeddings64)
+    distances = utils.row_distances(embeddings64)
     assert distances.dtype == torch.float64
     assert rows(utils.HardestNegativeTripletSelector(1.0).get_triplets(embeddings64, labels)) == \
         ref_hardest_negative_triplets(distances, labels, 1.0)

@@ -1,0 +1,201 @@
+"""The structure a selector needs to mine some rows of a batch: which rows (``Rows``), the batch's classes
+and each anchor's positives, the negative pairs counted and found by rank, and the k smallest entries of a
+block of rows.
+
+Everything here works from the labels ``(N,)`` or a ``(A, N)`` block of rows, never an ``(N, N)``
+matrix, on the tensors' device, so that a process mining its own ``A`` rows of a batch of ``N`` needs
+memory for its block only. ``utils``' selectors are built on it.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from random_streams import uniform
+
+class Rows(NamedTuple):
+    """Which anchors (a triplet's anchor, a pair's first member) of a batch of N items a selector mines:
+    the rows ``start .. stop - 1``, and ``concatenate``, how to pool a choice over the whole batch with the
+    other processes (``concatenate(tensor (k, ...))`` -> every process's tensors in rank order; None when
+    this process mines every row). ``Rows(0, N)`` is one process; ``distributed.rows_to_mine`` gives a rank's."""
+
+    start: int
+    stop: int
+    concatenate: object = None
+
+
+def checked_rows(distances, labels, rows, needs_distances=True):
+    """``(labels (N,), rows, anchors (A,))`` for a selector's ``select_*`` call, checked: ``rows`` None
+    means all; ``distances`` must be the ``(A, N)`` block of those rows (or None when not needed)."""
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be integers of shape (N,), got {labels.dtype} of shape {tuple(labels.shape)}")
+    rows = Rows(0, len(labels)) if rows is None else Rows(*rows)
+    if not 0 <= rows.start <= rows.stop <= len(labels):
+        raise ValueError(f"rows must lie in 0 .. {len(labels)} (the batch), got {rows.start} .. {rows.stop}")
+    expected = (rows.stop - rows.start, len(labels))
+    if distances is not None or needs_distances:
+        if not isinstance(distances, torch.Tensor) or tuple(distances.shape) != expected:
+            got = tuple(distances.shape) if isinstance(distances, torch.Tensor) else type(distances).__name__
+            raise ValueError(f"distances must be the rows' block of shape {expected} (utils.row_distances), got {got}")
+        labels = labels.to(distances.device)
+    return labels, rows, torch.arange(rows.start, rows.stop, device=labels.device)
+
+
+class Classes(NamedTuple):
+    """The classes of a batch of N labels: ``members (C, M)`` each class's items ascending (padded with
+    N), ``class_of (N,)`` and ``place (N,)`` each item's class and rank in it, ``sizes (C,)``."""
+
+    members: torch.Tensor
+    class_of: torch.Tensor
+    place: torch.Tensor
+    sizes: torch.Tensor
+
+
+def classes_of(labels):
+    """``Classes`` of ``labels (N,)``: one stable sort, O(N log N), no (N, N) mask."""
+    order = torch.sort(labels, stable=True).indices
+    _, class_sorted, sizes = torch.unique_consecutive(labels[order], return_inverse=True, return_counts=True)
+    place_sorted = torch.arange(len(labels), device=labels.device) - (sizes.cumsum(0) - sizes)[class_sorted]
+    width = int(sizes.max()) if len(labels) else 0
+    members = torch.full((len(sizes), width), len(labels), dtype=torch.long, device=labels.device)
+    members[class_sorted, place_sorted] = order
+    class_of, place = torch.empty_like(order), torch.empty_like(order)
+    class_of[order], place[order] = class_sorted, place_sorted
+    return Classes(members, class_of, place, sizes)
+
+
+def positives_of(classes, anchors):
+    """Each anchor's positives (same class, not itself), ascending: ``(columns (A, M - 1), valid (A, M - 1))``,
+    padding columns 0 and not valid."""
+    width = max(classes.members.shape[1] - 1, 0)
+    slot = torch.arange(width, device=anchors.device)
+    slot = slot + (slot >= classes.place[anchors, None])  # skip the anchor itself
+    columns = classes.members[classes.class_of[anchors, None], slot]
+    valid = slot < classes.sizes[classes.class_of[anchors], None]
+    return torch.where(valid, columns, 0), valid
+
+
+def pair_counts(classes, n_items):
+    """``(positive, negative)`` numbers of unordered pairs of a batch, as ints."""
+    positive = int((classes.sizes * (classes.sizes - 1) // 2).sum()) if n_items else 0
+    return positive, n_items * (n_items - 1) // 2 - positive
+
+
+def positive_pairs_of(classes, anchors):
+    """The positive pairs ``(i, j)``, ``i < j``, whose first member is one of ``anchors``: ``(P, 2)`` in
+    ``(i, j)`` order."""
+    columns, valid = positives_of(classes, anchors)
+    keep = valid & (columns > anchors[:, None])
+    return torch.stack([anchors[:, None].expand_as(columns)[keep], columns[keep]], dim=1)
+
+
+
+def padded_columns(mask):
+    """For each row of ``mask (A, N)`` bool, the columns where it is True, ascending, left-aligned
+    and padded: returns ``(columns (A, K), valid (A, K))`` with ``K`` the largest row count and
+    padding columns set to 0 (and ``valid`` False). Built by one cumsum and one scatter, no sort."""
+    counts = mask.sum(dim=1)
+    width = int(counts.max()) if len(mask) else 0
+    slot = torch.where(mask, mask.cumsum(dim=1) - 1, width)  # column ``width`` collects the rest
+    columns = torch.zeros((len(mask), width + 1), dtype=torch.long, device=mask.device)
+    column_ids = torch.arange(mask.shape[1], device=mask.device).expand_as(slot)
+    columns.scatter_(1, slot, torch.where(mask, column_ids, 0))
+    valid = torch.arange(width, device=mask.device) < counts.unsqueeze(1)
+    return columns[:, :width], valid
+
+
+def distinct_draws(key, k, n, device):
+    """``k`` distinct ints of ``0 .. n - 1``, a uniformly random subset, ascending: the first distinct
+    values of the stream ``floor(n * uniform(key, t))``, t = 0, 1, ... (the complement's when k > n / 2)."""
+    if 2 * k > n:
+        excluded = distinct_draws(key, n - k, n, device)
+        keep = torch.ones(n, dtype=torch.bool, device=device)
+        keep[excluded] = False
+        return keep.nonzero().squeeze(1)
+    draws = k + 16
+    while True:
+        values = (uniform(key, torch.arange(draws, device=device)) * n).long().clamp_max(max(n - 1, 0))
+        distinct, inverse = torch.unique(values, return_inverse=True)
+        first = torch.full_like(distinct, draws).scatter_reduce_(0, inverse, torch.arange(draws, device=device),
+                                                                 "amin")
+        if len(distinct) >= k:
+            return distinct[first.argsort()[:k]].sort().values
+        draws *= 2
+
+
+def negative_pairs_of_rank(classes, ranks, rows):
+    """The negative pairs ``(i, j)``, ``i < j``, at positions ``ranks (k,)`` (ascending) of the batch's
+    negative pairs in ``(i, j)`` order, keeping those whose first member is in ``rows``: ``(k', 2)``.
+    Row ``i`` holds ``(N - 1 - i) - (its class members after i)`` of them; the r-th is the r-th column
+    after ``i`` that is not of its class (one comparison per class member, no (N, N) work)."""
+    n_items = len(classes.class_of)
+    items = torch.arange(n_items, device=ranks.device)
+    sizes = classes.sizes[classes.class_of]
+    per_row = (n_items - 1 - items) - (sizes - 1 - classes.place)
+    ends = per_row.cumsum(0)
+    first = torch.searchsorted(ends, ranks, right=True)
+    keep = (first >= rows.start) & (first < rows.stop)
+    first, ranks = first[keep], ranks[keep]
+    offset = ranks - (ends[first] - per_row[first])
+    base = first + 1 + offset
+    slot = torch.arange(classes.members.shape[1], device=ranks.device)
+    members = classes.members[classes.class_of[first]]
+    # the class members after i, each minus the members before it: those <= base come before the answer
+    after = (slot > classes.place[first, None]) & (slot < classes.sizes[classes.class_of[first], None])
+    shifted = members - (slot - classes.place[first, None] - 1)
+    second = base + (after & (shifted <= base[:, None])).sum(1)
+    return torch.stack([first, second], dim=1)
+
+
+def smallest_in_rows(values, k):
+    """Flat positions, ascending, of the ``k`` smallest entries of ``values (A, N)`` (ties at the k-th
+    value going to the lower positions; ``k`` at most the number of finite entries).
+
+    No selection over all ``A * N`` entries: each row's ``r`` smallest values (``topk``) are candidates,
+    the k-th smallest candidate ``t`` is the k-th smallest entry as soon as no row's r-th candidate is
+    below ``t`` (then every entry outside the candidates is at least ``t``; else ``r`` grows), and one
+    pass of comparisons with ``t`` picks the entries."""
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=values.device)
+    rows, width = values.shape
+    per_row = min(width, -(-2 * k // rows))
+    while True:
+        candidates = values.topk(per_row, dim=1, largest=False).values
+        threshold = kth_smallest(candidates.flatten(), k)
+        if per_row == width or bool((candidates[:, -1] >= threshold).all()):
+            break
+        per_row = min(width, 4 * per_row)
+    below = values < threshold
+    at = values == threshold
+    n_below = int(below.sum())
+    if n_below + int(at.sum()) > k:  # ties at the threshold: the first ones in (row, column) order
+        at &= (at.flatten().cumsum(0) <= k - n_below).view_as(at)
+    return (below | at).flatten().nonzero().squeeze(1)
+
+
+def smallest_stable(values, k):
+    """Positions, ascending, of the ``k`` smallest of ``values (N,)`` (all if ``k >= N``), ties
+    at the k-th value going to the lower positions. O(N): one selection, no sort."""
+    if k >= len(values):
+        return torch.arange(len(values), device=values.device)
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=values.device)
+    kth = kth_smallest(values, k)
+    below = values < kth
+    at_kth = values == kth
+    keep = below | (at_kth & (at_kth.cumsum(0) <= k - below.sum()))
+    return keep.nonzero().squeeze(1)
+
+
+def kth_smallest(values, k):
+    """The k-th smallest of ``values (N,)``, 1-based, as a 0-d tensor. On the CPU numpy's
+    introselect on the same memory is ten times faster than ``torch.kthvalue`` (measured)."""
+    if not numpy_can_view(values):
+        return values.kthvalue(k).values
+    return torch.as_tensor(np.partition(values.detach().numpy(), k - 1)[k - 1])
+
+
+def numpy_can_view(tensor):
+    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64)
