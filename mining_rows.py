@@ -83,6 +83,12 @@ def pair_counts(classes, n_items):
     return positive, n_items * (n_items - 1) // 2 - positive
 
 
+def negatives_after(classes, items):
+    """How many negative pairs ``(i, j)``, ``j > i``, each of ``items (A,)`` heads: ``(A,)`` long."""
+    n_items = len(classes.class_of)
+    return (n_items - 1 - items) - (classes.sizes[classes.class_of[items]] - 1 - classes.place[items])
+
+
 def positive_pairs_of(classes, anchors):
     """The positive pairs ``(i, j)``, ``i < j``, whose first member is one of ``anchors``: ``(P, 2)`` in
     ``(i, j)`` order."""
@@ -130,10 +136,7 @@ def negative_pairs_of_rank(classes, ranks, rows):
     negative pairs in ``(i, j)`` order, keeping those whose first member is in ``rows``: ``(k', 2)``.
     Row ``i`` holds ``(N - 1 - i) - (its class members after i)`` of them; the r-th is the r-th column
     after ``i`` that is not of its class (one comparison per class member, no (N, N) work)."""
-    n_items = len(classes.class_of)
-    items = torch.arange(n_items, device=ranks.device)
-    sizes = classes.sizes[classes.class_of]
-    per_row = (n_items - 1 - items) - (sizes - 1 - classes.place)
+    per_row = negatives_after(classes, torch.arange(len(classes.class_of), device=ranks.device))
     ends = per_row.cumsum(0)
     first = torch.searchsorted(ends, ranks, right=True)
     keep = (first >= rows.start) & (first < rows.stop)
@@ -154,25 +157,19 @@ def smallest_in_rows(values, k):
     value going to the lower positions; ``k`` at most the number of finite entries).
 
     No selection over all ``A * N`` entries: each row's ``r`` smallest values (``topk``) are candidates,
-    the k-th smallest candidate ``t`` is the k-th smallest entry as soon as no row's r-th candidate is
-    below ``t`` (then every entry outside the candidates is at least ``t``; else ``r`` grows), and one
-    pass of comparisons with ``t`` picks the entries."""
+    whose k-th smallest ``t`` bounds the k-th smallest entry from above; one pass of comparisons keeps the
+    entries ``<= t``, among which one small selection finds the ``k`` (``r`` grows when they are many)."""
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=values.device)
     rows, width = values.shape
     per_row = min(width, -(-2 * k // rows))
     while True:
-        candidates = values.topk(per_row, dim=1, largest=False).values
-        threshold = kth_smallest(candidates.flatten(), k)
-        if per_row == width or bool((candidates[:, -1] >= threshold).all()):
+        candidates = values.topk(per_row, dim=1, largest=False, sorted=False).values
+        positions = (values <= kth_smallest(candidates.flatten(), k)).flatten().nonzero().squeeze(1)
+        if per_row == width or len(positions) <= 4 * k:
             break
         per_row = min(width, 4 * per_row)
-    below = values < threshold
-    at = values == threshold
-    n_below = int(below.sum())
-    if n_below + int(at.sum()) > k:  # ties at the threshold: the first ones in (row, column) order
-        at &= (at.flatten().cumsum(0) <= k - n_below).view_as(at)
-    return (below | at).flatten().nonzero().squeeze(1)
+    return positions[smallest_stable(values.flatten()[positions], k)]
 
 
 def smallest_stable(values, k):

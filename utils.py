@@ -35,8 +35,8 @@ import secrets
 
 import torch
 
-from mining_rows import (checked_rows, classes_of, numpy_can_view, pair_counts, padded_columns,
-                         distinct_draws, negative_pairs_of_rank, positive_pairs_of, positives_of, smallest_in_rows,
+from mining_rows import (checked_rows, classes_of, pair_counts, padded_columns,
+                         distinct_draws, negative_pairs_of_rank, negatives_after, positive_pairs_of, positives_of, smallest_in_rows,
                          smallest_stable)
 from random_streams import AnchorStreams, draw_key
 
@@ -413,8 +413,7 @@ class AllPositivePairSelector(PairSelector):
         classes = classes_of(labels)
         positive_pairs = positive_pairs_of(classes, anchors)
         if not self.balance:
-            negative = (labels[anchors, None] != labels) & (torch.arange(len(labels), device=labels.device)
-                                                             > anchors[:, None])
+            negative = (labels[anchors, None] != labels).triu_(diagonal=rows.start + 1)
             return positive_pairs, negative.nonzero() + torch.tensor([rows.start, 0], device=labels.device)
         n_positive, n_negative = pair_counts(classes, len(labels))
         chosen = distinct_draws(draw_key(self.generator), min(n_positive, n_negative), n_negative, labels.device)
@@ -441,10 +440,9 @@ class HardNegativePairSelector(PairSelector):
         classes = classes_of(labels)
         n_positive, n_negative = pair_counts(classes, len(labels))
         n_items = len(labels)
-        negative = (labels[anchors, None] != labels) & (torch.arange(n_items, device=labels.device)
-                                                         > anchors[:, None])
+        negative = (labels[anchors, None] != labels).triu_(diagonal=rows.start + 1)  # pairs (i, j > i)
         candidates = distances.detach().masked_fill(~negative, float("inf"))
-        own_negatives = int(negative.sum())
+        own_negatives = int(negatives_after(classes, anchors).sum())
         closest = smallest_in_rows(candidates, min(n_positive, n_negative, own_negatives)) + rows.start * n_items
         if rows.concatenate is not None:
             values, positions = rows.concatenate(candidates.flatten()[closest - rows.start * n_items]), \
@@ -525,16 +523,6 @@ class AllTripletSelector(TripletSelector):
 # the admissible negatives, which they sort per row: only those below the row's largest threshold.
 
 
-def _sort_rows(matrix):
-    """``(values, columns)`` of each row of ``matrix (A, N)`` sorted ascending. On the CPU this
-    goes through numpy's view of the same memory (no copy): its SIMD sort is several times faster
-    than torch's CPU sort on rows this short (0.3 ms against 2 ms at 250 x 250, measured)."""
-    if not numpy_can_view(matrix):
-        return matrix.sort(dim=1)
-    columns = torch.from_numpy(matrix.detach().numpy().argsort(axis=1))
-    return matrix.gather(1, columns), columns
-
-
 def hardest_negative(negative_distances, positive_distances, margin, generator=None):
     """The closest negative (the lowest index on ties), if it is closer than ``D[a, p] + margin``.
 
@@ -546,39 +534,36 @@ def hardest_negative(negative_distances, positive_distances, margin, generator=N
     return torch.where(has_hard, closest, -1)
 
 
-def _compacted_rows(matrix, keep):
-    """The entries of ``matrix (A, N)`` where ``keep (A, N)`` is True, left-aligned per row:
-    ``(values (A, W), columns (A, W))`` with ``W`` the largest row count, padding ``inf`` and column 0."""
-    counts = keep.sum(1)
-    width = int(counts.max()) if len(keep) else 0
-    row, column = keep.nonzero().unbind(1)
-    slot = torch.arange(len(row), device=keep.device) - (counts.cumsum(0) - counts)[row]
-    values = matrix.new_full((len(keep), width), float("inf"))
-    columns = torch.zeros((len(keep), width), dtype=torch.long, device=keep.device)
-    values[row, slot], columns[row, slot] = matrix[row, column], column
-    return values, columns
-
-
-def _uniform_in_sorted(negative_distances, low_threshold, high_threshold, right, generator):
+def _uniform_admissible(negative_distances, low_threshold, high_threshold, right, generator):
     """A uniformly random negative ``n`` with ``low_threshold < D[a, n] < high_threshold`` (with
     ``right=True``; ``right=False`` admits all below ``high_threshold``), per (anchor, slot).
-    Thresholds are ``(A, K)``; returns columns ``(A, K)`` long, -1 where there is none. Only the
-    negatives inside a row's widest interval are sorted (all of them at worst)."""
+    Thresholds are ``(A, K)``; returns columns ``(A, K)`` long, -1 where there is none.
+
+    No sort: the negatives below a row's largest threshold (``Q`` of them) are listed once, each slot
+    counts its admissible ones and takes the r-th in column order, r uniform below the count; memory
+    ``Q x K``, slots in chunks so that it stays within the size of the distances."""
     # NaN distances (from a NaN embedding) must admit nothing, as ``NaN < t`` and ``d < NaN`` are
     # false; a NaN threshold (padding slot, NaN embedding) becomes an empty interval.
     high_threshold = high_threshold.masked_fill(high_threshold.isnan(), float("-inf"))
-    keep = negative_distances < high_threshold.max(1, keepdim=True).values
-    if right:
-        low_threshold = low_threshold.masked_fill(low_threshold.isnan(), float("inf"))
-        keep &= negative_distances > low_threshold.min(1, keepdim=True).values
-    values, columns = _compacted_rows(negative_distances, keep)
-    values, order = _sort_rows(values)
-    columns = columns.gather(1, order)
-    high = torch.searchsorted(values, high_threshold)
-    low = torch.searchsorted(values, low_threshold, right=right) if right else torch.zeros_like(high)
-    noise = _uniform(high.shape, generator, high.device, dtype=torch.float64)
-    rank = torch.minimum(low + (noise * (high - low)).long(), (high - 1).clamp(min=0))
-    return torch.where(high > low, columns.gather(1, rank) if columns.shape[1] else rank, -1)
+    low_threshold = low_threshold.masked_fill(low_threshold.isnan(), float("inf"))
+    listed = negative_distances < high_threshold.max(1, keepdim=True).values
+    row, column = listed.nonzero().unbind(1)
+    values = negative_distances[row, column, None]
+    noise = _uniform(high_threshold.shape, generator, high_threshold.device, dtype=torch.float64)
+    chosen = torch.full(high_threshold.shape, -1, dtype=torch.long, device=high_threshold.device)
+    width = max(1, negative_distances.numel() // max(1, len(row)))
+    for first in range(0, high_threshold.shape[1], width):
+        slots = slice(first, first + width)
+        admissible = values < high_threshold[row, slots]
+        if right:
+            admissible &= values > low_threshold[row, slots]
+        counts = torch.zeros_like(chosen[:, slots]).index_add_(0, row, admissible.long())
+        rank = (noise[:, slots] * counts).long().clamp_max_((counts - 1).clamp_min_(0))
+        # an admissible negative's rank in its row: the running count, less those of the rows before
+        in_row = admissible.cumsum(0, dtype=torch.int32) - 1 - (counts.cumsum(0) - counts)[row]
+        hit, hit_slot = (admissible & (in_row == rank[row])).nonzero().unbind(1)
+        chosen[row[hit], first + hit_slot] = column[hit]
+    return chosen
 
 
 def random_hard_negative(negative_distances, positive_distances, margin, generator=None):
@@ -588,8 +573,8 @@ def random_hard_negative(negative_distances, positive_distances, margin, generat
     (A, K)``, the margin and the random numbers: ``random_streams.AnchorStreams`` (what the selectors
     pass), a ``torch.Generator`` or None (torch's global RNG); returns columns ``(A, K)`` long or -1.
     """
-    return _uniform_in_sorted(negative_distances, positive_distances, positive_distances + margin,
-                              right=False, generator=generator)
+    return _uniform_admissible(negative_distances, positive_distances, positive_distances + margin,
+                               right=False, generator=generator)
 
 
 random_hard_negative.draws_random = True  # its selector draws one key per call (FunctionNegativeTripletSelector)
@@ -603,8 +588,8 @@ def semihard_negative(negative_distances, positive_distances, margin, generator=
     (A, K)``, the margin and the random numbers (as ``random_hard_negative``); returns columns
     ``(A, K)`` long or -1.
     """
-    return _uniform_in_sorted(negative_distances, positive_distances, positive_distances + margin,
-                              right=True, generator=generator)
+    return _uniform_admissible(negative_distances, positive_distances, positive_distances + margin,
+                               right=True, generator=generator)
 
 
 semihard_negative.draws_random = True
