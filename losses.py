@@ -19,17 +19,21 @@ distance comparison false, and the hard-negative selectors then select nothing).
 mean (``ContrastiveLoss``, ``TripletLoss``) follows the same rule over their inputs: an empty batch gives
 a zero that backpropagates, not the NaN of an empty mean.
 
-Mining over the global batch: under ``torch.distributed`` (a process group of world size > 1, e.g.
-DistributedDataParallel with ``datasets.DistributedBalancedBatchSampler``), ``OnlineContrastiveLoss``,
-``OnlineTripletLoss`` and the mined forms of the autoencoder losses with ``gather=True`` (the default)
-ask ``distributed`` for the global batch (``distributed.global_batch``: every rank's embeddings and
-labels, gradients flowing back to the rank owning each row), mine with their selector on it (identical
-on every rank: same tensors, same selector, and for the random selectors a generator seeded alike on
-every rank), keep the pairs / triplets this rank owns (``distributed.owned``: whose first member /
-anchor it holds), and scale so that DistributedDataParallel's gradient average equals one process's
-gradient of the mean over the whole global batch (``_global_mean``, through ``distributed.global_mean``;
-the autoencoder losses' reconstruction and KL terms, per item, likewise). Without a process group nothing
-changes. The offline losses take no part: their pairs / triplets are given.
+Mining: every online loss mines the rows it owns (``_mined``). One process owns every row of its batch;
+under ``torch.distributed`` (a process group of world size > 1, e.g. DistributedDataParallel with
+``datasets.DistributedBalancedBatchSampler``), ``OnlineContrastiveLoss``, ``OnlineTripletLoss`` and the
+mined forms of the autoencoder losses with ``gather=True`` (the default) ask ``distributed`` for the global
+batch (``distributed.global_batch``: every rank's embeddings and labels, gradients flowing back to the
+rank owning each row) and mine the rows of their own share of it: the distances of those rows to the
+global batch (``utils.row_distances``, a ``(B_r, N)`` block, never ``(N, N)``), and the pairs / triplets
+whose first member / anchor is theirs (the selectors' ``select_pairs`` / ``select_triplets``). Together
+the ranks select what one process selects on the global batch (``utils``' selectors say how, the random
+ones included). Each term's distance is the block's value, the one the selector compared, with the
+gradient of the exact distance of its two embeddings (``_compared_distances``), so the backward pass keeps
+no ``(B_r, N)`` matrix. The loss is scaled so that DistributedDataParallel's gradient average equals one
+process's gradient of the mean over the whole global batch (``_global_mean``, through
+``distributed.global_mean``; the autoencoder losses' reconstruction and KL terms, per item, likewise).
+Without a process group nothing changes. The offline losses take no part: their pairs / triplets are given.
 
 ``PairwiseAutoencoderLoss`` and ``TripletAutoencoderLoss`` train siamese / triplet autoencoders and VAEs:
 ``weight * metric loss + (1 - weight) * (reconstruction + beta * KL to the prior)``, the metric loss
@@ -44,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distributed import global_batch, global_mean, rows_to_mine
+from distributed import global_batch, global_mean, owned, rows_to_mine
 from utils import (DISTANCES, _as_labels, _check_margin, as_distance, check_choice, check_flag,
                    float32_distances, paired_squared_distances, row_distances)
 
@@ -167,7 +171,7 @@ def _mined(selector, kind, embeddings, labels, share, distance="squared"):
         if hasattr(selector, "select_pairs"):
             positive_pairs, negative_pairs = selector.select_pairs(distances, labels, rows)
         else:
-            positive_pairs, negative_pairs = (pairs[_own(pairs, rows)] for pairs in
+            positive_pairs, negative_pairs = (pairs[owned(pairs[:, 0], share)] for pairs in
                                               selector.get_pairs(embeddings.detach(), labels))
         indices = torch.cat([positive_pairs, negative_pairs])
         target = torch.cat([torch.ones(len(positive_pairs), device=indices.device),
@@ -176,12 +180,7 @@ def _mined(selector, kind, embeddings, labels, share, distance="squared"):
     if hasattr(selector, "select_triplets"):
         return selector.select_triplets(distances, labels, rows), None, distances, rows.start
     triplets = selector.get_triplets(embeddings.detach(), labels)
-    return triplets[_own(triplets, rows)], None, distances, rows.start
-
-
-def _own(indices, rows):
-    """``(S,)`` bool: which tuples ``indices (S, k)`` have their first member in ``rows``."""
-    return (indices[:, 0] >= rows.start) & (indices[:, 0] < rows.stop)
+    return triplets[owned(triplets[:, 0], share)], None, distances, rows.start
 
 
 def _compared_distances(distances, start, embeddings, first, second, distance="squared"):
@@ -266,12 +265,12 @@ class OnlineContrastiveLoss(nn.Module):
     After each call ``last_selection`` holds the batch's ``Selection`` (pairs selected, and with a
     non-zero term).
 
-    ``gather`` (default True) only acts under ``torch.distributed`` with world size > 1: the pairs are
-    then mined over the batches of all ranks gathered in rank order (one process's selection on that
-    global batch; a ``utils.AllPositivePairSelector(balance=True)`` needs a generator seeded alike on
-    every rank), each rank computes the pairs whose first member it holds, and the loss is scaled for
-    DistributedDataParallel's gradient average; its value is the global mean on every rank (see
-    ``_global_mean``). ``gather=False`` mines each rank's own batch.
+    ``gather`` (default True) only acts under ``torch.distributed`` with world size > 1: each rank then
+    mines the pairs whose first member it holds among the batches of all ranks gathered in rank order,
+    from its own rows' distances (together one process's selection on that global batch; a
+    ``utils.AllPositivePairSelector(balance=True)`` needs a generator seeded alike on every rank), and
+    the loss is scaled for DistributedDataParallel's gradient average; its value is the global mean on
+    every rank (see ``_global_mean``). ``gather=False`` mines each rank's own batch.
     """
 
     last_selection = None  # Selection of the last batch (pairs selected, pairs with a non-zero term)
@@ -316,13 +315,13 @@ class OnlineTripletLoss(nn.Module):
     one that keeps the embeddings spread (see results/README.md, "Recipes"). ``last_selection`` and the count stay
     those of ``triplet_selector``.
 
-    ``gather`` (default True) only acts under ``torch.distributed`` with world size > 1: the triplets
-    are then mined over the batches of all ranks gathered in rank order (one process's selection on
-    that global batch; the random-hard and semi-hard selectors need a generator seeded alike on every
-    rank), each rank computes the triplets whose anchor it holds against the global positives and
-    negatives, and the loss is scaled for DistributedDataParallel's gradient average; its value and
-    the count are those of the global batch on every rank (see ``_global_mean``). ``gather=False``
-    mines each rank's own batch.
+    ``gather`` (default True) only acts under ``torch.distributed`` with world size > 1: each rank then
+    mines the triplets whose anchor it holds, against the positives and negatives of the batches of all
+    ranks gathered in rank order, from its own rows' distances (together one process's selection on that
+    global batch; the random-hard and semi-hard selectors need a generator seeded alike on every rank),
+    and the loss is scaled for DistributedDataParallel's gradient average; its value and the count are
+    those of the global batch on every rank (see ``_global_mean``). ``gather=False`` mines each rank's
+    own batch.
     """
 
     last_selection = None  # Selection of the last batch (triplets selected, triplets with a non-zero loss)

@@ -2,9 +2,22 @@
 
 Every selector looks at a batch of embeddings ``(B, D)`` with their labels ``(B,)`` and returns
 index tensors into that batch: pairs ``(P, 2)`` or triplets ``(T, 3)`` of ``(anchor, positive,
-negative)``, as ``torch.long`` on the embeddings' device. All the work happens on the squared
-distance matrix ``pdist(embeddings)`` with boolean masks; nothing loops over pairs or triplets in
-Python, and the cubic cases are built in chunks so memory stays bounded.
+negative)``, as ``torch.long`` on the embeddings' device (``get_pairs`` / ``get_triplets``). All the work
+happens on the rows' squared distances ``row_distances(embeddings)`` with boolean masks; nothing loops
+over pairs or triplets in Python, and the cubic cases are built in chunks so memory stays bounded.
+
+Mining by rows. Each library selector also mines only some anchors' rows of a batch of N (``select_pairs``
+/ ``select_triplets`` with a ``mining_rows.Rows``, from those rows' ``(A, N)`` distances): what a process
+of several does with its share of a gathered global batch (``losses``), and ``get_*`` is the call for all
+rows. What is guaranteed: the selections of processes mining disjoint rows that cover the batch,
+concatenated in row order, are exactly one process's ``get_*`` (tests/test_sharded_mining.py). The
+deterministic selectors decide each anchor from its own row, and the hard-negative pair selector pools
+every process's closest candidates (``Rows.concatenate``) before its choice over the whole batch; the
+random ones draw per anchor from a stream keyed by (one key per call from their generator, the anchor's
+index in the batch, the positive's slot) (``random_streams``), and the balanced pair selector by rank
+among the batch's negative pairs, so the same anchors get the same draws however the rows are split,
+provided every process's generator is seeded alike. Distances are equal bitwise across splits because
+``row_distances`` computes each row in the same matmul call whatever rows are asked for.
 
 Conventions shared by all selectors:
 
@@ -18,9 +31,10 @@ Conventions shared by all selectors:
 * nothing qualifying gives an empty ``(0, 2)`` / ``(0, 3)`` tensor, never a stand-in triplet.
 
 The library's squared Euclidean distances all come from here: ``pdist`` (the ``(B, B)`` matrix of a
-batch, exactly symmetric with a zero diagonal), ``squared_distances`` (queries against a gallery,
-also batched over episodes) and ``paired_squared_distances`` (row ``i`` against row ``i``), all three
-in float32 or float64 whatever the autocast around them (``float32_distances``).
+batch, exactly symmetric with a zero diagonal), ``row_distances`` (some rows of a batch against all of it,
+the selectors' and online losses' distances), ``squared_distances`` (queries against a gallery, also
+batched over episodes) and ``paired_squared_distances`` (row ``i`` against row ``i``), all in float32 or
+float64 whatever the autocast around them (``float32_distances``).
 
 ``check_int``, ``check_flag`` and ``check_choice`` are the argument checks every module of the library uses, and
 ``atomic_write`` the way every module writes a file (checkpoints, model files, galleries, results); ``groups_of_classes`` maps
@@ -254,7 +268,7 @@ def pdist(vectors):
 
 # Rows per matmul call of ``row_distances``: tiles start at multiples of it, so a row's distances come
 # from the same call whichever rows a process asks for.
-ROW_TILE = 256
+ROW_TILE = 64
 
 
 @float32_distances
@@ -547,7 +561,8 @@ def _uniform_admissible(negative_distances, low_threshold, high_threshold, right
     high_threshold = high_threshold.masked_fill(high_threshold.isnan(), float("-inf"))
     low_threshold = low_threshold.masked_fill(low_threshold.isnan(), float("inf"))
     listed = negative_distances < high_threshold.max(1, keepdim=True).values
-    row, column = listed.nonzero().unbind(1)
+    position = listed.flatten().nonzero().squeeze(1)  # (Q,), never a (Q, 2) tensor
+    row, column = position // listed.shape[1], position % listed.shape[1]
     values = negative_distances[row, column, None]
     noise = _uniform(high_threshold.shape, generator, high_threshold.device, dtype=torch.float64)
     chosen = torch.full(high_threshold.shape, -1, dtype=torch.long, device=high_threshold.device)

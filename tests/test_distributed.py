@@ -287,7 +287,8 @@ def _worker(rank, port):
                 for (parameter_name, parameter), (_, expected_parameter) in zip(parameters, expected_parameters):
                     torch.testing.assert_close(parameter.grad, expected_parameter.grad, rtol=1e-5, atol=1e-5 * scale,
                                                msg=lambda m: f"{context}: gradient of {parameter_name}: {m}")
-                # the gathered batch is the global batch in order: one process's selection, exactly
+                # each rank selects for its own anchors; in rank order they are one process's selection, exactly
+                selection = tuple(distributed.gather_uneven(part) for part in selection)
                 assert all(torch.equal(a, b) for a, b in zip(selection, expected_selection)), context
         _check_gather_off_and_non_finite(data, weights, rank)
         _check_autoencoder_losses(data, rank)

@@ -81,6 +81,19 @@ class Recording:
         self.last = self.selector.get_pairs(embeddings, labels)
         return self.last
 
+    def __getattr__(self, name):
+        """The wrapped selector's attribute; its ``select_pairs`` / ``select_triplets`` (the rows of a batch
+        a process mines, what the online losses call) recorded too. AttributeError when it has none."""
+        attribute = getattr(self.__dict__["selector"], name)
+        if name not in ("select_pairs", "select_triplets"):
+            return attribute
+
+        def recorded(*args, **kwargs):
+            self.last = attribute(*args, **kwargs)
+            return self.last
+
+        return recorded
+
 
 # Four 2-D points with known squared distances:
 #   x0 = (0, 0), x1 = (3, 4), x2 = (1, 0), x3 = (0, 2); labels [0, 0, 1, 1]
