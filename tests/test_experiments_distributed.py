@@ -7,18 +7,27 @@ where it is not, beside the same command in one process. Every rank draws the sa
 train the same model up to float rounding, and rank 0's results equal the single process's. Rank 0 alone
 prints and writes; the same command run again finds the finished rows in the run folders, and finishes a
 run that one process left unfinished. A folder of your own images trains the same way.
+
+The README's command for two machines (``torchrun --nnodes 2 ... --rdzv-backend c10d --rdzv-endpoint
+HOST0:29400 --rdzv-id study experiments.py ... --run-dir /shared/checkpoints``) runs here as two launches
+of one process each on 127.0.0.1, each in its own working folder, the run folder shared: it trains the
+model one process trains, and rank 0's node alone writes.
 """
 
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
+import uuid
 
 import pytest
 
 from known_datasets import SYSTEM_DATA_DIRS, find_idx_files
 from fixtures import write_idx_fixture
-from launch import clean_environment, launcher
+from launch import clean_environment, free_port, launcher
 from model_file import load_model
 from test_own_images import write_folder
 
@@ -66,15 +75,31 @@ def rows(work):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def single(tmp_path_factory):
+    """The folder of COMMAND's one-process run, the reference of every run on several processes here."""
+    work = prepare(tmp_path_factory.mktemp("one-process") / "single")
+    alone = one_process(work, *COMMAND)
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+    return work
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, single):
     """(folder of the torchrun run, its process, folder of the one-process run)."""
-    base = tmp_path_factory.mktemp("distributed-study")
-    several, single = prepare(base / "torchrun"), prepare(base / "single")
+    several = prepare(tmp_path_factory.mktemp("distributed-study") / "torchrun")
     distributed = torchrun(several, *COMMAND)
     assert distributed.returncode == 0, distributed.stdout[-3000:] + distributed.stderr[-3000:]
-    alone = one_process(single, *COMMAND)
-    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
     return several, distributed, single
+
+
+def assert_same_training(row, alone, method):
+    """``row`` (of a run on several processes) trained the model of ``alone`` (the one-process row), up to
+    float rounding."""
+    for key in SCORES:
+        assert row[key] == pytest.approx(alone[key], abs=SCORE_TOLERANCE), (method, key)
+    assert row["final_train_loss"] == pytest.approx(alone["final_train_loss"], rel=TRAIN_LOSS_TOLERANCE)
+    assert row["final_val_loss"] == pytest.approx(alone["final_val_loss"], rel=VAL_LOSS_TOLERANCE[method])
+    assert alone["final_train_loss"] > 0  # the runs did train on something
 
 
 def test_two_processes_give_the_results_of_one(runs):
@@ -82,13 +107,59 @@ def test_two_processes_give_the_results_of_one(runs):
     distributed, alone = rows(several), rows(single)
     assert sorted(distributed) == sorted(alone) == ["online-contrastive", "online-triplet/random-hard"]
     for method, row in alone.items():
-        for key in SCORES:
-            assert distributed[method][key] == pytest.approx(row[key], abs=SCORE_TOLERANCE), (method, key)
-        assert distributed[method]["final_train_loss"] == pytest.approx(row["final_train_loss"],
-                                                                         rel=TRAIN_LOSS_TOLERANCE)
-        assert distributed[method]["final_val_loss"] == pytest.approx(row["final_val_loss"],
-                                                                       rel=VAL_LOSS_TOLERANCE[method])
-        assert row["final_train_loss"] > 0  # the runs did train on something
+        assert_same_training(distributed[method], row, method)
+
+
+def launch_two_nodes(works, arguments, timeout=300):
+    """experiments.py with ``arguments`` as the README's command for two machines: one launcher per folder
+    of ``works`` (``--nnodes 2 --nproc-per-node 1``), started together, meeting at a c10d rendezvous on
+    127.0.0.1 at one free port chosen here (both launchers take themselves for its host: the one that binds
+    the port hosts the store, the other connects to it) under an id of their own. Each launcher's output
+    goes to ``<work>.out`` / ``<work>.err`` beside its folder. Returns their exit statuses; once one fails,
+    or ``timeout`` seconds have passed, both are killed with their workers (each runs in its own session)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+               "--rdzv-id", f"two-nodes-{uuid.uuid4().hex}", os.path.join(REPOSITORY, "experiments.py"), *arguments]
+    processes = []
+    try:
+        for work in works:
+            with open(f"{work}.out", "w") as out, open(f"{work}.err", "w") as err:
+                processes.append(subprocess.Popen(command, cwd=work, env=clean_environment(REPOSITORY), stdout=out,
+                                                  stderr=err, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(p.poll() is None for p in processes) \
+                and not any(p.poll() for p in processes):
+            time.sleep(0.2)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    return [process.returncode for process in processes]
+
+
+def test_two_launches_of_the_readme_command_for_two_machines_train_the_model_of_one_process(tmp_path, single):
+    works = [prepare(tmp_path / f"node{k}") for k in range(2)]
+    shared = tmp_path / "shared" / "checkpoints"
+    command = ["--dataset", "fashion-mnist", "--methods", "online-triplet", "--quick", "--no-progress", "--root",
+               "data", "--run-dir", str(shared)]
+    statuses = launch_two_nodes(works, command)
+    outputs = [(open(f"{work}.out").read(), open(f"{work}.err").read()) for work in works]
+    assert statuses == [0, 0], "\n".join(f"node {k}: exit {status}\n{out[-3000:]}{err[-3000:]}"
+                                          for k, (status, (out, err)) in enumerate(zip(statuses, outputs)))
+    # rank 0's node alone prints and writes (which launch it is, the rendezvous decides); the other writes
+    # nothing, neither in its folder nor beside it
+    writers = [k for k, work in enumerate(works) if os.path.exists(work / "runs")]
+    assert len(writers) == 1, writers
+    writer, other = works[writers[0]], works[1 - writers[0]]
+    assert sorted(os.listdir(other)) in ([], ["data"])
+    assert outputs[writers[0]][0].count("== fashion-mnist: online-triplet/random-hard, 2-D, 1 epochs") == 1
+    assert "== fashion-mnist" not in outputs[1 - writers[0]][0] and "Results in" not in outputs[1 - writers[0]][0]
+    run_folder = shared / "fashion-mnist-quick" / "online-triplet-random-hard_2d_seed0"
+    assert sorted(os.listdir(run_folder)) == ["checkpoint.pt", "row.json", "settings.json"]
+    method = "online-triplet/random-hard"
+    assert list(rows(writer)) == [method]
+    assert_same_training(rows(writer)[method], rows(single)[method], method)
 
 
 def test_rank_zero_alone_prints_and_writes(runs):
