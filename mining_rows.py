@@ -14,6 +14,10 @@ import torch
 
 from random_streams import uniform
 
+# Blocks of up to this many entries are searched by one selection (smallest_in_rows); measured the faster way
+# there (benchmarks/bench_selectors.py), and the result is the same either way.
+SMALL_BLOCK = 1 << 18
+
 class Rows(NamedTuple):
     """Which anchors (a triplet's anchor, a pair's first member) of a batch of N items a selector mines:
     the rows ``start .. stop - 1``, and ``concatenate``, how to pool a choice over the whole batch with the
@@ -120,7 +124,7 @@ def distinct_draws(key, k, n, device):
         keep = torch.ones(n, dtype=torch.bool, device=device)
         keep[excluded] = False
         return keep.nonzero().squeeze(1)
-    draws = k + 16
+    draws = k + 2 * k * k // max(n, 1) + 16  # about twice the expected repeats: one round, usually
     while True:
         values = (uniform(key, torch.arange(draws, device=device)) * n).long().clamp_max(max(n - 1, 0))
         distinct, inverse = torch.unique(values, return_inverse=True)
@@ -162,6 +166,8 @@ def smallest_in_rows(values, k):
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=values.device)
     rows, width = values.shape
+    if values.numel() <= SMALL_BLOCK:  # one selection over a small block costs less than the candidates
+        return smallest_stable(values.flatten(), k)
     per_row = min(width, -(-2 * k // rows))
     while True:
         candidates = values.topk(per_row, dim=1, largest=False, sorted=False).values

@@ -62,13 +62,14 @@ def draw_key(generator=None):
 
 class AnchorStreams:
     """The random numbers of one selection call, a stream per anchor keyed by (the call's key, the
-    anchor's global index): ``uniform(slots)`` gives ``(A, slots)`` numbers in [0, 1), row ``i`` being
-    anchor ``anchors[i]``'s first ``slots`` numbers, the same whichever process draws them. This is what
-    the random negative-selection functions (``utils.random_hard_negative``, ``utils.semihard_negative``)
-    receive as their ``generator``."""
+    anchor's global index): ``integers(count)`` gives ``(A, count)`` ints in [0, 2^32), row ``i`` being
+    anchor ``anchors[i]``'s first ``count`` numbers, the same whichever process draws them (one avalanche
+    per number: the anchor's state is hashed once). This is what the random negative-selection functions
+    (``utils.random_hard_negative``, ``utils.semihard_negative``) receive as their ``generator``."""
 
     def __init__(self, key, anchors):
         self._key, self.anchors = key, anchors
+        self._states = None
 
     @property
     def key(self):
@@ -78,5 +79,14 @@ class AnchorStreams:
             self._key = self._key()
         return self._key
 
-    def uniform(self, slots):
-        return uniform(self.key, self.anchors[:, None], torch.arange(slots, device=self.anchors.device))
+    def integers(self, count):
+        """``(A, count)``: every anchor's numbers 0 .. count - 1."""
+        return self.integers_at(torch.arange(len(self.anchors), device=self.anchors.device)[:, None],
+                                torch.arange(count, device=self.anchors.device))
+
+    def integers_at(self, rows, counters):
+        """The numbers ``counters`` of the anchors at positions ``rows`` (broadcast together): the same as
+        the matching entries of ``integers``, for a caller that needs only some."""
+        if self._states is None:
+            self._states = hashed(self.key, self.anchors)
+        return _avalanche(self._states[rows] ^ counters)

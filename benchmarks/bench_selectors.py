@@ -258,6 +258,93 @@ def memory_table(quick):
               f"{note}", flush=True)
 
 
+# ----------------------------------------------------------------------------- before / after, floor
+
+BEFORE = "86ceab2"  # the last commit whose selectors mined the whole (B, B) matrix on every process
+FLOOR_BATCH = 4096  # 512 classes x 8, 64-D: the batch of the compute-floor table
+FLOOR_DIM = 64
+
+
+def selectors_of(revision):
+    """utils.py as it was at git ``revision``, imported as a module of its own (its selectors need nothing
+    else of the repository), or None when git or the revision is not at hand."""
+    import importlib.util
+    import tempfile
+    try:
+        source = subprocess.run(["git", "show", f"{revision}:utils.py"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    folder = tempfile.mkdtemp(prefix="selectors-before-")
+    path = os.path.join(folder, "utils_before.py")
+    with open(path, "w") as file:
+        file.write(source)
+    spec = importlib.util.spec_from_file_location("utils_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def selector_call(module, name, embeddings, labels):
+    """A zero-argument function running ``module``'s selector ``name`` once (fresh generator, seed 0)."""
+    global utils
+    library, utils = utils, module
+    try:
+        return library_call(name, embeddings, labels)
+    finally:
+        utils = library
+
+
+def before_after_table(shapes, repeats, dim=FLOOR_DIM):
+    """The selectors of ``BEFORE`` and of today, side by side on the same batches (``dim``-D)."""
+    before = selectors_of(BEFORE)
+    if before is None:
+        print(f"\n(no git checkout with commit {BEFORE}: the before / after table is left out)")
+        return []
+    print(f"\nBefore (commit {BEFORE}: every selector on the whole (B, B) matrix) and after (today: the rows' "
+          f"block, per-row candidates), {dim}-D, ms per call (median of {repeats}):")
+    header = f"{'selector':<17}{'shape':>7}{'B':>6}{'before ms':>11}{'after ms':>10}{'before/after':>14}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for n_classes, per_class in shapes:
+        embeddings, labels = make_batch(n_classes, per_class, dim)
+        for name in SELECTORS:
+            if name == "AllTriplet" and n_classes * per_class > 1024:
+                continue
+            times = [median_ms(selector_call(module, name, embeddings, labels), repeats) for module in (before, utils)]
+            print(f"{name:<17}{f'{n_classes}x{per_class}':>7}{n_classes * per_class:>6}{times[0]:>11.2f}"
+                  f"{times[1]:>10.2f}{times[0] / times[1]:>13.2f}x", flush=True)
+            rows.append((name, n_classes * per_class, times[0], times[1]))
+    return rows
+
+
+def floor_table(repeats, batch=FLOOR_BATCH, dim=FLOOR_DIM, per_class=8):
+    """Every selector against the compute floor at one batch: the rows' distances (``row_distances``) plus
+    one masked reduction per row (each anchor's closest negative), measured in the same run."""
+    embeddings, labels = make_batch(batch // per_class, per_class, dim)
+
+    def floor():
+        distances = utils.row_distances(embeddings)
+        return distances.masked_fill(labels[:, None] == labels, math.inf).min(dim=1)
+
+    floor_ms = median_ms(floor, repeats)
+    print(f"\nCompute floor at B = {batch} ({batch // per_class} x {per_class}), {dim}-D, "
+          f"{torch.get_num_threads()} thread(s): the distance matrix plus one masked reduction per row, "
+          f"{floor_ms:.1f} ms (median of {repeats}).")
+    header = f"{'selector':<17}{'ms':>10}{'x floor':>10}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for name in SELECTORS:
+        if name == "AllTriplet":  # its output is B^2 * per_class triplets: no floor of this kind
+            continue
+        milliseconds = median_ms(library_call(name, embeddings, labels), repeats)
+        print(f"{name:<17}{milliseconds:>10.1f}{milliseconds / floor_ms:>9.2f}x", flush=True)
+        rows.append((name, milliseconds / floor_ms))
+    return floor_ms, rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -298,6 +385,9 @@ def main():
     for name in SELECTORS:
         verdict = "ok" if slowest[name] >= TARGET_SPEEDUP else "MISSED"
         print(f"  {name:<17} worst ratio {slowest[name]:>8.0f}x  {verdict}")
+    before_after_table(shapes if args.quick else [(32, 8), (64, 8), (128, 8)], library_repeats)
+    if not args.quick:
+        floor_table(5)
     if not args.no_memory:
         memory_table(args.quick)
     print(f"\nTotal time {time.perf_counter() - start:.0f} s; load average at the end "

@@ -365,14 +365,13 @@ def test_a_checkpoint_written_before_format_versions_resumes_as_the_run_would_ha
                                                  current_model.state_dict().values()))
     _assert_same_history(resumed, current_history, exactly=True)
 
-    # and it continues as today's fit continues the same run from scratch: the same batches of epoch 2, in
-    # the same order, and the same weights and history (up to float rounding: the committed file's epoch 1
-    # was computed on another machine, whose kernels may round differently)
+    # and it continues with the batches today's fit draws when it runs the same run from scratch: the same
+    # batches of epoch 2, in the same order (the loaders' generators restored). The weights are not compared
+    # with that run: the committed epoch 1 was mined by the old random-hard selector, whose draws came from
+    # one generator sequence; today's draw per anchor (random_streams), so the same state mines other triplets.
     straight_model, straight = run.train(2, seen=seen_straight)
     assert seen_resumed == seen_straight[len(seen_straight) - len(seen_resumed):]
-    for (name, a), b in zip(resumed_model.state_dict().items(), straight_model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    _assert_same_history(resumed, straight, exactly=False)
+    assert resumed.keys() == straight.keys() and resumed["epoch"] == straight["epoch"]
 
 
 def _fresh_checkpoint(tmp_path):
