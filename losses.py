@@ -185,12 +185,18 @@ def _mined(selector, kind, embeddings, labels, share, distance="squared"):
 
 def _compared_distances(distances, start, embeddings, first, second, distance="squared"):
     """The distances of the pairs ``(first, second)`` ``(S,)`` each (global indices, ``first`` in the rows
-    of ``distances (A, N)`` from ``start``): their values in the block, the ones the selector compared (so a
-    hinge is non-zero exactly when the selector called the tuple hard), with the gradient of the exact
-    distance ``as_distance(|e_first - e_second|^2)`` (``utils.paired_squared_distances``) in
-    ``embeddings (N, D)``. No ``(A, N)`` matrix is kept for the backward pass."""
-    exact = as_distance(paired_squared_distances(embeddings[first], embeddings[second]), distance)
-    return distances[first - start, second] + (exact - exact.detach())
+    of ``distances (A, N)`` from ``start``), differentiable in ``embeddings (N, D)``, with the values the
+    selector compared (so a hinge is non-zero exactly when the selector called the tuple hard).
+
+    Few tuples (``S * D`` at most the block's size): the block's values with the gradient of the exact
+    distance ``as_distance(|e_first - e_second|^2)`` (``utils.paired_squared_distances``), so no ``(A, N)``
+    matrix is kept for the backward pass. Many (e.g. every triplet): the rows' block computed again with
+    autograd (the same values, bitwise: the same tiles), and its entries taken."""
+    if len(first) * embeddings.shape[1] <= distances.numel():
+        exact = as_distance(paired_squared_distances(embeddings[first], embeddings[second]), distance)
+        return distances[first - start, second] + (exact - exact.detach())
+    block = as_distance(row_distances(embeddings, start, start + len(distances)), distance)
+    return block[first - start, second]
 
 
 def _check_same_shape(**tensors):

@@ -188,8 +188,10 @@ def smallest_stable(values, k):
     kth = kth_smallest(values, k)
     below = values < kth
     at_kth = values == kth
-    keep = below | (at_kth & (at_kth.cumsum(0) <= k - below.sum()))
-    return keep.nonzero().squeeze(1)
+    n_below = int(below.sum())
+    if n_below + int(at_kth.sum()) > k:  # more ties at the k-th value than places: the first ones
+        at_kth &= at_kth.cumsum(0) <= k - n_below
+    return (below | at_kth).nonzero().squeeze(1)
 
 
 def kth_smallest(values, k):
