@@ -459,7 +459,7 @@ class HardNegativePairSelector(PairSelector):
         n_positive, n_negative = pair_counts(classes, len(labels))
         n_items = len(labels)
         negative = (labels[anchors, None] != labels).triu_(diagonal=rows.start + 1)  # pairs (i, j > i)
-        candidates = distances.detach().masked_fill(~negative, float("inf"))
+        candidates = torch.where(negative, distances.detach(), math.inf)
         own_negatives = int(negatives_after(classes, anchors).sum())
         closest = smallest_in_rows(candidates, min(n_positive, n_negative, own_negatives)) + rows.start * n_items
         if rows.concatenate is not None:
@@ -586,7 +586,7 @@ def _uniform_admissible(negative_distances, low_threshold, high_threshold, right
         row, slot = pending // slots, pending % slots
         counters = torch.arange(first_round, first_round + PROPOSALS_PER_STAGE, device=row.device) * slots
         columns = (_random_integers(row[:, None], counters + slot[:, None], generator) * width) >> 32
-        values = negative_distances[row[:, None], columns]
+        values = negative_distances.view(-1)[row[:, None] * width + columns]  # flat: the fast index
         admissible = values < high_threshold.flatten()[pending, None]
         if right:
             admissible &= values > low_threshold.flatten()[pending, None]
@@ -597,50 +597,61 @@ def _uniform_admissible(negative_distances, low_threshold, high_threshold, right
         if len(pending) == 0:
             return chosen
     left = torch.zeros_like(possible).flatten().index_fill_(0, pending, True).view_as(possible)
-    rows_left = left.any(1).nonzero().squeeze(1)
-    still = left[rows_left]
-    draws = _random_integers(rows_left[:, None], REJECTION_ROUNDS * slots + torch.arange(slots, device=still.device),
+    rows = left.any(1).nonzero().squeeze(1)
+    if 2 * len(rows) > len(left):  # most rows: all of them, those without a slot left listing nothing
+        rows = torch.arange(len(left), device=left.device)
+    else:
+        negative_distances = negative_distances[rows]
+    draws = _random_integers(rows[:, None], REJECTION_ROUNDS * slots + torch.arange(slots, device=left.device),
                              generator)
-    exact = _uniform_in_sorted(negative_distances[rows_left], low_threshold[rows_left].masked_fill(~still, math.inf),
-                               high_threshold[rows_left].masked_fill(~still, -math.inf), right, draws)
-    chosen[rows_left] = torch.where(still, exact, chosen[rows_left])
+    still = left[rows]  # the other slots' intervals emptied
+    exact = _uniform_in_sorted(negative_distances, low_threshold[rows].masked_fill(~still, math.inf),
+                               high_threshold[rows].masked_fill(~still, -math.inf), right, draws)
+    chosen[rows] = torch.where(still, exact, chosen[rows])
     return chosen
 
 
 def _uniform_in_sorted(negative_distances, low_threshold, high_threshold, right, draws):
     """``_uniform_admissible``'s exact draw, with ``draws (A, K)`` random ints in [0, 2^32): each row's
-    negatives sorted (in batches of ``REJECTION_FROM`` items or more only those inside the row's widest
-    interval, gathered left-aligned), and each slot takes a uniformly random one of those inside its own
-    interval (two binary searches)."""
-    if negative_distances.shape[1] < REJECTION_FROM:
+    negatives sorted, and each slot takes a uniformly random one of those inside its own interval (two
+    binary searches). Batches of ``REJECTION_FROM`` items or more in float32 sort only the entries inside
+    each row's widest interval, all rows in one sort (``_inside_sorted``); others sort whole rows."""
+    if negative_distances.shape[1] < REJECTION_FROM or negative_distances.dtype != torch.float32:
         values, columns = _sort_rows(negative_distances)
         # NaN distances (a NaN embedding) sort last but would mislead the binary searches: inf keeps the rows
         # sorted and admits nothing
         values = values.masked_fill_(values.isnan(), math.inf)
+        high = torch.searchsorted(values, high_threshold)
+        low = torch.searchsorted(values, low_threshold, right=True) if right else torch.zeros_like(high)
     else:
-        values, columns = _sorted_inside(negative_distances, low_threshold, high_threshold, right)
-    high = torch.searchsorted(values, high_threshold)
-    low = torch.searchsorted(values, low_threshold, right=True) if right else torch.zeros_like(high)
-    rank = (low + ((high - low).clamp_min(0) * draws >> 32)).clamp_max(max(values.shape[1] - 1, 0))
-    return torch.where(high > low, columns.gather(1, rank) if values.shape[1] else rank, -1)
+        keys, columns = _inside_sorted(negative_distances, low_threshold, high_threshold, right)
+        row = torch.arange(len(negative_distances), device=keys.device)[:, None]
+        high = torch.searchsorted(keys, _row_keys(row, high_threshold))
+        low = torch.searchsorted(keys, _row_keys(row, low_threshold), right=True) if right else \
+            torch.searchsorted(keys, _row_keys(row, torch.zeros_like(high_threshold)))
+        columns = columns[None]
+    rank = (low + ((high - low).clamp_min(0) * draws >> 32)).clamp_max(max(columns.shape[1] - 1, 0))
+    return torch.where(high > low, columns.expand(len(rank), -1).gather(1, rank) if columns.shape[1] else rank, -1)
 
 
-def _sorted_inside(negative_distances, low_threshold, high_threshold, right):
-    """``(values (A, W), columns (A, W))``: each row's entries inside its widest interval (below its largest
-    ``high_threshold``, and with ``right`` above its smallest ``low_threshold``), sorted, left-aligned,
-    padded with inf; ``W`` the largest count."""
+def _row_keys(row, values):
+    """int64 keys ordering ``(row, value)`` pairs lexicographically, for float32 values >= 0 (their bits,
+    as integers, are in the order of the values; below 0 counts as 0, beyond the largest float as it)."""
+    bits = values.float().clamp(0, torch.finfo(torch.float32).max).add_(0.0).view(torch.int32).long()
+    return (row << 32) | bits
+
+
+def _inside_sorted(negative_distances, low_threshold, high_threshold, right):
+    """``(keys (Q,), columns (Q,))``: the entries of ``negative_distances (A, N)`` (float32) inside their
+    row's widest interval (below its largest ``high_threshold``, with ``right`` above its smallest
+    ``low_threshold``), as ``_row_keys`` sorted ascending (by row, then value), and their columns."""
     listed = negative_distances < high_threshold.max(1, keepdim=True).values
     if right:
         listed &= negative_distances > low_threshold.min(1, keepdim=True).values
-    counts = listed.sum(1)
     position = listed.flatten().nonzero().squeeze(1)  # (Q,), never a (Q, 2) tensor
     row, column = position // listed.shape[1], position % listed.shape[1]
-    slot = torch.arange(len(row), device=row.device) - (counts.cumsum(0) - counts)[row]
-    values = negative_distances.new_full((len(listed), int(counts.max())), math.inf)
-    columns = torch.zeros(values.shape, dtype=torch.long, device=row.device)
-    values[row, slot], columns[row, slot] = negative_distances[row, column], column
-    values, order = _sort_rows(values)
-    return values, columns.gather(1, order)
+    keys, order = _row_keys(row, negative_distances.flatten()[position]).sort()
+    return keys, column[order]
 
 
 def _sort_rows(matrix):
@@ -746,7 +757,7 @@ class FunctionNegativeTripletSelector(_DistanceTripletSelector):
     def _select(self, distances, anchors, positive_columns, positive_valid, negatives, key):
         positive_distances = distances.gather(1, positive_columns).masked_fill(~positive_valid, float("nan"))
         streams = AnchorStreams(key, anchors)
-        chosen = self.negative_selection_fn(distances.masked_fill(~negatives, float("inf")), positive_distances,
+        chosen = self.negative_selection_fn(torch.where(negatives, distances, math.inf), positive_distances,
                                             self.margin, streams)
         if chosen.shape != positive_columns.shape:
             raise ValueError(f"negative_selection_fn returned shape {tuple(chosen.shape)}, "
@@ -793,6 +804,6 @@ class BatchHardTripletSelector(_DistanceTripletSelector):
     def _select(self, distances, anchors, positive_columns, positive_valid, negatives, key):
         farthest = distances.gather(1, positive_columns).masked_fill(~positive_valid, float("-inf")).argmax(dim=1)
         hardest_positive = positive_columns.gather(1, farthest[:, None]).squeeze(1)
-        hardest_negative_ = distances.masked_fill(~negatives, float("inf")).argmin(dim=1)
+        hardest_negative_ = torch.where(negatives, distances, math.inf).argmin(dim=1)
         keep = (positive_valid.any(dim=1) & negatives.any(dim=1)).nonzero().squeeze(1)
         return torch.stack([anchors[keep], hardest_positive[keep], hardest_negative_[keep]], dim=1)

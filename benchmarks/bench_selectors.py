@@ -35,6 +35,7 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
 
 import numpy as np  # noqa: E402
@@ -319,17 +320,21 @@ def before_after_table(shapes, repeats, dim=FLOOR_DIM):
     return rows
 
 
-def floor_table(repeats, batch=FLOOR_BATCH, dim=FLOOR_DIM, per_class=8):
+def floor_table(repeats, batch=FLOOR_BATCH, dim=FLOOR_DIM, per_class=8, spread=False):
     """Every selector against the compute floor at one batch: the rows' distances (``row_distances``) plus
-    one masked reduction per row (each anchor's closest negative), measured in the same run."""
-    embeddings, labels = make_batch(batch // per_class, per_class, dim)
+    one masked reduction per row (each anchor's closest negative), measured in the same run. The batch is
+    bench_distributed's (one unit-variance cluster per class around random centres: a few hard negatives
+    per anchor), or with ``spread`` ``make_batch``'s (centres and spread scaled by 1/sqrt(dim): many)."""
+    from bench_distributed import balanced_batch
+    embeddings, labels = make_batch(batch // per_class, per_class, dim) if spread else balanced_batch(batch)
+    print(f"\n{'make_batch' if spread else 'bench_distributed.balanced_batch'}:", end="")
 
     def floor():
         distances = utils.row_distances(embeddings)
         return distances.masked_fill(labels[:, None] == labels, math.inf).min(dim=1)
 
     floor_ms = median_ms(floor, repeats)
-    print(f"\nCompute floor at B = {batch} ({batch // per_class} x {per_class}), {dim}-D, "
+    print(f" compute floor at B = {batch} ({batch // per_class} x {per_class}), {dim}-D, "
           f"{torch.get_num_threads()} thread(s): the distance matrix plus one masked reduction per row, "
           f"{floor_ms:.1f} ms (median of {repeats}).")
     header = f"{'selector':<17}{'ms':>10}{'x floor':>10}"
@@ -388,6 +393,7 @@ def main():
     before_after_table(shapes if args.quick else [(32, 8), (64, 8), (128, 8)], library_repeats)
     if not args.quick:
         floor_table(5)
+        floor_table(5, spread=True)
     if not args.no_memory:
         memory_table(args.quick)
     print(f"\nTotal time {time.perf_counter() - start:.0f} s; load average at the end "
