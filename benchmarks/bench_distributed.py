@@ -1,7 +1,7 @@
-"""Online mining on several processes: what the local-anchor form costs, and what 2 processes buy.
+"""Online mining on several processes: what each rank mining its own rows costs, and what 2 processes buy.
 
-    python benchmarks/bench_distributed.py            # all three tables (about 10 minutes on 2 cores)
-    python benchmarks/bench_distributed.py --quick    # global batch 1024 only, fewer steps, no full epoch
+    python benchmarks/bench_distributed.py            # all four tables (about 12 minutes on 2 cores)
+    python benchmarks/bench_distributed.py --quick    # global batch 1024 only, fewer steps, no epoch or memory
 
 Every process runs with one thread (OMP_NUM_THREADS=1), on CPU with the gloo backend, launched by
 ``python -m torch.distributed.run`` (torchrun) on 127.0.0.1; the one-process rows run the same code
@@ -9,14 +9,20 @@ without a process group.
 
 1. Mining and loss, per step, at global batches 1024 and 4096 (8 items per class, 64-D embeddings):
    forward and backward of the online loss with each selector. "local" is the library's form on 2
-   processes: every rank gathers the global batch, mines it, and computes only the terms whose anchor
-   (first pair member) it owns. "whole" is the naive form: every rank gathers and computes every term
-   of the global batch. "1 proc" is one process on the whole global batch.
+   processes: every rank gathers the global batch and mines only its own rows, the ``(B_r, N)`` block of
+   their distances, and computes the terms whose anchor (first pair member) it owns. "whole" is the naive
+   form: every rank gathers and mines and computes the whole global batch. "1 proc" is one process on the
+   whole global batch.
 2. A training step of the study's online-triplet method (EmbeddingNet, 2-D, random-hard, Adam) at
    global batch 10 x 25 = 250 and 40 x 25 = 1000, on 1 process and on 2 (DistributedDataParallel, each
    rank half of the batch).
 3. One full Fashion-MNIST epoch of ``experiments.py --methods online-triplet --epochs 1`` on 1 process
    and on 2, with the resulting scores (each way from the same seed).
+4. Memory per rank: the peak resident memory that one rank's online loss (forward and backward) adds, in a
+   fresh process playing rank 0 of W (its rows of the gathered batch, the other ranks' candidates left
+   out), at a global batch of 16,384 on 8 ranks, as a multiple of its ``(B_r, N)`` float32 distance block;
+   then that multiple times the block's size (``distributed.share_bounds``) for global batches up to 65,536
+   on 8 to 64 ranks, next to the ``(N, N)`` matrix one process would need.
 
 Times are medians of several steps after warm-up steps, measured side by side in one run.
 """
@@ -34,6 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
 
 import torch  # noqa: E402
+
+import experiments  # noqa: E402
 
 from bench_epoch import print_table_head  # noqa: E402
 from bench_selectors import median_ms  # noqa: E402
@@ -208,7 +216,8 @@ def epoch_table(root):
                                   timeout=3600)
             if done.returncode != 0:
                 raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")
-            with open(os.path.join(work, "results", "fashion-mnist.json")) as file:
+            results_dir = experiments.StudySettings("fashion-mnist", methods=("online-triplet",), epochs=1).outputs().results
+            with open(os.path.join(work, results_dir, "fashion-mnist.json")) as file:
                 row = json.load(file)[0]
         print(f"{processes:>10}{row['seconds_per_epoch']:>10.1f}{row['precision_at_1']:>8.3f}"
               f"{row['map_at_r']:>8.3f}{row['knn_accuracy']:>9.3f}{row['final_train_loss']:>12.4f}", flush=True)
@@ -217,15 +226,83 @@ def epoch_table(root):
     return rows
 
 
+# ------------------------------------------------------------------------------------ memory per rank
+
+MEMORY_BATCH, MEMORY_WORLD = 16384, 8  # where the multiple of the block is measured
+MEMORY_TABLE = ((4096, (8, 16)), (16384, (8, 16, 32, 64)), (65536, (8, 16, 32, 64)))
+
+
+def memory_child(name, batch, world):
+    """In a fresh process: rank 0 of ``world`` on a global batch of ``batch``; prints the peak RSS that its
+    loss's forward and backward add, in MB."""
+    from bench_selectors import peak_rss_kb, reset_peak_rss
+    from distributed import share_bounds
+    import losses
+    from mining_rows import Rows
+    everything, labels = balanced_batch(batch)
+    start, stop = share_bounds(batch, world, 0)
+    # rank 0's rows of the batch handed in as the gathered one, its candidates alone pooled
+    losses.rows_to_mine = lambda share, n_items: Rows(share[0], share[1], lambda tensor: tensor)
+    losses.global_batch = lambda embeddings, target, gather, *more: (
+        embeddings, target, (*share_bounds(len(embeddings), world, 0), world), *more)
+    losses.global_mean = lambda terms, share: (terms.mean(), len(terms), int((terms > 0).sum()))
+    loss_fn = _loss(name, gather=True)
+    gathered = everything.clone().requires_grad_()
+    small = balanced_batch(512)[0].requires_grad_()
+    output = loss_fn(small, balanced_batch(512)[1])  # kernels and allocator set up
+    (output[0] if isinstance(output, tuple) else output).backward()
+    reset_peak_rss()
+    before = peak_rss_kb()
+    output = loss_fn(gathered, labels)
+    (output[0] if isinstance(output, tuple) else output).backward()
+    print("RESULT " + json.dumps({"peak_mb": (peak_rss_kb() - before) / 1024,
+                                  "block_mb": 4 * (stop - start) * batch / 2 ** 20}))
+
+
+def memory_table():
+    print_table_head(f"\n4. Memory per rank: one rank's loss (forward + backward) at global batch {MEMORY_BATCH} on "
+                     f"{MEMORY_WORLD} ranks, peak RSS added, as a multiple of its (B_r, N) float32 block",
+                     f"{'selector':<22}{'block MB':>10}{'peak MB':>10}{'x block':>9}")
+    multiples = {}
+    for name in LOSS_SELECTORS:
+        if name == "all":
+            continue
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", name, str(MEMORY_BATCH),
+                               str(MEMORY_WORLD)], env=clean_environment(REPO_ROOT), capture_output=True, text=True,
+                              timeout=1800, check=True)
+        result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+        multiples[name] = result["peak_mb"] / result["block_mb"]
+        print(f"{name:<22}{result['block_mb']:>10.0f}{result['peak_mb']:>10.0f}{multiples[name]:>8.1f}x", flush=True)
+    from distributed import share_bounds
+    worst = max(multiples.values())
+    print(f"\nPer rank, GB: the (B_r, N) block, and {worst:.1f} x it (the largest multiple above); one process's "
+          "(N, N) float32 matrix for comparison")
+    print(f"{'global batch':>12}{'ranks':>7}{'B_r':>7}{'block GB':>10}{'working GB':>12}{'(N, N) GB':>11}")
+    rows = []
+    for batch, worlds in MEMORY_TABLE:
+        for world in worlds:
+            start, stop = share_bounds(batch, world, 0)
+            block = 4 * (stop - start) * batch / 2 ** 30
+            print(f"{batch:>12}{world:>7}{stop - start:>7}{block:>10.2f}{worst * block:>12.2f}"
+                  f"{4 * batch * batch / 2 ** 30:>11.1f}", flush=True)
+            rows.append({"batch": batch, "ranks": world, "rows": stop - start, "block_gb": block,
+                         "working_gb": worst * block})
+    return {"multiples": multiples, "table": rows}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="global batch 1024 only, fewer steps, no epoch table")
     parser.add_argument("--root", default="data", help="where experiments.py looks for Fashion-MNIST")
     parser.add_argument("--json", default=None, help="also write the tables to this JSON file")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker)
+    if args.memory_child:
+        torch.set_num_threads(1)
+        return memory_child(args.memory_child[0], int(args.memory_child[1]), int(args.memory_child[2]))
     print(f"torch {torch.__version__}, 1 thread per process, gloo on 127.0.0.1; load average at start "
           f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
     repeats = 5 if args.quick else 10
@@ -233,6 +310,7 @@ def main():
               "step": step_table(repeats)}
     if not args.quick:
         tables["epoch"] = epoch_table(args.root)
+        tables["memory"] = memory_table()
     if args.json:
         with open(args.json, "w") as file:
             json.dump(tables, file, indent=1)
