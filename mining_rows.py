@@ -1,6 +1,6 @@
 """The structure a selector needs to mine some rows of a batch: which rows (``Rows``), the batch's classes
-and each anchor's positives, the negative pairs counted and found by rank, and the k smallest entries of a
-block of rows.
+and each anchor's positives, the negative pairs counted and found by rank, the k smallest entries of a
+block of rows, and a uniformly random admissible entry per (row, slot) (``uniform_admissible``).
 
 Everything here works from the labels ``(N,)`` or a ``(A, N)`` block of rows, never an ``(N, N)``
 matrix, on the tensors' device, so that a process mining its own ``A`` rows of a batch of ``N`` needs
@@ -9,10 +9,12 @@ memory for its block only. ``utils``' selectors are built on it.
 
 from typing import NamedTuple
 
+import math
+
 import numpy as np
 import torch
 
-from random_streams import uniform
+from random_streams import KEY_RANGE, AnchorStreams, uniform
 
 # Blocks of up to this many entries are searched by one selection (smallest_in_rows); measured the faster way
 # there (benchmarks/bench_selectors.py), and the result is the same either way.
@@ -204,3 +206,135 @@ def kth_smallest(values, k):
 
 def numpy_can_view(tensor):
     return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# A uniformly random admissible entry per (row, slot)
+
+
+def random_integers(rows, counters, generator):
+    """Random ints in [0, 2^32), int64, of the broadcast shape of ``rows`` and ``counters`` (long tensors):
+    an ``AnchorStreams``'s numbers ``counters`` of the anchors at ``rows`` (the same whoever draws them), or
+    fresh ones from a ``torch.Generator`` (on its own device) or torch's global RNG."""
+    if isinstance(generator, AnchorStreams):
+        return generator.integers_at(rows, counters)
+    shape = torch.broadcast_shapes(rows.shape, counters.shape)
+    if generator is None:
+        return torch.randint(KEY_RANGE, shape, device=rows.device)
+    return torch.randint(KEY_RANGE, shape, generator=generator, device=generator.device).to(rows.device)
+
+
+# Proposals per (anchor, slot) before the exact fallback of the random selection functions, made in stages
+# of PROPOSALS_PER_STAGE for the slots still without a negative, in batches of REJECTION_FROM items or more
+# (below, the exact draw alone costs less: measured, benchmarks/bench_selectors.py).
+REJECTION_ROUNDS = 32
+PROPOSALS_PER_STAGE = 4
+REJECTION_FROM = 1024
+
+
+def uniform_admissible(negative_distances, low_threshold, high_threshold, right, generator):
+    """A uniformly random negative ``n`` with ``low_threshold < D[a, n] < high_threshold`` (with
+    ``right=True``; ``right=False`` admits all below ``high_threshold``), per (anchor, slot), from
+    ``negative_distances (A, N)`` (inf where not a negative) and thresholds ``(A, K)``. Returns columns
+    ``(A, K)`` long, -1 where there is none. ``generator``: ``random_integers``'.
+
+    Batches of ``REJECTION_FROM`` items or more sort no whole row: each slot proposes up to
+    ``REJECTION_ROUNDS`` uniformly random columns of its row and keeps the first admissible one (uniform
+    among the admissible, as any rejection sampler); the slots left without one (few admissible, or none:
+    for ``right=False`` the row's closest negative says which have none, before any proposal) are drawn
+    exactly by ``_uniform_in_sorted`` on their rows alone. Slot ``k``'s numbers are its anchor's numbers
+    ``round * K + k``, the exact draw's ``REJECTION_ROUNDS * K + k``: an anchor's choice depends on its row
+    and its stream only."""
+    # NaN distances (from a NaN embedding) must admit nothing, as ``NaN < t`` and ``d < NaN`` are
+    # false; a NaN threshold (padding slot, NaN embedding) becomes an empty interval.
+    high_threshold = high_threshold.masked_fill(high_threshold.isnan(), -math.inf)
+    low_threshold = low_threshold.masked_fill(low_threshold.isnan(), math.inf)
+    width, slots = negative_distances.shape[1], high_threshold.shape[1]
+    chosen = torch.full(high_threshold.shape, -1, dtype=torch.long, device=high_threshold.device)
+    if width < REJECTION_FROM:
+        draws = random_integers(torch.arange(len(chosen), device=chosen.device)[:, None],
+                                 REJECTION_ROUNDS * slots + torch.arange(slots, device=chosen.device), generator)
+        return _uniform_in_sorted(negative_distances, low_threshold, high_threshold, right, draws)
+    possible = high_threshold > (negative_distances.min(1, keepdim=True).values if not right else low_threshold)
+    pending = possible.flatten().nonzero().squeeze(1)  # flat (anchor, slot) positions still to draw
+    for first_round in range(0, REJECTION_ROUNDS, PROPOSALS_PER_STAGE):
+        row, slot = pending // slots, pending % slots
+        counters = torch.arange(first_round, first_round + PROPOSALS_PER_STAGE, device=row.device) * slots
+        columns = (random_integers(row[:, None], counters + slot[:, None], generator) * width) >> 32
+        values = negative_distances.view(-1)[row[:, None] * width + columns]  # flat: the fast index
+        admissible = values < high_threshold.flatten()[pending, None]
+        if right:
+            admissible &= values > low_threshold.flatten()[pending, None]
+        found = admissible.any(1)
+        first = torch.where(admissible, torch.arange(PROPOSALS_PER_STAGE, device=row.device), PROPOSALS_PER_STAGE)
+        chosen.view(-1)[pending[found]] = columns[found].gather(1, first[found].min(1, keepdim=True).values).squeeze(1)
+        pending = pending[~found]
+        if len(pending) == 0:
+            return chosen
+    left = torch.zeros_like(possible).flatten().index_fill_(0, pending, True).view_as(possible)
+    rows = left.any(1).nonzero().squeeze(1)
+    if 2 * len(rows) > len(left):  # most rows: all of them, those without a slot left listing nothing
+        rows = torch.arange(len(left), device=left.device)
+    else:
+        negative_distances = negative_distances[rows]
+    draws = random_integers(rows[:, None], REJECTION_ROUNDS * slots + torch.arange(slots, device=left.device),
+                             generator)
+    still = left[rows]  # the other slots' intervals emptied
+    exact = _uniform_in_sorted(negative_distances, low_threshold[rows].masked_fill(~still, math.inf),
+                               high_threshold[rows].masked_fill(~still, -math.inf), right, draws)
+    chosen[rows] = torch.where(still, exact, chosen[rows])
+    return chosen
+
+
+def _uniform_in_sorted(negative_distances, low_threshold, high_threshold, right, draws):
+    """``uniform_admissible``'s exact draw, with ``draws (A, K)`` random ints in [0, 2^32): each row's
+    negatives sorted, and each slot takes a uniformly random one of those inside its own interval (two
+    binary searches). Batches of ``REJECTION_FROM`` items or more in float32 sort only the entries inside
+    each row's widest interval, all rows in one sort (``_inside_sorted``); others sort whole rows."""
+    if negative_distances.shape[1] < REJECTION_FROM or negative_distances.dtype != torch.float32:
+        values, columns = _sort_rows(negative_distances)
+        # NaN distances (a NaN embedding) sort last but would mislead the binary searches: inf keeps the rows
+        # sorted and admits nothing
+        values = values.masked_fill_(values.isnan(), math.inf)
+        high = torch.searchsorted(values, high_threshold)
+        low = torch.searchsorted(values, low_threshold, right=True) if right else torch.zeros_like(high)
+    else:
+        keys, columns = _inside_sorted(negative_distances, low_threshold, high_threshold, right)
+        row = torch.arange(len(negative_distances), device=keys.device)[:, None]
+        high = torch.searchsorted(keys, _row_keys(row, high_threshold))
+        low = torch.searchsorted(keys, _row_keys(row, low_threshold), right=True) if right else \
+            torch.searchsorted(keys, _row_keys(row, torch.zeros_like(high_threshold)))
+        columns = columns[None]
+    rank = (low + ((high - low).clamp_min(0) * draws >> 32)).clamp_max(max(columns.shape[1] - 1, 0))
+    return torch.where(high > low, columns.expand(len(rank), -1).gather(1, rank) if columns.shape[1] else rank, -1)
+
+
+def _row_keys(row, values):
+    """int64 keys ordering ``(row, value)`` pairs lexicographically, for float32 values >= 0 (their bits,
+    as integers, are in the order of the values; below 0 counts as 0, beyond the largest float as it)."""
+    bits = values.float().clamp(0, torch.finfo(torch.float32).max).add_(0.0).view(torch.int32).long()
+    return (row << 32) | bits
+
+
+def _inside_sorted(negative_distances, low_threshold, high_threshold, right):
+    """``(keys (Q,), columns (Q,))``: the entries of ``negative_distances (A, N)`` (float32) inside their
+    row's widest interval (below its largest ``high_threshold``, with ``right`` above its smallest
+    ``low_threshold``), as ``_row_keys`` sorted ascending (by row, then value), and their columns."""
+    listed = negative_distances < high_threshold.max(1, keepdim=True).values
+    if right:
+        listed &= negative_distances > low_threshold.min(1, keepdim=True).values
+    position = listed.flatten().nonzero().squeeze(1)  # (Q,), never a (Q, 2) tensor
+    row, column = position // listed.shape[1], position % listed.shape[1]
+    # stable: equal distances keep their column order, whatever else is listed (the same on any process)
+    keys, order = _row_keys(row, negative_distances.flatten()[position]).sort(stable=True)
+    return keys, column[order]
+
+
+def _sort_rows(matrix):
+    """``(values, columns)`` of each row of ``matrix (A, W)`` sorted ascending. On the CPU through numpy's
+    view of the same memory (no copy): its SIMD sort is several times faster than torch's CPU sort on rows
+    this short (0.3 ms against 2 ms at 250 x 250, measured)."""
+    if not numpy_can_view(matrix):
+        return matrix.sort(dim=1, stable=True)
+    columns = torch.from_numpy(matrix.numpy().argsort(axis=1))  # each row's order a function of the row alone
+    return matrix.gather(1, columns), columns

@@ -50,10 +50,10 @@ import secrets
 
 import torch
 
-from mining_rows import (checked_rows, classes_of, numpy_can_view, pair_counts, padded_columns,
+from mining_rows import (checked_rows, classes_of, uniform_admissible, pair_counts, padded_columns,
                          distinct_draws, negative_pairs_of_rank, negatives_after, positive_pairs_of, positives_of, smallest_in_rows,
                          smallest_stable)
-from random_streams import KEY_RANGE, AnchorStreams, draw_key
+from random_streams import AnchorStreams, draw_key
 
 # Largest number of (anchor, positive, negative) slots the all-triplets selector fills per chunk;
 # it bounds the work tensors beside the output (a few hundred MB at B = 1024).
@@ -371,18 +371,6 @@ def _check_generator(generator):
     return generator
 
 
-def _random_integers(rows, counters, generator):
-    """Random ints in [0, 2^32), int64, of the broadcast shape of ``rows`` and ``counters`` (long tensors):
-    an ``AnchorStreams``'s numbers ``counters`` of the anchors at ``rows`` (the same whoever draws them), or
-    fresh ones from a ``torch.Generator`` (on its own device) or torch's global RNG."""
-    if isinstance(generator, AnchorStreams):
-        return generator.integers_at(rows, counters)
-    shape = torch.broadcast_shapes(rows.shape, counters.shape)
-    if generator is None:
-        return torch.randint(KEY_RANGE, shape, device=rows.device)
-    return torch.randint(KEY_RANGE, shape, generator=generator, device=generator.device).to(rows.device)
-
-
 def _empty_triplets(device):
     return torch.empty((0, 3), dtype=torch.long, device=device)
 
@@ -462,10 +450,10 @@ class HardNegativePairSelector(PairSelector):
         candidates = torch.where(negative, distances.detach(), math.inf)
         own_negatives = int(negatives_after(classes, anchors).sum())
         closest = smallest_in_rows(candidates, min(n_positive, n_negative, own_negatives)) + rows.start * n_items
-        if rows.concatenate is not None:
-            values, positions = rows.concatenate(candidates.flatten()[closest - rows.start * n_items]), \
-                rows.concatenate(closest)
-            closest = positions[smallest_stable(values, min(n_positive, n_negative))]
+        if rows.concatenate is not None:  # every process's candidates, values and positions in one message
+            values = candidates.flatten()[closest - rows.start * n_items]
+            pooled = rows.concatenate(torch.stack([values.double(), closest.double()], dim=1))
+            closest = pooled[smallest_stable(pooled[:, 0], min(n_positive, n_negative)), 1].long()
             closest = closest[(closest >= rows.start * n_items) & (closest < rows.stop * n_items)]
         return positive_pairs_of(classes, anchors), torch.stack([closest // n_items, closest % n_items], dim=1)
 
@@ -537,8 +525,8 @@ class AllTripletSelector(TripletSelector):
 # Negative selection functions. Each sees, for every anchor, its distances to the whole batch with
 # non-negatives set to ``inf``, and its distances to each of its positives (NaN in padding slots); it
 # returns, for every (anchor, positive) slot, the column (batch index) of the chosen negative or -1 to
-# skip the pair. The random ones draw one number per slot from the anchor's own stream and choose among
-# the admissible negatives, which they sort per row: only those below the row's largest threshold.
+# skip the pair. The random ones choose uniformly among the admissible negatives with numbers from the
+# anchor's own stream (mining_rows.uniform_admissible).
 
 
 def hardest_negative(negative_distances, positive_distances, margin, generator=None):
@@ -552,118 +540,6 @@ def hardest_negative(negative_distances, positive_distances, margin, generator=N
     return torch.where(has_hard, closest, -1)
 
 
-# Proposals per (anchor, slot) before the exact fallback of the random selection functions, made in stages
-# of PROPOSALS_PER_STAGE for the slots still without a negative, in batches of REJECTION_FROM items or more
-# (below, the exact draw alone costs less: measured, benchmarks/bench_selectors.py).
-REJECTION_ROUNDS = 32
-PROPOSALS_PER_STAGE = 4
-REJECTION_FROM = 1024
-
-
-def _uniform_admissible(negative_distances, low_threshold, high_threshold, right, generator):
-    """A uniformly random negative ``n`` with ``low_threshold < D[a, n] < high_threshold`` (with
-    ``right=True``; ``right=False`` admits all below ``high_threshold``), per (anchor, slot).
-    Thresholds are ``(A, K)``; returns columns ``(A, K)`` long, -1 where there is none.
-
-    No sort of whole rows in batches of ``REJECTION_FROM`` items or more. There each slot proposes up to
-    ``REJECTION_ROUNDS`` uniformly random columns of its row and keeps the first admissible one (uniform among the admissible, as any rejection sampler); the
-    slots left without one (few admissible, or none: for ``right=False`` the row's closest negative says
-    which have none, before any proposal) are drawn exactly by ``_uniform_in_sorted`` on their rows alone.
-    Slot ``k``'s random numbers are its anchor's numbers ``round * K + k`` (``generator``)."""
-    # NaN distances (from a NaN embedding) must admit nothing, as ``NaN < t`` and ``d < NaN`` are
-    # false; a NaN threshold (padding slot, NaN embedding) becomes an empty interval.
-    high_threshold = high_threshold.masked_fill(high_threshold.isnan(), -math.inf)
-    low_threshold = low_threshold.masked_fill(low_threshold.isnan(), math.inf)
-    width, slots = negative_distances.shape[1], high_threshold.shape[1]
-    chosen = torch.full(high_threshold.shape, -1, dtype=torch.long, device=high_threshold.device)
-    if width < REJECTION_FROM:
-        draws = _random_integers(torch.arange(len(chosen), device=chosen.device)[:, None],
-                                 REJECTION_ROUNDS * slots + torch.arange(slots, device=chosen.device), generator)
-        return _uniform_in_sorted(negative_distances, low_threshold, high_threshold, right, draws)
-    possible = high_threshold > (negative_distances.min(1, keepdim=True).values if not right else low_threshold)
-    pending = possible.flatten().nonzero().squeeze(1)  # flat (anchor, slot) positions still to draw
-    for first_round in range(0, REJECTION_ROUNDS, PROPOSALS_PER_STAGE):
-        row, slot = pending // slots, pending % slots
-        counters = torch.arange(first_round, first_round + PROPOSALS_PER_STAGE, device=row.device) * slots
-        columns = (_random_integers(row[:, None], counters + slot[:, None], generator) * width) >> 32
-        values = negative_distances.view(-1)[row[:, None] * width + columns]  # flat: the fast index
-        admissible = values < high_threshold.flatten()[pending, None]
-        if right:
-            admissible &= values > low_threshold.flatten()[pending, None]
-        found = admissible.any(1)
-        first = torch.where(admissible, torch.arange(PROPOSALS_PER_STAGE, device=row.device), PROPOSALS_PER_STAGE)
-        chosen.view(-1)[pending[found]] = columns[found].gather(1, first[found].min(1, keepdim=True).values).squeeze(1)
-        pending = pending[~found]
-        if len(pending) == 0:
-            return chosen
-    left = torch.zeros_like(possible).flatten().index_fill_(0, pending, True).view_as(possible)
-    rows = left.any(1).nonzero().squeeze(1)
-    if 2 * len(rows) > len(left):  # most rows: all of them, those without a slot left listing nothing
-        rows = torch.arange(len(left), device=left.device)
-    else:
-        negative_distances = negative_distances[rows]
-    draws = _random_integers(rows[:, None], REJECTION_ROUNDS * slots + torch.arange(slots, device=left.device),
-                             generator)
-    still = left[rows]  # the other slots' intervals emptied
-    exact = _uniform_in_sorted(negative_distances, low_threshold[rows].masked_fill(~still, math.inf),
-                               high_threshold[rows].masked_fill(~still, -math.inf), right, draws)
-    chosen[rows] = torch.where(still, exact, chosen[rows])
-    return chosen
-
-
-def _uniform_in_sorted(negative_distances, low_threshold, high_threshold, right, draws):
-    """``_uniform_admissible``'s exact draw, with ``draws (A, K)`` random ints in [0, 2^32): each row's
-    negatives sorted, and each slot takes a uniformly random one of those inside its own interval (two
-    binary searches). Batches of ``REJECTION_FROM`` items or more in float32 sort only the entries inside
-    each row's widest interval, all rows in one sort (``_inside_sorted``); others sort whole rows."""
-    if negative_distances.shape[1] < REJECTION_FROM or negative_distances.dtype != torch.float32:
-        values, columns = _sort_rows(negative_distances)
-        # NaN distances (a NaN embedding) sort last but would mislead the binary searches: inf keeps the rows
-        # sorted and admits nothing
-        values = values.masked_fill_(values.isnan(), math.inf)
-        high = torch.searchsorted(values, high_threshold)
-        low = torch.searchsorted(values, low_threshold, right=True) if right else torch.zeros_like(high)
-    else:
-        keys, columns = _inside_sorted(negative_distances, low_threshold, high_threshold, right)
-        row = torch.arange(len(negative_distances), device=keys.device)[:, None]
-        high = torch.searchsorted(keys, _row_keys(row, high_threshold))
-        low = torch.searchsorted(keys, _row_keys(row, low_threshold), right=True) if right else \
-            torch.searchsorted(keys, _row_keys(row, torch.zeros_like(high_threshold)))
-        columns = columns[None]
-    rank = (low + ((high - low).clamp_min(0) * draws >> 32)).clamp_max(max(columns.shape[1] - 1, 0))
-    return torch.where(high > low, columns.expand(len(rank), -1).gather(1, rank) if columns.shape[1] else rank, -1)
-
-
-def _row_keys(row, values):
-    """int64 keys ordering ``(row, value)`` pairs lexicographically, for float32 values >= 0 (their bits,
-    as integers, are in the order of the values; below 0 counts as 0, beyond the largest float as it)."""
-    bits = values.float().clamp(0, torch.finfo(torch.float32).max).add_(0.0).view(torch.int32).long()
-    return (row << 32) | bits
-
-
-def _inside_sorted(negative_distances, low_threshold, high_threshold, right):
-    """``(keys (Q,), columns (Q,))``: the entries of ``negative_distances (A, N)`` (float32) inside their
-    row's widest interval (below its largest ``high_threshold``, with ``right`` above its smallest
-    ``low_threshold``), as ``_row_keys`` sorted ascending (by row, then value), and their columns."""
-    listed = negative_distances < high_threshold.max(1, keepdim=True).values
-    if right:
-        listed &= negative_distances > low_threshold.min(1, keepdim=True).values
-    position = listed.flatten().nonzero().squeeze(1)  # (Q,), never a (Q, 2) tensor
-    row, column = position // listed.shape[1], position % listed.shape[1]
-    keys, order = _row_keys(row, negative_distances.flatten()[position]).sort()
-    return keys, column[order]
-
-
-def _sort_rows(matrix):
-    """``(values, columns)`` of each row of ``matrix (A, W)`` sorted ascending. On the CPU through numpy's
-    view of the same memory (no copy): its SIMD sort is several times faster than torch's CPU sort on rows
-    this short (0.3 ms against 2 ms at 250 x 250, measured)."""
-    if not numpy_can_view(matrix):
-        return matrix.sort(dim=1)
-    columns = torch.from_numpy(matrix.numpy().argsort(axis=1))
-    return matrix.gather(1, columns), columns
-
-
 def random_hard_negative(negative_distances, positive_distances, margin, generator=None):
     """A uniformly random negative among those closer than ``D[a, p] + margin`` (a non-zero loss).
 
@@ -671,7 +547,7 @@ def random_hard_negative(negative_distances, positive_distances, margin, generat
     (A, K)``, the margin and the random numbers: ``random_streams.AnchorStreams`` (what the selectors
     pass), a ``torch.Generator`` or None (torch's global RNG); returns columns ``(A, K)`` long or -1.
     """
-    return _uniform_admissible(negative_distances, positive_distances, positive_distances + margin,
+    return uniform_admissible(negative_distances, positive_distances, positive_distances + margin,
                                right=False, generator=generator)
 
 
@@ -686,7 +562,7 @@ def semihard_negative(negative_distances, positive_distances, margin, generator=
     (A, K)``, the margin and the random numbers (as ``random_hard_negative``); returns columns
     ``(A, K)`` long or -1.
     """
-    return _uniform_admissible(negative_distances, positive_distances, positive_distances + margin,
+    return uniform_admissible(negative_distances, positive_distances, positive_distances + margin,
                                right=True, generator=generator)
 
 

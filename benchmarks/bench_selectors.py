@@ -4,6 +4,7 @@ Run from the repository root:
 
     python benchmarks/bench_selectors.py            # full run (a few minutes on 2 cores)
     python benchmarks/bench_selectors.py --quick    # B = 250 and 400 only, fewer repeats
+    python benchmarks/bench_selectors.py --sharding-tables --threads 1   # before / after and compute floor only
 
 For every selector, batch shape (classes x samples per class: 10x25, 100x4 and 128x8, that is
 B = 250, 400 and 1024) and embedding dimension (2 and 128), it prints the library time (median of
@@ -15,6 +16,10 @@ distance matrix by the loop `ref_pdist`, then the selection loops), which is wha
 does and what the ratio target is judged on; "select ref" hands the loops `utils.pdist`'s matrix
 and times the selection alone. Classic-style times also start from `utils.pdist`. The slow
 references run fewer times (once when a call takes over 0.5 s).
+
+Then the selectors of commit ``BEFORE`` (each on the whole ``(B, B)`` matrix) beside today's, on the same
+batches of 250 to 1024 at 64-D, and every selector against the compute floor at B = 4096, 64-D (the rows'
+distances plus one masked reduction per row), on two kinds of batch (few and many hard negatives).
 
 Then, at B = 1024, it measures the peak memory of each library selector in a fresh subprocess
 (increase of the peak RSS across one call) next to the size of the selector's output, plus the
@@ -355,6 +360,8 @@ def main():
     parser.add_argument("--quick", action="store_true",
                         help="only B = 250 and 400, fewer repeats, no 32x32 memory case")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
+    parser.add_argument("--sharding-tables", action="store_true",
+                        help=f"only the before / after table (against commit {BEFORE}) and the compute-floor tables")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch intra-op threads (default: torch's own choice; on a machine "
                              "busy with other work, --threads 1 avoids OpenMP threads waiting "
@@ -369,6 +376,11 @@ def main():
         return
 
     torch.manual_seed(0)
+    if args.sharding_tables:
+        before_after_table([(10, 25), (32, 8), (64, 8), (128, 8)], 11)
+        floor_table(5)
+        floor_table(5, spread=True)
+        return
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     library_repeats, slow_repeats = (3, 1) if args.quick else (11, 3)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, margin {MARGIN}; "
@@ -390,7 +402,7 @@ def main():
     for name in SELECTORS:
         verdict = "ok" if slowest[name] >= TARGET_SPEEDUP else "MISSED"
         print(f"  {name:<17} worst ratio {slowest[name]:>8.0f}x  {verdict}")
-    before_after_table(shapes if args.quick else [(32, 8), (64, 8), (128, 8)], library_repeats)
+    before_after_table(shapes if args.quick else [(10, 25), (32, 8), (64, 8), (128, 8)], library_repeats)
     if not args.quick:
         floor_table(5)
         floor_table(5, spread=True)

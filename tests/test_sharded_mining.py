@@ -6,7 +6,8 @@ and random, is called on each rank with that rank's rows of a gathered batch (``
 ``utils.row_distances``); the ranks' selections, concatenated in rank order, must equal one process's
 ``get_pairs`` / ``get_triplets`` on the whole batch, exactly, over several batches (uneven shares, exact
 ties on integer coordinates, a rank without rows) and over consecutive calls (the random selectors' keys
-stay in step). Then, under a dispatch mode that sees every tensor any operation makes, the online losses'
+stay in step), with the random selectors' draw for small batches and with their proposals. Then, under a
+dispatch mode that sees every tensor any operation makes, the online losses'
 forward and backward on 2 processes never build a tensor larger than the rank's ``(B_r, N)`` block, and
 the distances are computed for the rank's own rows only.
 """
@@ -26,7 +27,10 @@ import losses
 import utils
 from distributed import rows_to_mine, share_bounds
 from launch import free_port
+import mining_rows
 from mining_rows import Rows
+
+REJECTION_FROM = mining_rows.REJECTION_FROM
 
 
 def _seeded(seed=7):
@@ -88,6 +92,15 @@ def _this_rank(selector, kind, embeddings, labels, rank, world_size):
 
 def _compare_selections(rank, world_size):
     selected = dict.fromkeys(SELECTORS, 0)
+    for way in ({}, {"REJECTION_FROM": 16}):  # the random selectors' small-batch draw, then their proposals
+        for name, value in way.items():
+            setattr(mining_rows, name, value)
+        _compare_on_every_batch(rank, world_size, selected)
+    mining_rows.REJECTION_FROM = REJECTION_FROM
+    assert all(selected.values()), selected  # no selector selected nothing throughout
+
+
+def _compare_on_every_batch(rank, world_size, selected):
     for case, (embeddings, labels) in enumerate(_batches()):
         for name, (make, kind) in SELECTORS.items():
             alone, shared = make(), make()
@@ -97,7 +110,6 @@ def _compare_selections(rank, world_size):
                 context = f"{name}, batch {case}, step {step}, rank {rank} of {world_size}"
                 assert all(torch.equal(a, b) for a, b in zip(got, expected)), context
                 selected[name] += sum(map(len, expected))
-    assert all(selected.values()), selected  # no selector selected nothing throughout
 
 
 class LargestTensor(TorchDispatchMode):

@@ -12,6 +12,7 @@ one and two threads.
 """
 
 import importlib
+import itertools
 import math
 import os
 
@@ -21,6 +22,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import mining_rows
 import utils
 from random_streams import AnchorStreams, draw_key
 from reference import (
@@ -697,12 +699,26 @@ def assert_uniform(counts, draws):
     assert min(counts) > 0
 
 
+# The three ways the random selection functions draw: small batches sort whole rows; from REJECTION_FROM items
+# on, proposals (rejection), then the exact draw on the sorted entries inside each row's widest interval; and
+# that exact draw alone (no proposals). Every way is uniform among the admissible negatives.
+DRAWING_WAYS = {"sorted rows": {}, "proposals then exact": {"REJECTION_FROM": 1},
+                "exact inside intervals": {"REJECTION_FROM": 1, "REJECTION_ROUNDS": 0}}
+
+
+@pytest.fixture(params=list(DRAWING_WAYS))
+def drawing_way(request, monkeypatch):
+    for name, value in DRAWING_WAYS[request.param].items():
+        monkeypatch.setattr(mining_rows, name, value)
+    return request.param
+
+
 @pytest.mark.parametrize("make_selector, candidates_fn, margin", [
     (random_hard, ref_random_hard_candidates, 1.5),
     (semihard, ref_semihard_candidates, 3.0),
 ])
 def test_random_choices_are_uniform_among_admissible_negatives(make_selector, candidates_fn,
-                                                               margin, single_thread):
+                                                               margin, single_thread, drawing_way):
     embeddings, labels = make_batch([3, 4, 5], 2, "clustered", seed=21)
     candidates = candidates_fn(utils.row_distances(embeddings), labels, margin)
     several = {pair: admissible for pair, admissible in candidates.items() if len(admissible) >= 2}
@@ -880,6 +896,45 @@ def test_selectors_reject_bad_embeddings_and_labels(selector):
         select(selector, good, [[0, 0, 1, 1]])
     with pytest.raises(TypeError, match="labels must be integers"):
         select(selector, good, [0.0, 0.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("batch_size, dim", [(1, 3), (7, 2), (64, 5), (65, 5), (200, 16), (300, 130)])
+def test_row_distances_of_any_rows_are_those_of_the_whole_batch_bitwise(batch_size, dim):
+    vectors = torch.randn(batch_size, dim, generator=torch.Generator().manual_seed(batch_size)) * 3 + 5
+    whole = utils.row_distances(vectors)
+    assert whole.shape == (batch_size, batch_size) and whole.dtype == vectors.dtype
+    assert torch.equal(whole.diagonal(), torch.zeros(batch_size)) and bool((whole >= 0).all())
+    # the same values as pdist up to rounding (the expansion's bound), without its symmetrising average
+    error = (whole.double() - brute_force_squared_distances(vectors, vectors)).abs()
+    assert bool((error <= 2 * expansion_error_bound(centred(vectors), centred(vectors)) + 1e-6).all())
+    cuts = sorted({0, 1, batch_size // 3, batch_size // 2, utils.ROW_TILE, batch_size - 1, batch_size})
+    for start, stop in itertools.combinations([cut for cut in cuts if cut <= batch_size], 2):
+        assert torch.equal(utils.row_distances(vectors, start, stop), whole[start:stop]), (start, stop)
+    assert utils.row_distances(vectors, 2 % batch_size, 2 % batch_size).shape == (0, batch_size)
+    differentiable = vectors.clone().requires_grad_()
+    with_graph = utils.row_distances(differentiable, batch_size // 2, batch_size)
+    assert torch.equal(with_graph.detach(), whole[batch_size // 2:])  # autograd's tiles, the same values
+    with_graph.sum().backward()
+    assert torch.isfinite(differentiable.grad).all()
+
+
+def test_row_distances_check_their_rows():
+    with pytest.raises(ValueError, match=r"need 0 <= start <= stop <= 4"):
+        utils.row_distances(torch.zeros(4, 2), 3, 5)
+    with pytest.raises(ValueError, match=r"need 0 <= start <= stop <= 4"):
+        utils.row_distances(torch.zeros(4, 2), 3, 2)
+    with pytest.raises(ValueError, match=r"shape \(B, D\)"):
+        utils.row_distances(torch.zeros(4))
+
+
+def test_select_calls_check_the_block_they_are_given():
+    embeddings, labels = make_batch([3, 3], 2, "gaussian", seed=1)
+    with pytest.raises(ValueError, match=r"distances must be the rows' block of shape \(2, 6\)"):
+        utils.BatchHardTripletSelector().select_triplets(utils.row_distances(embeddings), labels, (0, 2))
+    with pytest.raises(ValueError, match="distances must be"):
+        utils.HardNegativePairSelector().select_pairs(None, labels)
+    with pytest.raises(ValueError, match="rows must lie in"):
+        utils.AllTripletSelector().select_triplets(None, labels, (4, 9))
 
 
 def test_pdist_rejects_bad_input():
