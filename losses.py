@@ -155,8 +155,9 @@ def _check_selector(selector, name):
 
 
 def _mined(selector, kind, embeddings, labels, share, distance="squared"):
-    """What ``selector`` mines (``kind``: ``"pairs"`` or ``"triplets"``) for this process's anchors of a (gathered) batch ``embeddings (N, D)`` with
-    ``labels (N,)``, ``share`` as ``distributed.global_batch`` gives it (None: one process, every anchor).
+    """What ``selector`` mines (``kind``: ``"pairs"`` or ``"triplets"``) for this process's anchors of a
+    (gathered) batch ``embeddings (N, D)`` with ``labels (N,)``, ``share`` as ``distributed.global_batch``
+    gives it (None: one process, every anchor).
 
     Returns ``(indices, target, distances, start)``: pairs ``(P, 2)`` (positives first, ``target (P,)``
     1 / 0) or triplets ``(T, 3)`` (``target`` None), global indices whose first member is this process's;
@@ -181,6 +182,12 @@ def _mined(selector, kind, embeddings, labels, share, distance="squared"):
         return selector.select_triplets(distances, labels, rows), None, distances, rows.start
     triplets = selector.get_triplets(embeddings.detach(), labels)
     return triplets[owned(triplets[:, 0], share)], None, distances, rows.start
+
+
+def _at_least_float32(embeddings):
+    """``embeddings`` in float32 when they are half precision (float64 stays): the online losses take their
+    terms' distances from them several times, and the gradients then sum in float32 before one cast back."""
+    return embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
 
 
 def _compared_distances(distances, start, embeddings, first, second, distance="squared"):
@@ -291,7 +298,7 @@ class OnlineContrastiveLoss(nn.Module):
 
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
-        embeddings, target, share = global_batch(embeddings, target, self.gather)
+        embeddings, target, share = global_batch(_at_least_float32(embeddings), target, self.gather)
         pairs, pair_target, distances, start = _mined(self.pair_selector, "pairs", embeddings, target, share)
         distances = _compared_distances(distances, start, embeddings, pairs[:, 0], pairs[:, 1])
         terms = self.scale * contrastive_terms(distances, pair_target, self.margin, self.distance)
@@ -352,7 +359,7 @@ class OnlineTripletLoss(nn.Module):
 
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
-        embeddings, target, share = global_batch(embeddings, target, self.gather)
+        embeddings, target, share = global_batch(_at_least_float32(embeddings), target, self.gather)
         loss, self.last_selection = self._selected_mean(self.triplet_selector, embeddings, target, share)
         if self.easy_selector is not None:
             loss = loss + self._selected_mean(self.easy_selector, embeddings, target, share)[0]
