@@ -21,10 +21,12 @@ ranks share:
   torch.compile with ``compile=True``), which averages the ranks' gradients, and validates on the plain
   model; the model itself keeps the weights, so checkpoints hold a plain state_dict that one process can
   resume from. The online losses mine over the global batch: ``global_batch`` gathers every rank's
-  embeddings and labels (``GatherRows``: gradients flow back to the rank owning each row), ``owned`` says
-  which pairs / triplets a rank computes (those whose first member / anchor it holds, so each goes to
-  exactly one rank), and ``global_mean`` scales a rank's terms so that DistributedDataParallel's average is
-  one process's gradient of the mean over the global batch.
+  embeddings and labels (``GatherRows``: gradients flow back to the rank owning each row), each rank mines
+  its own rows of it (``rows_to_mine``: the pairs / triplets whose first member / anchor it holds, so each
+  goes to exactly one rank; ``gather_uneven`` pools the ranks' candidates where a selector chooses over the
+  whole batch; ``owned`` picks a rank's tuples out of a selector that mines the whole batch), and
+  ``global_mean`` scales a rank's terms so that DistributedDataParallel's average is one process's gradient
+  of the mean over the global batch.
 - One writer: only the main process (``is_main_process``: rank 0) prints, shows progress bars and writes
   files (checkpoints, results), followed by a ``barrier`` so that no rank runs ahead of a write; every
   rank reads a checkpoint on resume (a file system all ranks see). ``broadcast_from_main`` hands rank 0's

@@ -316,6 +316,11 @@ def _check_the_process_group_queries(rank):
     assert torch.equal(mine.grad, WORLD_SIZE * torch.arange(1.0, 6.0)[start:start + sizes[rank], None].expand(-1, 2))
     assert distributed.owned(torch.tensor([0, 2, 3, 4]), share).tolist() == (
         [True, True, False, False] if rank == 0 else [False, False, True, True])
+    rows = distributed.rows_to_mine(share, 5)
+    assert (rows.start, rows.stop) == (start, start + sizes[rank]) and rows.concatenate is distributed.gather_uneven
+    assert distributed.rows_to_mine(None, 5) == (0, 5, None)
+    pooled = distributed.gather_uneven(torch.arange(3 * (rank + 1)).view(-1, 1) + 10 * rank)  # 3 rows, then 6
+    assert pooled.squeeze(1).tolist() == [0, 1, 2] + list(range(10, 16))
     terms = torch.tensor([1.0, 0.0, 2.0] if rank == 0 else [4.0, 0.0], requires_grad=True)
     mean, n_terms, n_nonzero = distributed.global_mean(terms[:sizes[rank]], share)
     assert mean.item() == pytest.approx(7.0 / 5, rel=1e-6) and (n_terms, n_nonzero) == (5, 3)
