@@ -1,6 +1,6 @@
 """Contrastive and triplet losses, offline (pairs/triplets given) and online (mined in the batch).
 
-Distances are squared Euclidean distances (``utils.pdist`` / ``utils.paired_squared_distances``),
+Distances are squared Euclidean distances (``utils.row_distances`` / ``utils.paired_squared_distances``),
 as in the classic design, or with ``distance="euclidean"`` their square roots (``utils.as_distance``);
 the triplet losses take a soft margin (``soft=True``, softplus instead of the hinge). Each per-pair
 and per-triplet formula is written once, in ``contrastive_terms`` and ``triplet_terms``, and every
@@ -270,7 +270,7 @@ class OnlineContrastiveLoss(nn.Module):
 
     ``forward(embeddings (B, D), target (B,))`` returns a scalar: the mean over the selected
     positive and negative pairs of ``scale * contrastive_terms``, with ``d`` the squared distances
-    ``utils.pdist(embeddings)``. ``scale`` defaults to the classic online formula's 1 (no 0.5
+    ``utils.row_distances(embeddings)``. ``scale`` defaults to the classic online formula's 1 (no 0.5
     factor, unlike :class:`ContrastiveLoss`'s default); ``distance="euclidean"``: the terms in the plain
     distance (``contrastive_terms``; the pair selectors' choices do not depend on it). No pair
     selected gives a zero loss that still backpropagates; a non-finite embedding gives a non-finite
@@ -311,7 +311,7 @@ class OnlineTripletLoss(nn.Module):
 
     ``forward(embeddings (B, D), target (B,))`` returns ``(loss, n_triplets)``: the mean over the
     selected triplets of ``triplet_terms(D[a, p], D[a, n], margin)`` with ``D`` the squared
-    distances ``utils.pdist(embeddings)`` (non-zero exactly when the selectors call the triplet
+    distances ``utils.row_distances(embeddings)`` (non-zero exactly when the selectors call the triplet
     hard), and the number of selected triplets whose loss is non-zero (a Python int; the classic
     code counted all selected triplets). No triplet selected gives ``(zero loss that still
     backpropagates, 0)``; a non-finite embedding gives a non-finite loss (see the module docstring).
