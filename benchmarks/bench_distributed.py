@@ -44,12 +44,10 @@ import torch  # noqa: E402
 import experiments  # noqa: E402
 
 from bench_epoch import print_table_head  # noqa: E402
-from bench_selectors import median_ms  # noqa: E402
+from bench_selectors import balanced_batch, median_ms  # noqa: E402
 from launch import clean_environment, launcher  # noqa: E402
 
 MARGIN = 1.0
-PER_CLASS = 8
-EMBEDDING_DIM = 64
 LOSS_SELECTORS = ("hard-negative pairs", "all", "hardest", "random-hard", "semi-hard", "batch-hard")
 ALL_TRIPLETS_MAX_BATCH = 1024  # the all-triplets selector's output grows as B^2 * per_class: 4096 would need GBs
 STEP_BATCHES = ((10, 25), (40, 25))
@@ -74,17 +72,6 @@ def _rank_and_world():
         dist.init_process_group("gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def balanced_batch(batch, device="cpu"):
-    """A global batch of ``batch`` 64-D embeddings ``(B, 64)`` around one random centre per class, 8
-    items per class in shuffled order, and their labels ``(B,)``, on ``device`` (seeded)."""
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(batch // PER_CLASS).repeat_interleave(PER_CLASS)
-    labels = labels[torch.randperm(batch, generator=generator)]
-    centres = torch.randn(batch // PER_CLASS, EMBEDDING_DIM, generator=generator)
-    embeddings = centres[labels] + torch.randn(batch, EMBEDDING_DIM, generator=generator)
-    return embeddings.to(device), labels.to(device)
 
 
 def worker_loss(batch, repeats):

@@ -40,7 +40,6 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
 
 import numpy as np  # noqa: E402
@@ -72,6 +71,18 @@ def make_batch(n_classes, per_class, dim, seed=0):
     centres = torch.randn(n_classes, dim, generator=generator)
     noise = torch.randn(len(labels), dim, generator=generator)
     return (centres[labels] + noise) / math.sqrt(dim), labels
+
+
+def balanced_batch(batch, device="cpu", per_class=8, dim=64):
+    """A global batch of ``batch`` embeddings ``(B, dim)``, one unit-variance cluster of ``per_class`` items
+    per class around random centres (a few hard negatives per anchor at margin 1), in shuffled order, and
+    their labels ``(B,)``, on ``device`` (seeded): bench_distributed's and gpu_check's batches."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(batch // per_class).repeat_interleave(per_class)
+    labels = labels[torch.randperm(batch, generator=generator)]
+    centres = torch.randn(batch // per_class, dim, generator=generator)
+    embeddings = centres[labels] + torch.randn(batch, dim, generator=generator)
+    return embeddings.to(device), labels.to(device)
 
 
 def library_selector(name, seed=0):
@@ -328,11 +339,11 @@ def before_after_table(shapes, repeats, dim=FLOOR_DIM):
 def floor_table(repeats, batch=FLOOR_BATCH, dim=FLOOR_DIM, per_class=8, spread=False):
     """Every selector against the compute floor at one batch: the rows' distances (``row_distances``) plus
     one masked reduction per row (each anchor's closest negative), measured in the same run. The batch is
-    bench_distributed's (one unit-variance cluster per class around random centres: a few hard negatives
-    per anchor), or with ``spread`` ``make_batch``'s (centres and spread scaled by 1/sqrt(dim): many)."""
-    from bench_distributed import balanced_batch
-    embeddings, labels = make_batch(batch // per_class, per_class, dim) if spread else balanced_batch(batch)
-    print(f"\n{'make_batch' if spread else 'bench_distributed.balanced_batch'}:", end="")
+    ``balanced_batch``'s (a few hard negatives per anchor), or with ``spread`` ``make_batch``'s (centres and
+    spread scaled by 1/sqrt(dim): many)."""
+    embeddings, labels = make_batch(batch // per_class, per_class, dim) if spread else \
+        balanced_batch(batch, per_class=per_class, dim=dim)
+    print(f"\n{'make_batch' if spread else 'balanced_batch'}:", end="")
 
     def floor():
         distances = utils.row_distances(embeddings)

@@ -58,7 +58,8 @@ import torch  # noqa: E402
 
 import experiments  # noqa: E402
 import methods  # noqa: E402
-from bench_distributed import ALL_TRIPLETS_MAX_BATCH, MARGIN, balanced_batch  # noqa: E402
+from bench_distributed import ALL_TRIPLETS_MAX_BATCH, MARGIN  # noqa: E402
+from bench_selectors import balanced_batch  # noqa: E402
 from bench_epoch import Limited, synchronize, time_epoch, time_floor, warm_up  # noqa: E402
 from datasets import InMemoryDataset  # noqa: E402
 from utils import HardNegativePairSelector  # noqa: E402
