@@ -126,8 +126,14 @@ def setup(device):
 
 
 def close_distributed():
-    """Destroy the default process group, if there is one (a program's last step under torchrun)."""
+    """Destroy the default process group, if there is one (a program's last step under torchrun), after a
+    barrier: a rank that tore its connections down while another still wrote its files or finished a
+    collective was seen to abort at exit (gloo, "terminate called without an active exception"). A barrier
+    that fails because another rank is gone already is no reason to keep the group open."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            with contextlib.suppress(RuntimeError):
+                dist.barrier()
         dist.destroy_process_group()
 
 
