@@ -154,20 +154,25 @@ def _check_selector(selector, name):
     return selector
 
 
-def _mined(selector, kind, embeddings, labels, share, distance="squared"):
-    """What ``selector`` mines (``kind``: ``"pairs"`` or ``"triplets"``) for this process's anchors of a
-    (gathered) batch ``embeddings (N, D)`` with ``labels (N,)``, ``share`` as ``distributed.global_batch``
-    gives it (None: one process, every anchor).
-
-    Returns ``(indices, target, distances, start)``: pairs ``(P, 2)`` (positives first, ``target (P,)``
-    1 / 0) or triplets ``(T, 3)`` (``target`` None), global indices whose first member is this process's;
-    ``distances``, its rows' ``(A, N)`` block (``utils.row_distances`` of the detached embeddings, as
-    ``distance``), which the selector compared, and ``start``, its first row. The selection is the same on
-    any number of processes: the library's selectors mine the block (``select_pairs`` / ``select_triplets``);
-    a selector with only ``get_pairs`` / ``get_triplets`` mines the whole batch and the process keeps its
-    anchors' tuples (the same, provided it draws alike on every process)."""
+def _mining_rows(embeddings, share, distance="squared"):
+    """This process's rows of a (gathered) batch ``embeddings (N, D)`` and their distances: ``(rows,
+    distances)``, ``rows`` a ``mining_rows.Rows`` (``share`` as ``distributed.global_batch`` gives it; None:
+    one process, every row), ``distances`` the rows' ``(A, N)`` block (``utils.row_distances`` of the
+    detached embeddings, as ``distance``), computed once for every selector that mines the batch."""
     rows = rows_to_mine(share, len(embeddings))
-    distances = as_distance(row_distances(embeddings.detach(), rows.start, rows.stop), distance)
+    return rows, as_distance(row_distances(embeddings.detach(), rows.start, rows.stop), distance)
+
+
+def _mined(selector, kind, embeddings, labels, share, rows, distances):
+    """What ``selector`` mines (``kind``: ``"pairs"`` or ``"triplets"``) for this process's anchors of a
+    (gathered) batch ``embeddings (N, D)`` with ``labels (N,)``: ``rows`` and their ``distances`` as
+    ``_mining_rows`` gives them, ``share`` as ``distributed.global_batch``.
+
+    Returns ``(indices, target)``: pairs ``(P, 2)`` (positives first, ``target (P,)`` 1 / 0) or triplets
+    ``(T, 3)`` (``target`` None), global indices whose first member is this process's. The selection is the
+    same on any number of processes: the library's selectors mine the block (``select_pairs`` /
+    ``select_triplets``); a selector with only ``get_pairs`` / ``get_triplets`` mines the whole batch and the
+    process keeps its anchors' tuples (the same, provided it draws alike on every process)."""
     if kind == "pairs":
         if hasattr(selector, "select_pairs"):
             positive_pairs, negative_pairs = selector.select_pairs(distances, labels, rows)
@@ -177,11 +182,11 @@ def _mined(selector, kind, embeddings, labels, share, distance="squared"):
         indices = torch.cat([positive_pairs, negative_pairs])
         target = torch.cat([torch.ones(len(positive_pairs), device=indices.device),
                             torch.zeros(len(negative_pairs), device=indices.device)])
-        return indices, target, distances, rows.start
+        return indices, target
     if hasattr(selector, "select_triplets"):
-        return selector.select_triplets(distances, labels, rows), None, distances, rows.start
+        return selector.select_triplets(distances, labels, rows), None
     triplets = selector.get_triplets(embeddings.detach(), labels)
-    return triplets[owned(triplets[:, 0], share)], None, distances, rows.start
+    return triplets[owned(triplets[:, 0], share)], None
 
 
 def _at_least_float32(embeddings):
@@ -299,8 +304,9 @@ class OnlineContrastiveLoss(nn.Module):
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
         embeddings, target, share = global_batch(_at_least_float32(embeddings), target, self.gather)
-        pairs, pair_target, distances, start = _mined(self.pair_selector, "pairs", embeddings, target, share)
-        distances = _compared_distances(distances, start, embeddings, pairs[:, 0], pairs[:, 1])
+        rows, distances = _mining_rows(embeddings, share)
+        pairs, pair_target = _mined(self.pair_selector, "pairs", embeddings, target, share, rows, distances)
+        distances = _compared_distances(distances, rows.start, embeddings, pairs[:, 0], pairs[:, 1])
         terms = self.scale * contrastive_terms(distances, pair_target, self.margin, self.distance)
         loss, self.last_selection = _global_mean(terms, embeddings, share)
         return loss
@@ -360,15 +366,17 @@ class OnlineTripletLoss(nn.Module):
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
         embeddings, target, share = global_batch(_at_least_float32(embeddings), target, self.gather)
-        loss, self.last_selection = self._selected_mean(self.triplet_selector, embeddings, target, share)
+        mining = _mining_rows(embeddings, share, self.distance)  # one block for both selectors
+        loss, self.last_selection = self._selected_mean(self.triplet_selector, embeddings, target, share, *mining)
         if self.easy_selector is not None:
-            loss = loss + self._selected_mean(self.easy_selector, embeddings, target, share)[0]
+            loss = loss + self._selected_mean(self.easy_selector, embeddings, target, share, *mining)[0]
         return loss, int(self.last_selection.active)
 
-    def _selected_mean(self, selector, embeddings, target, share):
+    def _selected_mean(self, selector, embeddings, target, share, rows, distances):
         """``_global_mean`` of the terms of the triplets ``selector`` mines for this process's anchors."""
-        triplets, _, distances, start = _mined(selector, "triplets", embeddings, target, share, self.distance)
+        triplets, _ = _mined(selector, "triplets", embeddings, target, share, rows, distances)
         anchors, positives, negatives = triplets.unbind(1)
+        start = rows.start
         terms = triplet_terms(_compared_distances(distances, start, embeddings, anchors, positives, self.distance),
                               _compared_distances(distances, start, embeddings, anchors, negatives, self.distance),
                               self.margin, self.soft)
@@ -459,7 +467,8 @@ class _AutoencoderLoss(nn.Module):
         # the KL latent distance needs every rank's log-variances too; the Euclidean one only the means
         log_var = output.log_var if self.distance == "kl" else None
         mean, labels, share, log_var = global_batch(output.mean, labels, self.gather, log_var)
-        indices, target, _, _ = _mined(selector, self.selector_name.replace("_selector", "s"), mean, labels, share)
+        indices, target = _mined(selector, self.selector_name.replace("_selector", "s"), mean, labels, share,
+                                 *_mining_rows(mean, share))
         if share is None:
             return self._terms(output, inputs, indices, target)
         return self._terms(output._replace(mean=mean, log_var=log_var), inputs, indices, target, share,

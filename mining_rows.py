@@ -89,6 +89,13 @@ def pair_counts(classes, n_items):
     return positive, n_items * (n_items - 1) // 2 - positive
 
 
+def negative_pair_mask(labels, rows):
+    """``(A, N)`` bool: which ``(i, j)``, ``i`` in ``rows`` (a ``Rows`` of ``labels (N,)``), ``j > i``, are
+    negative pairs (labels differ)."""
+    anchors = torch.arange(rows.start, rows.stop, device=labels.device)
+    return (labels[anchors, None] != labels).triu_(diagonal=rows.start + 1)
+
+
 def negatives_after(classes, items):
     """How many negative pairs ``(i, j)``, ``j > i``, each of ``items (A,)`` heads: ``(A,)`` long."""
     n_items = len(classes.class_of)

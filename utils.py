@@ -50,9 +50,9 @@ import secrets
 
 import torch
 
-from mining_rows import (checked_rows, classes_of, uniform_admissible, pair_counts, padded_columns,
-                         distinct_draws, negative_pairs_of_rank, negatives_after, positive_pairs_of, positives_of, smallest_in_rows,
-                         smallest_stable)
+from mining_rows import (checked_rows, classes_of, distinct_draws, negative_pair_mask, negative_pairs_of_rank,
+                         negatives_after, padded_columns, pair_counts, positive_pairs_of, positives_of,
+                         smallest_in_rows, smallest_stable, uniform_admissible)
 from random_streams import AnchorStreams, draw_key
 
 # Largest number of (anchor, positive, negative) slots the all-triplets selector fills per chunk;
@@ -419,7 +419,7 @@ class AllPositivePairSelector(PairSelector):
         classes = classes_of(labels)
         positive_pairs = positive_pairs_of(classes, anchors)
         if not self.balance:
-            negative = (labels[anchors, None] != labels).triu_(diagonal=rows.start + 1)
+            negative = negative_pair_mask(labels, rows)
             return positive_pairs, negative.nonzero() + torch.tensor([rows.start, 0], device=labels.device)
         n_positive, n_negative = pair_counts(classes, len(labels))
         chosen = distinct_draws(draw_key(self.generator), min(n_positive, n_negative), n_negative, labels.device)
@@ -446,7 +446,7 @@ class HardNegativePairSelector(PairSelector):
         classes = classes_of(labels)
         n_positive, n_negative = pair_counts(classes, len(labels))
         n_items = len(labels)
-        negative = (labels[anchors, None] != labels).triu_(diagonal=rows.start + 1)  # pairs (i, j > i)
+        negative = negative_pair_mask(labels, rows)
         candidates = torch.where(negative, distances.detach(), math.inf)
         own_negatives = int(negatives_after(classes, anchors).sum())
         closest = smallest_in_rows(candidates, min(n_positive, n_negative, own_negatives)) + rows.start * n_items

@@ -85,22 +85,23 @@ def balanced_batch(batch, device="cpu", per_class=8, dim=64):
     return embeddings.to(device), labels.to(device)
 
 
-def library_selector(name, seed=0):
+def library_selector(name, seed=0, module=utils):
+    """Selector ``name`` of ``module`` (the library's utils, or another version of it: ``selectors_of``)."""
     generator = torch.Generator().manual_seed(seed)
     return {
-        "AllPositivePair": lambda: utils.AllPositivePairSelector(generator=generator),
-        "HardNegativePair": lambda: utils.HardNegativePairSelector(),
-        "AllTriplet": lambda: utils.AllTripletSelector(),
-        "Hardest": lambda: utils.HardestNegativeTripletSelector(MARGIN),
-        "RandomNegative": lambda: utils.RandomNegativeTripletSelector(MARGIN, generator=generator),
-        "Semihard": lambda: utils.SemihardNegativeTripletSelector(MARGIN, generator=generator),
-        "BatchHard": lambda: utils.BatchHardTripletSelector(),
+        "AllPositivePair": lambda: module.AllPositivePairSelector(generator=generator),
+        "HardNegativePair": lambda: module.HardNegativePairSelector(),
+        "AllTriplet": lambda: module.AllTripletSelector(),
+        "Hardest": lambda: module.HardestNegativeTripletSelector(MARGIN),
+        "RandomNegative": lambda: module.RandomNegativeTripletSelector(MARGIN, generator=generator),
+        "Semihard": lambda: module.SemihardNegativeTripletSelector(MARGIN, generator=generator),
+        "BatchHard": lambda: module.BatchHardTripletSelector(),
     }[name]()
 
 
-def library_call(name, embeddings, labels):
-    """A zero-argument function running the library selector once."""
-    selector = library_selector(name)
+def library_call(name, embeddings, labels, module=utils):
+    """A zero-argument function running ``module``'s selector once (a fresh generator, seed 0)."""
+    selector = library_selector(name, module=module)
     if hasattr(selector, "get_pairs"):
         return lambda: selector.get_pairs(embeddings, labels)
     return lambda: selector.get_triplets(embeddings, labels)
@@ -302,16 +303,6 @@ def selectors_of(revision):
     return module
 
 
-def selector_call(module, name, embeddings, labels):
-    """A zero-argument function running ``module``'s selector ``name`` once (fresh generator, seed 0)."""
-    global utils
-    library, utils = utils, module
-    try:
-        return library_call(name, embeddings, labels)
-    finally:
-        utils = library
-
-
 def before_after_table(shapes, repeats, dim=FLOOR_DIM):
     """The selectors of ``BEFORE`` and of today, side by side on the same batches (``dim``-D)."""
     before = selectors_of(BEFORE)
@@ -329,7 +320,7 @@ def before_after_table(shapes, repeats, dim=FLOOR_DIM):
         for name in SELECTORS:
             if name == "AllTriplet" and n_classes * per_class > 1024:
                 continue
-            times = [median_ms(selector_call(module, name, embeddings, labels), repeats) for module in (before, utils)]
+            times = [median_ms(library_call(name, embeddings, labels, module), repeats) for module in (before, utils)]
             print(f"{name:<17}{f'{n_classes}x{per_class}':>7}{n_classes * per_class:>6}{times[0]:>11.2f}"
                   f"{times[1]:>10.2f}{times[0] / times[1]:>13.2f}x", flush=True)
             rows.append((name, n_classes * per_class, times[0], times[1]))
