@@ -23,6 +23,7 @@ from datasets import (BalancedBatchSampler, BatchRandomAffine, InMemoryDataset, 
                       held_out_class_split, split_per_class)
 from folder_fixtures import class_folder
 from image_folders import load_image_folder
+from test_utils import assert_moved_name
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -730,12 +731,7 @@ def test_held_out_class_split_errors(tmp_path):
                                               ("ImageFileDataset", image_folders), ("load_dataset", known_datasets),
                                               ("KNOWN_DATASETS", known_datasets), ("read_idx", known_datasets)])
 def test_old_datasets_paths_warn_and_give_the_moved_object(name, new_module):
-    with pytest.warns(DeprecationWarning, match=f"datasets.{name} moved to {new_module.__name__}.{name}"):
-        assert getattr(datasets, name) is getattr(new_module, name)
-    with pytest.warns(DeprecationWarning, match=f"moved to {new_module.__name__}.{name}"):
-        exec(f"from datasets import {name}", {})
-    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
-        datasets.no_such_name  # noqa: B018
+    assert_moved_name(datasets, name, new_module)
 
 
 def test_datasets_imports_neither_known_datasets_nor_image_folders():

@@ -341,9 +341,5 @@ def test_upgrade_model_file_turns_every_older_layout_into_the_current_one(tmp_pa
 def test_old_networks_paths_warn_and_give_the_model_file_objects(name):
     import model_file
     import networks
-    with pytest.warns(DeprecationWarning, match=f"networks.{name} moved to model_file.{name}"):
-        assert getattr(networks, name) is getattr(model_file, name)
-    with pytest.warns(DeprecationWarning, match=f"moved to model_file.{name}"):
-        exec(f"from networks import {name}", {})
-    with pytest.raises(AttributeError, match="module 'networks' has no attribute 'no_such_name'"):
-        networks.no_such_name  # noqa: B018
+    from test_utils import assert_moved_name
+    assert_moved_name(networks, name, model_file)

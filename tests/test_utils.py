@@ -1021,6 +1021,18 @@ def test_check_int_names_the_argument_and_takes_numpy_integers():
             check_int(bad, "n", None)
 
 
+def assert_moved_name(old_module, name, new_module):
+    """``old_module.name`` and ``from old_module import name`` give ``new_module.name`` with a
+    DeprecationWarning naming its new place; any other name is an ordinary AttributeError."""
+    old, new = old_module.__name__, new_module.__name__
+    with pytest.warns(DeprecationWarning, match=f"{old}.{name} moved to {new}.{name}"):
+        assert getattr(old_module, name) is getattr(new_module, name)
+    with pytest.warns(DeprecationWarning, match=f"moved to {new}.{name}"):
+        exec(f"from {old} import {name}", {})
+    with pytest.raises(AttributeError, match=f"module '{old}' has no attribute 'no_such_name'"):
+        getattr(old_module, "no_such_name")
+
+
 def test_a_moved_name_still_resolves_with_a_warning_naming_its_new_module():
     import experiments
     import results
