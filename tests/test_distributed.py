@@ -294,7 +294,7 @@ def _worker(rank, port):
         _check_autoencoder_losses(data, rank)
         _check_the_process_group_queries(rank)
     finally:
-        dist.destroy_process_group()
+        distributed.close_distributed()  # a barrier, then destroy: no rank tears down while another works
 
 
 def _check_the_process_group_queries(rank):

@@ -61,6 +61,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from datasets import DistributedBalancedBatchSampler
+from distributed import close_distributed
 from setup_fit import build
 from trainer import fit
 
@@ -73,7 +74,7 @@ fit(loader, None, model, loss_fn, optimizer, None, n_epochs=2, device="cpu", pro
     checkpoint_dir=sys.argv[1])
 if dist.get_rank() == 0:
     torch.save(model.state_dict(), sys.argv[2])
-dist.destroy_process_group()
+close_distributed()
 """
 
 
