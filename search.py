@@ -1,7 +1,8 @@
 """Use a trained model on your own images: index a folder, then query, verify, classify and evaluate.
 
-This module owns the gallery file and everything done with a model file (``model_file.save_model``) on
-images outside the training pipeline:
+This module owns what is done with a model file (``model_file.save_model``) and its gallery on images
+outside the training pipeline, and the command line for all of it (the gallery file itself is
+``gallery.py``'s):
 
 - ``index_folder``: embeds every image of a folder (class sub-folders, a two-level group/class folder, a
   CSV of ``path,label`` lines, or a flat folder of unlabelled images) into a gallery file (.npz);
@@ -12,7 +13,7 @@ images outside the training pipeline:
   model file's threshold);
 - ``nearest_neighbours``: exact k-NN search in chunks of the gallery (memory bounded whatever its size),
   or through faiss's exact ``IndexFlatL2``;
-- ``load_gallery``: reads and checks a gallery file.
+- ``load_gallery``: reads and checks a gallery file (both owned by ``gallery.py``, importable from here).
 
 Command line (the subcommand names are fixed: the documentation uses them)::
 
@@ -22,10 +23,7 @@ Command line (the subcommand names are fixed: the documentation uses them)::
     python search.py classify MODEL GALLERY IMAGE... [--k 5] [--faiss]
     python search.py evaluate MODEL GALLERY
 
-The gallery file is a numpy .npz (read with allow_pickle=False) holding ``format`` ("siamese-triplet-gallery"),
-``embeddings`` (N, D) float32, ``paths`` (N,) str (the image paths as listed from the folder given to index),
-``labels`` (N,) int64 (ids into ``class_names``, -1 for unlabelled images), ``class_names`` (C,) str
-(empty for an unlabelled folder), ``fingerprint`` (the model's weight fingerprint) and ``embedding_dim``.
+The gallery file (``gallery.py``: ``index_folder``, ``load_gallery``) is written by ``index``.
 A gallery only answers queries of the model that indexed it: any other model is refused.
 
 Distances are Euclidean. ``k`` larger than the gallery (or, for classify, than its labelled part) is an
@@ -36,23 +34,18 @@ import importlib.util
 import json
 import os
 import sys
-import warnings
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import cli
-from image_folders import IMAGE_EXTENSIONS, folder_entries, list_images, read_image
+from gallery import (GALLERY_FORMAT, GALLERY_KEYS, UNLABELLED, check_image_files, embed_files,  # noqa: F401
+                     index_folder, label_name, load_gallery, load_model_file, model_and_gallery)
+from image_folders import read_image
 from metrics import (knn_accuracy, nmi_score, retrieval_metrics, smallest_k, verification_accuracy,
                      verification_roc_auc)
-from model_file import embed_images, load_model
 from networks import SiameseNetwork
-from utils import atomic_write, check_int, squared_distances
-
-GALLERY_FORMAT = "siamese-triplet-gallery"
-GALLERY_KEYS = ("format", "embeddings", "paths", "labels", "class_names", "fingerprint", "embedding_dim")
-UNLABELLED = -1
+from utils import check_int, squared_distances
 DEFAULT_CHUNK_SIZE = 65536
 # Queries are taken in blocks so that one block of distances holds at most this many entries (64 MB of
 # float32), whatever the number of queries.
@@ -145,166 +138,6 @@ def _faiss_search(queries, gallery, k):
     return torch.from_numpy(squared).clamp_min_(0).sqrt_(), torch.from_numpy(indices).long()
 
 
-# ---------------------------------------------------------------- embedding image files
-
-def _check_image_files(paths, what="image"):
-    paths = [os.fspath(path) for path in paths]
-    if not paths:
-        raise ValueError(f"no {what} given; pass at least one image file")
-    for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{what} file {path} does not exist; check the path")
-    return paths
-
-
-def _embed_files(model, info, paths, batch_size=256, progress=False, skip_bad_images=False, desc="Embedding"):
-    """Embeddings of image files as the model file prescribes (its image size, channels, normalisation).
-
-    Decodes batch_size images at a time, embeds them and appends float32 rows to a preallocated array, so
-    memory is one batch of pixels plus the (N, D) result. Returns (embeddings (M, D) float32 numpy array,
-    kept (M,) positions into paths): M < N only with skip_bad_images, which leaves out (with one warning)
-    the files read_image cannot read instead of raising its ValueError naming the file.
-    """
-    batch_size = check_int(batch_size, "batch_size", 1)
-    image_size, channels = info["image_size"], info["channels"]
-    embeddings, kept, skipped = None, [], []
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False)
-    try:
-        for start in range(0, len(paths), batch_size):
-            images, positions = [], []
-            for position in range(start, min(start + batch_size, len(paths))):
-                try:
-                    images.append(read_image(paths[position], image_size, channels))
-                except ValueError:
-                    if not skip_bad_images:
-                        raise
-                    skipped.append(paths[position])
-                    continue
-                positions.append(position)
-            bar.update(min(start + batch_size, len(paths)) - start)
-            if not images:
-                continue
-            batch = embed_images(model, torch.stack(images), batch_size=batch_size,
-                                 normalization=info["normalization"]).float().cpu().numpy()
-            if embeddings is None:  # the width is known from the first batch (a model file may not record it)
-                embeddings = np.empty((len(paths), batch.shape[1]), dtype=np.float32)
-            embeddings[len(kept):len(kept) + len(batch)] = batch
-            kept.extend(positions)
-    finally:
-        bar.close()
-    if skipped:
-        named = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        warnings.warn(f"skipped {len(skipped)} unreadable image file(s): {named}", stacklevel=3)
-    if not kept:
-        raise ValueError(f"none of the {len(paths)} image files could be read; check the files")
-    return embeddings[:len(kept)], np.asarray(kept, dtype=np.int64)
-
-
-def _load_model(model_path):
-    model, info = load_model(model_path)
-    if info["image_size"] is None or info["channels"] is None:
-        raise ValueError(f"{model_path} records no image size or channels; save it again with save_model")
-    return model, info
-
-
-# ---------------------------------------------------------------- the gallery file
-
-def _list_folder(folder):
-    """(paths, labels (N,) int64, class names) of a folder or CSV: list_images' layouts, or a flat folder of
-    images without class sub-folders (unlabelled: every label -1, no class names)."""
-    folder = os.fspath(folder)
-    if not os.path.exists(folder):
-        raise FileNotFoundError(f"{folder} does not exist; pass a folder of images or a CSV of path,label lines")
-    if os.path.isdir(folder):
-        sub_folders, images = folder_entries(folder)
-        if not sub_folders:
-            if not images:
-                raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no class "
-                                 "sub-folders; pass a folder of images")
-            return [os.path.join(folder, name) for name in images], np.full(len(images), UNLABELLED), []
-    listing = list_images(folder)
-    return listing.paths, listing.labels.numpy(), list(listing.classes)
-
-
-def index_folder(model_path, folder, out, batch_size=256, progress=True, skip_bad_images=False):
-    """Embed every image of ``folder`` with the model file ``model_path`` and write the gallery file ``out``.
-
-    ``folder`` is a folder of class sub-folders (or group/class folders, or a CSV of ``path,label`` lines:
-    see ``image_folders.list_images``), whose class names become the gallery's labels, or a flat folder of images
-    (unlabelled, label -1). Images are decoded and embedded batch_size at a time (memory: one batch plus the
-    (N, D) float32 embeddings), with a progress bar unless progress=False. skip_bad_images leaves unreadable
-    files out with a warning instead of raising ValueError naming the first one. The file (see the module
-    docstring for its keys) is written to a temporary file and renamed, so an interrupted run leaves none.
-    Returns ``out``.
-    """
-    model, info = _load_model(model_path)
-    paths, labels, class_names = _list_folder(folder)
-    embeddings, kept = _embed_files(model, info, paths, batch_size, progress, skip_bad_images, desc="Indexing")
-    out = os.fspath(out)
-    arrays = {
-        "format": np.array(GALLERY_FORMAT),
-        "embeddings": embeddings,
-        "paths": np.array([paths[k] for k in kept], dtype=str),
-        "labels": np.asarray(labels, dtype=np.int64)[kept],
-        "class_names": np.array([str(name) for name in class_names], dtype=str),
-        "fingerprint": np.array(info["fingerprint"]),
-        "embedding_dim": np.array(embeddings.shape[1], dtype=np.int64),
-    }
-    with atomic_write(out) as file:  # a file object: np.savez would append ".npz" to a bare name
-        np.savez(file, **arrays)
-    return out
-
-
-def load_gallery(gallery_path):
-    """Read a gallery file written by ``index_folder``: a dict of its arrays (see the module docstring), with
-    ``fingerprint`` as a str and ``embedding_dim`` as an int. Raises FileNotFoundError naming a missing file
-    and ValueError naming a file that is not a (complete, consistent) gallery file."""
-    gallery_path = os.fspath(gallery_path)
-    if not os.path.isfile(gallery_path):
-        raise FileNotFoundError(f"no gallery file at {gallery_path}; write one with "
-                                "`python search.py index MODEL FOLDER --out GALLERY`")
-    not_a_gallery = f"{gallery_path} is not a gallery file written by `search.py index`"
-    try:
-        with np.load(gallery_path, allow_pickle=False) as file:
-            gallery = {key: file[key] for key in file.files}
-    except Exception as error:  # numpy raises several kinds for a file that is not an .npz
-        raise ValueError(f"{not_a_gallery} ({type(error).__name__}: {str(error)[:200]})") from None
-    missing = [key for key in GALLERY_KEYS if key not in gallery]
-    if missing or str(gallery["format"]) != GALLERY_FORMAT:
-        raise ValueError(f"{not_a_gallery} (keys {missing or ['format']} are missing or wrong); run index again")
-    embeddings, labels = gallery["embeddings"], gallery["labels"]
-    n_items = len(embeddings)
-    if embeddings.ndim != 2 or embeddings.dtype != np.float32 or len(gallery["paths"]) != n_items \
-            or labels.shape != (n_items,) or labels.min(initial=UNLABELLED) < UNLABELLED \
-            or labels.max(initial=UNLABELLED) >= len(gallery["class_names"]):
-        raise ValueError(f"{not_a_gallery} (its embeddings, paths, labels and class names do not agree); "
-                         "run index again")
-    gallery["fingerprint"] = str(gallery["fingerprint"])
-    gallery["embedding_dim"] = int(gallery["embedding_dim"])
-    return gallery
-
-
-def _model_and_gallery(model_path, gallery_path):
-    """(model, info, gallery), checked to belong together."""
-    model, info = _load_model(model_path)
-    gallery = load_gallery(gallery_path)
-    model_dim = info["embedding_dim"]
-    if model_dim is not None and gallery["embedding_dim"] != model_dim:
-        raise ValueError(f"{gallery_path} holds {gallery['embedding_dim']}-dimensional embeddings but {model_path} "
-                         f"embeds into {model_dim} dimensions: the gallery was indexed by another model; re-run "
-                         f"`python search.py index {model_path} FOLDER --out {gallery_path}` with this model")
-    if gallery["fingerprint"] != info["fingerprint"]:
-        raise ValueError(f"{gallery_path} was indexed by another model (its fingerprint "
-                         f"{gallery['fingerprint'][:12]}... differs from {model_path}'s "
-                         f"{info['fingerprint'][:12]}...); "
-                         f"re-run `python search.py index {model_path} FOLDER --out {gallery_path}` with this model")
-    return model, info, gallery
-
-
-def _label_name(gallery, label):
-    return None if label == UNLABELLED else str(gallery["class_names"][label])
-
-
 # ---------------------------------------------------------------- subcommands
 
 def query(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False):
@@ -315,18 +148,18 @@ def query(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False
     {"path": gallery image path, "label": class name or None when unlabelled, "distance": float}]}``,
     nearest first (equal distances by gallery order).
     """
-    model, info, gallery = _model_and_gallery(model_path, gallery_path)
-    images = _check_image_files(images, "query image")
+    model, info, gallery = model_and_gallery(model_path, gallery_path)
+    images = check_image_files(images, "query image")
     k = check_int(k, "k", 1)
     if k > len(gallery["embeddings"]):
         raise ValueError(f"k={k} is larger than the gallery {gallery_path} ({len(gallery['embeddings'])} images); "
                          f"pass --k {len(gallery['embeddings'])} or less")
-    embeddings, _ = _embed_files(model, info, images, batch_size)
+    embeddings, _ = embed_files(model, info, images, batch_size)
     distances, indices = nearest_neighbours(embeddings, gallery["embeddings"], k, use_faiss=use_faiss)
     results = []
     for path, row_distances, row_indices in zip(images, distances.tolist(), indices.tolist()):
         neighbours = [{"path": str(gallery["paths"][index]),
-                       "label": _label_name(gallery, int(gallery["labels"][index])), "distance": distance}
+                       "label": label_name(gallery, int(gallery["labels"][index])), "distance": distance}
                       for distance, index in zip(row_distances, row_indices)]
         results.append({"query": path, "neighbours": neighbours})
     return results
@@ -339,9 +172,9 @@ def verify(model_path, image1, image2):
     (0, 1], "threshold": the model file's threshold or None, "same": similarity >= threshold, or None when
     the model file records no threshold}``.
     """
-    model, info = _load_model(model_path)
-    paths = _check_image_files([image1, image2])
-    embeddings, _ = _embed_files(model, info, paths)
+    model, info = load_model_file(model_path)
+    paths = check_image_files([image1, image2])
+    embeddings, _ = embed_files(model, info, paths)
     first, second = torch.from_numpy(embeddings).double().unbind(0)
     distance = float((first - second).pow(2).sum().sqrt())
     similarity = float(SiameseNetwork.embedding_similarity(first[None], second[None]))
@@ -359,8 +192,8 @@ def classify(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=Fa
     of labelled gallery images). Returns a list of Q dicts ``{"path": path as given, "label": class name,
     "vote_share": votes of that label / k}``.
     """
-    model, info, gallery = _model_and_gallery(model_path, gallery_path)
-    images = _check_image_files(images, "query image")
+    model, info, gallery = model_and_gallery(model_path, gallery_path)
+    images = check_image_files(images, "query image")
     k = check_int(k, "k", 1)
     labelled = np.flatnonzero(gallery["labels"] != UNLABELLED)
     if len(labelled) == 0:
@@ -369,7 +202,7 @@ def classify(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=Fa
     if k > len(labelled):
         raise ValueError(f"k={k} is larger than the labelled part of the gallery {gallery_path} ({len(labelled)} "
                          f"images); pass --k {len(labelled)} or less")
-    embeddings, _ = _embed_files(model, info, images, batch_size)
+    embeddings, _ = embed_files(model, info, images, batch_size)
     distances, indices = nearest_neighbours(embeddings, gallery["embeddings"][labelled], k, use_faiss=use_faiss)
     labels = torch.from_numpy(gallery["labels"][labelled])[indices]  # (Q, k)
     n_classes = len(gallery["class_names"])
@@ -380,7 +213,7 @@ def classify(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=Fa
     winners = top & (summed == summed.min(dim=1, keepdim=True).values)
     chosen = winners.to(torch.uint8).argmax(dim=1)  # the first True: the smallest tied label id
     shares = votes.gather(1, chosen[:, None]).squeeze(1).double() / k
-    return [{"path": path, "label": _label_name(gallery, label), "vote_share": share}
+    return [{"path": path, "label": label_name(gallery, label), "vote_share": share}
             for path, label, share in zip(images, chosen.tolist(), shares.tolist())]
 
 
@@ -395,7 +228,7 @@ def evaluate(model_path, gallery_path):
     ``n_classes`` and ``knn_k`` (ints). Raises ValueError for an unlabelled gallery or one
     with fewer than 2 classes or no class holding 2 images.
     """
-    _, info, gallery = _model_and_gallery(model_path, gallery_path)
+    _, info, gallery = model_and_gallery(model_path, gallery_path)
     labelled = gallery["labels"] != UNLABELLED
     if not labelled.any():
         raise ValueError(f"{gallery_path} is unlabelled (its folder had no class sub-folders): evaluate needs a "
@@ -498,55 +331,70 @@ def _print_query(results):
             print(f"  {rank}. {item['path']}  label: {label}  distance: {item['distance']:.4f}")
 
 
+def _run_index(arguments):
+    out = index_folder(arguments.model, arguments.folder, arguments.out, batch_size=arguments.batch_size,
+                       progress=not arguments.no_progress, skip_bad_images=arguments.skip_bad_images)
+    gallery = load_gallery(out)
+    n_classes = len(gallery["class_names"])
+    print(f"indexed {len(gallery['embeddings'])} images ({gallery['embedding_dim']}-dimensional, "
+          f"{f'{n_classes} classes' if n_classes else 'unlabelled'}) into {out}")
+
+
+def _run_query(arguments):
+    results = query(arguments.model, arguments.gallery, arguments.images, k=arguments.k, use_faiss=arguments.faiss)
+    if arguments.json:
+        print(json.dumps(results, indent=1))
+    else:
+        _print_query(results)
+    if arguments.grid:
+        draw_grid(results, arguments.grid)
+        if not arguments.json:  # keeps --json output parseable as a whole
+            print(f"\nwrote {arguments.grid}")
+
+
+def _run_verify(arguments):
+    result = verify(arguments.model, arguments.image1, arguments.image2)
+    print(f"distance: {result['distance']:.4f}")
+    print(f"similarity: {result['similarity']:.4f}")
+    if result["threshold"] is None:
+        print("threshold: none (the model file records no verification threshold, so no verdict)")
+    else:
+        print(f"threshold: {result['threshold']:.4f}")
+        print(f"verdict: {'same' if result['same'] else 'different'}")
+
+
+def _run_classify(arguments):
+    for result in classify(arguments.model, arguments.gallery, arguments.images, k=arguments.k,
+                           use_faiss=arguments.faiss):
+        print(f"{result['path']}\t{result['label']}\t{result['vote_share']:.2f}")
+
+
+def _run_evaluate(arguments):
+    from results import markdown_table
+
+    result = evaluate(arguments.model, arguments.gallery)
+    columns = [("n_images", "images", "{}"), ("n_classes", "classes", "{}"),
+               ("precision_at_1", "P@1", "{:.4f}"), ("r_precision", "R-Precision", "{:.4f}"),
+               ("map_at_r", "MAP@R", "{:.4f}"), ("knn_accuracy", f"{result['knn_k']}-NN accuracy", "{:.4f}"),
+               ("nmi", "NMI", "{:.4f}"), ("roc_auc", "ROC-AUC", "{:.4f}")]
+    if "verification_accuracy" in result:
+        columns.append(("verification_accuracy", "verification acc", "{:.4f}"))
+    print(markdown_table([result], columns), end="")
+
+
+COMMANDS = {"index": _run_index, "query": _run_query, "verify": _run_verify, "classify": _run_classify,
+            "evaluate": _run_evaluate}
+
+
 def main(argv=None):
-    """Run one subcommand (see the module docstring); returns the exit status 0. A user's mistake (a bad
-    option, a missing or unreadable file, faiss missing for --faiss) raises ValueError or OSError, which
-    ``cli.run`` prints as one line ``search.py: error: ...`` with exit status 2."""
+    """Run one subcommand (see the module docstring; ``COMMANDS`` maps each name to the function that runs it
+    and prints its result); returns the exit status 0. A user's mistake (a bad option, a missing or
+    unreadable file, faiss missing for --faiss) raises ValueError or OSError, which ``cli.run`` prints as one
+    line ``search.py: error: ...`` with exit status 2."""
     arguments = _parser().parse_args(argv)
     if getattr(arguments, "faiss", False) and importlib.util.find_spec("faiss") is None:
         raise ValueError("--faiss needs faiss, which is not installed: pip install faiss-cpu, or leave out --faiss")
-    if arguments.command == "index":
-        out = index_folder(arguments.model, arguments.folder, arguments.out, batch_size=arguments.batch_size,
-                           progress=not arguments.no_progress, skip_bad_images=arguments.skip_bad_images)
-        gallery = load_gallery(out)
-        n_classes = len(gallery["class_names"])
-        print(f"indexed {len(gallery['embeddings'])} images ({gallery['embedding_dim']}-dimensional, "
-              f"{f'{n_classes} classes' if n_classes else 'unlabelled'}) into {out}")
-    elif arguments.command == "query":
-        results = query(arguments.model, arguments.gallery, arguments.images, k=arguments.k,
-                        use_faiss=arguments.faiss)
-        if arguments.json:
-            print(json.dumps(results, indent=1))
-        else:
-            _print_query(results)
-        if arguments.grid:
-            draw_grid(results, arguments.grid)
-            if not arguments.json:  # keeps --json output parseable as a whole
-                print(f"\nwrote {arguments.grid}")
-    elif arguments.command == "verify":
-        result = verify(arguments.model, arguments.image1, arguments.image2)
-        print(f"distance: {result['distance']:.4f}")
-        print(f"similarity: {result['similarity']:.4f}")
-        if result["threshold"] is None:
-            print("threshold: none (the model file records no verification threshold, so no verdict)")
-        else:
-            print(f"threshold: {result['threshold']:.4f}")
-            print(f"verdict: {'same' if result['same'] else 'different'}")
-    elif arguments.command == "classify":
-        for result in classify(arguments.model, arguments.gallery, arguments.images, k=arguments.k,
-                               use_faiss=arguments.faiss):
-            print(f"{result['path']}\t{result['label']}\t{result['vote_share']:.2f}")
-    else:
-        from results import markdown_table
-
-        result = evaluate(arguments.model, arguments.gallery)
-        columns = [("n_images", "images", "{}"), ("n_classes", "classes", "{}"),
-                   ("precision_at_1", "P@1", "{:.4f}"), ("r_precision", "R-Precision", "{:.4f}"),
-                   ("map_at_r", "MAP@R", "{:.4f}"), ("knn_accuracy", f"{result['knn_k']}-NN accuracy", "{:.4f}"),
-                   ("nmi", "NMI", "{:.4f}"), ("roc_auc", "ROC-AUC", "{:.4f}")]
-        if "verification_accuracy" in result:
-            columns.append(("verification_accuracy", "verification acc", "{:.4f}"))
-        print(markdown_table([result], columns), end="")
+    COMMANDS[arguments.command](arguments)
     return 0
 
 
