@@ -139,8 +139,10 @@ def distinct_draws(key, k, n, device):
         distinct, inverse = torch.unique(values, return_inverse=True)
         first = torch.full_like(distinct, draws).scatter_reduce_(0, inverse, torch.arange(draws, device=device),
                                                                  "amin")
-        if len(distinct) >= k:
-            return distinct[first.argsort()[:k]].sort().values
+        if k == 0:
+            return distinct[:0]
+        if len(distinct) >= k:  # the k earliest first draws (all different): one selection, no sort
+            return distinct[first <= first.kthvalue(k).values]
         draws *= 2
 
 
@@ -148,9 +150,16 @@ def negative_pairs_of_rank(classes, ranks, rows):
     """The negative pairs ``(i, j)``, ``i < j``, at positions ``ranks (k,)`` (ascending) of the batch's
     negative pairs in ``(i, j)`` order, keeping those whose first member is in ``rows``: ``(k', 2)``.
     Row ``i`` holds ``(N - 1 - i) - (its class members after i)`` of them; the r-th is the r-th column
-    after ``i`` that is not of its class (one comparison per class member, no (N, N) work)."""
+    after ``i`` that is not of its class (one comparison per class member, no (N, N) work). When the rows'
+    block is small, listing its negative pairs and taking those at the ranks costs less; same pairs."""
     per_row = negatives_after(classes, torch.arange(len(classes.class_of), device=ranks.device))
     ends = per_row.cumsum(0)
+    if (rows.stop - rows.start) * len(per_row) <= SMALL_BLOCK:
+        bounds = torch.cat([ends.new_zeros(1), ends])  # negative pairs in the rows before each row
+        before, end = bounds[rows.start], bounds[rows.stop]
+        inside = (ranks >= before) & (ranks < end)
+        flat = negative_pair_mask(classes.class_of, rows).flatten().nonzero().squeeze(1)[ranks[inside] - before]
+        return torch.stack([flat // len(per_row) + rows.start, flat % len(per_row)], dim=1)
     first = torch.searchsorted(ends, ranks, right=True)
     keep = (first >= rows.start) & (first < rows.stop)
     first, ranks = first[keep], ranks[keep]

@@ -51,11 +51,20 @@ def test_negative_pairs_found_by_rank_are_those_at_that_place_in_order(labels, c
     negatives = all_negative_pairs(labels)
     classes = classes_of(labels)
     ranks = torch.arange(len(negatives))
-    assert [tuple(pair) for pair in negative_pairs_of_rank(classes, ranks, Rows(0, len(labels))).tolist()] == negatives
     start = min(cut_start, len(labels))
     stop = max(start, len(labels) - cut_stop)
     mine = [pair for pair in negatives if start <= pair[0] < stop]
-    assert [tuple(pair) for pair in negative_pairs_of_rank(classes, ranks, Rows(start, stop)).tolist()] == mine
+    original = mining_rows.SMALL_BLOCK
+    for small_block in (original, 0):  # the listing of a small block, and the ranks' own search
+        mining_rows.SMALL_BLOCK = small_block
+        try:
+            for rows, expected in ((Rows(0, len(labels)), negatives), (Rows(start, stop), mine)):
+                assert [tuple(pair) for pair in negative_pairs_of_rank(classes, ranks, rows).tolist()] == expected
+                some = ranks[::3].contiguous()
+                assert [tuple(pair) for pair in negative_pairs_of_rank(classes, some, rows).tolist()] == \
+                    [negatives[rank] for rank in some.tolist() if rows.start <= negatives[rank][0] < rows.stop]
+        finally:
+            mining_rows.SMALL_BLOCK = original
 
 
 @pytest.mark.parametrize("k, n", [(0, 10), (3, 10), (7, 10), (10, 10), (50, 100_000), (1, 1)])
