@@ -1,4 +1,5 @@
-"""Contrastive and triplet losses, offline (pairs/triplets given) and online (mined in the batch).
+"""Contrastive and triplet losses, offline (pairs/triplets given) and online (mined in the batch), and
+the multi-similarity loss (``MultiSimilarityLoss``, with its own pair mining, on cosine similarities).
 
 Distances are squared Euclidean distances (``utils.row_distances`` / ``utils.paired_squared_distances``),
 as in the classic design, or with ``distance="euclidean"`` their square roots (``utils.as_distance``);
@@ -41,6 +42,7 @@ being the contrastive / triplet formula on Euclidean or KL latent distances (``g
 ``symmetric_gaussian_kl``, ``kl_to_standard_normal``).
 """
 
+import math
 import numbers
 from typing import NamedTuple
 
@@ -49,8 +51,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distributed import global_batch, global_mean, owned, rows_to_mine
-from utils import (DISTANCES, _as_labels, _check_margin, as_distance, check_choice, check_flag,
-                   float32_distances, paired_squared_distances, row_distances)
+from utils import (DISTANCES, _as_labels, _check_margin, as_distance, check_choice, check_flag, check_real,
+                   float32_distances, multi_similarity_pairs, paired_squared_distances, row_distances)
 
 # Added under the square root of a squared distance: sqrt'(0) is infinite, sqrt'(EPS) is not.
 EPS = 1e-9
@@ -134,11 +136,7 @@ def _global_mean(terms, embeddings, share):
 
 
 def _check_scale(scale):
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-    if not scale > 0:  # also rejects NaN
-        raise ValueError(f"scale must be > 0, got {scale}")
-    return float(scale)
+    return check_real(scale, "scale", 0, strict=True)
 
 
 # The method each kind of selector must have, and an example of one, for the error message.
@@ -381,6 +379,64 @@ class OnlineTripletLoss(nn.Module):
                               _compared_distances(distances, start, embeddings, anchors, negatives, self.distance),
                               self.margin, self.soft)
         return _global_mean(terms, embeddings, share)
+
+
+def multi_similarity_terms(similarities, positives, negatives, alpha, beta, base):
+    """Per-anchor multi-similarity terms (Wang et al., CVPR 2019, eq. 4 over the mined pairs).
+
+    Takes the anchors' rows ``similarities (A, N)`` (cosine similarities), the kept pairs ``positives`` and
+    ``negatives`` (``(A, N)`` bool, ``utils.multi_similarity_pairs``) and the loss's ``alpha``, ``beta`` and
+    ``base`` (the paper's lambda). Returns ``(A,)``: ``log(1 + sum_P exp(-alpha (S - base))) / alpha +
+    log(1 + sum_N exp(beta (S - base))) / beta``, 0 for an anchor without kept pairs. Each sum is a
+    log-sum-exp over the kept entries and a zero, so a large ``beta`` does not overflow."""
+    def log_one_plus_sum_exp(scaled, keep):
+        kept = torch.where(keep, scaled, -math.inf)
+        return torch.logsumexp(torch.cat([torch.zeros_like(kept[:, :1]), kept], dim=1), dim=1)
+
+    return (log_one_plus_sum_exp(-alpha * (similarities - base), positives) / alpha
+            + log_one_plus_sum_exp(beta * (similarities - base), negatives) / beta)
+
+
+class MultiSimilarityLoss(nn.Module):
+    """Multi-similarity loss with its pair mining (Wang et al., "Multi-Similarity Loss with General Pair
+    Weighting for Deep Metric Learning", CVPR 2019), on cosine similarities of L2-normalised embeddings.
+
+    ``forward(embeddings (B, D), target (B,))`` returns a scalar: the mean over every anchor of the batch of
+    ``multi_similarity_terms`` over the pairs ``utils.multi_similarity_pairs`` keeps (``epsilon``; None
+    keeps every pair). Defaults ``alpha=2, beta=50, base=0.5, epsilon=0.1`` are pytorch-metric-learning's
+    (the paper's lambda is ``base``). The similarities are ``1 - |u_i - u_j|^2 / 2`` of the normalised
+    embeddings ``u``, from ``utils.row_distances`` (so each row is bitwise the same however the batch is
+    split between processes); an all-zero embedding normalises to zero (similarity 0 to everything), so
+    the loss stays finite. An anchor without kept pairs adds 0 to the mean; a non-finite embedding gives a
+    non-finite loss (the module docstring's guard). ``last_selection``: ``Selection`` of anchors and of
+    those with a non-zero term.
+
+    ``gather`` (default True) acts under ``torch.distributed`` as in ``OnlineContrastiveLoss``: each rank
+    mines and sums the terms of its own anchors against the global batch, and the loss is the global mean.
+    """
+
+    last_selection = None
+
+    def __init__(self, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, gather=True):
+        super().__init__()
+        self.alpha = check_real(alpha, "alpha", 0, strict=True)
+        self.beta = check_real(beta, "beta", 0, strict=True)
+        self.base = check_real(base, "base")
+        if not math.isfinite(self.base):
+            raise ValueError(f"base must be finite, got {base}")
+        self.epsilon = None if epsilon is None else check_real(epsilon, "epsilon", 0)
+        self.gather = check_flag(gather, "gather")
+
+    def forward(self, embeddings, target):
+        target = _as_labels(target, embeddings)
+        embeddings, target, share = global_batch(_at_least_float32(embeddings), target, self.gather)
+        normalised = F.normalize(embeddings, dim=1)
+        rows = rows_to_mine(share, len(normalised))
+        similarities = 1 - row_distances(normalised, rows.start, rows.stop) / 2
+        positives, negatives = multi_similarity_pairs(similarities, target, rows, self.epsilon)
+        terms = multi_similarity_terms(similarities, positives, negatives, self.alpha, self.beta, self.base)
+        loss, self.last_selection = _global_mean(terms, embeddings, share)
+        return loss
 
 
 # ---------------------------------------------------------------------------------------------------

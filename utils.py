@@ -70,6 +70,19 @@ def check_int(value, name, minimum=0):
     return int(value)
 
 
+def check_real(value, name, minimum=None, strict=False):
+    """``value`` as a float (a real number, not bool) of at least ``minimum`` (above it with ``strict``; None:
+    any finite or infinite value, not NaN); raises TypeError or ValueError naming the argument ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if minimum is None:
+        if math.isnan(value):
+            raise ValueError(f"{name} must be a number, got {value}")
+    elif not (value > minimum if strict else value >= minimum):  # also rejects NaN
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value}")
+    return float(value)
+
+
 def check_flag(value, name):
     """``value`` if it is True or False; raises TypeError naming the argument ``name`` otherwise (1,
     "yes" and None are refused, not read as truth values)."""
@@ -358,11 +371,7 @@ def _as_labels(labels, embeddings):
 
 
 def _check_margin(margin):
-    if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
-        raise TypeError(f"margin must be a real number, got {type(margin).__name__}")
-    if not margin >= 0:  # also rejects NaN
-        raise ValueError(f"margin must be >= 0, got {margin}")
-    return float(margin)
+    return check_real(margin, "margin", 0)
 
 
 def _check_generator(generator):
@@ -683,3 +692,33 @@ class BatchHardTripletSelector(_DistanceTripletSelector):
         hardest_negative_ = torch.where(negatives, distances, math.inf).argmin(dim=1)
         keep = (positive_valid.any(dim=1) & negatives.any(dim=1)).nonzero().squeeze(1)
         return torch.stack([anchors[keep], hardest_positive[keep], hardest_negative_[keep]], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# multi-similarity pair mining
+
+
+def multi_similarity_pairs(similarities, labels, rows=None, epsilon=0.1):
+    """The informative pairs of each anchor by Wang et al.'s multi-similarity mining (CVPR 2019).
+
+    Takes ``similarities (A, N)``, the anchors' rows (``rows``, a ``Rows``; None: all) of a batch's
+    similarity matrix (larger is closer, e.g. cosine), ``labels (N,)`` and ``epsilon >= 0`` (None: keep
+    every pair). Returns ``(positives, negatives)``, ``(A, N)`` bool masks of the kept pairs ``(anchor, j)``,
+    ``j`` not the anchor: a negative is kept when ``S + epsilon`` exceeds the anchor's least similar
+    positive, a positive when ``S - epsilon`` is below its most similar negative; an anchor without
+    positives keeps no negative, one without negatives no positive. Each anchor is decided from its own row,
+    so processes mining their own rows keep what one process keeps."""
+    labels, rows, anchors = checked_rows(similarities, labels, rows)
+    if epsilon is not None:
+        epsilon = check_real(epsilon, "epsilon", 0)
+    similarities = similarities.detach()
+    same = labels[anchors, None] == labels
+    positives = same.clone()
+    positives[torch.arange(len(anchors), device=labels.device), anchors] = False
+    negatives = ~same
+    if epsilon is None:
+        return positives, negatives
+    least_positive = torch.where(positives, similarities, math.inf).amin(dim=1, keepdim=True)
+    most_negative = torch.where(negatives, similarities, -math.inf).amax(dim=1, keepdim=True)
+    return (positives & (similarities - epsilon < most_negative),
+            negatives & (similarities + epsilon > least_positive))

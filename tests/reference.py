@@ -374,3 +374,40 @@ def ref_contrastive_term(x, y, target, margin, distance):
         return float(target) * squared + (1.0 - float(target)) * max(0.0, margin - math.sqrt(squared + 1e-9)) ** 2
     plain = math.sqrt(squared)
     return float(target) * plain + (1.0 - float(target)) * max(0.0, margin - plain)
+
+
+# ----------------------------------------------------------------------------- multi-similarity
+
+def ref_multi_similarity_pairs(S, labels, epsilon):
+    """Wang et al.'s mining (CVPR 2019, eqs. 6-7), loop by loop: for each anchor a, the lists of kept
+    positive and negative columns of the similarity rows S (A x N) (anchor a's row is S[a]; ``labels`` of
+    the N items, the anchors being items 0 .. A - 1). epsilon None keeps every pair."""
+    S, labels = _to_list(S), _to_list(labels)
+    kept = []
+    for a, row in enumerate(S):
+        positives = [j for j in range(len(labels)) if labels[j] == labels[a] and j != a]
+        negatives = [j for j in range(len(labels)) if labels[j] != labels[a]]
+        if epsilon is not None:
+            least_positive = min((row[j] for j in positives), default=math.inf)
+            most_negative = max((row[j] for j in negatives), default=-math.inf)
+            positives, negatives = ([j for j in positives if row[j] - epsilon < most_negative],
+                                    [j for j in negatives if row[j] + epsilon > least_positive])
+        kept.append((positives, negatives))
+    return kept
+
+
+def ref_multi_similarity_loss(embeddings, labels, alpha, beta, base, epsilon):
+    """The multi-similarity loss (Wang et al., eq. 4) of float64 Python loops: cosine similarities of the
+    L2-normalised embeddings, the mined pairs, then the mean over every anchor of
+    log(1 + sum_P exp(-alpha (S - base))) / alpha + log(1 + sum_N exp(beta (S - base))) / beta."""
+    vectors = [[float(x) for x in row] for row in _to_list(embeddings)]
+    units = []
+    for row in vectors:
+        norm = math.sqrt(sum(x * x for x in row))
+        units.append([x / max(norm, 1e-12) for x in row])
+    S = [[sum(x * y for x, y in zip(u, v)) for v in units] for u in units]
+    total = 0.0
+    for a, (positives, negatives) in enumerate(ref_multi_similarity_pairs(S, labels, epsilon)):
+        total += math.log(1 + sum(math.exp(-alpha * (S[a][j] - base)) for j in positives)) / alpha
+        total += math.log(1 + sum(math.exp(beta * (S[a][j] - base)) for j in negatives)) / beta
+    return total / len(vectors)

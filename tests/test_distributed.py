@@ -291,6 +291,7 @@ def _worker(rank, port):
                 selection = tuple(distributed.gather_uneven(part) for part in selection)
                 assert all(torch.equal(a, b) for a, b in zip(selection, expected_selection)), context
         _check_gather_off_and_non_finite(data, weights, rank)
+        _check_multi_similarity(data, weights, rank)
         _check_autoencoder_losses(data, rank)
         _check_the_process_group_queries(rank)
     finally:
@@ -331,6 +332,29 @@ def _check_the_process_group_queries(rank):
     assert "Connection closed by peer" in message
 
 
+def _check_multi_similarity(data, weights, rank):
+    """MultiSimilarityLoss on two processes: the loss and gradients of one process on the global batch."""
+    for n_classes, n_samples in [(4, 4), (3, 3)]:
+        batch = next(iter(BalancedBatchSampler(LABELS, n_classes, n_samples, seed=3)))
+        share = next(iter(DistributedBalancedBatchSampler(LABELS, n_classes, n_samples, seed=3)))
+        results = []
+        for module, rows, gather in ((lambda model: model, batch, False), (DistributedDataParallel, share, True)):
+            model = nn.Linear(6, 3)
+            model.load_state_dict(weights)
+            wrapped = module(model)
+            loss = losses.MultiSimilarityLoss(beta=10.0, gather=gather)(wrapped(data[rows]), LABELS[rows])
+            loss.backward()
+            results.append((loss, [parameter.grad for parameter in model.parameters()]))
+        (expected, expected_gradients), (got, gradients) = results
+        context = f"multi-similarity, {n_classes} x {n_samples}, rank {rank}"
+        assert expected.item() > 0, context
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0, msg=lambda m: f"{context}: loss: {m}")
+        scale = max(float(gradient.abs().max()) for gradient in expected_gradients)
+        for gradient, expected_gradient in zip(gradients, expected_gradients):
+            torch.testing.assert_close(gradient, expected_gradient, rtol=1e-5, atol=1e-5 * scale,
+                                       msg=lambda m: f"{context}: gradient: {m}")
+
+
 def _check_gather_off_and_non_finite(data, weights, rank):
     model = nn.Linear(6, 3)
     model.load_state_dict(weights)
@@ -346,7 +370,7 @@ def _check_gather_off_and_non_finite(data, weights, rank):
         embeddings = embeddings.clone()
         embeddings[0, 0] = float("nan")
     for loss in (losses.OnlineTripletLoss(1.0, utils.HardestNegativeTripletSelector(1.0)),
-                 losses.OnlineContrastiveLoss(1.0, utils.HardNegativePairSelector())):
+                 losses.OnlineContrastiveLoss(1.0, utils.HardNegativePairSelector()), losses.MultiSimilarityLoss()):
         assert not torch.isfinite(_value(loss(embeddings, labels))), f"{type(loss).__name__}, rank {rank}"
 
 

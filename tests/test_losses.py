@@ -19,6 +19,7 @@ several processes: test_distributed.py.
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -882,3 +883,101 @@ def test_a_nan_embedding_gives_a_nan_mixed_loss():
     loss, _ = OnlineTripletLoss(1.0, BatchHardTripletSelector(), easy_selector=RandomNegativeTripletSelector(1.0))(
         embeddings, labels)
     assert not torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------- multi-similarity
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 12), st.integers(2, 5), st.integers(1, 4), st.sampled_from([None, 0.0, 0.1, 0.5]),
+       st.sampled_from([0.5, 2.0, 4.0]), st.sampled_from([1.0, 10.0, 50.0]), st.sampled_from([-0.5, 0.0, 0.5, 1.0]),
+       st.integers(0, 2 ** 16))
+def test_multi_similarity_loss_matches_the_paper_written_as_loops(batch, dim, n_classes, epsilon, alpha, beta,
+                                                                  base, seed):
+    # (st.floats would trip over the flush-to-zero mode that trainer.fit sets; 2-D and up: no exact ties of
+    # the similarities, which rounding would decide)
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+    labels = torch.randint(n_classes, (batch,), generator=generator)
+    loss = losses.MultiSimilarityLoss(alpha, beta, base, epsilon)(embeddings, labels)
+    expected = reference.ref_multi_similarity_loss(embeddings, labels, alpha, beta, base, epsilon)
+    assert loss.item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_multi_similarity_gradients_are_the_papers_pair_weights():
+    # Wang et al., eq. 5: dL/dS_ik = -w+_ik / m for a kept positive, +w-_ik / m for a kept negative, with
+    # w+ = 1 / (exp(-alpha (base - S_ik)) + sum_P exp(-alpha (S_ik' - S_ik))) and w- likewise with beta
+    alpha, beta, base = 2.0, 10.0, 0.5
+    similarities = (torch.rand(3, 7, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 2 - 1)
+    similarities.requires_grad_()
+    positives = torch.tensor([[0, 1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    negatives = torch.tensor([[0, 0, 0, 1, 1, 0, 1], [0, 0, 0, 1, 0, 1, 0], [1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    losses.multi_similarity_terms(similarities, positives, negatives, alpha, beta, base).sum().backward()
+    S = similarities.detach()
+    for a in range(3):
+        for k in range(7):
+            if positives[a, k]:
+                others = sum(math.exp(-alpha * (S[a, j] - S[a, k])) for j in range(7) if positives[a, j])
+                expected = -1 / (math.exp(-alpha * (base - S[a, k])) + others)
+            elif negatives[a, k]:
+                others = sum(math.exp(beta * (S[a, j] - S[a, k])) for j in range(7) if negatives[a, j])
+                expected = 1 / (math.exp(beta * (base - S[a, k])) + others)
+            else:
+                expected = 0.0
+            assert similarities.grad[a, k].item() == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_multi_similarity_mining_matches_the_papers_rule_with_ties():
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(50):
+        n_items = int(torch.randint(2, 10, (1,), generator=generator))
+        labels = torch.randint(3, (n_items,), generator=generator)
+        start = int(torch.randint(0, n_items, (1,), generator=generator))
+        stop = int(torch.randint(start, n_items + 1, (1,), generator=generator))
+        # quarter steps: exact in binary, so ties at S +- epsilon happen and are decided as the paper's strict <
+        rows = torch.randint(-4, 5, (stop - start, n_items), generator=generator).double() / 4
+        for epsilon in (None, 0.0, 0.25, 0.5):
+            positives, negatives = utils.multi_similarity_pairs(rows, labels, (start, stop), epsilon)
+            shifted = torch.cat([torch.zeros(start, n_items, dtype=torch.float64), rows])  # row a is anchor a's
+            expected = reference.ref_multi_similarity_pairs(shifted, labels, epsilon)[start:stop]
+            assert [(p.nonzero().squeeze(1).tolist(), n.nonzero().squeeze(1).tolist())
+                    for p, n in zip(positives, negatives)] == expected, (labels, start, stop, epsilon)
+
+
+def test_multi_similarity_loss_gradcheck_and_finite_where_embeddings_coincide_or_vanish():
+    generator = torch.Generator().manual_seed(1)
+    embeddings = torch.randn(8, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    loss_fn = losses.MultiSimilarityLoss(2.0, 10.0, 0.5, epsilon=0.1)
+    assert torch.autograd.gradcheck(lambda e: loss_fn(e, labels), (embeddings,))
+    coinciding = torch.tensor([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]], requires_grad=True)
+    loss = losses.MultiSimilarityLoss()(coinciding, torch.tensor([0, 0, 1, 1, 0]))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0 and torch.isfinite(coinciding.grad).all()
+
+
+def test_multi_similarity_loss_of_nothing_kept_is_a_zero_that_backpropagates_and_nan_stays_nan():
+    embeddings = torch.randn(5, 4, requires_grad=True)
+    loss = losses.MultiSimilarityLoss()(embeddings, torch.zeros(5, dtype=torch.long))  # one class: no negative
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(embeddings.grad, torch.zeros(5, 4))
+    poisoned = embeddings.detach().clone()
+    poisoned[2, 1] = float("nan")
+    assert torch.isnan(losses.MultiSimilarityLoss()(poisoned, torch.tensor([0, 0, 1, 1, 2])))
+    loss_fn = losses.MultiSimilarityLoss()
+    loss_fn(embeddings.detach(), torch.tensor([0, 0, 1, 1, 2]))
+    assert loss_fn.last_selection.selected == 5
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    (dict(alpha=0), ValueError, "alpha must be > 0, got 0"),
+    (dict(beta=-1.0), ValueError, "beta must be > 0, got -1.0"),
+    (dict(alpha=True), TypeError, "alpha must be a real number, got bool"),
+    (dict(base=float("nan")), ValueError, "base must be a number, got nan"),
+    (dict(base=float("inf")), ValueError, "base must be finite, got inf"),
+    (dict(epsilon=-0.1), ValueError, "epsilon must be >= 0, got -0.1"),
+    (dict(epsilon="0.1"), TypeError, "epsilon must be a real number, got str"),
+    (dict(gather=1), TypeError, "gather must be True or False, got 1"),
+])
+def test_multi_similarity_loss_arguments_are_checked_by_name(arguments, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        losses.MultiSimilarityLoss(**arguments)
