@@ -393,10 +393,9 @@ def _run_evaluate(arguments):
 
 def _run_serve(arguments):
     model, info, gallery = model_and_gallery(arguments.model, arguments.gallery)
-    port = check_int(arguments.port, "--port", 0)
     page = SearchPage(model, info, gallery, functools.partial(nearest_neighbours, use_faiss=arguments.faiss),
                       k=arguments.k)
-    serve(make_server(page, arguments.host, port))
+    serve(make_server(page, arguments.host, arguments.port))
 
 
 COMMANDS = {"index": _run_index, "query": _run_query, "verify": _run_verify, "classify": _run_classify,

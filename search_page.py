@@ -49,6 +49,7 @@ from utils import check_int
 PAGE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "search_page.html")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+MAX_PORT = 65535
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_JSON_BYTES = 1024 * 1024  # a /place request: one embedding
 # an oversized upload is read and dropped up to this size, so that the browser receives the 413 answer
@@ -276,7 +277,9 @@ class _Handler(BaseHTTPRequestHandler):
 def make_server(page, host=DEFAULT_HOST, port=DEFAULT_PORT):
     """A ``ThreadingHTTPServer`` answering the page's endpoints from ``page`` (a ``SearchPage``) on host:port
     (port 0: any free port; ``server.server_address`` says which), not yet serving. Raises OSError saying
-    which address could not be bound."""
+    which address could not be bound, ValueError for a port outside 0 to 65535."""
+    if check_int(port, "port", 0) > MAX_PORT:
+        raise ValueError(f"port must be between 0 and {MAX_PORT} (0: any free port), got {port}")
     try:
         server = ThreadingHTTPServer((host, port), _Handler)
     except OSError as error:

@@ -283,8 +283,10 @@ def test_bad_arguments_are_named(setup):
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port} .*; pass another --port"):
             search.main(["serve", setup["model"], setup["plain"], "--port", str(port)])
-    with pytest.raises(ValueError, match="--port"):
+    with pytest.raises(ValueError, match="port must be >= 0, got -1"):
         search.main(["serve", setup["model"], setup["plain"], "--port", "-1"])
+    with pytest.raises(ValueError, match="port must be between 0 and 65535 .0: any free port., got 70000"):
+        search.main(["serve", setup["model"], setup["plain"], "--port", "70000"])
 
 
 def test_the_command_serves_the_page(setup):
