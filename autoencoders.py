@@ -48,6 +48,7 @@ from features import EXTRACTORS, cached_features
 from losses import AUTOENCODER_DISTANCES, RECONSTRUCTION_LOSSES, PairwiseAutoencoderLoss, TripletAutoencoderLoss
 from metrics import Metric, evaluate_embeddings
 from networks import make_autoencoder
+from projections import project_2d, subsample
 from trainer import fit, flush_denormal_everywhere, resolve_device
 from utils import (AllPositivePairSelector, AllTripletSelector, HardNegativePairSelector,
                    RandomNegativeTripletSelector, check_choice, check_int)
@@ -307,18 +308,8 @@ def latent_points(embeddings, seed=0, max_points=PLOT_POINTS):
     """``(points (n, 2), chosen (n,))``: a seeded random subset of at most ``max_points`` rows of
     ``embeddings (N, L)`` in 2-D: the embeddings themselves when L <= 2, else their t-SNE map
     (scikit-learn, PCA initialisation, ``random_state=seed``)."""
-    generator = torch.Generator().manual_seed(seed)
-    chosen = torch.arange(len(embeddings))
-    if len(embeddings) > max_points:
-        chosen = torch.randperm(len(embeddings), generator=generator)[:max_points].sort().values
-    points = embeddings[chosen].double().numpy()
-    if points.shape[1] == 1:
-        points = np.concatenate([points, np.zeros_like(points)], axis=1)
-    elif points.shape[1] > 2:
-        from sklearn.manifold import TSNE
-
-        perplexity = min(30.0, max((len(points) - 1) / 3, 1.0))
-        points = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(points)
+    chosen = subsample(len(embeddings), max_points, seed)
+    points = project_2d(embeddings[chosen], "tsne", seed)
     return points, chosen
 
 

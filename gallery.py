@@ -191,3 +191,14 @@ def model_and_gallery(model_path, gallery_path):
 def label_name(gallery, label):
     """The class name of label id ``label`` in ``gallery``, or None for an unlabelled item."""
     return None if label == UNLABELLED else str(gallery["class_names"][label])
+
+
+def neighbour_items(gallery, distances, indices):
+    """The gallery items found for Q queries: takes distances (Q, k) and indices (Q, k) into ``gallery``
+    (tensors or arrays, as ``search.nearest_neighbours`` returns them). Returns Q lists of k dicts
+    ``{"index": position in the gallery, "path": its image path, "label": class name or None when unlabelled,
+    "distance": float}``, in the order given."""
+    return [[{"index": index, "path": str(gallery["paths"][index]),
+              "label": label_name(gallery, int(gallery["labels"][index])), "distance": distance}
+             for distance, index in zip(row_distances, row_indices)]
+            for row_distances, row_indices in zip(np.asarray(distances).tolist(), np.asarray(indices).tolist())]

@@ -19,9 +19,9 @@ import os
 import re
 from typing import NamedTuple, Optional
 
-import torch
 from filelock import FileLock
 
+from projections import project_2d
 from utils import atomic_write
 
 RUNS_ROOT = "runs"  # where the runs that are not the committed study write (.gitignore holds it)
@@ -186,15 +186,6 @@ def image_path(dataset, label, split, embedding_dim=2, images_dir="images", seed
     return os.path.join(images_dir, f"{image_stem(dataset, label, embedding_dim, seed)}_{split}.png")
 
 
-def _project_2d(embeddings):
-    """The embeddings themselves when 2-D, else their projection on the top two principal axes."""
-    if embeddings.shape[1] <= 2:
-        return embeddings
-    centred = embeddings - embeddings.mean(dim=0)
-    _, _, directions = torch.pca_lowrank(centred, q=2, center=False)
-    return centred @ directions[:, :2]
-
-
 def plot_embeddings(embeddings, labels, class_names, title, path):
     """Scatter plot of ``embeddings (N, D)`` coloured by ``labels (N,)`` (on any device) with a legend of
     class names (a principal-component projection above 2-D), saved to ``path``."""
@@ -203,7 +194,7 @@ def plot_embeddings(embeddings, labels, class_names, title, path):
     from matplotlib.figure import Figure
 
     embeddings, labels = embeddings.detach().float().cpu(), labels.cpu()  # from whichever device they were made on
-    points = _project_2d(embeddings).numpy()
+    points = project_2d(embeddings, "pca")
     figure = Figure(figsize=(8, 8))
     axes = figure.subplots()
     colours = colormaps["tab10"]

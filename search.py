@@ -11,6 +11,8 @@ outside the training pipeline, and the command line for all of it (the gallery f
 - ``classify``: the k-nearest-neighbour label of each query image (majority vote);
 - ``evaluate``: the embedding-quality metrics of a labelled gallery (and the verification accuracy at the
   model file's threshold);
+- ``serve``: a local web page on the model and gallery (``search_page.py``), searching with
+  ``nearest_neighbours``;
 - ``nearest_neighbours``: exact k-NN search in chunks of the gallery (memory bounded whatever its size),
   or through faiss's exact ``IndexFlatL2``;
 - ``load_gallery``: reads and checks a gallery file (both owned by ``gallery.py``, importable from here).
@@ -22,6 +24,7 @@ Command line (the subcommand names are fixed: the documentation uses them)::
     python search.py verify MODEL IMAGE1 IMAGE2
     python search.py classify MODEL GALLERY IMAGE... [--k 5] [--faiss]
     python search.py evaluate MODEL GALLERY
+    python search.py serve MODEL GALLERY [--port 8000] [--host 127.0.0.1] [--k 5] [--faiss]
 
 The gallery file (``gallery.py``: ``index_folder``, ``load_gallery``) is written by ``index``.
 A gallery only answers queries of the model that indexed it: any other model is refused.
@@ -30,6 +33,7 @@ Distances are Euclidean. ``k`` larger than the gallery (or, for classify, than i
 error, not silently clamped, so a result always holds exactly k neighbours.
 """
 
+import functools
 import importlib.util
 import json
 import os
@@ -40,11 +44,12 @@ import torch
 
 import cli
 from gallery import (GALLERY_FORMAT, GALLERY_KEYS, UNLABELLED, check_image_files, embed_files,  # noqa: F401
-                     index_folder, label_name, load_gallery, load_model_file, model_and_gallery)
+                     index_folder, label_name, load_gallery, load_model_file, model_and_gallery, neighbour_items)
 from image_folders import read_image
 from metrics import (knn_accuracy, nmi_score, retrieval_metrics, smallest_k, verification_accuracy,
                      verification_roc_auc)
 from networks import SiameseNetwork
+from search_page import DEFAULT_HOST, DEFAULT_PORT, SearchPage, make_server, serve
 from utils import check_int, squared_distances
 DEFAULT_CHUNK_SIZE = 65536
 # Queries are taken in blocks so that one block of distances holds at most this many entries (64 MB of
@@ -145,8 +150,9 @@ def query(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False
 
     Takes the model file, the gallery file it indexed, images (list of Q image paths) and k
     (1 <= k <= gallery size). Returns a list of Q dicts ``{"query": path as given, "neighbours": [k dicts
-    {"path": gallery image path, "label": class name or None when unlabelled, "distance": float}]}``,
-    nearest first (equal distances by gallery order).
+    {"index": position in the gallery, "path": gallery image path, "label": class name or None when
+    unlabelled, "distance": float}]}`` (``gallery.neighbour_items``), nearest first (equal distances by
+    gallery order).
     """
     model, info, gallery = model_and_gallery(model_path, gallery_path)
     images = check_image_files(images, "query image")
@@ -156,13 +162,8 @@ def query(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False
                          f"pass --k {len(gallery['embeddings'])} or less")
     embeddings, _ = embed_files(model, info, images, batch_size)
     distances, indices = nearest_neighbours(embeddings, gallery["embeddings"], k, use_faiss=use_faiss)
-    results = []
-    for path, row_distances, row_indices in zip(images, distances.tolist(), indices.tolist()):
-        neighbours = [{"path": str(gallery["paths"][index]),
-                       "label": label_name(gallery, int(gallery["labels"][index])), "distance": distance}
-                      for distance, index in zip(row_distances, row_indices)]
-        results.append({"query": path, "neighbours": neighbours})
-    return results
+    return [{"query": path, "neighbours": neighbours}
+            for path, neighbours in zip(images, neighbour_items(gallery, distances, indices))]
 
 
 def verify(model_path, image1, image2):
@@ -318,6 +319,14 @@ def _parser():
     quality = commands.add_parser("evaluate", help="metrics of a labelled gallery queried against itself")
     quality.add_argument("model")
     quality.add_argument("gallery")
+    page = commands.add_parser("serve", help="a local web page: drop an image, see its neighbours and the map")
+    page.add_argument("model")
+    page.add_argument("gallery")
+    page.add_argument("--port", type=int, default=DEFAULT_PORT)
+    page.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (other machines reach a "
+                                                           "non-local address: the gallery's images are shown)")
+    page.add_argument("--k", type=int, default=5, help="neighbours shown per query")
+    page.add_argument("--faiss", action="store_true", help="search with faiss (pip install faiss-cpu): same neighbours")
     return parser
 
 
@@ -382,8 +391,15 @@ def _run_evaluate(arguments):
     print(markdown_table([result], columns), end="")
 
 
+def _run_serve(arguments):
+    model, info, gallery = model_and_gallery(arguments.model, arguments.gallery)
+    page = SearchPage(model, info, gallery, functools.partial(nearest_neighbours, use_faiss=arguments.faiss),
+                      k=arguments.k)
+    serve(make_server(page, arguments.host, arguments.port))
+
+
 COMMANDS = {"index": _run_index, "query": _run_query, "verify": _run_verify, "classify": _run_classify,
-            "evaluate": _run_evaluate}
+            "evaluate": _run_evaluate, "serve": _run_serve}
 
 
 def main(argv=None):
