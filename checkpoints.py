@@ -4,7 +4,7 @@ What a checkpoint holds. ``checkpoint_dir/checkpoint.pt`` (CHECKPOINT_NAME), wri
 (``utils.atomic_write``: a crash mid-write never leaves a truncated file) and read with
 ``torch.load(weights_only=True)`` (plain data and tensors, never pickled code), is a dict of:
 
-- ``format_version``: FORMAT_VERSION (2); a file without it is version 1 (see below);
+- ``format_version``: FORMAT_VERSION (3); a file without it is version 1 (see below);
 - ``epoch``: the number of epochs done; ``history``: fit's history of those epochs;
 - ``model``, ``optimizer``, ``scheduler`` (None without one): their state_dicts (the model's plain
   state_dict, never a DistributedDataParallel or torch.compile wrapper's, so one process can resume a
@@ -13,7 +13,9 @@ What a checkpoint holds. ``checkpoint_dir/checkpoint.pt`` (CHECKPOINT_NAME), wri
 - ``generators``: the state of every private torch.Generator that ``find_generators`` reaches from the
   train loader, the validation loader and the loss (a DataLoader's or sampler's ``generator``, a triplet
   selector's ``generator``, ...), keyed by attribute path, e.g. ``"train_loader.generator"``;
-- ``grad_scaler``: the torch.amp.GradScaler's state under fp16 mixed precision, else None.
+- ``grad_scaler``: the torch.amp.GradScaler's state under fp16 mixed precision, else None;
+- ``loss_state``: the loss's ``state_dict`` when it holds any state (a ``CrossBatchMemory``'s queue), else
+  None.
 
 The exact-resume contract. ``fit(..., resume=True)`` continues from checkpoint_dir/checkpoint.pt when it
 exists (otherwise starts normally); ``resume=<path>`` from that file or that directory's checkpoint.pt.
@@ -28,7 +30,8 @@ its private generators are at other attribute paths than this run's (the run was
 Older files. ``upgrade_checkpoint`` is the one place that turns an older checkpoint into the current
 format. Version 1 (no ``format_version``: every checkpoint written before the number existed) may lack
 ``generators`` (written before they were saved: the run resumes with its own generators as they are) and
-``grad_scaler`` (before mixed precision: none is restored). Any checkpoint whose history lacks only the
+``grad_scaler`` (before mixed precision: none is restored); versions 1 and 2 lack ``loss_state`` (written
+before a loss could hold state: None). Any checkpoint whose history lacks only the
 collapse guard's keys (GUARD_KEYS: written before the guard existed, or with ``collapse_guard=False``)
 resumes under the guard with NaN for those keys in its epochs.
 """
@@ -47,10 +50,10 @@ from torch import nn
 from utils import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Keys every checkpoint holds, of any version; the current version also holds CURRENT_KEYS.
 CHECKPOINT_KEYS = frozenset({"epoch", "model", "optimizer", "scheduler", "history", "rng"})
-CURRENT_KEYS = CHECKPOINT_KEYS | {"format_version", "generators", "grad_scaler"}
+CURRENT_KEYS = CHECKPOINT_KEYS | {"format_version", "generators", "grad_scaler", "loss_state"}
 # The history keys fit's collapse guard adds (trainer); a checkpoint written without the guard lacks them.
 GUARD_KEYS = frozenset({"train_spread", "val_spread", "train_spread_at_start", "val_spread_at_start",
                         "train_active_fraction", "val_active_fraction"})
@@ -213,7 +216,8 @@ def _check_generator_paths(states, generators, path):
 # Save, load, upgrade, restore
 
 
-def save_checkpoint(checkpoint_dir, epoch, model, optimizer, scheduler, history, generators, grad_scaler=None):
+def save_checkpoint(checkpoint_dir, epoch, model, optimizer, scheduler, history, generators, grad_scaler=None,
+                    loss_fn=None):
     """Write checkpoint_dir/checkpoint.pt atomically with everything a resumed run needs after `epoch`
     (1-based) epochs (see the module docstring); `generators` as ``find_generators`` returns them."""
     with atomic_write(checkpoint_path(checkpoint_dir)) as file:
@@ -227,7 +231,13 @@ def save_checkpoint(checkpoint_dir, epoch, model, optimizer, scheduler, history,
             "rng": _rng_state(),
             "generators": {name: generator.get_state() for name, generator in generators.items()},
             "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
+            "loss_state": _loss_state(loss_fn) or None,
         }, file)
+
+
+def _loss_state(loss_fn):
+    """The loss's state_dict (empty for a loss without buffers or one that is not an nn.Module)."""
+    return loss_fn.state_dict() if isinstance(loss_fn, nn.Module) else {}
 
 
 def upgrade_checkpoint(checkpoint, history_keys):
@@ -245,6 +255,8 @@ def upgrade_checkpoint(checkpoint, history_keys):
     if version == 1:
         upgraded.setdefault("generators", None)
         upgraded.setdefault("grad_scaler", None)
+    if version <= 2:
+        upgraded.setdefault("loss_state", None)
     history = dict(checkpoint["history"])
     missing = [key for key in history_keys if key not in history]
     if set(missing) <= GUARD_KEYS and history.keys() <= set(history_keys):
@@ -318,13 +330,19 @@ def read_model_weights(path):
         raise ValueError(f"{path!r}: {error}") from error
 
 
-def restore_checkpoint(checkpoint, path, model, optimizer, scheduler, generators, grad_scaler=None):
-    """Put the model, optimizer, scheduler, global RNGs, private generators and the gradient scaler
-    (fp16 amp; when the checkpoint has one) in the states of `checkpoint` (``load_checkpoint``'s, read
-    from `path`). Returns (history so far, epochs done)."""
+def restore_checkpoint(checkpoint, path, model, optimizer, scheduler, generators, grad_scaler=None, loss_fn=None):
+    """Put the model, optimizer, scheduler, global RNGs, private generators, the gradient scaler (fp16 amp;
+    when the checkpoint has one) and the loss's state (a memory's queue) in the states of `checkpoint`
+    (``load_checkpoint``'s, read from `path`). Returns (history so far, epochs done)."""
     states = checkpoint["generators"]
     if states is not None:  # checked before anything changes, so a mismatch leaves the run's objects untouched
         _check_generator_paths(states, generators, path)
+    loss_state = checkpoint["loss_state"] or {}
+    if loss_state.keys() != _loss_state(loss_fn).keys():
+        raise ValueError(f"checkpoint {path!r} holds a loss state of {sorted(loss_state) or 'nothing'}, but this "
+                         f"run's loss holds {sorted(_loss_state(loss_fn)) or 'nothing'}: the loss was built "
+                         "differently (e.g. with or without a memory); build it as the run that wrote the "
+                         "checkpoint did, or pass resume=False to start over")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scheduler is not None:
@@ -334,4 +352,6 @@ def restore_checkpoint(checkpoint, path, model, optimizer, scheduler, generators
         generators[name].set_state(state)
     if grad_scaler is not None and checkpoint["grad_scaler"] is not None:
         grad_scaler.load_state_dict(checkpoint["grad_scaler"])
+    if loss_state:
+        loss_fn.load_state_dict(loss_state)
     return checkpoint["history"], checkpoint["epoch"]

@@ -289,13 +289,14 @@ def gather_uneven(tensor):
     return gather_rows_of(tensor, _sizes_of_ranks(len(tensor), tensor.device))
 
 
-def rows_to_mine(share, n_items):
+def rows_to_mine(share, n_items, n_anchors=None):
     """The rows of a gathered batch of ``n_items`` that this rank mines, as ``utils``' selectors take them
     (``mining_rows.Rows``): its ``share`` (``global_batch``'s ``(start, stop, W)``) with ``gather_uneven``
-    to pool candidates; every row and nothing to pool when ``share`` is None (one process)."""
+    to pool candidates; every row and nothing to pool when ``share`` is None (one process). ``n_anchors``:
+    only the first so many items are the batch (the rest are a memory's candidates; None: all)."""
     if share is None:
-        return Rows(0, n_items)
-    return Rows(share[0], share[1], gather_uneven)
+        return Rows(0, n_items if n_anchors is None else n_anchors, None, n_anchors)
+    return Rows(share[0], share[1], gather_uneven, n_anchors)
 
 
 def global_batch(embeddings, labels, gather, *more):

@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cross_batch_memory import CrossBatchMemory
 from distributed import global_batch, global_mean, owned, rows_to_mine
 from utils import (DISTANCES, _as_labels, _check_margin, as_distance, check_choice, check_flag, check_real,
                    float32_distances, multi_similarity_pairs, paired_squared_distances, row_distances)
@@ -152,13 +153,31 @@ def _check_selector(selector, name):
     return selector
 
 
-def _mining_rows(embeddings, share, distance="squared"):
+def _mining_rows(embeddings, share, distance="squared", n_anchors=None):
     """This process's rows of a (gathered) batch ``embeddings (N, D)`` and their distances: ``(rows,
     distances)``, ``rows`` a ``mining_rows.Rows`` (``share`` as ``distributed.global_batch`` gives it; None:
-    one process, every row), ``distances`` the rows' ``(A, N)`` block (``utils.row_distances`` of the
-    detached embeddings, as ``distance``), computed once for every selector that mines the batch."""
-    rows = rows_to_mine(share, len(embeddings))
+    one process, every row; ``n_anchors``: the batch is the first so many, a memory's items follow),
+    ``distances`` the rows' ``(A, N)`` block (``utils.row_distances`` of the detached embeddings, as
+    ``distance``), computed once for every selector that mines the batch."""
+    rows = rows_to_mine(share, len(embeddings), n_anchors)
     return rows, as_distance(row_distances(embeddings.detach(), rows.start, rows.stop), distance)
+
+
+def _with_memory(memory, embeddings, labels):
+    """``(candidates (N + M, D), their labels (N + M,), remember)`` for a (gathered) batch ``embeddings (N,
+    D)``, ``labels (N,)``: in a training step (autograd on, embeddings requiring gradients) the batch
+    followed by ``memory``'s items (``CrossBatchMemory.candidates``), and ``remember()`` pushes the batch
+    once the loss is computed; otherwise (no memory, or validation) the batch itself and nothing to do."""
+    if memory is None or not (torch.is_grad_enabled() and embeddings.requires_grad):
+        return embeddings, labels, lambda: None
+    candidates, candidate_labels = memory.candidates(embeddings, labels)
+    return candidates, candidate_labels, lambda: memory.push(embeddings, labels)
+
+
+def _check_memory(memory):
+    if memory is not None and not isinstance(memory, CrossBatchMemory):
+        raise TypeError(f"memory must be a cross_batch_memory.CrossBatchMemory or None, got {type(memory).__name__}")
+    return memory
 
 
 def _mined(selector, kind, embeddings, labels, share, rows, distances):
@@ -171,11 +190,14 @@ def _mined(selector, kind, embeddings, labels, share, rows, distances):
     same on any number of processes: the library's selectors mine the block (``select_pairs`` /
     ``select_triplets``); a selector with only ``get_pairs`` / ``get_triplets`` mines the whole batch and the
     process keeps its anchors' tuples (the same, provided it draws alike on every process)."""
+    def mine(first):  # the tuples a selector without select_* found whose first member this process mines
+        return owned(first, share) & (first < (len(labels) if rows.n_anchors is None else rows.n_anchors))
+
     if kind == "pairs":
         if hasattr(selector, "select_pairs"):
             positive_pairs, negative_pairs = selector.select_pairs(distances, labels, rows)
         else:
-            positive_pairs, negative_pairs = (pairs[owned(pairs[:, 0], share)] for pairs in
+            positive_pairs, negative_pairs = (pairs[mine(pairs[:, 0])] for pairs in
                                               selector.get_pairs(embeddings.detach(), labels))
         indices = torch.cat([positive_pairs, negative_pairs])
         target = torch.cat([torch.ones(len(positive_pairs), device=indices.device),
@@ -184,7 +206,7 @@ def _mined(selector, kind, embeddings, labels, share, rows, distances):
     if hasattr(selector, "select_triplets"):
         return selector.select_triplets(distances, labels, rows), None
     triplets = selector.get_triplets(embeddings.detach(), labels)
-    return triplets[owned(triplets[:, 0], share)], None
+    return triplets[mine(triplets[:, 0])], None
 
 
 def _at_least_float32(embeddings):
@@ -287,26 +309,33 @@ class OnlineContrastiveLoss(nn.Module):
     ``utils.AllPositivePairSelector(balance=True)`` needs a generator seeded alike on every rank), and
     the loss is scaled for DistributedDataParallel's gradient average; its value is the global mean on
     every rank (see ``_global_mean``). ``gather=False`` mines each rank's own batch.
+
+    ``memory`` (default None): a ``cross_batch_memory.CrossBatchMemory``; in training steps the pairs are
+    mined among the batch and the memory's items (a pair's first member always in the batch), and the batch
+    is pushed into it after.
     """
 
     last_selection = None  # Selection of the last batch (pairs selected, pairs with a non-zero term)
 
-    def __init__(self, margin, pair_selector, scale=1.0, gather=True, distance="squared"):
+    def __init__(self, margin, pair_selector, scale=1.0, gather=True, distance="squared", memory=None):
         super().__init__()
         self.distance = check_choice(distance, DISTANCES, "distance")
         self.margin = _check_margin(margin)
         self.pair_selector = _check_selector(pair_selector, "pair_selector")
         self.scale = _check_scale(scale)
         self.gather = bool(gather)
+        self.memory = _check_memory(memory)
 
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
         embeddings, target, share = global_batch(_at_least_float32(embeddings), target, self.gather)
-        rows, distances = _mining_rows(embeddings, share)
-        pairs, pair_target = _mined(self.pair_selector, "pairs", embeddings, target, share, rows, distances)
-        distances = _compared_distances(distances, rows.start, embeddings, pairs[:, 0], pairs[:, 1])
+        candidates, labels, remember = _with_memory(self.memory, embeddings, target)
+        rows, distances = _mining_rows(candidates, share, n_anchors=len(embeddings))
+        pairs, pair_target = _mined(self.pair_selector, "pairs", candidates, labels, share, rows, distances)
+        distances = _compared_distances(distances, rows.start, candidates, pairs[:, 0], pairs[:, 1])
         terms = self.scale * contrastive_terms(distances, pair_target, self.margin, self.distance)
         loss, self.last_selection = _global_mean(terms, embeddings, share)
+        remember()
         return loss
 
 
@@ -339,11 +368,16 @@ class OnlineTripletLoss(nn.Module):
     and the loss is scaled for DistributedDataParallel's gradient average; its value and the count are
     those of the global batch on every rank (see ``_global_mean``). ``gather=False`` mines each rank's
     own batch.
+
+    ``memory`` (default None): a ``cross_batch_memory.CrossBatchMemory``; in training steps the batch's
+    anchors take their positives and negatives among the batch and the memory's items (both selectors),
+    and the batch is pushed into it after.
     """
 
     last_selection = None  # Selection of the last batch (triplets selected, triplets with a non-zero loss)
 
-    def __init__(self, margin, triplet_selector, gather=True, soft=False, distance="squared", easy_selector=None):
+    def __init__(self, margin, triplet_selector, gather=True, soft=False, distance="squared", easy_selector=None,
+                 memory=None):
         super().__init__()
         self.margin = _check_margin(margin)
         self.soft = check_flag(soft, "soft")
@@ -351,6 +385,7 @@ class OnlineTripletLoss(nn.Module):
         self.triplet_selector = self._checked(triplet_selector, "triplet_selector")
         self.easy_selector = None if easy_selector is None else self._checked(easy_selector, "easy_selector")
         self.gather = bool(gather)
+        self.memory = _check_memory(memory)
 
     def _checked(self, selector, name):
         selector = _check_selector(selector, name)
@@ -364,21 +399,24 @@ class OnlineTripletLoss(nn.Module):
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
         embeddings, target, share = global_batch(_at_least_float32(embeddings), target, self.gather)
-        mining = _mining_rows(embeddings, share, self.distance)  # one block for both selectors
-        loss, self.last_selection = self._selected_mean(self.triplet_selector, embeddings, target, share, *mining)
-        if self.easy_selector is not None:
-            loss = loss + self._selected_mean(self.easy_selector, embeddings, target, share, *mining)[0]
+        candidates, labels, remember = _with_memory(self.memory, embeddings, target)
+        mining = (candidates, labels, share, *_mining_rows(candidates, share, self.distance, len(embeddings)))
+        loss, self.last_selection = self._selected_mean(self.triplet_selector, embeddings, *mining)
+        if self.easy_selector is not None:  # one block of distances for both selectors
+            loss = loss + self._selected_mean(self.easy_selector, embeddings, *mining)[0]
+        remember()
         return loss, int(self.last_selection.active)
 
-    def _selected_mean(self, selector, embeddings, target, share, rows, distances):
-        """``_global_mean`` of the terms of the triplets ``selector`` mines for this process's anchors."""
-        triplets, _ = _mined(selector, "triplets", embeddings, target, share, rows, distances)
+    def _selected_mean(self, selector, batch, candidates, labels, share, rows, distances):
+        """``_global_mean`` of the terms of the triplets ``selector`` mines for this process's anchors of
+        ``batch``, among ``candidates`` (the batch, then a memory's items) with ``labels``."""
+        triplets, _ = _mined(selector, "triplets", candidates, labels, share, rows, distances)
         anchors, positives, negatives = triplets.unbind(1)
         start = rows.start
-        terms = triplet_terms(_compared_distances(distances, start, embeddings, anchors, positives, self.distance),
-                              _compared_distances(distances, start, embeddings, anchors, negatives, self.distance),
+        terms = triplet_terms(_compared_distances(distances, start, candidates, anchors, positives, self.distance),
+                              _compared_distances(distances, start, candidates, anchors, negatives, self.distance),
                               self.margin, self.soft)
-        return _global_mean(terms, embeddings, share)
+        return _global_mean(terms, batch, share)
 
 
 def multi_similarity_terms(similarities, positives, negatives, alpha, beta, base):
@@ -413,11 +451,13 @@ class MultiSimilarityLoss(nn.Module):
 
     ``gather`` (default True) acts under ``torch.distributed`` as in ``OnlineContrastiveLoss``: each rank
     mines and sums the terms of its own anchors against the global batch, and the loss is the global mean.
+    ``memory``: a ``cross_batch_memory.CrossBatchMemory`` whose items join the similarities' columns in
+    training steps (``OnlineTripletLoss``'s rule).
     """
 
     last_selection = None
 
-    def __init__(self, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, gather=True):
+    def __init__(self, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, gather=True, memory=None):
         super().__init__()
         self.alpha = check_real(alpha, "alpha", 0, strict=True)
         self.beta = check_real(beta, "beta", 0, strict=True)
@@ -426,16 +466,19 @@ class MultiSimilarityLoss(nn.Module):
             raise ValueError(f"base must be finite, got {base}")
         self.epsilon = None if epsilon is None else check_real(epsilon, "epsilon", 0)
         self.gather = check_flag(gather, "gather")
+        self.memory = _check_memory(memory)
 
     def forward(self, embeddings, target):
         target = _as_labels(target, embeddings)
         embeddings, target, share = global_batch(_at_least_float32(embeddings), target, self.gather)
-        normalised = F.normalize(embeddings, dim=1)
-        rows = rows_to_mine(share, len(normalised))
+        candidates, labels, remember = _with_memory(self.memory, embeddings, target)
+        normalised = F.normalize(candidates, dim=1)
+        rows = rows_to_mine(share, len(normalised), len(embeddings))
         similarities = 1 - row_distances(normalised, rows.start, rows.stop) / 2
-        positives, negatives = multi_similarity_pairs(similarities, target, rows, self.epsilon)
+        positives, negatives = multi_similarity_pairs(similarities, labels, rows, self.epsilon)
         terms = multi_similarity_terms(similarities, positives, negatives, self.alpha, self.beta, self.base)
         loss, self.last_selection = _global_mean(terms, embeddings, share)
+        remember()
         return loss
 
 

@@ -24,11 +24,14 @@ class Rows(NamedTuple):
     """Which anchors (a triplet's anchor, a pair's first member) of a batch of N items a selector mines:
     the rows ``start .. stop - 1``, and ``concatenate``, how to pool a choice over the whole batch with the
     other processes (``concatenate(tensor (k, ...))`` -> every process's tensors in rank order; None when
-    this process mines every row). ``Rows(0, N)`` is one process; ``distributed.rows_to_mine`` gives a rank's."""
+    this process mines every row). ``Rows(0, N)`` is one process; ``distributed.rows_to_mine`` gives a rank's.
+    ``n_anchors``: the items that may be anchors are the first ``n_anchors`` (the batch; None: all N); those
+    after them (a ``cross_batch_memory.CrossBatchMemory``'s) are candidates only, never anchors."""
 
     start: int
     stop: int
     concatenate: object = None
+    n_anchors: object = None
 
 
 def checked_rows(distances, labels, rows, needs_distances=True):
@@ -38,8 +41,10 @@ def checked_rows(distances, labels, rows, needs_distances=True):
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"labels must be integers of shape (N,), got {labels.dtype} of shape {tuple(labels.shape)}")
     rows = Rows(0, len(labels)) if rows is None else Rows(*rows)
-    if not 0 <= rows.start <= rows.stop <= len(labels):
-        raise ValueError(f"rows must lie in 0 .. {len(labels)} (the batch), got {rows.start} .. {rows.stop}")
+    n_anchors = len(labels) if rows.n_anchors is None else rows.n_anchors
+    if not 0 <= rows.start <= rows.stop <= n_anchors <= len(labels):
+        raise ValueError(f"rows must lie in 0 .. {n_anchors} (the batch's anchors) of {len(labels)} items, got "
+                         f"{rows.start} .. {rows.stop}")
     expected = (rows.stop - rows.start, len(labels))
     if distances is not None or needs_distances:
         if not isinstance(distances, torch.Tensor) or tuple(distances.shape) != expected:
@@ -83,10 +88,18 @@ def positives_of(classes, anchors):
     return torch.where(valid, columns, 0), valid
 
 
-def pair_counts(classes, n_items):
-    """``(positive, negative)`` numbers of unordered pairs of a batch, as ints."""
-    positive = int((classes.sizes * (classes.sizes - 1) // 2).sum()) if n_items else 0
-    return positive, n_items * (n_items - 1) // 2 - positive
+def pair_counts(classes, n_items, n_anchors=None):
+    """``(positive, negative)`` numbers of unordered pairs ``(i, j)``, ``i < j``, of a batch of ``n_items``
+    whose first member ``i`` is one of the first ``n_anchors`` (None: any), as ints."""
+    n_anchors = n_items if n_anchors is None else n_anchors
+    if not n_items:
+        return 0, 0
+    positive = classes.sizes * (classes.sizes - 1) // 2
+    if n_anchors < n_items:  # less the pairs within the candidates-only items
+        later = ((classes.members >= n_anchors) & (classes.members < n_items)).sum(dim=1)
+        positive = positive - later * (later - 1) // 2
+    positive = int(positive.sum())
+    return positive, n_anchors * (n_items - 1) - n_anchors * (n_anchors - 1) // 2 - positive
 
 
 def negative_pair_mask(labels, rows):

@@ -408,7 +408,7 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
     generators = checkpoints.find_generators({"train_loader": train_loader, "val_loader": val_loader,
                                               "loss_fn": loss_fn})
     history, start_epoch = _starting_point(resume_from, keys, start_epoch, model, optimizer, scheduler,
-                                           generators, precision.scaler)
+                                           generators, precision.scaler, loss_fn)
     if checkpoint_dir is not None and writer:
         os.makedirs(checkpoint_dir, exist_ok=True)
     models = (_training_model(model, device, compile), model)
@@ -424,7 +424,7 @@ def fit(train_loader, val_loader, model, loss_fn, optimizer, scheduler, n_epochs
             if checkpoint_dir is not None:
                 if writer:
                     checkpoints.save_checkpoint(checkpoint_dir, epoch_index + 1, model, optimizer, scheduler,
-                                                history, generators, precision.scaler)
+                                                history, generators, precision.scaler, loss_fn)
                 distributed.barrier()
     return history
 
@@ -439,7 +439,7 @@ def _place_model(model, device, channels_last, flush_denormal):
         model.to(memory_format=torch.channels_last)
 
 
-def _starting_point(resume_from, keys, start_epoch, model, optimizer, scheduler, generators, grad_scaler):
+def _starting_point(resume_from, keys, start_epoch, model, optimizer, scheduler, generators, grad_scaler, loss_fn):
     """``(history so far, epochs done)`` of a fit: read from the checkpoint `resume_from` (every state of
     the run restored from it, checkpoints.py), or an empty history and `start_epoch`, the scheduler then
     fast-forwarded that many steps (the classic start_epoch)."""
@@ -447,7 +447,7 @@ def _starting_point(resume_from, keys, start_epoch, model, optimizer, scheduler,
     if resume_from is not None:
         checkpoint = checkpoints.load_checkpoint(resume_from, history.keys(), scheduler)
         return checkpoints.restore_checkpoint(checkpoint, resume_from, model, optimizer, scheduler, generators,
-                                              grad_scaler)
+                                              grad_scaler, loss_fn)
     if start_epoch > 0 and scheduler is not None and not isinstance(
             scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         _fast_forward(scheduler, start_epoch)

@@ -430,7 +430,7 @@ class AllPositivePairSelector(PairSelector):
         if not self.balance:
             negative = negative_pair_mask(labels, rows)
             return positive_pairs, negative.nonzero() + torch.tensor([rows.start, 0], device=labels.device)
-        n_positive, n_negative = pair_counts(classes, len(labels))
+        n_positive, n_negative = pair_counts(classes, len(labels), rows.n_anchors)
         chosen = distinct_draws(draw_key(self.generator), min(n_positive, n_negative), n_negative, labels.device)
         return positive_pairs, negative_pairs_of_rank(classes, chosen, rows)
 
@@ -453,7 +453,7 @@ class HardNegativePairSelector(PairSelector):
     def select_pairs(self, distances, labels, rows=None):
         labels, rows, anchors = checked_rows(distances, labels, rows)
         classes = classes_of(labels)
-        n_positive, n_negative = pair_counts(classes, len(labels))
+        n_positive, n_negative = pair_counts(classes, len(labels), rows.n_anchors)
         n_items = len(labels)
         negative = negative_pair_mask(labels, rows)
         candidates = torch.where(negative, distances.detach(), math.inf)

@@ -396,18 +396,19 @@ def ref_multi_similarity_pairs(S, labels, epsilon):
     return kept
 
 
-def ref_multi_similarity_loss(embeddings, labels, alpha, beta, base, epsilon):
+def ref_multi_similarity_loss(embeddings, labels, alpha, beta, base, epsilon, n_anchors=None):
     """The multi-similarity loss (Wang et al., eq. 4) of float64 Python loops: cosine similarities of the
-    L2-normalised embeddings, the mined pairs, then the mean over every anchor of
-    log(1 + sum_P exp(-alpha (S - base))) / alpha + log(1 + sum_N exp(beta (S - base))) / beta."""
+    L2-normalised embeddings, the mined pairs, then the mean over every anchor (the first n_anchors items;
+    None: all) of log(1 + sum_P exp(-alpha (S - base))) / alpha + log(1 + sum_N exp(beta (S - base))) / beta."""
     vectors = [[float(x) for x in row] for row in _to_list(embeddings)]
     units = []
     for row in vectors:
         norm = math.sqrt(sum(x * x for x in row))
         units.append([x / max(norm, 1e-12) for x in row])
     S = [[sum(x * y for x, y in zip(u, v)) for v in units] for u in units]
+    n_anchors = len(vectors) if n_anchors is None else n_anchors
     total = 0.0
-    for a, (positives, negatives) in enumerate(ref_multi_similarity_pairs(S, labels, epsilon)):
+    for a, (positives, negatives) in enumerate(ref_multi_similarity_pairs(S[:n_anchors], labels, epsilon)):
         total += math.log(1 + sum(math.exp(-alpha * (S[a][j] - base)) for j in positives)) / alpha
         total += math.log(1 + sum(math.exp(beta * (S[a][j] - base)) for j in negatives)) / beta
-    return total / len(vectors)
+    return total / n_anchors

@@ -42,8 +42,9 @@ def test_checkpoint_contents_and_no_temp_files(tmp_path):
     assert os.listdir(checkpoint_dir) == ["checkpoint.pt"]
     checkpoint = torch.load(checkpoint_dir / "checkpoint.pt", weights_only=True)
     assert set(checkpoint) == {"format_version", "epoch", "model", "optimizer", "scheduler", "history", "rng",
-                               "generators", "grad_scaler"}
-    assert checkpoint["format_version"] == checkpoints.FORMAT_VERSION == 2
+                               "generators", "grad_scaler", "loss_state"}
+    assert checkpoint["format_version"] == checkpoints.FORMAT_VERSION == 3
+    assert checkpoint["loss_state"] is None  # NLLLoss holds no state
     assert checkpoint["generators"] == {}  # the loader draws from the global RNG only
     assert checkpoint["grad_scaler"] is None  # float32 training scales no loss
     assert checkpoint["epoch"] == 2
@@ -383,11 +384,15 @@ def test_upgrade_turns_a_version_1_checkpoint_into_the_current_format(tmp_path):
     keys = list(fresh["history"])
     old = dict(fresh, history={key: value for key, value in fresh["history"].items()
                                if key not in checkpoints.GUARD_KEYS})
-    for key in ("format_version", "generators", "grad_scaler"):  # what version 1 may lack
+    for key in ("format_version", "generators", "grad_scaler", "loss_state"):  # what version 1 may lack
         del old[key]
     upgraded = checkpoints.upgrade_checkpoint(old, keys)
     assert upgraded.keys() == fresh.keys() and upgraded["format_version"] == checkpoints.FORMAT_VERSION
     assert upgraded["generators"] is None and upgraded["grad_scaler"] is None  # none saved: none restored
+    assert upgraded["loss_state"] is None
+    version_2 = dict(fresh, format_version=2)
+    del version_2["loss_state"]  # written before a loss could hold state
+    assert checkpoints.upgrade_checkpoint(version_2, keys) == fresh
     assert upgraded["history"].keys() == set(keys)
     for key in checkpoints.GUARD_KEYS:
         assert len(upgraded["history"][key]) == 1 and math.isnan(upgraded["history"][key][0])
@@ -402,7 +407,7 @@ def test_a_version_1_checkpoint_without_generators_scaler_or_guard_keys_resumes(
     fresh, run = _fresh_checkpoint(tmp_path / "fresh")
     old = dict(fresh, history={key: value for key, value in fresh["history"].items()
                                if key not in checkpoints.GUARD_KEYS})
-    for key in ("format_version", "generators", "grad_scaler"):
+    for key in ("format_version", "generators", "grad_scaler", "loss_state"):
         del old[key]
     torch.save(old, tmp_path / "old.pt")
     _, history = run.train(2, resume=tmp_path / "old.pt")

@@ -26,6 +26,7 @@ import distributed
 import losses
 import trainer
 import utils
+from cross_batch_memory import CrossBatchMemory
 from datasets import BalancedBatchSampler, DistributedBalancedBatchSampler
 from distributed import (PROCESS_GROUP_TIMEOUT, TIMEOUT_VARIABLE, process_group_timeout, process_group_shape,
                          share_bounds)
@@ -292,6 +293,7 @@ def _worker(rank, port):
                 assert all(torch.equal(a, b) for a, b in zip(selection, expected_selection)), context
         _check_gather_off_and_non_finite(data, weights, rank)
         _check_multi_similarity(data, weights, rank)
+        _check_cross_batch_memory(data, weights, rank)
         _check_autoencoder_losses(data, rank)
         _check_the_process_group_queries(rank)
     finally:
@@ -319,7 +321,8 @@ def _check_the_process_group_queries(rank):
         [True, True, False, False] if rank == 0 else [False, False, True, True])
     rows = distributed.rows_to_mine(share, 5)
     assert (rows.start, rows.stop) == (start, start + sizes[rank]) and rows.concatenate is distributed.gather_uneven
-    assert distributed.rows_to_mine(None, 5) == (0, 5, None)
+    assert distributed.rows_to_mine(None, 5) == (0, 5, None, None)
+    assert distributed.rows_to_mine(None, 7, 5) == (0, 5, None, 5) and distributed.rows_to_mine(share, 7, 5).n_anchors == 5
     pooled = distributed.gather_uneven(torch.arange(3 * (rank + 1)).view(-1, 1) + 10 * rank)  # 3 rows, then 6
     assert pooled.squeeze(1).tolist() == [0, 1, 2] + list(range(10, 16))
     terms = torch.tensor([1.0, 0.0, 2.0] if rank == 0 else [4.0, 0.0], requires_grad=True)
@@ -353,6 +356,44 @@ def _check_multi_similarity(data, weights, rank):
         for gradient, expected_gradient in zip(gradients, expected_gradients):
             torch.testing.assert_close(gradient, expected_gradient, rtol=1e-5, atol=1e-5 * scale,
                                        msg=lambda m: f"{context}: gradient: {m}")
+
+
+def _check_cross_batch_memory(data, weights, rank):
+    """Three steps of losses mining a CrossBatchMemory: on two processes (each pushing the global batch) the
+    losses, gradients and memories of one process training on the global batches."""
+    makes = {"triplet-hardest": lambda memory: losses.OnlineTripletLoss(
+                 1.0, utils.HardestNegativeTripletSelector(1.0), memory=memory),
+             "contrastive-balanced": lambda memory: losses.OnlineContrastiveLoss(
+                 1.0, utils.AllPositivePairSelector(generator=_seeded()), memory=memory),
+             "multi-similarity": lambda memory: losses.MultiSimilarityLoss(beta=10.0, memory=memory)}
+    sampler = iter(BalancedBatchSampler(LABELS, 3, 3, seed=5))
+    shares = iter(DistributedBalancedBatchSampler(LABELS, 3, 3, seed=5))
+    steps = [(next(sampler), next(shares)) for _ in range(3)]
+    for name, make in makes.items():
+        runs = []
+        for module, gather, pick in ((lambda model: model, False, 0), (DistributedDataParallel, True, 1)):
+            model = nn.Linear(6, 3)
+            model.load_state_dict(weights)
+            wrapped, loss_fn = module(model), make(CrossBatchMemory(12, 3))
+            loss_fn.gather = gather  # off: one process's loss on the global batch, though a group is up
+            outputs = []
+            for step in steps:
+                rows = step[pick]
+                loss = _value(loss_fn(wrapped(data[rows]), LABELS[rows]))
+                model.zero_grad()
+                loss.backward()
+                outputs.append((loss.detach(), [parameter.grad.clone() for parameter in model.parameters()]))
+            runs.append((outputs, loss_fn.memory.state_dict()))
+        (expected, expected_memory), (got, memory) = runs
+        for step, ((loss, gradients), (expected_loss, expected_gradients)) in enumerate(zip(got, expected)):
+            context = f"{name} with a memory, step {step}, rank {rank}"
+            torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0, msg=lambda m: f"{context}: {m}")
+            scale = max(float(gradient.abs().max()) for gradient in expected_gradients)
+            for gradient, expected_gradient in zip(gradients, expected_gradients):
+                torch.testing.assert_close(gradient, expected_gradient, rtol=1e-5, atol=1e-5 * scale,
+                                           msg=lambda m: f"{context}: gradient: {m}")
+        for key, value in expected_memory.items():
+            torch.testing.assert_close(memory[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {key}: {m}")
 
 
 def _check_gather_off_and_non_finite(data, weights, rank):

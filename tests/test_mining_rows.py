@@ -40,6 +40,9 @@ def test_classes_positives_and_pair_counts_match_loops(labels):
     negatives = all_negative_pairs(labels)
     positives = [(i, j) for i, j in itertools.combinations(range(len(values)), 2) if values[i] == values[j]]
     assert pair_counts(classes, len(values)) == (len(positives), len(negatives))
+    for n_anchors in range(len(values) + 1):  # pairs whose first member is among the first n_anchors
+        assert pair_counts(classes, len(values), n_anchors) == (sum(1 for i, _ in positives if i < n_anchors),
+                                                                sum(1 for i, _ in negatives if i < n_anchors))
     assert [tuple(pair) for pair in positive_pairs_of(classes, anchors).tolist()] == positives
     assert negatives_after(classes, anchors).tolist() == [sum(1 for i, _ in negatives if i == a)
                                                          for a in range(len(values))]
