@@ -152,6 +152,8 @@ def calibrated_thresholds(gallery):
 def threshold_at(gallery, precision, gallery_path):
     """The threshold distance ``gallery`` was calibrated to for ``precision``; ValueError naming the precisions
     it holds and the command that calibrates it otherwise (``gallery_path`` names the file in the message)."""
+    if np.ndim(precision) != 0:
+        raise ValueError(f"precision must be one number in (0, 1], e.g. 0.95; got {precision!r}")
     precision = float(_check_precisions(precision)[0])
     thresholds = calibrated_thresholds(gallery)
     if precision not in thresholds:

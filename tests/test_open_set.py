@@ -174,6 +174,8 @@ def test_calibrated_thresholds_of_a_gallery_dict():
     with pytest.raises(ValueError, match=r"g.npz is not calibrated for precision 0.99 \(it holds: 0.9, 0.95\); "
                                          r"run `python search.py calibrate MODEL g.npz FOLDER --precision 0.99`"):
         open_set.threshold_at(gallery, 0.99, "g.npz")
+    with pytest.raises(ValueError, match="precision must be one number"):
+        open_set.threshold_at(gallery, [0.9, 0.95], "g.npz")
     for broken in ({"calibration_precisions": np.array([0.9])},
                    {**gallery, "calibration_thresholds": np.array([1.0])},
                    {**gallery, "calibration_curve": np.zeros((4, 2))}):
