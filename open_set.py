@@ -229,5 +229,5 @@ def plot_curve(curve, precisions, thresholds, path):
     axis.set_ylabel("share")
     axis.set_ylim(0, 1.02)
     axis.set_title("open-set match: accept the nearest label when distance <= threshold", fontsize=9)
-    axis.legend(loc="center right")
+    axis.legend(loc="best")
     return save_figure(figure, path)

@@ -284,10 +284,10 @@ def calibrate(model_path, gallery_path, folder, precisions, batch_size=256, plot
     if plot:
         open_set.plot_curve(curve, calibration["calibration_precisions"], calibration["calibration_thresholds"], plot)
     n_unseen = len(truth) - int(open_set.match_outcomes(nearest, truth, gallery["class_names"].tolist())[1].sum())
-    return [{"precision": float(precision), "threshold": float(threshold),
+    levels = zip(calibration["calibration_precisions"].tolist(), calibration["calibration_thresholds"].tolist())
+    return [{"precision": precision, "threshold": threshold,
              **dict(zip(("calibration_precision", "recall"), open_set.curve_at(curve, threshold))),
-             "n_queries": len(truth), "n_unseen": n_unseen}
-            for precision, threshold in zip(calibration["calibration_precisions"], calibration["calibration_thresholds"])]
+             "n_queries": len(truth), "n_unseen": n_unseen} for precision, threshold in levels]
 
 
 def evaluate(model_path, gallery_path):

@@ -19,8 +19,8 @@ Prints one Markdown row per case. Takes about 3 min (Fashion-MNIST, most of it w
 30 s (Omniglot) on one CPU thread.
 
 Usage:
-    python benchmarks/open_set_study.py fashion-mnist runs/open-set/fashion-mnist-0-7.pt [--precision 0.95]
-    python benchmarks/open_set_study.py omniglot [--precision 0.95] [--raw-polarity]
+    python benchmarks/open_set_study.py fashion-mnist runs/open-set/fashion-mnist-0-7.pt [--splits 1] [--plot PNG]
+    python benchmarks/open_set_study.py omniglot [--precision 0.95] [--splits 1] [--raw-polarity] [--plot PNG]
 """
 
 import argparse
@@ -42,9 +42,9 @@ from model_file import load_model  # noqa: E402
 from omniglot import OMNIGLOT_EVALUATION, OMNIGLOT_ROOT, OMNIGLOT_WEIGHTS  # noqa: E402
 from results import markdown_table  # noqa: E402
 
-SEED = 0
+SEED = 0  # the gallery's draw of Fashion-MNIST's images; the query halvings use seeds 0 .. --splits - 1
 FASHION_SEEN = 8  # classes 0-7 trained on and in the gallery; 8-9 unseen
-COLUMNS = [("case", "case", "{}"), ("gallery", "gallery images (classes)", "{}"),
+COLUMNS = [("case", "case", "{}"), ("split", "split seed", "{}"), ("gallery", "gallery images (classes)", "{}"),
            ("queries", "calibration / measured queries (unseen)", "{}"), ("asked", "precision asked", "{:g}"),
            ("threshold", "threshold", "{:.4f}"), ("calibration_precision", "precision on calibration half", "{:.4f}"),
            ("precision", "precision measured", "{:.4f}"), ("sd", "+- binomial sd", "{:.4f}"),
@@ -57,21 +57,27 @@ def _write_csv(path, rows):
     return path
 
 
-def run_case(name, model, gallery_rows, query_rows, work, precision):
-    """Index gallery_rows, calibrate on a seeded half of query_rows (lists of (path, class name)), measure on
-    the other half. Returns the case's row (a dict of COLUMNS)."""
+def run_case(name, model, gallery_rows, query_rows, work, precision, splits=1, plot=None):
+    """Index gallery_rows, then for each of ``splits`` seeded halvings of query_rows (lists of (path, class
+    name); seeds 0, 1, ...) calibrate on one half and measure on the other; ``plot`` saves the first split's
+    calibration curve there. Returns one row (a dict of COLUMNS) per split."""
     gallery = search.index_folder(model, _write_csv(os.path.join(work, "gallery.csv"), gallery_rows),
                                   os.path.join(work, "gallery.npz"), progress=False)
-    order = np.random.default_rng(SEED).permutation(len(query_rows))
+    return [_run_split(name, model, gallery, gallery_rows, query_rows, work, precision, seed,
+                       plot if seed == 0 else None) for seed in range(splits)]
+
+
+def _run_split(name, model, gallery, gallery_rows, query_rows, work, precision, seed, plot):
+    order = np.random.default_rng(seed).permutation(len(query_rows))
     calibration_rows = [query_rows[i] for i in order[:len(order) // 2]]
     measured_rows = [query_rows[i] for i in order[len(order) // 2:]]
     level, = search.calibrate(model, gallery, _write_csv(os.path.join(work, "calibration.csv"), calibration_rows),
-                              [precision], plot=os.path.join(work, "curve.png"))
+                              [precision], plot=plot)
     answers = search.classify(model, gallery, [path for path, _ in measured_rows], k=1, precision=precision)
     classes = sorted({label for _, label in gallery_rows})
     scores = open_set.open_set_scores([answer["label"] for answer in answers], [label for _, label in measured_rows],
                                       classes)
-    return {"case": name, "gallery": f"{len(gallery_rows)} ({len(classes)})",
+    return {"case": name, "split": seed, "gallery": f"{len(gallery_rows)} ({len(classes)})",
             "queries": f"{len(calibration_rows)} / {len(measured_rows)} ({scores['n_unseen']})", "asked": precision,
             "threshold": level["threshold"], "calibration_precision": level["calibration_precision"],
             "precision": scores["precision"], "recall": scores["recall"],
@@ -132,6 +138,8 @@ def main(argv=None):
     parser.add_argument("model", nargs="?", default=None, help="model file (omniglot: the committed weights)")
     parser.add_argument("--precision", type=float, default=0.95)
     parser.add_argument("--raw-polarity", action="store_true", help="omniglot: the files' black ink on white")
+    parser.add_argument("--splits", type=int, default=1, help="halvings of the queries, seeds 0, 1, ...")
+    parser.add_argument("--plot", metavar="PNG", help="save the calibration curve (search.py calibrate --plot) there")
     arguments = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
         if arguments.case == "fashion-mnist":
@@ -143,8 +151,8 @@ def main(argv=None):
             model = arguments.model or OMNIGLOT_WEIGHTS
             name = "Omniglot, new alphabets" + (" (raw polarity)" if arguments.raw_polarity else "")
             gallery, queries = omniglot_rows(work, model, arguments.raw_polarity)
-        row = run_case(name, model, gallery, queries, work, arguments.precision)
-    print(markdown_table([row], COLUMNS), end="")
+        rows = run_case(name, model, gallery, queries, work, arguments.precision, arguments.splits, arguments.plot)
+    print(markdown_table(rows, COLUMNS), end="")
 
 
 if __name__ == "__main__":
