@@ -18,7 +18,7 @@ import search
 from image_folders import read_image
 from model_file import embed_images, load_model
 from reference import ref_precision_recall_curve
-from test_search import CLASSES, SIZE, _draw, _save_model
+from test_search import CLASSES, SIZE, _draw, _run, _save_model
 
 # ---------------------------------------------------------------- the curve and the thresholds
 
@@ -331,3 +331,16 @@ def test_errors_name_what_to_change(shapes, tmp_path, capsys):
     gallery_folder = os.path.dirname(os.path.dirname(search.load_gallery(gallery_path)["paths"][0]))
     with pytest.raises(ValueError, match="9 calibration images of .* are in the gallery .*: calibrate on images"):
         search.calibrate(model, gallery_path, gallery_folder, 0.5)
+
+
+def test_command_line_in_a_process(shapes, tmp_path):
+    gallery_path = _copy_gallery(shapes, tmp_path)
+    precision = _reachable_precisions(shapes)[0][-1]
+    status, stdout, stderr = _run("calibrate", shapes["model"], gallery_path, shapes["calibration"],
+                                  "--precision", precision)
+    assert status == 0 and stderr == "" and f"precision >= {precision:g}: threshold" in stdout
+    status, stdout, stderr = _run("classify", shapes["model"], gallery_path, shapes["paths"][0], "--precision", 0.5)
+    assert status == 2 and stdout == ""
+    assert stderr == (f"search.py: error: {gallery_path} is not calibrated for precision 0.5 (it holds: "
+                      f"{precision:g}); run `python search.py calibrate MODEL {gallery_path} FOLDER --precision 0.5` with a labelled "
+                      "folder of calibration images\n")
