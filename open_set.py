@@ -28,6 +28,8 @@ CALIBRATION_KEYS = ("calibration_precisions", "calibration_thresholds", "calibra
 
 def _check_precisions(precisions):
     """``precisions`` (a number or a sequence of numbers in (0, 1]) as a sorted float64 array without repeats."""
+    if isinstance(precisions, np.ndarray):
+        precisions = precisions.tolist()  # a 0-d array becomes a number, others a list
     values = [precisions] if np.ndim(precisions) == 0 else list(precisions)
     if not values:
         raise ValueError("no precision given; pass at least one, e.g. --precision 0.95")

@@ -15,8 +15,8 @@ share of unseen-class queries answered "unknown".
   written ink-white-on-black, the polarity the model was trained on (``OmniglotAlphabets(invert=True)``), as
   its model file records no normalisation; ``--raw-polarity`` keeps the files' black ink instead.
 
-Prints one Markdown row per case. Takes about 3 min (Fashion-MNIST, most of it writing the PNG files) and
-30 s (Omniglot) on one CPU thread.
+Prints one Markdown row per split. One split took 40 s (Fashion-MNIST, most of it writing the 70,000 PNG
+files) and 45 s (Omniglot) on one CPU thread; ten splits 95 s and 51 s.
 
 Usage:
     python benchmarks/open_set_study.py fashion-mnist runs/open-set/fashion-mnist-0-7.pt [--splits 1] [--plot PNG]

@@ -61,6 +61,7 @@ def test_thresholds_are_sorted_by_precision_and_exact_quotients_reach_their_prec
     nearest = ["a"] * 19 + ["b"]
     calibration = open_set.calibrate(distances, nearest, truth, ["a", "b"], [1.0, 0.95, 0.95])
     assert calibration["calibration_precisions"].tolist() == [0.95, 1.0]
+    assert open_set.thresholds_for(calibration["calibration_curve"], np.array(0.95))[1].tolist() == [20.0]
     assert calibration["calibration_thresholds"].tolist() == [20.0, 19.0]
     assert open_set.curve_at(calibration["calibration_curve"], 19.5) == (1.0, 19 / 20)
     precision, recall = open_set.curve_at(calibration["calibration_curve"], 0.5)
