@@ -13,6 +13,9 @@ outside the training pipeline, and the command line for all of it (the gallery f
   model file's threshold);
 - ``serve``: a local web page on the model and gallery (``search_page.py``), searching with
   ``nearest_neighbours``;
+- ``calibrate``: the distance threshold at which the nearest gallery label reaches a precision, on a labelled
+  folder whose classes the gallery may lack, stored in the gallery file (``open_set.py`` owns the decision);
+  ``query`` and ``classify`` with ``precision`` then answer ``unknown`` beyond it;
 - ``nearest_neighbours``: exact k-NN search in chunks of the gallery (memory bounded whatever its size),
   or through faiss's exact ``IndexFlatL2``;
 - ``load_gallery``: reads and checks a gallery file (both owned by ``gallery.py``, importable from here).
@@ -20,11 +23,12 @@ outside the training pipeline, and the command line for all of it (the gallery f
 Command line (the subcommand names are fixed: the documentation uses them)::
 
     python search.py index MODEL FOLDER --out gallery.npz [--batch-size 256] [--skip-bad-images] [--no-progress]
-    python search.py query MODEL GALLERY IMAGE... [--k 5] [--grid out.png] [--json] [--faiss]
+    python search.py query MODEL GALLERY IMAGE... [--k 5] [--grid out.png] [--json] [--faiss] [--precision P]
     python search.py verify MODEL IMAGE1 IMAGE2
-    python search.py classify MODEL GALLERY IMAGE... [--k 5] [--faiss]
+    python search.py classify MODEL GALLERY IMAGE... [--k 5] [--json] [--faiss] [--precision P]
     python search.py evaluate MODEL GALLERY
     python search.py serve MODEL GALLERY [--port 8000] [--host 127.0.0.1] [--k 5] [--faiss]
+    python search.py calibrate MODEL GALLERY FOLDER --precision 0.95 [--precision 0.99] [--plot curve.png]
 
 The gallery file (``gallery.py``: ``index_folder``, ``load_gallery``) is written by ``index``.
 A gallery only answers queries of the model that indexed it: any other model is refused.
@@ -43,8 +47,10 @@ import numpy as np
 import torch
 
 import cli
+import open_set
 from gallery import (GALLERY_FORMAT, GALLERY_KEYS, UNLABELLED, check_image_files, embed_files,  # noqa: F401
-                     index_folder, label_name, load_gallery, load_model_file, model_and_gallery, neighbour_items)
+                     index_folder, label_name, list_folder, load_gallery, load_model_file, model_and_gallery,
+                     neighbour_items)
 from image_folders import read_image
 from metrics import (knn_accuracy, nmi_score, retrieval_metrics, smallest_k, verification_accuracy,
                      verification_roc_auc)
@@ -145,16 +151,20 @@ def _faiss_search(queries, gallery, k):
 
 # ---------------------------------------------------------------- subcommands
 
-def query(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False):
+def query(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False, precision=None):
     """The k nearest gallery images of each query image (``use_faiss``: see ``nearest_neighbours``).
 
     Takes the model file, the gallery file it indexed, images (list of Q image paths) and k
     (1 <= k <= gallery size). Returns a list of Q dicts ``{"query": path as given, "neighbours": [k dicts
     {"index": position in the gallery, "path": gallery image path, "label": class name or None when
     unlabelled, "distance": float}]}`` (``gallery.neighbour_items``), nearest first (equal distances by
-    gallery order).
+    gallery order). With ``precision`` (one the gallery was calibrated for: ``calibrate``) each dict also
+    holds the open-set answer: ``"path"`` (the query), ``"label"`` (the nearest neighbour's label, or
+    ``open_set.UNKNOWN`` when its distance is beyond the calibrated threshold), ``"distance"`` (the nearest
+    distance) and ``"precision"``.
     """
     model, info, gallery = model_and_gallery(model_path, gallery_path)
+    threshold = None if precision is None else open_set.threshold_at(gallery, precision, gallery_path)
     images = check_image_files(images, "query image")
     k = check_int(k, "k", 1)
     if k > len(gallery["embeddings"]):
@@ -162,8 +172,14 @@ def query(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False
                          f"pass --k {len(gallery['embeddings'])} or less")
     embeddings, _ = embed_files(model, info, images, batch_size)
     distances, indices = nearest_neighbours(embeddings, gallery["embeddings"], k, use_faiss=use_faiss)
-    return [{"query": path, "neighbours": neighbours}
-            for path, neighbours in zip(images, neighbour_items(gallery, distances, indices))]
+    results = []
+    for path, neighbours in zip(images, neighbour_items(gallery, distances, indices)):
+        results.append({"query": path, "neighbours": neighbours})
+        if threshold is not None:
+            nearest = neighbours[0]
+            answer = open_set.open_set_labels([nearest["distance"]], [nearest["label"]], threshold)[0]
+            results[-1].update(path=path, label=answer, distance=nearest["distance"], precision=float(precision))
+    return results
 
 
 def verify(model_path, image1, image2):
@@ -184,7 +200,7 @@ def verify(model_path, image1, image2):
             "same": None if threshold is None else bool(similarity >= threshold)}
 
 
-def classify(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False):
+def classify(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False, precision=None):
     """The k-nearest-neighbour label of each query image (``use_faiss``: see ``nearest_neighbours``).
 
     The k nearest labelled gallery images vote (unlabelled ones are left out); the label with most votes
@@ -192,8 +208,15 @@ def classify(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=Fa
     Takes the model file, a gallery file with labels, images (list of Q paths) and k (1 <= k <= the number
     of labelled gallery images). Returns a list of Q dicts ``{"path": path as given, "label": class name,
     "vote_share": votes of that label / k}``.
+
+    With ``precision`` (one the gallery was calibrated for: ``calibrate``) the answer is the calibrated
+    open-set decision instead of the vote: ``"label"`` is the nearest labelled image's label, or
+    ``open_set.UNKNOWN`` when its distance is beyond the threshold; ``"vote_share"`` is the share of the k
+    nearest carrying that label (0 for unknown), and each dict adds ``"distance"`` (the nearest distance)
+    and ``"precision"``.
     """
     model, info, gallery = model_and_gallery(model_path, gallery_path)
+    threshold = None if precision is None else open_set.threshold_at(gallery, precision, gallery_path)
     images = check_image_files(images, "query image")
     k = check_int(k, "k", 1)
     labelled = np.flatnonzero(gallery["labels"] != UNLABELLED)
@@ -206,6 +229,8 @@ def classify(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=Fa
     embeddings, _ = embed_files(model, info, images, batch_size)
     distances, indices = nearest_neighbours(embeddings, gallery["embeddings"][labelled], k, use_faiss=use_faiss)
     labels = torch.from_numpy(gallery["labels"][labelled])[indices]  # (Q, k)
+    if threshold is not None:
+        return _open_set_answers(gallery, images, distances[:, 0], labels, threshold, precision)
     n_classes = len(gallery["class_names"])
     votes = torch.zeros(len(images), n_classes, dtype=torch.long).scatter_add_(1, labels, torch.ones_like(labels))
     summed = torch.zeros(len(images), n_classes, dtype=torch.float64).scatter_add_(1, labels, distances.double())
@@ -216,6 +241,57 @@ def classify(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=Fa
     shares = votes.gather(1, chosen[:, None]).squeeze(1).double() / k
     return [{"path": path, "label": label_name(gallery, label), "vote_share": share}
             for path, label, share in zip(images, chosen.tolist(), shares.tolist())]
+
+
+def _open_set_answers(gallery, images, nearest_distances, labels, threshold, precision):
+    """classify's dicts for the open-set decision: nearest_distances (Q,), labels (Q, k) of the k nearest."""
+    nearest = [label_name(gallery, label) for label in labels[:, 0].tolist()]
+    answers = open_set.open_set_labels(nearest_distances, nearest, threshold)
+    shares = (labels == labels[:, :1]).double().mean(dim=1).tolist()
+    return [{"path": path, "label": answer, "vote_share": share if answer != open_set.UNKNOWN else 0.0,
+             "distance": distance, "precision": float(precision)}
+            for path, answer, share, distance in zip(images, answers, shares, nearest_distances.tolist())]
+
+
+def calibrate(model_path, gallery_path, folder, precisions, batch_size=256, plot=None):
+    """Calibrate the open-set match of a gallery on a labelled folder and store it in the gallery file.
+
+    Takes the model file, its labelled gallery file, folder (class sub-folders or a CSV of ``path,label``
+    lines; classes the gallery lacks are welcome: accepting them is an error) and precisions (a number or
+    sequence in (0, 1]). Each image's nearest labelled gallery image decides (``open_set.calibrate``); the
+    curve and each precision's threshold replace any earlier calibration of the gallery file, other keys
+    untouched; ``plot`` saves a figure of the curve there. Returns a list of P dicts, ascending by precision:
+    ``{"precision", "threshold", "calibration_precision", "recall"}`` (floats: the last two are reached on
+    the calibration images at that threshold), ``"n_queries"`` and ``"n_unseen"`` (images of a class the
+    gallery lacks). Nothing is written when a precision cannot be reached (ValueError naming the best).
+    """
+    model, info, gallery = model_and_gallery(model_path, gallery_path)
+    labelled = np.flatnonzero(gallery["labels"] != UNLABELLED)
+    if len(labelled) == 0:
+        raise ValueError(f"{gallery_path} is unlabelled (its folder had no class sub-folders): calibrate needs a "
+                         "gallery indexed from a folder of class sub-folders or a CSV of path,label lines")
+    paths, labels, class_names = list_folder(folder)
+    if not class_names:
+        raise ValueError(f"{folder} is unlabelled: calibrate needs each image's class; pass a folder of class "
+                         "sub-folders or a CSV of path,label lines")
+    shared = {os.path.realpath(path) for path in paths} & {os.path.realpath(path) for path in gallery["paths"]}
+    if shared:
+        raise ValueError(f"{len(shared)} calibration images of {folder} are in the gallery {gallery_path} (e.g. "
+                         f"{sorted(shared)[0]}): calibrate on images the gallery does not hold")
+    embeddings, kept = embed_files(model, info, paths, batch_size)
+    distances, indices = nearest_neighbours(embeddings, gallery["embeddings"][labelled], 1)
+    nearest = [label_name(gallery, label) for label in gallery["labels"][labelled][indices[:, 0].numpy()].tolist()]
+    truth = [class_names[label] for label in np.asarray(labels)[kept].tolist()]
+    calibration = open_set.calibrate(distances[:, 0], nearest, truth, gallery["class_names"].tolist(), precisions)
+    open_set.save_calibration(gallery_path, calibration)
+    curve = calibration["calibration_curve"]
+    if plot:
+        open_set.plot_curve(curve, calibration["calibration_precisions"], calibration["calibration_thresholds"], plot)
+    n_unseen = len(truth) - int(open_set.match_outcomes(nearest, truth, gallery["class_names"].tolist())[1].sum())
+    levels = zip(calibration["calibration_precisions"].tolist(), calibration["calibration_thresholds"].tolist())
+    return [{"precision": precision, "threshold": threshold,
+             **dict(zip(("calibration_precision", "recall"), open_set.curve_at(curve, threshold))),
+             "n_queries": len(truth), "n_unseen": n_unseen} for precision, threshold in levels]
 
 
 def evaluate(model_path, gallery_path):
@@ -306,6 +382,8 @@ def _parser():
     search.add_argument("--grid", metavar="PNG", help="also draw the queries and their neighbours into this image")
     search.add_argument("--json", action="store_true", help="print the results as JSON")
     search.add_argument("--faiss", action="store_true", help="search with faiss (pip install faiss-cpu): same neighbours")
+    search.add_argument("--precision", type=float, metavar="P", help="also answer the nearest label, or 'unknown' "
+                        "beyond the threshold calibrated for this precision (see calibrate)")
     pair = commands.add_parser("verify", help="are two images of the same class?")
     pair.add_argument("model")
     pair.add_argument("image1")
@@ -316,6 +394,9 @@ def _parser():
     knn.add_argument("images", nargs="+", metavar="IMAGE")
     knn.add_argument("--k", type=int, default=5)
     knn.add_argument("--faiss", action="store_true", help="search with faiss (pip install faiss-cpu): same neighbours")
+    knn.add_argument("--json", action="store_true", help="print the results as JSON")
+    knn.add_argument("--precision", type=float, metavar="P", help="answer the nearest label, or 'unknown' beyond "
+                     "the threshold calibrated for this precision (see calibrate), instead of the k-NN vote")
     quality = commands.add_parser("evaluate", help="metrics of a labelled gallery queried against itself")
     quality.add_argument("model")
     quality.add_argument("gallery")
@@ -327,6 +408,16 @@ def _parser():
                                                            "non-local address: the gallery's images are shown)")
     page.add_argument("--k", type=int, default=5, help="neighbours shown per query")
     page.add_argument("--faiss", action="store_true", help="search with faiss (pip install faiss-cpu): same neighbours")
+    calibration = commands.add_parser("calibrate", help="the distance threshold of the nearest label's match at "
+                                      "a precision, on a labelled folder; stored in the gallery file")
+    calibration.add_argument("model")
+    calibration.add_argument("gallery", help="labelled gallery file written by index with this model")
+    calibration.add_argument("folder", help="labelled calibration images (class sub-folders or a CSV path,label), "
+                             "not in the gallery; classes the gallery lacks are welcome")
+    calibration.add_argument("--precision", type=float, action="append", required=True, metavar="P",
+                             help="precision to reach (0 < P <= 1); repeat for several")
+    calibration.add_argument("--plot", metavar="PNG", help="save the precision/recall curve to this image")
+    calibration.add_argument("--batch-size", type=int, default=256)
     return parser
 
 
@@ -335,6 +426,9 @@ def _print_query(results):
         if number:
             print()
         print(f"query: {result['query']}")
+        if "precision" in result:
+            print(f"  answer: {result['label']}  distance: {result['distance']:.4f}  "
+                  f"(threshold calibrated for precision {result['precision']:g})")
         for rank, item in enumerate(result["neighbours"], 1):
             label = item["label"] if item["label"] is not None else "-"
             print(f"  {rank}. {item['path']}  label: {label}  distance: {item['distance']:.4f}")
@@ -350,7 +444,8 @@ def _run_index(arguments):
 
 
 def _run_query(arguments):
-    results = query(arguments.model, arguments.gallery, arguments.images, k=arguments.k, use_faiss=arguments.faiss)
+    results = query(arguments.model, arguments.gallery, arguments.images, k=arguments.k, use_faiss=arguments.faiss,
+                    precision=arguments.precision)
     if arguments.json:
         print(json.dumps(results, indent=1))
     else:
@@ -373,9 +468,28 @@ def _run_verify(arguments):
 
 
 def _run_classify(arguments):
-    for result in classify(arguments.model, arguments.gallery, arguments.images, k=arguments.k,
-                           use_faiss=arguments.faiss):
-        print(f"{result['path']}\t{result['label']}\t{result['vote_share']:.2f}")
+    results = classify(arguments.model, arguments.gallery, arguments.images, k=arguments.k, use_faiss=arguments.faiss,
+                       precision=arguments.precision)
+    if arguments.json:
+        print(json.dumps(results, indent=1))
+        return
+    for result in results:
+        calibrated = (f"\tdistance {result['distance']:.4f}\tprecision {result['precision']:g}"
+                      if "precision" in result else "")
+        print(f"{result['path']}\t{result['label']}\t{result['vote_share']:.2f}{calibrated}")
+
+
+def _run_calibrate(arguments):
+    levels = calibrate(arguments.model, arguments.gallery, arguments.folder, arguments.precision,
+                       batch_size=arguments.batch_size, plot=arguments.plot)
+    print(f"calibrated on {levels[0]['n_queries']} images of {arguments.folder} ({levels[0]['n_unseen']} of classes "
+          f"the gallery lacks); accept the nearest label when its distance is <= the threshold:")
+    for level in levels:
+        print(f"  precision >= {level['precision']:g}: threshold {level['threshold']:.4f} (on the calibration "
+              f"images: precision {level['calibration_precision']:.4f}, recall {level['recall']:.4f})")
+    print(f"wrote the curve and thresholds into {arguments.gallery}")
+    if arguments.plot:
+        print(f"wrote {arguments.plot}")
 
 
 def _run_evaluate(arguments):
@@ -399,7 +513,7 @@ def _run_serve(arguments):
 
 
 COMMANDS = {"index": _run_index, "query": _run_query, "verify": _run_verify, "classify": _run_classify,
-            "evaluate": _run_evaluate, "serve": _run_serve}
+            "evaluate": _run_evaluate, "calibrate": _run_calibrate, "serve": _run_serve}
 
 
 def main(argv=None):

@@ -412,3 +412,24 @@ def ref_multi_similarity_loss(embeddings, labels, alpha, beta, base, epsilon, n_
         total += math.log(1 + sum(math.exp(-alpha * (S[a][j] - base)) for j in positives)) / alpha
         total += math.log(1 + sum(math.exp(beta * (S[a][j] - base)) for j in negatives)) / beta
     return total / n_anchors
+
+
+# ----------------------------------------------------------------------------- open-set calibration
+
+def ref_precision_recall_curve(distances, nearest_labels, true_labels, gallery_classes):
+    """open_set.precision_recall_curve from its definition: for each distinct distance t, ascending, loop over
+    the queries and count those accepted (distance <= t), those accepted and right (nearest label == true
+    label) and those of a class the gallery holds. Returns a list of (t, precision, recall)."""
+    distances = [float(value) for value in _to_list(distances)]
+    held = set(gallery_classes)
+    n_known = sum(1 for label in true_labels if label in held)
+    rows = []
+    for threshold in sorted(set(distances)):
+        accepted = correct = 0
+        for distance, nearest, true in zip(distances, nearest_labels, true_labels):
+            if distance <= threshold:
+                accepted += 1
+                if nearest == true:
+                    correct += 1
+        rows.append((threshold, correct / accepted, correct / n_known))
+    return rows
