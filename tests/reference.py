@@ -374,3 +374,18 @@ def ref_contrastive_term(x, y, target, margin, distance):
         return float(target) * squared + (1.0 - float(target)) * max(0.0, margin - math.sqrt(squared + 1e-9)) ** 2
     plain = math.sqrt(squared)
     return float(target) * plain + (1.0 - float(target)) * max(0.0, margin - plain)
+
+
+# ----------------------------------------------------------------------------- nearest neighbours
+
+def ref_nearest_neighbours(queries, gallery, k):
+    """The k nearest gallery rows of each query by a loop: (distances, indices) as lists of Q lists of k,
+    Euclidean in float64, ascending, equal distances by the lower index."""
+    queries, gallery = np.asarray(queries, dtype=np.float64), np.asarray(gallery, dtype=np.float64)
+    distances, indices = [], []
+    for query in queries:
+        row = sorted((math.sqrt(sum((q - g) ** 2 for q, g in zip(query, item))), index)
+                     for index, item in enumerate(gallery))[:k]
+        distances.append([distance for distance, _ in row])
+        indices.append([index for _, index in row])
+    return distances, indices
