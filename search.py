@@ -28,7 +28,7 @@ Command line (the subcommand names are fixed: the documentation uses them)::
         [--exact | --ef-search N | --nprobe N]
     python search.py verify MODEL IMAGE1 IMAGE2
     python search.py classify MODEL GALLERY IMAGE... [--k 5] [--faiss] [--exact | --ef-search N | --nprobe N]
-    python search.py evaluate MODEL GALLERY [--recall [--k 10] [--queries 1000] [--seed 0] [--ef-search N | --nprobe N]]
+    python search.py evaluate MODEL GALLERY [--recall [K] [--queries 1000] [--seed 0] [--ef-search N | --nprobe N]]
 
 The gallery file (``gallery.py``: ``index_folder``, ``load_gallery``) is written by ``index``.
 A gallery only answers queries of the model that indexed it: any other model is refused.
@@ -374,7 +374,7 @@ def _parser():
     index.add_argument("--ann", choices=ANN_KINDS, help="also build an approximate index (faiss) beside the gallery")
     index.add_argument("--hnsw-m", type=int, help="with --ann hnsw: graph neighbours per node (default 32)")
     index.add_argument("--ef-construction", type=int, help="with --ann hnsw: build-time beam (default 40)")
-    index.add_argument("--ivf-lists", type=int, help="with --ann ivf: number of lists (default about 4 sqrt(N))")
+    index.add_argument("--ivf-lists", type=int, help="with --ann ivf: number of lists (default about sqrt(N))")
     search = commands.add_parser("query", help="the k nearest gallery images of each image")
     search.add_argument("model")
     search.add_argument("gallery", help="gallery file written by index with this model")
@@ -398,9 +398,9 @@ def _parser():
     quality = commands.add_parser("evaluate", help="metrics of a labelled gallery queried against itself")
     quality.add_argument("model")
     quality.add_argument("gallery")
-    quality.add_argument("--recall", action="store_true",
-                         help="instead of the metrics, recall@k of the approximate index against exact search")
-    quality.add_argument("--k", type=int, help=f"with --recall: neighbours per query (default {RECALL_K})")
+    quality.add_argument("--recall", type=int, nargs="?", const=RECALL_K, metavar="K",
+                         help=f"instead of the metrics, recall@K (default {RECALL_K}) of the approximate index "
+                              "against exact search")
     quality.add_argument("--queries", type=int, help="with --recall: gallery items sampled as queries "
                                                      f"(default {RECALL_QUERIES} or all)")
     quality.add_argument("--seed", type=int, help="with --recall: seed of the sample (default 0)")
@@ -491,10 +491,10 @@ def _run_classify(arguments):
 def _run_evaluate(arguments):
     from results import markdown_table
 
-    recall_options = [f"--{name}" for name in ("k", "queries", "seed", "ef_search", "nprobe")
+    recall_options = [f"--{name}" for name in ("queries", "seed", "ef_search", "nprobe")
                       if getattr(arguments, name) is not None]
-    if arguments.recall:
-        result = evaluate_recall(arguments.model, arguments.gallery, k=arguments.k or RECALL_K,
+    if arguments.recall is not None:
+        result = evaluate_recall(arguments.model, arguments.gallery, k=arguments.recall,
                                  n_queries=arguments.queries, seed=arguments.seed or 0,
                                  ann_options=_ann_options(arguments))
         columns = [("kind", "index", "{}"), ("parameter", "parameter", "{}"), ("value", "value", "{}"),
@@ -522,7 +522,7 @@ def _check_faiss_for_index(arguments):
         return
     if getattr(arguments, "ann", None):
         raise ValueError("--ann needs faiss, which is not installed: pip install faiss-cpu, or leave out --ann")
-    searches = arguments.command in ("query", "classify") or getattr(arguments, "recall", False)
+    searches = arguments.command in ("query", "classify") or getattr(arguments, "recall", None) is not None
     if searches and not (getattr(arguments, "exact", False) or getattr(arguments, "faiss", False)) \
             and has_index(arguments.gallery):
         raise ValueError(f"{arguments.gallery} has an approximate index ({index_path(arguments.gallery)}), which "

@@ -345,7 +345,7 @@ def test_cli_index_ann_then_query_classify_evaluate(setup, tmp_path):  # noqa: F
     assert status == 0, stderr
     _assert_same_answers(json.loads(stdout), search.query(setup["model"], setup["gallery"], setup["queries"], k=4))
     assert stderr.strip() == f"(approximate search through {out}.ann; --exact searches exactly)"
-    status, stdout, stderr = _run("evaluate", setup["model"], out, "--recall", "--k", 3, "--queries", 6)
+    status, stdout, stderr = _run("evaluate", setup["model"], out, "--recall", 3, "--queries", 6)
     assert status == 0, stderr
     lines = stdout.splitlines()
     assert lines[0] == "| index | parameter | value | gallery | queries | k | recall@k | approximate s | exact s |"
@@ -384,7 +384,8 @@ QUERY = ("query", "{model}", "{gallery}", "{query}")
     (QUERY + ("--ef-search", 0), "ef_search must be >= 1"),
     (QUERY + ("--exact", "--ef-search", 9), "exact search was asked for"),
     (QUERY + ("--faiss", "--ef-search", 9), "use_faiss searches exactly"),
-    (("evaluate", "{model}", "{gallery}", "--k", 3), "--k applies with --recall"),
+    (("evaluate", "{model}", "{gallery}", "--queries", 3), "--queries applies with --recall"),
+    (("evaluate", "{model}", "{gallery}", "--recall", 0), "k must be >= 1"),
     (("evaluate", "{model}", "{gallery}", "--nprobe", 3), "--nprobe applies with --recall"),
 ])
 def test_cli_mistakes_are_one_line(setup, gallery_copy, capsys, arguments, match):  # noqa: F811
