@@ -68,10 +68,10 @@ def index_path(gallery_path):
 
 
 def default_ivf_lists(n_items):
-    """The IVF list count for a gallery of ``n_items``: about sqrt(N) (faiss suggests 4 to 16 sqrt(N) for the fastest
-    search; sqrt(N) lists train and assign 4 times faster, which on a few CPU cores decides the build time), with
-    at least IVF_MIN_POINTS_PER_LIST points per list, at least 1."""
-    return max(1, min(round(n_items ** 0.5), n_items // IVF_MIN_POINTS_PER_LIST))
+    """The IVF list count for a gallery of ``n_items``: about 4 sqrt(N) (the low end of faiss's advice, 4 to 16
+    sqrt(N): fewer lists train and assign faster), with at least IVF_MIN_POINTS_PER_LIST points per list, at
+    least 1."""
+    return max(1, min(round(4 * n_items ** 0.5), n_items // IVF_MIN_POINTS_PER_LIST))
 
 
 def ivf_sizes(n_items, ivf_lists=None, train_size=None):
@@ -147,10 +147,11 @@ def build_index(gallery_path, kind, hnsw_m=HNSW_M, ef_construction=HNSW_EF_CONST
                       progress=progress)
     faiss = _faiss("an approximate index")
     if kind == "hnsw":
-        settings = {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": index.hnsw.efSearch}
+        settings = {"hnsw_m": int(hnsw_m), "ef_construction": index.hnsw.efConstruction,
+                    "ef_search": index.hnsw.efSearch}
     else:
         train_size = ivf_sizes(index.ntotal, index.nlist, train_size)[1]
-        settings = {"ivf_lists": index.nlist, "train_size": train_size, "seed": seed, "nprobe": index.nprobe}
+        settings = {"ivf_lists": index.nlist, "train_size": train_size, "seed": int(seed), "nprobe": index.nprobe}
     path = index_path(gallery_path)
     with atomic_write(path) as file:
         np.savez(file, format=np.array(INDEX_FORMAT), kind=np.array(kind), index=faiss.serialize_index(index),

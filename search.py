@@ -374,7 +374,7 @@ def _parser():
     index.add_argument("--ann", choices=ANN_KINDS, help="also build an approximate index (faiss) beside the gallery")
     index.add_argument("--hnsw-m", type=int, help="with --ann hnsw: graph neighbours per node (default 32)")
     index.add_argument("--ef-construction", type=int, help="with --ann hnsw: build-time beam (default 40)")
-    index.add_argument("--ivf-lists", type=int, help="with --ann ivf: number of lists (default about sqrt(N))")
+    index.add_argument("--ivf-lists", type=int, help="with --ann ivf: number of lists (default about 4 sqrt(N))")
     search = commands.add_parser("query", help="the k nearest gallery images of each image")
     search.add_argument("model")
     search.add_argument("gallery", help="gallery file written by index with this model")
@@ -442,9 +442,10 @@ def _run_index(arguments):
     build = {name: value for name, value in (("hnsw_m", arguments.hnsw_m), ("ef_construction",
              arguments.ef_construction), ("ivf_lists", arguments.ivf_lists)) if value is not None}
     allowed = {None: (), "hnsw": ("hnsw_m", "ef_construction"), "ivf": ("ivf_lists",)}[arguments.ann]
-    for name in build:
+    for name, value in build.items():
         if name not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} applies to --ann {'ivf' if name == 'ivf_lists' else 'hnsw'}")
+        check_int(value, name, 2 if name == "hnsw_m" else 1)  # before the folder is embedded, not after
     out = index_folder(arguments.model, arguments.folder, arguments.out, batch_size=arguments.batch_size,
                        progress=not arguments.no_progress, skip_bad_images=arguments.skip_bad_images)
     gallery = load_gallery(out)

@@ -137,7 +137,7 @@ def bench_queries(galleries):
 ANN_CLUSTERS_PER_MILLION = 10_000
 ANN_SPREAD = 0.5  # noise per coordinate around a centre; centres are N(0, I), so clusters overlap little
 ANN_QUERIES = 1000
-ANN_SETTINGS = {"hnsw": ("ef_search", (16, 32, 64, 128)), "ivf": ("nprobe", (1, 2, 4, 8, 16))}
+ANN_SETTINGS = {"hnsw": ("ef_search", (16, 32, 64, 96, 128)), "ivf": ("nprobe", (4, 8, 16, 32, 64))}
 
 
 def clustered_vectors(n_items, n_queries, seed=0):

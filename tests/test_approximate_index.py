@@ -379,6 +379,7 @@ QUERY = ("query", "{model}", "{gallery}", "{query}")
     (INDEX + ("--ann", "ivf", "--hnsw-m", 8), "--hnsw-m applies to --ann hnsw"),
     (INDEX + ("--ivf-lists", 8), "--ivf-lists applies to --ann ivf"),
     (INDEX + ("--ann", "lsh"), "argument --ann: invalid choice: 'lsh'"),
+    (INDEX + ("--ann", "hnsw", "--hnsw-m", 1), "hnsw_m must be >= 2"),
     (INDEX + ("--ann", "ivf", "--ivf-lists", 13), r"ivf_lists=13 is larger than the gallery \(12 items\)"),
     (QUERY + ("--nprobe", 2), "nprobe does not apply to an hnsw index"),
     (QUERY + ("--ef-search", 0), "ef_search must be >= 1"),
