@@ -41,6 +41,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -295,8 +296,6 @@ def evaluate_recall(model_path, gallery_path, k=RECALL_K, n_queries=None, seed=0
     ``seed`` (ints), ``recall_at_k`` (``approximate_index.recall_at_k``) and the wall seconds of the two
     searches, ``approximate_seconds`` and ``exact_seconds`` (for information: they depend on the machine).
     """
-    import time
-
     _, _, gallery = model_and_gallery(model_path, gallery_path)
     options = check_search_options(ann_options, has_index(gallery_path))
     if options["exact"]:
