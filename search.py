@@ -18,17 +18,25 @@ outside the training pipeline, and the command line for all of it (the gallery f
   ``query`` and ``classify`` with ``precision`` then answer ``unknown`` beyond it;
 - ``nearest_neighbours``: exact k-NN search in chunks of the gallery (memory bounded whatever its size),
   or through faiss's exact ``IndexFlatL2``;
-- ``load_gallery``: reads and checks a gallery file (both owned by ``gallery.py``, importable from here).
+- ``load_gallery``: reads and checks a gallery file (both owned by ``gallery.py``, importable from here);
+- ``evaluate_recall``: recall@k of the gallery's approximate index against exact search.
+
+query, classify and ``evaluate --recall`` search through the gallery's approximate index
+(``approximate_index.py``: faiss HNSW or IVF, built by ``index --ann``) when it has one, exactly otherwise or
+with ``--exact``.
 
 Command line (the subcommand names are fixed: the documentation uses them)::
 
     python search.py index MODEL FOLDER --out gallery.npz [--batch-size 256] [--skip-bad-images] [--no-progress]
+        [--ann hnsw|ivf [--hnsw-m 32] [--ef-construction 40] [--ivf-lists N]]
     python search.py query MODEL GALLERY IMAGE... [--k 5] [--grid out.png] [--json] [--faiss] [--precision P]
+        [--exact | --ef-search N | --nprobe N]
     python search.py verify MODEL IMAGE1 IMAGE2
     python search.py classify MODEL GALLERY IMAGE... [--k 5] [--json] [--faiss] [--precision P]
-    python search.py evaluate MODEL GALLERY
-    python search.py serve MODEL GALLERY [--port 8000] [--host 127.0.0.1] [--k 5] [--faiss]
+        [--exact | --ef-search N | --nprobe N]
+    python search.py evaluate MODEL GALLERY [--recall [K] [--queries 1000] [--seed 0] [--ef-search N | --nprobe N]]
     python search.py calibrate MODEL GALLERY FOLDER --precision 0.95 [--precision 0.99] [--plot curve.png]
+    python search.py serve MODEL GALLERY [--port 8000] [--host 127.0.0.1] [--k 5] [--faiss]
 
 The gallery file (``gallery.py``: ``index_folder``, ``load_gallery``) is written by ``index``.
 A gallery only answers queries of the model that indexed it: any other model is refused.
@@ -42,12 +50,15 @@ import importlib.util
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
 
 import cli
 import open_set
+from approximate_index import (ANN_KINDS, build_index, check_search_options, has_index, index_path, load_index,
+                               recall_at_k, search_index)
 from gallery import (GALLERY_FORMAT, GALLERY_KEYS, UNLABELLED, check_image_files, embed_files,  # noqa: F401
                      index_folder, label_name, list_folder, load_gallery, load_model_file, model_and_gallery,
                      neighbour_items)
@@ -62,6 +73,8 @@ DEFAULT_CHUNK_SIZE = 65536
 # float32), whatever the number of queries.
 MAX_BLOCK_ENTRIES = 1 << 24
 EVALUATE_K = 5
+RECALL_K = 10
+RECALL_QUERIES = 1000  # gallery items sampled as queries by evaluate_recall, unless fewer
 GRID_TITLE_WIDTH = 20  # characters of a cell's title
 GRID_THUMBNAIL = 96  # side in pixels of each picture in the --grid figure
 
@@ -149,10 +162,31 @@ def _faiss_search(queries, gallery, k):
     return torch.from_numpy(squared).clamp_min_(0).sqrt_(), torch.from_numpy(indices).long()
 
 
+def _gallery_neighbours(gallery_path, gallery, queries, k, use_faiss=False, ann_options=None, rows=None):
+    """The k nearest neighbours of queries (Q, D) in a gallery: through its approximate index when it has one
+    (``approximate_index.search_index`` at ann_options' ef_search / nprobe), exactly (``nearest_neighbours``)
+    when it has none or use_faiss or ann_options["exact"] asks for exact search. rows (S,) increasing gallery
+    ids searches only those, the indices then being positions into rows. Returns (distances (Q, k), indices
+    (Q, k) int64)."""
+    options = check_search_options(ann_options, has_index(gallery_path))
+    if use_faiss and (options["ef_search"] or options["nprobe"]):
+        raise ValueError("use_faiss searches exactly, so ef_search and nprobe do not apply; pass one or the other")
+    if use_faiss or options["exact"] or not has_index(gallery_path):
+        candidates = gallery["embeddings"] if rows is None else gallery["embeddings"][rows]
+        return nearest_neighbours(queries, candidates, k, use_faiss=use_faiss)
+    if rows is not None and len(rows) == len(gallery["embeddings"]):
+        rows = None  # every item: positions are gallery ids, and faiss need not filter
+    loaded = load_index(gallery_path, gallery)
+    return search_index(loaded.index, queries, k, options["ef_search"], options["nprobe"], subset=rows)
+
+
 # ---------------------------------------------------------------- subcommands
 
-def query(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False, precision=None):
-    """The k nearest gallery images of each query image (``use_faiss``: see ``nearest_neighbours``).
+def query(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False, precision=None,
+          ann_options=None):
+    """The k nearest gallery images of each query image (``use_faiss``: see ``nearest_neighbours``), through the
+    gallery's approximate index when it has one (ann_options: None or a dict ``{"exact": bool, "ef_search": int,
+    "nprobe": int}``, see ``approximate_index.check_search_options``).
 
     Takes the model file, the gallery file it indexed, images (list of Q image paths) and k
     (1 <= k <= gallery size). Returns a list of Q dicts ``{"query": path as given, "neighbours": [k dicts
@@ -171,7 +205,7 @@ def query(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False
         raise ValueError(f"k={k} is larger than the gallery {gallery_path} ({len(gallery['embeddings'])} images); "
                          f"pass --k {len(gallery['embeddings'])} or less")
     embeddings, _ = embed_files(model, info, images, batch_size)
-    distances, indices = nearest_neighbours(embeddings, gallery["embeddings"], k, use_faiss=use_faiss)
+    distances, indices = _gallery_neighbours(gallery_path, gallery, embeddings, k, use_faiss, ann_options)
     results = []
     for path, neighbours in zip(images, neighbour_items(gallery, distances, indices)):
         results.append({"query": path, "neighbours": neighbours})
@@ -200,8 +234,10 @@ def verify(model_path, image1, image2):
             "same": None if threshold is None else bool(similarity >= threshold)}
 
 
-def classify(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False, precision=None):
-    """The k-nearest-neighbour label of each query image (``use_faiss``: see ``nearest_neighbours``).
+def classify(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False, precision=None,
+             ann_options=None):
+    """The k-nearest-neighbour label of each query image (``use_faiss``: see ``nearest_neighbours``;
+    ``ann_options``: see ``query``).
 
     The k nearest labelled gallery images vote (unlabelled ones are left out); the label with most votes
     wins, a tie goes to the tied label with the smaller summed distance, then to the smaller label id.
@@ -227,7 +263,8 @@ def classify(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=Fa
         raise ValueError(f"k={k} is larger than the labelled part of the gallery {gallery_path} ({len(labelled)} "
                          f"images); pass --k {len(labelled)} or less")
     embeddings, _ = embed_files(model, info, images, batch_size)
-    distances, indices = nearest_neighbours(embeddings, gallery["embeddings"][labelled], k, use_faiss=use_faiss)
+    distances, indices = _gallery_neighbours(gallery_path, gallery, embeddings, k, use_faiss, ann_options,
+                                             rows=labelled)
     labels = torch.from_numpy(gallery["labels"][labelled])[indices]  # (Q, k)
     if threshold is not None:
         return _open_set_answers(gallery, images, distances[:, 0], labels, threshold, precision)
@@ -328,6 +365,45 @@ def evaluate(model_path, gallery_path):
     return results
 
 
+def evaluate_recall(model_path, gallery_path, k=RECALL_K, n_queries=None, seed=0, ann_options=None):
+    """Recall@k of the gallery's approximate index against exact search, on a seeded sample of gallery items
+    used as queries (each finds itself among its exact neighbours, as a query that is in the gallery does).
+
+    Takes the model file and its gallery file (with an index: ``index --ann``), k (1 <= k <= N), n_queries
+    (1 <= n_queries <= N; default min(RECALL_QUERIES, N)) drawn without replacement by numpy's generator
+    seeded with seed, and ann_options (``query``'s, without exact). Returns a dict: ``kind``, ``parameter``
+    ("ef_search" or "nprobe") and ``value`` (the one searched with), ``k``, ``n_queries``, ``n_items``,
+    ``seed`` (ints), ``recall_at_k`` (``approximate_index.recall_at_k``) and the wall seconds of the two
+    searches, ``approximate_seconds`` and ``exact_seconds`` (for information: they depend on the machine).
+    """
+    _, _, gallery = model_and_gallery(model_path, gallery_path)
+    options = check_search_options(ann_options, has_index(gallery_path))
+    if options["exact"]:
+        raise ValueError("evaluate_recall compares the approximate index with exact search; leave out exact")
+    loaded = load_index(gallery_path, gallery)
+    embeddings = gallery["embeddings"]
+    n_items = len(embeddings)
+    n_queries = min(RECALL_QUERIES, n_items) if n_queries is None else check_int(n_queries, "n_queries", 1)
+    if n_queries > n_items:
+        raise ValueError(f"n_queries={n_queries} is more than the gallery's {n_items} items; pass n_queries <= "
+                         f"{n_items}")
+    k = check_int(k, "k", 1)
+    if k > n_items:
+        raise ValueError(f"k={k} is larger than the gallery {gallery_path} ({n_items} images); pass k <= {n_items}")
+    queries = embeddings[np.sort(np.random.default_rng(check_int(seed, "seed", 0)).choice(n_items, n_queries,
+                                                                                       replace=False))]
+    start = time.perf_counter()
+    _, approximate = search_index(loaded.index, queries, k, options["ef_search"], options["nprobe"])
+    middle = time.perf_counter()
+    _, exact = nearest_neighbours(queries, embeddings, k)
+    end = time.perf_counter()
+    parameter = "ef_search" if loaded.kind == "hnsw" else "nprobe"
+    value = options[parameter] if options[parameter] is not None else loaded.settings[parameter]
+    return {"kind": loaded.kind, "parameter": parameter, "value": value, "k": k, "n_queries": n_queries,
+            "n_items": n_items, "seed": seed, "recall_at_k": recall_at_k(approximate, exact),
+            "approximate_seconds": middle - start, "exact_seconds": end - middle}
+
+
 def _short(text, width=GRID_TITLE_WIDTH):
     """``text`` cut to ``width`` characters (its end kept, where names differ) so titles do not overlap."""
     return text if len(text) <= width else "..." + text[-(width - 3):]
@@ -374,6 +450,10 @@ def _parser():
     index.add_argument("--batch-size", type=int, default=256)
     index.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images with a warning")
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    index.add_argument("--ann", choices=ANN_KINDS, help="also build an approximate index (faiss) beside the gallery")
+    index.add_argument("--hnsw-m", type=int, help="with --ann hnsw: graph neighbours per node (default 32)")
+    index.add_argument("--ef-construction", type=int, help="with --ann hnsw: build-time beam (default 40)")
+    index.add_argument("--ivf-lists", type=int, help="with --ann ivf: number of lists (default about 4 sqrt(N))")
     search = commands.add_parser("query", help="the k nearest gallery images of each image")
     search.add_argument("model")
     search.add_argument("gallery", help="gallery file written by index with this model")
@@ -384,6 +464,7 @@ def _parser():
     search.add_argument("--faiss", action="store_true", help="search with faiss (pip install faiss-cpu): same neighbours")
     search.add_argument("--precision", type=float, metavar="P", help="also answer the nearest label, or 'unknown' "
                         "beyond the threshold calibrated for this precision (see calibrate)")
+    _add_search_options(search)
     pair = commands.add_parser("verify", help="are two images of the same class?")
     pair.add_argument("model")
     pair.add_argument("image1")
@@ -397,9 +478,17 @@ def _parser():
     knn.add_argument("--json", action="store_true", help="print the results as JSON")
     knn.add_argument("--precision", type=float, metavar="P", help="answer the nearest label, or 'unknown' beyond "
                      "the threshold calibrated for this precision (see calibrate), instead of the k-NN vote")
+    _add_search_options(knn)
     quality = commands.add_parser("evaluate", help="metrics of a labelled gallery queried against itself")
     quality.add_argument("model")
     quality.add_argument("gallery")
+    quality.add_argument("--recall", type=int, nargs="?", const=RECALL_K, metavar="K",
+                         help=f"instead of the metrics, recall@K (default {RECALL_K}) of the approximate index "
+                              "against exact search")
+    quality.add_argument("--queries", type=int, help="with --recall: gallery items sampled as queries "
+                                                     f"(default {RECALL_QUERIES} or all)")
+    quality.add_argument("--seed", type=int, help="with --recall: seed of the sample (default 0)")
+    _add_search_options(quality, exact=False)
     page = commands.add_parser("serve", help="a local web page: drop an image, see its neighbours and the map")
     page.add_argument("model")
     page.add_argument("gallery")
@@ -421,6 +510,26 @@ def _parser():
     return parser
 
 
+def _add_search_options(parser, exact=True):
+    if exact:
+        parser.add_argument("--exact", action="store_true", help="search exactly even if the gallery has an "
+                                                                 "approximate index")
+    parser.add_argument("--ef-search", type=int, help="search beam of the gallery's hnsw index (default 64)")
+    parser.add_argument("--nprobe", type=int, help="lists searched in the gallery's ivf index (default 16)")
+
+
+def _ann_options(arguments):
+    return {"exact": getattr(arguments, "exact", False), "ef_search": arguments.ef_search,
+            "nprobe": arguments.nprobe}
+
+
+def _note_approximate(arguments):
+    """A line on standard error when the results came through the approximate index, so none is taken as exact."""
+    if not (arguments.exact or arguments.faiss) and has_index(arguments.gallery):
+        print(f"(approximate search through {index_path(arguments.gallery)}; --exact searches exactly)",
+              file=sys.stderr)
+
+
 def _print_query(results):
     for number, result in enumerate(results):
         if number:
@@ -435,17 +544,28 @@ def _print_query(results):
 
 
 def _run_index(arguments):
+    build = {name: value for name, value in (("hnsw_m", arguments.hnsw_m), ("ef_construction",
+             arguments.ef_construction), ("ivf_lists", arguments.ivf_lists)) if value is not None}
+    allowed = {None: (), "hnsw": ("hnsw_m", "ef_construction"), "ivf": ("ivf_lists",)}[arguments.ann]
+    for name, value in build.items():
+        if name not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} applies to --ann {'ivf' if name == 'ivf_lists' else 'hnsw'}")
+        check_int(value, name, 2 if name == "hnsw_m" else 1)  # before the folder is embedded, not after
     out = index_folder(arguments.model, arguments.folder, arguments.out, batch_size=arguments.batch_size,
                        progress=not arguments.no_progress, skip_bad_images=arguments.skip_bad_images)
     gallery = load_gallery(out)
     n_classes = len(gallery["class_names"])
     print(f"indexed {len(gallery['embeddings'])} images ({gallery['embedding_dim']}-dimensional, "
           f"{f'{n_classes} classes' if n_classes else 'unlabelled'}) into {out}")
+    if arguments.ann:
+        path = build_index(out, arguments.ann, progress=not arguments.no_progress, **build)
+        print(f"built the {arguments.ann} approximate index {path}")
 
 
 def _run_query(arguments):
     results = query(arguments.model, arguments.gallery, arguments.images, k=arguments.k, use_faiss=arguments.faiss,
-                    precision=arguments.precision)
+                    precision=arguments.precision, ann_options=_ann_options(arguments))
+    _note_approximate(arguments)
     if arguments.json:
         print(json.dumps(results, indent=1))
     else:
@@ -469,7 +589,8 @@ def _run_verify(arguments):
 
 def _run_classify(arguments):
     results = classify(arguments.model, arguments.gallery, arguments.images, k=arguments.k, use_faiss=arguments.faiss,
-                       precision=arguments.precision)
+                       precision=arguments.precision, ann_options=_ann_options(arguments))
+    _note_approximate(arguments)
     if arguments.json:
         print(json.dumps(results, indent=1))
         return
@@ -495,6 +616,20 @@ def _run_calibrate(arguments):
 def _run_evaluate(arguments):
     from results import markdown_table
 
+    recall_options = [f"--{name}" for name in ("queries", "seed", "ef_search", "nprobe")
+                      if getattr(arguments, name) is not None]
+    if arguments.recall is not None:
+        result = evaluate_recall(arguments.model, arguments.gallery, k=arguments.recall,
+                                 n_queries=arguments.queries, seed=arguments.seed or 0,
+                                 ann_options=_ann_options(arguments))
+        columns = [("kind", "index", "{}"), ("parameter", "parameter", "{}"), ("value", "value", "{}"),
+                   ("n_items", "gallery", "{}"), ("n_queries", "queries", "{}"), ("k", "k", "{}"),
+                   ("recall_at_k", "recall@k", "{:.4f}"), ("approximate_seconds", "approximate s", "{:.3f}"),
+                   ("exact_seconds", "exact s", "{:.3f}")]
+        print(markdown_table([result], columns), end="")
+        return
+    if recall_options:
+        raise ValueError(f"{recall_options[0].replace('_', '-')} applies with --recall")
     result = evaluate(arguments.model, arguments.gallery)
     columns = [("n_images", "images", "{}"), ("n_classes", "classes", "{}"),
                ("precision_at_1", "P@1", "{:.4f}"), ("r_precision", "R-Precision", "{:.4f}"),
@@ -512,6 +647,20 @@ def _run_serve(arguments):
     serve(make_server(page, arguments.host, arguments.port))
 
 
+def _check_faiss_for_index(arguments):
+    """ValueError saying how to install faiss when the command would build or search an approximate index
+    without it (the command line's form of approximate_index's ImportError)."""
+    if importlib.util.find_spec("faiss") is not None:
+        return
+    if getattr(arguments, "ann", None):
+        raise ValueError("--ann needs faiss, which is not installed: pip install faiss-cpu, or leave out --ann")
+    searches = arguments.command in ("query", "classify") or getattr(arguments, "recall", None) is not None
+    if searches and not (getattr(arguments, "exact", False) or getattr(arguments, "faiss", False)) \
+            and has_index(arguments.gallery):
+        raise ValueError(f"{arguments.gallery} has an approximate index ({index_path(arguments.gallery)}), which "
+                         "needs faiss: pip install faiss-cpu, or pass --exact to search exactly")
+
+
 COMMANDS = {"index": _run_index, "query": _run_query, "verify": _run_verify, "classify": _run_classify,
             "evaluate": _run_evaluate, "calibrate": _run_calibrate, "serve": _run_serve}
 
@@ -524,6 +673,7 @@ def main(argv=None):
     arguments = _parser().parse_args(argv)
     if getattr(arguments, "faiss", False) and importlib.util.find_spec("faiss") is None:
         raise ValueError("--faiss needs faiss, which is not installed: pip install faiss-cpu, or leave out --faiss")
+    _check_faiss_for_index(arguments)
     COMMANDS[arguments.command](arguments)
     return 0
 

@@ -433,3 +433,18 @@ def ref_precision_recall_curve(distances, nearest_labels, true_labels, gallery_c
                     correct += 1
         rows.append((threshold, correct / accepted, correct / n_known))
     return rows
+
+
+# ----------------------------------------------------------------------------- nearest neighbours
+
+def ref_nearest_neighbours(queries, gallery, k):
+    """The k nearest gallery rows of each query by a loop: (distances, indices) as lists of Q lists of k,
+    Euclidean in float64, ascending, equal distances by the lower index."""
+    queries, gallery = np.asarray(queries, dtype=np.float64), np.asarray(gallery, dtype=np.float64)
+    distances, indices = [], []
+    for query in queries:
+        row = sorted((math.sqrt(sum((q - g) ** 2 for q, g in zip(query, item))), index)
+                     for index, item in enumerate(gallery))[:k]
+        distances.append([distance for distance, _ in row])
+        indices.append([index for _, index in row])
+    return distances, indices
