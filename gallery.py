@@ -70,7 +70,7 @@ def embed_files(model, info, paths, batch_size=256, progress=False, skip_bad_ima
             if not images:
                 continue
             batch = embed_images(model, torch.stack(images), batch_size=batch_size,
-                                 normalization=info["normalization"]).float().cpu().numpy()
+                                 normalization=info["normalization"], invert=info["invert"]).float().cpu().numpy()
             if embeddings is None:  # the width is known from the first batch (a model file may not record it)
                 embeddings = np.empty((len(paths), batch.shape[1]), dtype=np.float32)
             embeddings[len(kept):len(kept) + len(batch)] = batch

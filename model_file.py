@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from networks import NETWORKS, build_network
-from utils import atomic_write, check_choice, check_int
+from utils import atomic_write, check_choice, check_flag, check_int
 
 
 def _rebuild(architecture, arguments):
@@ -35,10 +35,11 @@ def _rebuild(architecture, arguments):
 
 
 MODEL_FORMAT = "siamese-triplet-model"
-MODEL_VERSION = 1
+MODEL_VERSION = 2
 # What save_model writes besides the caller's extra keys (which must not reuse these names).
 MODEL_KEYS = ("format", "version", "architecture", "arguments", "state_dict", "image_size", "channels",
-              "normalization", "class_names", "embedding_dim", "threshold", "command", "metrics", "fingerprint")
+              "normalization", "invert", "class_names", "embedding_dim", "threshold", "command", "metrics",
+              "fingerprint")
 
 
 def model_fingerprint(state_dict):
@@ -102,7 +103,7 @@ def _check_threshold(threshold):
     return float(threshold)
 
 
-def save_model(path, model, architecture, arguments, *, image_size, channels, normalization=None,
+def save_model(path, model, architecture, arguments, *, image_size, channels, normalization=None, invert=False,
                class_names=None, threshold=None, command=None, metrics=None, **extra):
     """Write ``model`` and everything needed to use it to one file at ``path`` (folders created; written to
     a temporary file, then renamed, so an interrupted save never leaves half a file). Returns the path.
@@ -113,6 +114,8 @@ def save_model(path, model, architecture, arguments, *, image_size, channels, no
     - ``image_size`` (int): the side the images are resized to; ``channels`` (int): 1 grey, 3 RGB;
     - ``normalization``: ``{"mean": [...], "std": [...]}``, one value per channel, applied as
       ``(x - mean) / std`` by ``embed_images``, or None;
+    - ``invert`` (bool): the model was trained on inverted images, ``1 - x`` of images in [0, 1] (Omniglot's
+      white ink on black), which ``embed_images`` applies before the normalisation;
     - ``class_names``: the training classes' names (list of str or int), or None;
     - ``threshold``: the verification threshold on the similarity ``1 / (1 + distance)``, or None;
     - ``command`` (str) that trained it, ``metrics`` (dict) of its evaluation, and any ``extra`` keys:
@@ -156,7 +159,8 @@ def save_model(path, model, architecture, arguments, *, image_size, channels, no
     saved = {
         "format": MODEL_FORMAT, "version": MODEL_VERSION, "architecture": architecture, "arguments": arguments,
         "state_dict": state_dict, "image_size": image_size, "channels": channels,
-        "normalization": _check_normalization(normalization, channels), "class_names": class_names,
+        "normalization": _check_normalization(normalization, channels), "invert": check_flag(invert, "invert"),
+        "class_names": class_names,
         "embedding_dim": getattr(model, "embedding_dim", None), "threshold": _check_threshold(threshold),
         "command": command, "metrics": _plain(metrics or {}, "metrics"),
         "fingerprint": model_fingerprint(state_dict),
@@ -174,7 +178,9 @@ def upgrade_model_file(contents, path):
 
     - the older Omniglot layout, ``{"config", "state_dict", ...}`` without ``format``, becomes version 0
       (``_from_old_omniglot_file``);
-    - version 0 -> 1: a file of version 0 carries no fingerprint; it gets its weights' own.
+    - version 0 -> 1: a file of version 0 carries no fingerprint; it gets its weights' own;
+    - version 1 -> 2: ``invert`` is new; a "siamese-network" file (the architecture only ``omniglot.py``
+      trains, always on inverted images) gets True, any other False.
     Each step fills what the next version added, so ``load_model`` reads one layout; ``version`` keeps the
     number the file was written with (what ``load_model``'s info reports). Raises ValueError naming ``path``
     when the contents are not a model file, or are of a version newer than ``MODEL_VERSION``.
@@ -193,6 +199,8 @@ def upgrade_model_file(contents, path):
         state_dict = contents.get("state_dict")
         if isinstance(state_dict, dict) and all(isinstance(value, torch.Tensor) for value in state_dict.values()):
             contents = {**contents, "fingerprint": model_fingerprint(state_dict)}
+    if version < 2 and "invert" not in contents:
+        contents = {**contents, "invert": contents.get("architecture") == "siamese-network"}
     return contents
 
 
@@ -251,11 +259,11 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), info
 
 
-def embed_images(model, images, batch_size=256, normalization=None):
+def embed_images(model, images, batch_size=256, normalization=None, invert=False):
     """Embeddings ``(N, D)`` of images ``(N, C, H, W)`` (floats, e.g. in [0, 1]) by ``model.get_embedding``:
     the preprocessing a model file records, applied in one place. Each batch of ``batch_size`` is moved to
-    the model's device and, with ``normalization`` (a model file's ``{"mean", "std"}``, one value per
-    channel), standardised as ``(x - mean) / std``. Runs in eval mode under no_grad and restores the
+    the model's device, with ``invert`` (a model file's) turned into ``1 - x``, and with ``normalization``
+    (a model file's ``{"mean", "std"}``, one value per channel) standardised as ``(x - mean) / std``. Runs in eval mode under no_grad and restores the
     model's mode. Returns the embeddings on the model's device."""
     if not isinstance(model, nn.Module) or not callable(getattr(model, "get_embedding", None)):
         raise TypeError("model must be an nn.Module with a get_embedding method, e.g. load_model's")
@@ -280,6 +288,8 @@ def embed_images(model, images, batch_size=256, normalization=None):
             batches = []
             for start in range(0, len(images), batch_size):
                 batch = images[start:start + batch_size].to(device)
+                if invert:
+                    batch = 1 - batch
                 if normalization is not None:
                     batch = (batch - mean) / std
                 batches.append(model.get_embedding(batch))

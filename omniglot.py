@@ -626,7 +626,8 @@ def omniglot_table(*results):
 
 def save_omniglot_model(model, path, **information):
     """Save the SiameseNetwork ``model`` to ``path`` as a model file (model_file.save_model: architecture
-    "siamese-network", its config and weights, folders created, written atomically). ``information``
+    "siamese-network", its config and weights, images inverted as ``OmniglotAlphabets`` reads them, folders
+    created, written atomically). ``information``
     (plain data: command, recipe, results, ...) is kept: ``command`` as the file's command, everything else
     under its own key, and the verification threshold of ``information["evaluation"]``, when given, as the
     file's threshold. Returns the path."""
@@ -636,7 +637,7 @@ def save_omniglot_model(model, path, **information):
     information.setdefault("threshold", threshold)
     config = model.config()
     return save_model(path, model, "siamese-network", config, image_size=model.image_size,
-                      channels=config["in_channels"], **information)
+                      channels=config["in_channels"], invert=True, **information)
 
 
 def load_omniglot_model(path=OMNIGLOT_WEIGHTS, device="cpu"):

@@ -12,15 +12,14 @@ share of unseen-class queries answered "unknown".
 - ``omniglot [--model weights/omniglot_siamese.pt]``: the alphabets of images_background_small2 that the model
   was not trained on (its ``train_alphabets``); the gallery is drawers 1-10 of the first half of each
   alphabet's characters, the queries drawers 11-20 of every character (half of them unseen). The images are
-  written ink-white-on-black, the polarity the model was trained on (``OmniglotAlphabets(invert=True)``), as
-  its model file records no normalisation; ``--raw-polarity`` keeps the files' black ink instead.
+  the files as they are (black ink on white): the model file inverts them as it was trained (its ``invert``).
 
 Prints one Markdown row per split. One split took 40 s (Fashion-MNIST, most of it writing the 70,000 PNG
 files) and 45 s (Omniglot) on one CPU thread; ten splits 95 s and 51 s.
 
 Usage:
     python benchmarks/open_set_study.py fashion-mnist runs/open-set/fashion-mnist-0-7.pt [--splits 1] [--plot PNG]
-    python benchmarks/open_set_study.py omniglot [--precision 0.95] [--splits 1] [--raw-polarity] [--plot PNG]
+    python benchmarks/open_set_study.py omniglot [--precision 0.95] [--splits 1] [--plot PNG]
 """
 
 import argparse
@@ -33,7 +32,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import numpy as np  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import open_set  # noqa: E402
 import search  # noqa: E402
@@ -105,9 +104,9 @@ def fashion_rows(work):
     return gallery, queries
 
 
-def omniglot_rows(work, model, raw_polarity=False):
+def omniglot_rows(work, model):
     """(gallery rows, query rows) of the small2 alphabets the model was not trained on, written under
-    ``work`` (inverted unless raw_polarity)."""
+    ``work``."""
     trained = set(load_model(model)[1].get("train_alphabets") or [])
     gallery, queries = [], []
     with zipfile.ZipFile(os.path.join(OMNIGLOT_ROOT, OMNIGLOT_EVALUATION + ".zip")) as archive:
@@ -121,8 +120,7 @@ def omniglot_rows(work, model, raw_polarity=False):
                 path = os.path.join(work, "omniglot", alphabet, character, file_name)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with archive.open(name) as file, Image.open(file) as image:
-                    image = image.convert("L")
-                    (image if raw_polarity else ImageOps.invert(image)).save(path)
+                    image.convert("L").save(path)
                 drawer = int(os.path.splitext(file_name)[0].rsplit("_", 1)[1])
                 row = (path, f"{alphabet}-{character}")
                 if drawer > 10:
@@ -137,7 +135,6 @@ def main(argv=None):
     parser.add_argument("case", choices=("fashion-mnist", "omniglot"))
     parser.add_argument("model", nargs="?", default=None, help="model file (omniglot: the committed weights)")
     parser.add_argument("--precision", type=float, default=0.95)
-    parser.add_argument("--raw-polarity", action="store_true", help="omniglot: the files' black ink on white")
     parser.add_argument("--splits", type=int, default=1, help="halvings of the queries, seeds 0, 1, ...")
     parser.add_argument("--plot", metavar="PNG", help="save the calibration curve (search.py calibrate --plot) there")
     arguments = parser.parse_args(argv)
@@ -149,8 +146,8 @@ def main(argv=None):
             gallery, queries = fashion_rows(work)
         else:
             model = arguments.model or OMNIGLOT_WEIGHTS
-            name = "Omniglot, new alphabets" + (" (raw polarity)" if arguments.raw_polarity else "")
-            gallery, queries = omniglot_rows(work, model, arguments.raw_polarity)
+            name = "Omniglot, new alphabets"
+            gallery, queries = omniglot_rows(work, model)
         rows = run_case(name, model, gallery, queries, work, arguments.precision, arguments.splits, arguments.plot)
     print(markdown_table(rows, COLUMNS), end="")
 

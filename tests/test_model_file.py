@@ -51,9 +51,9 @@ def test_round_trip_gives_identical_embeddings_and_information(tmp_path, archite
     images = _images(2, channels, size)
     with torch.no_grad():
         assert torch.equal(loaded.get_embedding(images), model.get_embedding(images))
-    assert info == {"format": "siamese-triplet-model", "version": 1, "architecture": architecture,
+    assert info == {"format": "siamese-triplet-model", "version": 2, "architecture": architecture,
                     "arguments": arguments, "image_size": size, "channels": channels,
-                    "normalization": normalization, "class_names": ["a", "b", 7], "embedding_dim": arguments["embedding_dim"],
+                    "normalization": normalization, "invert": False, "class_names": ["a", "b", 7], "embedding_dim": arguments["embedding_dim"],
                     "threshold": 0.25, "command": "python train.py", "metrics": {"accuracy": 0.5, "n": 3},
                     "fingerprint": model_fingerprint(model.state_dict()),
                     "recipe": {"epochs": 2, "scale": (0.9, 1.1)}, "notes": None}
@@ -154,8 +154,8 @@ def test_load_errors_of_altered_model_files(tmp_path):
     _rewrite(fresh(), state_dict=state)
     with pytest.raises(ValueError, match="do not match the fingerprint"):
         load_model(path)
-    _rewrite(fresh(), version=2)
-    with pytest.raises(ValueError, match="version 2; this library reads version 1"):
+    _rewrite(fresh(), version=3)
+    with pytest.raises(ValueError, match="version 3; this library reads version 2"):
         load_model(path)
     _rewrite(fresh(), threshold=KeyError)
     with pytest.raises(ValueError, match=r"keys \['threshold'\] are missing"):
@@ -255,7 +255,7 @@ def test_an_old_omniglot_file_still_loads(tmp_path):
         assert torch.equal(omniglot.load_omniglot_model(str(path)).get_embedding(images), model.get_embedding(images))
     assert info == {"format": "siamese-triplet-model", "version": 0, "architecture": "siamese-network",
                     "arguments": model.config(), "image_size": 28, "channels": 1, "normalization": None,
-                    "class_names": None, "embedding_dim": 8, "threshold": 0.4,
+                    "invert": True, "class_names": None, "embedding_dim": 8, "threshold": 0.4,
                     "command": "python experiments.py --dataset omniglot", "metrics": {},
                     "fingerprint": model_fingerprint(model.state_dict()), "recipe": {"quarter_turns": (0, 1)},
                     "evaluation": {"verification": {"threshold": 0.4}}}
@@ -269,8 +269,8 @@ def test_save_omniglot_model_writes_a_model_file(tmp_path):
     path = omniglot.save_omniglot_model(model, str(tmp_path / "model.pt"), command="test", evaluation=evaluation,
                                         seconds=1.5)
     _, info = load_model(path)
-    assert (info["version"], info["architecture"], info["arguments"], info["threshold"]) == \
-           (1, "siamese-network", model.config(), 0.5)
+    assert (info["version"], info["architecture"], info["arguments"], info["threshold"], info["invert"]) == \
+           (2, "siamese-network", model.config(), 0.5, True)  # OmniglotAlphabets' inverted images
     assert (info["command"], info["evaluation"], info["seconds"]) == \
            ("test", {"verification": {"threshold": 0.5}, "episodes": []}, 1.5)
     assert omniglot.save_omniglot_model(model, str(tmp_path / "bare.pt")) and \
@@ -284,6 +284,7 @@ def test_save_omniglot_model_writes_a_model_file(tmp_path):
 def test_the_committed_omniglot_weights_are_a_model_file():
     model, info = load_model(os.path.join(REPOSITORY, "weights", "omniglot_siamese.pt"))
     assert isinstance(model, SiameseNetwork) and (info["format"], info["version"]) == ("siamese-triplet-model", 1)
+    assert info["invert"]  # version 1 recorded no polarity: a siamese-network was trained on inverted images
     assert info["threshold"] == info["evaluation"]["verification"]["threshold"]
     assert (info["image_size"], info["channels"], info["embedding_dim"]) == (40, 1, 64)
     assert info["command"] == "python experiments.py --dataset omniglot" and "recipe" in info
@@ -299,7 +300,7 @@ def test_a_model_file_written_by_the_previous_code_loads_with_its_weights_inform
     expected = torch.load(os.path.join(OLD_FORMATS, "expected.pt"), weights_only=True)
     model, info = load_model(path)
     assert isinstance(model, SiameseNetwork) and not model.training
-    assert info == expected["info"]
+    assert info == {**expected["info"], "invert": True}  # version 1 had no polarity: a siamese-network's is inverted
     assert (info["version"], info["architecture"], info["image_size"], info["class_names"], info["recipe"]) == \
            (1, "siamese-network", 16, ["a", "b", "c"], {"epochs": 2, "scale": (0.9, 1.1)})
     saved = torch.load(path, weights_only=True)["state_dict"]
@@ -324,10 +325,13 @@ def test_upgrade_model_file_turns_every_older_layout_into_the_current_one(tmp_pa
     assert (upgraded["threshold"], upgraded["fingerprint"]) == (0.3, model_fingerprint(state))
     path = save_model(tmp_path / "model.pt", model, "siamese-network", None, image_size=16, channels=1)
     current = torch.load(path, weights_only=True)
-    assert upgrade_model_file(current, path) == current and current["version"] == MODEL_VERSION == 1
-    with pytest.raises(ValueError, match=f"new.pt is a model file of version 2; this library reads version "
+    assert upgrade_model_file(current, path) == current and current["version"] == MODEL_VERSION == 2
+    version_1 = {key: value for key, value in current.items() if key != "invert"}
+    assert upgrade_model_file({**version_1, "version": 1}, path)["invert"] is True  # Omniglot's architecture
+    assert upgrade_model_file({**version_1, "version": 1, "architecture": "embedding-net"}, path)["invert"] is False
+    with pytest.raises(ValueError, match=f"new.pt is a model file of version 3; this library reads version "
                                          f"{MODEL_VERSION}"):
-        upgrade_model_file({**current, "version": 2}, "new.pt")
+        upgrade_model_file({**current, "version": 3}, "new.pt")
     for contents in ({**current, "version": None}, {**current, "version": -1}, {**current, "version": "1"}):
         with pytest.raises(ValueError, match="model.pt is a model file of version"):
             upgrade_model_file(contents, "model.pt")
@@ -343,3 +347,19 @@ def test_old_networks_paths_warn_and_give_the_model_file_objects(name):
     import networks
     from test_utils import assert_moved_name
     assert_moved_name(networks, name, model_file)
+
+
+def test_an_inverting_model_file_embeds_one_minus_the_images_before_its_normalisation(tmp_path):
+    torch.manual_seed(0)
+    model = build_network("embedding-net", embedding_dim=4, in_channels=1, image_size=28).eval()
+    images = _images(3, 1, 28)
+    normalization = {"mean": [0.25], "std": [0.5]}
+    path = save_model(tmp_path / "model.pt", model, "embedding-net", None, image_size=28, channels=1,
+                      normalization=normalization, invert=True)
+    loaded, info = load_model(path)
+    assert info["invert"] is True
+    expected = embed_images(model, 1 - images, normalization=normalization)
+    assert torch.equal(embed_images(loaded, images, normalization=normalization, invert=True), expected)
+    assert not torch.allclose(embed_images(loaded, images, normalization=normalization), expected)
+    with pytest.raises(TypeError, match="invert must be True or False, got 1"):
+        save_model(tmp_path / "bad.pt", model, "embedding-net", None, image_size=28, channels=1, invert=1)

@@ -572,3 +572,14 @@ def test_evaluate_reports_verification_accuracy_at_the_model_threshold(setup):
     similarity = 1 / (1 + (embeddings[first].double() - embeddings[second].double()).norm(dim=1))
     same = labels[first] == labels[second]
     assert result["verification_accuracy"] == pytest.approx(float(((similarity >= THRESHOLD) == same).double().mean()))
+
+
+def test_a_model_file_that_inverts_its_images_indexes_the_inverted_images(setup, tmp_path):
+    model, info = load_model(setup["model"])
+    path = save_model(tmp_path / "inverting.pt", model, info["architecture"], info["arguments"], image_size=SIZE,
+                      channels=3, normalization=info["normalization"], invert=True)
+    gallery = search.load_gallery(search.index_folder(path, setup["folder"], tmp_path / "g.npz", progress=False))
+    images = torch.stack([read_image(image, SIZE, 3) for image in setup["paths"]])
+    expected = embed_images(model, 1 - images, normalization=info["normalization"])
+    np.testing.assert_allclose(gallery["embeddings"], expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(gallery["embeddings"], setup["embed"](setup["paths"]).numpy(), atol=1e-3)
