@@ -15,7 +15,7 @@ SYSTEM_FASHION_MNIST := /usr/share/datasets/fashion-mnist
 .PHONY: test experiments notebooks data bench clean
 
 test: $(VENV)/installed
-	$(BIN)/python -m pytest -q -m "not cuda" tests
+	$(BIN)/python -m pytest -q -m "not cuda" --durations=15 tests
 
 # The committed study (EPOCHS=20) writes results/ and images/; any other settings (e.g. EPOCHS=1) write under
 # runs/<dataset>/<settings>/ and leave the committed tables and figures as they are.
