@@ -10,7 +10,8 @@ traceback of a user error too (for a bug report).
 Each command line is ``python <module>.py ...`` ending in ``sys.exit(cli.run(main, "<module>.py"))``, its
 options read by ``cli.ArgumentParser``: argparse's parser whose mistakes (an unknown option, a bad value)
 raise ValueError instead of printing the usage and exiting, so that ``run`` reports them by the same rule
-(one line, exit status 2); ``--help`` prints the help and exits 0 as ever.
+(one line, exit status 2); ``--help`` prints the help and exits 0 as ever. ``whole_number`` is the type of
+an option that takes a count.
 """
 
 import argparse
@@ -28,6 +29,22 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise ValueError(message)
+
+
+def whole_number(smallest=1):
+    """An argparse ``type`` for an option that takes a whole number of at least ``smallest``: the option's text
+    -> its int; anything else (``"1.5"``, ``"two"``, a smaller number) is refused by the parser, naming the
+    option, before the command does any work."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < smallest:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {smallest}, got {text!r}")
+        return value
+
+    return parse
 
 
 def run(main, prog, argv=None):

@@ -5,10 +5,11 @@ Methods (the classic study's, with its hyper-parameters as defaults):
 - ``softmax``: a classifier (``ClassificationNet``, NLL loss); embeddings from its penultimate layer;
 - ``siamese``: ``SiameseMNIST`` pairs + ``ContrastiveLoss``;
 - ``triplet``: ``TripletMNIST`` triplets + ``TripletLoss``;
-- ``online-contrastive``: ``BalancedBatchSampler`` batches + ``OnlineContrastiveLoss`` with hard
-  negative pairs;
-- ``online-triplet``: ``BalancedBatchSampler`` batches + ``OnlineTripletLoss`` with a selector:
-  ``all``, ``hardest``, ``random-hard`` (default), ``semi-hard`` or ``batch-hard``.
+- ``online-contrastive``: ``BalancedBatchSampler`` batches + ``OnlineContrastiveLoss`` with hard negative pairs;
+- ``online-triplet``: the same batches + ``OnlineTripletLoss`` with a selector: ``all``, ``hardest``,
+  ``random-hard`` (default), ``semi-hard`` or ``batch-hard``;
+- ``multi-similarity``: the same batches + ``MultiSimilarityLoss`` (Wang et al. 2019). The three online
+  methods may also mine a cross-batch memory of recent embeddings (``--memory M``, ``methods.Recipe``).
 
 Every trained embedding is measured on the test set with one set of metrics that is comparable
 between approaches (``metrics.evaluate_embeddings``: Precision@1, R-Precision, MAP@R, k-NN accuracy
@@ -25,22 +26,22 @@ the result row; ``run_methods(...)`` runs several and writes the table. Command 
     python experiments.py --dataset fashion-mnist --methods all --epochs 20
     python experiments.py --dataset fashion-mnist --methods online-triplet --selectors all,batch-hard
     python experiments.py --quick          # a smoke run: small subsets, one epoch (runs/fashion-mnist/quick/)
+    python experiments.py --methods multi-similarity --embedding-dim 64 --memory 4096   # with a cross-batch memory
     torchrun --nproc-per-node 4 experiments.py --methods online-triplet --amp bf16   # 4 processes (GPUs)
 
 Under torchrun every process trains its share of the one-process global batch (``build_method``) and rank 0
 alone evaluates and writes (``run_method``), so N processes give one process's results up to float rounding.
 
-Held-out classes: ``--train-classes 0-4`` (``run_method(..., train_classes="0-4")``) trains on those
-classes only, scores the usual metrics on them and adds one-shot accuracy (5-way 1-shot episodes) and
-verification ROC-AUC on the test images of the other classes, which the model never saw; the
-results go to ``results/train-classes-0-4/`` and ``images/train-classes-0-4/``, beside two reference
-rows scored the same way (``held_out_baselines``: raw pixels and the untrained network).
+Held-out classes: ``--train-classes 0-4`` (``run_method(..., train_classes="0-4")``) trains on those classes only,
+scores the usual metrics on them and adds one-shot accuracy (5-way 1-shot episodes) and verification ROC-AUC on
+the test images of the other classes, which the model never saw; the results go to ``results/train-classes-0-4/``
+and ``images/train-classes-0-4/``, beside two reference rows scored the same way (``held_out_baselines``: raw
+pixels and the untrained network).
 
 Omniglot and the autoencoder sweep have their own command lines (``python omniglot.py``, ``python
 autoencoders.py``); old names here (``experiments.run_omniglot``, ...) resolve for one release (``utils.MOVED_NAMES``).
 """
 
-import argparse
 import os
 import sys
 import time
@@ -55,9 +56,9 @@ from distributed import broadcast_from_main, close_distributed, is_main_process
 from held_out import HELD_OUT_BASELINES, HELD_OUT_COLUMNS, PixelEmbedding, evaluate_held_out, held_out_splits
 from image_folders import load_folder_splits
 from known_datasets import load_dataset
-from methods import (BALANCED_BATCH, CLASSIC, EVALUATION_BATCH, GAMMA, MARGIN, METHODS, SELECTORS, STEP_SIZE,
-                     STUDY_NETWORKS, Recipe, build_training, data_workers, image_shape, method_label, method_recipe,
-                     recipe_label, recipe_tag)
+from methods import (BALANCED_BATCH, CLASSIC, EVALUATION_BATCH, GAMMA, LATER_RECIPE_FIELDS, MARGIN, MEMORY_WARMUP,
+                     METHODS, SELECTORS, STEP_SIZE, STUDY_NETWORKS, Recipe, build_training, check_memory, data_workers,
+                     image_shape, method_label, method_recipe, recipe_label, recipe_tag)
 from metrics import evaluate_embeddings, extract_embeddings, verification_threshold
 from model_file import save_model
 from networks import EmbeddingNet
@@ -158,10 +159,13 @@ class StudySettings(NamedTuple):
         return STUDY_EPOCHS if self.epochs is None else check_int(self.epochs, "epochs", 1)
 
     def checked(self):
-        """These settings, after checking the dataset, the method and selector names, the epochs and the
-        learning-rate step (ValueError or FileNotFoundError naming what to change), before any data loads."""
+        """These settings, after checking the dataset, the method and selector names, the epochs, the
+        learning-rate step and a recipe's memory (ValueError or FileNotFoundError naming what to change), before
+        any data loads."""
         for method in self.methods:
             check_choice(method, METHODS, "method")
+            if isinstance(self.recipe, Recipe):
+                check_memory(method, self.recipe.memory, self.recipe.memory_warmup)
         for selector in self.selectors:
             check_choice(selector, tuple(SELECTORS), "selector")
         check_int(self.lr_step, "lr_step", 1)
@@ -343,8 +347,9 @@ def method_settings(name, label, embedding_dim, epochs, seed, quick=False, chann
                     lr_step=STEP_SIZE):
     """The settings of one method's run (see ``run_method`` for each), the start of its result row and what
     its run folder must match to resume. The network, mixed precision, recipe (``method_recipe(label,
-    recipe)``) and learning-rate step are recorded only when not the classic ones, so that earlier run
-    folders still resume (``finish_run`` adds the classic step to the row, ``Recipe`` the classic batch shape)."""
+    recipe)``) and learning-rate step are recorded only when not the classic ones, and of a recipe the fields
+    added later (``methods.LATER_RECIPE_FIELDS``) only when not their default, so that earlier run folders still
+    resume (``finish_run`` adds the classic step to the row, ``Recipe`` the defaults of the later fields)."""
     settings = {"dataset": name, "method": label, "embedding_dim": embedding_dim, "epochs": epochs,
                 "seed": seed, "quick": quick, "channels_last": channels_last, "train_classes": train_classes}
     if network != "embedding-net" or pretrained is not None:
@@ -352,9 +357,9 @@ def method_settings(name, label, embedding_dim, epochs, seed, quick=False, chann
     if amp is not None or compile:
         settings.update(amp=amp, compile=compile)
     recipe = method_recipe(label, recipe)
-    if recipe != CLASSIC:  # the batch shape, added to recipes later, only when not the classic one
+    if recipe != CLASSIC:
         settings.update({field: value for field, value in recipe._asdict().items()
-                         if field != "batch_samples" or value != CLASSIC.batch_samples})
+                         if field not in LATER_RECIPE_FIELDS or value != getattr(CLASSIC, field)})
     if lr_step != STEP_SIZE:
         settings["lr_step"] = lr_step
     return settings
@@ -441,7 +446,6 @@ def save_trained_model(path, model, network, train_set, validation, row, seed=0,
     return save_model(path, embedding_net, network, embedding_net.config(), image_size=image_size, channels=channels,
                       normalization=normalization, class_names=list(train_set.classes), threshold=threshold,
                       command=command or " ".join(sys.argv), metrics=metrics)
-
 
 
 def method_run_dir(run_dir, dataset, label, embedding_dim=2, seed=0, quick=False, train_classes=None, recipe=None):
@@ -613,7 +617,7 @@ def _parser():
     parser.add_argument("--epochs", type=int, default=None, help=f"default {STUDY_EPOCHS}")
     parser.add_argument("--embedding-dim", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr-step", type=_positive_int, default=STEP_SIZE,
+    parser.add_argument("--lr-step", type=cli.whole_number(), default=STEP_SIZE,
                         help=f"the learning rate falls tenfold every this many epochs (default {STEP_SIZE}, "
                              "the classic)")
     parser.add_argument("--root", default="data", help="where to look for (and download) the data")
@@ -677,9 +681,13 @@ def _add_recipe_options(recipe):
                         help="end the classic network with a BatchNorm, which keeps the embeddings from collapsing")
     recipe.add_argument("--easy-selector", default=None, choices=tuple(SELECTORS),
                         help="online-triplet: add the loss of this (easier) selector's triplets to the selector's")
-    recipe.add_argument("--batch-samples", type=_positive_int, default=None,
+    recipe.add_argument("--batch-samples", type=cli.whole_number(), default=None,
                         help=f"online methods: images per class in a balanced batch (classic: {BALANCED_BATCH[1]}, "
                              f"of {BALANCED_BATCH[0]} classes)")
+    recipe.add_argument("--memory", type=cli.whole_number(), default=None, metavar="M",
+                        help="online methods: mine a cross-batch memory of the last M embeddings too (classic: none)")
+    recipe.add_argument("--memory-warmup", type=cli.whole_number(0), default=None, metavar="N",
+                        help=f"training steps before the memory is mined (default {MEMORY_WARMUP})")
 
 
 def main(argv=None):
@@ -741,21 +749,12 @@ def _print_outputs(settings, rows, seconds):
         print(f"Model saved to {path}.")
 
 
-def _positive_int(text):
-    """An argparse type: ``text`` as an int of at least 1 (``check_int``), refused by the parser (before any
-    data loads) else."""
-    try:
-        return check_int(int(text), "the value", 1)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from error
-
-
 def _recipe_of(args, parser):
     """The ``recipe`` of the settings the command line asks for: one ``Recipe`` for every method when an
     option describes one, ``"classic"`` for ``--classic``, else None (each method's study recipe)."""
     given = {"margin": args.margin, "soft": args.soft_margin or None, "distance": args.distance,
              "batch_norm": args.batch_norm or None, "easy_selector": args.easy_selector,
-             "batch_samples": args.batch_samples}
+             "batch_samples": args.batch_samples, "memory": args.memory, "memory_warmup": args.memory_warmup}
     given = {field: value for field, value in given.items() if value is not None}
     if given and args.classic:
         parser.error("--classic takes each method's classic settings; leave out the recipe options with it")

@@ -14,16 +14,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from cross_batch_memory import CrossBatchMemory
 from datasets import BalancedBatchSampler, DistributedBalancedBatchSampler, SiameseMNIST, TripletMNIST
 from distributed import rank_and_world_size
-from losses import ContrastiveLoss, OnlineContrastiveLoss, OnlineTripletLoss, TripletLoss
+from losses import ContrastiveLoss, MultiSimilarityLoss, OnlineContrastiveLoss, OnlineTripletLoss, TripletLoss
 from metrics import AccumulatedAccuracyMetric, AverageNonzeroTripletsMetric
 from networks import ClassificationNet, SiameseNet, SiameseNetwork, TripletNet, build_network
 from utils import (AllTripletSelector, BatchHardTripletSelector, HardestNegativeTripletSelector,
                    HardNegativePairSelector, RandomNegativeTripletSelector, SemihardNegativeTripletSelector,
-                   check_choice)
+                   check_choice, check_int)
 
-METHODS = ("softmax", "siamese", "triplet", "online-contrastive", "online-triplet")
+METHODS = ("softmax", "siamese", "triplet", "online-contrastive", "online-triplet", "multi-similarity")
+# The methods that mine balanced batches with an online loss, so that a cross-batch memory can join their candidates.
+ONLINE_METHODS = ("online-contrastive", "online-triplet", "multi-similarity")
 # name -> selector(margin, generator, distance="squared"); distance: the loss's (utils.DISTANCES)
 SELECTORS = {
     "all": lambda margin, generator, distance="squared": AllTripletSelector(),
@@ -45,6 +48,11 @@ DEFAULT_LEARNING_RATE = 1e-3
 BATCH_SIZE = {"softmax": 256, "siamese": 128, "triplet": 128}
 BALANCED_BATCH = (10, 25)  # classes x samples per class, for the online methods
 WEIGHT_DECAY = {"online-triplet": 1e-4}
+# Training steps before a cross-batch memory is mined (Recipe.memory_warmup). Wang et al. (2020) start the memory
+# once the embeddings' early fast drift is over, so that what it holds is close to what the model gives now; here
+# that is a fraction of the first epoch (the classic balanced batches make 240 steps an epoch on Fashion-MNIST).
+# A guess from the paper's reasoning, not a measurement: --memory-warmup changes it.
+MEMORY_WARMUP = 250
 
 
 class Recipe(NamedTuple):
@@ -55,7 +63,9 @@ class Recipe(NamedTuple):
     ``easy_selector``, the name (``SELECTORS``) of an easier selector whose triplets' loss the online
     triplet loss adds to its own selector's (a mixed objective, ``losses.OnlineTripletLoss``), and
     ``batch_samples``, the images per class in the online methods' balanced batches (fewer: an anchor's
-    hardest positive and negative come from fewer candidates, so they are less extreme)."""
+    hardest positive and negative come from fewer candidates, so they are less extreme), ``memory``, the
+    size of the cross-batch memory the online methods' loss mines besides the batch (0: none;
+    ``cross_batch_memory.CrossBatchMemory``) and ``memory_warmup``, the training steps before it is mined."""
 
     margin: float = MARGIN
     soft: bool = False
@@ -63,8 +73,13 @@ class Recipe(NamedTuple):
     batch_norm: bool = False
     easy_selector: Optional[str] = None
     batch_samples: int = BALANCED_BATCH[1]
+    memory: int = 0
+    memory_warmup: int = MEMORY_WARMUP
 
 
+# Recipe fields added after run folders and result rows recorded recipes: those record them only when they are not
+# their default (experiments.method_settings), so that every earlier run folder still matches and resumes.
+LATER_RECIPE_FIELDS = ("batch_samples", "memory", "memory_warmup")
 CLASSIC = Recipe()
 HERMANS = Recipe(margin=0.0, soft=True, distance="euclidean")  # Hermans et al.'s soft margin on plain distances
 # The hardest-negative selectors mine batches of few images per class, so that an anchor's hardest picks are
@@ -115,12 +130,16 @@ def recipe_label(recipe):
     words += [] if recipe.margin == CLASSIC.margin else [f"margin {recipe.margin:g}"]
     words += [] if recipe.batch_samples == CLASSIC.batch_samples else [f"{recipe.batch_samples} images per class"]
     words += [] if recipe.easy_selector is None else [f"+ {recipe.easy_selector}"]
+    words += [f"memory {recipe.memory}"] if recipe.memory else []
+    if recipe.memory and recipe.memory_warmup != MEMORY_WARMUP:
+        words += [f"warm-up {recipe.memory_warmup}"]
     return ", ".join(words) or "classic"
 
 
 def build_method(method, embedding_net, train_set, test_set=None, *, selector="random-hard", margin=MARGIN,
                  batch_size=128, batch_classes=BALANCED_BATCH[0], batch_samples=BALANCED_BATCH[1], seed=0,
-                 groups=None, soft=False, distance="squared", easy_selector=None):
+                 groups=None, soft=False, distance="squared", easy_selector=None, memory=0,
+                 memory_warmup=MEMORY_WARMUP):
     """The one place a method is put together, for the Fashion-MNIST study and for Omniglot alike.
 
     Takes the method (see ``METHODS``), the embedding network it trains (images ``(B, C, H, W)`` ->
@@ -136,6 +155,10 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
     ``"euclidean"``) is the distance of every contrastive and triplet loss and selector, ``soft`` the
     triplet losses' soft margin (``losses.triplet_terms``), ``easy_selector`` the name of a second selector
     (``SELECTORS``) whose triplets the online triplet loss adds (``losses.OnlineTripletLoss``).
+    ``multi-similarity`` mines the same balanced batches with ``MultiSimilarityLoss()`` (its own defaults;
+    ``margin``, ``distance`` and ``soft`` are the contrastive and triplet losses'). ``memory`` > 0 gives the
+    online methods' loss a ``CrossBatchMemory(memory, D, memory_warmup)`` (``D``: the network's
+    ``embedding_dim``); ``check_memory`` says which methods can take one.
     Returns ``(model, loss_fn, train_loader, val_loader, metrics)``; ``val_loader`` is None without
     ``test_set``.
 
@@ -147,6 +170,7 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
     rank.
     """
     check_choice(method, METHODS, "method")
+    check_memory(method, memory, memory_warmup)
     generator = torch.Generator().manual_seed(seed)
     workers = {"num_workers": data_workers(train_set)}
     metrics = []
@@ -163,18 +187,9 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
         train_loader = _shuffled_loader(wrapper(train_set), batch_size, generator, seed, workers)
         validation = None if test_set is None else wrapper(test_set)
     else:
-        model = embedding_net
-        if method == "online-contrastive":
-            loss_fn = OnlineContrastiveLoss(margin, HardNegativePairSelector(), distance=distance)
-        else:
-            check_choice(selector, tuple(SELECTORS), "selector")
-            easy = None
-            if easy_selector is not None:
-                easy = SELECTORS[check_choice(easy_selector, tuple(SELECTORS), "easy_selector")](
-                    margin, generator, distance)
-            loss_fn = OnlineTripletLoss(margin, SELECTORS[selector](margin, generator, distance), soft=soft,
-                                        distance=distance, easy_selector=easy)
-            metrics = [AverageNonzeroTripletsMetric()]
+        model, memory = embedding_net, _memory_of(embedding_net, memory, memory_warmup)
+        loss_fn = _online_loss(method, selector, margin, generator, soft, distance, easy_selector, memory)
+        metrics = [AverageNonzeroTripletsMetric()] if method == "online-triplet" else []
         n_batch_classes = min(batch_classes, len(train_set.classes))
         train_samples = _samples_per_class(train_set, batch_samples, "training")
         train_loader = _balanced_loader(train_set, n_batch_classes, train_samples, seed, groups, workers)
@@ -185,6 +200,48 @@ def build_method(method, embedding_net, train_set, test_set=None, *, selector="r
                 workers), metrics
     val_loader = None if validation is None else DataLoader(validation, batch_size=EVALUATION_BATCH, **workers)
     return model, loss_fn, train_loader, val_loader, metrics
+
+
+def _online_loss(method, selector, margin, generator, soft, distance, easy_selector, memory):
+    """The loss of an online method (``ONLINE_METHODS``) of ``build_method``'s settings; ``memory``: its
+    ``CrossBatchMemory`` or None."""
+    if method == "online-contrastive":
+        return OnlineContrastiveLoss(margin, HardNegativePairSelector(), distance=distance, memory=memory)
+    if method == "multi-similarity":
+        return MultiSimilarityLoss(memory=memory)
+    check_choice(selector, tuple(SELECTORS), "selector")
+    easy = None
+    if easy_selector is not None:
+        easy = SELECTORS[check_choice(easy_selector, tuple(SELECTORS), "easy_selector")](margin, generator, distance)
+    return OnlineTripletLoss(margin, SELECTORS[selector](margin, generator, distance), soft=soft, distance=distance,
+                             easy_selector=easy, memory=memory)
+
+
+def check_memory(method, memory, memory_warmup=MEMORY_WARMUP):
+    """Check a cross-batch memory of ``memory`` items (0: none) and its ``memory_warmup`` steps for ``method``
+    (``METHODS``): ValueError, saying what to change, for a size or warm-up below 0, a memory for a method not
+    in ``ONLINE_METHODS`` (their random pairs or triplets, or a classifier, mine nothing), or a warm-up other
+    than ``MEMORY_WARMUP`` without a memory. Returns ``memory``."""
+    check_int(memory, "memory", 0)
+    check_int(memory_warmup, "memory_warmup", 0)
+    if memory and method not in ONLINE_METHODS:
+        raise ValueError(f"a cross-batch memory (--memory) needs an online method ({', '.join(ONLINE_METHODS)}); "
+                         f"{method} mines no batch: leave it out of --methods, or leave out --memory")
+    if not memory and memory_warmup != MEMORY_WARMUP:
+        raise ValueError("memory_warmup (--memory-warmup) is the warm-up of a cross-batch memory: give its size "
+                         "too (--memory M)")
+    return memory
+
+
+def _memory_of(embedding_net, memory, memory_warmup):
+    """The ``CrossBatchMemory`` of ``memory`` items (None for 0) sized by ``embedding_net.embedding_dim``."""
+    if not memory:
+        return None
+    embedding_dim = getattr(embedding_net, "embedding_dim", None)
+    if not isinstance(embedding_dim, int):
+        raise ValueError(f"a cross-batch memory needs the network's embedding size, but {type(embedding_net).__name__} "
+                         "has no embedding_dim attribute; set it, or leave out --memory")
+    return CrossBatchMemory(memory, embedding_dim, memory_warmup)
 
 
 def _shuffled_loader(dataset, batch_size, generator, seed, workers):
@@ -272,6 +329,7 @@ def build_training(method, train_set, test_set, selector="random-hard", embeddin
     model, loss_fn, train_loader, val_loader, metrics = build_method(
         method, embedding_net, train_set, test_set, selector=selector, margin=recipe.margin,
         batch_size=BATCH_SIZE.get(method, BATCH_SIZE["siamese"]), seed=seed, soft=recipe.soft,
-        distance=recipe.distance, easy_selector=recipe.easy_selector, batch_samples=recipe.batch_samples)
+        distance=recipe.distance, easy_selector=recipe.easy_selector, batch_samples=recipe.batch_samples,
+        memory=recipe.memory, memory_warmup=recipe.memory_warmup)
     return (model, loss_fn, train_loader, val_loader, metrics,
             LEARNING_RATE.get(method, DEFAULT_LEARNING_RATE), WEIGHT_DECAY.get(method, 0.0))

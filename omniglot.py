@@ -42,7 +42,7 @@ from torchvision import transforms
 import cli
 from datasets import BatchRandomAffine, InMemoryDataset, SiameseMNIST
 from episodes import few_shot_accuracy
-from methods import EVALUATION_BATCH, build_method
+from methods import EVALUATION_BATCH, MEMORY_WARMUP, build_method, check_memory
 from metrics import best_threshold, extract_embeddings, verification_roc_auc
 from model_file import load_model, save_model
 from networks import ShiftAveragedEmbedding, SiameseNetwork
@@ -438,7 +438,7 @@ OMNIGLOT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pard
 OMNIGLOT_BACKGROUND = "images_background_small1"  # .zip or extracted folder: 5 alphabets, 136 characters
 OMNIGLOT_EVALUATION = "images_background_small2"  # its alphabets that the background lacks are evaluated
 OMNIGLOT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "omniglot_siamese.pt")
-OMNIGLOT_METHODS = ("siamese", "online-contrastive", "online-triplet")
+OMNIGLOT_METHODS = ("siamese", "online-contrastive", "online-triplet", "multi-similarity")
 # The recipe `python omniglot.py` trains (its measured accuracy: results/omniglot.md).
 # Chosen by trials (20-way 1-shot within-alphabet accuracy of the plain embedding, seed 0): larger images
 # help up to about 40 px (40 epochs: 28 px 77.5%, 40 px 81.4%, 48 px 80.2%), the rotated copies as extra
@@ -454,6 +454,7 @@ OMNIGLOT_RECIPE = {
     "augment": {"degrees": 10.0, "shear": 10.0, "scale": (0.85, 1.15), "translate": 0.1},
     "epochs": 20, "batch_classes": 32, "batch_samples": 5, "pair_batch": 128, "alphabet_batches": False,
     "learning_rate": 1e-3, "weight_decay": 0.0,  # Adam, cosine decay to zero over the epochs
+    "memory": 0, "memory_warmup": MEMORY_WARMUP,  # no cross-batch memory (methods.Recipe)
 }
 # The recipe's settings that shape the data (load_omniglot) rather than the training (train_omniglot).
 OMNIGLOT_DATA_SETTINGS = ("image_size", "quarter_turns", "mirror", "augment")
@@ -503,7 +504,8 @@ def omniglot_settings(**overrides):
 
 def train_omniglot(train_set, method=None, selector=None, margin=None, embedding_dim=None, channels=None,
                    epochs=None, batch_classes=None, batch_samples=None, pair_batch=None, alphabet_batches=None,
-                   learning_rate=None, weight_decay=None, seed=0, device=None, progress=True, **data_settings):
+                   learning_rate=None, weight_decay=None, memory=None, memory_warmup=None, seed=0, device=None,
+                   progress=True, **data_settings):
     """Train a SiameseNetwork on ``train_set`` (an OmniglotAlphabets) with one of the library's losses.
 
     Every setting left None is the recipe's (OMNIGLOT_RECIPE). ``method`` (one of OMNIGLOT_METHODS) is
@@ -511,7 +513,9 @@ def train_omniglot(train_set, method=None, selector=None, margin=None, embedding
     batches of ``pair_batch``, ContrastiveLoss(CONTRASTIVE_MARGIN)), 'online-contrastive'
     (BalancedBatchSampler batches of batch_classes x batch_samples, OnlineContrastiveLoss(margin) with hard
     negative pairs) or 'online-triplet' (same batches, OnlineTripletLoss(margin) with ``selector``, see
-    methods.SELECTORS); ``alphabet_batches`` draws all the characters of a batch from one alphabet
+    methods.SELECTORS) or 'multi-similarity' (same batches, MultiSimilarityLoss); ``memory`` > 0 gives the online
+    methods' loss a cross-batch memory of that many embeddings, mined after ``memory_warmup`` steps
+    (``methods.build_method``); ``alphabet_batches`` draws all the characters of a batch from one alphabet
     (BalancedBatchSampler's groups), so that training negatives are as alike as the within-alphabet
     test's. Adam with cosine learning-rate decay over ``epochs``. The recipe's data settings
     (OMNIGLOT_DATA_SETTINGS) are accepted and ignored, so ``train_omniglot(train_set, **OMNIGLOT_RECIPE)``
@@ -525,7 +529,8 @@ def train_omniglot(train_set, method=None, selector=None, margin=None, embedding
     settings = omniglot_settings(
         method=method, selector=selector, margin=margin, embedding_dim=embedding_dim, channels=channels,
         epochs=epochs, batch_classes=batch_classes, batch_samples=batch_samples, pair_batch=pair_batch,
-        alphabet_batches=alphabet_batches, learning_rate=learning_rate, weight_decay=weight_decay)
+        alphabet_batches=alphabet_batches, learning_rate=learning_rate, weight_decay=weight_decay, memory=memory,
+        memory_warmup=memory_warmup)
     method = check_choice(settings["method"], OMNIGLOT_METHODS, "Omniglot method")
     torch.manual_seed(seed)  # the network's initial weights
     model = SiameseNetwork(train_set.image_size, settings["embedding_dim"], channels=settings["channels"])
@@ -534,7 +539,8 @@ def train_omniglot(train_set, method=None, selector=None, margin=None, embedding
     model, loss_fn, train_loader, _, metrics = build_method(
         method, model, train_set, selector=settings["selector"], margin=margin, batch_size=settings["pair_batch"],
         batch_classes=settings["batch_classes"], batch_samples=settings["batch_samples"], seed=seed,
-        groups=train_set.alphabets if settings["alphabet_batches"] else None)
+        groups=train_set.alphabets if settings["alphabet_batches"] else None, memory=settings["memory"],
+        memory_warmup=settings["memory_warmup"])
     optimizer = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"],
                                  weight_decay=settings["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(settings["epochs"], 1))
@@ -729,6 +735,10 @@ def _parser():
                         help=f"online-triplet's selector (default: the recipe's, {OMNIGLOT_RECIPE['selector']})")
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--embedding-dim", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--memory", type=cli.whole_number(), default=None, metavar="M",
+                        help="online methods: mine a cross-batch memory of the last M embeddings too (default: none)")
+    parser.add_argument("--memory-warmup", type=cli.whole_number(0), default=None, metavar="N",
+                        help=f"training steps before the memory is mined (default {MEMORY_WARMUP})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 100 episodes, no weights saved")
@@ -752,6 +762,10 @@ def _recipe_of(args):
         recipe["epochs"] = check_int(args.epochs, "--epochs", 0)
     if args.embedding_dim is not None:
         recipe["embedding_dim"] = check_int(args.embedding_dim, "--embedding-dim", 1)
+    recipe.update({name: value for name, value in (("memory", args.memory), ("memory_warmup", args.memory_warmup))
+                   if value is not None})
+    settings = omniglot_settings(**recipe)
+    check_memory(settings["method"], settings["memory"], settings["memory_warmup"])
     return recipe
 
 

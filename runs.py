@@ -37,7 +37,9 @@ def upgrade_run_settings(settings):
 
     Format 1 (no ``format_version``) left out the network, mixed precision, recipe and learning-rate step when
     they were the classic ones, and the batch shape when it was the classic 25 images per class: they are
-    filled in with those values. Raises ValueError for a format newer than this library reads."""
+    filled in with those values. A recipe's cross-batch memory (``memory``, ``memory_warmup``), added later, is
+    recorded in any format only when the run has one, so a file without it means none and needs no upgrade.
+    Raises ValueError for a format newer than this library reads."""
     version = settings.get("format_version", 1)
     if version > RUN_SETTINGS_VERSION:
         raise ValueError(f"run settings of format {version} were written by a newer version of this library "

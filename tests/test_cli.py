@@ -105,6 +105,20 @@ def test_the_one_argument_parser_raises_a_users_error_and_keeps_help(capsys):
     assert exit.value.code == 0 and "--count" in capsys.readouterr().out
 
 
+def test_a_whole_number_option_takes_whole_numbers_from_its_smallest_on():
+    parser = cli.ArgumentParser(prog="prog.py")
+    parser.add_argument("--count", type=cli.whole_number(), default=None)
+    parser.add_argument("--steps", type=cli.whole_number(0), default=None)
+    arguments = parser.parse_args(["--count", "1", "--steps", "0"])
+    assert (arguments.count, arguments.steps) == (1, 0)
+    assert parser.parse_args(["--count", "4096"]).count == 4096
+    for option, text, smallest in (("--count", "0", 1), ("--count", "1.5", 1), ("--count", "two", 1),
+                                   ("--steps", "-1", 0), ("--steps", "", 0)):
+        with pytest.raises(ValueError, match=f"argument {option}: expected a whole number of at least {smallest}, "
+                                             f"got '{text}'"):
+            parser.parse_args([option, text])
+
+
 @pytest.mark.parametrize("arguments, message", [(["--lr-step", "0"], "argument --lr-step"),
                                                 (["--bogus"], "unrecognized arguments: --bogus"),
                                                 (["--network", "vgg"], "argument --network: invalid choice"),

@@ -153,7 +153,7 @@ def test_the_learning_rate_falls_every_lr_step_epochs_and_the_row_records_it(stu
         experiments.run_method("mnist", "online-contrastive", quick=True, root="data", progress=False, lr_step=0)
 
 
-@pytest.mark.parametrize("option", ["--lr-step", "--batch-samples"])
+@pytest.mark.parametrize("option", ["--lr-step", "--batch-samples", "--memory"])
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
 def test_the_parser_refuses_a_step_or_batch_shape_below_one_before_loading_data(option, value, monkeypatch, capsys):
     def no_loading(*args, **kwargs):
@@ -451,3 +451,41 @@ def test_result_rows_are_keyed_by_every_setting_that_defines_them(tmp_path):
     assert len(saved) == 6  # the last two replaced the first: the same settings (lr_step 8 is the default)
     assert [old["nmi"] for old in saved if old.get("epochs") == 20 and "lr_step" in old
             and old["lr_step"] == experiments.STEP_SIZE] == [0.7]
+
+
+def test_the_command_line_trains_multi_similarity_and_a_memory_and_writes_their_rows(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_idx_fixture(tmp_path / "data", 2 * PER_CLASS, PER_CLASS)  # two 10 x 25 batches an epoch
+    common = ["--dataset", "mnist", "--quick", "--no-progress", "--root", "data"]
+    (multi_similarity,) = experiments.main(common + ["--methods", "multi-similarity"])
+    (remembering,) = experiments.main(common + ["--methods", "online-triplet", "--selectors", "random-hard",
+                                                "--memory", "512", "--memory-warmup", "1"])
+    assert multi_similarity["recipe"] == "classic" and "memory" not in multi_similarity
+    assert (remembering["recipe"], remembering["memory"], remembering["memory_warmup"]) == ("memory 512, warm-up 1",
+                                                                                            512, 1)
+    for row in (multi_similarity, remembering):
+        assert math.isfinite(row["final_train_loss"]) and 0 <= row["precision_at_1"] <= 1
+    with open(os.path.join(QUICK_RESULTS, "mnist.json")) as file:
+        assert [saved["method"] for saved in json.load(file)] == ["multi-similarity"]
+    with open(os.path.join(QUICK_RESULTS, "mnist-recipes.json")) as file:
+        assert [(saved["method"], saved["recipe"]) for saved in json.load(file)] == [
+            ("online-triplet/random-hard", "memory 512, warm-up 1")]
+    run_dir = os.path.join(QUICK, "checkpoints", "mnist-quick", "online-triplet-random-hard_2d_seed0_memory-512-warm-up-1")
+    with open(os.path.join(run_dir, runs.RUN_SETTINGS)) as file:
+        assert (json.load(file)["memory"], os.path.isfile(os.path.join(run_dir, runs.RUN_ROW))) == (512, True)
+    loss_state = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["loss_state"]
+    assert (int(loss_state["memory.steps"]), int(loss_state["memory.filled"])) == (2, 500)  # mined in the 2nd step
+
+
+def test_the_command_line_refuses_a_memory_for_a_method_that_mines_no_batch_before_loading_data(monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the data was loaded before the memory was checked")
+
+    monkeypatch.setattr(experiments, "load_splits", no_loading)
+    common = ["--dataset", "mnist", "--quick", "--no-progress"]
+    with pytest.raises(ValueError, match="needs an online method .*; softmax mines no batch"):
+        experiments.main(common + ["--methods", "all", "--memory", "512"])
+    with pytest.raises(ValueError, match=r"--memory-warmup.*give its size too \(--memory M\)"):
+        experiments.main(common + ["--methods", "online-contrastive", "--memory-warmup", "10"])
+    with pytest.raises(ValueError, match="--memory-warmup: expected a whole number of at least 0"):
+        experiments.main(common + ["--methods", "online-contrastive", "--memory", "8", "--memory-warmup", "-1"])

@@ -399,6 +399,40 @@ def test_online_methods_train_the_siamese_network(omniglot_root, method):
         omniglot_module.train_omniglot(train_set, method="softmax")
 
 
+@pytest.mark.parametrize("method", ["online-triplet", "multi-similarity"])
+def test_the_online_methods_train_with_a_cross_batch_memory(omniglot_root, method, monkeypatch):
+    train_set, _ = omniglot_module.load_omniglot(omniglot_root, image_size=28)
+    losses, fit = [], omniglot_module.fit
+
+    def recording_fit(train_loader, val_loader, model, loss_fn, *args, **kwargs):
+        losses.append(loss_fn)
+        return fit(train_loader, val_loader, model, loss_fn, *args, **kwargs)
+
+    monkeypatch.setattr(omniglot_module, "fit", recording_fit)
+    omniglot_module.train_omniglot(train_set, method=method, epochs=1, embedding_dim=8, channels=8, batch_classes=5,
+                                   batch_samples=3, memory=40, memory_warmup=1, progress=False)
+    memory = losses[0].memory
+    assert (memory.size, memory.embedding_dim, memory.warmup) == (40, 8, 1)
+    assert int(memory.steps) >= 2 and int(memory.filled) == min(40, 15 * int(memory.steps))  # 5 x 3 per batch
+    omniglot_module.train_omniglot(train_set, method=method, epochs=0, embedding_dim=8, channels=8, progress=False)
+    assert losses[1].memory is None  # the recipe's: none
+
+
+def test_the_omniglot_command_line_takes_a_memory_for_its_online_methods(tmp_path):
+    args = omniglot_module._parser().parse_args(["--memory", "64", "--memory-warmup", "0"])
+    recipe = omniglot_module._recipe_of(args)
+    assert recipe == {"memory": 64, "memory_warmup": 0}
+    results_dir, _ = omniglot_module.omniglot_outputs(omniglot_module.omniglot_settings(**recipe),
+                                                      runs_dir=str(tmp_path))
+    assert "memory-64_memory-warmup-0" in results_dir  # a trial's own folder, never the committed results
+    for wrong, message in ((["--methods", "siamese", "--memory", "64"], "siamese mines no batch"),
+                           (["--memory-warmup", "5"], r"give its size too \(--memory M\)"),
+                           (["--memory", "0"], "--memory: expected a whole number of at least 1"),
+                           (["--memory", "8", "--memory-warmup", "-1"], "--memory-warmup: expected a whole number")):
+        with pytest.raises(ValueError, match=message):  # before any data is looked for
+            omniglot_module.main(["--quick", "--omniglot-root", str(tmp_path / "nowhere"), *wrong])
+
+
 def test_alphabet_batches_group_the_sampler_by_alphabet(omniglot_root):
     train_set, _ = omniglot_module.load_omniglot(omniglot_root, image_size=28)  # Alpha: 3 characters, Beta: 2
     model, history = omniglot_module.train_omniglot(train_set, epochs=1, embedding_dim=8, channels=8, batch_classes=2,
@@ -503,7 +537,8 @@ def test_omniglot_imports_no_command_line_only_what_builds_a_method():
     imported = {(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                 for alias in node.names}
     assert {module for module, _ in imported} & {"experiments", "autoencoders"} == set()  # one direction only
-    assert {name for module, name in imported if module == "methods"} == {"EVALUATION_BATCH", "build_method"}
+    assert {name for module, name in imported if module == "methods"} == {"EVALUATION_BATCH", "MEMORY_WARMUP",
+                                                                            "build_method", "check_memory"}
     assert not hasattr(omniglot_module, "OMNIGLOT_OPTIONS") and not hasattr(omniglot_module, "options_given")
 
 

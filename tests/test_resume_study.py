@@ -54,8 +54,8 @@ def run_study(work, *extra, kill_after=None):
     return done.returncode, done.stdout + done.stderr
 
 
-def results(work):
-    with open(work / OUTPUTS / "results" / "mnist.json") as file:
+def results(work, table="mnist"):
+    with open(work / OUTPUTS / "results" / f"{table}.json") as file:
         return [{key: value for key, value in row.items() if key not in TIMINGS} for row in json.load(file)]
 
 
@@ -111,3 +111,22 @@ def test_a_run_folder_with_other_settings_is_refused(tmp_path):
         experiments.run_method("mnist", "online-contrastive", epochs=2, **arguments)
     retrained = experiments.run_method("mnist", "online-contrastive", epochs=2, fresh=True, **arguments)
     assert retrained["epochs"] == 2
+
+
+def test_a_run_with_a_cross_batch_memory_killed_mid_method_resumes_with_the_memory_it_had(tmp_path):
+    """One 10 x 25 batch an epoch, the memory mined from the second step on: the resumed epochs mine the
+    memory the checkpoint restored (without it they would mine only the batch and train otherwise)."""
+    memory = ["--methods", "online-triplet", "--memory", "512", "--memory-warmup", "1"]
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    for work in (uninterrupted, interrupted):
+        write_idx_fixture(work / "data", 25, 25)
+    code, output = run_study(uninterrupted, *memory)
+    assert code == 0, output
+    code, output = run_study(interrupted, *memory, kill_after=1)
+    assert code == -signal.SIGKILL, output
+    code, output = run_study(interrupted, *memory)
+    assert code == 0, output
+    assert "resuming from" in output and "Epoch 1/3" not in output and "Epoch 2/3" in output
+    rows = results(interrupted, "mnist-recipes")
+    assert [row["recipe"] for row in rows] == ["memory 512, warm-up 1"]
+    assert rows == results(uninterrupted, "mnist-recipes")
