@@ -1,8 +1,11 @@
-"""Starting several local processes for the torch.distributed tests and benchmarks: a free TCP port
-on 127.0.0.1, an environment without any launcher's variables, and the torchrun command line."""
+"""Starting local processes for the tests and benchmarks: for torch.distributed a free TCP port on
+127.0.0.1, an environment without any launcher's variables, and the torchrun command line; and many
+command lines of one script run in a single fresh interpreter (``command_lines``)."""
 
+import json
 import os
 import socket
+import subprocess
 import sys
 
 # What torchrun (or any launcher) sets for each process; a child must not inherit them from us.
@@ -32,3 +35,34 @@ def launcher(processes=2):
         return [sys.executable]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-addr",
             "127.0.0.1", "--master-port", str(free_port())]
+
+
+# Runs in a fresh interpreter: each argv of the JSON list on stdin through cli.run(main, ...), as the script's
+# last line does, its stdout and stderr captured apart; prints the list of [status, stdout, stderr] as JSON.
+_COMMAND_LINES = """
+import contextlib, importlib, io, json, os, sys
+script = sys.argv[1]
+sys.path.insert(0, os.path.dirname(script))
+import cli
+main = importlib.import_module(os.path.basename(script)[:-3]).main
+results = []
+for argv in json.load(sys.stdin):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.run(main, os.path.basename(script), argv)
+    results.append([status, out.getvalue(), err.getvalue()])
+sys.__stdout__.write(json.dumps(results))
+"""
+
+
+def command_lines(script, argvs, cwd, timeout=600):
+    """Each of ``argvs`` (lists of arguments) run as ``python script ARGV`` ends (``cli.run`` of the script's
+    ``main``), all in one fresh interpreter with one thread, so that torch is imported once: returns a list of
+    ``(exit status, stdout, stderr)``. For many refused command lines; a run that trains belongs in its own
+    process."""
+    done = subprocess.run([sys.executable, "-c", _COMMAND_LINES, os.fspath(script)], cwd=cwd, text=True,
+                          input=json.dumps([[str(argument) for argument in argv] for argv in argvs]),
+                          capture_output=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise AssertionError(f"the command lines of {script} stopped: {done.stderr[-2000:]}")
+    return [tuple(result) for result in json.loads(done.stdout)]

@@ -26,6 +26,7 @@ import datasets
 import known_datasets
 from fixtures import write_idx_fixture
 from test_known_datasets import write_cifar_fixture
+from launch import command_lines
 from losses import (ContrastiveLoss, OnlineTripletLoss, PairwiseAutoencoderLoss, TripletAutoencoderLoss,
                     TripletLoss, gaussian_kl, kl_to_standard_normal, symmetric_gaussian_kl)
 from networks import SiameseAutoencoder, TripletAutoencoder, make_autoencoder
@@ -540,8 +541,9 @@ def test_a_user_mistake_on_the_command_line_is_one_line_and_status_2(tmp_path):
                 ("--margin2", "1"): "unrecognized arguments: --margin2 1",
                 ("--device", "nonsense"): "unknown device 'nonsense'",
                 ("--root", "nowhere"): "MNIST (train split) not found"}
-    for arguments, message in mistakes.items():
-        status, stdout, stderr = _command_line([*usual, *arguments], tmp_path)
+    outcomes = command_lines(os.path.join(REPOSITORY, "autoencoders.py"), [[*usual, *arguments] for arguments in mistakes],
+                             tmp_path)
+    for (arguments, message), (status, stdout, stderr) in zip(mistakes.items(), outcomes):
         assert status == 2 and "Traceback" not in stderr, (arguments, stderr)
         assert len(stderr.splitlines()) == 1 and stderr.startswith("autoencoders.py: error: "), (arguments, stderr)
         assert message in stderr, (arguments, stderr)

@@ -24,6 +24,7 @@ import metrics
 import omniglot as omniglot_module  # (``omniglot`` is the fixture of the alphabets below)
 from datasets import BalancedBatchSampler, BatchRandomAffine, SiameseMNIST, TripletMNIST
 from episodes import n_way_k_shot_accuracy
+from launch import command_lines
 from networks import ShiftAveragedEmbedding, SiameseNetwork
 from omniglot import OmniglotAlphabets, OneShotRuns, one_shot_run_errors
 from omniglot_fixtures import ALPHABETS, DRAWERS, SIZE, write_alphabets, write_runs, zip_folder
@@ -594,8 +595,8 @@ def test_a_user_mistake_on_the_command_line_is_one_line_and_status_2(omniglot_ro
                 ("--one-shot-runs", tmp_path / "runs", "--weights", tmp_path / "none.pt"): "no weights at",
                 ("--one-shot-runs", tmp_path / "runs", "--weights", not_a_zip / "images_background_small1.zip"):
                     "is not a model file"}
-    for arguments, message in mistakes.items():
-        status, stdout, stderr = _command_line(arguments, tmp_path)
+    outcomes = command_lines(os.path.join(REPOSITORY, "omniglot.py"), list(mistakes), tmp_path)
+    for (arguments, message), (status, stdout, stderr) in zip(mistakes.items(), outcomes):
         assert status == 2 and "Traceback" not in stderr, (arguments, stderr)
         assert len(stderr.splitlines()) == 1 and stderr.startswith("omniglot.py: error: "), (arguments, stderr)
         assert message in stderr, (arguments, stderr)

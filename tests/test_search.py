@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 import search
 from image_folders import read_image
+from launch import command_lines
 from metrics import knn_accuracy, nmi_score, retrieval_metrics, verification_roc_auc
 from model_file import embed_images, load_model, save_model
 from networks import EmbeddingNet
@@ -447,8 +448,8 @@ def test_a_user_mistake_on_the_command_line_is_one_line_and_status_2(setup, tmp_
                 ("evaluate", model, gallery, "--k", 3): "unrecognized arguments: --k 3",
                 ("search", model): "invalid choice: 'search'",
                 (): "the following arguments are required: command"}
-    for arguments, message in mistakes.items():
-        status, stdout, stderr = _run(*arguments)
+    outcomes = command_lines(os.path.join(REPO_ROOT, "search.py"), list(mistakes), REPO_ROOT)
+    for (arguments, message), (status, stdout, stderr) in zip(mistakes.items(), outcomes):
         assert status == 2 and "Traceback" not in stderr and stdout == "", (arguments, stderr)
         assert len(stderr.splitlines()) == 1 and stderr.startswith("search.py: error: "), (arguments, stderr)
         assert message in stderr, (arguments, stderr)
