@@ -206,13 +206,13 @@ def query(model_path, gallery_path, images, k=5, batch_size=256, use_faiss=False
                          f"pass --k {len(gallery['embeddings'])} or less")
     embeddings, _ = embed_files(model, info, images, batch_size)
     distances, indices = _gallery_neighbours(gallery_path, gallery, embeddings, k, use_faiss, ann_options)
-    results = []
-    for path, neighbours in zip(images, neighbour_items(gallery, distances, indices)):
-        results.append({"query": path, "neighbours": neighbours})
-        if threshold is not None:
-            nearest = neighbours[0]
-            answer = open_set.open_set_labels([nearest["distance"]], [nearest["label"]], threshold)[0]
-            results[-1].update(path=path, label=answer, distance=nearest["distance"], precision=float(precision))
+    results = [{"query": path, "neighbours": neighbours}
+               for path, neighbours in zip(images, neighbour_items(gallery, distances, indices))]
+    if threshold is not None:  # one open-set decision for every query's nearest neighbour
+        nearest = [result["neighbours"][0] for result in results]
+        answers = open_set.open_set_labels(distances[:, 0], [item["label"] for item in nearest], threshold)
+        for result, item, answer in zip(results, nearest, answers):
+            result.update(path=result["query"], label=answer, distance=item["distance"], precision=float(precision))
     return results
 
 
