@@ -18,7 +18,8 @@ tabulated. A run's settings are one ``StudySettings``; where its outputs go, ``S
 (``results.output_dirs``): the committed study (a dataset of ``DATASETS`` with the study's epochs,
 learning-rate step, network and precision; any recipe) writes ``results/`` and ``images/``, any other run
 (``--quick``, ``--epochs 1``, ...) ``runs/<dataset>/<settings tag>/``, a folder of your own images
-``runs/<folder name>/``. (How each method is put together: ``methods.py``; held-out classes: ``held_out.py``.)
+``runs/<folder name>/``. (How each method is put together: ``methods.py``; held-out classes: ``held_out.py``;
+the result tables and which one a row goes to: ``study_table.py``.)
 
 Python: ``run_method("fashion-mnist", "online-triplet", selector="semi-hard", epochs=20)`` returns
 the result row; ``run_methods(...)`` runs several and writes the table. Command line::
@@ -53,7 +54,7 @@ from torch.utils.data import DataLoader
 import cli
 from checkpoints import CHECKPOINT_NAME, read_model_weights
 from distributed import broadcast_from_main, close_distributed, is_main_process
-from held_out import HELD_OUT_BASELINES, HELD_OUT_COLUMNS, PixelEmbedding, evaluate_held_out, held_out_splits
+from held_out import HELD_OUT_BASELINES, PixelEmbedding, evaluate_held_out, held_out_splits
 from image_folders import load_folder_splits
 from known_datasets import load_dataset
 from methods import (BALANCED_BATCH, CLASSIC, EVALUATION_BATCH, GAMMA, LATER_RECIPE_FIELDS, MARGIN, MEMORY_WARMUP,
@@ -62,9 +63,10 @@ from methods import (BALANCED_BATCH, CLASSIC, EVALUATION_BATCH, GAMMA, LATER_REC
 from metrics import evaluate_embeddings, extract_embeddings, verification_threshold
 from model_file import save_model
 from networks import EmbeddingNet
-from results import (RUNS_ROOT, image_path, image_stem, markdown_table, merge_results, output_dirs, plot_embeddings,
-                     safe_name, save_side_by_side, settings_tag)
+from results import (RUNS_ROOT, image_path, image_stem, output_dirs, plot_embeddings, save_side_by_side,
+                     settings_tag)
 from runs import data_identity, open_run, record_finished_row, upgrade_run_settings
+from study_table import held_out_dir, record_result, results_stem, results_table
 from trainer import device_name, fit, flush_denormal_everywhere, setup_distributed
 from utils import DISTANCES, check_choice, check_int, moved_attribute
 
@@ -255,7 +257,7 @@ def _run_one(settings, method, selector, splits=None, held_out=None, run_dir=Non
     classes_tag, results_dir, images_dir = None, dirs.results, dirs.images
     if settings.train_classes is not None:
         (train_set, test_set), held_out, classes_tag = held_out_splits(train_set, test_set, settings.train_classes)
-        images_dir, results_dir = _held_out_dir(images_dir, classes_tag), _held_out_dir(results_dir, classes_tag)
+        images_dir, results_dir = held_out_dir(images_dir, classes_tag), held_out_dir(results_dir, classes_tag)
     images_dir = recipe_images_dir(images_dir, label, recipe)
     if int(torch.bincount(torch.as_tensor(test_set.targets)).max()) < 2:  # checked now, not after training
         raise ValueError("every class has at most one validation image, so retrieval and verification cannot be "
@@ -322,7 +324,7 @@ def _read_back(settings, row, method, selector, run_dir, splits=None):
     ``model_file`` is asked for, save the model from the run folder's checkpoint (ValueError when it has none)."""
     dirs = settings.outputs()
     if dirs.results is not None:
-        record_result(row, _held_out_dir(dirs.results, row.get("train_classes")))
+        record_result(row, held_out_dir(dirs.results, row.get("train_classes")))
     if settings.model_file is None:
         return
     checkpoint = os.path.join(run_dir, CHECKPOINT_NAME)
@@ -455,16 +457,10 @@ def method_run_dir(run_dir, dataset, label, embedding_dim=2, seed=0, quick=False
     other than the study's, see ``method_recipe``)."""
     folder = os.path.join(run_dir, dataset + ("-quick" if quick else ""))
     if train_classes is not None:
-        folder = _held_out_dir(folder, train_classes)
+        folder = held_out_dir(folder, train_classes)
     tag = recipe_tag(label, recipe)
     return os.path.join(folder, f"{label.replace('/', '-')}_{embedding_dim}d_seed{seed}" + (tag and "_" + tag))
 
-
-def _held_out_dir(folder, classes_tag):
-    """``folder/train-classes-<classes_tag>`` (made safe for a file name); None and no tag leave it as it is."""
-    if folder is None or classes_tag is None:
-        return folder
-    return os.path.join(folder, "train-classes-" + safe_name(classes_tag))
 
 
 def _embed_splits(model, train_set, test_set):
@@ -503,52 +499,6 @@ def comparison_path(dataset, left, right, embedding_dim=2, images_dir="images", 
     stem = image_stem(dataset, left, embedding_dim, seed)
     return os.path.join(recipe_images_dir(images_dir, right, recipe), f"{stem}_vs_{right.replace('/', '-')}.png")
 
-
-COLUMNS = [("method", "method", "{}"), ("embedding_dim", "dim", "{}"), ("recipe", "recipe", "{}"),
-           ("seed", "seed", "{}"),
-           ("precision_at_1", "P@1", "{:.3f}"), ("r_precision", "R-Prec", "{:.3f}"),
-           ("map_at_r", "MAP@R", "{:.3f}"), ("knn_accuracy", "kNN acc", "{:.3f}"),
-           ("nmi", "NMI", "{:.3f}"), ("roc_auc", "ROC-AUC", "{:.3f}"),
-           ("classifier_accuracy", "clf acc", "{:.3f}"),
-           ("seconds_per_epoch", "s/epoch", "{:.1f}"), ("device", "device", "{}"), ("threads", "threads", "{}"),
-           ("epochs", "epochs", "{}"), ("lr_step", "lr step", "{}")]
-
-
-# What tells two result rows apart: every setting that defines a row (a row without one has its default here).
-RESULT_KEY = {"method": None, "embedding_dim": None, "recipe": "classic", "seed": 0, "epochs": None,
-              "lr_step": STEP_SIZE, "network": "embedding-net", "pretrained": None, "amp": None, "quick": False,
-              "train_classes": None}
-
-
-def results_stem(row):
-    """Where a result row is tabulated: ``<dataset>`` for a method trained with the study's recipe
-    (``method_recipe``), ``<dataset>-recipes`` for any other recipe (the classic "before" rows, trials)."""
-    study = recipe_label(method_recipe(row["method"])) if row["method"] in _all_labels() else "classic"
-    return row["dataset"] + ("" if row.get("recipe", "classic") == study else "-recipes")
-
-
-def record_result(row, results_dir="results"):
-    """Merge ``row`` into ``results/<stem>.json`` (``results_stem``; one row per ``RESULT_KEY``: method, embedding
-    size, recipe, seed, epochs, learning-rate step, network, precision, ...; a new run replaces only the row of
-    the same settings) and rewrite ``results/<stem>.md``. Returns the rows."""
-    order = {label: position for position, label in enumerate(_all_labels())}
-    row = {**row, "recipe": row.get("recipe", "classic"), "seed": row.get("seed", 0)}  # before recipes: classic
-    return merge_results(os.path.join(results_dir, results_stem(row)), [row], RESULT_KEY,
-                         lambda r: (r["embedding_dim"], order.get(r["method"], len(order)), r["method"],
-                                    r.get("recipe", "classic"), r.get("seed", 0),
-                                    str([r.get(key, default) for key, default in RESULT_KEY.items()])),
-                         results_table)
-
-
-def _all_labels():
-    return [method_label(method, selector) for method in METHODS
-            for selector in (SELECTORS if method == "online-triplet" else [None])]
-
-
-def results_table(rows):
-    """Markdown table of result rows (one line per method and embedding size)."""
-    columns = COLUMNS + [column for column in HELD_OUT_COLUMNS if any(column[0] in row for row in rows)]
-    return markdown_table(rows, columns)
 
 
 def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_dim=2, epochs=None, seed=0,
@@ -591,7 +541,7 @@ def run_study(settings):
         offline_online = [("siamese", "online-contrastive")]
         offline_online += [("triplet", method_label("online-triplet", s)) for s in settings.selectors]
         plot_comparison(settings.name, offline_online, settings.embedding_dim,
-                        _held_out_dir(dirs.images, rows[0].get("train_classes")), settings.seed, settings.recipe)
+                        held_out_dir(dirs.images, rows[0].get("train_classes")), settings.seed, settings.recipe)
     return rows
 
 
@@ -679,6 +629,9 @@ def _add_recipe_options(recipe):
                         help="triplet losses: softplus instead of the hinge (Hermans et al.; use with --margin 0)")
     recipe.add_argument("--batch-norm", action="store_true",
                         help="end the classic network with a BatchNorm, which keeps the embeddings from collapsing")
+    recipe.add_argument("--normalize", action="store_true",
+                        help="give the classic network unit-norm (L2) embeddings: cosine geometry, as multi-similarity "
+                             "trains")
     recipe.add_argument("--easy-selector", default=None, choices=tuple(SELECTORS),
                         help="online-triplet: add the loss of this (easier) selector's triplets to the selector's")
     recipe.add_argument("--batch-samples", type=cli.whole_number(), default=None,
@@ -737,7 +690,7 @@ def settings_from_args(args, parser, argv=()):
 def _print_outputs(settings, rows, seconds):
     """Say where the run's outputs are: its tables, plots, output folder and the model files it wrote."""
     dirs = settings.outputs()
-    results_dir, images_dir = (_held_out_dir(folder, rows[0].get("train_classes")) for folder in (dirs.results,
+    results_dir, images_dir = (held_out_dir(folder, rows[0].get("train_classes")) for folder in (dirs.results,
                                                                                                    dirs.images))
     tables = ", ".join(sorted({os.path.join(results_dir, results_stem(row) + ".md") for row in rows}))
     print(f"Total {seconds:.0f} s. Results in {tables}, plots in {os.path.join(images_dir, '')}.")
@@ -753,12 +706,13 @@ def _recipe_of(args, parser):
     """The ``recipe`` of the settings the command line asks for: one ``Recipe`` for every method when an
     option describes one, ``"classic"`` for ``--classic``, else None (each method's study recipe)."""
     given = {"margin": args.margin, "soft": args.soft_margin or None, "distance": args.distance,
-             "batch_norm": args.batch_norm or None, "easy_selector": args.easy_selector,
+             "batch_norm": args.batch_norm or None, "normalize": args.normalize or None, "easy_selector": args.easy_selector,
              "batch_samples": args.batch_samples, "memory": args.memory, "memory_warmup": args.memory_warmup}
     given = {field: value for field, value in given.items() if value is not None}
     if given and args.classic:
         parser.error("--classic takes each method's classic settings; leave out the recipe options with it")
     return CLASSIC._replace(**given) if given else "classic" if args.classic else None
+
 
 
 def held_out_baselines(dataset, train_set, test_set, train_classes, embedding_dim=2, seed=0,
@@ -784,7 +738,7 @@ def held_out_baselines(dataset, train_set, test_set, train_classes, embedding_di
         row.update(evaluate_embeddings(*embedded[0], *embedded[1], seed=seed))
         row.update(evaluate_held_out(model, held_out, seed))
         if results_dir is not None:
-            record_result(row, _held_out_dir(results_dir, classes_tag))
+            record_result(row, held_out_dir(results_dir, classes_tag))
         rows.append(row)
     return rows
 

@@ -65,7 +65,9 @@ class Recipe(NamedTuple):
     ``batch_samples``, the images per class in the online methods' balanced batches (fewer: an anchor's
     hardest positive and negative come from fewer candidates, so they are less extreme), ``memory``, the
     size of the cross-batch memory the online methods' loss mines besides the batch (0: none;
-    ``cross_batch_memory.CrossBatchMemory``) and ``memory_warmup``, the training steps before it is mined."""
+    ``cross_batch_memory.CrossBatchMemory``), ``memory_warmup``, the training steps before it is mined, and
+    ``normalize``, an ``EmbeddingNet`` whose embeddings have unit L2 norm, so that every loss, the mining and the
+    study's Euclidean metrics see the cosine geometry that ``MultiSimilarityLoss`` trains."""
 
     margin: float = MARGIN
     soft: bool = False
@@ -75,11 +77,12 @@ class Recipe(NamedTuple):
     batch_samples: int = BALANCED_BATCH[1]
     memory: int = 0
     memory_warmup: int = MEMORY_WARMUP
+    normalize: bool = False
 
 
 # Recipe fields added after run folders and result rows recorded recipes: those record them only when they are not
 # their default (experiments.method_settings), so that every earlier run folder still matches and resumes.
-LATER_RECIPE_FIELDS = ("batch_samples", "memory", "memory_warmup")
+LATER_RECIPE_FIELDS = ("batch_samples", "memory", "memory_warmup", "normalize")
 CLASSIC = Recipe()
 HERMANS = Recipe(margin=0.0, soft=True, distance="euclidean")  # Hermans et al.'s soft margin on plain distances
 # The hardest-negative selectors mine batches of few images per class, so that an anchor's hardest picks are
@@ -125,7 +128,8 @@ def recipe_tag(label, recipe=None):
 
 def recipe_label(recipe):
     """A recipe in a few words for the results tables, e.g. ``"BN, + random-hard"`` or ``"classic"``."""
-    words = (["BN"] if recipe.batch_norm else []) + (["soft margin"] if recipe.soft else [])
+    words = (["BN"] if recipe.batch_norm else []) + (["L2"] if recipe.normalize else [])
+    words += ["soft margin"] if recipe.soft else []
     words += [] if recipe.distance == CLASSIC.distance else [recipe.distance]
     words += [] if recipe.margin == CLASSIC.margin else [f"margin {recipe.margin:g}"]
     words += [] if recipe.batch_samples == CLASSIC.batch_samples else [f"{recipe.batch_samples} images per class"]
@@ -297,9 +301,10 @@ def image_shape(dataset):
     return dataset.channels, dataset.image_size
 
 
-def build_embedding_net(network, embedding_dim, train_set, pretrained=None, batch_norm=False):
+def build_embedding_net(network, embedding_dim, train_set, pretrained=None, batch_norm=False, normalize=False):
     """The network a study trains: ``"embedding-net"`` (the classic ``EmbeddingNet``, any image size and
-    channel count; ``batch_norm``: ending in a BatchNorm, see ``networks.EmbeddingNet``) or ``"resnet18"``
+    channel count; ``batch_norm``: ending in a BatchNorm, ``normalize``: unit-norm embeddings, see
+    ``networks.EmbeddingNet``) or ``"resnet18"``
     (``networks.ResNetEmbedding``, ``pretrained`` None, a file or ``"imagenet"``), sized for ``train_set``'s
     images. Returns ``(network, its constructor arguments)``."""
     check_choice(network, STUDY_NETWORKS, "network")
@@ -308,10 +313,10 @@ def build_embedding_net(network, embedding_dim, train_set, pretrained=None, batc
         if pretrained is not None:
             raise ValueError("--pretrained needs --network resnet18 (EmbeddingNet has no pretrained weights)")
         arguments = {"embedding_dim": embedding_dim, "in_channels": in_channels, "image_size": image_size}
-        if batch_norm:
-            arguments["batch_norm"] = True
-    elif batch_norm:
-        raise ValueError("--batch-norm is an option of the classic network (--network embedding-net)")
+        arguments.update({flag: True for flag, on in (("batch_norm", batch_norm), ("normalize", normalize)) if on})
+    elif batch_norm or normalize:
+        option = "--batch-norm" if batch_norm else "--normalize"
+        raise ValueError(f"{option} is an option of the classic network (--network embedding-net)")
     else:
         arguments = {"embedding_dim": embedding_dim, "in_channels": in_channels, "pretrained": pretrained}
     return build_network(network, **arguments), arguments
@@ -325,7 +330,8 @@ def build_training(method, train_set, test_set, selector="random-hard", embeddin
     method's recipe (``method_recipe(label, recipe)``: by default the study's ``RECIPES``)."""
     check_choice(method, METHODS, "method")
     recipe = method_recipe(method_label(method, selector), recipe)
-    embedding_net, _ = build_embedding_net(network, embedding_dim, train_set, pretrained, recipe.batch_norm)
+    embedding_net, _ = build_embedding_net(network, embedding_dim, train_set, pretrained, recipe.batch_norm,
+                                           recipe.normalize)
     model, loss_fn, train_loader, val_loader, metrics = build_method(
         method, embedding_net, train_set, test_set, selector=selector, margin=recipe.margin,
         batch_size=BATCH_SIZE.get(method, BATCH_SIZE["siamese"]), seed=seed, soft=recipe.soft,

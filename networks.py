@@ -46,14 +46,18 @@ class EmbeddingNet(nn.Module):
     batch's embeddings then has mean 0 and variance 1 (as long as the variance before it stays well
     above BatchNorm's eps, 1e-5), so they cannot shrink to a point, what hard triplet mining falls into
     with the classic network, which has no normalisation layer; evaluation uses the running statistics.
+    ``normalize=True`` divides each embedding by its L2 norm last (after the BatchNorm, if any), so that
+    Euclidean distances between embeddings are a function of their cosine similarity, the geometry that
+    ``MultiSimilarityLoss`` trains (``EmbeddingNetL2`` is this network with ``normalize=True``).
     """
 
-    def __init__(self, embedding_dim=2, in_channels=1, image_size=28, batch_norm=False):
+    def __init__(self, embedding_dim=2, in_channels=1, image_size=28, batch_norm=False, normalize=False):
         super().__init__()
         self.embedding_dim = check_int(embedding_dim, "embedding_dim", 1)
         self.in_channels = check_int(in_channels, "in_channels", 1)
         self.image_size = check_int(image_size, "image_size", 1)
         self.batch_norm = check_flag(batch_norm, "batch_norm")
+        self.normalize = check_flag(normalize, "normalize")
         feature_size = ((image_size - 4) // 2 - 4) // 2
         if feature_size < 1:
             raise ValueError(f"image_size must be >= 16 for two 5x5 convolutions and two 2x2 "
@@ -71,27 +75,28 @@ class EmbeddingNet(nn.Module):
 
     def config(self):
         """The constructor arguments, e.g. to save next to the weights and rebuild the network
-        (``batch_norm`` only when on, so the classic network's config is the classic one)."""
+        (``batch_norm`` and ``normalize`` only when on, so the classic network's config is the classic one)."""
         config = {"embedding_dim": self.embedding_dim, "in_channels": self.in_channels, "image_size": self.image_size}
-        return dict(config, batch_norm=True) if self.batch_norm else config
+        return dict(config, **{flag: True for flag in ("batch_norm", "normalize") if getattr(self, flag)})
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
             raise ValueError(f"expected images of shape (B, {self.in_channels}, {self.image_size}, "
                              f"{self.image_size}), got {tuple(x.shape)}")
-        return self.fc(self.convnet(x).flatten(1))
+        embeddings = self.fc(self.convnet(x).flatten(1))
+        # out of place (the classic divided in place, which breaks autograd); eps keeps a zero embedding finite
+        return F.normalize(embeddings, p=2.0, dim=1, eps=1e-12) if self.normalize else embeddings
 
     def get_embedding(self, x):
         return self.forward(x)
 
 
 class EmbeddingNetL2(EmbeddingNet):
-    """``EmbeddingNet`` whose embeddings ``(B, embedding_dim)`` have unit L2 norm. Normalises out of
-    place (the classic divided in place, which breaks autograd) and keeps a finite gradient at a
-    zero embedding."""
+    """``EmbeddingNet`` whose embeddings ``(B, embedding_dim)`` have unit L2 norm: ``EmbeddingNet(...,
+    normalize=True)`` under the classic name."""
 
-    def forward(self, x):
-        return F.normalize(super().forward(x), p=2.0, dim=1, eps=1e-12)
+    def __init__(self, embedding_dim=2, in_channels=1, image_size=28, batch_norm=False):
+        super().__init__(embedding_dim, in_channels, image_size, batch_norm, normalize=True)
 
 
 class ClassificationNet(nn.Module):

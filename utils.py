@@ -141,7 +141,8 @@ MOVED_NAMES = {
                          "BATCH_SIZE", "WEIGHT_DECAY", "STREAMING_WORKERS", "build_method", "build_embedding_net"),
                         "methods"),
         **dict.fromkeys(("parse_classes", "HELD_OUT_EPISODES"), "held_out"),
-        "class_subset": "datasets", "few_shot_accuracy": "episodes"},
+        "class_subset": "datasets", "few_shot_accuracy": "episodes",
+        **dict.fromkeys(("COLUMNS", "RESULT_KEY"), "study_table")},
     "datasets": {
         **dict.fromkeys(("OMNIGLOT_IMAGE_SIZE", "OmniglotAlphabets", "OneShotRun", "OneShotRuns"), "omniglot"),
         **dict.fromkeys((

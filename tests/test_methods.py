@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 from torch import nn
 
 import experiments
@@ -149,6 +150,25 @@ def test_a_recipe_says_its_memory_and_records_it_only_when_there_is_one():
                                                                                  recipe=recipe).keys()
     row_fields = {field: settings[field] for field in methods.Recipe._fields if field in settings}
     assert methods.Recipe(**row_fields) == memory  # what finish_run labels the row with
+
+
+def test_a_recipe_with_normalize_trains_unit_norm_embeddings_and_records_it_only_when_on(splits):
+    recipe = methods.CLASSIC._replace(normalize=True)
+    assert methods.recipe_label(recipe) == "L2"
+    assert methods.recipe_label(recipe._replace(batch_norm=True, memory=64)) == "BN, L2, memory 64"
+    assert methods.recipe_tag("multi-similarity", recipe) == "l2"
+    assert experiments.method_settings("mnist", "multi-similarity", 64, 20, 0, recipe=recipe)["normalize"] is True
+    for other in (None, "classic", methods.CLASSIC._replace(batch_norm=True)):  # earlier run folders still match
+        assert "normalize" not in experiments.method_settings("mnist", "multi-similarity", 64, 20, 0, recipe=other)
+    for method in ("siamese", "online-contrastive", "multi-similarity"):
+        model = methods.build_training(method, *splits, embedding_dim=8, recipe=recipe)[0]
+        embedding_net = getattr(model, "embedding_net", model)
+        assert embedding_net.normalize and embedding_net.config()["normalize"] is True
+        images = splits[0].data[:6].float()
+        torch.testing.assert_close(embedding_net(images).norm(dim=1), torch.ones(6))
+    assert not methods.build_training("multi-similarity", *splits)[0].normalize
+    with pytest.raises(ValueError, match="--normalize is an option of the classic network"):
+        methods.build_embedding_net("resnet18", 8, splits[0], normalize=True)
 
 
 @pytest.mark.parametrize("table", ["fashion-mnist.json", "fashion-mnist-recipes.json"])

@@ -210,6 +210,30 @@ def test_embedding_net_with_batch_norm_cannot_collapse_in_training_and_saves_and
         EmbeddingNet(3, batch_norm="yes")
 
 
+def test_embedding_net_with_normalize_gives_unit_norms_after_its_batch_norm_and_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    images = torch.randn(16, 1, 28, 28)
+    for batch_norm in (False, True):
+        net = EmbeddingNet(5, batch_norm=batch_norm, normalize=True)
+        plain = EmbeddingNet(5, batch_norm=batch_norm)
+        plain.load_state_dict(net.state_dict())  # the same layers: normalize adds no weights
+        out = net(images)
+        torch.testing.assert_close(out.norm(dim=1), torch.ones(16))
+        torch.testing.assert_close(out, torch.nn.functional.normalize(plain(images), dim=1))
+        assert net.config() == {"embedding_dim": 5, "in_channels": 1, "image_size": 28, "normalize": True,
+                                **({"batch_norm": True} if batch_norm else {})}
+        net.eval()
+        loaded, info = load_model(save_model(tmp_path / f"l2_{batch_norm}.pt", net, "embedding-net", None,
+                                             image_size=28, channels=1))
+        assert info["arguments"]["normalize"] is True
+        torch.testing.assert_close(loaded.get_embedding(images), net.get_embedding(images))
+    assert "normalize" not in EmbeddingNet(3).config()  # the classic network's config is unchanged
+    l2 = EmbeddingNetL2(5)
+    assert l2.normalize and l2.config()["normalize"] is True
+    with pytest.raises(TypeError, match="normalize"):
+        EmbeddingNet(3, normalize=1)
+
+
 def test_build_network_and_its_errors():
     assert set(NETWORKS) == {"embedding-net", "resnet18", "siamese-network"}
     assert isinstance(build_network("embedding-net", embedding_dim=3), EmbeddingNet)
