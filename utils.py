@@ -144,7 +144,7 @@ MOVED_NAMES = {
         "class_subset": "datasets", "few_shot_accuracy": "episodes",
         **dict.fromkeys(("COLUMNS", "RESULT_KEY"), "study_table")},
     "datasets": {
-        **dict.fromkeys(("OMNIGLOT_IMAGE_SIZE", "OmniglotAlphabets", "OneShotRun", "OneShotRuns"), "omniglot"),
+        **dict.fromkeys(("OMNIGLOT_IMAGE_SIZE", "OmniglotAlphabets", "OneShotRun", "OneShotRuns"), "omniglot_data"),
         **dict.fromkeys((
             "KnownDataset", "KNOWN_DATASETS", "IDX_DATASETS", "NORMALIZATION", "CLASS_NAMES", "TORCHVISION_CLASS_NAMES",
             "SYSTEM_DATA_DIRS", "read_idx", "idx_file_names", "find_idx_files", "IDXImageDataset",
@@ -155,7 +155,7 @@ MOVED_NAMES = {
             "load_image_folder", "ImageFileDataset", "channel_statistics", "normalized", "export_image_folder",
             "load_folder_splits"), "image_folders"),
         "share_bounds": "distributed"},
-    "metrics": {"one_shot_run_errors": "omniglot",
+    "metrics": {"one_shot_run_errors": "omniglot_data",
                 **dict.fromkeys(("sample_episodes", "episode_accuracies", "few_shot_accuracy", "n_way_k_shot_accuracy"),
                                 "episodes")},
     "networks": dict.fromkeys(("MODEL_FORMAT", "MODEL_VERSION", "MODEL_KEYS", "model_fingerprint", "save_model",
