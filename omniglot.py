@@ -38,7 +38,7 @@ from networks import ShiftAveragedEmbedding, SiameseNetwork
 from omniglot_data import OmniglotAlphabets, OneShotRuns, one_shot_run_errors
 from results import RUNS_ROOT, markdown_table, output_dirs, settings_tag, write_json, write_text
 from trainer import fit, flush_denormal_everywhere, resolve_device
-from utils import check_choice, check_int
+from utils import check_choice, check_flag, check_int
 
 # ---------------------------------------------------------------------------------------------------
 # One-shot learning on characters of alphabets never seen in training: a SiameseNetwork trained on
@@ -66,6 +66,7 @@ OMNIGLOT_RECIPE = {
     "epochs": 20, "batch_classes": 32, "batch_samples": 5, "pair_batch": 128, "alphabet_batches": False,
     "learning_rate": 1e-3, "weight_decay": 0.0,  # Adam, cosine decay to zero over the epochs
     "memory": 0, "memory_warmup": MEMORY_WARMUP,  # no cross-batch memory (methods.Recipe)
+    "normalize": False,  # embeddings of any norm (True: unit L2 norm, SiameseNetwork(normalize=True))
 }
 # The recipe's settings that shape the data (load_omniglot) rather than the training (train_omniglot).
 OMNIGLOT_DATA_SETTINGS = ("image_size", "quarter_turns", "mirror", "augment")
@@ -115,8 +116,8 @@ def omniglot_settings(**overrides):
 
 def train_omniglot(train_set, method=None, selector=None, margin=None, embedding_dim=None, channels=None,
                    epochs=None, batch_classes=None, batch_samples=None, pair_batch=None, alphabet_batches=None,
-                   learning_rate=None, weight_decay=None, memory=None, memory_warmup=None, seed=0, device=None,
-                   progress=True, **data_settings):
+                   learning_rate=None, weight_decay=None, memory=None, memory_warmup=None, normalize=None, seed=0,
+                   device=None, progress=True, **data_settings):
     """Train a SiameseNetwork on ``train_set`` (an OmniglotAlphabets) with one of the library's losses.
 
     Every setting left None is the recipe's (OMNIGLOT_RECIPE). ``method`` (one of OMNIGLOT_METHODS) is
@@ -126,7 +127,8 @@ def train_omniglot(train_set, method=None, selector=None, margin=None, embedding
     negative pairs) or 'online-triplet' (same batches, OnlineTripletLoss(margin) with ``selector``, see
     methods.SELECTORS) or 'multi-similarity' (same batches, MultiSimilarityLoss); ``memory`` > 0 gives the online
     methods' loss a cross-batch memory of that many embeddings, mined after ``memory_warmup`` steps
-    (``methods.build_method``); ``alphabet_batches`` draws all the characters of a batch from one alphabet
+    (``methods.build_method``); ``normalize`` gives the network unit-norm embeddings (the cosine geometry
+    multi-similarity trains; the evaluation's distances then compare directions); ``alphabet_batches`` draws all the characters of a batch from one alphabet
     (BalancedBatchSampler's groups), so that training negatives are as alike as the within-alphabet
     test's. Adam with cosine learning-rate decay over ``epochs``. The recipe's data settings
     (OMNIGLOT_DATA_SETTINGS) are accepted and ignored, so ``train_omniglot(train_set, **OMNIGLOT_RECIPE)``
@@ -141,10 +143,11 @@ def train_omniglot(train_set, method=None, selector=None, margin=None, embedding
         method=method, selector=selector, margin=margin, embedding_dim=embedding_dim, channels=channels,
         epochs=epochs, batch_classes=batch_classes, batch_samples=batch_samples, pair_batch=pair_batch,
         alphabet_batches=alphabet_batches, learning_rate=learning_rate, weight_decay=weight_decay, memory=memory,
-        memory_warmup=memory_warmup)
+        memory_warmup=memory_warmup, normalize=normalize)
     method = check_choice(settings["method"], OMNIGLOT_METHODS, "Omniglot method")
     torch.manual_seed(seed)  # the network's initial weights
-    model = SiameseNetwork(train_set.image_size, settings["embedding_dim"], channels=settings["channels"])
+    model = SiameseNetwork(train_set.image_size, settings["embedding_dim"], channels=settings["channels"],
+                           normalize=check_flag(settings["normalize"], "normalize"))
     # the classic siamese set-up keeps its own, wider margin (pairs, not triplets, are pushed apart)
     margin = CONTRASTIVE_MARGIN if method == "siamese" else settings["margin"]
     model, loss_fn, train_loader, _, metrics = build_method(
@@ -350,6 +353,8 @@ def _parser():
                         help="online methods: mine a cross-batch memory of the last M embeddings too (default: none)")
     parser.add_argument("--memory-warmup", type=cli.whole_number(0), default=None, metavar="N",
                         help=f"training steps before the memory is mined (default {MEMORY_WARMUP})")
+    parser.add_argument("--normalize", action="store_true",
+                        help="unit-norm (L2) embeddings: cosine geometry, as multi-similarity trains (default: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 100 episodes, no weights saved")
@@ -375,6 +380,8 @@ def _recipe_of(args):
         recipe["embedding_dim"] = check_int(args.embedding_dim, "--embedding-dim", 1)
     recipe.update({name: value for name, value in (("memory", args.memory), ("memory_warmup", args.memory_warmup))
                    if value is not None})
+    if args.normalize:
+        recipe["normalize"] = True
     settings = omniglot_settings(**recipe)
     check_memory(settings["method"], settings["memory"], settings["memory_warmup"])
     return recipe

@@ -435,6 +435,26 @@ def test_the_omniglot_command_line_takes_a_memory_for_its_online_methods(tmp_pat
             omniglot_module.main(["--quick", "--omniglot-root", str(tmp_path / "nowhere"), *wrong])
 
 
+def test_the_omniglot_recipe_can_train_unit_norm_embeddings_in_a_trial_folder_of_its_own(omniglot_root, tmp_path):
+    train_set, eval_set = omniglot_module.load_omniglot(omniglot_root, image_size=28)
+    model, _ = omniglot_module.train_omniglot(train_set, method="multi-similarity", normalize=True, epochs=1,
+                                              embedding_dim=8, channels=8, batch_classes=5, batch_samples=3,
+                                              progress=False)
+    embeddings = model.get_embedding(eval_set.data[:7].float())
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(7))
+    assert model.config()["normalize"] is True
+    plain, _ = omniglot_module.train_omniglot(train_set, epochs=0, embedding_dim=8, channels=8, progress=False)
+    assert plain.config()["normalize"] is False  # the recipe's
+    recipe = omniglot_module._recipe_of(omniglot_module._parser().parse_args(["--normalize"]))
+    assert recipe == {"normalize": True}
+    results_dir, _ = omniglot_module.omniglot_outputs(omniglot_module.omniglot_settings(**recipe),
+                                                      runs_dir=str(tmp_path))
+    assert "normalize-True" in results_dir  # a trial's own folder, never the committed results
+    assert omniglot_module._recipe_of(omniglot_module._parser().parse_args([])) == {}
+    with pytest.raises(TypeError, match="normalize must be"):
+        omniglot_module.train_omniglot(train_set, normalize="yes", epochs=0, progress=False)
+
+
 def test_alphabet_batches_group_the_sampler_by_alphabet(omniglot_root):
     train_set, _ = omniglot_module.load_omniglot(omniglot_root, image_size=28)  # Alpha: 3 characters, Beta: 2
     model, history = omniglot_module.train_omniglot(train_set, epochs=1, embedding_dim=8, channels=8, batch_classes=2,
