@@ -96,6 +96,9 @@ RECIPES = {
     "online-triplet/batch-hard": Recipe(batch_norm=True, easy_selector="random-hard", batch_samples=FEW_PER_CLASS),
     "online-triplet/batch-hard-soft": Recipe(soft=True, batch_norm=True, easy_selector="random-hard",
                                              batch_samples=FEW_PER_CLASS),
+    # multi-similarity trains cosine similarities: unit-norm embeddings make the study's Euclidean metrics score
+    # that geometry (64-D, seed 0: MAP@R 0.792 against 0.636 on the raw embeddings; results/README.md, "64-D")
+    "multi-similarity": Recipe(normalize=True),
 }
 CLASSIC_RECIPES = {"online-triplet/batch-hard-soft": HERMANS}
 STEP_SIZE, GAMMA = 8, 0.1

@@ -63,17 +63,21 @@ def test_a_recipe_sets_the_images_per_class_of_the_online_batches_and_says_so_on
 
 
 @pytest.mark.parametrize("label", sorted(methods.RECIPES))
-def test_each_selector_trains_with_its_recipe_unless_told_otherwise(splits, label):
-    method, selector = label.split("/")
+def test_each_method_trains_with_its_recipe_unless_told_otherwise(splits, label):
+    method, _, selector = label.partition("/")
     recipe = methods.RECIPES[label]
     for asked, expected in ((None, recipe), ("classic", methods.CLASSIC_RECIPES.get(label, methods.CLASSIC)),
                             (methods.CLASSIC, methods.CLASSIC)):
-        model, loss_fn, train_loader = methods.build_training(method, *splits, selector=selector, recipe=asked)[:3]
+        model, loss_fn, train_loader = methods.build_training(method, *splits, selector=selector or "random-hard",
+                                                              recipe=asked)[:3]
         assert model.config().get("batch_norm", False) == expected.batch_norm
+        assert model.config().get("normalize", False) == expected.normalize
         assert train_loader.batch_sampler.n_samples == expected.batch_samples
-        assert (loss_fn.margin, loss_fn.soft, loss_fn.distance) == (expected.margin, expected.soft, expected.distance)
-        easy = type(loss_fn.easy_selector).__name__ if loss_fn.easy_selector is not None else None
-        assert easy == {None: None, "random-hard": "FunctionNegativeTripletSelector"}[expected.easy_selector]
+        if method == "online-triplet":
+            assert (loss_fn.margin, loss_fn.soft, loss_fn.distance) == (expected.margin, expected.soft,
+                                                                        expected.distance)
+            easy = type(loss_fn.easy_selector).__name__ if loss_fn.easy_selector is not None else None
+            assert easy == {None: None, "random-hard": "FunctionNegativeTripletSelector"}[expected.easy_selector]
         assert experiments.method_run_dir("c", "d", label, recipe=asked).endswith(
             "" if expected == recipe else "_" + methods.recipe_tag(label, asked))
     with pytest.raises(ValueError, match="recipe"):
@@ -87,7 +91,8 @@ def test_multi_similarity_mines_the_balanced_batches_with_its_loss(splits):
     for loader in (train_loader, val_loader):
         assert (loader.batch_sampler.n_classes, loader.batch_sampler.n_samples) == methods.BALANCED_BATCH
     assert metrics == []  # no triplet count; trainer.fit reports its active pairs from last_selection
-    assert methods.method_recipe(methods.method_label("multi-similarity")) == methods.CLASSIC
+    assert methods.method_recipe(methods.method_label("multi-similarity")) == methods.Recipe(normalize=True)
+    assert model.normalize and not methods.build_training("multi-similarity", *splits, recipe="classic")[0].normalize
 
 
 @pytest.mark.parametrize("method", methods.ONLINE_METHODS)
@@ -156,17 +161,19 @@ def test_a_recipe_with_normalize_trains_unit_norm_embeddings_and_records_it_only
     recipe = methods.CLASSIC._replace(normalize=True)
     assert methods.recipe_label(recipe) == "L2"
     assert methods.recipe_label(recipe._replace(batch_norm=True, memory=64)) == "BN, L2, memory 64"
-    assert methods.recipe_tag("multi-similarity", recipe) == "l2"
+    assert methods.recipe_tag("online-contrastive", recipe) == "l2"
+    assert methods.recipe_tag("multi-similarity", recipe) == ""  # its study recipe (RECIPES)
     assert experiments.method_settings("mnist", "multi-similarity", 64, 20, 0, recipe=recipe)["normalize"] is True
     for other in (None, "classic", methods.CLASSIC._replace(batch_norm=True)):  # earlier run folders still match
-        assert "normalize" not in experiments.method_settings("mnist", "multi-similarity", 64, 20, 0, recipe=other)
+        assert "normalize" not in experiments.method_settings("mnist", "online-contrastive", 64, 20, 0, recipe=other)
+    assert "normalize" not in experiments.method_settings("mnist", "multi-similarity", 64, 20, 0, recipe="classic")
     for method in ("siamese", "online-contrastive", "multi-similarity"):
         model = methods.build_training(method, *splits, embedding_dim=8, recipe=recipe)[0]
         embedding_net = getattr(model, "embedding_net", model)
         assert embedding_net.normalize and embedding_net.config()["normalize"] is True
         images = splits[0].data[:6].float()
         torch.testing.assert_close(embedding_net(images).norm(dim=1), torch.ones(6))
-    assert not methods.build_training("multi-similarity", *splits)[0].normalize
+    assert not methods.build_training("online-contrastive", *splits)[0].normalize
     with pytest.raises(ValueError, match="--normalize is an option of the classic network"):
         methods.build_embedding_net("resnet18", 8, splits[0], normalize=True)
 
