@@ -8,8 +8,9 @@ Methods (the classic study's, with its hyper-parameters as defaults):
 - ``online-contrastive``: ``BalancedBatchSampler`` batches + ``OnlineContrastiveLoss`` with hard negative pairs;
 - ``online-triplet``: the same batches + ``OnlineTripletLoss`` with a selector: ``all``, ``hardest``,
   ``random-hard`` (default), ``semi-hard`` or ``batch-hard``;
-- ``multi-similarity``: the same batches + ``MultiSimilarityLoss`` (Wang et al. 2019). The three online
-  methods may also mine a cross-batch memory of recent embeddings (``--memory M``, ``methods.Recipe``).
+- ``multi-similarity``: the same batches + ``MultiSimilarityLoss`` (Wang et al. 2019), on unit-norm embeddings
+  (its recipe, ``methods.RECIPES``). The three online methods may also mine a cross-batch memory of recent
+  embeddings (``--memory M``, ``methods.Recipe``).
 
 Every trained embedding is measured on the test set with one set of metrics that is comparable
 between approaches (``metrics.evaluate_embeddings``: Precision@1, R-Precision, MAP@R, k-NN accuracy
