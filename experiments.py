@@ -463,7 +463,6 @@ def method_run_dir(run_dir, dataset, label, embedding_dim=2, seed=0, quick=False
     return os.path.join(folder, f"{label.replace('/', '-')}_{embedding_dim}d_seed{seed}" + (tag and "_" + tag))
 
 
-
 def _embed_splits(model, train_set, test_set):
     """{'train': (embeddings (N, D), labels (N,)), 'test': (...)} of a trained model."""
     return {split: extract_embeddings(DataLoader(data, batch_size=EVALUATION_BATCH, num_workers=data_workers(data)),
@@ -499,7 +498,6 @@ def comparison_path(dataset, left, right, embedding_dim=2, images_dir="images", 
     with ``recipe``): in ``right``'s ``recipe_images_dir``."""
     stem = image_stem(dataset, left, embedding_dim, seed)
     return os.path.join(recipe_images_dir(images_dir, right, recipe), f"{stem}_vs_{right.replace('/', '-')}.png")
-
 
 
 def run_methods(dataset, methods=METHODS, selectors=("random-hard",), embedding_dim=2, epochs=None, seed=0,
@@ -707,13 +705,13 @@ def _recipe_of(args, parser):
     """The ``recipe`` of the settings the command line asks for: one ``Recipe`` for every method when an
     option describes one, ``"classic"`` for ``--classic``, else None (each method's study recipe)."""
     given = {"margin": args.margin, "soft": args.soft_margin or None, "distance": args.distance,
-             "batch_norm": args.batch_norm or None, "normalize": args.normalize or None, "easy_selector": args.easy_selector,
-             "batch_samples": args.batch_samples, "memory": args.memory, "memory_warmup": args.memory_warmup}
+             "batch_norm": args.batch_norm or None, "normalize": args.normalize or None,
+             "easy_selector": args.easy_selector, "batch_samples": args.batch_samples, "memory": args.memory,
+             "memory_warmup": args.memory_warmup}
     given = {field: value for field, value in given.items() if value is not None}
     if given and args.classic:
         parser.error("--classic takes each method's classic settings; leave out the recipe options with it")
     return CLASSIC._replace(**given) if given else "classic" if args.classic else None
-
 
 
 def held_out_baselines(dataset, train_set, test_set, train_classes, embedding_dim=2, seed=0,

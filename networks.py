@@ -193,7 +193,7 @@ class SiameseNetwork(nn.Module):
         self.in_channels = check_int(in_channels, "in_channels", 1)
         self.channels = check_int(channels, "channels", 1)
         self.n_blocks = check_int(n_blocks, "n_blocks", 1)
-        self.normalize = bool(normalize)
+        self.normalize = check_flag(normalize, "normalize")
         feature_size = image_size // 2 ** n_blocks
         if feature_size < 1:
             raise ValueError(f"image_size must be >= {2 ** n_blocks} for {n_blocks} 2x2 poolings, got "

@@ -38,7 +38,7 @@ from networks import ShiftAveragedEmbedding, SiameseNetwork
 from omniglot_data import OmniglotAlphabets, OneShotRuns, one_shot_run_errors
 from results import RUNS_ROOT, markdown_table, output_dirs, settings_tag, write_json, write_text
 from trainer import fit, flush_denormal_everywhere, resolve_device
-from utils import check_choice, check_flag, check_int
+from utils import check_choice, check_int
 
 # ---------------------------------------------------------------------------------------------------
 # One-shot learning on characters of alphabets never seen in training: a SiameseNetwork trained on
@@ -130,12 +130,12 @@ def train_omniglot(train_set, method=None, selector=None, margin=None, embedding
     methods.SELECTORS) or 'multi-similarity' (same batches, MultiSimilarityLoss); ``memory`` > 0 gives the online
     methods' loss a cross-batch memory of that many embeddings, mined after ``memory_warmup`` steps
     (``methods.build_method``); ``normalize`` gives the network unit-norm embeddings (the cosine geometry
-    multi-similarity trains; the evaluation's distances then compare directions); ``alphabet_batches`` draws all the characters of a batch from one alphabet
-    (BalancedBatchSampler's groups), so that training negatives are as alike as the within-alphabet
-    test's. Adam with cosine learning-rate decay over ``epochs``. The recipe's data settings
-    (OMNIGLOT_DATA_SETTINGS) are accepted and ignored, so ``train_omniglot(train_set, **OMNIGLOT_RECIPE)``
-    works: they shaped ``train_set`` already. Returns ``(model in eval mode, history)``, ``history`` as
-    ``fit`` returns it.
+    multi-similarity trains; the evaluation's distances then compare directions); ``alphabet_batches``
+    draws all the characters of a batch from one alphabet (BalancedBatchSampler's groups), so that training
+    negatives are as alike as the within-alphabet test's. Adam with cosine learning-rate decay over
+    ``epochs``. The recipe's data settings (OMNIGLOT_DATA_SETTINGS) are accepted and ignored, so
+    ``train_omniglot(train_set, **OMNIGLOT_RECIPE)`` works: they shaped ``train_set`` already. Returns
+    ``(model in eval mode, history)``, ``history`` as ``fit`` returns it.
     """
     unknown = sorted(set(data_settings) - set(OMNIGLOT_DATA_SETTINGS))
     if unknown:
@@ -149,7 +149,7 @@ def train_omniglot(train_set, method=None, selector=None, margin=None, embedding
     method = check_choice(settings["method"], OMNIGLOT_METHODS, "Omniglot method")
     torch.manual_seed(seed)  # the network's initial weights
     model = SiameseNetwork(train_set.image_size, settings["embedding_dim"], channels=settings["channels"],
-                           normalize=check_flag(settings["normalize"], "normalize"))
+                           normalize=settings["normalize"])
     # the classic siamese set-up keeps its own, wider margin (pairs, not triplets, are pushed apart)
     margin = CONTRASTIVE_MARGIN if method == "siamese" else settings["margin"]
     model, loss_fn, train_loader, _, metrics = build_method(

@@ -48,6 +48,7 @@ def record_result(row, results_dir="results"):
 
 
 def study_labels():
+    """Every row name of the study (``method_label`` of each method and selector), in the tables' order."""
     return [method_label(method, selector) for method in METHODS
             for selector in (SELECTORS if method == "online-triplet" else [None])]
 
