@@ -10,7 +10,8 @@ dataset that do not depend on where its images came from.
 - random_subset, class_subset, split_per_class (a validation split inside every class) and
   held_out_class_split (unseen classes): they need only a dataset's ``.targets``, ``.classes`` and
   ``.subset(index)``, so they serve a known dataset and a folder of your own images alike.
-- BatchRandomAffine: random rotation, shear, zoom and shift of a whole batch of image tensors at once.
+- BatchRandomAffine: random rotation, shear, zoom and shift (and optionally a smooth elastic warp) of a
+  whole batch of image tensors at once.
 
 SiameseMNIST and TripletMNIST accept three kinds of dataset:
 - an InMemoryDataset (fast path: images are rows of its tensor, no PIL, batches are gathered at once);
@@ -637,12 +638,20 @@ class BatchRandomAffine:
         fill: value of the pixels that come from outside the image (the background).
         generator: torch.Generator for the draws; None uses torch's global RNG (so DataLoader workers
             and torch.manual_seed govern it).
+        elastic: strength of the elastic warp, the largest displacement of its control points as a fraction
+            of the image size (0: none, the plain affine map, drawing nothing more). Handwriting varies by
+            smooth local bends more than by one affine map (Simard et al., 2003): each image's sampling grid
+            is moved by a random field drawn uniformly in [-elastic, elastic] at the corners of a coarse
+            grid of ``elastic_cells`` x ``elastic_cells`` cells and interpolated bicubically between them,
+            so that it bends strokes without tearing them.
+        elastic_cells: cells across the coarse grid of the elastic field (fewer: smoother bends).
     Call on a (C, H, W) image or a (B, C, H, W) batch (float); returns a tensor of the same shape, resampled
-    bilinearly with one affine_grid + grid_sample for the whole batch.
+    bilinearly with one grid_sample for the whole batch (affine_grid, plus the elastic field when on).
     """
 
-    def __init__(self, degrees=10.0, shear=10.0, scale=(0.85, 1.15), translate=0.1, fill=0.0, generator=None):
-        for name, value in (("degrees", degrees), ("shear", shear), ("translate", translate)):
+    def __init__(self, degrees=10.0, shear=10.0, scale=(0.85, 1.15), translate=0.1, fill=0.0, generator=None,
+                 elastic=0.0, elastic_cells=4):
+        for name, value in (("degrees", degrees), ("shear", shear), ("translate", translate), ("elastic", elastic)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
         if (not isinstance(scale, (tuple, list)) or len(scale) != 2 or not all(isinstance(s, numbers.Real) for s in scale)
@@ -652,10 +661,13 @@ class BatchRandomAffine:
         self.scale = (float(scale[0]), float(scale[1]))
         self.fill = float(fill)
         self.generator = generator
+        self.elastic = float(elastic)
+        self.elastic_cells = check_int(elastic_cells, "elastic_cells", 1)
 
     def __repr__(self):
+        elastic = f", elastic={self.elastic}, elastic_cells={self.elastic_cells}" if self.elastic else ""
         return (f"{type(self).__name__}(degrees={self.degrees}, shear={self.shear}, scale={self.scale}, "
-                f"translate={self.translate}, fill={self.fill})")
+                f"translate={self.translate}, fill={self.fill}{elastic})")
 
     def matrices(self, n):
         """(n, 2, 3) float32 affine_grid matrices: for each output pixel, where to sample in the input
@@ -674,6 +686,15 @@ class BatchRandomAffine:
         offset = -(inverse @ shift.unsqueeze(-1))
         return torch.cat([inverse, offset], dim=2).float()
 
+    def displacements(self, n, height, width):
+        """(n, height, width, 2) float32 elastic displacements of the sampling grid (normalised coordinates,
+        which span 2, so a displacement of ``elastic`` x the image size is 2 x elastic): uniform draws on an
+        (elastic_cells + 1)^2 grid of control points, interpolated bicubically over the image."""
+        knots = self.elastic_cells + 1
+        draws = torch.rand(n, 2, knots, knots, generator=self.generator, dtype=torch.float64) * 2 - 1
+        field = F.interpolate(draws * (2 * self.elastic), size=(height, width), mode="bicubic", align_corners=True)
+        return field.permute(0, 2, 3, 1).float()
+
     def __call__(self, images):
         if not torch.is_tensor(images) or not images.is_floating_point() or images.ndim not in (3, 4):
             raise TypeError(f"{type(self).__name__} takes a float tensor (C, H, W) or (B, C, H, W), got "
@@ -683,6 +704,8 @@ class BatchRandomAffine:
             return images
         theta = self.matrices(len(batch)).to(batch.device, batch.dtype)
         grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+        if self.elastic:
+            grid = grid + self.displacements(len(batch), *batch.shape[2:]).to(grid.device, grid.dtype)
         # grid_sample pads with zeros: shift so that the padding comes out as `fill`
         warped = F.grid_sample(batch - self.fill, grid, mode="bilinear", padding_mode="zeros",
                                align_corners=False) + self.fill

@@ -781,8 +781,45 @@ def test_affine_is_reproducible_with_a_generator():
     assert torch.equal(global_draw, BatchRandomAffine()(images))
 
 
+def test_affine_without_elastic_draws_nothing_more():
+    images = torch.rand(3, 1, 10, 10)
+    plain_generator, elastic_off = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    plain = BatchRandomAffine(generator=plain_generator)(images)
+    assert torch.equal(plain, BatchRandomAffine(generator=elastic_off, elastic=0.0, elastic_cells=2)(images))
+    assert torch.equal(plain_generator.get_state(), elastic_off.get_state())
+    assert "elastic" not in repr(BatchRandomAffine()) and "elastic=0.05" in repr(BatchRandomAffine(elastic=0.05))
+
+
+def test_elastic_field_passes_through_its_control_points_and_is_smooth():
+    warp = BatchRandomAffine(elastic=0.1, elastic_cells=3, generator=torch.Generator().manual_seed(1))
+    field = warp.displacements(4, 31, 31)
+    assert field.shape == (4, 31, 31, 2) and field.dtype == torch.float32
+    knots = torch.rand(4, 2, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    # control points at every 10th pixel (align_corners): the field there is the draw, x 2 x elastic
+    assert torch.allclose(field[:, ::10, ::10].permute(0, 3, 1, 2), (knots * 0.2).float(), atol=1e-6)
+    assert field.abs().max() <= 0.2 * 1.6  # bicubic interpolation overshoots its knots by a bounded factor
+    steps = torch.cat([(field[:, 1:] - field[:, :-1]).flatten(), (field[:, :, 1:] - field[:, :, :-1]).flatten()])
+    assert steps.abs().max() < 0.4 * 0.2  # neighbouring pixels move alike: bends, no tears
+
+
+def test_elastic_warp_moves_a_dot_by_at_most_its_field():
+    dot = torch.zeros(50, 1, 41, 41)
+    dot[:, :, 20, 20] = 1.0
+    blurred = torch.nn.functional.avg_pool2d(dot, 5, stride=1, padding=2)  # a blob, so bilinear sampling keeps it
+    identity = {"degrees": 0, "shear": 0, "scale": (1, 1), "translate": 0}
+    warped = BatchRandomAffine(**identity, elastic=0.05, generator=torch.Generator().manual_seed(2))(blurred)
+    coordinates = torch.arange(41, dtype=torch.float32)
+    mass = warped.sum((1, 2, 3))
+    centre_y = (warped.sum(3).squeeze(1) * coordinates).sum(1) / mass
+    centre_x = (warped.sum(2).squeeze(1) * coordinates).sum(1) / mass
+    moved = torch.stack([centre_y - 20, centre_x - 20], 1).abs()
+    assert moved.max() <= 0.05 * 41 * 1.6 and moved.max() > 0.3  # within its field, and not left in place
+    assert mass.min() > 0.5 and mass.max() < 1.5  # bent, stretched or squeezed locally, not erased
+
+
 @pytest.mark.parametrize("arguments", [{"degrees": -1}, {"shear": "x"}, {"translate": True}, {"scale": (1.2, 0.8)},
-                                       {"scale": 1.0}, {"scale": (0, 1)}])
+                                       {"scale": 1.0}, {"scale": (0, 1)}, {"elastic": -0.1}, {"elastic": "x"},
+                                       {"elastic_cells": 0}])
 def test_affine_argument_errors(arguments):
     with pytest.raises(ValueError):
         BatchRandomAffine(**arguments)
