@@ -652,8 +652,8 @@ class BatchRandomAffine:
     def __init__(self, degrees=10.0, shear=10.0, scale=(0.85, 1.15), translate=0.1, fill=0.0, generator=None,
                  elastic=0.0, elastic_cells=4):
         for name, value in (("degrees", degrees), ("shear", shear), ("translate", translate), ("elastic", elastic)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
         if (not isinstance(scale, (tuple, list)) or len(scale) != 2 or not all(isinstance(s, numbers.Real) for s in scale)
                 or not 0 < scale[0] <= scale[1]):
             raise ValueError(f"scale must be a (low, high) pair with 0 < low <= high, got {scale!r}")

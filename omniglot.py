@@ -21,6 +21,7 @@ paths (``datasets.OmniglotAlphabets``, ``metrics.one_shot_run_errors``, ``experi
 ...) still resolve to the objects here and in ``omniglot_data.py``.
 """
 
+import math
 import os
 import sys
 import time
@@ -38,7 +39,7 @@ from networks import ShiftAveragedEmbedding, SiameseNetwork
 from omniglot_data import OmniglotAlphabets, OneShotRuns, one_shot_run_errors
 from results import RUNS_ROOT, markdown_table, output_dirs, settings_tag, write_json, write_text
 from trainer import fit, flush_denormal_everywhere, resolve_device
-from utils import check_choice, check_int
+from utils import check_choice, check_int, check_real
 
 # ---------------------------------------------------------------------------------------------------
 # One-shot learning on characters of alphabets never seen in training: a SiameseNetwork trained on
@@ -355,6 +356,9 @@ def _parser():
                         help="online methods: mine a cross-batch memory of the last M embeddings too (default: none)")
     parser.add_argument("--memory-warmup", type=cli.whole_number(0), default=None, metavar="N",
                         help=f"training steps before the memory is mined (default {MEMORY_WARMUP})")
+    parser.add_argument("--elastic", type=float, default=None, metavar="F",
+                        help="strength of the elastic warp of the training images, a fraction of the image size "
+                             f"(0: none; default: the recipe's, {OMNIGLOT_RECIPE['augment'].get('elastic', 0)})")
     parser.add_argument("--normalize", action="store_true",
                         help="unit-norm (L2) embeddings: cosine geometry, as multi-similarity trains (default: off)")
     parser.add_argument("--seed", type=int, default=0)
@@ -384,9 +388,21 @@ def _recipe_of(args):
                    if value is not None})
     if args.normalize:
         recipe["normalize"] = True
+    if args.elastic is not None:
+        recipe["augment"] = elastic_augment(args.elastic, "--elastic")
     settings = omniglot_settings(**recipe)
     check_memory(settings["method"], settings["memory"], settings["memory_warmup"])
     return recipe
+
+
+def elastic_augment(strength, name="strength"):
+    """The recipe's augmentation (OMNIGLOT_RECIPE["augment"]) with an elastic warp of ``strength`` (a fraction
+    of the image size, ``datasets.BatchRandomAffine``'s ``elastic``; 0 leaves the warp out): a new dict.
+    Raises ValueError naming ``name`` for a negative or infinite strength."""
+    if check_real(strength, name, 0) == math.inf:
+        raise ValueError(f"{name} must be finite, got {strength}")
+    augment = {name: value for name, value in OMNIGLOT_RECIPE["augment"].items() if name != "elastic"}
+    return {**augment, "elastic": strength} if strength else augment
 
 
 def omniglot_main(args):

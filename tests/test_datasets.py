@@ -819,6 +819,7 @@ def test_elastic_warp_moves_a_dot_by_at_most_its_field():
 
 @pytest.mark.parametrize("arguments", [{"degrees": -1}, {"shear": "x"}, {"translate": True}, {"scale": (1.2, 0.8)},
                                        {"scale": 1.0}, {"scale": (0, 1)}, {"elastic": -0.1}, {"elastic": "x"},
+                                       {"elastic": float("inf")}, {"degrees": float("nan")},
                                        {"elastic_cells": 0}])
 def test_affine_argument_errors(arguments):
     with pytest.raises(ValueError):

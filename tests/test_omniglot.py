@@ -455,6 +455,24 @@ def test_the_omniglot_recipe_can_train_unit_norm_embeddings_in_a_trial_folder_of
         omniglot_module.train_omniglot(train_set, normalize="yes", epochs=0, progress=False)
 
 
+def test_the_omniglot_command_line_sets_the_strength_of_the_elastic_warp(omniglot_root, tmp_path):
+    parse = omniglot_module._parser().parse_args
+    recipe = omniglot_module._recipe_of(parse(["--elastic", "0.1"]))
+    assert recipe == {"augment": {**omniglot_module.OMNIGLOT_RECIPE["augment"], "elastic": 0.1}}
+    results_dir, _ = omniglot_module.omniglot_outputs(omniglot_module.omniglot_settings(**recipe),
+                                                      runs_dir=str(tmp_path))
+    assert results_dir.startswith(os.path.join(str(tmp_path), "omniglot", "augment-"))  # a trial's own folder
+    without = omniglot_module._recipe_of(parse(["--elastic", "0"]))["augment"]
+    assert "elastic" not in without and set(without) | {"elastic"} >= set(omniglot_module.OMNIGLOT_RECIPE["augment"])
+    train_set, eval_set = omniglot_module.load_omniglot(omniglot_root, image_size=28, augment=recipe["augment"])
+    assert train_set.augmentation.elastic == 0.1 and eval_set.augmentation is None
+    for wrong, message in ((["--elastic", "-0.5"], "--elastic must be >= 0"), (["--elastic", "inf"], "--elastic must "
+                           "be finite"), (["--elastic", "nan"], "--elastic must be >= 0"),
+                           (["--elastic", "x"], "argument --elastic: invalid float value")):
+        with pytest.raises(ValueError, match=message):  # before any data is looked for
+            omniglot_module.main(["--quick", "--omniglot-root", str(tmp_path / "nowhere"), *wrong])
+
+
 def test_alphabet_batches_group_the_sampler_by_alphabet(omniglot_root):
     train_set, _ = omniglot_module.load_omniglot(omniglot_root, image_size=28)  # Alpha: 3 characters, Beta: 2
     model, history = omniglot_module.train_omniglot(train_set, epochs=1, embedding_dim=8, channels=8, batch_classes=2,
