@@ -283,11 +283,11 @@ def test_save_omniglot_model_writes_a_model_file(tmp_path):
 
 def test_the_committed_omniglot_weights_are_a_model_file():
     model, info = load_model(os.path.join(REPOSITORY, "weights", "omniglot_siamese.pt"))
-    assert isinstance(model, SiameseNetwork) and (info["format"], info["version"]) == ("siamese-triplet-model", 1)
-    assert info["invert"]  # version 1 recorded no polarity: a siamese-network was trained on inverted images
+    assert isinstance(model, SiameseNetwork) and (info["format"], info["version"]) == ("siamese-triplet-model", 2)
+    assert info["invert"] is True  # OmniglotAlphabets' inverted images, as save_omniglot_model records
     assert info["threshold"] == info["evaluation"]["verification"]["threshold"]
     assert (info["image_size"], info["channels"], info["embedding_dim"]) == (40, 1, 64)
-    assert info["command"] == "python experiments.py --dataset omniglot" and "recipe" in info
+    assert info["command"] == "python omniglot.py" and info["recipe"] == {**omniglot.OMNIGLOT_RECIPE, "seed": 0}
 
 
 OLD_FORMATS = os.path.join(REPOSITORY, "tests", "old_formats", "model_file")

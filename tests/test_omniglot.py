@@ -455,6 +455,19 @@ def test_the_omniglot_recipe_can_train_unit_norm_embeddings_in_a_trial_folder_of
         omniglot_module.train_omniglot(train_set, normalize="yes", epochs=0, progress=False)
 
 
+def test_the_omniglot_command_line_sets_the_width_of_the_network(omniglot_root, tmp_path):
+    recipe = omniglot_module._recipe_of(omniglot_module._parser().parse_args(["--channels", "12", "--epochs", "0"]))
+    assert recipe == {"channels": 12, "epochs": 0}
+    train_set, _ = omniglot_module.load_omniglot(omniglot_root, image_size=28)
+    model, _ = omniglot_module.train_omniglot(train_set, embedding_dim=8, progress=False, **recipe)
+    assert model.config()["channels"] == 12
+    results_dir, _ = omniglot_module.omniglot_outputs(omniglot_module.omniglot_settings(**recipe),
+                                                      runs_dir=str(tmp_path))
+    assert results_dir == os.path.join(str(tmp_path), "omniglot", "channels-12_epochs-0", "results")
+    with pytest.raises(ValueError, match="--channels: expected a whole number of at least 1"):
+        omniglot_module.main(["--quick", "--omniglot-root", str(tmp_path / "nowhere"), "--channels", "0"])
+
+
 def test_the_omniglot_command_line_sets_the_strength_of_the_elastic_warp(omniglot_root, tmp_path):
     parse = omniglot_module._parser().parse_args
     recipe = omniglot_module._recipe_of(parse(["--elastic", "0.1"]))
