@@ -405,7 +405,7 @@ def elastic_augment(strength, name="strength"):
     Raises ValueError naming ``name`` for a negative or infinite strength."""
     if check_real(strength, name, 0) == math.inf:
         raise ValueError(f"{name} must be finite, got {strength}")
-    augment = {name: value for name, value in OMNIGLOT_RECIPE["augment"].items() if name != "elastic"}
+    augment = {setting: value for setting, value in OMNIGLOT_RECIPE["augment"].items() if setting != "elastic"}
     return {**augment, "elastic": strength} if strength else augment
 
 
