@@ -21,7 +21,6 @@ paths (``datasets.OmniglotAlphabets``, ``metrics.one_shot_run_errors``, ``experi
 ...) still resolve to the objects here and in ``omniglot_data.py``.
 """
 
-import math
 import os
 import sys
 import time
@@ -403,8 +402,7 @@ def elastic_augment(strength, name="strength"):
     """The recipe's augmentation (OMNIGLOT_RECIPE["augment"]) with an elastic warp of ``strength`` (a fraction
     of the image size, ``datasets.BatchRandomAffine``'s ``elastic``; 0 leaves the warp out): a new dict.
     Raises ValueError naming ``name`` for a negative or infinite strength."""
-    if check_real(strength, name, 0) == math.inf:
-        raise ValueError(f"{name} must be finite, got {strength}")
+    check_real(strength, name, 0, finite=True)
     augment = {setting: value for setting, value in OMNIGLOT_RECIPE["augment"].items() if setting != "elastic"}
     return {**augment, "elastic": strength} if strength else augment
 

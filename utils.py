@@ -70,9 +70,10 @@ def check_int(value, name, minimum=0):
     return int(value)
 
 
-def check_real(value, name, minimum=None, strict=False):
+def check_real(value, name, minimum=None, strict=False, finite=False):
     """``value`` as a float (a real number, not bool) of at least ``minimum`` (above it with ``strict``; None:
-    any finite or infinite value, not NaN); raises TypeError or ValueError naming the argument ``name``."""
+    any finite or infinite value, not NaN), and not infinite with ``finite``; raises TypeError or ValueError
+    naming the argument ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if minimum is None:
@@ -80,6 +81,8 @@ def check_real(value, name, minimum=None, strict=False):
             raise ValueError(f"{name} must be a number, got {value}")
     elif not (value > minimum if strict else value >= minimum):  # also rejects NaN
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value}")
+    if finite and math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
 
 

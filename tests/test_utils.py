@@ -37,7 +37,7 @@ from reference import (
     ref_random_hard_candidates,
     ref_semihard_candidates,
 )
-from utils import atomic_write, check_choice, check_int
+from utils import atomic_write, check_choice, check_int, check_real
 
 
 # Many examples, no per-example deadline (conftest.py's default profile derandomises them).
@@ -1065,3 +1065,11 @@ def test_as_distance_gives_euclidean_roots_with_a_zero_gradient_at_zero():
     with pytest.raises(ValueError, match="unknown distance 'cosine'"):
         utils.as_distance(squared, "cosine")
 
+
+def test_check_real_refuses_infinite_values_only_when_asked():
+    assert check_real(float("inf"), "x", 0) == float("inf") and check_real(2, "x", 0, finite=True) == 2.0
+    for value in (float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match="x must be finite, got"):
+            check_real(value, "x", finite=True)
+    with pytest.raises(ValueError, match="x must be >= 0"):
+        check_real(float("nan"), "x", 0, finite=True)
