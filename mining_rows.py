@@ -16,8 +16,9 @@ import torch
 
 from random_streams import KEY_RANGE, AnchorStreams, uniform
 
-# Blocks of up to this many entries are searched by one selection (smallest_in_rows); measured the faster way
-# there (benchmarks/bench_selectors.py), and the result is the same either way.
+# Blocks of up to this many entries are searched by one selection (smallest_in_rows), and ranges of up to this
+# many values are drawn from with a table of first draws (distinct_draws); measured the faster way there
+# (benchmarks/bench_selectors.py), and the result is the same either way.
 SMALL_BLOCK = 1 << 18
 
 class Rows(NamedTuple):
@@ -146,17 +147,33 @@ def distinct_draws(key, k, n, device):
         keep = torch.ones(n, dtype=torch.bool, device=device)
         keep[excluded] = False
         return keep.nonzero().squeeze(1)
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
     draws = k + 2 * k * k // max(n, 1) + 16  # about twice the expected repeats: one round, usually
     while True:
-        values = (uniform(key, torch.arange(draws, device=device)) * n).long().clamp_max(max(n - 1, 0))
-        distinct, inverse = torch.unique(values, return_inverse=True)
-        first = torch.full_like(distinct, draws).scatter_reduce_(0, inverse, torch.arange(draws, device=device),
-                                                                 "amin")
-        if k == 0:
-            return distinct[:0]
-        if len(distinct) >= k:  # the k earliest first draws (all different): one selection, no sort
-            return distinct[first <= first.kthvalue(k).values]
+        order = torch.arange(draws, device=device)
+        values = (uniform(key, order) * n).long().clamp_max(max(n - 1, 0))
+        chosen = _earliest_distinct(values, order, k, n)
+        if chosen is not None:
+            return chosen
         draws *= 2
+
+
+def _earliest_distinct(values, order, k, n):
+    """The ``k`` values of ``values (T,)`` (ints in ``0 .. n - 1``, ``order`` = ``arange(T)``) met first,
+    ascending; None when there are fewer than ``k`` distinct ones. Both ways give the same values."""
+    if n <= SMALL_BLOCK:  # a table of each value's first draw costs less than sorting the draws
+        first = torch.full((n,), len(values), dtype=torch.long, device=values.device)
+        first.scatter_reduce_(0, values, order, "amin")
+        met = (first[values] == order).cumsum(0)  # distinct values met up to each draw
+        if int(met[-1]) < k:
+            return None
+        return (first <= (met < k).sum()).nonzero().squeeze(1)  # first draws up to the k-th new value
+    distinct, inverse = torch.unique(values, return_inverse=True)
+    if len(distinct) < k:
+        return None
+    first = torch.full_like(distinct, len(values)).scatter_reduce_(0, inverse, order, "amin")
+    return distinct[first <= first.kthvalue(k).values]  # the k earliest first draws: one selection, no sort
 
 
 def negative_pairs_of_rank(classes, ranks, rows):

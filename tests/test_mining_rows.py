@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import mining_rows
 from mining_rows import (Rows, checked_rows, classes_of, distinct_draws, negative_pairs_of_rank, negatives_after,
                          pair_counts, positive_pairs_of, positives_of, smallest_in_rows)
+from random_streams import uniform
 
 HYPOTHESIS = dict(max_examples=60, deadline=None)
 labels_strategy = st.lists(st.integers(0, 6), min_size=1, max_size=40).map(torch.tensor)
@@ -76,6 +77,33 @@ def test_distinct_draws_are_a_sorted_subset_of_the_right_size(k, n):
     assert len(drawn) == k and len(set(drawn.tolist())) == k and drawn.tolist() == sorted(drawn.tolist())
     assert all(0 <= value < n for value in drawn.tolist())
     assert torch.equal(drawn, distinct_draws(torch.tensor(4), k, n, torch.device("cpu")))  # a function of the key
+
+
+def first_distinct_of_the_stream(key, k, n):
+    """The reference: the first k distinct values of floor(n * uniform(key, t)), t = 0, 1, ..., sorted
+    (the complement of the first n - k when k > n / 2), by a loop over the stream."""
+    wanted = n - k if 2 * k > n else k
+    met, t = [], 0
+    while len(met) < wanted:
+        value = min(int(float(uniform(key, t)) * n), n - 1)
+        if value not in met:
+            met.append(value)
+        t += 1
+    return sorted(set(range(n)) - set(met)) if 2 * k > n else sorted(met)
+
+
+@settings(**HYPOTHESIS)
+@given(st.integers(0, 2 ** 32 - 1), st.integers(1, 300), st.data())
+@pytest.mark.parametrize("table", [True, False])
+def test_distinct_draws_are_the_first_distinct_values_of_the_stream(table, key, n, data):
+    k = data.draw(st.integers(0, n))
+    original = mining_rows.SMALL_BLOCK
+    mining_rows.SMALL_BLOCK = original if table else 0  # a table of first draws, or a sort of the draws
+    try:
+        drawn = distinct_draws(torch.tensor(key), k, n, torch.device("cpu"))
+    finally:
+        mining_rows.SMALL_BLOCK = original
+    assert drawn.dtype == torch.long and drawn.tolist() == first_distinct_of_the_stream(key, k, n)
 
 
 def test_distinct_draws_choose_every_value_equally_often():
