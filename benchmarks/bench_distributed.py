@@ -1,7 +1,8 @@
 """Online mining on several processes: what each rank mining its own rows costs, and what 2 processes buy.
 
-    python benchmarks/bench_distributed.py            # all four tables (about 12 minutes on 2 cores)
-    python benchmarks/bench_distributed.py --quick    # global batch 1024 only, fewer steps, no epoch or memory
+    python benchmarks/bench_distributed.py            # all four tables (about 25 minutes on 2 cores)
+    python benchmarks/bench_distributed.py --quick    # global batch 1024 only, one round, fewer steps, no epoch
+                                                      # or memory
 
 Every process runs with one thread (OMP_NUM_THREADS=1), on CPU with the gloo backend, launched by
 ``python -m torch.distributed.run`` (torchrun) on 127.0.0.1; the one-process rows run the same code
@@ -15,7 +16,10 @@ without a process group.
    whole global batch.
 2. A training step of the study's online-triplet method (EmbeddingNet, 2-D, random-hard, Adam) at
    global batch 10 x 25 = 250 and 40 x 25 = 1000, on 1 process and on 2 (DistributedDataParallel, each
-   rank half of the batch).
+   rank half of the batch). Then (2b) where the time of the step at 10 x 25 goes (forward, loss with its
+   gathers, backward with the gradients' all-reduce, optimizer step) on one process with the whole batch,
+   one process alone with the half a rank gets, and rank 0 of two; and each collective of that step timed
+   on its own.
 3. One full Fashion-MNIST epoch of ``experiments.py --methods online-triplet --epochs 1`` on 1 process
    and on 2, with the resulting scores (each way from the same seed).
 4. Memory per rank: the peak resident memory that one rank's online loss (forward and backward) adds, in a
@@ -24,15 +28,20 @@ without a process group.
    then that multiple times the block's size (``distributed.share_bounds``) for global batches up to 65,536
    on 8 to 64 ranks, next to the ``(N, N)`` matrix one process would need.
 
-Times are medians of several steps after warm-up steps, measured side by side in one run.
+Times are medians of several steps after warm-up steps, measured side by side in one run. Tables 1-3
+measure one process and two processes in turn, ``--rounds`` times (default 3): on a shared machine one
+measurement of each can land in a quiet and a busy spell, so each speed-up is given as the median of the
+rounds' speed-ups with their range.
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -51,6 +60,9 @@ MARGIN = 1.0
 LOSS_SELECTORS = ("hard-negative pairs", "all", "hardest", "random-hard", "semi-hard", "batch-hard")
 ALL_TRIPLETS_MAX_BATCH = 1024  # the all-triplets selector's output grows as B^2 * per_class: 4096 would need GBs
 STEP_BATCHES = ((10, 25), (40, 25))
+EPOCH_KEYS = ("seconds_per_epoch", "precision_at_1", "map_at_r", "knn_accuracy", "final_train_loss")
+STEP_PHASES = ("forward", "loss", "backward", "optimizer")
+ROUNDS = 3  # 1 and 2 processes measured in turn this many times (--rounds)
 WARMUP = 2  # untimed calls before the timed ones
 
 
@@ -102,8 +114,10 @@ def worker_loss(batch, repeats):
     return times
 
 
-def worker_step(n_classes, n_samples, repeats):
-    """ms per training step of online-triplet (EmbeddingNet, random-hard, Adam) on this process's share."""
+def worker_step(n_classes, n_samples, repeats, shares=1, phases=False):
+    """ms per training step of online-triplet (EmbeddingNet, random-hard, Adam) on this process's share of a
+    global batch of ``n_classes x n_samples`` (one process: its first of ``shares`` shares). With ``phases``:
+    ``{phase: ms}``, each phase's median, the phases timed one after the other in every step."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -117,30 +131,70 @@ def worker_step(n_classes, n_samples, repeats):
     batch = n_classes * n_samples
     images = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(n_classes).repeat_interleave(n_samples)
-    start, stop = share_bounds(batch, world, rank)
+    start, stop = share_bounds(batch, world, rank) if world > 1 else share_bounds(batch, shares, 0)
     images, labels = images[start:stop], labels[start:stop]
     trained = DistributedDataParallel(model) if world > 1 else model
     selector = RandomNegativeTripletSelector(MARGIN, generator=torch.Generator().manual_seed(0))
     loss_fn = OnlineTripletLoss(MARGIN, selector)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    times = {phase: [] for phase in STEP_PHASES}
 
     def step():
-        loss, _ = loss_fn(trained(images), labels)
+        moments = [time.perf_counter()]
+        embeddings = trained(images)
+        moments.append(time.perf_counter())
+        loss, _ = loss_fn(embeddings, labels)  # with the gathers and the global mean on 2 processes
+        moments.append(time.perf_counter())
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # with DistributedDataParallel's all-reduce of the gradients on 2 processes
+        moments.append(time.perf_counter())
         optimizer.step()
+        moments.append(time.perf_counter())
+        for phase, begin, end in zip(STEP_PHASES, moments, moments[1:]):
+            times[phase].append(1000 * (end - begin))
 
     milliseconds = median_ms(step, repeats, WARMUP)
     if world > 1:
         dist.barrier()
-    return milliseconds
+    if not phases:
+        return milliseconds
+    return {phase: statistics.median(values[WARMUP:]) for phase, values in times.items()}
+
+
+def worker_collectives(repeats):
+    """{collective: ms}, rank 0's median time of each collective a training step of the study makes on 2
+    processes (B = 250, EmbeddingNet 2-D), each called on its own."""
+    import torch.distributed as dist
+
+    from networks import EmbeddingNet
+    _rank_and_world()
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(2)]
+    rows = [torch.zeros(125, 2) for _ in range(2)]
+    gradient_rows, totals = torch.zeros(250, 2), torch.zeros(3, dtype=torch.float64)
+    gradients = torch.zeros(sum(parameter.numel() for parameter in EmbeddingNet(2).parameters()))
+    calls = {"all_gather of the shares' sizes": lambda: dist.all_gather(sizes, sizes[0].clone()),
+             "all_gather of embeddings (125, 2)": lambda: dist.all_gather(rows, rows[0].clone()),
+             "all_reduce of the loss totals (3,)": lambda: dist.all_reduce(totals),
+             "all_reduce of embedding gradients (250, 2)": lambda: dist.all_reduce(gradient_rows),
+             f"all_reduce of the weights' gradients ({len(gradients):,})": lambda: dist.all_reduce(gradients)}
+    result = {}
+    for name, call in calls.items():
+        dist.barrier()
+        result[name] = median_ms(call, 10 * repeats, WARMUP)
+    return result
 
 
 def worker(arguments):
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     kind, *numbers = arguments
-    result = worker_loss(*map(int, numbers)) if kind == "loss" else worker_step(*map(int, numbers))
+    numbers = [int(number) for number in numbers]
+    if kind == "loss":
+        result = worker_loss(*numbers)
+    elif kind == "collectives":
+        result = worker_collectives(*numbers)
+    else:
+        result = worker_step(*numbers, phases=kind == "phases")
     if int(os.environ.get("RANK", "0")) == 0:
         print("RESULT " + json.dumps(result), flush=True)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -160,57 +214,101 @@ def run_worker(processes, *arguments):
     return json.loads(line[len("RESULT "):])
 
 
-def loss_table(batches, repeats):
-    print_table_head("1. Mining + loss, forward and backward per step (ms; 2 processes: rank 0's time)",
+def alternating(rounds, measure):
+    """``[(measure(1), measure(2)), ...]``: one process, then two, ``rounds`` times in turn, so that a slow
+    spell of the shared machine falls on both sides rather than on one."""
+    return [(measure(1), measure(2)) for _ in range(rounds)]
+
+
+def spread(ratios):
+    """``'median (lowest-highest)'`` of the per-round speed-ups."""
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def loss_table(batches, repeats, rounds):
+    print_table_head(f"1. Mining + loss, forward and backward per step (ms, medians of {rounds} round(s); 2 processes: "
+                     "rank 0's time)",
                      f"{'global batch':>12}  {'selector':<20}{'1 proc':>10}{'2 proc local':>14}{'2 proc whole':>14}"
-                     f"{'whole/local':>13}")
+                     f"{'whole/local':>13}  {'speed-up, median (range)':<26}")
     rows = []
     for batch in batches:
-        alone, shared = run_worker(1, "loss", batch, repeats), run_worker(2, "loss", batch, repeats)
-        for name, times in shared.items():
-            local, whole = times["local"], times["whole"]
-            print(f"{batch:>12}  {name:<20}{alone[name]['local']:>10.1f}{local:>14.1f}{whole:>14.1f}"
-                  f"{whole / local:>12.2f}x", flush=True)
-            rows.append({"batch": batch, "selector": name, "one_process_ms": alone[name]["local"],
-                         "local_ms": local, "whole_ms": whole})
+        measured = alternating(rounds, lambda processes: run_worker(processes, "loss", batch, repeats))
+        for name in measured[0][1]:
+            alone = [one[name]["local"] for one, _ in measured]
+            local = [two[name]["local"] for _, two in measured]
+            whole = statistics.median(two[name]["whole"] for _, two in measured)
+            ratios = [one / two for one, two in zip(alone, local)]
+            print(f"{batch:>12}  {name:<20}{statistics.median(alone):>10.1f}{statistics.median(local):>14.1f}"
+                  f"{whole:>14.1f}{whole / statistics.median(local):>12.2f}x  {spread(ratios):<26}", flush=True)
+            rows.append({"batch": batch, "selector": name, "one_process_ms": alone, "local_ms": local,
+                         "whole_ms": whole, "speed_up": ratios})
     return rows
 
 
-def step_table(repeats):
-    print_table_head("\n2. Training step of online-triplet (EmbeddingNet 2-D, random-hard, Adam), ms per step",
-                     f"{'global batch':>14}{'1 proc':>10}{'2 proc':>10}{'speed-up':>10}")
+def step_table(repeats, rounds):
+    print_table_head(f"\n2. Training step of online-triplet (EmbeddingNet 2-D, random-hard, Adam), ms per step "
+                     f"(medians of {rounds} round(s))",
+                     f"{'global batch':>14}{'1 proc':>10}{'2 proc':>10}  {'speed-up, median (range)':<26}")
     rows = []
     for n_classes, n_samples in STEP_BATCHES:
-        alone, shared = run_worker(1, "step", n_classes, n_samples, repeats), \
-            run_worker(2, "step", n_classes, n_samples, repeats)
+        measured = alternating(rounds, lambda processes: run_worker(processes, "step", n_classes, n_samples, repeats))
+        alone, shared = [one for one, _ in measured], [two for _, two in measured]
         label = f"{n_classes}x{n_samples}"
-        print(f"{label:>14}{alone:>10.1f}{shared:>10.1f}{alone / shared:>9.2f}x", flush=True)
+        print(f"{label:>14}{statistics.median(alone):>10.1f}{statistics.median(shared):>10.1f}  "
+              f"{spread([one / two for one, two in measured]):<26}", flush=True)
         rows.append({"batch": label, "one_process_ms": alone, "two_processes_ms": shared})
     return rows
 
 
-def epoch_table(root):
+def phases_table(repeats):
+    """Where the time of a study step (B = 250) goes on 1 and 2 processes, and what each collective costs."""
+    n_classes, n_samples = STEP_BATCHES[0]
+    columns = {"1 proc, whole batch": run_worker(1, "phases", n_classes, n_samples, repeats, 1),
+               "1 proc, half batch": run_worker(1, "phases", n_classes, n_samples, repeats, 2),
+               "2 proc, rank 0": run_worker(2, "phases", n_classes, n_samples, repeats, 2)}
+    print_table_head(f"\n2b. The phases of a training step at {n_classes}x{n_samples}, ms (median of {repeats} steps); "
+                     "'half batch': one process alone on the share a rank of two gets",
+                     f"{'phase':<12}" + "".join(f"{name:>22}" for name in columns))
+    for phase in (*STEP_PHASES, "total"):
+        values = [sum(times.values()) if phase == "total" else times[phase] for times in columns.values()]
+        print(f"{phase:<12}" + "".join(f"{value:>22.1f}" for value in values), flush=True)
+    collectives = run_worker(2, "collectives", repeats)
+    print("\nEach collective of that step on its own, 2 processes, rank 0, ms (median of "
+          f"{10 * repeats}):")
+    for name, milliseconds in collectives.items():
+        print(f"  {name:<48}{milliseconds:>8.2f}", flush=True)
+    return {"phases": columns, "collectives": collectives}
+
+
+def study_epoch(root, processes):
+    """The row of ``experiments.py --methods online-triplet --epochs 1`` on ``processes`` processes, run in a
+    fresh folder: seconds per epoch and the scores."""
+    with tempfile.TemporaryDirectory() as work:
+        command = launcher(processes) + [
+            os.path.join(REPO_ROOT, "experiments.py"), "--dataset", "fashion-mnist", "--methods",
+            "online-triplet", "--epochs", "1", "--no-progress", "--root", os.path.abspath(root)]
+        done = subprocess.run(command, cwd=work, env=clean_environment(REPO_ROOT), capture_output=True, text=True,
+                              timeout=3600)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")
+        results_dir = experiments.StudySettings("fashion-mnist", methods=("online-triplet",), epochs=1).outputs().results
+        with open(os.path.join(work, results_dir, "fashion-mnist.json")) as file:
+            row = json.load(file)[0]
+    return {"processes": processes, **{key: row[key] for key in EPOCH_KEYS}}
+
+
+def epoch_table(root, rounds):
     print_table_head("\n3. One Fashion-MNIST epoch of experiments.py --methods online-triplet (random-hard, 2-D, "
-                     "seed 0)",
-                     f"{'processes':>10}{'s/epoch':>10}{'P@1':>8}{'MAP@R':>8}{'kNN acc':>9}{'train loss':>12}")
-    rows = []
-    for processes in (1, 2):
-        with tempfile.TemporaryDirectory() as work:
-            command = launcher(processes) + [
-                os.path.join(REPO_ROOT, "experiments.py"), "--dataset", "fashion-mnist", "--methods",
-                "online-triplet", "--epochs", "1", "--no-progress", "--root", os.path.abspath(root)]
-            done = subprocess.run(command, cwd=work, env=clean_environment(REPO_ROOT), capture_output=True, text=True,
-                                  timeout=3600)
-            if done.returncode != 0:
-                raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")
-            results_dir = experiments.StudySettings("fashion-mnist", methods=("online-triplet",), epochs=1).outputs().results
-            with open(os.path.join(work, results_dir, "fashion-mnist.json")) as file:
-                row = json.load(file)[0]
-        print(f"{processes:>10}{row['seconds_per_epoch']:>10.1f}{row['precision_at_1']:>8.3f}"
-              f"{row['map_at_r']:>8.3f}{row['knn_accuracy']:>9.3f}{row['final_train_loss']:>12.4f}", flush=True)
-        rows.append({"processes": processes, **{key: row[key] for key in (
-            "seconds_per_epoch", "precision_at_1", "map_at_r", "knn_accuracy", "final_train_loss")}})
-    return rows
+                     f"seed 0), 1 and 2 processes in turn, {rounds} rounds",
+                     f"{'round':>6}{'processes':>10}{'s/epoch':>10}{'P@1':>8}{'MAP@R':>8}{'kNN acc':>9}{'train loss':>12}")
+    measured = alternating(rounds, lambda processes: study_epoch(root, processes))
+    for number, pair in enumerate(measured, 1):
+        for row in pair:
+            print(f"{number:>6}{row['processes']:>10}{row['seconds_per_epoch']:>10.1f}{row['precision_at_1']:>8.3f}"
+                  f"{row['map_at_r']:>8.3f}{row['knn_accuracy']:>9.3f}{row['final_train_loss']:>12.4f}", flush=True)
+    ratios = [one["seconds_per_epoch"] / two["seconds_per_epoch"] for one, two in measured]
+    print(f"2 processes against 1: {spread(ratios)}", flush=True)
+    return [row for pair in measured for row in pair]
 
 
 # ------------------------------------------------------------------------------------ memory per rank
@@ -279,8 +377,10 @@ def memory_table():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="global batch 1024 only, fewer steps, no epoch table")
+    parser.add_argument("--quick", action="store_true", help="global batch 1024 only, one round, fewer steps, no epoch or memory table")
     parser.add_argument("--root", default="data", help="where experiments.py looks for Fashion-MNIST")
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help="times 1 and 2 processes are measured in turn; the tables give medians and ranges")
     parser.add_argument("--json", default=None, help="also write the tables to this JSON file")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
@@ -293,10 +393,11 @@ def main():
     print(f"torch {torch.__version__}, 1 thread per process, gloo on 127.0.0.1; load average at start "
           f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs\n")
     repeats = 5 if args.quick else 10
-    tables = {"loss": loss_table((1024,) if args.quick else (1024, 4096), repeats),
-              "step": step_table(repeats)}
+    rounds = 1 if args.quick else args.rounds
+    tables = {"loss": loss_table((1024,) if args.quick else (1024, 4096), repeats, rounds),
+              "step": step_table(repeats, rounds), "phases": phases_table(repeats)}
     if not args.quick:
-        tables["epoch"] = epoch_table(args.root)
+        tables["epoch"] = epoch_table(args.root, rounds)
         tables["memory"] = memory_table()
     if args.json:
         with open(args.json, "w") as file:
