@@ -63,26 +63,30 @@ def settings_tag(settings, defaults):
     value; a name left out keeps its default) equals its value in ``defaults`` (name -> the study's value),
     else the changed settings in the order of ``defaults``, joined by ``_``, each ``name-value`` with the
     name's ``_`` as ``-`` (``{"epochs": 1, "lr_step": 3}`` -> ``"epochs-1_lr-step-3"``): a True boolean is
-    the bare name (``"quick"``), a value that is not a short plain word or number (a tuple, a dict, a path) a
-    short hash of its JSON (``"hidden-dims-1a2b3c4d"``). Made safe for a file name (``safe_name``). A name
-    not in ``defaults`` raises ValueError naming it."""
+    the bare name (``"quick"``); a dict whose default is a dict names its changed entries the same way after
+    a dot (``augment.elastic-0.1``; an entry left out: ``-None``); any other value that is not a short plain
+    word or number (a tuple, a path) a short hash of its JSON (``"hidden-dims-1a2b3c4d"``). Made safe for a
+    file name (``safe_name``). A name not in ``defaults`` raises ValueError naming it."""
     unknown = sorted(set(settings) - set(defaults))
     if unknown:
         raise ValueError(f"unknown settings {unknown}; the settings are {sorted(defaults)}")
-    parts = []
-    for name, default in defaults.items():
-        value = settings.get(name, default)
-        if value == default:
-            continue
-        name = name.replace("_", "-")
-        if value is True:
-            parts.append(name)
-        elif re.fullmatch(r"[\w.+-]{1,24}", str(value)):
-            parts.append(f"{name}-{value}")
-        else:
-            digest = hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-            parts.append(f"{name}-{digest[:8]}")
+    parts = [_setting_part(name.replace("_", "-"), settings.get(name, default), default)
+             for name, default in defaults.items() if settings.get(name, default) != default]
     return safe_name("_".join(parts))
+
+
+def _setting_part(name, value, default):
+    """``settings_tag``'s name of one changed setting ``name`` (already with ``-`` for ``_``)."""
+    if value is True:
+        return name
+    if isinstance(value, dict) and isinstance(default, dict):
+        keys = list(default) + [key for key in value if key not in default]
+        return "_".join(_setting_part(f"{name}.{str(key).replace('_', '-')}", value.get(key), default.get(key))
+                        for key in keys if value.get(key) != default.get(key))
+    if re.fullmatch(r"[\w.+-]{1,24}", str(value)):
+        return f"{name}-{value}"
+    digest = hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{name}-{digest[:8]}"
 
 
 def safe_name(text):

@@ -474,7 +474,7 @@ def test_the_omniglot_command_line_sets_the_strength_of_the_elastic_warp(omniglo
     assert recipe == {"augment": {**omniglot_module.OMNIGLOT_RECIPE["augment"], "elastic": 0.1}}
     results_dir, _ = omniglot_module.omniglot_outputs(omniglot_module.omniglot_settings(**recipe),
                                                       runs_dir=str(tmp_path))
-    assert results_dir.startswith(os.path.join(str(tmp_path), "omniglot", "augment-"))  # a trial's own folder
+    assert results_dir == os.path.join(str(tmp_path), "omniglot", "augment.elastic-0.1", "results")  # its own folder
     without = omniglot_module._recipe_of(parse(["--elastic", "0"]))["augment"]
     assert without == {setting: value for setting, value in omniglot_module.OMNIGLOT_RECIPE["augment"].items()
                        if setting != "elastic"}  # the affine map alone

@@ -128,6 +128,19 @@ def test_settings_tag_names_what_changed_in_the_order_of_the_defaults():
         tag({"iters": 3}, defaults)
 
 
+def test_settings_tag_names_the_changed_entries_of_a_dict_setting():
+    defaults = {"epochs": 40, "augment": {"degrees": 10.0, "scale": (0.85, 1.15), "elastic": 0.06}}
+    tag = results.settings_tag
+    assert tag({"augment": {"degrees": 10, "scale": (0.85, 1.15), "elastic": 0.06}}, defaults) == ""
+    assert tag({"augment": {**defaults["augment"], "elastic": 0.1}}, defaults) == "augment.elastic-0.1"
+    assert tag({"augment": {"degrees": 5, "scale": (0.85, 1.15)}, "epochs": 20}, defaults) == \
+        "epochs-20_augment.degrees-5_augment.elastic-None"  # the defaults' order; an entry left out is None
+    assert tag({"augment": {**defaults["augment"], "fill_value": 1}}, defaults) == "augment.fill-value-1"
+    assert re.fullmatch(r"augment\.scale-[0-9a-f]{8}", tag({"augment": {**defaults["augment"], "scale": (1, 2)}},
+                                                          defaults))
+    assert tag({"augment": None}, defaults) == "augment-None"  # no dict: the value itself
+
+
 def test_image_path_names_the_size_and_seed_only_when_not_the_default():
     assert results.image_path("mnist", "online-triplet/semi-hard", "test") == os.path.join(
         "images", "mnist_online-triplet-semi-hard_test.png")
