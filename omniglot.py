@@ -355,6 +355,12 @@ def _parser():
     parser.add_argument("--channels", type=cli.whole_number(), default=None, metavar="C",
                         help="channels of each convolution block "
                              f"(default: the recipe's, {OMNIGLOT_RECIPE['channels']})")
+    parser.add_argument("--batch-classes", type=cli.whole_number(2), default=None, metavar="K",
+                        help="online methods: classes in each batch "
+                             f"(default: the recipe's, {OMNIGLOT_RECIPE['batch_classes']})")
+    parser.add_argument("--batch-samples", type=cli.whole_number(2), default=None, metavar="S",
+                        help="online methods: drawings of each class in a batch "
+                             f"(default: the recipe's, {OMNIGLOT_RECIPE['batch_samples']})")
     parser.add_argument("--memory", type=cli.whole_number(), default=None, metavar="M",
                         help="online methods: mine a cross-batch memory of the last M embeddings too (default: none)")
     parser.add_argument("--memory-warmup", type=cli.whole_number(0), default=None, metavar="N",
@@ -387,14 +393,18 @@ def _recipe_of(args):
         recipe["epochs"] = check_int(args.epochs, "--epochs", 0)
     if args.embedding_dim is not None:
         recipe["embedding_dim"] = check_int(args.embedding_dim, "--embedding-dim", 1)
-    recipe.update({name: value for name, value in (("channels", args.channels), ("memory", args.memory),
-                                                   ("memory_warmup", args.memory_warmup)) if value is not None})
+    recipe.update({name: value for name, value in (
+        ("channels", args.channels), ("batch_classes", args.batch_classes), ("batch_samples", args.batch_samples),
+        ("memory", args.memory), ("memory_warmup", args.memory_warmup)) if value is not None})
     if args.normalize:
         recipe["normalize"] = True
     if args.elastic is not None:
         recipe["augment"] = elastic_augment(args.elastic, "--elastic")
     settings = omniglot_settings(**recipe)
     check_memory(settings["method"], settings["memory"], settings["memory_warmup"])
+    if settings["method"] == "siamese" and {"batch_classes", "batch_samples"} & set(recipe):
+        raise ValueError("--batch-classes and --batch-samples shape the online methods' batches; siamese trains on "
+                         "batches of random pairs: leave them out, or choose an online method (--methods)")
     return recipe
 
 

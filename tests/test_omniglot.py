@@ -468,6 +468,19 @@ def test_the_omniglot_command_line_sets_the_width_of_the_network(omniglot_root, 
         omniglot_module.main(["--quick", "--omniglot-root", str(tmp_path / "nowhere"), "--channels", "0"])
 
 
+def test_the_omniglot_command_line_sets_the_shape_of_the_online_batches(tmp_path):
+    parse = omniglot_module._parser().parse_args
+    recipe = omniglot_module._recipe_of(parse(["--batch-classes", "64", "--batch-samples", "10"]))
+    assert recipe == {"batch_classes": 64, "batch_samples": 10}  # train_omniglot's own settings
+    results_dir, _ = omniglot_module.omniglot_outputs(omniglot_module.omniglot_settings(**recipe),
+                                                      runs_dir=str(tmp_path))
+    assert results_dir == os.path.join(str(tmp_path), "omniglot", "batch-classes-64_batch-samples-10", "results")
+    assert omniglot_module._recipe_of(parse(["--methods", "online-contrastive", "--batch-samples", "4"])) == \
+        {"method": "online-contrastive", "batch_samples": 4}
+    with pytest.raises(ValueError, match="siamese trains on batches of random pairs"):
+        omniglot_module._recipe_of(parse(["--methods", "siamese", "--batch-samples", "4"]))
+
+
 def test_the_omniglot_command_line_sets_the_strength_of_the_elastic_warp(omniglot_root, tmp_path):
     parse = omniglot_module._parser().parse_args
     recipe = omniglot_module._recipe_of(parse(["--elastic", "0.1"]))
@@ -638,6 +651,9 @@ def test_a_user_mistake_on_the_command_line_is_one_line_and_status_2(omniglot_ro
     mistakes = {("--epochs", "-3"): "--epochs must be >= 0, got -3",
                 ("--epochs", "x"): "argument --epochs: invalid int value: 'x'",
                 ("--embedding-dim", "0"): "--embedding-dim must be >= 1",
+                ("--batch-samples", "1"): "--batch-samples: expected a whole number of at least 2",
+                ("--batch-classes", "many"): "--batch-classes: expected a whole number of at least 2",
+                ("--methods", "siamese", "--batch-classes", "8"): "shape the online methods' batches",
                 ("--methods", "softmax"): "unknown --methods 'softmax'",
                 ("--margin", "2"): "unrecognized arguments: --margin 2",
                 ("--device", "nonsense", "--one-shot-runs", tmp_path / "runs", "--weights", model): "nonsense",
