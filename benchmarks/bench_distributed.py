@@ -327,7 +327,8 @@ def memory_child(name, batch, world):
     everything, labels = balanced_batch(batch)
     start, stop = share_bounds(batch, world, 0)
     # rank 0's rows of the batch handed in as the gathered one, its candidates alone pooled
-    losses.rows_to_mine = lambda share, n_items: Rows(share[0], share[1], lambda tensor: tensor)
+    losses.rows_to_mine = lambda share, n_items, n_anchors=None: Rows(share[0], share[1], lambda tensor: tensor,
+                                                                      n_anchors)
     losses.global_batch = lambda embeddings, target, gather, *more: (
         embeddings, target, (*share_bounds(len(embeddings), world, 0), world), *more)
     losses.global_mean = lambda terms, share: (terms.mean(), len(terms), int((terms > 0).sum()))
