@@ -291,8 +291,8 @@ def study_epoch(root, processes):
                               timeout=3600)
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")
-        results_dir = experiments.StudySettings("fashion-mnist", methods=("online-triplet",), epochs=1).outputs().results
-        with open(os.path.join(work, results_dir, "fashion-mnist.json")) as file:
+        settings = experiments.StudySettings("fashion-mnist", methods=("online-triplet",), epochs=1)
+        with open(os.path.join(work, settings.outputs().results, "fashion-mnist.json")) as file:
             row = json.load(file)[0]
     return {"processes": processes, **{key: row[key] for key in EPOCH_KEYS}}
 
@@ -300,7 +300,8 @@ def study_epoch(root, processes):
 def epoch_table(root, rounds):
     print_table_head("\n3. One Fashion-MNIST epoch of experiments.py --methods online-triplet (random-hard, 2-D, "
                      f"seed 0), 1 and 2 processes in turn, {rounds} rounds",
-                     f"{'round':>6}{'processes':>10}{'s/epoch':>10}{'P@1':>8}{'MAP@R':>8}{'kNN acc':>9}{'train loss':>12}")
+                     f"{'round':>6}{'processes':>10}{'s/epoch':>10}{'P@1':>8}{'MAP@R':>8}{'kNN acc':>9}"
+                     f"{'train loss':>12}")
     measured = alternating(rounds, lambda processes: study_epoch(root, processes))
     for number, pair in enumerate(measured, 1):
         for row in pair:
@@ -378,7 +379,8 @@ def memory_table():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="global batch 1024 only, one round, fewer steps, no epoch or memory table")
+    parser.add_argument("--quick", action="store_true",
+                        help="global batch 1024 only, one round, fewer steps, no epoch or memory table")
     parser.add_argument("--root", default="data", help="where experiments.py looks for Fashion-MNIST")
     parser.add_argument("--rounds", type=int, default=ROUNDS,
                         help="times 1 and 2 processes are measured in turn; the tables give medians and ranges")
@@ -386,6 +388,8 @@ def main():
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.worker:
         return worker(args.worker)
     if args.memory_child:
