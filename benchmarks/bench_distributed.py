@@ -1,6 +1,6 @@
 """Online mining on several processes: what each rank mining its own rows costs, and what 2 processes buy.
 
-    python benchmarks/bench_distributed.py            # all four tables (about 25 minutes on 2 cores)
+    python benchmarks/bench_distributed.py            # all four tables (about 20 minutes on 2 cores)
     python benchmarks/bench_distributed.py --quick    # global batch 1024 only, one round, fewer steps, no epoch
                                                       # or memory
 
