@@ -30,7 +30,7 @@ from cross_batch_memory import CrossBatchMemory
 from datasets import BalancedBatchSampler, DistributedBalancedBatchSampler
 from distributed import (PROCESS_GROUP_TIMEOUT, TIMEOUT_VARIABLE, process_group_timeout, process_group_shape,
                          share_bounds)
-from launch import free_port
+from launch import free_port, leave_passed_worker
 from networks import AutoencoderOutput
 from test_losses import Recording  # a selector that keeps what it selected last
 
@@ -298,6 +298,7 @@ def _worker(rank, port):
         _check_the_process_group_queries(rank)
     finally:
         distributed.close_distributed()  # a barrier, then destroy: no rank tears down while another works
+    leave_passed_worker()  # reached only when every check passed
 
 
 def _check_the_process_group_queries(rank):

@@ -26,7 +26,7 @@ import distributed
 import losses
 import utils
 from distributed import rows_to_mine, share_bounds
-from launch import free_port
+from launch import free_port, leave_passed_worker
 import mining_rows
 from mining_rows import Rows
 
@@ -168,6 +168,7 @@ def _worker(rank, world_size, port):
             _check_block_bound(rank, world_size)
     finally:
         distributed.close_distributed()  # a barrier, then destroy: no rank tears down while another works
+    leave_passed_worker()  # reached only when every check passed
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
