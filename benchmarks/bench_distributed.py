@@ -163,19 +163,22 @@ def worker_step(n_classes, n_samples, repeats, shares=1, phases=False):
 
 def worker_collectives(repeats):
     """{collective: ms}, rank 0's median time of each collective a training step of the study makes on 2
-    processes (B = 250, EmbeddingNet 2-D), each called on its own."""
+    processes (the batch of STEP_BATCHES[0], EmbeddingNet 2-D), each called on its own."""
     import torch.distributed as dist
 
+    from distributed import share_bounds
     from networks import EmbeddingNet
-    _rank_and_world()
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(2)]
-    rows = [torch.zeros(125, 2) for _ in range(2)]
-    gradient_rows, totals = torch.zeros(250, 2), torch.zeros(3, dtype=torch.float64)
+    rank, world = _rank_and_world()
+    batch = STEP_BATCHES[0][0] * STEP_BATCHES[0][1]
+    start, stop = share_bounds(batch, world, rank)
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    rows = [torch.zeros(stop - start, 2) for _ in range(world)]
+    gradient_rows, totals = torch.zeros(batch, 2), torch.zeros(3, dtype=torch.float64)
     gradients = torch.zeros(sum(parameter.numel() for parameter in EmbeddingNet(2).parameters()))
     calls = {"all_gather of the shares' sizes": lambda: dist.all_gather(sizes, sizes[0].clone()),
-             "all_gather of embeddings (125, 2)": lambda: dist.all_gather(rows, rows[0].clone()),
+             f"all_gather of embeddings ({stop - start}, 2)": lambda: dist.all_gather(rows, rows[0].clone()),
              "all_reduce of the loss totals (3,)": lambda: dist.all_reduce(totals),
-             "all_reduce of embedding gradients (250, 2)": lambda: dist.all_reduce(gradient_rows),
+             f"all_reduce of embedding gradients ({batch}, 2)": lambda: dist.all_reduce(gradient_rows),
              f"all_reduce of the weights' gradients ({len(gradients):,})": lambda: dist.all_reduce(gradients)}
     result = {}
     for name, call in calls.items():
