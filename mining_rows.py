@@ -1,6 +1,7 @@
-"""The structure a selector needs to mine some rows of a batch: which rows (``Rows``), the batch's classes
-and each anchor's positives, the negative pairs counted and found by rank, the k smallest entries of a
-block of rows, and a uniformly random admissible entry per (row, slot) (``uniform_admissible``).
+"""The structure a selector needs to mine some rows of a batch: which rows (``Rows``) and the parts to walk
+their block in (``row_parts``), the batch's classes and each anchor's positives and negative distances, the
+negative pairs counted and found by rank, the k smallest admitted entries of a block of rows
+(``smallest_admitted``), and a uniformly random admissible entry per (row, slot) (``uniform_admissible``).
 
 Everything here works from the labels ``(N,)`` or a ``(A, N)`` block of rows, never an ``(N, N)``
 matrix, on the tensors' device, so that a process mining its own ``A`` rows of a batch of ``N`` needs
@@ -16,10 +17,17 @@ import torch
 
 from random_streams import KEY_RANGE, AnchorStreams, uniform
 
-# Blocks of up to this many entries are searched by one selection (smallest_in_rows), and ranges of up to this
+# Blocks of up to this many entries are searched by one selection (smallest_admitted), and ranges of up to this
 # many values are drawn from with a table of first draws (distinct_draws); measured the faster way there
 # (benchmarks/bench_selectors.py), and the result is the same either way.
 SMALL_BLOCK = 1 << 18
+# On the CPU the selectors walk a block of rows in parts of about this many entries (16 MB of float32), so that
+# the copies and masks made from a part are served again by the allocator and the cache rather than mapped afresh
+# for a whole block: at 2048 x 4096 the selectors took 0.6-0.8 of their time on the whole block (measured with
+# parts of 2^18 to 2^30 entries; this size was the fastest). A GPU takes the block at once. Same result either way.
+PART_SIZE = 1 << 22
+SAMPLE = 1 << 16  # entries of a block that smallest_admitted's bound is estimated from
+
 
 class Rows(NamedTuple):
     """Which anchors (a triplet's anchor, a pair's first member) of a batch of N items a selector mines:
@@ -33,6 +41,15 @@ class Rows(NamedTuple):
     stop: int
     concatenate: object = None
     n_anchors: object = None
+
+
+def row_parts(block):
+    """The row slices in which to walk ``block (A, N)`` (a tensor, for its shape and device): parts of about
+    ``PART_SIZE`` entries on the CPU (at least one row each), the whole block on other devices;
+    ``[slice(0, 0)]`` for a block without rows."""
+    n_rows, width = block.shape
+    step = max(1, PART_SIZE // max(width, 1)) if block.device.type == "cpu" else max(n_rows, 1)
+    return [slice(first, first + step) for first in range(0, n_rows, step)] or [slice(0, 0)]
 
 
 def checked_rows(distances, labels, rows, needs_distances=True):
@@ -204,26 +221,63 @@ def negative_pairs_of_rank(classes, ranks, rows):
     return torch.stack([first, second], dim=1)
 
 
-def smallest_in_rows(values, k):
-    """Flat positions, ascending, of the ``k`` smallest entries of ``values (A, N)`` (ties at the k-th
-    value going to the lower positions; ``k`` at most the number of finite entries).
+def smallest_admitted(values, k, admitted, n_admitted):
+    """Flat positions, ascending, of the ``k`` smallest entries of ``values (A, N)`` among the admitted
+    ones (ties at the k-th value going to the lower positions): ``admitted(rows, columns) -> bool`` says
+    which entries count, for long tensors of block rows and columns (broadcast together), ``n_admitted`` how
+    many do; ``k`` at most the admitted entries that are not NaN.
 
-    No selection over all ``A * N`` entries: each row's ``r`` smallest values (``topk``) are candidates,
-    whose k-th smallest ``t`` bounds the k-th smallest entry from above; one pass of comparisons keeps the
-    entries ``<= t``, among which one small selection finds the ``k`` (``r`` grows when they are many)."""
+    No selection over all ``A * N`` entries and no mask of the block: a bound from an evenly spread sample of
+    about ``SAMPLE`` entries (its admitted values' quantile ``k / n_admitted``, with room to spare), then one
+    pass, part by part (``row_parts``), listing the entries ``<= bound``; the admitted ones among them go into
+    one small selection. The bound is raised when fewer than ``k`` are listed, so the result does not depend
+    on the sample."""
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=values.device)
-    rows, width = values.shape
-    if values.numel() <= SMALL_BLOCK:  # one selection over a small block costs less than the candidates
-        return smallest_stable(values.flatten(), k)
-    per_row = min(width, -(-2 * k // rows))
+    width = values.shape[1]
+    def admitted_at(positions):
+        return positions[admitted(positions // width, positions % width)]
+
+    if values.numel() <= SMALL_BLOCK:  # one selection over a small block costs less than the sample
+        rows, columns = torch.arange(len(values), device=values.device), torch.arange(width, device=values.device)
+        chosen = smallest_stable(values.masked_fill(~admitted(rows[:, None], columns), math.inf).flatten(), k)
+        if len(admitted_at(chosen)) == len(chosen):
+            return chosen
+        # the k-th smallest is inf, where entries left out tie with admitted ones: admitted entries only
+        positions = admitted_at(torch.arange(values.numel(), device=values.device))
+        return positions[smallest_stable(values.flatten()[positions], k)]
+
+    sample = values.flatten()[admitted_at(torch.arange(0, values.numel(), max(1, values.numel() // SAMPLE),
+                                                       device=values.device))]
+    sample = sample[~sample.isnan()]
+    expected = k * len(sample) / max(n_admitted, 1)  # admitted sample entries below the k-th smallest
+    room = 1.25
     while True:
-        candidates = values.topk(per_row, dim=1, largest=False, sorted=False).values
-        positions = (values <= kth_smallest(candidates.flatten(), k)).flatten().nonzero().squeeze(1)
-        if per_row == width or len(positions) <= 4 * k:
-            break
-        per_row = min(width, 4 * per_row)
-    return positions[smallest_stable(values.flatten()[positions], k)]
+        rank = math.ceil(room * expected + 4 * math.sqrt(expected) + 16)
+        bound = kth_smallest(sample, rank) if rank <= len(sample) else math.inf
+        positions = torch.cat([flat_nonzero(values[part] <= bound) + part.start * width
+                               for part in row_parts(values)])
+        positions = admitted_at(positions)
+        if len(positions) >= k or bound == math.inf:
+            return positions[smallest_stable(values.flatten()[positions], k)]
+        room *= 4
+
+
+def flat_nonzero(mask):
+    """The flat positions (ascending, long) where ``mask`` is True; on the CPU numpy's, several times faster
+    than ``torch.nonzero`` there (0.3 against 2.4 ms for a million entries, measured)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy())).long()
+    return mask.flatten().nonzero().squeeze(1)
+
+
+def negative_distances(distances, anchors, positive_columns, positive_valid):
+    """A copy of the anchors' distances ``distances (A, N)`` with inf at every column of the anchor's own
+    class (itself and its positives ``positive_columns (A, K)`` where ``positive_valid``, as ``positives_of``
+    gives them), so that what is finite are its distances to its negatives. A class has few members, so this
+    costs a copy and a scatter, not a comparison of the labels over the block."""
+    same_class = torch.where(positive_valid, positive_columns, anchors[:, None])
+    return distances.clone().scatter_(1, torch.cat([anchors[:, None], same_class], dim=1), math.inf)
 
 
 def smallest_stable(values, k):
@@ -301,7 +355,7 @@ def uniform_admissible(negative_distances, low_threshold, high_threshold, right,
         draws = random_integers(torch.arange(len(chosen), device=chosen.device)[:, None],
                                  REJECTION_ROUNDS * slots + torch.arange(slots, device=chosen.device), generator)
         return _uniform_in_sorted(negative_distances, low_threshold, high_threshold, right, draws)
-    possible = high_threshold > (negative_distances.min(1, keepdim=True).values if not right else low_threshold)
+    possible = high_threshold > (negative_distances.amin(1, keepdim=True) if not right else low_threshold)
     pending = possible.flatten().nonzero().squeeze(1)  # flat (anchor, slot) positions still to draw
     for first_round in range(0, REJECTION_ROUNDS, PROPOSALS_PER_STAGE):
         row, slot = pending // slots, pending % slots
@@ -312,9 +366,10 @@ def uniform_admissible(negative_distances, low_threshold, high_threshold, right,
         if right:
             admissible &= values > low_threshold.flatten()[pending, None]
         found = admissible.any(1)
-        first = torch.where(admissible, torch.arange(PROPOSALS_PER_STAGE, device=row.device), PROPOSALS_PER_STAGE)
-        chosen.view(-1)[pending[found]] = columns[found].gather(1, first[found].min(1, keepdim=True).values).squeeze(1)
-        pending = pending[~found]
+        hit, missed = flat_nonzero(found), flat_nonzero(~found)
+        first = admissible[hit].int().argmax(1, keepdim=True)  # the first admissible proposal
+        chosen.view(-1)[pending[hit]] = columns[hit].gather(1, first).squeeze(1)
+        pending = pending[missed]
         if len(pending) == 0:
             return chosen
     left = torch.zeros_like(possible).flatten().index_fill_(0, pending, True).view_as(possible)
@@ -369,7 +424,7 @@ def _inside_sorted(negative_distances, low_threshold, high_threshold, right):
     listed = negative_distances < high_threshold.max(1, keepdim=True).values
     if right:
         listed &= negative_distances > low_threshold.min(1, keepdim=True).values
-    position = listed.flatten().nonzero().squeeze(1)  # (Q,), never a (Q, 2) tensor
+    position = flat_nonzero(listed)  # (Q,), never a (Q, 2) tensor
     row, column = position // listed.shape[1], position % listed.shape[1]
     # stable: equal distances keep their column order, whatever else is listed (the same on any process)
     keys, order = _row_keys(row, negative_distances.flatten()[position]).sort(stable=True)

@@ -79,6 +79,10 @@ class AnchorStreams:
             self._key = self._key()
         return self._key
 
+    def part(self, rows):
+        """The streams of the anchors ``rows`` (a slice of ``anchors``), sharing this call's key."""
+        return AnchorStreams(lambda: self.key, self.anchors[rows])
+
     def integers(self, count):
         """``(A, count)``: every anchor's numbers 0 .. count - 1."""
         return self.integers_at(torch.arange(len(self.anchors), device=self.anchors.device)[:, None],

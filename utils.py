@@ -17,7 +17,9 @@ random ones draw per anchor from a stream keyed by (one key per call from their 
 index in the batch, the positive's slot) (``random_streams``), and the balanced pair selector by rank
 among the batch's negative pairs, so the same anchors get the same draws however the rows are split,
 provided every process's generator is seeded alike. Distances are equal bitwise across splits because
-``row_distances`` computes each row in the same matmul call whatever rows are asked for.
+``row_distances`` computes each row in the same matmul call whatever rows are asked for. For the same
+reasons a process walks its own block in parts of rows on the CPU (``mining_rows.row_parts``), with the
+same selection as in one piece.
 
 Conventions shared by all selectors:
 
@@ -52,7 +54,7 @@ import torch
 
 from mining_rows import (checked_rows, classes_of, distinct_draws, negative_pair_mask, negative_pairs_of_rank,
                          negatives_after, padded_columns, pair_counts, positive_pairs_of, positives_of,
-                         smallest_in_rows, smallest_stable, uniform_admissible)
+                         negative_distances, row_parts, smallest_admitted, smallest_stable, uniform_admissible)
 from random_streams import AnchorStreams, draw_key
 
 # Largest number of (anchor, positive, negative) slots the all-triplets selector fills per chunk;
@@ -443,9 +445,9 @@ class HardNegativePairSelector(PairSelector):
     """Every positive pair, and as many negative pairs as positives (fewer if there are not that
     many): the closest ones, ties broken by ``(i, j)``; both in lexicographic ``(i, j)`` order.
 
-    Each process keeps the closest of its own rows (``smallest_in_rows``: per-row candidates, then one
-    threshold), the processes pool those candidates (``Rows.concatenate``) and keep the closest of all,
-    so that the union over processes is exactly one process's choice. ``cpu`` is accepted for
+    Each process keeps the closest of its own rows (``smallest_admitted``: a bound from a sample, then one
+    pass listing the entries below it), the processes pool those candidates (``Rows.concatenate``) and keep
+    the closest of all, so that the union over processes is exactly one process's choice. ``cpu`` is accepted for
     compatibility with the classic code and ignored: selection runs on the embeddings' device.
     """
 
@@ -459,12 +461,16 @@ class HardNegativePairSelector(PairSelector):
         classes = classes_of(labels)
         n_positive, n_negative = pair_counts(classes, len(labels), rows.n_anchors)
         n_items = len(labels)
-        negative = negative_pair_mask(labels, rows)
-        candidates = torch.where(negative, distances.detach(), math.inf)
+        distances = distances.detach()
+
+        def negative_pair(block_rows, columns):  # which entries of the block are negative pairs (i, j), j > i
+            return (columns > block_rows + rows.start) & (labels[block_rows + rows.start] != labels[columns])
+
         own_negatives = int(negatives_after(classes, anchors).sum())
-        closest = smallest_in_rows(candidates, min(n_positive, n_negative, own_negatives)) + rows.start * n_items
+        closest = smallest_admitted(distances, min(n_positive, n_negative, own_negatives), negative_pair,
+                                    own_negatives) + rows.start * n_items
         if rows.concatenate is not None:  # every process's candidates, values and positions in one message
-            values = candidates.flatten()[closest - rows.start * n_items]
+            values = distances.flatten()[closest - rows.start * n_items]
             pooled = rows.concatenate(torch.stack([values.double(), closest.double()], dim=1))
             closest = pooled[smallest_stable(pooled[:, 0], min(n_positive, n_negative)), 1].long()
             closest = closest[(closest >= rows.start * n_items) & (closest < rows.stop * n_items)]
@@ -585,7 +591,10 @@ semihard_negative.draws_random = True
 class _DistanceTripletSelector(TripletSelector):
     """What the distance-based triplet selectors share: the checks and the anchors' positives and
     negatives. Subclasses implement ``_select(distances (A, N), anchors (A,), positive_columns (A, K),
-    positive_valid (A, K), negatives (A, N) bool, key) -> triplets (T, 3)`` (``key``: ``_call_key``'s).
+    positive_valid (A, K), labels (N,), streams) -> triplets (T, 3)`` (``streams``: the anchors'
+    ``random_streams.AnchorStreams`` under ``_call_key``'s key). ``select_triplets`` calls it on parts of
+    the rows (``mining_rows.row_parts``), which gives the same triplets as one call: each anchor is
+    decided from its own row and its own stream.
     ``distance`` (``"squared"``, the classic default, or ``"euclidean"``) is the distance the
     hardness tests compare, which must be the loss's (``as_distance``)."""
 
@@ -593,18 +602,20 @@ class _DistanceTripletSelector(TripletSelector):
 
     def select_triplets(self, distances, labels, rows=None):
         labels, rows, anchors = checked_rows(distances, labels, rows)
-        key = self._call_key()
+        streams = AnchorStreams(self._call_key(), anchors)
         positive_columns, positive_valid = positives_of(classes_of(labels), anchors)
         if positive_columns.numel() == 0:  # no anchor, or no class with two items
             return _empty_triplets(labels.device)
-        negatives = labels[anchors, None] != labels
-        return self._select(distances.detach(), anchors, positive_columns, positive_valid, negatives, key)
+        distances = distances.detach()
+        return torch.cat([self._select(distances[part], anchors[part], positive_columns[part], positive_valid[part],
+                                       labels, streams.part(part))
+                          for part in row_parts(distances)])
 
     def _call_key(self):
         """The key of this call's random numbers (``random_streams``), or None for a deterministic selector."""
         return None
 
-    def _select(self, distances, anchors, positive_columns, positive_valid, negatives, key):
+    def _select(self, distances, anchors, positive_columns, positive_valid, labels, streams):
         raise NotImplementedError
 
 
@@ -643,20 +654,21 @@ class FunctionNegativeTripletSelector(_DistanceTripletSelector):
             return draw_key(self.generator)
         return functools.partial(draw_key, None)
 
-    def _select(self, distances, anchors, positive_columns, positive_valid, negatives, key):
+    def _select(self, distances, anchors, positive_columns, positive_valid, labels, streams):
         positive_distances = distances.gather(1, positive_columns).masked_fill(~positive_valid, float("nan"))
-        streams = AnchorStreams(key, anchors)
-        chosen = self.negative_selection_fn(torch.where(negatives, distances, math.inf), positive_distances,
-                                            self.margin, streams)
+        chosen = self.negative_selection_fn(negative_distances(distances, anchors, positive_columns, positive_valid),
+                                            positive_distances, self.margin, streams)
         if chosen.shape != positive_columns.shape:
             raise ValueError(f"negative_selection_fn returned shape {tuple(chosen.shape)}, "
                              f"expected {tuple(positive_columns.shape)} (anchors x positives)")
         keep = positive_valid & (chosen >= 0)
-        rows = torch.arange(len(keep), device=keep.device)[:, None].expand_as(keep)
-        if not negatives[rows[keep], chosen[keep]].all():
+        kept_anchors = anchors[:, None].expand_as(keep)[keep]
+        negatives = chosen[keep]
+        inside = negatives < len(labels)
+        if not (inside & (labels[kept_anchors] != labels[negatives.where(inside, 0)])).all():
             raise ValueError("negative_selection_fn chose an item that is not a negative of its "
                              "anchor; return a column whose label differs from the anchor's, or -1")
-        return torch.stack([anchors[rows[keep]], positive_columns[keep], chosen[keep]], dim=1)
+        return torch.stack([kept_anchors, positive_columns[keep], negatives], dim=1)
 
 
 def HardestNegativeTripletSelector(margin, cpu=False, distance="squared"):
@@ -690,11 +702,12 @@ class BatchHardTripletSelector(_DistanceTripletSelector):
     def __init__(self, distance="squared"):
         self.distance = check_choice(distance, DISTANCES, "distance")
 
-    def _select(self, distances, anchors, positive_columns, positive_valid, negatives, key):
+    def _select(self, distances, anchors, positive_columns, positive_valid, labels, streams):
         farthest = distances.gather(1, positive_columns).masked_fill(~positive_valid, float("-inf")).argmax(dim=1)
         hardest_positive = positive_columns.gather(1, farthest[:, None]).squeeze(1)
-        hardest_negative_ = torch.where(negatives, distances, math.inf).argmin(dim=1)
-        keep = (positive_valid.any(dim=1) & negatives.any(dim=1)).nonzero().squeeze(1)
+        hardest_negative_ = negative_distances(distances, anchors, positive_columns, positive_valid).argmin(dim=1)
+        has_negative = positive_valid.sum(dim=1) + 1 < len(labels)  # its class is not the whole batch
+        keep = (positive_valid.any(dim=1) & has_negative).nonzero().squeeze(1)
         return torch.stack([anchors[keep], hardest_positive[keep], hardest_negative_[keep]], dim=1)
 
 

@@ -1,8 +1,10 @@
 """Tests for mining_rows.py against brute-force loops: the batch's classes and each anchor's positives, the
-pair counts, the negative pairs found by rank, the balanced draws, and the k smallest entries of a block
-(per-row candidates, then one threshold) with its ties; and the checks of a selector's rows."""
+pair counts, the negative pairs found by rank, the balanced draws, the k smallest admitted entries of a block
+(a sampled bound, then one pass) with its ties, the parts a block is walked in and the anchors' negative
+distances; and the checks of a selector's rows."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ from hypothesis import strategies as st
 
 import mining_rows
 from mining_rows import (Rows, checked_rows, classes_of, distinct_draws, negative_pairs_of_rank, negatives_after,
-                         pair_counts, positive_pairs_of, positives_of, smallest_in_rows)
+                         pair_counts, positive_pairs_of, positives_of, smallest_admitted,
+                         flat_nonzero, negative_distances, row_parts)
 from random_streams import uniform
 
 HYPOTHESIS = dict(max_examples=60, deadline=None)
@@ -116,37 +119,73 @@ def test_distinct_draws_choose_every_value_equally_often():
     assert statistic < 11 + 10 * (2 * 11) ** 0.5, counts
 
 
-def smallest_by_sorting(values, k):
-    """The reference: positions of the k smallest of values (A, N), ties by position, ascending."""
-    flat = values.flatten().tolist()
-    order = sorted(range(len(flat)), key=lambda position: (flat[position], position))
+def smallest_by_sorting(values, k, mask):
+    """The reference: positions of the k smallest of values (A, N) where mask, ties by position, ascending."""
+    flat, admitted = values.flatten().tolist(), mask.flatten().tolist()
+    order = sorted((position for position in range(len(flat)) if admitted[position]),
+                   key=lambda position: (flat[position], position))
     return sorted(order[:k])
+
+
+def admitted_by(mask):
+    """An ``admitted`` predicate of smallest_admitted: the entries where ``mask`` is True."""
+    return lambda rows, columns: mask[rows, columns]
 
 
 @settings(**HYPOTHESIS)
 @given(st.integers(1, 9), st.integers(1, 12), st.integers(0, 4), st.data())
-def test_the_k_smallest_of_a_block_match_a_sort(rows, width, levels, data):
-    # few distinct values give many ties; some entries are inf (not candidates)
+def test_the_k_smallest_admitted_entries_of_a_block_match_a_sort(rows, width, levels, data):
+    # few distinct values give many ties; some entries are inf, some are not admitted
     values = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 1.0, 2.5, 3.0, 7.0][:levels + 1] + [float("inf")]),
                                              min_size=rows * width, max_size=rows * width))).view(rows, width)
-    finite = int(torch.isfinite(values).sum())
-    for k in {0, 1, finite // 2, finite}:
-        expected = smallest_by_sorting(values, k)
-        assert smallest_in_rows(values, k).tolist() == expected
-        original = mining_rows.SMALL_BLOCK
-        mining_rows.SMALL_BLOCK = 0  # the per-row candidates, however small the block
+    mask = torch.tensor(data.draw(st.lists(st.booleans(), min_size=rows * width, max_size=rows * width)))
+    mask = mask.view(rows, width)
+    n_finite, n_admitted = int((torch.isfinite(values) & mask).sum()), int(mask.sum())
+    for k in {0, min(1, n_admitted), n_finite // 2, n_finite, n_admitted}:
+        expected = smallest_by_sorting(values, k, mask)
+        assert smallest_admitted(values, k, admitted_by(mask), int(mask.sum())).tolist() == expected
+        original = mining_rows.SMALL_BLOCK, mining_rows.SAMPLE, mining_rows.PART_SIZE
+        # the sampled bound and parts of a few rows, however small the block; a sample of 1-3 entries
+        mining_rows.SMALL_BLOCK, mining_rows.SAMPLE, mining_rows.PART_SIZE = 0, data.draw(st.integers(1, 3)), width
         try:
-            assert smallest_in_rows(values, k).tolist() == expected
+            assert smallest_admitted(values, k, admitted_by(mask), int(mask.sum())).tolist() == expected
         finally:
-            mining_rows.SMALL_BLOCK = original
+            mining_rows.SMALL_BLOCK, mining_rows.SAMPLE, mining_rows.PART_SIZE = original
 
 
-def test_the_candidates_grow_when_one_row_holds_most_of_the_smallest(monkeypatch):
+def test_the_bound_is_raised_when_the_sample_misses_the_smallest(monkeypatch):
     monkeypatch.setattr(mining_rows, "SMALL_BLOCK", 0)
-    values = torch.full((64, 64), 10.0)
-    values[5] = torch.arange(64.0) / 100  # row 5 holds the 40 smallest
-    chosen = smallest_in_rows(values, 40)
-    assert chosen.tolist() == list(range(5 * 64, 5 * 64 + 40))
+    monkeypatch.setattr(mining_rows, "SAMPLE", 64)  # every 64th entry: column 0 of each row
+    values = 100 + torch.arange(64 * 64.0).view(64, 64) / 1e4
+    values[:, 0] = torch.arange(64.0)  # the sample: its low quantiles bound far fewer than 100 entries
+    everything = torch.ones(64, 64, dtype=torch.bool)
+    chosen = smallest_admitted(values, 100, admitted_by(everything), 64 * 64)
+    assert chosen.tolist() == smallest_by_sorting(values, 100, everything)
+
+
+def test_flat_nonzero_lists_the_true_positions_ascending():
+    mask = torch.rand(37, 53, generator=torch.Generator().manual_seed(0)) < 0.3
+    listed = flat_nonzero(mask)
+    assert listed.dtype == torch.long and torch.equal(listed, mask.flatten().nonzero().squeeze(1))
+    assert flat_nonzero(torch.zeros(0, 4, dtype=torch.bool)).tolist() == []
+
+
+def test_negative_distances_keep_exactly_the_negatives():
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 3])
+    distances = torch.arange(7 * 7, dtype=torch.float32).view(7, 7)
+    anchors = torch.tensor([0, 4, 6])
+    columns, valid = positives_of(classes_of(labels), anchors)
+    kept = negative_distances(distances[anchors], anchors, columns, valid)
+    expected = torch.where(labels[anchors, None] != labels, distances[anchors], math.inf)
+    assert torch.equal(kept, expected) and distances[0, 0] == 0  # a copy: the block itself is unchanged
+
+
+def test_row_parts_cover_the_rows_in_order(monkeypatch):
+    monkeypatch.setattr(mining_rows, "PART_SIZE", 10)
+    assert row_parts(torch.empty(7, 4)) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
+    assert row_parts(torch.empty(3, 50)) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # at least a row each
+    assert row_parts(torch.empty(0, 4)) == [slice(0, 0)]
+    assert row_parts(torch.empty(7, 4, device="meta")) == [slice(0, 7)]  # not the CPU: the whole block
 
 
 def test_a_selectors_rows_and_block_are_checked():

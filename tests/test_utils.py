@@ -11,6 +11,7 @@ holds for any matmul kernel, and pdist's exact symmetry and zero diagonal at man
 one and two threads.
 """
 
+import contextlib
 import importlib
 import itertools
 import math
@@ -498,6 +499,34 @@ def test_random_hard_triplets_meet_their_condition(batch, seed):
 def test_semihard_triplets_meet_their_condition(batch, seed):
     embeddings, labels, margin = batch
     check_semihard(embeddings, labels, margin, seed)
+
+
+@contextlib.contextmanager
+def in_small_parts(part_entries, sample):
+    """The selectors walk their blocks in parts of about ``part_entries`` entries (a row at least), and the
+    hard-negative pair selector bounds its choice from a sample of about ``sample`` entries, however small
+    the batch (what they do on large batches on the CPU)."""
+    saved = mining_rows.PART_SIZE, mining_rows.SMALL_BLOCK, mining_rows.SAMPLE
+    mining_rows.PART_SIZE, mining_rows.SMALL_BLOCK, mining_rows.SAMPLE = part_entries, 0, sample
+    try:
+        yield
+    finally:
+        mining_rows.PART_SIZE, mining_rows.SMALL_BLOCK, mining_rows.SAMPLE = saved
+
+
+@settings(**HYPOTHESIS)
+@given(batches(), st.integers(1, 40), st.integers(1, 8), st.integers(0, 2 ** 31 - 1))
+def test_selectors_walking_the_block_in_parts_select_what_they_select_at_once(batch, part_entries, sample, seed):
+    embeddings, labels, margin = batch
+    at_once = {name: get_triplets(make(margin, torch.Generator().manual_seed(seed)), embeddings, labels)
+               for name, make in (("random-hard", random_hard), ("semi-hard", semihard))}
+    with in_small_parts(part_entries, sample):
+        check_hardest(embeddings, labels, margin)
+        check_batch_hard(embeddings, labels)
+        check_hard_negative_pairs(embeddings, labels)
+        for name, make in (("random-hard", random_hard), ("semi-hard", semihard)):
+            assert get_triplets(make(margin, torch.Generator().manual_seed(seed)), embeddings, labels) == \
+                at_once[name], name
 
 
 def test_triplet_selectors_seeded_loop(single_thread):
