@@ -255,12 +255,32 @@ def smallest_admitted(values, k, admitted, n_admitted):
     while True:
         rank = math.ceil(room * expected + 4 * math.sqrt(expected) + 16)
         bound = kth_smallest(sample, rank) if rank <= len(sample) else math.inf
-        positions = torch.cat([flat_nonzero(values[part] <= bound) + part.start * width
-                               for part in row_parts(values)])
+        positions = torch.cat([flat_at_most(values[part], bound) + part.start * width for part in row_parts(values)])
         positions = admitted_at(positions)
         if len(positions) >= k or bound == math.inf:
             return positions[smallest_stable(values.flatten()[positions], k)]
         room *= 4
+
+
+def flat_at_most(values, bound):
+    """The flat positions (ascending, long) of the entries of ``values`` that are ``<= bound`` (a number or 0-d
+    tensor; NaN never is); on the CPU numpy's comparison, four times faster than torch's there (measured)."""
+    if numpy_can_view(values):
+        return torch.from_numpy(np.flatnonzero(values.numpy() <= float(bound))).long()
+    return flat_nonzero(values <= bound)
+
+
+def flat_between(values, low, high):
+    """The flat positions (ascending, long) of the entries of ``values (A, N)`` strictly between ``low`` and
+    ``high`` (``(A, 1)`` each, a row's bounds; ``low`` None: no lower bound; NaN never is); on the CPU numpy's
+    comparisons, several times faster than torch's there (measured)."""
+    if numpy_can_view(values):
+        inside = values.numpy() < high.numpy()
+        if low is not None:
+            inside &= values.numpy() > low.numpy()
+        return torch.from_numpy(np.flatnonzero(inside)).long()
+    inside = values < high
+    return flat_nonzero(inside if low is None else inside & (values > low))
 
 
 def flat_nonzero(mask):
@@ -421,14 +441,25 @@ def _inside_sorted(negative_distances, low_threshold, high_threshold, right):
     """``(keys (Q,), columns (Q,))``: the entries of ``negative_distances (A, N)`` (float32) inside their
     row's widest interval (below its largest ``high_threshold``, with ``right`` above its smallest
     ``low_threshold``), as ``_row_keys`` sorted ascending (by row, then value), and their columns."""
-    listed = negative_distances < high_threshold.max(1, keepdim=True).values
-    if right:
-        listed &= negative_distances > low_threshold.min(1, keepdim=True).values
-    position = flat_nonzero(listed)  # (Q,), never a (Q, 2) tensor
-    row, column = position // listed.shape[1], position % listed.shape[1]
+    position = flat_between(negative_distances, low_threshold.amin(1, keepdim=True) if right else None,
+                            high_threshold.amax(1, keepdim=True))  # (Q,), never a (Q, 2) tensor
+    row, column = position // negative_distances.shape[1], position % negative_distances.shape[1]
     # stable: equal distances keep their column order, whatever else is listed (the same on any process)
-    keys, order = _row_keys(row, negative_distances.flatten()[position]).sort(stable=True)
+    keys, order = _sorted_stably(_row_keys(row, negative_distances.flatten()[position]))
     return keys, column[order]
+
+
+def _sorted_stably(keys):
+    """``(sorted keys, order)`` of int64 ``keys (Q,)``, equal keys in their order. On the CPU numpy's SIMD
+    sort, three times faster than a stable sort (measured), and a stable sort only when two keys are equal."""
+    if keys.device.type != "cpu":
+        return keys.sort(stable=True)
+    order = np.argsort(keys.numpy())
+    ordered = keys.numpy()[order]
+    if (ordered[1:] == ordered[:-1]).any():  # ties, in whatever order the fast sort left them
+        order = np.argsort(keys.numpy(), kind="stable")
+        ordered = keys.numpy()[order]
+    return torch.from_numpy(ordered), torch.from_numpy(order).long()
 
 
 def _sort_rows(matrix):

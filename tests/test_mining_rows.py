@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import mining_rows
 from mining_rows import (Rows, checked_rows, classes_of, distinct_draws, negative_pairs_of_rank, negatives_after,
                          pair_counts, positive_pairs_of, positives_of, smallest_admitted,
-                         flat_nonzero, negative_distances, row_parts)
+                         flat_at_most, flat_between, flat_nonzero, negative_distances, row_parts)
 from random_streams import uniform
 
 HYPOTHESIS = dict(max_examples=60, deadline=None)
@@ -168,6 +168,29 @@ def test_flat_nonzero_lists_the_true_positions_ascending():
     listed = flat_nonzero(mask)
     assert listed.dtype == torch.long and torch.equal(listed, mask.flatten().nonzero().squeeze(1))
     assert flat_nonzero(torch.zeros(0, 4, dtype=torch.bool)).tolist() == []
+
+
+def test_the_flat_comparisons_list_what_torch_lists():
+    generator = torch.Generator().manual_seed(0)
+    values = torch.rand(37, 53, generator=generator)
+    values[3, 4] = values[5, 6] = float("nan")  # NaN is never listed
+    values[7] = 0.5  # ties at the bounds
+    low, high = torch.rand(37, 1, generator=generator) * 0.5, 0.5 + torch.rand(37, 1, generator=generator) * 0.5
+    high[7] = 0.5
+    assert torch.equal(flat_at_most(values, torch.tensor(0.5)), flat_nonzero(values <= 0.5))
+    assert torch.equal(flat_between(values, low, high), flat_nonzero((values > low) & (values < high)))
+    assert torch.equal(flat_between(values, None, high), flat_nonzero(values < high))
+    assert torch.equal(flat_at_most(values.double(), math.inf), flat_nonzero(~values.double().isnan()))
+
+
+@pytest.mark.parametrize("distinct", [True, False])
+def test_keys_are_sorted_stably_with_or_without_ties(distinct):
+    generator = torch.Generator().manual_seed(1)
+    keys = torch.randperm(20_000, generator=generator) if distinct else \
+        torch.randint(0, 40, (20_000,), generator=generator)  # many ties, which a fast sort would reorder
+    ordered, order = mining_rows._sorted_stably(keys)
+    expected = keys.sort(stable=True)
+    assert torch.equal(ordered, expected.values) and torch.equal(order, expected.indices)
 
 
 def test_negative_distances_keep_exactly_the_negatives():
