@@ -52,8 +52,8 @@ import torch.nn.functional as F
 
 from cross_batch_memory import CrossBatchMemory
 from distributed import global_batch, global_mean, owned, rows_to_mine
-from utils import (DISTANCES, _as_labels, _check_margin, as_distance, check_choice, check_flag, check_real,
-                   float32_distances, multi_similarity_pairs, paired_squared_distances, row_distances)
+from utils import (DISTANCES, BlockBuffer, _as_labels, _check_margin, as_distance, check_choice, check_flag,
+                   check_real, float32_distances, multi_similarity_pairs, paired_squared_distances, row_distances)
 
 # Added under the square root of a squared distance: sqrt'(0) is infinite, sqrt'(EPS) is not.
 EPS = 1e-9
@@ -153,14 +153,17 @@ def _check_selector(selector, name):
     return selector
 
 
-def _mining_rows(embeddings, share, distance="squared", n_anchors=None):
+def _mining_rows(embeddings, share, distance="squared", n_anchors=None, buffer=None):
     """This process's rows of a (gathered) batch ``embeddings (N, D)`` and their distances: ``(rows,
     distances)``, ``rows`` a ``mining_rows.Rows`` (``share`` as ``distributed.global_batch`` gives it; None:
     one process, every row; ``n_anchors``: the batch is the first so many, a memory's items follow),
     ``distances`` the rows' ``(A, N)`` block (``utils.row_distances`` of the detached embeddings, as
-    ``distance``), computed once for every selector that mines the batch."""
+    ``distance``), computed once for every selector that mines the batch, into ``buffer``'s memory (a
+    ``utils.BlockBuffer``, the loss's: the block is not needed once the loss is computed) if given."""
     rows = rows_to_mine(share, len(embeddings), n_anchors)
-    return rows, as_distance(row_distances(embeddings.detach(), rows.start, rows.stop), distance)
+    shape = (rows.stop - rows.start, len(embeddings))
+    out = None if buffer is None else buffer(shape, embeddings)
+    return rows, as_distance(row_distances(embeddings.detach(), rows.start, rows.stop, out=out), distance)
 
 
 def _with_memory(memory, embeddings, labels):
@@ -319,6 +322,7 @@ class OnlineContrastiveLoss(nn.Module):
 
     def __init__(self, margin, pair_selector, scale=1.0, gather=True, distance="squared", memory=None):
         super().__init__()
+        self._block = BlockBuffer()  # the rows' distance block's memory, kept between calls
         self.distance = check_choice(distance, DISTANCES, "distance")
         self.margin = _check_margin(margin)
         self.pair_selector = _check_selector(pair_selector, "pair_selector")
@@ -330,7 +334,7 @@ class OnlineContrastiveLoss(nn.Module):
         target = _as_labels(target, embeddings)
         embeddings, target, share = global_batch(_at_least_float32(embeddings), target, self.gather)
         candidates, labels, remember = _with_memory(self.memory, embeddings, target)
-        rows, distances = _mining_rows(candidates, share, n_anchors=len(embeddings))
+        rows, distances = _mining_rows(candidates, share, n_anchors=len(embeddings), buffer=self._block)
         pairs, pair_target = _mined(self.pair_selector, "pairs", candidates, labels, share, rows, distances)
         distances = _compared_distances(distances, rows.start, candidates, pairs[:, 0], pairs[:, 1])
         terms = self.scale * contrastive_terms(distances, pair_target, self.margin, self.distance)
@@ -379,6 +383,7 @@ class OnlineTripletLoss(nn.Module):
     def __init__(self, margin, triplet_selector, gather=True, soft=False, distance="squared", easy_selector=None,
                  memory=None):
         super().__init__()
+        self._block = BlockBuffer()  # the rows' distance block's memory, kept between calls
         self.margin = _check_margin(margin)
         self.soft = check_flag(soft, "soft")
         self.distance = check_choice(distance, DISTANCES, "distance")
@@ -400,7 +405,8 @@ class OnlineTripletLoss(nn.Module):
         target = _as_labels(target, embeddings)
         embeddings, target, share = global_batch(_at_least_float32(embeddings), target, self.gather)
         candidates, labels, remember = _with_memory(self.memory, embeddings, target)
-        mining = (candidates, labels, share, *_mining_rows(candidates, share, self.distance, len(embeddings)))
+        mining = (candidates, labels, share,
+                  *_mining_rows(candidates, share, self.distance, len(embeddings), buffer=self._block))
         loss, self.last_selection = self._selected_mean(self.triplet_selector, embeddings, *mining)
         if self.easy_selector is not None:  # one block of distances for both selectors
             loss = loss + self._selected_mean(self.easy_selector, embeddings, *mining)[0]
@@ -531,6 +537,7 @@ class _AutoencoderLoss(nn.Module):
 
     def __init__(self, weight, margin, beta, distance, reconstruction, selector, gather=True):
         super().__init__()
+        self._block = BlockBuffer()  # the rows' distance block's memory, kept between calls
         self.gather = bool(gather)
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
             raise TypeError(f"weight must be a number in [0, 1], got {type(weight).__name__}")
@@ -567,7 +574,7 @@ class _AutoencoderLoss(nn.Module):
         log_var = output.log_var if self.distance == "kl" else None
         mean, labels, share, log_var = global_batch(output.mean, labels, self.gather, log_var)
         indices, target = _mined(selector, self.selector_name.replace("_selector", "s"), mean, labels, share,
-                                 *_mining_rows(mean, share))
+                                 *_mining_rows(mean, share, buffer=self._block))
         if share is None:
             return self._terms(output, inputs, indices, target)
         return self._terms(output._replace(mean=mean, log_var=log_var), inputs, indices, target, share,

@@ -289,6 +289,23 @@ def test_online_triplet_loss_matches_reference(selector_name):
 
 # ----------------------------------------------------------------------------- gradients
 
+@pytest.mark.parametrize("make_loss", [
+    lambda: OnlineContrastiveLoss(1.0, HardNegativePairSelector()),
+    lambda: OnlineTripletLoss(1.0, HardestNegativeTripletSelector(1.0)),
+    lambda: OnlineTripletLoss(1.0, BatchHardTripletSelector(distance="euclidean"), distance="euclidean"),
+])
+def test_online_losses_keeping_their_block_give_what_a_fresh_loss_gives(make_loss):
+    kept = make_loss()
+    generator = torch.Generator().manual_seed(5)
+    for size in (40, 40, 24, 40):  # the same shape again (the block reused), then another, then back
+        embeddings = torch.randn(size, 3, generator=generator)
+        labels = torch.randint(0, 4, (size,), generator=generator)
+        value = kept(embeddings, labels)
+        expected = make_loss()(embeddings, labels)
+        assert torch.equal(value[0] if isinstance(value, tuple) else value,
+                           expected[0] if isinstance(expected, tuple) else expected)
+
+
 def test_pdist_gradcheck():
     points = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     assert torch.autograd.gradcheck(utils.pdist, (points.requires_grad_(),))

@@ -956,6 +956,28 @@ def test_row_distances_check_their_rows():
         utils.row_distances(torch.zeros(4))
 
 
+def test_row_distances_write_into_out_and_check_it():
+    vectors = torch.randn(130, 5, generator=torch.Generator().manual_seed(3))
+    out = torch.full((70, 130), float("nan"))  # every entry must be written: rows 60 .. 129 cover partial tiles
+    assert utils.row_distances(vectors, 60, 130, out=out) is out
+    assert torch.equal(out, utils.row_distances(vectors, 60, 130))
+    for wrong in (torch.empty(70, 129), torch.empty(70, 130, dtype=torch.float64), torch.empty(130, 70).T, "block"):
+        with pytest.raises(ValueError, match=r"out must be a contiguous torch.float32 tensor of shape \(70, 130\)"):
+            utils.row_distances(vectors, 60, 130, out=wrong)
+    with pytest.raises(ValueError, match="out= takes distances without autograd"):
+        utils.row_distances(vectors.clone().requires_grad_(), 60, 130, out=out)
+
+
+def test_a_block_buffer_keeps_one_block_on_the_cpu_only():
+    buffer = utils.BlockBuffer()
+    like = torch.zeros(3)
+    first = buffer((4, 6), like)
+    assert first.shape == (4, 6) and first.dtype == torch.float32 and buffer((4, 6), like) is first
+    assert buffer((5, 6), like) is not first and buffer((5, 6), like).shape == (5, 6)  # a new shape: a new block
+    assert buffer((5, 6), like.double()).dtype == torch.float64
+    assert buffer((4, 6), torch.zeros(3, device="meta")) is None  # other devices: their allocator's memory
+
+
 def test_select_calls_check_the_block_they_are_given():
     embeddings, labels = make_batch([3, 3], 2, "gaussian", seed=1)
     with pytest.raises(ValueError, match=r"distances must be the rows' block of shape \(2, 6\)"):
