@@ -54,7 +54,7 @@ import torch
 
 from mining_rows import (checked_rows, classes_of, distinct_draws, negative_pair_mask, negative_pairs_of_rank,
                          negatives_after, padded_columns, pair_counts, positive_pairs_of, positives_of,
-                         negative_distances, row_parts, smallest_admitted, smallest_stable, uniform_admissible)
+                         distances_to_negatives, row_parts, smallest_admitted, smallest_stable, uniform_admissible)
 from random_streams import AnchorStreams, draw_key
 
 # Largest number of (anchor, positive, negative) slots the all-triplets selector fills per chunk;
@@ -664,7 +664,8 @@ class FunctionNegativeTripletSelector(_DistanceTripletSelector):
     to each of its positives (ascending batch index, padded with NaN), and returns for each (anchor,
     positive) the batch index of the chosen negative, or -1 to skip the pair. :func:`hardest_negative`,
     :func:`random_hard_negative` and :func:`semihard_negative` are the library's choices. (The classic
-    code called a numpy function once per pair; this is its vectorised counterpart.) A returned column
+    code called a numpy function once per pair; this is its vectorised counterpart, called once per part
+    of the anchors' rows, ``mining_rows.row_parts``: the whole block on a GPU.) A returned column
     that is not a negative of its anchor raises ``ValueError``. ``generator`` reaches the function as a
     ``random_streams.AnchorStreams``: per-anchor random numbers keyed by one draw from the generator (at
     the call's first use), so a process mining some of the anchors draws what one process mining all of
@@ -691,8 +692,8 @@ class FunctionNegativeTripletSelector(_DistanceTripletSelector):
 
     def _select(self, distances, anchors, positive_columns, positive_valid, labels, streams):
         positive_distances = distances.gather(1, positive_columns).masked_fill(~positive_valid, float("nan"))
-        chosen = self.negative_selection_fn(negative_distances(distances, anchors, positive_columns, positive_valid),
-                                            positive_distances, self.margin, streams)
+        to_negatives = distances_to_negatives(distances, anchors, positive_columns, positive_valid)
+        chosen = self.negative_selection_fn(to_negatives, positive_distances, self.margin, streams)
         if chosen.shape != positive_columns.shape:
             raise ValueError(f"negative_selection_fn returned shape {tuple(chosen.shape)}, "
                              f"expected {tuple(positive_columns.shape)} (anchors x positives)")
@@ -740,7 +741,7 @@ class BatchHardTripletSelector(_DistanceTripletSelector):
     def _select(self, distances, anchors, positive_columns, positive_valid, labels, streams):
         farthest = distances.gather(1, positive_columns).masked_fill(~positive_valid, float("-inf")).argmax(dim=1)
         hardest_positive = positive_columns.gather(1, farthest[:, None]).squeeze(1)
-        hardest_negative_ = negative_distances(distances, anchors, positive_columns, positive_valid).argmin(dim=1)
+        hardest_negative_ = distances_to_negatives(distances, anchors, positive_columns, positive_valid).argmin(dim=1)
         has_negative = positive_valid.sum(dim=1) + 1 < len(labels)  # its class is not the whole batch
         keep = (positive_valid.any(dim=1) & has_negative).nonzero().squeeze(1)
         return torch.stack([anchors[keep], hardest_positive[keep], hardest_negative_[keep]], dim=1)

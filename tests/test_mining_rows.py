@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import mining_rows
 from mining_rows import (Rows, checked_rows, classes_of, distinct_draws, negative_pairs_of_rank, negatives_after,
                          pair_counts, positive_pairs_of, positives_of, smallest_admitted,
-                         flat_at_most, flat_between, flat_nonzero, negative_distances, row_parts)
+                         distances_to_negatives, flat_at_most, flat_between, flat_nonzero, row_parts)
 from random_streams import uniform
 
 HYPOTHESIS = dict(max_examples=60, deadline=None)
@@ -198,7 +198,7 @@ def test_negative_distances_keep_exactly_the_negatives():
     distances = torch.arange(7 * 7, dtype=torch.float32).view(7, 7)
     anchors = torch.tensor([0, 4, 6])
     columns, valid = positives_of(classes_of(labels), anchors)
-    kept = negative_distances(distances[anchors], anchors, columns, valid)
+    kept = distances_to_negatives(distances[anchors], anchors, columns, valid)
     expected = torch.where(labels[anchors, None] != labels, distances[anchors], math.inf)
     assert torch.equal(kept, expected) and distances[0, 0] == 0  # a copy: the block itself is unchanged
 
