@@ -310,7 +310,7 @@ def before_after_table(shapes, repeats, dim=FLOOR_DIM):
         print(f"\n(no git checkout with commit {BEFORE}: the before / after table is left out)")
         return []
     print(f"\nBefore (commit {BEFORE}: every selector on the whole (B, B) matrix) and after (today: the rows' "
-          f"block, per-row candidates), {dim}-D, ms per call (median of {repeats}):")
+          f"block), {dim}-D, ms per call (median of {repeats}):")
     header = f"{'selector':<17}{'shape':>7}{'B':>6}{'before ms':>11}{'after ms':>10}{'before/after':>14}"
     print(header)
     print("-" * len(header))
