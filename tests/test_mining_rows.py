@@ -1,7 +1,7 @@
 """Tests for mining_rows.py against brute-force loops: the batch's classes and each anchor's positives, the
 pair counts, the negative pairs found by rank, the balanced draws, the k smallest admitted entries of a block
-(a sampled bound, then one pass) with its ties, the parts a block is walked in and the anchors' negative
-distances; and the checks of a selector's rows."""
+(a sampled bound, then one pass) with its ties, the parts a block is walked in and the anchors' distances to
+their negatives; and the checks of a selector's rows."""
 
 import itertools
 import math
@@ -193,7 +193,7 @@ def test_keys_are_sorted_stably_with_or_without_ties(distinct):
     assert torch.equal(ordered, expected.values) and torch.equal(order, expected.indices)
 
 
-def test_negative_distances_keep_exactly_the_negatives():
+def test_distances_to_negatives_keep_exactly_the_negatives():
     labels = torch.tensor([0, 1, 0, 2, 1, 0, 3])
     distances = torch.arange(7 * 7, dtype=torch.float32).view(7, 7)
     anchors = torch.tensor([0, 4, 6])

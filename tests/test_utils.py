@@ -501,34 +501,6 @@ def test_semihard_triplets_meet_their_condition(batch, seed):
     check_semihard(embeddings, labels, margin, seed)
 
 
-@contextlib.contextmanager
-def in_small_parts(part_entries, sample):
-    """The selectors walk their blocks in parts of about ``part_entries`` entries (a row at least), and the
-    hard-negative pair selector bounds its choice from a sample of about ``sample`` entries, however small
-    the batch (what they do on large batches on the CPU)."""
-    saved = mining_rows.PART_SIZE, mining_rows.SMALL_BLOCK, mining_rows.SAMPLE
-    mining_rows.PART_SIZE, mining_rows.SMALL_BLOCK, mining_rows.SAMPLE = part_entries, 0, sample
-    try:
-        yield
-    finally:
-        mining_rows.PART_SIZE, mining_rows.SMALL_BLOCK, mining_rows.SAMPLE = saved
-
-
-@settings(**HYPOTHESIS)
-@given(batches(), st.integers(1, 40), st.integers(1, 8), st.integers(0, 2 ** 31 - 1))
-def test_selectors_walking_the_block_in_parts_select_what_they_select_at_once(batch, part_entries, sample, seed):
-    embeddings, labels, margin = batch
-    at_once = {name: get_triplets(make(margin, torch.Generator().manual_seed(seed)), embeddings, labels)
-               for name, make in (("random-hard", random_hard), ("semi-hard", semihard))}
-    with in_small_parts(part_entries, sample):
-        check_hardest(embeddings, labels, margin)
-        check_batch_hard(embeddings, labels)
-        check_hard_negative_pairs(embeddings, labels)
-        for name, make in (("random-hard", random_hard), ("semi-hard", semihard)):
-            assert get_triplets(make(margin, torch.Generator().manual_seed(seed)), embeddings, labels) == \
-                at_once[name], name
-
-
 def test_triplet_selectors_seeded_loop(single_thread):
     for case, (embeddings, labels, margin) in enumerate(seeded_batches(60, seed_offset=20_000)):
         check_all_triplets(embeddings, labels)
@@ -740,6 +712,40 @@ def drawing_way(request, monkeypatch):
     for name, value in DRAWING_WAYS[request.param].items():
         monkeypatch.setattr(mining_rows, name, value)
     return request.param
+
+
+@contextlib.contextmanager
+def mining_settings(**settings):
+    """mining_rows' module settings changed for the block of the with statement, then restored."""
+    saved = {name: getattr(mining_rows, name) for name in settings}
+    for name, value in settings.items():
+        setattr(mining_rows, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(mining_rows, name, value)
+
+
+@settings(**HYPOTHESIS)
+@given(batches(), st.integers(1, 40), st.integers(1, 8), st.sampled_from(list(DRAWING_WAYS.values())),
+       st.integers(0, 2 ** 31 - 1))
+def test_selectors_walking_the_block_in_parts_select_what_they_select_at_once(batch, part_entries, sample, way,
+                                                                               seed):
+    # parts of about part_entries entries (a row at least) and the hard-negative pair selector's bound from a
+    # sample of about `sample` entries, however small the batch (what they do on large batches on the CPU);
+    # the random selectors each way they draw
+    embeddings, labels, margin = batch
+    with mining_settings(**way):
+        at_once = {name: get_triplets(make(margin, torch.Generator().manual_seed(seed)), embeddings, labels)
+                   for name, make in (("random-hard", random_hard), ("semi-hard", semihard))}
+    with mining_settings(PART_SIZE=part_entries, SMALL_BLOCK=0, SAMPLE=sample, **way):
+        check_hardest(embeddings, labels, margin)
+        check_batch_hard(embeddings, labels)
+        check_hard_negative_pairs(embeddings, labels)
+        for name, make in (("random-hard", random_hard), ("semi-hard", semihard)):
+            assert get_triplets(make(margin, torch.Generator().manual_seed(seed)), embeddings, labels) == \
+                at_once[name], name
 
 
 @pytest.mark.parametrize("make_selector, candidates_fn, margin", [
