@@ -181,6 +181,9 @@ def test_the_flat_comparisons_list_what_torch_lists():
     assert torch.equal(flat_between(values, low, high), flat_nonzero((values > low) & (values < high)))
     assert torch.equal(flat_between(values, None, high), flat_nonzero(values < high))
     assert torch.equal(flat_at_most(values.double(), math.inf), flat_nonzero(~values.double().isnan()))
+    tracked = values.clone().requires_grad_()  # tensors that autograd tracks are read as they are
+    assert torch.equal(flat_between(tracked, low, high.clone().requires_grad_()), flat_between(values, low, high))
+    assert torch.equal(flat_at_most(tracked, 0.5), flat_at_most(values, 0.5))
 
 
 @pytest.mark.parametrize("distinct", [True, False])
