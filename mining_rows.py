@@ -124,7 +124,13 @@ def negative_pair_mask(labels, rows):
     """``(A, N)`` bool: which ``(i, j)``, ``i`` in ``rows`` (a ``Rows`` of ``labels (N,)``), ``j > i``, are
     negative pairs (labels differ)."""
     anchors = torch.arange(rows.start, rows.stop, device=labels.device)
-    return (labels[anchors, None] != labels).triu_(diagonal=rows.start + 1)
+    return is_negative_pair(labels, anchors[:, None], torch.arange(len(labels), device=labels.device))
+
+
+def is_negative_pair(labels, first, second):
+    """Whether ``(first, second)`` (long tensors of indices into ``labels (N,)``, broadcast together) are
+    negative pairs as the pair selectors count them: ``second > first`` and their labels differ."""
+    return (second > first) & (labels[first] != labels[second])
 
 
 def negatives_after(classes, items):

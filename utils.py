@@ -52,9 +52,9 @@ import secrets
 
 import torch
 
-from mining_rows import (checked_rows, classes_of, distinct_draws, negative_pair_mask, negative_pairs_of_rank,
-                         negatives_after, padded_columns, pair_counts, positive_pairs_of, positives_of,
-                         distances_to_negatives, row_parts, smallest_admitted, smallest_stable, uniform_admissible)
+from mining_rows import (checked_rows, classes_of, distinct_draws, is_negative_pair, negative_pair_mask,
+                         negative_pairs_of_rank, negatives_after, padded_columns, pair_counts, positive_pairs_of,
+                         positives_of, distances_to_negatives, row_parts, smallest_admitted, smallest_stable, uniform_admissible)
 from random_streams import AnchorStreams, draw_key
 
 # Largest number of (anchor, positive, negative) slots the all-triplets selector fills per chunk;
@@ -499,7 +499,7 @@ class HardNegativePairSelector(PairSelector):
         distances = distances.detach()
 
         def negative_pair(block_rows, columns):  # which entries of the block are negative pairs (i, j), j > i
-            return (columns > block_rows + rows.start) & (labels[block_rows + rows.start] != labels[columns])
+            return is_negative_pair(labels, block_rows + rows.start, columns)
 
         own_negatives = int(negatives_after(classes, anchors).sum())
         closest = smallest_admitted(distances, min(n_positive, n_negative, own_negatives), negative_pair,
