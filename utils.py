@@ -54,7 +54,8 @@ import torch
 
 from mining_rows import (checked_rows, classes_of, distinct_draws, is_negative_pair, negative_pair_mask,
                          negative_pairs_of_rank, negatives_after, padded_columns, pair_counts, positive_pairs_of,
-                         positives_of, distances_to_negatives, row_parts, smallest_admitted, smallest_stable, uniform_admissible)
+                         positives_of, distances_to_negatives, row_parts, smallest_admitted, smallest_stable,
+                         uniform_admissible)
 from random_streams import AnchorStreams, draw_key
 
 # Largest number of (anchor, positive, negative) slots the all-triplets selector fills per chunk;
