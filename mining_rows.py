@@ -17,9 +17,10 @@ import torch
 
 from random_streams import KEY_RANGE, AnchorStreams, uniform
 
-# Blocks of up to this many entries are searched by one selection (smallest_admitted), and ranges of up to this
-# many values are drawn from with a table of first draws (distinct_draws); measured the faster way there
-# (benchmarks/bench_selectors.py), and the result is the same either way.
+# Blocks of up to this many entries are searched by one selection (smallest_admitted), ranges of up to this many
+# values are drawn from with a table of first draws (distinct_draws), and batches whose classes x items is at most
+# this find a negative pair's second member in a table of each class's non-members (negative_pairs_of_rank);
+# measured the faster way there (benchmarks/bench_selectors.py), and the result is the same either way.
 SMALL_BLOCK = 1 << 18
 # On the CPU the selectors walk a block of rows in parts of about this many entries (16 MB of float32), so that
 # the copies and masks made from a part are served again by the allocator and the cache rather than mapped afresh
@@ -143,8 +144,8 @@ def positive_pairs_of(classes, anchors):
     """The positive pairs ``(i, j)``, ``i < j``, whose first member is one of ``anchors``: ``(P, 2)`` in
     ``(i, j)`` order."""
     columns, valid = positives_of(classes, anchors)
-    keep = valid & (columns > anchors[:, None])
-    return torch.stack([anchors[:, None].expand_as(columns)[keep], columns[keep]], dim=1)
+    keep = flat_nonzero(valid & (columns > anchors[:, None]))
+    return torch.stack([anchors[keep // max(columns.shape[1], 1)], columns.flatten()[keep]], dim=1)
 
 
 
@@ -169,7 +170,7 @@ def distinct_draws(key, k, n, device):
         excluded = distinct_draws(key, n - k, n, device)
         keep = torch.ones(n, dtype=torch.bool, device=device)
         keep[excluded] = False
-        return keep.nonzero().squeeze(1)
+        return flat_nonzero(keep)
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=device)
     draws = k + 2 * k * k // max(n, 1) + 16  # about twice the expected repeats: one round, usually
@@ -188,10 +189,10 @@ def _earliest_distinct(values, order, k, n):
     if n <= SMALL_BLOCK:  # a table of each value's first draw costs less than sorting the draws
         first = torch.full((n,), len(values), dtype=torch.long, device=values.device)
         first.scatter_reduce_(0, values, order, "amin")
-        met = (first[values] == order).cumsum(0)  # distinct values met up to each draw
+        met = (first.index_select(0, values) == order).cumsum(0)  # distinct values met up to each draw
         if int(met[-1]) < k:
             return None
-        return (first <= (met < k).sum()).nonzero().squeeze(1)  # first draws up to the k-th new value
+        return flat_nonzero(first <= (met < k).sum())  # first draws up to the k-th new value
     distinct, inverse = torch.unique(values, return_inverse=True)
     if len(distinct) < k:
         return None
@@ -202,21 +203,23 @@ def _earliest_distinct(values, order, k, n):
 def negative_pairs_of_rank(classes, ranks, rows):
     """The negative pairs ``(i, j)``, ``i < j``, at positions ``ranks (k,)`` (ascending) of the batch's
     negative pairs in ``(i, j)`` order, keeping those whose first member is in ``rows``: ``(k', 2)``.
-    Row ``i`` holds ``(N - 1 - i) - (its class members after i)`` of them; the r-th is the r-th column
-    after ``i`` that is not of its class (one comparison per class member, no (N, N) work). When the rows'
-    block is small, listing its negative pairs and taking those at the ranks costs less; same pairs."""
+    Row ``i`` holds ``(N - 1 - i) - (its class members after i)`` of them, so a rank names its row by a
+    search over the rows' counts and its place ``r`` in that row; ``j`` is then the r-th column after ``i``
+    outside ``i``'s class. No (N, N) work: when classes x items is small, ``j`` is read from a table of each
+    class's non-members (``i - place(i)`` of them lie at or before ``i``); otherwise it is counted with one
+    comparison per class member. Same pairs either way."""
     per_row = negatives_after(classes, torch.arange(len(classes.class_of), device=ranks.device))
     ends = per_row.cumsum(0)
-    if (rows.stop - rows.start) * len(per_row) <= SMALL_BLOCK:
-        bounds = torch.cat([ends.new_zeros(1), ends])  # negative pairs in the rows before each row
-        before, end = bounds[rows.start], bounds[rows.stop]
-        inside = (ranks >= before) & (ranks < end)
-        flat = negative_pair_mask(classes.class_of, rows).flatten().nonzero().squeeze(1)[ranks[inside] - before]
-        return torch.stack([flat // len(per_row) + rows.start, flat % len(per_row)], dim=1)
     first = torch.searchsorted(ends, ranks, right=True)
-    keep = (first >= rows.start) & (first < rows.stop)
-    first, ranks = first[keep], ranks[keep]
-    offset = ranks - (ends[first] - per_row[first])
+    mine = slice(*torch.searchsorted(first, first.new_tensor([rows.start, rows.stop])).tolist())  # first ascends
+    first, ranks = first[mine], ranks[mine]
+    offset = ranks - (ends - per_row).index_select(0, first)
+    n_classes, n_items = classes.members.shape[0], len(classes.class_of)
+    if n_classes * n_items <= SMALL_BLOCK:
+        class_ids = torch.arange(n_classes, device=ranks.device)
+        outside, _ = padded_columns(classes.class_of != class_ids[:, None])  # (C, W): each class's non-members
+        at = classes.class_of.index_select(0, first) * outside.shape[1] + first - classes.place.index_select(0, first)
+        return torch.stack([first, outside.flatten().index_select(0, at + offset)], dim=1)
     base = first + 1 + offset
     slot = torch.arange(classes.members.shape[1], device=ranks.device)
     members = classes.members[classes.class_of[first]]
@@ -245,14 +248,9 @@ def smallest_admitted(values, k, admitted, n_admitted):
     def admitted_at(positions):
         return positions[admitted(positions // width, positions % width)]
 
-    if values.numel() <= SMALL_BLOCK:  # one selection over a small block costs less than the sample
+    if values.numel() <= SMALL_BLOCK:  # one selection among a small block's admitted entries costs less
         rows, columns = torch.arange(len(values), device=values.device), torch.arange(width, device=values.device)
-        masked = values.masked_fill(~admitted(rows[:, None], columns), math.inf).flatten()
-        chosen = smallest_stable(masked, k)
-        if bool(masked[chosen].amax() < math.inf):
-            return chosen
-        # the k-th smallest is inf, where entries left out tie with admitted ones: admitted entries only
-        positions = admitted_at(torch.arange(values.numel(), device=values.device))
+        positions = flat_nonzero(admitted(rows[:, None], columns))
         return positions[smallest_stable(values.flatten()[positions], k)]
 
     sample = values.flatten()[admitted_at(torch.arange(0, values.numel(), max(1, values.numel() // SAMPLE),
@@ -315,13 +313,19 @@ def smallest_stable(values, k):
         return torch.arange(len(values), device=values.device)
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=values.device)
+    if numpy_can_view(values):  # numpy's comparisons and listings cost a fraction of torch's on the CPU
+        array = values.detach().numpy()
+        kth = np.partition(array, k - 1)[k - 1]
+        chosen = array < kth
+        chosen[np.flatnonzero(array == kth)[:k - np.count_nonzero(chosen)]] = True  # the first ties fill the rest
+        return torch.from_numpy(np.flatnonzero(chosen)).long()
     kth = kth_smallest(values, k)
     below = values < kth
     at_kth = values == kth
     n_below = int(below.sum())
     if n_below + int(at_kth.sum()) > k:  # more ties at the k-th value than places: the first ones
         at_kth &= at_kth.cumsum(0) <= k - n_below
-    return (below | at_kth).nonzero().squeeze(1)
+    return flat_nonzero(below | at_kth)
 
 
 def kth_smallest(values, k):

@@ -13,6 +13,7 @@ int64 without overflow), computed with torch integer operations on the counters'
 loop, no host transfer. Its numbers are for sampling, not for cryptography.
 """
 
+import numpy as np
 import torch
 
 _MASK = 0xFFFFFFFF
@@ -35,20 +36,43 @@ def hashed(key, *counters):
     """The hash of ``key`` (an int or 0-d int tensor in [0, 2^32)) and the ``counters`` (int64 tensors or
     ints, broadcast together, each value in [0, 2^32)): int64 values in [0, 2^32) of the broadcast shape,
     on the counters' device."""
+    return torch.as_tensor(_hash(key, counters))
+
+
+def _hash(key, counters, on_host=None):
+    """``hashed``'s values, computed with numpy when ``on_host`` (default: when the counters are on the CPU,
+    where numpy's integer operations cost a fraction of torch's per call on the few thousand numbers a
+    selection draws) and returned as a numpy array, else with torch on the counters' device. The same
+    values either way (the operations are exact integer ones)."""
     tensors = [counter for counter in counters if isinstance(counter, torch.Tensor)]
     device = tensors[0].device if tensors else torch.device("cpu")
-    state = _avalanche(torch.as_tensor(key, dtype=torch.long, device=device) & _MASK)
+    if on_host is None:
+        on_host = device.type == "cpu"
+    if on_host:
+        def as_array(value):
+            return np.asarray(value.numpy() if isinstance(value, torch.Tensor) else value, dtype=np.int64)
+    else:
+        def as_array(value):
+            return torch.as_tensor(value, dtype=torch.long, device=device)
+    state = _avalanche(as_array(key) & _MASK)
     for counter in counters:
-        state = _avalanche(state ^ (torch.as_tensor(counter, dtype=torch.long, device=device) & _MASK))
+        state = _avalanche(state ^ (as_array(counter) & _MASK))
     return state
 
 
 def uniform(key, *counters):
     """Uniform numbers in [0, 1) as float64, one for each broadcast element of the ``counters`` (see
     ``hashed``), with 53 random bits: two hashes (the second with one more counter) joined."""
-    high = hashed(key, *counters)
+    return _uniform_of(_hash(key, counters))
+
+
+def _uniform_of(high):
+    """``uniform``'s numbers from the first hash ``high`` (a numpy array or a tensor), as a float64 tensor."""
     low = _avalanche(high ^ 0x5BD1E995)  # a second, independent word from the first
-    return ((high << 21) | (low >> 11)).double() * (1.0 / (1 << 53))
+    bits = (high << 21) | (low >> 11)
+    if isinstance(bits, torch.Tensor):
+        return bits.double() * (1.0 / (1 << 53))
+    return torch.as_tensor(np.asarray(bits, dtype=np.float64) * (1.0 / (1 << 53)))
 
 
 def draw_key(generator=None):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import mining_rows
 from mining_rows import (Rows, checked_rows, classes_of, distinct_draws, negative_pairs_of_rank, negatives_after,
-                         pair_counts, positive_pairs_of, positives_of, smallest_admitted,
+                         pair_counts, positive_pairs_of, positives_of, smallest_admitted, smallest_stable,
                          distances_to_negatives, flat_at_most, flat_between, flat_nonzero, row_parts)
 from random_streams import uniform
 
@@ -151,6 +151,18 @@ def test_the_k_smallest_admitted_entries_of_a_block_match_a_sort(rows, width, le
             assert smallest_admitted(values, k, admitted_by(mask), int(mask.sum())).tolist() == expected
         finally:
             mining_rows.SMALL_BLOCK, mining_rows.SAMPLE, mining_rows.PART_SIZE = original
+
+
+@settings(**HYPOTHESIS)
+@given(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, math.inf, math.nan]), min_size=1, max_size=30), st.data())
+def test_the_k_smallest_with_ties_to_the_lower_positions_match_a_sort(values, data):
+    """numpy's way (float32 and float64 on the CPU) and torch's (bfloat16 here, as on other devices) alike."""
+    finite_or_inf = sum(1 for value in values if not math.isnan(value))
+    k = data.draw(st.integers(0, finite_or_inf))
+    order = sorted((i for i, value in enumerate(values) if not math.isnan(value)), key=lambda i: (values[i], i))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        chosen = smallest_stable(torch.tensor(values, dtype=dtype), k)
+        assert chosen.dtype == torch.long and chosen.tolist() == sorted(order[:k])
 
 
 def test_the_bound_is_raised_when_the_sample_misses_the_smallest(monkeypatch):

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import random_streams
 from random_streams import KEY_RANGE, AnchorStreams, draw_key, hashed, uniform
@@ -20,6 +22,26 @@ def test_a_hash_is_a_function_of_its_key_and_counters_alone():
     assert torch.equal(hashed(torch.tensor(7), counters), first)  # an int or a 0-d tensor key alike
     grid = hashed(3, torch.arange(4)[:, None], torch.arange(5))  # counters broadcast
     assert grid.shape == (4, 5) and len(set(grid.flatten().tolist())) == 20
+
+
+def test_the_numbers_are_pinned_so_that_committed_selections_stay_reproducible():
+    assert hashed(7, torch.arange(3)).tolist() == [256695110, 2346916401, 3632161615]
+    assert uniform(7, torch.arange(3)).tolist() == [0.059766487690346426, 0.5464340563826058, 0.845678526731729]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, KEY_RANGE - 1), st.lists(st.integers(0, KEY_RANGE - 1), min_size=0, max_size=6),
+       st.integers(0, KEY_RANGE - 1), st.booleans())
+def test_numpy_and_torch_compute_the_same_numbers(key, first, second, key_as_tensor):
+    """On the CPU the numbers are computed with numpy, elsewhere with torch: both ways, the same values."""
+    key = torch.tensor(key) if key_as_tensor else key
+    for counters in ((torch.tensor(first, dtype=torch.long),), (torch.tensor(first, dtype=torch.long)[:, None],
+                                                                 torch.arange(3)), (second,), ()):
+        host = random_streams._hash(key, counters, on_host=True)
+        device = random_streams._hash(key, counters, on_host=False)
+        assert isinstance(device, torch.Tensor) and torch.equal(torch.as_tensor(host), device)
+        assert torch.equal(random_streams._uniform_of(host), random_streams._uniform_of(device))
+        assert random_streams._uniform_of(host).dtype == torch.float64
 
 
 def test_the_avalanche_is_a_bijection_of_32_bit_values():
