@@ -256,22 +256,33 @@ def gather_rows_of(tensor, sizes):
 class GatherRows(torch.autograd.Function):
     """Autograd-aware gather of rows: forward ``gather_rows_of``; backward sums the gradient of the
     gathered batch over ranks (every rank's loss may use every row) and hands each rank its own rows.
+    ``GatherRows.apply(rows (n_r, D), sizes, start, labels)``: with ``labels`` (integers ``(n_r,)``, else
+    None) the labels travel in the same message, their bytes appended to the rows as extra columns, and
+    come back as a second output (no gradient): one collective instead of two, each a point where every
+    rank waits for the slowest (the values are copied bit for bit).
 
     Written here rather than taken from ``torch.distributed.nn.functional.all_gather``, which is
     deprecated (torch 2.x) in favour of a private functional collective, and needs equal row counts;
     an all_reduce works on every backend (gloo included) and with unequal shares."""
 
     @staticmethod
-    def forward(ctx, rows, sizes, start):
+    def forward(ctx, rows, sizes, start, labels):
         ctx.share = (start, start + len(rows))
-        return gather_rows_of(rows, sizes)
+        if labels is None:
+            return gather_rows_of(rows, sizes)
+        width = rows.shape[1]
+        label_bytes = labels.to(torch.int64).view(rows.dtype).view(len(rows), 8 // rows.element_size())
+        gathered = gather_rows_of(torch.cat([rows, label_bytes], dim=1), sizes)
+        gathered_labels = gathered[:, width:].contiguous().view(torch.int64).flatten().to(labels.dtype)
+        ctx.mark_non_differentiable(gathered_labels)
+        return gathered[:, :width].contiguous(), gathered_labels
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, *no_gradient):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
         start, stop = ctx.share
-        return grad[start:stop], None, None
+        return grad[start:stop], None, None, None
 
 
 def _sizes_of_ranks(n_rows, device):
@@ -303,16 +314,20 @@ def global_batch(embeddings, labels, gather, *more):
     """The batch to mine: ``(embeddings (N, D), labels (N,), share, *more)``. With ``gather`` on and a
     process group of world size W > 1, ``N`` is the sum of every rank's ``B_r`` (rank order, gradients
     flowing back to the owning rank) and ``share = (start, stop, W)`` marks this rank's rows; otherwise the
-    inputs themselves and ``share = None``. ``more``: other ``(B_r, ...)`` tensors gathered the same way
-    (with gradients; None stays None)."""
+    inputs themselves and ``share = None``. ``embeddings (B_r, D)`` and the integer ``labels (B_r,)`` travel
+    in one collective (``GatherRows``), after one that gathers the ranks' ``B_r``. ``more``: other ``(B_r,
+    ...)`` tensors gathered the same way (with gradients; None stays None)."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dim() != 1 or embeddings.dim() != 2:
+        raise ValueError(f"global_batch takes embeddings (B, D) and integer labels (B,), got embeddings of shape "
+                         f"{tuple(embeddings.shape)} and labels {labels.dtype} of shape {tuple(labels.shape)}")
     if not (gather and _is_distributed()):
         return (embeddings, labels, None, *more)
     world_size, rank = dist.get_world_size(), dist.get_rank()
     sizes = _sizes_of_ranks(len(embeddings), embeddings.device)
     start = sum(sizes[:rank])
-    gathered = [None if tensor is None else GatherRows.apply(tensor, sizes, start) for tensor in (embeddings, *more)]
-    return (gathered[0], gather_rows_of(labels, sizes), (start, start + len(embeddings), world_size),
-            *gathered[1:])
+    gathered, gathered_labels = GatherRows.apply(embeddings, sizes, start, labels)
+    more = [None if tensor is None else GatherRows.apply(tensor, sizes, start, None) for tensor in more]
+    return (gathered, gathered_labels, (start, start + len(embeddings), world_size), *more)
 
 
 def owned(first, share):

@@ -172,11 +172,13 @@ def worker_collectives(repeats):
     batch = STEP_BATCHES[0][0] * STEP_BATCHES[0][1]
     start, stop = share_bounds(batch, world, rank)
     sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    rows = [torch.zeros(stop - start, 2) for _ in range(world)]
+    label_columns = 8 // 4  # an int64 label's bytes as float32 columns, packed beside the rows (GatherRows)
+    rows = [torch.zeros(stop - start, 2 + label_columns) for _ in range(world)]
     gradient_rows, totals = torch.zeros(batch, 2), torch.zeros(3, dtype=torch.float64)
     gradients = torch.zeros(sum(parameter.numel() for parameter in EmbeddingNet(2).parameters()))
     calls = {"all_gather of the shares' sizes": lambda: dist.all_gather(sizes, sizes[0].clone()),
-             f"all_gather of embeddings ({stop - start}, 2)": lambda: dist.all_gather(rows, rows[0].clone()),
+             f"all_gather of embeddings and labels ({stop - start}, 2 + {label_columns})":
+                 lambda: dist.all_gather(rows, rows[0].clone()),
              "all_reduce of the loss totals (3,)": lambda: dist.all_reduce(totals),
              f"all_reduce of embedding gradients ({batch}, 2)": lambda: dist.all_reduce(gradient_rows),
              f"all_reduce of the weights' gradients ({len(gradients):,})": lambda: dist.all_reduce(gradients)}

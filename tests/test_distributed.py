@@ -117,6 +117,10 @@ def test_one_process_mines_its_own_batch():
     embeddings, labels, extra = torch.randn(5, 3, requires_grad=True), torch.arange(5), torch.randn(5, 2)
     gathered, gathered_labels, share, gathered_extra = distributed.global_batch(embeddings, labels, True, extra)
     assert gathered is embeddings and gathered_labels is labels and share is None and gathered_extra is extra
+    for bad_embeddings, bad_labels in ((embeddings, labels.float()), (embeddings, labels[:, None]),
+                                       (embeddings[:, :, None], labels)):
+        with pytest.raises(ValueError, match="integer labels"):
+            distributed.global_batch(bad_embeddings, bad_labels, True)
     assert distributed.owned(torch.tensor([0, 3, 4]), None).tolist() == [True, True, True]
     assert distributed.owned(torch.tensor([0, 3, 4, 5]), (3, 5, 2)).tolist() == [False, True, True, False]
 
@@ -318,6 +322,14 @@ def _check_the_process_group_queries(rank):
     assert share == (start, start + sizes[rank], WORLD_SIZE)
     (gathered * torch.arange(1.0, 6.0)[:, None]).sum().backward()  # every rank's loss uses every row
     assert torch.equal(mine.grad, WORLD_SIZE * torch.arange(1.0, 6.0)[start:start + sizes[rank], None].expand(-1, 2))
+    # the labels travel as bytes beside the rows: any integer dtype and value comes back exactly, float64 rows too
+    extreme = torch.tensor([-(2 ** 63), 2 ** 63 - 1, -1, 2 ** 40 + 3, 0])
+    for dtype, rows_dtype in ((torch.int64, torch.float32), (torch.int32, torch.float64), (torch.uint8, torch.float32)):
+        labels_in = (extreme if dtype == torch.int64 else torch.tensor([250, 7, 0, 1, 9])).to(dtype)
+        rows_in = everything.to(rows_dtype)[start:start + sizes[rank]]
+        rows_out, labels_out, _ = distributed.global_batch(rows_in, labels_in[start:start + sizes[rank]], True)
+        assert labels_out.dtype == dtype and torch.equal(labels_out, labels_in)
+        assert rows_out.dtype == rows_dtype and rows_out.is_contiguous() and torch.equal(rows_out, everything.to(rows_dtype))
     assert distributed.owned(torch.tensor([0, 2, 3, 4]), share).tolist() == (
         [True, True, False, False] if rank == 0 else [False, False, True, True])
     rows = distributed.rows_to_mine(share, 5)
