@@ -316,15 +316,20 @@ def row_distances(vectors, start=0, stop=None, out=None):
     differentiable = torch.is_grad_enabled() and vectors.requires_grad
     if out is not None:
         _check_out(out, (stop - start, len(vectors)), vectors, differentiable)
-    distances = None if differentiable else vectors.new_empty((stop - start, len(vectors))) if out is None else out
+    if differentiable:
+        distances = None  # the tiles are concatenated, so that autograd sees each
+    elif out is None:
+        distances = vectors.new_empty((stop - start, len(vectors)))
+    else:
+        distances = out
     tiles = []
     for first in range(start - start % ROW_TILE, stop, ROW_TILE):
+        tile_rows = centred[first:first + ROW_TILE]
         inside = slice(max(start - first, 0), min(stop - first, ROW_TILE))
-        if distances is not None and inside == slice(0, ROW_TILE):  # a whole tile: written in place
-            squared_distances(centred[first:first + ROW_TILE], centred, norms,
-                              out=distances[first - start:first - start + ROW_TILE])
+        if distances is not None and inside.start == 0 and inside.stop >= len(tile_rows):  # all its rows: in place
+            squared_distances(tile_rows, centred, norms, out=distances[first - start:first - start + len(tile_rows)])
             continue
-        tile = squared_distances(centred[first:first + ROW_TILE], centred, norms)[inside]
+        tile = squared_distances(tile_rows, centred, norms)[inside]
         if distances is None:
             tiles.append(tile)
         else:
