@@ -12,7 +12,7 @@ outside the training pipeline, and the command line for all of it (the gallery f
 - ``evaluate``: the embedding-quality metrics of a labelled gallery (and the verification accuracy at the
   model file's threshold);
 - ``serve``: a local web page on the model and gallery (``search_page.py``), searching with
-  ``nearest_neighbours``;
+  ``gallery_search`` (the gallery's k-NN search, as ``query`` searches);
 - ``calibrate``: the distance threshold at which the nearest gallery label reaches a precision, on a labelled
   folder whose classes the gallery may lack, stored in the gallery file (``open_set.py`` owns the decision);
   ``query`` and ``classify`` with ``precision`` then answer ``unknown`` beyond it;
@@ -21,7 +21,7 @@ outside the training pipeline, and the command line for all of it (the gallery f
 - ``load_gallery``: reads and checks a gallery file (both owned by ``gallery.py``, importable from here);
 - ``evaluate_recall``: recall@k of the gallery's approximate index against exact search.
 
-query, classify and ``evaluate --recall`` search through the gallery's approximate index
+query, classify, serve and ``evaluate --recall`` search through the gallery's approximate index
 (``approximate_index.py``: faiss HNSW or IVF, built by ``index --ann``) when it has one, exactly otherwise or
 with ``--exact``.
 
@@ -37,6 +37,7 @@ Command line (the subcommand names are fixed: the documentation uses them)::
     python search.py evaluate MODEL GALLERY [--recall [K] [--queries 1000] [--seed 0] [--ef-search N | --nprobe N]]
     python search.py calibrate MODEL GALLERY FOLDER --precision 0.95 [--precision 0.99] [--plot curve.png]
     python search.py serve MODEL GALLERY [--port 8000] [--host 127.0.0.1] [--k 5] [--faiss]
+        [--exact | --ef-search N | --nprobe N]
 
 The gallery file (``gallery.py``: ``index_folder``, ``load_gallery``) is written by ``index``.
 A gallery only answers queries of the model that indexed it: any other model is refused.
@@ -45,7 +46,6 @@ Distances are Euclidean. ``k`` larger than the gallery (or, for classify, than i
 error, not silently clamped, so a result always holds exactly k neighbours.
 """
 
-import functools
 import importlib.util
 import json
 import os
@@ -162,22 +162,43 @@ def _faiss_search(queries, gallery, k):
     return torch.from_numpy(squared).clamp_min_(0).sqrt_(), torch.from_numpy(indices).long()
 
 
+def gallery_search(gallery_path, gallery, use_faiss=False, ann_options=None):
+    """The k-NN search of a gallery (its file's path and ``gallery.load_gallery``'s dict), for callers that search
+    it many times (the page): ``find(queries (Q, D), k, rows=None) -> (distances (Q, k), indices (Q, k) int64)``,
+    ``rows`` (S,) increasing gallery ids searching only those (the indices then positions into rows). Through the
+    gallery's approximate index (``approximate_index.search_index`` at ann_options' ef_search / nprobe) when it has
+    one, exactly (``nearest_neighbours``) when it has none or use_faiss or ann_options["exact"] asks. The index is
+    loaded and checked against the gallery once, here, and the options with it (a search of no queries), so that
+    a stale index or an option of the other kind of index fails before the first search."""
+    options = _checked_search_options(gallery_path, use_faiss, ann_options)
+    embeddings = gallery["embeddings"]
+    if use_faiss or options["exact"] or not has_index(gallery_path):
+        def find(queries, k, rows=None):
+            return nearest_neighbours(queries, embeddings if rows is None else embeddings[rows], k,
+                                      use_faiss=use_faiss)
+        return find
+    index = load_index(gallery_path, gallery).index
+    search_index(index, np.zeros((0, index.d), dtype=np.float32), 1, options["ef_search"], options["nprobe"])
+
+    def find(queries, k, rows=None):
+        every_item = rows is None or len(rows) == len(embeddings)  # positions are gallery ids: faiss need not filter
+        return search_index(index, queries, k, options["ef_search"], options["nprobe"],
+                            subset=None if every_item else rows)
+    return find
+
+
 def _gallery_neighbours(gallery_path, gallery, queries, k, use_faiss=False, ann_options=None, rows=None):
-    """The k nearest neighbours of queries (Q, D) in a gallery: through its approximate index when it has one
-    (``approximate_index.search_index`` at ann_options' ef_search / nprobe), exactly (``nearest_neighbours``)
-    when it has none or use_faiss or ann_options["exact"] asks for exact search. rows (S,) increasing gallery
-    ids searches only those, the indices then being positions into rows. Returns (distances (Q, k), indices
-    (Q, k) int64)."""
+    """One search of ``gallery_search``'s: the k nearest neighbours of queries (Q, D) in a gallery, (distances
+    (Q, k), indices (Q, k) int64)."""
+    return gallery_search(gallery_path, gallery, use_faiss, ann_options)(queries, k, rows)
+
+
+def _checked_search_options(gallery_path, use_faiss, ann_options):
+    """ann_options checked against the gallery (``approximate_index.check_search_options``) and use_faiss."""
     options = check_search_options(ann_options, has_index(gallery_path))
     if use_faiss and (options["ef_search"] or options["nprobe"]):
         raise ValueError("use_faiss searches exactly, so ef_search and nprobe do not apply; pass one or the other")
-    if use_faiss or options["exact"] or not has_index(gallery_path):
-        candidates = gallery["embeddings"] if rows is None else gallery["embeddings"][rows]
-        return nearest_neighbours(queries, candidates, k, use_faiss=use_faiss)
-    if rows is not None and len(rows) == len(gallery["embeddings"]):
-        rows = None  # every item: positions are gallery ids, and faiss need not filter
-    loaded = load_index(gallery_path, gallery)
-    return search_index(loaded.index, queries, k, options["ef_search"], options["nprobe"], subset=rows)
+    return options
 
 
 # ---------------------------------------------------------------- subcommands
@@ -497,6 +518,7 @@ def _parser():
                                                            "non-local address: the gallery's images are shown)")
     page.add_argument("--k", type=int, default=5, help="neighbours shown per query")
     page.add_argument("--faiss", action="store_true", help="search with faiss (pip install faiss-cpu): same neighbours")
+    _add_search_options(page)
     calibration = commands.add_parser("calibrate", help="the distance threshold of the nearest label's match at "
                                       "a precision, on a labelled folder; stored in the gallery file")
     calibration.add_argument("model")
@@ -642,8 +664,9 @@ def _run_evaluate(arguments):
 
 def _run_serve(arguments):
     model, info, gallery = model_and_gallery(arguments.model, arguments.gallery)
-    page = SearchPage(model, info, gallery, functools.partial(nearest_neighbours, use_faiss=arguments.faiss),
-                      k=arguments.k)
+    find = gallery_search(arguments.gallery, gallery, arguments.faiss, _ann_options(arguments))
+    page = SearchPage(model, info, gallery, find, k=arguments.k)
+    _note_approximate(arguments)
     serve(make_server(page, arguments.host, arguments.port))
 
 
@@ -654,7 +677,7 @@ def _check_faiss_for_index(arguments):
         return
     if getattr(arguments, "ann", None):
         raise ValueError("--ann needs faiss, which is not installed: pip install faiss-cpu, or leave out --ann")
-    searches = arguments.command in ("query", "classify") or getattr(arguments, "recall", None) is not None
+    searches = arguments.command in ("query", "classify", "serve") or getattr(arguments, "recall", None) is not None
     if searches and not (getattr(arguments, "exact", False) or getattr(arguments, "faiss", False)) \
             and has_index(arguments.gallery):
         raise ValueError(f"{arguments.gallery} has an approximate index ({index_path(arguments.gallery)}), which "

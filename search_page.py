@@ -21,8 +21,9 @@ otherwise. Endpoints (errors are JSON ``{"error": message}`` with status 400, 40
 - ``POST /place``: ``{"projection", "embedding"}`` -> the query's position on that map;
 - ``GET /thumbnail/<index>``: the gallery image at that index as a PNG (by index only, never by path).
 
-The k-NN search is handed in (``find_neighbours``: ``search.nearest_neighbours``' call shape), so that
-search.py, which owns searching, starts this page without this module importing it.
+The k-NN search over the gallery is handed in (``find_neighbours``, e.g. ``search.gallery_search``'s: through
+the gallery's approximate index when it has one, as the command line's query does), so that search.py, which
+owns searching, starts this page without this module importing it.
 """
 
 import json
@@ -71,9 +72,11 @@ class RequestError(ValueError):
 
 class SearchPage:
     """What the page answers from: a model (with its model file's ``info``), its gallery dict
-    (``gallery.load_gallery``) and the k-NN search ``find_neighbours(queries (Q, D), gallery (G, D), k) ->
-    (distances (Q, k), indices (Q, k))``; ``k`` neighbours per query (1 <= k <= G); maps on at most
-    ``map_points`` gallery items. Raises ValueError naming k or map_points when out of range."""
+    (``gallery.load_gallery``) and the k-NN search over that gallery ``find_neighbours(queries (Q, D), k,
+    rows=None) -> (distances (Q, k), indices (Q, k))`` (``rows``: increasing gallery ids to search among, the
+    indices then positions into them; ``search.gallery_search`` gives one); ``k`` neighbours per query (1 <= k
+    <= G); maps on at most ``map_points`` gallery items. Raises ValueError naming k or map_points when out of
+    range."""
 
     def __init__(self, model, info, gallery, find_neighbours, k=5, map_points=MAP_POINTS):
         self.model, self.info, self.gallery, self.find_neighbours = model, info, gallery, find_neighbours
@@ -103,7 +106,7 @@ class SearchPage:
         if not data:
             raise RequestError(400, f"the upload {name!r} is empty; pick an image file")
         embedding = self._embed_upload(data, name)
-        distances, indices = self.find_neighbours(embedding, self.gallery["embeddings"], self.k)
+        distances, indices = self.find_neighbours(embedding, self.k)
         neighbours = neighbour_items(self.gallery, distances, indices)[0]
         nearest = neighbours[0]
         open_set = [] if nearest["label"] is None else [
@@ -172,7 +175,7 @@ class SearchPage:
             x, y = ((torch.from_numpy(vector).double() - chosen["mean"]) @ chosen["axes"])[0].tolist()
             return {"x": x, "y": y, "how": "projected onto the map's principal axes"}
         k = min(PLACEMENT_NEIGHBOURS, len(self.map_indices))
-        distances, rows = self.find_neighbours(vector, self.gallery["embeddings"][self.map_indices], k)
+        distances, rows = self.find_neighbours(vector, k, rows=self.map_indices)
         weights = 1.0 / np.maximum(np.asarray(distances, dtype=np.float64)[0], 1e-12)
         x, y = (weights @ np.asarray(chosen["points"])[np.asarray(rows)[0]]) / weights.sum()
         return {"x": float(x), "y": float(y),

@@ -63,7 +63,8 @@ def setup(tmp_path_factory):
              calibration_thresholds=np.array(list(thresholds.values())),
              calibration_curve=np.array([[nearest, 1.0, 0.5]]))
     model, info, gallery = model_and_gallery(model_path, calibrated)
-    page = search_page.SearchPage(model, info, gallery, search.nearest_neighbours, k=K, map_points=MAP_POINTS)
+    page = search_page.SearchPage(model, info, gallery, search.gallery_search(calibrated, gallery), k=K,
+                                  map_points=MAP_POINTS)
     server = search_page.make_server(page, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -132,7 +133,8 @@ def test_query_answers_as_search_query_with_the_open_set_answer(setup):
 
 
 def test_an_uncalibrated_gallery_gives_no_open_set_answer(setup):
-    page = search_page.SearchPage(*model_and_gallery(setup["model"], setup["plain"]), search.nearest_neighbours, k=2)
+    loaded = model_and_gallery(setup["model"], setup["plain"])
+    page = search_page.SearchPage(*loaded, search.gallery_search(setup["plain"], loaded[2]), k=2)
     with open(setup["queries"][1], "rb") as file:
         result = page.query(file.read(), "q.png")
     assert result["open_set"] == [] and len(result["neighbours"]) == 2 and page.describe()["precisions"] == []
@@ -157,7 +159,8 @@ def test_a_bad_thumbnail_index_is_404_naming_the_range(setup, index):
 
 def test_a_gallery_image_that_is_gone_is_404_naming_it(setup):
     gallery = dict(setup["gallery"], paths=np.array([str(setup["root"] / "gone.png")] * 24))
-    page = search_page.SearchPage(setup["page"].model, setup["info"], gallery, search.nearest_neighbours)
+    page = search_page.SearchPage(setup["page"].model, setup["info"], gallery,
+                                  search.gallery_search(setup["calibrated"], gallery))
     with pytest.raises(search_page.RequestError, match="gone.png.*can no longer be read") as caught:
         page.thumbnail("3")
     assert caught.value.status == 404
@@ -267,16 +270,65 @@ def test_a_bug_is_a_500_answer_and_the_server_keeps_serving(setup, monkeypatch, 
     _still_serving(setup)
 
 
+def test_the_page_searches_through_the_galleries_approximate_index_as_query_does(setup, tmp_path, monkeypatch):
+    """A gallery with an approximate index: the page's neighbours are query's (through the index), its map
+    placement searches the map's items through it too, and --exact / --faiss search exactly."""
+    pytest.importorskip("faiss")
+    import approximate_index
+    indexed = str(tmp_path / "indexed.npz")
+    shutil.copy(setup["plain"], indexed)
+    approximate_index.build_index(indexed, "hnsw", progress=False)
+    loaded = model_and_gallery(setup["model"], indexed)
+    expected = search.query(setup["model"], indexed, setup["queries"][2:], k=K, ann_options={
+        "exact": False, "ef_search": 8, "nprobe": None})[0]["neighbours"]
+    exactly = search.query(setup["model"], setup["plain"], setup["queries"][2:], k=K)[0]["neighbours"]
+    searched = []
+    original = search.search_index
+    monkeypatch.setattr(search, "search_index", lambda *args, **kwargs: searched.append(kwargs.get("subset"))
+                        or original(*args, **kwargs))
+    page = search_page.SearchPage(*loaded, search.gallery_search(indexed, loaded[2], ann_options={
+        "exact": False, "ef_search": 8, "nprobe": None}), k=K, map_points=MAP_POINTS)
+    searched.clear()  # building it checked the options with a search of no queries
+    with open(setup["queries"][2], "rb") as file:
+        answer = page.query(file.read(), "q.png")
+    assert [item["index"] for item in answer["neighbours"]] == [item["index"] for item in expected]
+    assert len(searched) == 1 and searched[0] is None  # the whole gallery, through the index
+    if "tsne" in available_projections():
+        page.place("tsne", answer["embedding"])
+        assert len(searched) == 2 and list(searched[1]) == list(page.map_indices)  # the map's items only
+    searched.clear()
+    for exact in (search.gallery_search(indexed, loaded[2], ann_options={"exact": True, "ef_search": None,
+                                                                          "nprobe": None}),
+                  search.gallery_search(indexed, loaded[2], use_faiss=True)):
+        with open(setup["queries"][2], "rb") as file:
+            exact_answer = search_page.SearchPage(*loaded, exact, k=K).query(file.read(), "q.png")
+        assert searched == [] and [item["index"] for item in exact_answer["neighbours"]] == [
+            item["index"] for item in exactly]
+    with pytest.raises(ValueError, match="use_faiss searches exactly"):
+        search.gallery_search(indexed, loaded[2], use_faiss=True, ann_options={"exact": False, "ef_search": 8,
+                                                                               "nprobe": None})
+    with pytest.raises(ValueError, match="nprobe"):  # checked when the page is built, not at the first query
+        search.gallery_search(indexed, loaded[2], ann_options={"exact": False, "ef_search": None, "nprobe": 4})
+    served = []
+    monkeypatch.setattr(search, "serve", lambda server: served.append(server) or server.server_close())
+    with pytest.raises(ValueError, match="nprobe does not apply to an hnsw index"):
+        search.main(["serve", setup["model"], indexed, "--nprobe", "4", "--port", "0"])
+    assert served == []  # refused before listening
+    assert search.main(["serve", setup["model"], indexed, "--ef-search", "8", "--port", "0"]) == 0
+    assert search.main(["serve", setup["model"], indexed, "--exact", "--port", "0"]) == 0 and len(served) == 2
+
+
 # ---------------------------------------------------------------- arguments and the command line
 
 def test_bad_arguments_are_named(setup):
     loaded = model_and_gallery(setup["model"], setup["plain"])
+    find = search.gallery_search(setup["plain"], loaded[2])
     with pytest.raises(ValueError, match="k=25 is larger than the gallery .24 images.; pass --k 24"):
-        search_page.SearchPage(*loaded, search.nearest_neighbours, k=25)
+        search_page.SearchPage(*loaded, find, k=25)
     with pytest.raises(ValueError, match="k"):
-        search_page.SearchPage(*loaded, search.nearest_neighbours, k=0)
+        search_page.SearchPage(*loaded, find, k=0)
     with pytest.raises(ValueError, match="map_points"):
-        search_page.SearchPage(*loaded, search.nearest_neighbours, map_points=0)
+        search_page.SearchPage(*loaded, find, map_points=0)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
