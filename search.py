@@ -164,23 +164,26 @@ def _faiss_search(queries, gallery, k):
 
 def gallery_search(gallery_path, gallery, use_faiss=False, ann_options=None):
     """The k-NN search of a gallery (its file's path and ``gallery.load_gallery``'s dict), for callers that search
-    it many times (the page): ``find(queries (Q, D), k, rows=None) -> (distances (Q, k), indices (Q, k) int64)``,
-    ``rows`` (S,) increasing gallery ids searching only those (the indices then positions into rows). Through the
-    gallery's approximate index (``approximate_index.search_index`` at ann_options' ef_search / nprobe) when it has
-    one, exactly (``nearest_neighbours``) when it has none or use_faiss or ann_options["exact"] asks. The index is
-    loaded and checked against the gallery once, here, and the options with it (a search of no queries), so that
-    a stale index or an option of the other kind of index fails before the first search."""
+    it many times (the page): ``find(queries (Q, D), k, rows=None, exact=False) -> (distances (Q, k), indices (Q,
+    k) int64)``, ``rows`` (S,) increasing gallery ids searching only those (the indices then positions into rows).
+    Through the gallery's approximate index (``approximate_index.search_index`` at ann_options' ef_search /
+    nprobe) when it has one, exactly (``nearest_neighbours``) when it has none, or use_faiss or ann_options["exact"]
+    asks, or the call passes ``exact=True`` (e.g. among a few rows, where an index filtered down to them may find
+    fewer than k). The index is loaded and checked against the gallery once, here, and the options with it (a
+    search of no queries), so that a stale index or an option of the other kind of index fails before any search."""
     options = _checked_search_options(gallery_path, use_faiss, ann_options)
     embeddings = gallery["embeddings"]
+
+    def exactly(queries, k, rows=None, exact=True):
+        return nearest_neighbours(queries, embeddings if rows is None else embeddings[rows], k, use_faiss=use_faiss)
     if use_faiss or options["exact"] or not has_index(gallery_path):
-        def find(queries, k, rows=None):
-            return nearest_neighbours(queries, embeddings if rows is None else embeddings[rows], k,
-                                      use_faiss=use_faiss)
-        return find
+        return exactly
     index = load_index(gallery_path, gallery).index
     search_index(index, np.zeros((0, index.d), dtype=np.float32), 1, options["ef_search"], options["nprobe"])
 
-    def find(queries, k, rows=None):
+    def find(queries, k, rows=None, exact=False):
+        if exact:
+            return exactly(queries, k, rows)
         every_item = rows is None or len(rows) == len(embeddings)  # positions are gallery ids: faiss need not filter
         return search_index(index, queries, k, options["ef_search"], options["nprobe"],
                             subset=None if every_item else rows)

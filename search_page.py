@@ -73,10 +73,10 @@ class RequestError(ValueError):
 class SearchPage:
     """What the page answers from: a model (with its model file's ``info``), its gallery dict
     (``gallery.load_gallery``) and the k-NN search over that gallery ``find_neighbours(queries (Q, D), k,
-    rows=None) -> (distances (Q, k), indices (Q, k))`` (``rows``: increasing gallery ids to search among, the
-    indices then positions into them; ``search.gallery_search`` gives one); ``k`` neighbours per query (1 <= k
-    <= G); maps on at most ``map_points`` gallery items. Raises ValueError naming k or map_points when out of
-    range."""
+    rows=None, exact=False) -> (distances (Q, k), indices (Q, k))`` (``rows``: increasing gallery ids to search
+    among, the indices then positions into them; ``exact``: search exactly; ``search.gallery_search`` gives
+    one); ``k`` neighbours per query (1 <= k <= G); maps on at most ``map_points`` gallery items. Raises
+    ValueError naming k or map_points when out of range."""
 
     def __init__(self, model, info, gallery, find_neighbours, k=5, map_points=MAP_POINTS):
         self.model, self.info, self.gallery, self.find_neighbours = model, info, gallery, find_neighbours
@@ -175,7 +175,8 @@ class SearchPage:
             x, y = ((torch.from_numpy(vector).double() - chosen["mean"]) @ chosen["axes"])[0].tolist()
             return {"x": x, "y": y, "how": "projected onto the map's principal axes"}
         k = min(PLACEMENT_NEIGHBOURS, len(self.map_indices))
-        distances, rows = self.find_neighbours(vector, k, rows=self.map_indices)
+        # among the map's few items exactly: an approximate index filtered down to them may find fewer than k
+        distances, rows = self.find_neighbours(vector, k, rows=self.map_indices, exact=True)
         weights = 1.0 / np.maximum(np.asarray(distances, dtype=np.float64)[0], 1e-12)
         x, y = (weights @ np.asarray(chosen["points"])[np.asarray(rows)[0]]) / weights.sum()
         return {"x": float(x), "y": float(y),

@@ -293,9 +293,10 @@ def test_the_page_searches_through_the_galleries_approximate_index_as_query_does
         answer = page.query(file.read(), "q.png")
     assert [item["index"] for item in answer["neighbours"]] == [item["index"] for item in expected]
     assert len(searched) == 1 and searched[0] is None  # the whole gallery, through the index
-    if "tsne" in available_projections():
-        page.place("tsne", answer["embedding"])
-        assert len(searched) == 2 and list(searched[1]) == list(page.map_indices)  # the map's items only
+    if "tsne" in available_projections():  # placed among the map's items, exactly: no search of the index
+        placed = page.place("tsne", answer["embedding"])
+        assert len(searched) == 1 and placed == search_page.SearchPage(*loaded, search.gallery_search(
+            setup["plain"], loaded[2]), k=K, map_points=MAP_POINTS).place("tsne", answer["embedding"])
     searched.clear()
     for exact in (search.gallery_search(indexed, loaded[2], ann_options={"exact": True, "ef_search": None,
                                                                           "nprobe": None}),
