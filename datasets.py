@@ -40,7 +40,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 import distributed
-from utils import check_int, groups_of_classes, moved_attribute
+from utils import check_int, check_real, groups_of_classes, moved_attribute
 
 
 class InMemoryDataset(Dataset):
@@ -651,17 +651,15 @@ class BatchRandomAffine:
 
     def __init__(self, degrees=10.0, shear=10.0, scale=(0.85, 1.15), translate=0.1, fill=0.0, generator=None,
                  elastic=0.0, elastic_cells=4):
-        for name, value in (("degrees", degrees), ("shear", shear), ("translate", translate), ("elastic", elastic)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
-        if (not isinstance(scale, (tuple, list)) or len(scale) != 2 or not all(isinstance(s, numbers.Real) for s in scale)
-                or not 0 < scale[0] <= scale[1]):
+        self.degrees, self.shear, self.translate, self.elastic = (
+            check_real(value, name, 0, finite=True)
+            for name, value in (("degrees", degrees), ("shear", shear), ("translate", translate), ("elastic", elastic)))
+        if not isinstance(scale, (tuple, list)) or len(scale) != 2:
             raise ValueError(f"scale must be a (low, high) pair with 0 < low <= high, got {scale!r}")
-        self.degrees, self.shear, self.translate = float(degrees), float(shear), float(translate)
-        self.scale = (float(scale[0]), float(scale[1]))
+        low = check_real(scale[0], "scale's low", 0, strict=True, finite=True)
+        self.scale = (low, check_real(scale[1], "scale's high", low, finite=True))
         self.fill = float(fill)
         self.generator = generator
-        self.elastic = float(elastic)
         self.elastic_cells = check_int(elastic_cells, "elastic_cells", 1)
 
     def __repr__(self):

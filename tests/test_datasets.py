@@ -817,12 +817,19 @@ def test_elastic_warp_moves_a_dot_by_at_most_its_field():
     assert mass.min() > 0.5 and mass.max() < 1.5  # bent, stretched or squeezed locally, not erased
 
 
-@pytest.mark.parametrize("arguments", [{"degrees": -1}, {"shear": "x"}, {"translate": True}, {"scale": (1.2, 0.8)},
-                                       {"scale": 1.0}, {"scale": (0, 1)}, {"elastic": -0.1}, {"elastic": "x"},
-                                       {"elastic": float("inf")}, {"degrees": float("nan")},
-                                       {"elastic_cells": 0}])
-def test_affine_argument_errors(arguments):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("arguments, error, message", [
+    ({"degrees": -1}, ValueError, "degrees must be >= 0"), ({"shear": "x"}, TypeError, "shear must be a real number"),
+    ({"translate": True}, TypeError, "translate must be a real number"),
+    ({"scale": (1.2, 0.8)}, ValueError, "scale's high must be >= 1.2"), ({"scale": 1.0}, ValueError, "scale must be"),
+    ({"scale": (1, 2, 3)}, ValueError, "scale must be"), ({"scale": (0, 1)}, ValueError, "scale's low must be > 0"),
+    ({"scale": ("a", 1)}, TypeError, "scale's low must be a real number"),
+    ({"scale": (1, float("inf"))}, ValueError, "scale's high must be finite"),
+    ({"elastic": -0.1}, ValueError, "elastic must be >= 0"), ({"elastic": "x"}, TypeError, "elastic must be a real"),
+    ({"elastic": float("inf")}, ValueError, "elastic must be finite"),
+    ({"degrees": float("nan")}, ValueError, "degrees must be >= 0, got nan"),
+    ({"elastic_cells": 0}, ValueError, "elastic_cells must be >= 1")])
+def test_affine_argument_errors_name_the_argument(arguments, error, message):
+    with pytest.raises(error, match=message):
         BatchRandomAffine(**arguments)
 
 
