@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from mining_rows import Rows
-from utils import check_int
+from utils import _as_labels, check_int
 
 # Timeout of the process group ``setup`` initialises: a rank that hangs makes the other ranks' next
 # collective operation fail within this time instead of waiting forever (a rank that dies closes its
@@ -317,9 +317,7 @@ def global_batch(embeddings, labels, gather, *more):
     inputs themselves and ``share = None``. ``embeddings (B_r, D)`` and the integer ``labels (B_r,)`` travel
     in one collective (``GatherRows``), after one that gathers the ranks' ``B_r``. ``more``: other ``(B_r,
     ...)`` tensors gathered the same way (with gradients; None stays None)."""
-    if labels.is_floating_point() or labels.is_complex() or labels.dim() != 1 or embeddings.dim() != 2:
-        raise ValueError(f"global_batch takes embeddings (B, D) and integer labels (B,), got embeddings of shape "
-                         f"{tuple(embeddings.shape)} and labels {labels.dtype} of shape {tuple(labels.shape)}")
+    labels = _as_labels(labels, embeddings)  # integers: they travel as raw bytes beside the embeddings
     if not (gather and _is_distributed()):
         return (embeddings, labels, None, *more)
     world_size, rank = dist.get_world_size(), dist.get_rank()

@@ -117,9 +117,11 @@ def test_one_process_mines_its_own_batch():
     embeddings, labels, extra = torch.randn(5, 3, requires_grad=True), torch.arange(5), torch.randn(5, 2)
     gathered, gathered_labels, share, gathered_extra = distributed.global_batch(embeddings, labels, True, extra)
     assert gathered is embeddings and gathered_labels is labels and share is None and gathered_extra is extra
-    for bad_embeddings, bad_labels in ((embeddings, labels.float()), (embeddings, labels[:, None]),
-                                       (embeddings[:, :, None], labels)):
-        with pytest.raises(ValueError, match="integer labels"):
+    for bad_embeddings, bad_labels, error, message in (
+            (embeddings, labels.float(), TypeError, "labels must be integers"),
+            (embeddings, labels[:, None], ValueError, r"labels must have shape \(B,\)"),
+            (embeddings[:, :, None], labels, ValueError, r"embeddings must have shape \(B, D\)")):
+        with pytest.raises(error, match=message):
             distributed.global_batch(bad_embeddings, bad_labels, True)
     assert distributed.owned(torch.tensor([0, 3, 4]), None).tolist() == [True, True, True]
     assert distributed.owned(torch.tensor([0, 3, 4, 5]), (3, 5, 2)).tolist() == [False, True, True, False]
