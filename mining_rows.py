@@ -318,8 +318,7 @@ def smallest_stable(values, k):
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=values.device)
     if numpy_can_view(values):  # numpy's comparisons and listings cost a fraction of torch's on the CPU
-        array = values.detach().numpy()
-        kth = np.partition(array, k - 1)[k - 1]
+        array, kth = values.detach().numpy(), kth_smallest(values, k).numpy()
         chosen = array < kth
         chosen[np.flatnonzero(array == kth)[:k - np.count_nonzero(chosen)]] = True  # the first ties fill the rest
         return torch.from_numpy(np.flatnonzero(chosen)).long()
