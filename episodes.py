@@ -12,8 +12,9 @@ study in held_out.py.
 import torch
 from torch.utils.data import DataLoader
 
+from distances import squared_distances
 from metrics import _check_embeddings_and_labels, extract_embeddings
-from utils import check_choice, check_int, groups_of_classes, squared_distances
+from utils import check_choice, check_int, groups_of_classes
 
 
 def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, groups=None, seed=0):
@@ -81,7 +82,7 @@ def sample_episodes(labels, n_way, k_shot, n_query, n_episodes, groups=None, see
 
 def _episode_distances(queries, references):
     """Squared distances (E, Q, R) between queries (E, Q, D) and references (E, R, D): the batched
-    form of utils.squared_distances."""
+    form of distances.squared_distances."""
     return squared_distances(queries, references)
 
 

@@ -1,7 +1,7 @@
 """Contrastive and triplet losses, offline (pairs/triplets given) and online (mined in the batch), and
 the multi-similarity loss (``MultiSimilarityLoss``, with its own pair mining, on cosine similarities).
 
-Distances are squared Euclidean distances (``utils.row_distances`` / ``utils.paired_squared_distances``),
+Distances are squared Euclidean distances (``distances.row_distances``, ``distances.indexed_squared_distances``),
 as in the classic design, or with ``distance="euclidean"`` their square roots (``utils.as_distance``);
 the triplet losses take a soft margin (``soft=True``, softplus instead of the hinge). Each per-pair
 and per-triplet formula is written once, in ``contrastive_terms`` and ``triplet_terms``, and every
@@ -26,7 +26,7 @@ under ``torch.distributed`` (a process group of world size > 1, e.g. Distributed
 mined forms of the autoencoder losses with ``gather=True`` (the default) ask ``distributed`` for the global
 batch (``distributed.global_batch``: every rank's embeddings and labels, gradients flowing back to the
 rank owning each row) and mine the rows of their own share of it: the distances of those rows to the
-global batch (``utils.row_distances``, a ``(B_r, N)`` block, never ``(N, N)``), and the pairs / triplets
+global batch (``distances.row_distances``, a ``(B_r, N)`` block, never ``(N, N)``), and the pairs / triplets
 whose first member / anchor is theirs (the selectors' ``select_pairs`` / ``select_triplets``). Together
 the ranks select what one process selects on the global batch (``utils``' selectors say how, the random
 ones included). Each term's distance is the block's value, the one the selector compared, with the
@@ -51,9 +51,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cross_batch_memory import CrossBatchMemory
+from distances import (BlockBuffer, float32_distances, indexed_squared_distances, paired_squared_distances,
+                       row_distances)
 from distributed import global_batch, global_mean, owned, rows_to_mine
-from utils import (DISTANCES, BlockBuffer, _as_labels, _check_margin, as_distance, check_choice, check_flag,
-                   check_real, float32_distances, multi_similarity_pairs, paired_squared_distances, row_distances)
+from utils import (DISTANCES, _as_labels, _check_margin, as_distance, check_choice, check_flag, check_real,
+                   multi_similarity_pairs)
 
 # Added under the square root of a squared distance: sqrt'(0) is infinite, sqrt'(EPS) is not.
 EPS = 1e-9
@@ -157,9 +159,9 @@ def _mining_rows(embeddings, share, distance="squared", n_anchors=None, buffer=N
     """This process's rows of a (gathered) batch ``embeddings (N, D)`` and their distances: ``(rows,
     distances)``, ``rows`` a ``mining_rows.Rows`` (``share`` as ``distributed.global_batch`` gives it; None:
     one process, every row; ``n_anchors``: the batch is the first so many, a memory's items follow),
-    ``distances`` the rows' ``(A, N)`` block (``utils.row_distances`` of the detached embeddings, as
+    ``distances`` the rows' ``(A, N)`` block (``distances.row_distances`` of the detached embeddings, as
     ``distance``), computed once for every selector that mines the batch, into ``buffer``'s memory (a
-    ``utils.BlockBuffer``, the loss's: the block is not needed once the loss is computed) if given."""
+    ``distances.BlockBuffer``, the loss's: the block is not needed once the loss is computed) if given."""
     rows = rows_to_mine(share, len(embeddings), n_anchors)
     shape = (rows.stop - rows.start, len(embeddings))
     out = None if buffer is None else buffer(shape, embeddings)
@@ -224,11 +226,11 @@ def _compared_distances(distances, start, embeddings, first, second, distance="s
     selector compared (so a hinge is non-zero exactly when the selector called the tuple hard).
 
     Few tuples (``S * D`` at most the block's size): the block's values with the gradient of the exact
-    distance ``as_distance(|e_first - e_second|^2)`` (``utils.paired_squared_distances``), so no ``(A, N)``
+    distance ``as_distance(|e_first - e_second|^2)`` (``distances.indexed_squared_distances``), so no ``(A, N)``
     matrix is kept for the backward pass. Many (e.g. every triplet): the rows' block computed again with
     autograd (the same values, bitwise: the same tiles), and its entries taken."""
     if len(first) * embeddings.shape[1] <= distances.numel():
-        exact = as_distance(paired_squared_distances(embeddings[first], embeddings[second]), distance)
+        exact = as_distance(indexed_squared_distances(embeddings, first, second), distance)
         return distances[first - start, second] + (exact - exact.detach())
     block = as_distance(row_distances(embeddings, start, start + len(distances)), distance)
     return block[first - start, second]
@@ -298,7 +300,7 @@ class OnlineContrastiveLoss(nn.Module):
 
     ``forward(embeddings (B, D), target (B,))`` returns a scalar: the mean over the selected
     positive and negative pairs of ``scale * contrastive_terms``, with ``d`` the squared distances
-    ``utils.row_distances(embeddings)``. ``scale`` defaults to the classic online formula's 1 (no 0.5
+    ``distances.row_distances(embeddings)``. ``scale`` defaults to the classic online formula's 1 (no 0.5
     factor, unlike :class:`ContrastiveLoss`'s default); ``distance="euclidean"``: the terms in the plain
     distance (``contrastive_terms``; the pair selectors' choices do not depend on it). No pair
     selected gives a zero loss that still backpropagates; a non-finite embedding gives a non-finite
@@ -348,7 +350,7 @@ class OnlineTripletLoss(nn.Module):
 
     ``forward(embeddings (B, D), target (B,))`` returns ``(loss, n_triplets)``: the mean over the
     selected triplets of ``triplet_terms(D[a, p], D[a, n], margin)`` with ``D`` the squared
-    distances ``utils.row_distances(embeddings)`` (non-zero exactly when the selectors call the triplet
+    distances ``distances.row_distances(embeddings)`` (non-zero exactly when the selectors call the triplet
     hard), and the number of selected triplets whose loss is non-zero (a Python int; the classic
     code counted all selected triplets). No triplet selected gives ``(zero loss that still
     backpropagates, 0)``; a non-finite embedding gives a non-finite loss (see the module docstring).
@@ -449,7 +451,7 @@ class MultiSimilarityLoss(nn.Module):
     ``multi_similarity_terms`` over the pairs ``utils.multi_similarity_pairs`` keeps (``epsilon``; None
     keeps every pair). Defaults ``alpha=2, beta=50, base=0.5, epsilon=0.1`` are pytorch-metric-learning's
     (the paper's lambda is ``base``). The similarities are ``1 - |u_i - u_j|^2 / 2`` of the normalised
-    embeddings ``u``, from ``utils.row_distances`` (so each row is bitwise the same however the batch is
+    embeddings ``u``, from ``distances.row_distances`` (so each row is bitwise the same however the batch is
     split between processes); an all-zero embedding normalises to zero (similarity 0 to everything), so
     the loss stays finite. An anchor without kept pairs adds 0 to the mean; a non-finite embedding gives a
     non-finite loss (the module docstring's guard). ``last_selection``: ``Selection`` of anchors and of
@@ -607,7 +609,7 @@ class _AutoencoderLoss(nn.Module):
         """``(P,)`` latent distances of items ``first`` and ``second`` (``(P,)`` index tensors): squared
         Euclidean between the means, or the symmetrised KL between the posteriors."""
         if self.distance == "euclidean":
-            return paired_squared_distances(output.mean[first], output.mean[second])
+            return indexed_squared_distances(output.mean, first, second)
         return symmetric_gaussian_kl(output.mean[first], output.log_var[first],
                                      output.mean[second], output.log_var[second])
 

@@ -26,7 +26,8 @@ Distances are Euclidean and computed in chunks of queries, so memory stays O(chu
 import torch
 from torch import nn
 
-from utils import check_int, moved_attribute, paired_squared_distances, squared_distances
+from distances import indexed_squared_distances, squared_distances
+from utils import check_int, moved_attribute
 
 
 class Metric:
@@ -558,8 +559,8 @@ def verification_roc_auc(embeddings, labels, n_pairs=100_000, seed=0):
     scores = []
     pair_chunk = 65536  # bounds the (pairs, D) difference buffer
     for start in range(0, first.numel(), pair_chunk):
-        scores.append(-paired_squared_distances(embeddings[first[start:start + pair_chunk]],
-                                                embeddings[second[start:start + pair_chunk]]).sqrt())
+        scores.append(-indexed_squared_distances(embeddings, first[start:start + pair_chunk],
+                                                 second[start:start + pair_chunk]).sqrt())
     scores = torch.cat(scores).cpu().double().numpy()
     from sklearn.metrics import roc_auc_score  # here, not at the top: see nmi_score
 
@@ -574,7 +575,7 @@ def _pair_similarities(embeddings, labels, n_pairs, seed):
     first, second, same = _verification_pairs(labels.cpu(), check_int(n_pairs, "n_pairs", 2) // 2,
                                               torch.Generator().manual_seed(check_int(seed, "seed", 0)))
     first, second = first.to(embeddings.device), second.to(embeddings.device)
-    return (1 / (1 + paired_squared_distances(embeddings[first], embeddings[second]).sqrt())).cpu(), same
+    return (1 / (1 + indexed_squared_distances(embeddings, first, second).sqrt())).cpu(), same
 
 
 def verification_threshold(embeddings, labels, n_pairs=20_000, seed=0):

@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import check_choice, check_flag, check_int, moved_attribute, paired_squared_distances
+from distances import paired_squared_distances
+from utils import check_choice, check_flag, check_int, moved_attribute
 
 
 class EmbeddingNet(nn.Module):

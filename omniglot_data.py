@@ -20,7 +20,8 @@ from torch import nn
 from torchvision import transforms
 
 from datasets import BatchRandomAffine, InMemoryDataset
-from utils import check_flag, check_int, squared_distances
+from distances import squared_distances
+from utils import check_flag, check_int
 
 
 

@@ -59,6 +59,7 @@ import cli
 import open_set
 from approximate_index import (ANN_KINDS, build_index, check_search_options, has_index, index_path, load_index,
                                recall_at_k, search_index)
+from distances import squared_distances
 from gallery import (GALLERY_FORMAT, GALLERY_KEYS, UNLABELLED, check_image_files, embed_files,  # noqa: F401
                      index_folder, label_name, list_folder, load_gallery, load_model_file, model_and_gallery,
                      neighbour_items)
@@ -67,7 +68,7 @@ from metrics import (knn_accuracy, nmi_score, retrieval_metrics, smallest_k, ver
                      verification_roc_auc)
 from networks import SiameseNetwork
 from search_page import DEFAULT_HOST, DEFAULT_PORT, SearchPage, make_server, serve
-from utils import check_int, squared_distances
+from utils import check_int
 DEFAULT_CHUNK_SIZE = 65536
 # Queries are taken in blocks so that one block of distances holds at most this many entries (64 MB of
 # float32), whatever the number of queries.
@@ -98,7 +99,7 @@ def nearest_neighbours(queries, gallery, k, chunk_size=DEFAULT_CHUNK_SIZE, use_f
     chunk_size (gallery rows compared at once). Returns (distances (Q, k), indices (Q, k) int64) as torch
     tensors, each row in ascending distance, equal distances by the lower gallery index.
 
-    The exact path goes through the gallery chunk_size rows at a time (``utils.squared_distances`` per
+    The exact path goes through the gallery chunk_size rows at a time (``distances.squared_distances`` per
     chunk) and keeps a running top k per query: each chunk's own k best are merged with the best so far by
     a stable sort (the earlier best all have lower indices, so a stable sort keeps ties by index). Queries
     are taken in blocks so that a block of distances stays under MAX_BLOCK_ENTRIES: memory is

@@ -232,7 +232,7 @@ class MixedPrecision:
 
     "fp16" also scales the loss with a torch.amp.GradScaler (`scaler`), whose state fit saves in
     checkpoints: float16 gradients underflow without it. bfloat16 has float32's range and needs none.
-    The losses compute distances and mine in float32 whatever the autocast (utils.float32_distances).
+    The losses compute distances and mine in float32 whatever the autocast (distances.float32_distances).
     """
 
     def __init__(self, amp, device):
