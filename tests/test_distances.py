@@ -89,7 +89,8 @@ def test_coinciding_rows_give_zero_with_a_zero_gradient():
 
 def test_empty_pairs_give_an_empty_result_and_a_zero_gradient():
     vectors = torch.randn(4, 3, requires_grad=True)
-    distances = indexed_squared_distances(vectors, torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
+    no_pairs = torch.tensor([], dtype=torch.long)
+    distances = indexed_squared_distances(vectors, no_pairs, no_pairs)
     assert distances.shape == (0,)
     (distances.sum() + 0 * vectors.sum()).backward()
     assert torch.equal(vectors.grad, torch.zeros(4, 3))
@@ -115,7 +116,8 @@ def test_half_precision_computes_in_float32_and_the_gradient_reaches_the_half_te
 def test_int32_indices_are_accepted():
     vectors = torch.randn(5, 3)
     first, second = torch.tensor([0, 4], dtype=torch.int32), torch.tensor([2, 2], dtype=torch.int32)
-    assert torch.equal(indexed_squared_distances(vectors, first, second), reference(vectors, first.long(), second.long()))
+    expected = reference(vectors, first.long(), second.long())
+    assert torch.equal(indexed_squared_distances(vectors, first, second), expected)
 
 
 @pytest.mark.parametrize("part_entries", [None, 3, 7])
