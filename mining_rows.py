@@ -72,7 +72,8 @@ def checked_rows(distances, labels, rows, needs_distances=True):
     if distances is not None or needs_distances:
         if not isinstance(distances, torch.Tensor) or tuple(distances.shape) != expected:
             got = tuple(distances.shape) if isinstance(distances, torch.Tensor) else type(distances).__name__
-            raise ValueError(f"distances must be the rows' block of shape {expected} (distances.row_distances), got {got}")
+            raise ValueError(f"distances must be the rows' block of shape {expected} (distances.row_distances), "
+                             f"got {got}")
         labels = labels.to(distances.device)
     return labels, rows, torch.arange(rows.start, rows.stop, device=labels.device)
 

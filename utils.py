@@ -1,4 +1,4 @@
-"""The pair and triplet selectors for online mining inside a batch, and the library's argument checks.
+"""The pair and triplet selectors for online mining inside a batch, and the helpers every module shares.
 
 Every selector looks at a batch of embeddings ``(B, D)`` with their labels ``(B,)`` and returns
 index tensors into that batch: pairs ``(P, 2)`` or triplets ``(T, 3)`` of ``(anchor, positive,
@@ -51,8 +51,8 @@ import secrets
 import torch
 
 # The distances are imported here too, so that utils.pdist and the other old paths still work.
-from distances import (ROW_TILE, BlockBuffer, _check_embeddings, float32_distances, indexed_squared_distances,
-                       paired_squared_distances, pdist, row_distances, squared_distances)
+from distances import (ROW_TILE, BlockBuffer, _check_embeddings, float32_distances, paired_squared_distances, pdist,
+                       row_distances, squared_distances)
 from mining_rows import (checked_rows, classes_of, distinct_draws, is_negative_pair, negative_pair_mask,
                          negative_pairs_of_rank, negatives_after, padded_columns, pair_counts, positive_pairs_of,
                          positives_of, distances_to_negatives, row_parts, smallest_admitted, smallest_stable,
