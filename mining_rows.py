@@ -1,6 +1,6 @@
 """The structure a selector needs to mine some rows of a batch: which rows (``Rows``) and the parts to walk
 their block in (``row_parts``), the batch's classes and each anchor's positives and its distances to negatives, the
-negative pairs counted and found by rank, the k smallest admitted entries of a block of rows
+negative pairs counted and found by rank (or listed, for a small block: ``pair_positions``), the k smallest admitted entries of a block of rows
 (``smallest_admitted``), and a uniformly random admissible entry per (row, slot) (``uniform_admissible``).
 
 Everything here works from the labels ``(N,)`` or a ``(A, N)`` block of rows, never an ``(N, N)``
@@ -152,6 +152,24 @@ def positive_pairs_of(classes, anchors):
     keep = flat_nonzero(valid & (columns > anchors[:, None]))
     return torch.stack([anchors[keep // max(columns.shape[1], 1)], columns.flatten()[keep]], dim=1)
 
+
+
+def pair_positions(labels, rows):
+    """The pairs ``(i, j)``, ``i < j``, whose first member is in ``rows`` (a ``Rows`` of a batch ``labels
+    (N,)``), as flat positions ``(i - rows.start) * N + j`` of the rows' block, ascending (so in ``(i, j)``
+    order): ``(positive (P,), negative (Q,))``. Two masks of the ``(A, N)`` block: for a small one (at most
+    ``SMALL_BLOCK`` entries), where they cost less than counting the pairs by class (``positive_pairs_of``,
+    ``negative_pairs_of_rank``, which give the same pairs). ``pairs_at`` turns positions into pairs."""
+    after = torch.arange(len(labels), device=labels.device) > torch.arange(rows.start, rows.stop,
+                                                                         device=labels.device)[:, None]
+    same = labels[rows.start:rows.stop, None] == labels
+    return flat_nonzero(after & same), flat_nonzero(after & ~same)
+
+
+def pairs_at(positions, rows, n_items):
+    """The pairs ``(P, 2)`` at ``positions (P,)`` of the block of ``rows`` of a batch of ``n_items`` (flat, as
+    ``pair_positions`` gives them)."""
+    return torch.stack([positions // n_items + rows.start, positions % n_items], dim=1)
 
 
 def padded_columns(mask):

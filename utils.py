@@ -53,8 +53,10 @@ import torch
 # The distances are imported here too, so that utils.pdist and the other old paths still work.
 from distances import (ROW_TILE, BlockBuffer, _check_embeddings, float32_distances, paired_squared_distances, pdist,
                        row_distances, squared_distances)
+import mining_rows
 from mining_rows import (checked_rows, classes_of, distinct_draws, is_negative_pair, negative_pair_mask,
-                         negative_pairs_of_rank, negatives_after, padded_columns, pair_counts, positive_pairs_of,
+                         negative_pairs_of_rank, negatives_after, padded_columns, pair_counts, pair_positions,
+                         pairs_at, positive_pairs_of,
                          positives_of, distances_to_negatives, row_parts, smallest_admitted, smallest_stable,
                          uniform_admissible)
 from random_streams import AnchorStreams, draw_key
@@ -290,7 +292,9 @@ class AllPositivePairSelector(PairSelector):
     ``generator``: optional ``torch.Generator`` for the balancing draw: one key per call (random_streams),
     from which the subset is drawn by rank among all negative pairs of the batch (``(i, j)`` order), the same
     on every process (given generators seeded alike); each keeps the pairs of its rows, found from their
-    ranks without listing the negative pairs (``mining_rows.negative_pairs_of_rank``).
+    ranks without listing the negative pairs (``mining_rows.negative_pairs_of_rank``), or for a small block of
+    rows (at most ``mining_rows.SMALL_BLOCK`` entries) taken from the list of its rows' pairs, which costs
+    less there.
     """
 
     needs_distances = False
@@ -301,6 +305,8 @@ class AllPositivePairSelector(PairSelector):
 
     def select_pairs(self, distances, labels, rows=None):
         labels, rows, anchors = checked_rows(distances, labels, rows, needs_distances=False)
+        if len(anchors) * len(labels) <= mining_rows.SMALL_BLOCK:  # a small block: its pairs from two masks
+            return self._small_block_pairs(labels, rows)
         classes = classes_of(labels)
         positive_pairs = positive_pairs_of(classes, anchors)
         if not self.balance:
@@ -309,6 +315,25 @@ class AllPositivePairSelector(PairSelector):
         n_positive, n_negative = pair_counts(classes, len(labels), rows.n_anchors)
         chosen = distinct_draws(draw_key(self.generator), min(n_positive, n_negative), n_negative, labels.device)
         return positive_pairs, negative_pairs_of_rank(classes, chosen, rows)
+
+    def _small_block_pairs(self, labels, rows):
+        """``select_pairs`` for rows whose ``(A, N)`` block is small (``mining_rows.pair_positions``): the same
+        pairs, the balancing draw the same ranks of the batch's negative pairs."""
+        positive, negative = pair_positions(labels, rows)
+        if self.balance:
+            n_anchors = len(labels) if rows.n_anchors is None else rows.n_anchors
+            if rows.start == 0 and rows.stop == n_anchors:  # every anchor: the masks hold the batch's pairs
+                n_positive, n_negative, before = len(positive), len(negative), 0
+            else:  # the batch's counts, and the negative pairs of the rows before these
+                classes = classes_of(labels)
+                n_positive, n_negative = pair_counts(classes, len(labels), n_anchors)
+                before = pair_counts(classes, len(labels), rows.start)[1]
+            chosen = distinct_draws(draw_key(self.generator), min(n_positive, n_negative), n_negative,
+                                    labels.device)
+            if before or len(negative) < n_negative:
+                chosen = chosen[(chosen >= before) & (chosen < before + len(negative))] - before
+            negative = negative[chosen]
+        return pairs_at(positive, rows, len(labels)), pairs_at(negative, rows, len(labels))
 
 
 class HardNegativePairSelector(PairSelector):
