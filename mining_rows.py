@@ -1,7 +1,8 @@
 """The structure a selector needs to mine some rows of a batch: which rows (``Rows``) and the parts to walk
 their block in (``row_parts``), the batch's classes and each anchor's positives and its distances to negatives, the
-negative pairs counted and found by rank (or listed, for a small block: ``pair_positions``), the k smallest admitted entries of a block of rows
-(``smallest_admitted``), and a uniformly random admissible entry per (row, slot) (``uniform_admissible``).
+negative pairs counted and found by rank (or listed, for a small block: ``pair_positions``), the k smallest
+admitted entries of a block of rows (``smallest_admitted``), and a uniformly random admissible entry per (row,
+slot) (``uniform_admissible``).
 
 Everything here works from the labels ``(N,)`` or a ``(A, N)`` block of rows, never an ``(N, N)``
 matrix, on the tensors' device, so that a process mining its own ``A`` rows of a batch of ``N`` needs
