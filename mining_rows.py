@@ -167,6 +167,18 @@ def pair_positions(labels, rows):
     return flat_nonzero(after & same), flat_nonzero(after & ~same)
 
 
+def batch_pair_counts(labels, rows, positive, negative):
+    """``(n_positive, n_negative, negatives_before)`` for ``pair_positions``' lists ``positive``, ``negative`` of
+    ``rows`` (a ``Rows`` of a batch ``labels (N,)``): the batch's numbers of positive and negative pairs whose
+    first member is one of its anchors, and of the negative pairs whose first member comes before ``rows``, as
+    ints. The lists' lengths when ``rows`` are every anchor; else counted by class (``pair_counts``)."""
+    n_anchors = len(labels) if rows.n_anchors is None else rows.n_anchors
+    if rows.start == 0 and rows.stop == n_anchors:
+        return len(positive), len(negative), 0
+    classes = classes_of(labels)
+    return (*pair_counts(classes, len(labels), n_anchors), pair_counts(classes, len(labels), rows.start)[1])
+
+
 def pairs_at(positions, rows, n_items):
     """The pairs ``(P, 2)`` at ``positions (P,)`` of the block of ``rows`` of a batch of ``n_items`` (flat, as
     ``pair_positions`` gives them)."""

@@ -54,11 +54,10 @@ import torch
 from distances import (ROW_TILE, BlockBuffer, _check_embeddings, float32_distances, paired_squared_distances, pdist,
                        row_distances, squared_distances)
 import mining_rows
-from mining_rows import (checked_rows, classes_of, distinct_draws, is_negative_pair, negative_pair_mask,
-                         negative_pairs_of_rank, negatives_after, padded_columns, pair_counts, pair_positions,
-                         pairs_at, positive_pairs_of,
-                         positives_of, distances_to_negatives, row_parts, smallest_admitted, smallest_stable,
-                         uniform_admissible)
+from mining_rows import (batch_pair_counts, checked_rows, classes_of, distinct_draws, is_negative_pair,
+                         negative_pair_mask, negative_pairs_of_rank, negatives_after, padded_columns, pair_counts,
+                         pair_positions, pairs_at, positive_pairs_of, positives_of, distances_to_negatives, row_parts,
+                         smallest_admitted, smallest_stable, uniform_admissible)
 from random_streams import AnchorStreams, draw_key
 
 # Largest number of (anchor, positive, negative) slots the all-triplets selector fills per chunk;
@@ -321,13 +320,7 @@ class AllPositivePairSelector(PairSelector):
         pairs, the balancing draw the same ranks of the batch's negative pairs."""
         positive, negative = pair_positions(labels, rows)
         if self.balance:
-            n_anchors = len(labels) if rows.n_anchors is None else rows.n_anchors
-            if rows.start == 0 and rows.stop == n_anchors:  # every anchor: the masks hold the batch's pairs
-                n_positive, n_negative, before = len(positive), len(negative), 0
-            else:  # the batch's counts, and the negative pairs of the rows before these
-                classes = classes_of(labels)
-                n_positive, n_negative = pair_counts(classes, len(labels), n_anchors)
-                before = pair_counts(classes, len(labels), rows.start)[1]
+            n_positive, n_negative, before = batch_pair_counts(labels, rows, positive, negative)
             chosen = distinct_draws(draw_key(self.generator), min(n_positive, n_negative), n_negative,
                                     labels.device)
             if before or len(negative) < n_negative:
@@ -341,7 +334,8 @@ class HardNegativePairSelector(PairSelector):
     many): the closest ones, ties broken by ``(i, j)``; both in lexicographic ``(i, j)`` order.
 
     Each process keeps the closest of its own rows (``smallest_admitted``: a bound from a sample, then one
-    pass listing the entries below it), the processes pool those candidates (``Rows.concatenate``) and keep
+    pass listing the entries below it; for a small block, one selection among its rows' negative pairs,
+    ``mining_rows.pair_positions``), the processes pool those candidates (``Rows.concatenate``) and keep
     the closest of all, so that the union over processes is exactly one process's choice. ``cpu`` is accepted for
     compatibility with the classic code and ignored: selection runs on the embeddings' device.
     """
@@ -353,23 +347,31 @@ class HardNegativePairSelector(PairSelector):
 
     def select_pairs(self, distances, labels, rows=None):
         labels, rows, anchors = checked_rows(distances, labels, rows)
-        classes = classes_of(labels)
-        n_positive, n_negative = pair_counts(classes, len(labels), rows.n_anchors)
-        n_items = len(labels)
-        distances = distances.detach()
+        n_items, distances = len(labels), distances.detach()
+        if len(anchors) * n_items <= mining_rows.SMALL_BLOCK:  # a small block: its pairs from two masks
+            positive, negative = pair_positions(labels, rows)
+            n_positive, n_negative, _ = batch_pair_counts(labels, rows, positive, negative)
+            k = min(n_positive, n_negative)
+            closest = negative[smallest_stable(distances.flatten()[negative], k)]
+            positive_pairs = pairs_at(positive, rows, n_items)
+        else:
+            classes = classes_of(labels)
+            n_positive, n_negative = pair_counts(classes, n_items, rows.n_anchors)
+            k = min(n_positive, n_negative)
 
-        def negative_pair(block_rows, columns):  # which entries of the block are negative pairs (i, j), j > i
-            return is_negative_pair(labels, block_rows + rows.start, columns)
+            def negative_pair(block_rows, columns):  # which entries of the block are negative pairs (i, j), j > i
+                return is_negative_pair(labels, block_rows + rows.start, columns)
 
-        own_negatives = int(negatives_after(classes, anchors).sum())
-        closest = smallest_admitted(distances, min(n_positive, n_negative, own_negatives), negative_pair,
-                                    own_negatives) + rows.start * n_items
+            own_negatives = int(negatives_after(classes, anchors).sum())
+            closest = smallest_admitted(distances, min(k, own_negatives), negative_pair, own_negatives)
+            positive_pairs = positive_pairs_of(classes, anchors)
         if rows.concatenate is not None:  # every process's candidates, values and positions in one message
-            values = distances.flatten()[closest - rows.start * n_items]
-            pooled = rows.concatenate(torch.stack([values.double(), closest.double()], dim=1))
-            closest = pooled[smallest_stable(pooled[:, 0], min(n_positive, n_negative)), 1].long()
-            closest = closest[(closest >= rows.start * n_items) & (closest < rows.stop * n_items)]
-        return positive_pairs_of(classes, anchors), torch.stack([closest // n_items, closest % n_items], dim=1)
+            offset = rows.start * n_items  # positions in the batch's (i, j) order, so that ties go the same way
+            pooled = rows.concatenate(torch.stack([distances.flatten()[closest].double(),
+                                                   (closest + offset).double()], dim=1))
+            closest = pooled[smallest_stable(pooled[:, 0], k), 1].long() - offset
+            closest = closest[(closest >= 0) & (closest < distances.numel())]
+        return positive_pairs, pairs_at(closest, rows, n_items)
 
 
 # --------------------------------------------------------------------------------------------

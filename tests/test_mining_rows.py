@@ -1,7 +1,7 @@
 """Tests for mining_rows.py against brute-force loops: the batch's classes and each anchor's positives, the
-pair counts, the pairs of a small block's rows, the negative pairs found by rank, the balanced draws, the k smallest admitted entries of a block
-(a sampled bound, then one pass) with its ties, the parts a block is walked in and the anchors' distances to
-their negatives; and the checks of a selector's rows."""
+pair counts, the pairs of a small block's rows, the negative pairs found by rank, the balanced draws, the k
+smallest admitted entries of a block (a sampled bound, then one pass) with its ties, the parts a block is walked
+in and the anchors' distances to their negatives; and the checks of a selector's rows."""
 
 import itertools
 import math
@@ -12,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mining_rows
-from mining_rows import (Rows, checked_rows, classes_of, distinct_draws, negative_pairs_of_rank, negatives_after,
-                         pair_counts, pair_positions, pairs_at, positive_pairs_of, positives_of, smallest_admitted, smallest_stable,
-                         distances_to_negatives, flat_at_most, flat_between, flat_nonzero, row_parts)
+from mining_rows import (Rows, batch_pair_counts, checked_rows, classes_of, distinct_draws, negative_pairs_of_rank,
+                         negatives_after, pair_counts, pair_positions, pairs_at, positive_pairs_of, positives_of,
+                         smallest_admitted, smallest_stable, distances_to_negatives, flat_at_most, flat_between,
+                         flat_nonzero, row_parts)
 from random_streams import uniform
 
 HYPOTHESIS = dict(max_examples=60, deadline=None)
@@ -76,7 +77,7 @@ def test_negative_pairs_found_by_rank_are_those_at_that_place_in_order(labels, c
 
 @settings(**HYPOTHESIS)
 @given(labels_strategy, st.data())
-def test_pair_positions_list_the_rows_pairs_in_order(labels, data):
+def test_pair_positions_list_the_rows_pairs_in_order_and_count_the_batchs(labels, data):
     start = data.draw(st.integers(0, len(labels)))
     rows = Rows(start, data.draw(st.integers(start, len(labels))))
     values = labels.tolist()
@@ -87,6 +88,10 @@ def test_pair_positions_list_the_rows_pairs_in_order(labels, data):
         pairs = pairs_at(positions, rows, len(labels))
         assert pairs.dtype == torch.long and pairs.shape == (len(expected[same]), 2)
         assert [tuple(pair) for pair in pairs.tolist()] == expected[same]
+    every = {same: [(i, j) for i, j in itertools.combinations(range(len(values)), 2)
+                    if (values[i] == values[j]) == same] for same in (True, False)}
+    assert batch_pair_counts(labels, rows, positive, negative) == (
+        len(every[True]), len(every[False]), sum(1 for i, _ in every[False] if i < rows.start))
 
 
 @pytest.mark.parametrize("k, n", [(0, 10), (3, 10), (7, 10), (10, 10), (50, 100_000), (1, 1)])

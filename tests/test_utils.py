@@ -751,25 +751,27 @@ def test_selectors_walking_the_block_in_parts_select_what_they_select_at_once(ba
 
 @settings(**HYPOTHESIS)
 @given(batches(max_classes=7, max_per_class=8), st.data(), st.integers(0, 2 ** 31 - 1))
-def test_balanced_pair_selector_selects_the_same_pairs_from_masks_and_from_classes(batch, data, seed):
-    # a small block's pairs come from two masks of its rows, a larger one's from the classes and the ranks of
-    # the draws (SMALL_BLOCK = 0 forces that way): the same pairs and the same balancing draw, for any rows
-    # of the batch, also when only the first n_anchors items may be first members (a memory's items after them)
-    _, labels, _ = batch
+def test_pair_selectors_select_the_same_pairs_from_masks_and_from_classes(batch, data, seed):
+    # a small block's pairs come from two masks of its rows, a larger one's from the classes (and, balanced, the
+    # ranks of the draws; hard negatives, a bound and a listing): SMALL_BLOCK = 0 forces that way. The same
+    # pairs, the same balancing draw, for any rows of the batch, also when only the first n_anchors items may be
+    # first members (a memory's items after them)
+    embeddings, labels, _ = batch
     labels = torch.as_tensor(np.asarray(labels)).long()
     n_items = len(labels)
     n_anchors = data.draw(st.integers(1, n_items))
     start = data.draw(st.integers(0, n_anchors))
     stop = data.draw(st.integers(start, n_anchors))
+    distances = utils.row_distances(torch.as_tensor(embeddings))
+    makers = {"balanced": lambda: utils.AllPositivePairSelector(True, torch.Generator().manual_seed(seed)),
+              "unbalanced": lambda: utils.AllPositivePairSelector(False), "hard": utils.HardNegativePairSelector}
     for rows in (Rows(0, n_anchors, None, n_anchors), Rows(start, stop, None, n_anchors)):
-        for balance in (True, False):
-            def select():
-                selector = utils.AllPositivePairSelector(balance, torch.Generator().manual_seed(seed))
-                return selector.select_pairs(None, labels, rows)
-            from_masks = select()
+        for name, make in makers.items():
+            block = distances[rows.start:rows.stop] if name == "hard" else None
+            from_masks = make().select_pairs(block, labels, rows)
             with mining_settings(SMALL_BLOCK=0):
-                from_classes = select()
-            assert all(torch.equal(mine, theirs) for mine, theirs in zip(from_masks, from_classes)), (rows, balance)
+                from_classes = make().select_pairs(block, labels, rows)
+            assert all(torch.equal(mine, theirs) for mine, theirs in zip(from_masks, from_classes)), (rows, name)
             assert all(pairs.dtype == torch.long and pairs.shape[1:] == (2,) for pairs in from_masks)
 
 
