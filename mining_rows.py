@@ -18,10 +18,11 @@ import torch
 
 from random_streams import KEY_RANGE, AnchorStreams, uniform
 
-# Blocks of up to this many entries are searched by one selection (smallest_admitted), ranges of up to this many
-# values are drawn from with a table of first draws (distinct_draws), and batches whose classes x items is at most
-# this find a negative pair's second member in a table of each class's non-members (negative_pairs_of_rank);
-# measured the faster way there (benchmarks/bench_selectors.py), and the result is the same either way.
+# The pair selectors take the pairs of a block of rows of up to this many entries from masks of it (pair_positions)
+# rather than from the classes and a sampled bound (utils), ranges of up to this many values are drawn from with a
+# table of first draws (distinct_draws), and batches whose classes x items is at most this find a negative pair's
+# second member in a table of each class's non-members (negative_pairs_of_rank); measured the faster way there
+# (benchmarks/bench_selectors.py), and the result is the same either way.
 SMALL_BLOCK = 1 << 18
 # On the CPU the selectors walk a block of rows in parts of about this many entries (16 MB of float32), so that
 # the copies and masks made from a part are served again by the allocator and the cache rather than mapped afresh
@@ -283,11 +284,6 @@ def smallest_admitted(values, k, admitted, n_admitted):
 
     def admitted_at(positions):
         return positions[admitted(positions // width, positions % width)]
-
-    if values.numel() <= SMALL_BLOCK:  # one selection among a small block's admitted entries costs less
-        rows, columns = torch.arange(len(values), device=values.device), torch.arange(width, device=values.device)
-        positions = flat_nonzero(admitted(rows[:, None], columns))
-        return positions[smallest_stable(values.flatten()[positions], k)]
 
     sample = values.flatten()[admitted_at(torch.arange(0, values.numel(), max(1, values.numel() // SAMPLE),
                                                        device=values.device))]

@@ -164,13 +164,13 @@ def test_the_k_smallest_admitted_entries_of_a_block_match_a_sort(rows, width, le
     for k in {0, min(1, n_admitted), n_finite // 2, n_finite, n_admitted}:
         expected = smallest_by_sorting(values, k, mask)
         assert smallest_admitted(values, k, admitted_by(mask), int(mask.sum())).tolist() == expected
-        original = mining_rows.SMALL_BLOCK, mining_rows.SAMPLE, mining_rows.PART_SIZE
-        # the sampled bound and parts of a few rows, however small the block; a sample of 1-3 entries
-        mining_rows.SMALL_BLOCK, mining_rows.SAMPLE, mining_rows.PART_SIZE = 0, data.draw(st.integers(1, 3)), width
+        original = mining_rows.SAMPLE, mining_rows.PART_SIZE
+        # parts of a few rows, however small the block, and a sample of 1-3 entries
+        mining_rows.SAMPLE, mining_rows.PART_SIZE = data.draw(st.integers(1, 3)), width
         try:
             assert smallest_admitted(values, k, admitted_by(mask), int(mask.sum())).tolist() == expected
         finally:
-            mining_rows.SMALL_BLOCK, mining_rows.SAMPLE, mining_rows.PART_SIZE = original
+            mining_rows.SAMPLE, mining_rows.PART_SIZE = original
 
 
 @settings(**HYPOTHESIS)
@@ -186,7 +186,6 @@ def test_the_k_smallest_with_ties_to_the_lower_positions_match_a_sort(values, da
 
 
 def test_the_bound_is_raised_when_the_sample_misses_the_smallest(monkeypatch):
-    monkeypatch.setattr(mining_rows, "SMALL_BLOCK", 0)
     monkeypatch.setattr(mining_rows, "SAMPLE", 64)  # every 64th entry: column 0 of each row
     values = 100 + torch.arange(64 * 64.0).view(64, 64) / 1e4
     values[:, 0] = torch.arange(64.0)  # the sample: its low quantiles bound far fewer than 100 entries
