@@ -77,7 +77,7 @@ def test_negative_pairs_found_by_rank_are_those_at_that_place_in_order(labels, c
 
 @settings(**HYPOTHESIS)
 @given(labels_strategy, st.data())
-def test_pair_positions_list_the_rows_pairs_in_order_and_count_the_batchs(labels, data):
+def test_pair_positions_list_the_rows_pairs_in_order_and_count_the_batch_pairs(labels, data):
     start = data.draw(st.integers(0, len(labels)))
     rows = Rows(start, data.draw(st.integers(start, len(labels))))
     values = labels.tolist()
