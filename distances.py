@@ -145,8 +145,8 @@ def row_distances(vectors, start=0, stop=None, out=None):
         tile_rows = rows_with_norms[first:first + ROW_TILE]
         inside = slice(max(start - first, 0), min(stop - first, ROW_TILE))
         if distances is not None and inside.start == 0 and inside.stop >= len(tile_rows):  # all its rows: in place
-            torch.mm(tile_rows, columns_with_norms, out=distances[first - start:first - start + len(tile_rows)])
-            distances[first - start:first - start + len(tile_rows)].clamp_min_(0)
+            rows_of_tile = distances[first - start:first - start + len(tile_rows)]
+            torch.mm(tile_rows, columns_with_norms, out=rows_of_tile).clamp_min_(0)
             continue
         tile = torch.mm(tile_rows, columns_with_norms).clamp_min_(0)[inside]
         if distances is None:

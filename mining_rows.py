@@ -128,13 +128,6 @@ def pair_counts(classes, n_items, n_anchors=None):
     return positive, n_anchors * (n_items - 1) - n_anchors * (n_anchors - 1) // 2 - positive
 
 
-def negative_pair_mask(labels, rows):
-    """``(A, N)`` bool: which ``(i, j)``, ``i`` in ``rows`` (a ``Rows`` of ``labels (N,)``), ``j > i``, are
-    negative pairs (labels differ)."""
-    anchors = torch.arange(rows.start, rows.stop, device=labels.device)
-    return is_negative_pair(labels, anchors[:, None], torch.arange(len(labels), device=labels.device))
-
-
 def is_negative_pair(labels, first, second):
     """Whether ``(first, second)`` (long tensors of indices into ``labels (N,)``, broadcast together) are
     negative pairs as the pair selectors count them: ``second > first`` and their labels differ."""
@@ -161,7 +154,9 @@ def pair_positions(labels, rows):
     (N,)``), as flat positions ``(i - rows.start) * N + j`` of the rows' block, ascending (so in ``(i, j)``
     order): ``(positive (P,), negative (Q,))``. Two masks of the ``(A, N)`` block: for a small one (at most
     ``SMALL_BLOCK`` entries), where they cost less than counting the pairs by class (``positive_pairs_of``,
-    ``negative_pairs_of_rank``, which give the same pairs). ``pairs_at`` turns positions into pairs."""
+    ``negative_pairs_of_rank``, which give the same pairs), or when every pair is wanted anyway.
+    ``pairs_at`` turns positions into pairs. Negative as ``is_negative_pair`` says, from one comparison of the
+    labels that both masks share."""
     after = torch.arange(len(labels), device=labels.device) > torch.arange(rows.start, rows.stop,
                                                                          device=labels.device)[:, None]
     same = labels[rows.start:rows.stop, None] == labels

@@ -55,7 +55,7 @@ from distances import (ROW_TILE, BlockBuffer, _check_embeddings, float32_distanc
                        row_distances, squared_distances)
 import mining_rows
 from mining_rows import (batch_pair_counts, checked_rows, classes_of, distinct_draws, is_negative_pair,
-                         negative_pair_mask, negative_pairs_of_rank, negatives_after, padded_columns, pair_counts,
+                         negative_pairs_of_rank, negatives_after, padded_columns, pair_counts,
                          pair_positions, pairs_at, positive_pairs_of, positives_of, distances_to_negatives, row_parts,
                          smallest_admitted, smallest_stable, uniform_admissible)
 from random_streams import AnchorStreams, draw_key
@@ -304,20 +304,18 @@ class AllPositivePairSelector(PairSelector):
 
     def select_pairs(self, distances, labels, rows=None):
         labels, rows, anchors = checked_rows(distances, labels, rows, needs_distances=False)
-        if len(anchors) * len(labels) <= mining_rows.SMALL_BLOCK:  # a small block: its pairs from two masks
-            return self._small_block_pairs(labels, rows)
+        # every pair wanted, or a small block: its pairs from two masks
+        if not self.balance or len(anchors) * len(labels) <= mining_rows.SMALL_BLOCK:
+            return self._listed_pairs(labels, rows)
         classes = classes_of(labels)
-        positive_pairs = positive_pairs_of(classes, anchors)
-        if not self.balance:
-            negative = negative_pair_mask(labels, rows)
-            return positive_pairs, negative.nonzero() + torch.tensor([rows.start, 0], device=labels.device)
         n_positive, n_negative = pair_counts(classes, len(labels), rows.n_anchors)
         chosen = distinct_draws(draw_key(self.generator), min(n_positive, n_negative), n_negative, labels.device)
-        return positive_pairs, negative_pairs_of_rank(classes, chosen, rows)
+        return positive_pairs_of(classes, anchors), negative_pairs_of_rank(classes, chosen, rows)
 
-    def _small_block_pairs(self, labels, rows):
-        """``select_pairs`` for rows whose ``(A, N)`` block is small (``mining_rows.pair_positions``): the same
-        pairs, the balancing draw the same ranks of the batch's negative pairs."""
+    def _listed_pairs(self, labels, rows):
+        """``select_pairs`` from the list of the rows' pairs (``mining_rows.pair_positions``): every negative
+        pair, or with ``balance`` those at the balancing draw's ranks among the batch's negative pairs, the
+        same as found from the ranks."""
         positive, negative = pair_positions(labels, rows)
         if self.balance:
             n_positive, n_negative, before = batch_pair_counts(labels, rows, positive, negative)

@@ -755,7 +755,8 @@ def test_pair_selectors_select_the_same_pairs_from_masks_and_from_classes(batch,
     # a small block's pairs come from two masks of its rows, a larger one's from the classes (and, balanced, the
     # ranks of the draws; hard negatives, a bound and a listing): SMALL_BLOCK = 0 forces that way. The same
     # pairs, the same balancing draw, for any rows of the batch, also when only the first n_anchors items may be
-    # first members (a memory's items after them)
+    # first members (a memory's items after them). Unbalanced, every pair is listed from the masks at any size:
+    # those are checked against loops
     embeddings, labels, _ = batch
     labels = torch.as_tensor(np.asarray(labels)).long()
     n_items = len(labels)
@@ -764,8 +765,13 @@ def test_pair_selectors_select_the_same_pairs_from_masks_and_from_classes(batch,
     stop = data.draw(st.integers(start, n_anchors))
     distances = utils.row_distances(torch.as_tensor(embeddings))
     makers = {"balanced": lambda: utils.AllPositivePairSelector(True, torch.Generator().manual_seed(seed)),
-              "unbalanced": lambda: utils.AllPositivePairSelector(False), "hard": utils.HardNegativePairSelector}
+              "hard": utils.HardNegativePairSelector}
+    values = labels.tolist()
     for rows in (Rows(0, n_anchors, None, n_anchors), Rows(start, stop, None, n_anchors)):
+        positives, negatives = utils.AllPositivePairSelector(False).select_pairs(None, labels, rows)
+        pairs = [(i, j) for i in range(rows.start, rows.stop) for j in range(i + 1, n_items)]
+        assert positives.tolist() == [[i, j] for i, j in pairs if values[i] == values[j]], rows
+        assert negatives.tolist() == [[i, j] for i, j in pairs if values[i] != values[j]], rows
         for name, make in makers.items():
             block = distances[rows.start:rows.stop] if name == "hard" else None
             from_masks = make().select_pairs(block, labels, rows)
