@@ -27,6 +27,9 @@ ranks share:
   whole batch; ``owned`` picks a rank's tuples out of a selector that mines the whole batch), and
   ``global_mean`` scales a rank's terms so that DistributedDataParallel's average is one process's gradient
   of the mean over the global batch.
+- Waiting: the losses' collectives on CPU tensors (gloo) are started asynchronously and polled until done
+  (``completed``), not waited for in the call: on a machine whose CPUs are all busy, being woken by gloo's
+  thread cost 3-4 ms each time on this project's CPU, many times the collective.
 - One writer: only the main process (``is_main_process``: rank 0) prints, shows progress bars and writes
   files (checkpoints, results), followed by a ``barrier`` so that no rank runs ahead of a write; every
   rank reads a checkpoint on resume (a file system all ranks see). ``broadcast_from_main`` hands rank 0's
@@ -44,6 +47,7 @@ ranks share:
 import contextlib
 import datetime
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -58,6 +62,9 @@ from utils import _as_labels, check_int
 # while the others wait at a barrier; the environment variable overrides it.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
 TIMEOUT_VARIABLE = "SIAMESE_TRIPLET_PG_TIMEOUT_S"  # seconds, e.g. 60 for tests of a hung rank
+# How often a rank looks whether a collective on CPU tensors has finished (``completed``), in seconds: at
+# first every POLL_INTERVAL, then less and less often, up to every LONGEST_POLL_INTERVAL for a long wait.
+POLL_INTERVAL, LONGEST_POLL_INTERVAL = 50e-6, 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,13 +250,34 @@ def share_bounds(batch_size, num_replicas, rank):
 # The global batch: gathering every rank's rows, which terms a rank owns, their mean over ranks
 
 
+def completed(collective, *arguments):
+    """Run ``collective(*arguments)`` (a ``torch.distributed`` operation, e.g. ``dist.all_reduce``) and return
+    when it has finished on this rank.
+
+    On CPU tensors (gloo) the operation runs asynchronously and this rank looks whether it is done, every
+    POLL_INTERVAL at first and less often as the wait goes on, instead of sleeping until gloo's thread wakes
+    it. Woken that way right after the compute of a loss step, a collective took 3.8 ms on this project's
+    2-core machine against 0.2-0.7 ms on its own (about one tick of its kernel's 250 Hz scheduler; table 2b
+    of benchmarks/bench_distributed.py), and a loss step makes three or four. Other devices (NCCL) run the
+    operation as it is: it is queued on the GPU, and polling would make the CPU wait for the GPU. A failure
+    (another rank died, or the timeout passed) is raised as it would be without polling."""
+    tensor = next(argument for argument in arguments if isinstance(argument, torch.Tensor))
+    if tensor.device.type != "cpu":
+        return collective(*arguments)
+    work, interval = collective(*arguments, async_op=True), POLL_INTERVAL
+    while not work.is_completed():
+        time.sleep(interval)
+        interval = min(1.05 * interval, LONGEST_POLL_INTERVAL)  # 1 ms after about 20 ms of waiting
+    work.wait()
+
+
 def gather_rows_of(tensor, sizes):
     """``torch.cat`` over ranks of each rank's ``tensor (n_r, ...)``, in rank order; ``sizes`` lists every
     rank's ``n_r`` (the rows are padded to the largest, as all_gather needs equal shapes). No autograd."""
     padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
     padded[:len(tensor)] = tensor
     parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
+    completed(dist.all_gather, parts, padded.contiguous())
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
@@ -280,7 +308,7 @@ class GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, *no_gradient):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
+        completed(dist.all_reduce, grad)
         start, stop = ctx.share
         return grad[start:stop], None, None, None
 
@@ -289,7 +317,7 @@ def _sizes_of_ranks(n_rows, device):
     """Every rank's ``n_rows`` (an int here), as a list in rank order (one all_gather)."""
     size = torch.tensor([n_rows], device=device)
     sizes = [torch.empty_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
+    completed(dist.all_gather, sizes, size)
     return [int(n) for n in sizes]
 
 
@@ -351,7 +379,7 @@ def global_mean(terms, share):
     detached = terms.detach().double()
     totals = torch.stack([torch.tensor(float(len(terms)), dtype=torch.float64, device=terms.device),
                           detached.sum(), (detached > 0).sum().double()])
-    dist.all_reduce(totals)
+    completed(dist.all_reduce, totals)
     n_terms, total, n_nonzero = totals.tolist()
     if n_terms == 0:
         return None, 0, int(n_nonzero)

@@ -19,7 +19,9 @@ without a process group.
    rank half of the batch). Then (2b) where the time of the step at 10 x 25 goes (forward, loss with its
    gathers, backward with the gradients' all-reduce, optimizer step) on one process with the whole batch,
    one process alone with the half a rank gets, and rank 0 of two; and each collective of that step timed
-   on its own.
+   on its own: right after a barrier, after 20 ms of compute on both ranks (where a step calls it: after
+   the forward, the mining or the backward), waiting in the call or polling as the losses do
+   (``distributed.completed``), and after 20 ms asleep.
 3. One full Fashion-MNIST epoch of ``experiments.py --methods online-triplet --epochs 1`` on 1 process
    and on 2, with the resulting scores (each way from the same seed).
 4. Memory per rank: the peak resident memory that one rank's online loss (forward and backward) adds, in a
@@ -64,6 +66,7 @@ EPOCH_KEYS = ("seconds_per_epoch", "precision_at_1", "map_at_r", "knn_accuracy",
 STEP_PHASES = ("forward", "loss", "backward", "optimizer")
 ROUNDS = 3  # 1 and 2 processes measured in turn this many times (--rounds)
 WARMUP = 2  # untimed calls before the timed ones
+COMPUTE_GAP_MS = 20  # compute before a collective in table 2b's "after compute" column: about a loss step's mining
 
 
 # ------------------------------------------------------------------------------------ worker side
@@ -119,9 +122,7 @@ def worker_step(n_classes, n_samples, repeats, shares=1, phases=False):
     global batch of ``n_classes x n_samples`` (one process: its first of ``shares`` shares). With ``phases``:
     ``{phase: ms}``, each phase's median, the phases timed one after the other in every step."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    from distributed import share_bounds
+    from distributed import data_parallel, share_bounds
     from losses import OnlineTripletLoss
     from networks import EmbeddingNet
     from utils import RandomNegativeTripletSelector
@@ -133,7 +134,7 @@ def worker_step(n_classes, n_samples, repeats, shares=1, phases=False):
     labels = torch.arange(n_classes).repeat_interleave(n_samples)
     start, stop = share_bounds(batch, world, rank) if world > 1 else share_bounds(batch, shares, 0)
     images, labels = images[start:stop], labels[start:stop]
-    trained = DistributedDataParallel(model) if world > 1 else model
+    trained = data_parallel(model, torch.device("cpu"))  # DistributedDataParallel on 2 processes, as fit wraps it
     selector = RandomNegativeTripletSelector(MARGIN, generator=torch.Generator().manual_seed(0))
     loss_fn = OnlineTripletLoss(MARGIN, selector)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -161,12 +162,37 @@ def worker_step(n_classes, n_samples, repeats, shares=1, phases=False):
     return {phase: statistics.median(values[WARMUP:]) for phase, values in times.items()}
 
 
+def _computing(milliseconds):
+    """Keep this process busy with small matmuls for ``milliseconds``, as a rank is between two collectives."""
+    square = torch.ones(64, 64)
+    end = time.perf_counter() + milliseconds / 1000
+    while time.perf_counter() < end:
+        torch.mm(square, square)
+
+
+def _median_after(before, call, repeats):
+    """ms, the median of ``repeats`` calls of ``call`` (after WARMUP more), each right after ``before()``,
+    the ranks starting ``before`` together (a barrier)."""
+    import torch.distributed as dist
+    times = []
+    for _ in range(WARMUP + repeats):
+        dist.barrier()
+        before()
+        begin = time.perf_counter()
+        call()
+        times.append(1000 * (time.perf_counter() - begin))
+    return statistics.median(times[WARMUP:])
+
+
 def worker_collectives(repeats):
-    """{collective: ms}, rank 0's median time of each collective a training step of the study makes on 2
-    processes (the batch of STEP_BATCHES[0], EmbeddingNet 2-D), each called on its own."""
+    """{collective: {when: ms}}, rank 0's median time of each collective a training step of the study makes on
+    2 processes (the batch of STEP_BATCHES[0], EmbeddingNet 2-D), called on its own: right after a barrier
+    ("alone"), after COMPUTE_GAP_MS of compute on both ranks (as in a step, where each collective follows the
+    forward, the mining or the backward) waiting in the call ("after compute") or as the losses wait, polling
+    (``distributed.completed``), and after as long asleep."""
     import torch.distributed as dist
 
-    from distributed import share_bounds
+    from distributed import completed, share_bounds
     from networks import EmbeddingNet
     rank, world = _rank_and_world()
     batch = STEP_BATCHES[0][0] * STEP_BATCHES[0][1]
@@ -176,17 +202,18 @@ def worker_collectives(repeats):
     rows = [torch.zeros(stop - start, 2 + label_columns) for _ in range(world)]
     gradient_rows, totals = torch.zeros(batch, 2), torch.zeros(3, dtype=torch.float64)
     gradients = torch.zeros(sum(parameter.numel() for parameter in EmbeddingNet(2).parameters()))
-    calls = {"all_gather of the shares' sizes": lambda: dist.all_gather(sizes, sizes[0].clone()),
+    calls = {"all_gather of the shares' sizes": (dist.all_gather, sizes, torch.zeros(1, dtype=torch.long)),
              f"all_gather of embeddings and labels ({stop - start}, 2 + {label_columns})":
-                 lambda: dist.all_gather(rows, rows[0].clone()),
-             "all_reduce of the loss totals (3,)": lambda: dist.all_reduce(totals),
-             f"all_reduce of embedding gradients ({batch}, 2)": lambda: dist.all_reduce(gradient_rows),
-             f"all_reduce of the weights' gradients ({len(gradients):,})": lambda: dist.all_reduce(gradients)}
-    result = {}
-    for name, call in calls.items():
-        dist.barrier()
-        result[name] = median_ms(call, 10 * repeats, WARMUP)
-    return result
+                 (dist.all_gather, rows, torch.zeros(stop - start, 2 + label_columns)),
+             "all_reduce of the loss totals (3,)": (dist.all_reduce, totals),
+             f"all_reduce of embedding gradients ({batch}, 2)": (dist.all_reduce, gradient_rows),
+             f"all_reduce of the weights' gradients ({len(gradients):,})": (dist.all_reduce, gradients)}
+    befores = {"alone": lambda: None, "after compute": lambda: _computing(COMPUTE_GAP_MS),
+               "polled": lambda: _computing(COMPUTE_GAP_MS), "after sleep": lambda: time.sleep(COMPUTE_GAP_MS / 1000)}
+    return {name: {when: _median_after(before, (lambda: completed(*call)) if when == "polled" else
+                                       (lambda: call[0](*call[1:])), 10 * repeats)
+                   for when, before in befores.items()}
+            for name, call in calls.items()}
 
 
 def worker(arguments):
@@ -278,10 +305,13 @@ def phases_table(repeats):
         values = [sum(times.values()) if phase == "total" else times[phase] for times in columns.values()]
         print(f"{phase:<12}" + "".join(f"{value:>22.1f}" for value in values), flush=True)
     collectives = run_worker(2, "collectives", repeats)
-    print("\nEach collective of that step on its own, 2 processes, rank 0, ms (median of "
-          f"{10 * repeats}):")
-    for name, milliseconds in collectives.items():
-        print(f"  {name:<48}{milliseconds:>8.2f}", flush=True)
+    print(f"\nEach collective of that step on its own, 2 processes, rank 0, ms (median of {10 * repeats}): right "
+          f"after a barrier, after {COMPUTE_GAP_MS} ms of compute on both ranks (waiting in the call, or polling as "
+          f"the losses do: distributed.completed), after {COMPUTE_GAP_MS} ms asleep")
+    whens = next(iter(collectives.values()))
+    print(f"  {'collective':<64}" + "".join(f"{when:>15}" for when in whens))
+    for name, times in collectives.items():
+        print(f"  {name:<64}" + "".join(f"{times[when]:>15.2f}" for when in whens), flush=True)
     return {"phases": columns, "collectives": collectives}
 
 

@@ -156,6 +156,53 @@ def test_only_a_collective_failure_on_several_processes_is_explained():
             raise RuntimeError("gloo connection closed")
 
 
+
+class _Work:
+    """The handle of an asynchronous collective that has finished after ``polls`` looks at it, and whose
+    ``wait`` raises ``error`` (if not None), as a failed collective's does."""
+
+    def __init__(self, polls, error=None):
+        self.polls, self.error, self.waited = polls, error, False
+
+    def is_completed(self):
+        self.polls -= 1
+        return self.polls < 0
+
+    def wait(self):
+        self.waited = True
+        if self.error is not None:
+            raise self.error
+
+
+def test_a_collective_on_cpu_tensors_is_polled_ever_less_often_until_it_has_finished(monkeypatch):
+    slept, calls, work = [], [], _Work(polls=200)
+    monkeypatch.setattr(distributed.time, "sleep", slept.append)
+    parts, tensor = [torch.zeros(3), torch.zeros(3)], torch.ones(3)
+
+    def collective(*arguments, **options):
+        calls.append((arguments, options))
+        return work
+
+    assert distributed.completed(collective, parts, tensor) is None
+    assert len(calls) == 1 and calls[0][0][0] is parts and calls[0][0][1] is tensor
+    assert calls[0][1] == {"async_op": True}
+    assert work.waited and len(slept) == 200  # one sleep per look that found it unfinished
+    assert slept[0] == distributed.POLL_INTERVAL
+    assert all(earlier <= later for earlier, later in zip(slept, slept[1:]))
+    assert slept[-1] == max(slept) == distributed.LONGEST_POLL_INTERVAL
+
+
+def test_a_collective_that_failed_raises_its_error_and_other_devices_are_not_polled(monkeypatch):
+    monkeypatch.setattr(distributed.time, "sleep", lambda seconds: None)
+    failed = _Work(polls=3, error=RuntimeError("Connection closed by peer"))
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        distributed.completed(lambda tensor, async_op: failed, torch.zeros(2))
+    on_a_device = torch.zeros(2, device="meta")  # not the CPU: the collective runs as it is, its result returned
+    calls = []
+    assert distributed.completed(lambda tensor, **options: calls.append(options) or "queued", on_a_device) == "queued"
+    assert calls == [{}]
+
+
 # ---------------------------------------------------------------------------------------------------
 # The losses on 2 processes
 
