@@ -146,6 +146,7 @@ def test_share_bounds_moved_from_datasets_with_a_warning():
     with pytest.warns(DeprecationWarning, match="datasets.share_bounds moved to distributed.share_bounds"):
         assert datasets.share_bounds is share_bounds
 
+
 def test_only_a_collective_failure_on_several_processes_is_explained():
     assert distributed._collective_failure(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed"))
     assert distributed._collective_failure(RuntimeError("Socket Timeout: timed out after 5000ms"))
@@ -154,7 +155,6 @@ def test_only_a_collective_failure_on_several_processes_is_explained():
     with pytest.raises(RuntimeError, match="^gloo connection closed$"):
         with distributed.collective_failures_explained(2, "/tmp/checkpoint.pt"):
             raise RuntimeError("gloo connection closed")
-
 
 
 class _Work:
