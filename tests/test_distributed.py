@@ -224,7 +224,8 @@ CASES = {
     # the mixed objective: batch-hard plus a random-hard selection, each averaged over the global batch
     "triplet-batch-hard-plus-random-hard": (
         lambda margin, selector, gather: losses.OnlineTripletLoss(
-            margin, selector, gather=gather, easy_selector=utils.RandomNegativeTripletSelector(margin, generator=_seeded())),
+            margin, selector, gather=gather,
+            easy_selector=utils.RandomNegativeTripletSelector(margin, generator=_seeded())),
         lambda: utils.BatchHardTripletSelector(), 1.0),
     "contrastive-hard-negative": (losses.OnlineContrastiveLoss, lambda: utils.HardNegativePairSelector(), 1.5),
     "contrastive-all-positive": (losses.OnlineContrastiveLoss,
@@ -378,13 +379,15 @@ def _check_the_process_group_queries(rank):
         rows_in = everything.to(rows_dtype)[start:start + sizes[rank]]
         rows_out, labels_out, _ = distributed.global_batch(rows_in, labels_in[start:start + sizes[rank]], True)
         assert labels_out.dtype == dtype and torch.equal(labels_out, labels_in)
-        assert rows_out.dtype == rows_dtype and rows_out.is_contiguous() and torch.equal(rows_out, everything.to(rows_dtype))
+        assert rows_out.dtype == rows_dtype and rows_out.is_contiguous()
+        assert torch.equal(rows_out, everything.to(rows_dtype))
     assert distributed.owned(torch.tensor([0, 2, 3, 4]), share).tolist() == (
         [True, True, False, False] if rank == 0 else [False, False, True, True])
     rows = distributed.rows_to_mine(share, 5)
     assert (rows.start, rows.stop) == (start, start + sizes[rank]) and rows.concatenate is distributed.gather_uneven
     assert distributed.rows_to_mine(None, 5) == (0, 5, None, None)
-    assert distributed.rows_to_mine(None, 7, 5) == (0, 5, None, 5) and distributed.rows_to_mine(share, 7, 5).n_anchors == 5
+    assert distributed.rows_to_mine(None, 7, 5) == (0, 5, None, 5)
+    assert distributed.rows_to_mine(share, 7, 5).n_anchors == 5
     pooled = distributed.gather_uneven(torch.arange(3 * (rank + 1)).view(-1, 1) + 10 * rank)  # 3 rows, then 6
     assert pooled.squeeze(1).tolist() == [0, 1, 2] + list(range(10, 16))
     terms = torch.tensor([1.0, 0.0, 2.0] if rank == 0 else [4.0, 0.0], requires_grad=True)
