@@ -258,9 +258,9 @@ def completed(collective, *arguments):
     POLL_INTERVAL at first and less often as the wait goes on, instead of sleeping until gloo's thread wakes
     it. Woken that way right after 20 ms of compute, a collective took up to 3.5 ms on this project's 2-core
     machine against 0.2-0.8 ms on its own (about one tick of its kernel's 250 Hz scheduler; table 2b of
-    benchmarks/bench_distributed.py, results/README.md), and a loss step makes three or four. Other devices (NCCL) run the
-    operation as it is: it is queued on the GPU, and polling would make the CPU wait for the GPU. A failure
-    (another rank died, or the timeout passed) is raised as it would be without polling."""
+    benchmarks/bench_distributed.py, results/README.md), and a loss step makes three or four. Other devices
+    (NCCL) run the operation as it is: it is queued on the GPU, and polling would make the CPU wait for the
+    GPU. A failure (another rank died, or the timeout passed) is raised as it would be without polling."""
     tensor = next(argument for argument in arguments if isinstance(argument, torch.Tensor))
     if tensor.device.type != "cpu":
         return collective(*arguments)
